@@ -1,0 +1,49 @@
+//! Shared types between Gantry's control plane and its data plane.
+//!
+//! Architecture invariant: this crate holds plain data (no I/O, no async, no locks). The gateway
+//! depends on it and on nothing from the control plane; the control plane produces these values
+//! and hands them over as immutable snapshots.
+#![forbid(unsafe_code)]
+
+mod registry;
+mod route;
+
+pub use registry::{Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot};
+pub use route::Route;
+
+/// Milliseconds since the Unix epoch, the one wall-clock unit used in stored records and APIs.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Is `name` a valid service name: 1..=63 characters of `[a-z0-9-]`, starting with a letter and
+/// not ending with `-` (a DNS label, so it can later be served over DNS and used in hostnames).
+pub fn is_valid_service_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        assert!(is_valid_service_name("orders"));
+        assert!(is_valid_service_name("orders-v2"));
+        assert!(!is_valid_service_name(""));
+        assert!(!is_valid_service_name("Orders"));
+        assert!(!is_valid_service_name("2orders"));
+        assert!(!is_valid_service_name("orders-"));
+        assert!(!is_valid_service_name("or_ders"));
+        assert!(!is_valid_service_name(&"a".repeat(64)));
+    }
+}

@@ -1,0 +1,80 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// One running copy of a service, as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Unique within the registry: `catalog-3` for supervised instances, `ext-<hex>` for
+    /// self-registered ones.
+    pub id: String,
+    pub service: String,
+    pub version: semver::Version,
+    pub address: IpAddr,
+    pub port: u16,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// The node (machine) the instance runs on; one node for now, many in cluster mode.
+    pub node: String,
+    #[serde(default)]
+    pub zone: Option<String>,
+    pub health: Health,
+    pub source: InstanceSource,
+    pub registered_at_ms: u64,
+}
+
+/// Whether the instance may receive traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Passing,
+    Critical,
+}
+
+/// Who vouches for an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InstanceSource {
+    /// Started and probed by the supervisor; registered while healthy.
+    Supervised,
+    /// Registered itself over the admin API and keeps a lease alive by heartbeats.
+    External {
+        ttl_ms: u64,
+        /// Wall-clock time of the last heartbeat (or registration).
+        last_heartbeat_ms: u64,
+    },
+}
+
+/// An immutable view of the whole registry at one revision.
+#[derive(Clone, Debug, Default)]
+pub struct RegistrySnapshot {
+    pub revision: u64,
+    /// Instances by service name, sorted by instance id.
+    pub services: BTreeMap<String, Arc<[Instance]>>,
+}
+
+impl RegistrySnapshot {
+    pub fn instances(&self, service: &str) -> &[Instance] {
+        self.services.get(service).map(|v| &v[..]).unwrap_or(&[])
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryEventKind {
+    Registered,
+    Updated,
+    Deregistered,
+    Expired,
+}
+
+/// One change to the registry, as streamed to watchers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEvent {
+    pub revision: u64,
+    pub kind: RegistryEventKind,
+    pub at_ms: u64,
+    pub instance: Instance,
+}

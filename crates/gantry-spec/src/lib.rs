@@ -1,0 +1,160 @@
+//! The `gantry.toml` spec: typed serde structs, parsing with source positions, and validation.
+//!
+//! Architecture invariant: a [`Spec`] that [`load`] or [`parse`] returned has passed
+//! [`validate`]; nothing downstream re-checks what is checked here. Every error names the file,
+//! the line and column where the offending item is, the field path and what was expected.
+#![forbid(unsafe_code)]
+
+mod locate;
+mod types;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use types::*;
+pub use validate::{is_reserved_env, is_valid_env_name, STOP_SIGNALS};
+
+/// One problem found in a spec file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: PathBuf,
+    /// 1-based line and column of the offending item, when known.
+    pub position: Option<(usize, usize)>,
+    /// Dotted field path, e.g. `services.orders.routes[0].path_prefix`; empty for the document.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// All problems found in a spec file (at least one).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A validated spec together with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedSpec {
+    pub spec: Spec,
+    /// The spec file, as given.
+    pub file: PathBuf,
+    /// Directory relative paths in the spec are resolved against (the spec file's directory).
+    pub base_dir: PathBuf,
+}
+
+impl LoadedSpec {
+    /// The data directory: `[store] data_dir` resolved against the spec's directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.base_dir.join(&self.spec.store.data_dir)
+    }
+
+    /// The working directory of a service's instances.
+    pub fn service_cwd(&self, service: &ServiceSpec) -> PathBuf {
+        match &service.cwd {
+            Some(cwd) => self.base_dir.join(cwd),
+            None => self.base_dir.clone(),
+        }
+    }
+}
+
+/// Read, parse and validate a spec file.
+pub fn load(file: &Path) -> Result<LoadedSpec, SpecErrors> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        SpecErrors(vec![SpecError {
+            file: file.to_path_buf(),
+            position: None,
+            field: String::new(),
+            message: format!("cannot read spec file: {e}"),
+        }])
+    })?;
+    let spec = parse(&text, file)?;
+    let base_dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base_dir = std::fs::canonicalize(&base_dir).unwrap_or(base_dir);
+    Ok(LoadedSpec {
+        spec,
+        file: file.to_path_buf(),
+        base_dir,
+    })
+}
+
+/// Parse and validate spec text; `file` is only used in error messages.
+pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecErrors> {
+    let located = locate::Locator::new(text);
+    let de = toml::de::Deserializer::parse(text).map_err(|e| {
+        SpecErrors(vec![SpecError {
+            file: file.to_path_buf(),
+            position: e.span().map(|s| located.line_col(s.start)),
+            field: String::new(),
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = clean_path(&e.path().to_string());
+        let inner = e.inner();
+        let position = inner
+            .span()
+            .map(|s| located.line_col(s.start))
+            .or_else(|| located.position_of(&field));
+        SpecErrors(vec![SpecError {
+            file: file.to_path_buf(),
+            position,
+            field,
+            message: inner.message().trim().to_string(),
+        }])
+    })?;
+    let problems = validate::validate(&spec);
+    if problems.is_empty() {
+        Ok(spec)
+    } else {
+        Err(SpecErrors(
+            problems
+                .into_iter()
+                .map(|(field, message)| SpecError {
+                    file: file.to_path_buf(),
+                    position: located.position_of(&field),
+                    field,
+                    message,
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// serde_path_to_error prints `.` for the root and `?` for unknown segments.
+fn clean_path(p: &str) -> String {
+    if p == "." {
+        String::new()
+    } else {
+        p.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;

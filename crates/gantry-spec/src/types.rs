@@ -1,0 +1,390 @@
+//! The spec's typed structure. Units are in field names; every default is documented here and in
+//! `docs/spec.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole `gantry.toml`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(default)]
+    pub gateway: GatewaySpec,
+    #[serde(default)]
+    pub admin: AdminSpec,
+    #[serde(default)]
+    pub store: StoreSpec,
+    #[serde(default)]
+    pub logs: LogsSpec,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// Where the gateway accepts traffic. Default `127.0.0.1:8080`.
+    #[serde(default = "default_gateway_listen")]
+    pub listen: SocketAddr,
+    /// Gateway worker threads; 0 means one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    /// Write one JSON access-log line per request to stderr. Default off.
+    #[serde(default)]
+    pub access_log: bool,
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self {
+            listen: default_gateway_listen(),
+            workers: 0,
+            access_log: false,
+        }
+    }
+}
+
+fn default_gateway_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    /// Where the admin API listens. Default `127.0.0.1:7070` (loopback: the API can change
+    /// everything, so exposing it is an explicit choice).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSpec {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSpec {
+    /// Data directory, relative to the spec file's directory. Default `.gantry`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+impl Default for StoreSpec {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".gantry")
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogsSpec {
+    /// Bytes of instance output kept in memory, over all services; oldest lines go first.
+    /// Default 32 MiB.
+    #[serde(default = "default_log_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for LogsSpec {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_log_bytes(),
+        }
+    }
+}
+
+fn default_log_bytes() -> u64 {
+    32 << 20
+}
+
+/// `[services.NAME]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Program and arguments (no shell).
+    pub command: Vec<String>,
+    /// Working directory, relative to the spec file's directory. Default: that directory.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Extra environment. Config store values override these; `PORT` and `GANTRY_*` are reserved.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Semantic version of what `command` runs. Default `0.0.0`.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// Number of instances. Default 1.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// Fixed port (only with one replica). Default: a free port is chosen per instance.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Free-form metadata copied to every instance in the registry.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub health: HealthSpec,
+    /// Services that must have a healthy instance before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default)]
+    pub backoff: BackoffSpec,
+    /// Signal sent to the instance's process group to stop it. Default `SIGTERM`.
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: String,
+    /// Time between the stop signal and SIGKILL. Default 10000.
+    #[serde(default = "default_stop_timeout_ms")]
+    pub stop_timeout_ms: u64,
+    /// Longest wait, after an instance leaves routing and before its stop signal, for requests
+    /// the gateway already sent it to finish. Default 5000.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// What a config change does to running instances. Default `none`.
+    #[serde(default)]
+    pub on_config_change: OnConfigChange,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+fn default_version() -> String {
+    "0.0.0".into()
+}
+fn default_replicas() -> u32 {
+    1
+}
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+fn default_stop_timeout_ms() -> u64 {
+    10_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    5_000
+}
+
+impl ServiceSpec {
+    /// The parsed version (validated at load time).
+    pub fn semver(&self) -> semver::Version {
+        semver::Version::parse(&self.version).unwrap_or_else(|_| semver::Version::new(0, 0, 0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whenever the process exits (the default: services are meant to run).
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit or a signal.
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnConfigChange {
+    /// New values reach new instances only; `gantry restart` applies them.
+    #[default]
+    None,
+    /// A rolling restart (one instance at a time, waiting for health) after each change.
+    Restart,
+}
+
+/// Exponential restart backoff: `initial_ms`, doubled per consecutive failed start, capped.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffSpec {
+    /// Default 100: a crash is retried almost at once.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub initial_ms: u64,
+    /// Default 30000: a crash-looping instance costs at most one start per 30 s.
+    #[serde(default = "default_backoff_max_ms")]
+    pub max_ms: u64,
+    /// This many exits within `crash_loop_window_ms` marks the instance as crash-looping.
+    /// Default 5.
+    #[serde(default = "default_crash_loop_restarts")]
+    pub crash_loop_restarts: u32,
+    /// Default 60000.
+    #[serde(default = "default_crash_loop_window_ms")]
+    pub crash_loop_window_ms: u64,
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        Self {
+            initial_ms: default_backoff_initial_ms(),
+            max_ms: default_backoff_max_ms(),
+            crash_loop_restarts: default_crash_loop_restarts(),
+            crash_loop_window_ms: default_crash_loop_window_ms(),
+        }
+    }
+}
+
+fn default_backoff_initial_ms() -> u64 {
+    100
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_crash_loop_restarts() -> u32 {
+    5
+}
+fn default_crash_loop_window_ms() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// `GET path` on the instance's port; any 2xx or 3xx passes.
+    Http,
+    /// A TCP connection to the instance's port (the default).
+    #[default]
+    Tcp,
+    /// Run `command` in the instance's environment; exit 0 passes.
+    Exec,
+    /// No probe: healthy as soon as the process runs (for instances that serve nothing).
+    None,
+}
+
+/// `[services.NAME.health]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    #[serde(rename = "type", default)]
+    pub kind: ProbeKind,
+    /// For `http`: the path to GET, e.g. `/health`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// For `exec`: program and arguments.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Time between probes of a running instance. Default 1000. (Until the first pass, probes
+    /// run every 50 ms so that instances join routing as soon as they answer.)
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Default 1000.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive passes to become healthy again after being unhealthy. Default 1.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy. Default 3.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Time a new instance has to pass its first probe before it counts as unhealthy.
+    /// Default 30000.
+    #[serde(default = "default_start_grace_ms")]
+    pub start_grace_ms: u64,
+    /// Restart an instance that stayed unhealthy this long (a liveness check); 0 never.
+    /// Default 30000.
+    #[serde(default = "default_unhealthy_restart_ms")]
+    pub unhealthy_restart_ms: u64,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            kind: ProbeKind::Tcp,
+            path: None,
+            command: None,
+            interval_ms: default_interval_ms(),
+            timeout_ms: default_probe_timeout_ms(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+            start_grace_ms: default_start_grace_ms(),
+            unhealthy_restart_ms: default_unhealthy_restart_ms(),
+        }
+    }
+}
+
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_probe_timeout_ms() -> u64 {
+    1000
+}
+fn default_healthy_threshold() -> u32 {
+    1
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_start_grace_ms() -> u64 {
+    30_000
+}
+fn default_unhealthy_restart_ms() -> u64 {
+    30_000
+}
+
+/// `[[services.NAME.routes]]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Path prefix, matched on whole segments. Default `/`.
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Exact host (without port) to match; default any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Remove the prefix before forwarding (`/catalog/items` → `/items`). Default false.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Time to wait for the upstream's response headers. Default 30000.
+    #[serde(default = "default_route_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_path_prefix() -> String {
+    "/".into()
+}
+fn default_route_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Spec {
+    /// Every route of every service, in spec order, with options resolved.
+    pub fn routes(&self) -> Vec<gantry_model::Route> {
+        let mut out = Vec::new();
+        for (name, svc) in &self.services {
+            for (i, r) in svc.routes.iter().enumerate() {
+                out.push(gantry_model::Route {
+                    id: format!("{name}/{i}"),
+                    service: name.clone(),
+                    host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                    path_prefix: normalize_prefix(&r.path_prefix),
+                    strip_prefix: r.strip_prefix,
+                    timeout_ms: r.timeout_ms,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// `/api/` and `/api` are the same prefix; `/` stays `/`.
+pub fn normalize_prefix(p: &str) -> String {
+    let t = p.trim_end_matches('/');
+    if t.is_empty() {
+        "/".into()
+    } else {
+        t.to_string()
+    }
+}

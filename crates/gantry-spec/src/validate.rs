@@ -1,0 +1,267 @@
+//! Semantic checks serde cannot express. Each problem is `(field path, message)`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::types::{normalize_prefix, ProbeKind, Spec};
+
+type Problems = Vec<(String, String)>;
+
+/// Signals a service may ask to be stopped with.
+pub const STOP_SIGNALS: &[&str] = &[
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL",
+];
+
+/// Environment names the supervisor sets itself.
+pub fn is_reserved_env(key: &str) -> bool {
+    key == "PORT" || key.starts_with("GANTRY_")
+}
+
+/// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_valid_env_name(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub(crate) fn validate(spec: &Spec) -> Problems {
+    let mut p = Problems::new();
+    if spec.gateway.listen == spec.admin.listen && spec.gateway.listen.port() != 0 {
+        p.push((
+            "admin.listen".into(),
+            format!("is the same address as gateway.listen ({})", spec.gateway.listen),
+        ));
+    }
+    if spec.gateway.workers > 1024 {
+        p.push(("gateway.workers".into(), "expected at most 1024".into()));
+    }
+    if spec.logs.max_bytes < 4096 {
+        p.push(("logs.max_bytes".into(), "expected at least 4096".into()));
+    }
+    if spec.store.data_dir.as_os_str().is_empty() {
+        p.push(("store.data_dir".into(), "must not be empty".into()));
+    }
+
+    let mut routes_seen: HashMap<(Option<String>, String), String> = HashMap::new();
+    let mut ports_seen: HashMap<u16, String> = HashMap::new();
+    for (name, svc) in &spec.services {
+        let at = |f: &str| format!("services.{name}.{f}");
+        if !gantry_model::is_valid_service_name(name) {
+            p.push((
+                format!("services.{name}"),
+                "service name must be 1-63 characters of a-z, 0-9 and '-', start with a letter and not end with '-'".into(),
+            ));
+        }
+        match svc.command.first() {
+            None => p.push((at("command"), "expected a non-empty array: program and arguments".into())),
+            Some(prog) if prog.trim().is_empty() => {
+                p.push((format!("services.{name}.command[0]"), "program must not be empty".into()))
+            }
+            _ => {}
+        }
+        if let Err(e) = semver::Version::parse(&svc.version) {
+            p.push((
+                at("version"),
+                format!("invalid semantic version {:?} ({e}); expected e.g. \"1.4.2\"", svc.version),
+            ));
+        }
+        if svc.replicas > 1000 {
+            p.push((at("replicas"), "expected at most 1000".into()));
+        }
+        if let Some(port) = svc.port {
+            if port == 0 {
+                p.push((at("port"), "expected 1-65535 (omit the field to get a free port)".into()));
+            } else if svc.replicas > 1 {
+                p.push((at("port"), "a fixed port allows only one replica; omit port to get one per instance".into()));
+            } else if let Some(other) = ports_seen.insert(port, name.clone()) {
+                p.push((at("port"), format!("port {port} is already used by service {other}")));
+            } else if port == spec.gateway.listen.port() || port == spec.admin.listen.port() {
+                p.push((at("port"), format!("port {port} is the gateway's or the admin API's")));
+            }
+        }
+        for (k, v) in &svc.env {
+            if !is_valid_env_name(k) {
+                p.push((format!("services.{name}.env.{k}"), "expected a name of letters, digits and '_', not starting with a digit".into()));
+            } else if is_reserved_env(k) {
+                p.push((format!("services.{name}.env.{k}"), "PORT and GANTRY_* are set by gantry".into()));
+            }
+            if v.contains('\0') {
+                p.push((format!("services.{name}.env.{k}"), "value must not contain NUL".into()));
+            }
+        }
+        for (i, dep) in svc.depends_on.iter().enumerate() {
+            let f = format!("services.{name}.depends_on[{i}]");
+            if dep == name {
+                p.push((f, "a service cannot depend on itself".into()));
+            } else if !spec.services.contains_key(dep) {
+                p.push((f, format!("unknown service {dep:?}")));
+            }
+        }
+        if !STOP_SIGNALS.contains(&svc.stop_signal.as_str()) {
+            p.push((at("stop_signal"), format!("unknown signal {:?}; expected one of {}", svc.stop_signal, STOP_SIGNALS.join(", "))));
+        }
+        if svc.stop_timeout_ms > 3_600_000 {
+            p.push((at("stop_timeout_ms"), "expected at most 3600000 (one hour)".into()));
+        }
+        if svc.drain_timeout_ms > 3_600_000 {
+            p.push((at("drain_timeout_ms"), "expected at most 3600000 (one hour)".into()));
+        }
+        let b = &svc.backoff;
+        if b.initial_ms == 0 {
+            p.push((at("backoff.initial_ms"), "expected at least 1".into()));
+        }
+        if b.max_ms < b.initial_ms {
+            p.push((at("backoff.max_ms"), "must be at least backoff.initial_ms".into()));
+        }
+        if b.crash_loop_restarts == 0 {
+            p.push((at("backoff.crash_loop_restarts"), "expected at least 1".into()));
+        }
+
+        let h = &svc.health;
+        match h.kind {
+            ProbeKind::Http => match &h.path {
+                None => p.push((at("health.path"), "type = \"http\" needs a path, e.g. \"/health\"".into())),
+                Some(path) if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ' ') => {
+                    p.push((at("health.path"), "expected an absolute path such as \"/health\"".into()))
+                }
+                _ => {}
+            },
+            ProbeKind::Exec => match &h.command {
+                Some(c) if c.first().is_some_and(|p| !p.trim().is_empty()) => {}
+                _ => p.push((at("health.command"), "type = \"exec\" needs a non-empty command array".into())),
+            },
+            ProbeKind::Tcp | ProbeKind::None => {}
+        }
+        if h.kind != ProbeKind::Http && h.path.is_some() {
+            p.push((at("health.path"), "only allowed with type = \"http\"".into()));
+        }
+        if h.kind != ProbeKind::Exec && h.command.is_some() {
+            p.push((at("health.command"), "only allowed with type = \"exec\"".into()));
+        }
+        if h.interval_ms < 10 {
+            p.push((at("health.interval_ms"), "expected at least 10".into()));
+        }
+        if h.timeout_ms == 0 {
+            p.push((at("health.timeout_ms"), "expected at least 1".into()));
+        }
+        if h.healthy_threshold == 0 {
+            p.push((at("health.healthy_threshold"), "expected at least 1".into()));
+        }
+        if h.unhealthy_threshold == 0 {
+            p.push((at("health.unhealthy_threshold"), "expected at least 1".into()));
+        }
+
+        for (i, r) in svc.routes.iter().enumerate() {
+            let rf = |f: &str| format!("services.{name}.routes[{i}].{f}");
+            if !r.path_prefix.starts_with('/') {
+                p.push((rf("path_prefix"), "expected a path starting with '/'".into()));
+            } else if let Some(why) = bad_prefix(&r.path_prefix) {
+                p.push((rf("path_prefix"), why.into()));
+            }
+            if let Some(host) = &r.host {
+                if !is_valid_host(host) {
+                    p.push((rf("host"), format!("invalid host name {host:?}; expected e.g. \"api.example.com\" without port")));
+                }
+            }
+            if r.strip_prefix && normalize_prefix(&r.path_prefix) == "/" {
+                p.push((rf("strip_prefix"), "stripping the prefix \"/\" does nothing; remove strip_prefix".into()));
+            }
+            if r.timeout_ms == 0 {
+                p.push((rf("timeout_ms"), "expected at least 1".into()));
+            }
+            let key = (r.host.as_ref().map(|h| h.to_ascii_lowercase()), normalize_prefix(&r.path_prefix));
+            let here = format!("services.{name}.routes[{i}]");
+            if let Some(first) = routes_seen.get(&key) {
+                p.push((
+                    rf("path_prefix"),
+                    format!(
+                        "duplicate route: host {} and path prefix {:?} are already routed by {first}",
+                        key.0.as_deref().unwrap_or("(any)"),
+                        key.1
+                    ),
+                ));
+            } else {
+                routes_seen.insert(key, here);
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(spec) {
+        p.push((
+            format!("services.{}.depends_on", cycle[0]),
+            format!("dependency cycle: {}", cycle.join(" -> ")),
+        ));
+    }
+    p
+}
+
+fn bad_prefix(prefix: &str) -> Option<&'static str> {
+    if prefix.contains("//") {
+        return Some("must not contain empty segments (\"//\")");
+    }
+    if prefix.split('/').any(|s| s == "." || s == "..") {
+        return Some("must not contain \".\" or \"..\" segments");
+    }
+    if prefix.contains(['?', '#', '%']) || prefix.chars().any(|c| c.is_ascii_control() || c == ' ') {
+        return Some("must be a plain path: no '?', '#', '%', spaces or control characters");
+    }
+    None
+}
+
+fn is_valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A dependency cycle, as service names from the first back to itself.
+fn find_cycle(spec: &Spec) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    fn visit<'a>(
+        n: &'a str,
+        spec: &'a Spec,
+        marks: &mut BTreeMap<&'a str, Mark>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match marks.get(n) {
+            Some(Mark::Done) => return None,
+            Some(Mark::Visiting) => {
+                let start = stack.iter().position(|s| *s == n).unwrap_or(0);
+                let mut c: Vec<String> = stack[start..].iter().map(|s| s.to_string()).collect();
+                c.push(n.to_string());
+                return Some(c);
+            }
+            None => {}
+        }
+        marks.insert(n, Mark::Visiting);
+        stack.push(n);
+        if let Some(svc) = spec.services.get(n) {
+            for d in &svc.depends_on {
+                if d != n && spec.services.contains_key(d) {
+                    if let Some(c) = visit(d, spec, marks, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        marks.insert(n, Mark::Done);
+        None
+    }
+    let mut marks = BTreeMap::new();
+    for name in spec.services.keys() {
+        let mut stack = Vec::new();
+        if let Some(c) = visit(name, spec, &mut marks, &mut stack) {
+            return Some(c);
+        }
+    }
+    None
+}
