@@ -1,1 +1,453 @@
+//! The service registry: which instances of which service are up, where, at what version.
+//!
+//! Two kinds of instances live here. Supervised ones are put in by the supervisor while they are
+//! healthy and taken out the moment they exit, fail health or start draining. External ones
+//! register themselves over the admin API with a TTL lease, keep it alive by heartbeats, and
+//! expire when a heartbeat is missed; their registrations are persisted in the store, so a
+//! restart of gantry keeps them (each gets a fresh lease at start).
+//!
+//! Architecture invariant: every change bumps the revision, publishes a new immutable
+//! [`RegistrySnapshot`], calls the change listeners synchronously (so the gateway's route table is
+//! updated before the mutating call returns), and emits a [`RegistryEvent`] for watchers.
 #![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use gantry_model::{
+    unix_ms, Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
+};
+use gantry_store::{Store, StoreError, StoreJsonExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use gantry_telemetry::Metrics;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+const BUCKET: &str = "registry";
+/// Shortest and longest lease a self-registered instance may ask for.
+pub const MIN_TTL_MS: u64 = 1_000;
+pub const MAX_TTL_MS: u64 = 24 * 3_600_000;
+const DEFAULT_TTL_MS: u64 = 30_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("instance {0} is not registered")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a self-registering instance sends.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub service: String,
+    /// Client-chosen id, for idempotent re-registration; generated when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Semantic version; default `0.0.0`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Default 127.0.0.1.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    pub port: u16,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Lease length; the instance must heartbeat within it. Default 30000.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+type Listener = Box<dyn Fn(&Arc<RegistrySnapshot>) + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+struct State {
+    revision: u64,
+    instances: BTreeMap<String, Instance>,
+    snapshot: Arc<RegistrySnapshot>,
+}
+
+/// The registry. Cheap to share behind an `Arc`.
+pub struct Registry {
+    state: Mutex<State>,
+    listeners: Mutex<Vec<Listener>>,
+    events: broadcast::Sender<RegistryEvent>,
+    store: Arc<dyn Store>,
+    node: String,
+    instances_gauge: Family<ServiceLabel, Gauge>,
+    changes: Family<KindLabel, Counter>,
+}
+
+impl Registry {
+    /// Build the registry and load persisted self-registrations (each gets a fresh lease).
+    pub async fn open(
+        store: Arc<dyn Store>,
+        node: String,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, RegistryError> {
+        let instances_gauge = Family::<ServiceLabel, Gauge>::default();
+        let changes = Family::<KindLabel, Counter>::default();
+        metrics.register("registry", |r| {
+            r.register(
+                "instances",
+                "Instances in the registry by service",
+                instances_gauge.clone(),
+            );
+            r.register(
+                "changes",
+                "Registry changes by kind (registered, updated, deregistered, expired)",
+                changes.clone(),
+            );
+        });
+        let (events, _) = broadcast::channel(1024);
+        let reg = Arc::new(Self {
+            state: Mutex::new(State {
+                revision: 0,
+                instances: BTreeMap::new(),
+                snapshot: Arc::new(RegistrySnapshot::default()),
+            }),
+            listeners: Mutex::new(Vec::new()),
+            events,
+            store,
+            node,
+            instances_gauge,
+            changes,
+        });
+        let now = unix_ms();
+        let persisted: Vec<(String, Instance, u64)> = reg.store.list_json(BUCKET, "").await?;
+        for (_, mut inst, _) in persisted {
+            if let InstanceSource::External { ttl_ms, .. } = inst.source {
+                inst.source = InstanceSource::External {
+                    ttl_ms,
+                    last_heartbeat_ms: now,
+                };
+                reg.apply(RegistryEventKind::Registered, inst);
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Call `f` with every new snapshot, synchronously, in revision order. `f` must be quick
+    /// and must not call back into the registry.
+    pub fn on_change(&self, f: impl Fn(&Arc<RegistrySnapshot>) + Send + Sync + 'static) {
+        // Lock order (state, then listeners) matches `publish`, so no change can slip between
+        // the first call and the registration.
+        let st = self.lock();
+        f(&st.snapshot);
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(f));
+        drop(st);
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn snapshot(&self) -> Arc<RegistrySnapshot> {
+        self.lock().snapshot.clone()
+    }
+
+    /// Watch stream of changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Instance> {
+        self.lock().instances.get(id).cloned()
+    }
+
+    /// Instances of `service` whose version satisfies `req` (all when `None`).
+    pub fn lookup(&self, service: &str, req: Option<&semver::VersionReq>) -> Vec<Instance> {
+        self.snapshot()
+            .instances(service)
+            .iter()
+            .filter(|i| req.is_none_or(|r| r.matches(&i.version)))
+            .cloned()
+            .collect()
+    }
+
+    /// Put a supervised instance into rotation (or update it).
+    pub fn register_supervised(&self, instance: Instance) -> u64 {
+        debug_assert!(matches!(instance.source, InstanceSource::Supervised));
+        let kind = if self.lock().instances.contains_key(&instance.id) {
+            RegistryEventKind::Updated
+        } else {
+            RegistryEventKind::Registered
+        };
+        self.apply(kind, instance)
+    }
+
+    /// Take a supervised instance out of rotation. Returns the new revision, or `None` if the
+    /// instance was not registered.
+    pub fn deregister_supervised(&self, id: &str) -> Option<u64> {
+        self.remove(id, RegistryEventKind::Deregistered)
+    }
+
+    /// Register (or re-register) a self-registered instance; durable when this returns.
+    pub async fn register_external(&self, reg: Registration) -> Result<Instance, RegistryError> {
+        if !gantry_model::is_valid_service_name(&reg.service) {
+            return Err(RegistryError::Invalid(format!(
+                "service: invalid name {:?}; expected 1-63 characters of a-z, 0-9 and '-' starting with a letter",
+                reg.service
+            )));
+        }
+        let version = match &reg.version {
+            None => semver::Version::new(0, 0, 0),
+            Some(v) => semver::Version::parse(v).map_err(|e| {
+                RegistryError::Invalid(format!("version: invalid semantic version {v:?}: {e}"))
+            })?,
+        };
+        if reg.port == 0 {
+            return Err(RegistryError::Invalid("port: expected 1-65535".into()));
+        }
+        let ttl_ms = reg.ttl_ms.unwrap_or(DEFAULT_TTL_MS);
+        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
+            return Err(RegistryError::Invalid(format!(
+                "ttl_ms: expected {MIN_TTL_MS}..={MAX_TTL_MS}, got {ttl_ms}"
+            )));
+        }
+        if reg.metadata.len() > 64
+            || reg
+                .metadata
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 1024)
+        {
+            return Err(RegistryError::Invalid(
+                "metadata: at most 64 entries, keys 1-128 bytes, values up to 1024 bytes".into(),
+            ));
+        }
+        let id = match reg.id {
+            Some(id) => {
+                if !valid_external_id(&id) {
+                    return Err(RegistryError::Invalid(format!(
+                        "id: invalid instance id {id:?}; expected 1-128 characters of a-z, 0-9, '-', '_' and '.'"
+                    )));
+                }
+                id
+            }
+            None => format!("{}-x{}", reg.service, random_hex(4)),
+        };
+        if let Some(existing) = self.get(&id) {
+            if matches!(existing.source, InstanceSource::Supervised) || existing.service != reg.service
+            {
+                return Err(RegistryError::Conflict(format!(
+                    "instance id {id} is already used by another instance of service {}",
+                    existing.service
+                )));
+            }
+        }
+        let now = unix_ms();
+        let inst = Instance {
+            id: id.clone(),
+            service: reg.service,
+            version,
+            address: reg.address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            port: reg.port,
+            metadata: reg.metadata,
+            node: self.node.clone(),
+            zone: reg.zone,
+            health: Health::Passing,
+            source: InstanceSource::External {
+                ttl_ms,
+                last_heartbeat_ms: now,
+            },
+            registered_at_ms: now,
+        };
+        self.store.put_json(BUCKET, &id, &inst).await?;
+        let kind = if self.get(&id).is_some() {
+            RegistryEventKind::Updated
+        } else {
+            RegistryEventKind::Registered
+        };
+        self.apply(kind, inst.clone());
+        Ok(inst)
+    }
+
+    /// Renew a self-registered instance's lease.
+    pub fn heartbeat(&self, id: &str) -> Result<Instance, RegistryError> {
+        let mut st = self.lock();
+        match st.instances.get_mut(id) {
+            Some(inst) => match &mut inst.source {
+                InstanceSource::External {
+                    last_heartbeat_ms, ..
+                } => {
+                    *last_heartbeat_ms = unix_ms();
+                    Ok(inst.clone())
+                }
+                InstanceSource::Supervised => Err(RegistryError::Conflict(format!(
+                    "instance {id} is supervised by gantry; it has no lease"
+                ))),
+            },
+            None => Err(RegistryError::NotFound(id.into())),
+        }
+    }
+
+    /// Remove a self-registered instance; durable when this returns.
+    pub async fn deregister_external(&self, id: &str) -> Result<(), RegistryError> {
+        match self.get(id) {
+            None => return Err(RegistryError::NotFound(id.into())),
+            Some(i) if matches!(i.source, InstanceSource::Supervised) => {
+                return Err(RegistryError::Conflict(format!(
+                    "instance {id} is supervised by gantry; scale or stop its service instead"
+                )))
+            }
+            Some(_) => {}
+        }
+        self.store.delete(BUCKET, id).await?;
+        self.remove(id, RegistryEventKind::Deregistered);
+        Ok(())
+    }
+
+    /// Expire self-registered instances whose lease ran out; returns the expired ids.
+    pub async fn expire_due(&self, now_ms: u64) -> Vec<String> {
+        let due: Vec<String> = self
+            .lock()
+            .instances
+            .values()
+            .filter(|i| match i.source {
+                InstanceSource::External {
+                    ttl_ms,
+                    last_heartbeat_ms,
+                } => now_ms.saturating_sub(last_heartbeat_ms) > ttl_ms,
+                InstanceSource::Supervised => false,
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        for id in &due {
+            tracing::info!(instance = %id, "lease expired; instance removed from registry");
+            if let Err(e) = self.store.delete(BUCKET, id).await {
+                tracing::warn!(instance = %id, error = %e, "could not delete expired registration");
+            }
+            self.remove(id, RegistryEventKind::Expired);
+        }
+        due
+    }
+
+    /// Run lease expiry until `shutdown` resolves.
+    pub async fn run_expiry(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.expire_due(unix_ms()).await; }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remove(&self, id: &str, kind: RegistryEventKind) -> Option<u64> {
+        let mut st = self.lock();
+        let inst = st.instances.remove(id)?;
+        Some(self.publish(&mut st, kind, inst))
+    }
+
+    fn apply(&self, kind: RegistryEventKind, inst: Instance) -> u64 {
+        let mut st = self.lock();
+        st.instances.insert(inst.id.clone(), inst.clone());
+        self.publish(&mut st, kind, inst)
+    }
+
+    /// Called with the state lock held: bump revision, rebuild the snapshot, notify.
+    fn publish(&self, st: &mut State, kind: RegistryEventKind, inst: Instance) -> u64 {
+        st.revision += 1;
+        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for i in st.instances.values() {
+            services.entry(i.service.clone()).or_default().push(i.clone());
+        }
+        let label = ServiceLabel {
+            service: inst.service.clone(),
+        };
+        self.instances_gauge
+            .get_or_create(&label)
+            .set(services.get(&inst.service).map_or(0, |v| v.len()) as i64);
+        st.snapshot = Arc::new(RegistrySnapshot {
+            revision: st.revision,
+            services: services.into_iter().map(|(k, v)| (k, v.into())).collect(),
+        });
+        for l in self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            l(&st.snapshot);
+        }
+        self.changes
+            .get_or_create(&KindLabel {
+                kind: kind_name(kind),
+            })
+            .inc();
+        let _ = self.events.send(RegistryEvent {
+            revision: st.revision,
+            kind,
+            at_ms: unix_ms(),
+            instance: inst,
+        });
+        st.revision
+    }
+}
+
+fn kind_name(k: RegistryEventKind) -> &'static str {
+    match k {
+        RegistryEventKind::Registered => "registered",
+        RegistryEventKind::Updated => "updated",
+        RegistryEventKind::Deregistered => "deregistered",
+        RegistryEventKind::Expired => "expired",
+    }
+}
+
+fn valid_external_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && !id.ends_with('.')
+        && id.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
+        })
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    if getrandom::fill(&mut buf).is_err() {
+        // The OS RNG is unavailable: fall back to time-derived bytes (ids stay unique enough).
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (t >> ((i % 16) * 8)) as u8;
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

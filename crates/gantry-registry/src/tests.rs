@@ -1,0 +1,151 @@
+#![allow(clippy::unwrap_used)]
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use gantry_store::RedbStore;
+
+use super::*;
+
+fn reg_req(service: &str, version: &str, port: u16) -> Registration {
+    Registration {
+        service: service.into(),
+        id: None,
+        version: Some(version.into()),
+        address: None,
+        port,
+        metadata: BTreeMap::new(),
+        zone: None,
+        ttl_ms: Some(1000),
+    }
+}
+
+fn supervised(id: &str, service: &str, port: u16) -> Instance {
+    Instance {
+        id: id.into(),
+        service: service.into(),
+        version: semver::Version::new(1, 0, 0),
+        address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port,
+        metadata: BTreeMap::new(),
+        node: "n1".into(),
+        zone: None,
+        health: Health::Passing,
+        source: InstanceSource::Supervised,
+        registered_at_ms: unix_ms(),
+    }
+}
+
+async fn open(dir: &std::path::Path) -> Arc<Registry> {
+    let store = Arc::new(RedbStore::open(dir).unwrap());
+    Registry::open(store, "n1".into(), &Metrics::new()).await.unwrap()
+}
+
+#[tokio::test]
+async fn lookup_by_version_requirement() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    r.register_external(reg_req("cat", "1.2.0", 1001)).await.unwrap();
+    r.register_external(reg_req("cat", "2.0.1", 1002)).await.unwrap();
+    r.register_supervised(supervised("cat-1", "cat", 1003));
+    let req = semver::VersionReq::parse("^1").unwrap();
+    let ports: Vec<u16> = r.lookup("cat", Some(&req)).iter().map(|i| i.port).collect();
+    assert_eq!(ports.len(), 2);
+    assert!(ports.contains(&1001) && ports.contains(&1003));
+    let req2 = semver::VersionReq::parse(">=2").unwrap();
+    assert_eq!(r.lookup("cat", Some(&req2)).len(), 1);
+    assert_eq!(r.lookup("cat", None).len(), 3);
+    assert!(r.lookup("dog", None).is_empty());
+}
+
+#[tokio::test]
+async fn listeners_run_before_the_call_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    let seen = Arc::new(AtomicU64::new(0));
+    let s2 = seen.clone();
+    r.on_change(move |snap| s2.store(snap.revision, Ordering::SeqCst));
+    let rev = r.register_supervised(supervised("a-1", "a", 1));
+    assert_eq!(seen.load(Ordering::SeqCst), rev);
+    let rev2 = r.deregister_supervised("a-1").unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), rev2);
+    assert!(r.deregister_supervised("a-1").is_none());
+}
+
+#[tokio::test]
+async fn leases_expire_without_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    let mut events = r.subscribe();
+    let mut long = reg_req("svc", "1.0.0", 2001);
+    long.ttl_ms = Some(5000);
+    let a = r.register_external(long).await.unwrap();
+    let b = r.register_external(reg_req("svc", "1.0.0", 2002)).await.unwrap();
+    let t0 = unix_ms();
+    // Within both leases nothing expires.
+    assert!(r.expire_due(t0 + 500).await.is_empty());
+    // A heartbeat moves the lease forward.
+    let before = match a.source { InstanceSource::External { last_heartbeat_ms, .. } => last_heartbeat_ms, _ => unreachable!() };
+    std::thread::sleep(Duration::from_millis(5));
+    let renewed = r.heartbeat(&a.id).unwrap();
+    let after = match renewed.source { InstanceSource::External { last_heartbeat_ms, .. } => last_heartbeat_ms, _ => unreachable!() };
+    assert!(after > before);
+    // Past b's 1000 ms lease but within a's 5000 ms lease: only b expires.
+    let expired = r.expire_due(t0 + 1500).await;
+    assert_eq!(expired, vec![b.id.clone()]);
+    assert!(r.get(&a.id).is_some());
+    assert!(r.heartbeat(&b.id).is_err());
+    let kinds: Vec<RegistryEventKind> = std::iter::from_fn(|| events.try_recv().ok())
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&RegistryEventKind::Expired));
+    // Expired registrations are gone from the store too.
+    drop(r);
+    let r2 = open(dir.path()).await;
+    assert!(r2.get(&b.id).is_none());
+}
+
+#[tokio::test]
+async fn external_registrations_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let r = open(dir.path()).await;
+        let mut req = reg_req("pay", "3.1.4", 3001);
+        req.id = Some("pay-eu-1".into());
+        req.ttl_ms = Some(60_000);
+        let i = r.register_external(req).await.unwrap();
+        r.register_supervised(supervised("pay-1", "pay", 3002));
+        i.id
+    };
+    let r = open(dir.path()).await;
+    let got = r.get(&id).unwrap();
+    assert_eq!(got.port, 3001);
+    assert_eq!(got.version.to_string(), "3.1.4");
+    // Supervised instances are not persisted: the supervisor re-creates them.
+    assert!(r.get("pay-1").is_none());
+    r.deregister_external(&id).await.unwrap();
+    drop(r);
+    let r = open(dir.path()).await;
+    assert!(r.get(&id).is_none());
+}
+
+#[tokio::test]
+async fn bad_registrations_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    let mut bad = reg_req("Bad Name", "1.0.0", 1);
+    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    bad.service = "ok".into();
+    bad.version = Some("x".into());
+    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    bad.version = None;
+    bad.ttl_ms = Some(5);
+    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    bad.ttl_ms = None;
+    bad.port = 0;
+    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    r.register_supervised(supervised("ok-1", "ok", 5));
+    bad.port = 9;
+    bad.id = Some("ok-1".into());
+    assert!(matches!(r.register_external(bad).await, Err(RegistryError::Conflict(_))));
+    assert!(matches!(r.deregister_external("ok-1").await, Err(RegistryError::Conflict(_))));
+    assert!(matches!(r.heartbeat("nope"), Err(RegistryError::NotFound(_))));
+}
