@@ -1,0 +1,220 @@
+//! Processes: spawning an instance in its own process group, signalling the group, capturing
+//! its output, and reaping groups a previous gantry left behind.
+//!
+//! Orphans are prevented two ways: each instance's leader gets `PR_SET_PDEATHSIG = SIGKILL` (it
+//! dies with gantry, even on SIGKILL of gantry), and every spawned group is recorded in the store
+//! so the next `gantry up` kills whatever of it is still alive (grandchildren included).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use gantry_store::{Store, StoreJsonExt};
+use gantry_telemetry::{LogStore, LogStream, MAX_LINE_BYTES};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+pub(crate) const PROCS_BUCKET: &str = "procs";
+
+/// A spawned process group, as recorded in the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ProcRecord {
+    pub instance: String,
+    pub service: String,
+    pub pid: u32,
+    pub pgid: u32,
+    pub started_ms: u64,
+}
+
+/// Spawn `command` as the leader of a new process group with piped stdout and stderr.
+pub(crate) fn spawn(
+    command: &[String],
+    env: &[(String, String)],
+    cwd: &Path,
+) -> std::io::Result<Child> {
+    let (prog, args) = command
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    die_with_parent(&mut cmd);
+    cmd.spawn()
+}
+
+/// Make the child receive SIGKILL when gantry dies.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
+    // functions (prctl, getppid, _exit) without allocating.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // gantry died between fork and prctl: do not outlive it.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Send `signal` to a whole process group; false if the group no longer exists.
+pub(crate) fn signal_group(pgid: u32, signal: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    nix_kill(-(pgid as i32), signal)
+}
+
+#[allow(unsafe_code)]
+fn nix_kill(pid: i32, signal: i32) -> bool {
+    // SAFETY: kill(2) has no memory effects; a stale pid yields ESRCH, which we report as false.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// Signal number for a validated spec name.
+pub(crate) fn signal_number(name: &str) -> i32 {
+    match name {
+        "SIGINT" => libc::SIGINT,
+        "SIGQUIT" => libc::SIGQUIT,
+        "SIGHUP" => libc::SIGHUP,
+        "SIGUSR1" => libc::SIGUSR1,
+        "SIGUSR2" => libc::SIGUSR2,
+        "SIGKILL" => libc::SIGKILL,
+        _ => libc::SIGTERM,
+    }
+}
+
+/// Copy a pipe into the log store line by line. Lines longer than [`MAX_LINE_BYTES`] are split,
+/// invalid UTF-8 is replaced, so a hostile instance cannot make gantry buffer without bound.
+pub(crate) async fn pump<R: AsyncRead + Unpin>(
+    reader: R,
+    logs: LogStore,
+    service: Arc<str>,
+    instance: Arc<str>,
+    stream: LogStream,
+    echo: Option<Arc<dyn Fn(&str, &str, LogStream) + Send + Sync>>,
+) {
+    let mut reader = BufReader::with_capacity(16 * 1024, reader);
+    let mut line: Vec<u8> = Vec::with_capacity(256);
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(b) => b,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let room = MAX_LINE_BYTES - line.len();
+        let (take, done) = match buf.iter().take(room).position(|&c| c == b'\n') {
+            Some(i) => (i + 1, true),
+            None if buf.len() >= room => (room, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            emit(&mut line, &logs, &service, &instance, stream, echo.as_deref());
+        }
+    }
+    if !line.is_empty() {
+        emit(&mut line, &logs, &service, &instance, stream, echo.as_deref());
+    }
+}
+
+fn emit(
+    line: &mut Vec<u8>,
+    logs: &LogStore,
+    service: &Arc<str>,
+    instance: &Arc<str>,
+    stream: LogStream,
+    echo: Option<&(dyn Fn(&str, &str, LogStream) + Send + Sync)>,
+) {
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    let text = String::from_utf8_lossy(line).into_owned();
+    line.clear();
+    if let Some(echo) = echo {
+        echo(instance, &text, stream);
+    }
+    logs.push(service, instance, stream, text);
+}
+
+/// Kill every process group a previous run recorded and that is still alive, then forget the
+/// records. A group is only killed if one of its processes still carries the instance's
+/// `GANTRY_INSTANCE` in its environment, so a recycled process group id is left alone.
+pub(crate) async fn reap_orphans(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
+    let records: Vec<(String, ProcRecord, u64)> =
+        match store.list_json(PROCS_BUCKET, "").await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read process records; skipping orphan reaping");
+                return Vec::new();
+            }
+        };
+    let mut reaped = Vec::new();
+    for (key, rec, _) in records {
+        if group_is_ours(rec.pgid, &rec.instance) && signal_group(rec.pgid, libc::SIGKILL) {
+            tracing::warn!(instance = %rec.instance, pgid = rec.pgid, "killed process group left by a previous gantry run");
+            reaped.push(rec);
+        }
+        let _ = store.delete(PROCS_BUCKET, &key).await;
+    }
+    reaped
+}
+
+/// Does any live process in group `pgid` carry `GANTRY_INSTANCE=<instance>`?
+fn group_is_ours(pgid: u32, instance: &str) -> bool {
+    let needle = format!("GANTRY_INSTANCE={instance}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if process_group_of(pid) != Some(pgid) {
+            continue;
+        }
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The process group of `pid`, from `/proc/<pid>/stat` (field 5).
+fn process_group_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process_group() {
+        let me = std::process::id();
+        let pg = process_group_of(me);
+        assert!(pg.is_some_and(|g| g > 0));
+        assert_eq!(process_group_of(u32::MAX), None);
+    }
+}
