@@ -1,1 +1,117 @@
+//! The admin REST API (axum), served on loopback by default.
+//!
+//! Conventions: JSON in and out; every error is a JSON body `{"error": code, "message": ...}`
+//! with a 4xx/5xx status (handlers never fail any other way); every call that changes state
+//! (any method but GET and HEAD) needs `Authorization: Bearer <token>`.
+//!
+//! Architecture invariant: handlers only translate HTTP to calls on component handles
+//! ([`ApiState`]); no business rule lives here.
 #![forbid(unsafe_code)]
+
+mod error;
+mod handlers;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use gantry_config::ConfigStore;
+use gantry_gateway::Gateway;
+use gantry_registry::Registry;
+use gantry_supervisor::Supervisor;
+use gantry_telemetry::{LogStore, Metrics};
+use http::Method;
+
+pub use error::ApiError;
+
+/// Largest request body the API reads.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Handles on every component the API exposes.
+#[derive(Clone)]
+pub struct ApiState {
+    pub supervisor: Arc<Supervisor>,
+    pub registry: Arc<Registry>,
+    pub config: Arc<ConfigStore>,
+    pub gateway: Arc<Gateway>,
+    pub logs: LogStore,
+    pub metrics: Metrics,
+    /// Bearer token required by mutating calls.
+    pub token: Arc<str>,
+}
+
+/// The API's router.
+pub fn router(state: ApiState) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{name}/scale", post(scale))
+        .route("/v1/services/{name}/restart", post(restart))
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/routes", get(list_routes))
+        .route("/v1/registry/services", get(registry_services))
+        .route("/v1/registry/services/{name}", get(registry_lookup))
+        .route("/v1/registry/instances", post(registry_register))
+        .route(
+            "/v1/registry/instances/{id}",
+            get(registry_get).delete(registry_deregister),
+        )
+        .route("/v1/registry/instances/{id}/heartbeat", put(registry_heartbeat))
+        .route("/v1/registry/watch", get(registry_watch))
+        .route("/v1/config", get(config_services))
+        .route("/v1/config/{service}", get(config_current).patch(config_change))
+        .route("/v1/config/{service}/history", get(config_history))
+        .route("/v1/config/{service}/rollback", post(config_rollback))
+        .route("/v1/logs", get(logs))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Mutating calls need the bearer token; reads do not (the API listens on loopback).
+async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("invalid bearer token").into_response(),
+        None => ApiError::unauthorized(
+            "this call changes state and needs 'Authorization: Bearer <token>' (the token is in the data directory's admin-token file)",
+        )
+        .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such API endpoint; see /v1/services, /v1/instances, /v1/routes, /v1/registry/..., /v1/config/..., /v1/logs, /metrics")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
+}

@@ -352,6 +352,17 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Last resort (a second Ctrl-C): SIGKILL every instance's process group now.
+    pub fn kill_all(&self) {
+        for i in self.board.list() {
+            if let Some(pid) = i.pid {
+                process::signal_group(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 fn shutting_down() -> SupervisorError {
     SupervisorError::Conflict("gantry is shutting down".into())
 }

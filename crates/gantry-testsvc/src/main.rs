@@ -1,1 +1,196 @@
-fn main() {}
+//! A small HTTP service for Gantry's tests. It listens on `127.0.0.1:$PORT` and can be told to
+//! misbehave.
+//!
+//! - `GET /health`           200, or 500 after `/admin/fail-health`
+//! - `GET /env/NAME`         the value of environment variable NAME (404 if unset)
+//! - `GET /slow?ms=N`        answers after N ms
+//! - `GET /log?msg=TEXT&stream=stderr`  writes TEXT to stdout (or stderr)
+//! - `POST /admin/hang`      from now on every request (health included) hangs forever
+//! - `POST /admin/crash`     exits at once with status 3
+//! - `POST /admin/fail-health`  health answers 500 from now on
+//! - anything else           200 with JSON: instance, method, path, query, headers
+//!
+//! Start-up knobs (environment): `TESTSVC_EXIT_AT_START=N` exits with N right away;
+//! `TESTSVC_START_DELAY_MS=N` waits before listening; `TESTSVC_IGNORE_TERM=1` ignores SIGTERM;
+//! `TESTSVC_SPAWN_CHILD=1` starts `sleep 1000` as a child (to test process-group handling).
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+#[derive(Default)]
+struct Flags {
+    hang: AtomicBool,
+    fail_health: AtomicBool,
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
+    q?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn json_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    flags: Arc<Flags>,
+    instance: Arc<str>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if flags.hang.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query();
+    let resp = match (req.method().as_str(), path.as_str()) {
+        (_, "/health") => {
+            if flags.fail_health.load(Ordering::SeqCst) {
+                text(StatusCode::INTERNAL_SERVER_ERROR, "failing\n".into())
+            } else {
+                text(StatusCode::OK, "ok\n".into())
+            }
+        }
+        ("POST", "/admin/hang") => {
+            flags.hang.store(true, Ordering::SeqCst);
+            println!("hanging from now on");
+            text(StatusCode::OK, "hanging\n".into())
+        }
+        ("POST", "/admin/crash") => {
+            println!("crashing");
+            std::process::exit(3);
+        }
+        ("POST", "/admin/fail-health") => {
+            flags.fail_health.store(true, Ordering::SeqCst);
+            text(StatusCode::OK, "health fails from now on\n".into())
+        }
+        (_, "/slow") => {
+            let ms = query_param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(StatusCode::OK, format!("{instance} slept {ms} ms\n"))
+        }
+        (_, "/log") => {
+            let msg = query_param(query, "msg").unwrap_or("").replace('+', " ");
+            if query_param(query, "stream") == Some("stderr") {
+                eprintln!("{msg}");
+            } else {
+                println!("{msg}");
+            }
+            text(StatusCode::OK, "logged\n".into())
+        }
+        (_, p) if p.starts_with("/env/") => match std::env::var(&p[5..]) {
+            Ok(v) => text(StatusCode::OK, v),
+            Err(_) => text(StatusCode::NOT_FOUND, format!("{} is not set\n", &p[5..])),
+        },
+        _ => {
+            let headers: Vec<String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{}:{}", json_escape(k.as_str()), json_escape(v.to_str().unwrap_or(""))))
+                .collect();
+            let body = format!(
+                "{{\"instance\":{},\"method\":{},\"path\":{},\"query\":{},\"headers\":{{{}}}}}\n",
+                json_escape(&instance),
+                json_escape(req.method().as_str()),
+                json_escape(&path),
+                json_escape(query.unwrap_or("")),
+                headers.join(",")
+            );
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+            r
+        }
+    };
+    Ok(resp)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if let Some(code) = std::env::var("TESTSVC_EXIT_AT_START").ok().and_then(|v| v.parse().ok()) {
+        eprintln!("exiting at start with {code}");
+        std::process::exit(code);
+    }
+    if let Some(ms) = std::env::var("TESTSVC_START_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let _child = if std::env::var("TESTSVC_SPAWN_CHILD").is_ok() {
+        std::process::Command::new("sleep").arg("1000").spawn().ok()
+    } else {
+        None
+    };
+    let ignore_term = std::env::var("TESTSVC_IGNORE_TERM").is_ok();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot handle SIGTERM: {e}");
+            std::process::exit(1);
+        }
+    };
+    let port: u16 = match std::env::var("PORT").ok().and_then(|p| p.parse().ok()) {
+        Some(p) => p,
+        None => {
+            eprintln!("PORT must be set to a port number");
+            std::process::exit(2);
+        }
+    };
+    let instance: Arc<str> = std::env::var("GANTRY_INSTANCE").unwrap_or_else(|_| "testsvc".into()).into();
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("{instance} listening on 127.0.0.1:{port}");
+    let flags = Arc::new(Flags::default());
+    loop {
+        tokio::select! {
+            acc = listener.accept() => {
+                let Ok((stream, _)) = acc else { continue };
+                let flags = flags.clone();
+                let instance = instance.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, flags.clone(), instance.clone()));
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+            _ = term.recv() => {
+                if ignore_term {
+                    println!("ignoring SIGTERM");
+                } else {
+                    println!("SIGTERM: exiting");
+                    return;
+                }
+            }
+        }
+    }
+}

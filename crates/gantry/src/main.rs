@@ -1,1 +1,220 @@
-fn main() {}
+//! `gantry`: the one binary. `gantry up` runs the whole system; every other command is a client
+//! of the admin API of a running `gantry up`.
+#![forbid(unsafe_code)]
+
+mod client;
+mod commands;
+mod table;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "gantry",
+    version,
+    about = "The outer architecture of microservices in one binary: supervisor, registry, gateway, config",
+    propagate_version = true
+)]
+struct Cli {
+    /// Spec file used to find a running gantry (its data directory holds the admin address and
+    /// token).
+    #[arg(short = 'f', long = "file", global = false, default_value = "gantry.toml", env = "GANTRY_FILE")]
+    file: PathBuf,
+    /// Admin API URL of a running gantry (overrides discovery through the spec file).
+    #[arg(long, env = "GANTRY_ADMIN_URL")]
+    admin: Option<String>,
+    /// Admin token (default: read from the data directory).
+    #[arg(long, env = "GANTRY_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start every service in the spec, the gateway and the admin API; Ctrl-C stops everything.
+    Up(UpArgs),
+    /// Check a spec file without starting anything (exit 2 on errors).
+    Validate(SpecFileArg),
+    /// Instances and their state.
+    Ps {
+        /// Only this service.
+        service: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Services with desired and healthy instance counts.
+    Services {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Output of instances (stdout and stderr).
+    Logs {
+        /// Only this service.
+        service: Option<String>,
+        /// Keep streaming new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this instance, e.g. orders-2.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Lines since: RFC 3339 time, unix ms, or a duration such as 10m.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N lines.
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the number of instances of a service.
+    Scale { service: String, replicas: u32 },
+    /// Rolling restart: replace each instance with a new one, waiting for health.
+    Restart { service: String },
+    /// The gateway's live route table.
+    Routes {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// The service registry.
+    #[command(subcommand)]
+    Registry(RegistryCmd),
+    /// Versioned configuration of services.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Args)]
+struct SpecFileArg {
+    /// The spec file.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// The spec file (default: gantry.toml).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Also print every line instances write, prefixed by instance.
+    #[arg(long)]
+    logs: bool,
+    /// Gantry's own logs as JSON lines.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+#[derive(Args, Clone, Copy)]
+pub struct Output {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RegistryCmd {
+    /// Registered instances, optionally of one service and a semver requirement.
+    Ls {
+        service: Option<String>,
+        /// Semver requirement, e.g. ^1.2
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Set a key; creates a new config version.
+    Set {
+        service: String,
+        key: String,
+        value: String,
+        /// Message stored with the version.
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Rolling-restart the service afterwards so running instances get the value.
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Remove a key; creates a new config version.
+    Unset {
+        service: String,
+        key: String,
+        #[arg(short, long)]
+        message: Option<String>,
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Current value of one key, or all current values.
+    Get {
+        service: String,
+        key: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Keys and values of a service, or the services that have config.
+    List {
+        service: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Every version of a service's config.
+    History {
+        service: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Make an earlier version's values current again (as a new version).
+    Rollback {
+        service: String,
+        version: u64,
+        #[arg(short, long)]
+        message: Option<String>,
+        #[arg(long)]
+        restart: bool,
+    },
+}
+
+/// Exit codes: 0 ok, 1 runtime failure, 2 bad input (spec, arguments).
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.cmd {
+        Cmd::Up(args) => {
+            let file = args.file.clone().unwrap_or(cli.file);
+            up::run(&file, &args)
+        }
+        Cmd::Validate(a) => commands::validate(&a.file.unwrap_or(cli.file)),
+        cmd => {
+            let target = client::Target {
+                file: cli.file,
+                admin: cli.admin,
+                token: cli.token,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start runtime: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            };
+            rt.block_on(commands::run_client(cmd, target))
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! Request handlers, one per endpoint, in the order of `router()`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use gantry_config::ChangeRequest;
+use gantry_model::Instance;
+use gantry_registry::Registration;
+use gantry_telemetry::LogFilter;
+use http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::{ApiError, ApiState};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parse a JSON body, naming the offending field on error.
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("expected a JSON request body"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::bad_request(format!("invalid JSON body: {}", e.inner()))
+        } else {
+            ApiError::bad_request(format!("invalid JSON body at {path}: {}", e.inner()))
+        }
+    })
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
+}
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+pub async fn list_services(State(s): State<ApiState>) -> impl IntoResponse {
+    Json(s.supervisor.services())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleBody {
+    replicas: u32,
+}
+
+pub async fn scale(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let b: ScaleBody = parse_json(&body)?;
+    s.supervisor.scale(&name, b.replicas).await?;
+    Ok(Json(serde_json::json!({ "service": name, "replicas": b.replicas })))
+}
+
+pub async fn restart(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.supervisor.restart(&name).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesQuery {
+    service: Option<String>,
+}
+
+pub async fn list_instances(
+    State(s): State<ApiState>,
+    q: Result<Query<InstancesQuery>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let q = query(q)?;
+    if let Some(svc) = &q.service {
+        if !s.supervisor.has_service(svc) {
+            return Err(ApiError::not_found(format!("unknown service {svc:?}")));
+        }
+    }
+    let list: Vec<_> = s
+        .supervisor
+        .instances()
+        .into_iter()
+        .filter(|i| q.service.as_ref().is_none_or(|svc| &i.service == svc))
+        .collect();
+    Ok(Json(list))
+}
+
+pub async fn list_routes(State(s): State<ApiState>) -> impl IntoResponse {
+    Json(s.gateway.routes())
+}
+
+pub async fn registry_services(State(s): State<ApiState>) -> impl IntoResponse {
+    let snap = s.registry.snapshot();
+    let out: BTreeMap<&String, &[Instance]> =
+        snap.services.iter().map(|(k, v)| (k, &v[..])).collect();
+    Json(serde_json::json!({ "revision": snap.revision, "services": out }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupQuery {
+    /// A semver requirement such as `^1.2` or `>=2, <3`.
+    version: Option<String>,
+}
+
+pub async fn registry_lookup(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    q: Result<Query<LookupQuery>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let q = query(q)?;
+    let req = match &q.version {
+        None => None,
+        Some(v) => Some(semver::VersionReq::parse(v).map_err(|e| {
+            ApiError::bad_request(format!("version: invalid semver requirement {v:?}: {e}"))
+        })?),
+    };
+    Ok(Json(s.registry.lookup(&name, req.as_ref())))
+}
+
+pub async fn registry_register(
+    State(s): State<ApiState>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let reg: Registration = parse_json(&body)?;
+    let inst = s.registry.register_external(reg).await?;
+    Ok((StatusCode::CREATED, Json(inst)))
+}
+
+pub async fn registry_get(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
+    s.registry
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("instance {id} is not registered")))
+}
+
+pub async fn registry_heartbeat(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
+    Ok(Json(s.registry.heartbeat(&id)?))
+}
+
+pub async fn registry_deregister(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.registry.deregister_external(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Server-Sent Events: first `snapshot` (all instances), then one event per change, named by
+/// kind (`registered`, `updated`, `deregistered`, `expired`), with the revision as event id.
+pub async fn registry_watch(State(s): State<ApiState>) -> impl IntoResponse {
+    let mut rx = s.registry.subscribe();
+    let snap = s.registry.snapshot();
+    let (tx, out) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let all: Vec<&Instance> = snap.services.values().flat_map(|v| v.iter()).collect();
+        let first = Event::default()
+            .event("snapshot")
+            .id(snap.revision.to_string())
+            .json_data(serde_json::json!({ "revision": snap.revision, "instances": all }));
+        if let Ok(ev) = first {
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                n = rx.recv() => n,
+                _ = tx.closed() => return,
+            };
+            let ev = match next {
+                Ok(e) if e.revision <= snap.revision => continue,
+                Ok(e) => Event::default()
+                    .event(serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
+                    .id(e.revision.to_string())
+                    .json_data(&e),
+                Err(broadcast::error::RecvError::Lagged(n)) => Event::default()
+                    .event("lagged")
+                    .json_data(serde_json::json!({ "missed": n, "hint": "reconnect to get a fresh snapshot" })),
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let Ok(ev) = ev else { continue };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(out).map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default())
+}
+
+pub async fn config_services(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.config.services().await?))
+}
+
+pub async fn config_current(
+    State(s): State<ApiState>,
+    Path(service): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let v = s.config.current(&service).await?;
+    Ok(Json(match v {
+        Some(v) => serde_json::to_value(v).unwrap_or_default(),
+        None => serde_json::json!({ "service": service, "version": 0, "values": {} }),
+    }))
+}
+
+pub async fn config_change(
+    State(s): State<ApiState>,
+    Path(service): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let req: ChangeRequest = parse_json(&body)?;
+    let c = s.config.change(&service, req).await?;
+    let status = if c.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(c)))
+}
+
+pub async fn config_history(
+    State(s): State<ApiState>,
+    Path(service): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.config.history(&service).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    version: u64,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub async fn config_rollback(
+    State(s): State<ApiState>,
+    Path(service): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let b: RollbackBody = parse_json(&body)?;
+    let c = s.config.rollback(&service, b.version, b.message).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    service: Option<String>,
+    instance: Option<String>,
+    /// RFC 3339 time, unix milliseconds, or a duration back from now (`90s`, `5m`, `1h`).
+    since: Option<String>,
+    tail: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn parse_since(s: &str) -> ApiResult<u64> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0));
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(gantry_model::unix_ms().saturating_sub(d.as_millis() as u64));
+    }
+    Err(ApiError::bad_request(format!(
+        "since: {s:?} is not an RFC 3339 time, unix milliseconds, or a duration like 5m"
+    )))
+}
+
+/// Newline-delimited JSON, one object per line; with `follow=true` the response stays open and
+/// new lines are sent as they are captured.
+pub async fn logs(
+    State(s): State<ApiState>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    if let Some(svc) = &q.service {
+        if !s.supervisor.has_service(svc) {
+            return Err(ApiError::not_found(format!("unknown service {svc:?}")));
+        }
+    }
+    let filter = LogFilter {
+        service: q.service,
+        instance: q.instance,
+        since_ms: q.since.as_deref().map(parse_since).transpose()?,
+        tail: q.tail,
+    };
+    let ndjson = |l: &gantry_telemetry::LogLine| {
+        let mut v = serde_json::to_vec(l).unwrap_or_default();
+        v.push(b'\n');
+        Bytes::from(v)
+    };
+    if !q.follow {
+        let mut out = Vec::new();
+        for l in s.logs.query(&filter) {
+            out.extend_from_slice(&ndjson(&l));
+        }
+        return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response());
+    }
+    // Subscribe before reading what is kept, then skip what was already sent.
+    let mut rx = s.logs.subscribe();
+    let initial = s.logs.query(&filter);
+    let mut last = initial.last().map_or(0, |l| l.seq);
+    let (tx, out) = mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        for l in &initial {
+            if tx.send(ndjson(l)).await.is_err() {
+                return;
+            }
+        }
+        drop(initial);
+        loop {
+            let next = tokio::select! {
+                n = rx.recv() => n,
+                _ = tx.closed() => return,
+            };
+            let bytes = match next {
+                Ok(l) if l.seq > last && filter.matches(&l) => {
+                    last = l.seq;
+                    ndjson(&l)
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let mut v = serde_json::to_vec(&serde_json::json!({ "lagged": n })).unwrap_or_default();
+                    v.push(b'\n');
+                    Bytes::from(v)
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = ReceiverStream::new(out).map(Ok::<_, Infallible>);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Server-Sent Events of supervisor lifecycle events (started, healthy, exited, ...).
+pub async fn events(State(s): State<ApiState>) -> impl IntoResponse {
+    let mut rx = s.supervisor.board().subscribe();
+    let (tx, out) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                n = rx.recv() => n,
+                _ = tx.closed() => return,
+            };
+            let ev = match next {
+                Ok(e) => Event::default().event("lifecycle").json_data(&e),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    Event::default().event("lagged").json_data(serde_json::json!({ "missed": n }))
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let Ok(ev) = ev else { continue };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(out).map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.encode(),
+    )
+}

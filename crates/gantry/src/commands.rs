@@ -1,0 +1,489 @@
+//! Client commands: each calls the admin API and prints a table (or JSON with `--json`).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use http_body_util::BodyExt;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::{enc, CliError, Client, Target};
+use crate::table;
+use crate::{Cmd, ConfigCmd, Output, RegistryCmd, EXIT_USAGE};
+
+pub fn validate(file: &Path) -> ExitCode {
+    match gantry_spec::load(file) {
+        Ok(s) => {
+            let n = s.spec.services.len();
+            let r = s.spec.routes().len();
+            println!("{}: ok ({n} services, {r} routes)", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+pub async fn run_client(cmd: Cmd, target: Target) -> ExitCode {
+    let res = async {
+        let c = Client::connect(target)?;
+        dispatch(cmd, &c).await
+    }
+    .await;
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
+    match cmd {
+        Cmd::Up(_) | Cmd::Validate(_) => Ok(()),
+        Cmd::Ps { service, out } => ps(c, service, out).await,
+        Cmd::Services { out } => services(c, out).await,
+        Cmd::Logs {
+            service,
+            follow,
+            instance,
+            since,
+            tail,
+            json,
+        } => logs(c, service, follow, instance, since, tail, json).await,
+        Cmd::Scale { service, replicas } => {
+            c.call(
+                Method::POST,
+                &format!("/v1/services/{}/scale", enc(&service)),
+                Some(&json!({ "replicas": replicas })),
+            )
+            .await?;
+            println!("{service} scaled to {replicas} instances");
+            Ok(())
+        }
+        Cmd::Restart { service } => restart(c, &service).await,
+        Cmd::Routes { out } => routes(c, out).await,
+        Cmd::Registry(RegistryCmd::Ls {
+            service,
+            version,
+            out,
+        }) => registry_ls(c, service, version, out).await,
+        Cmd::Config(cc) => config(c, cc).await,
+    }
+}
+
+async fn ps(c: &Client, service: Option<String>, out: Output) -> Result<(), CliError> {
+    let path = match &service {
+        Some(s) => format!("/v1/instances?service={}", enc(s)),
+        None => "/v1/instances".into(),
+    };
+    let v = c.get(&path).await?;
+    if out.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let now = gantry_model::unix_ms();
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .map(|i| {
+            let uptime = match (i["started_ms"].as_u64(), i["pid"].is_null()) {
+                (Some(t), false) => table::short_duration(now.saturating_sub(t)),
+                _ => "-".into(),
+            };
+            let mut state = s(&i["state"]);
+            if let Some(r) = i["reason"].as_str() {
+                if !matches!(state.as_str(), "healthy" | "starting") {
+                    state = format!("{state} ({r})");
+                }
+            }
+            vec![
+                s(&i["service"]),
+                s(&i["id"]),
+                s(&i["version"]),
+                s(&i["pid"]),
+                s(&i["port"]),
+                state,
+                uptime,
+                s(&i["restarts"]),
+            ]
+        })
+        .collect();
+    table::print(
+        &["SERVICE", "INSTANCE", "VERSION", "PID", "PORT", "STATE", "UPTIME", "RESTARTS"],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn services(c: &Client, out: Output) -> Result<(), CliError> {
+    let v = c.get("/v1/services").await?;
+    if out.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .map(|x| {
+            vec![
+                s(&x["name"]),
+                s(&x["version"]),
+                format!("{}/{}", s(&x["healthy"]), s(&x["desired"])),
+                x["depends_on"]
+                    .as_array()
+                    .map(|d| d.iter().map(s).collect::<Vec<_>>().join(","))
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| "-".into()),
+                s(&x["on_config_change"]),
+            ]
+        })
+        .collect();
+    table::print(&["SERVICE", "VERSION", "HEALTHY", "DEPENDS ON", "ON CONFIG CHANGE"], &rows);
+    Ok(())
+}
+
+async fn logs(
+    c: &Client,
+    service: Option<String>,
+    follow: bool,
+    instance: Option<String>,
+    since: Option<String>,
+    tail: Option<usize>,
+    json: bool,
+) -> Result<(), CliError> {
+    let mut q = Vec::new();
+    if let Some(s) = &service {
+        q.push(format!("service={}", enc(s)));
+    }
+    if let Some(i) = &instance {
+        q.push(format!("instance={}", enc(i)));
+    }
+    if let Some(s) = &since {
+        q.push(format!("since={}", enc(s)));
+    }
+    if let Some(t) = tail {
+        q.push(format!("tail={t}"));
+    }
+    if follow {
+        q.push("follow=true".into());
+    }
+    let path = if q.is_empty() {
+        "/v1/logs".to_string()
+    } else {
+        format!("/v1/logs?{}", q.join("&"))
+    };
+    let mut body = c.stream(&path).await?;
+    let mut buf: Vec<u8> = Vec::new();
+    let stdout = std::io::stdout();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| CliError::new(format!("log stream ended: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let mut out = stdout.lock();
+            if json {
+                let _ = out.write_all(&line);
+            } else if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                if let Some(n) = v.get("lagged") {
+                    let _ = writeln!(out, "... {n} lines skipped (reader too slow)");
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "{} {} | {}",
+                        table::clock(v["ts_ms"].as_u64().unwrap_or(0)),
+                        v["instance"].as_str().unwrap_or("?"),
+                        v["line"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if out.flush().is_err() {
+                // stdout closed (e.g. piped into head): stop quietly.
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn restart(c: &Client, service: &str) -> Result<(), CliError> {
+    eprintln!("rolling restart of {service} (each new instance must become healthy first)...");
+    let v = c
+        .call(
+            Method::POST,
+            &format!("/v1/services/{}/restart", enc(service)),
+            None,
+        )
+        .await?;
+    for r in v["replaced"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        println!("{} -> {}", s(&r["old"]), s(&r["new"]));
+    }
+    println!("{service} restarted");
+    Ok(())
+}
+
+async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
+    let v = c.get("/v1/routes").await?;
+    if out.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .map(|r| {
+            let eps = r["endpoints"]
+                .as_array()
+                .map(|e| {
+                    e.iter()
+                        .map(|x| format!("{}@{}", s(&x["instance"]), s(&x["address"])))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .filter(|e| !e.is_empty())
+                .unwrap_or_else(|| "(no healthy instance)".into());
+            vec![
+                s(&r["id"]),
+                r["host"].as_str().unwrap_or("*").to_string(),
+                s(&r["path_prefix"]),
+                if r["strip_prefix"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                s(&r["service"]),
+                eps,
+            ]
+        })
+        .collect();
+    table::print(&["ROUTE", "HOST", "PREFIX", "STRIP", "SERVICE", "ENDPOINTS"], &rows);
+    Ok(())
+}
+
+async fn registry_ls(
+    c: &Client,
+    service: Option<String>,
+    version: Option<String>,
+    out: Output,
+) -> Result<(), CliError> {
+    let instances: Vec<Value> = match &service {
+        Some(svc) => {
+            let mut p = format!("/v1/registry/services/{}", enc(svc));
+            if let Some(v) = &version {
+                p.push_str(&format!("?version={}", enc(v)));
+            }
+            c.get(&p).await?.as_array().cloned().unwrap_or_default()
+        }
+        None => {
+            if version.is_some() {
+                return Err(CliError::usage("--version needs a service"));
+            }
+            let v = c.get("/v1/registry/services").await?;
+            v["services"]
+                .as_object()
+                .map(|m| m.values().flat_map(|x| x.as_array().cloned().unwrap_or_default()).collect())
+                .unwrap_or_default()
+        }
+    };
+    if out.json {
+        print_json(&Value::Array(instances));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            vec![
+                s(&i["service"]),
+                s(&i["id"]),
+                s(&i["version"]),
+                format!("{}:{}", s(&i["address"]), s(&i["port"])),
+                s(&i["health"]),
+                s(&i["source"]["type"]),
+                s(&i["node"]),
+            ]
+        })
+        .collect();
+    table::print(&["SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE"], &rows);
+    Ok(())
+}
+
+async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
+    match cmd {
+        ConfigCmd::Set {
+            service,
+            key,
+            value,
+            message,
+            restart: and_restart,
+        } => {
+            let body = json!({ "set": { key.clone(): value }, "message": message });
+            commit(c, &service, body, and_restart).await
+        }
+        ConfigCmd::Unset {
+            service,
+            key,
+            message,
+            restart: and_restart,
+        } => {
+            let body = json!({ "unset": [key], "message": message });
+            commit(c, &service, body, and_restart).await
+        }
+        ConfigCmd::Rollback {
+            service,
+            version,
+            message,
+            restart: and_restart,
+        } => {
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/config/{}/rollback", enc(&service)),
+                    Some(&json!({ "version": version, "message": message })),
+                )
+                .await?;
+            println!(
+                "{service}: config version {} restores version {version}",
+                s(&v["version"]["version"])
+            );
+            after_commit(c, &service, and_restart).await
+        }
+        ConfigCmd::Get { service, key, out } => {
+            let v = c.get(&format!("/v1/config/{}", enc(&service))).await?;
+            match key {
+                Some(k) => match v["values"].get(&k) {
+                    Some(val) if out.json => print_json(&json!({ "key": k, "value": val, "version": v["version"] })),
+                    Some(val) => println!("{}", val.as_str().unwrap_or_default()),
+                    None => {
+                        return Err(CliError {
+                            message: format!("{service} has no config key {k}"),
+                            code: crate::EXIT_FAILURE,
+                        })
+                    }
+                },
+                None if out.json => print_json(&v),
+                None => print_values(&v),
+            }
+            Ok(())
+        }
+        ConfigCmd::List { service, out } => match service {
+            Some(svc) => {
+                let v = c.get(&format!("/v1/config/{}", enc(&svc))).await?;
+                if out.json {
+                    print_json(&v);
+                } else {
+                    print_values(&v);
+                }
+                Ok(())
+            }
+            None => {
+                let v = c.get("/v1/config").await?;
+                if out.json {
+                    print_json(&v);
+                } else {
+                    for svc in v.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+                        println!("{}", s(svc));
+                    }
+                }
+                Ok(())
+            }
+        },
+        ConfigCmd::History { service, out } => {
+            let v = c.get(&format!("/v1/config/{}/history", enc(&service))).await?;
+            if out.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .map(|h| {
+                    let changes = h["changes"]
+                        .as_array()
+                        .map(|c| {
+                            c.iter()
+                                .map(|x| {
+                                    let sign = if x["kind"] == "unset" { "-" } else { "+" };
+                                    format!("{sign}{}", s(&x["key"]))
+                                })
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default();
+                    let when = h["time_ms"]
+                        .as_u64()
+                        .map(|t| {
+                            humantime::format_rfc3339_seconds(
+                                std::time::UNIX_EPOCH + std::time::Duration::from_millis(t),
+                            )
+                            .to_string()
+                        })
+                        .unwrap_or_default();
+                    vec![s(&h["version"]), when, changes, h["message"].as_str().unwrap_or("").to_string()]
+                })
+                .collect();
+            table::print(&["VERSION", "TIME", "CHANGES", "MESSAGE"], &rows);
+            Ok(())
+        }
+    }
+}
+
+fn print_values(v: &Value) {
+    println!("# {} config version {}", s(&v["service"]), s(&v["version"]));
+    if let Some(m) = v["values"].as_object() {
+        for (k, val) in m {
+            println!("{k}={}", val.as_str().unwrap_or_default());
+        }
+    }
+}
+
+async fn commit(c: &Client, service: &str, body: Value, and_restart: bool) -> Result<(), CliError> {
+    let v = c
+        .call(Method::PATCH, &format!("/v1/config/{}", enc(service)), Some(&body))
+        .await?;
+    let version = s(&v["version"]["version"]);
+    if v["created"].as_bool() == Some(true) {
+        println!("{service}: config version {version} committed");
+    } else {
+        println!("{service}: no change (config version {version} already has these values)");
+        return Ok(());
+    }
+    after_commit(c, service, and_restart).await
+}
+
+async fn after_commit(c: &Client, service: &str, and_restart: bool) -> Result<(), CliError> {
+    let svcs = c.get("/v1/services").await?;
+    let auto = svcs
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == service))
+        .map(|x| x["on_config_change"] == "restart");
+    match auto {
+        Some(true) => println!("{service} restarts automatically (on_config_change = \"restart\")"),
+        Some(false) if and_restart => restart(c, service).await?,
+        Some(false) => println!(
+            "running instances keep their values; apply with: gantry restart {service} (or pass --restart)"
+        ),
+        None => {}
+    }
+    Ok(())
+}

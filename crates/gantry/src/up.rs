@@ -1,0 +1,333 @@
+//! `gantry up`: wire every component together, run until Ctrl-C, stop everything gracefully.
+//!
+//! Start order: spec → store → registry → config → gateway (routes, then registry feed) →
+//! listeners → admin API → supervisor (which reaps orphans of a previous run first).
+//! Stop order: supervisor (drain, signal, kill; dependents before dependencies) → gateway
+//! (finish open requests) → admin API.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use gantry_config::ConfigStore;
+use gantry_gateway::{Gateway, GatewayConfig};
+use gantry_registry::Registry;
+use gantry_spec::LoadedSpec;
+use gantry_store::{RedbStore, Store, StoreError};
+use gantry_supervisor::{DrainObserver, EventKind, Supervisor, SupervisorDeps};
+use gantry_telemetry::{LogStore, LogStream, Metrics};
+use tokio::sync::watch;
+
+use crate::client::{AdminInfo, ADMIN_INFO_FILE, TOKEN_FILE};
+use crate::table;
+use crate::{UpArgs, EXIT_FAILURE, EXIT_USAGE};
+
+pub fn run(file: &Path, args: &UpArgs) -> ExitCode {
+    let spec = match gantry_spec::load(file) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    gantry_telemetry::init_tracing(args.json_logs, "info");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gantry-control")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match rt.block_on(up(spec, args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+struct GatewayDrain(Arc<Gateway>);
+
+impl DrainObserver for GatewayDrain {
+    fn inflight(&self, instance: &str) -> usize {
+        self.0.inflight(instance)
+    }
+}
+
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<StdListener> {
+    let l = StdListener::bind(addr).with_context(|| format!("{what} cannot listen on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// URL other processes on this machine use to reach a listener.
+fn local_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    format!("http://{ip}:{}", addr.port())
+}
+
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
+/// The admin token: generated once, kept in the data directory (mode 0600).
+fn admin_token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if t.len() >= 32 {
+            return Ok(t);
+        }
+    }
+    let token = gantry_registry::random_hex(32);
+    let tmp = dir.join(format!("{TOKEN_FILE}.tmp"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+fn write_admin_info(dir: &Path, info: &AdminInfo) -> anyhow::Result<PathBuf> {
+    let path = dir.join(ADMIN_INFO_FILE);
+    let tmp = dir.join(format!("{ADMIN_INFO_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Run the gateway on its own runtime (its own threads), so proxy work never competes with the
+/// control plane's tasks. One worker gets a current-thread runtime (no work stealing).
+fn spawn_gateway(
+    gateway: Arc<Gateway>,
+    listener: StdListener,
+    workers: usize,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let workers = if workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        workers
+    };
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("gantry-gateway")
+            .enable_all()
+            .build()?
+    };
+    let handle = std::thread::Builder::new()
+        .name("gantry-gateway".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => gateway.serve(l, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "gateway listener unusable"),
+                }
+            });
+        })?;
+    Ok(handle)
+}
+
+async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = spec.data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let store: Arc<dyn Store> = match RedbStore::open(&data_dir) {
+        Ok(s) => Arc::new(s),
+        Err(StoreError::Locked(d)) => {
+            return Err(anyhow!(
+                "data directory {d} is in use by another gantry; stop it first (or give this spec another [store] data_dir)"
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let token: Arc<str> = admin_token(&data_dir)?.into();
+    let metrics = Metrics::new();
+    let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
+    let node = node_name();
+    let registry = Registry::open(store.clone(), node.clone(), &metrics).await?;
+    let config = Arc::new(ConfigStore::new(store.clone()));
+
+    let gateway = Gateway::new(
+        GatewayConfig {
+            access_log: spec.spec.gateway.access_log,
+            ..GatewayConfig::default()
+        },
+        &metrics,
+    );
+    gateway.set_routes(spec.spec.routes());
+    {
+        let gw = gateway.clone();
+        registry.on_change(move |snap| gw.apply_registry(snap));
+    }
+
+    let gw_listener = bind(spec.spec.gateway.listen, "gateway.listen")?;
+    let admin_listener = bind(spec.spec.admin.listen, "admin.listen")?;
+    let gw_addr = gw_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let gw_thread = spawn_gateway(
+        gateway.clone(),
+        gw_listener,
+        spec.spec.gateway.workers,
+        shutdown_rx.clone(),
+    )?;
+
+    let echo: Option<gantry_supervisor::Echo> = if args.logs {
+        Some(Arc::new(|instance: &str, line: &str, stream: LogStream| {
+            let mut out = std::io::stdout().lock();
+            let mark = if stream == LogStream::Stderr { "!" } else { "|" };
+            let _ = writeln!(out, "{instance:>14} {mark} {line}");
+        }))
+    } else {
+        None
+    };
+
+    let supervisor = Supervisor::start(SupervisorDeps {
+        spec: spec.clone(),
+        registry: registry.clone(),
+        config: config.clone(),
+        store: store.clone(),
+        logs: logs.clone(),
+        metrics: metrics.clone(),
+        drain: Arc::new(GatewayDrain(gateway.clone())),
+        gateway_url: local_url(gw_addr),
+        admin_url: local_url(admin_addr),
+        node,
+        echo,
+    })
+    .await?;
+
+    // Lifecycle events on the terminal.
+    let mut events = supervisor.board().subscribe();
+    let printer = tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    let who = e.instance.as_deref().unwrap_or(&e.service);
+                    let mark = match e.kind {
+                        EventKind::Healthy => "✓",
+                        EventKind::Unhealthy | EventKind::Exited | EventKind::CrashLoop => "✗",
+                        _ => "·",
+                    };
+                    println!("{} {mark} {who:<14} {}", table::clock(e.at_ms), e.message);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    });
+
+    tokio::spawn(registry.clone().run_expiry(shutdown_rx.clone()));
+
+    let api = gantry_api::router(gantry_api::ApiState {
+        supervisor: supervisor.clone(),
+        registry: registry.clone(),
+        config: config.clone(),
+        gateway: gateway.clone(),
+        logs: logs.clone(),
+        metrics: metrics.clone(),
+        token,
+    });
+    let admin_l = tokio::net::TcpListener::from_std(admin_listener)?;
+    let mut admin_shutdown = shutdown_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let serve = axum::serve(admin_l, api).with_graceful_shutdown(async move {
+            let _ = admin_shutdown.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+
+    let info_path = write_admin_info(
+        &data_dir,
+        &AdminInfo {
+            admin_url: local_url(admin_addr),
+            gateway_url: local_url(gw_addr),
+            pid: std::process::id(),
+            started_ms: gantry_model::unix_ms(),
+        },
+    )?;
+    println!(
+        "gantry {}: {} services | gateway {} | admin {} | data {}",
+        env!("CARGO_PKG_VERSION"),
+        spec.spec.services.len(),
+        local_url(gw_addr),
+        local_url(admin_addr),
+        data_dir.display()
+    );
+
+    wait_for_signal().await?;
+    println!("stopping: draining and stopping every instance (Ctrl-C again to kill now)");
+    let sup = supervisor.clone();
+    let stopping = tokio::spawn(async move { sup.shutdown().await });
+    let mut forced = false;
+    tokio::select! {
+        _ = stopping => {}
+        r = wait_for_signal() => {
+            if r.is_ok() {
+                forced = true;
+                eprintln!("killing every instance now");
+                supervisor.kill_all();
+            }
+        }
+    }
+    shutdown_tx.send_replace(true);
+    let _ = tokio::task::spawn_blocking(move || gw_thread.join()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    let _ = std::fs::remove_file(info_path);
+    printer.abort();
+    println!("stopped");
+    Ok(if forced {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
