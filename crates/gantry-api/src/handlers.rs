@@ -67,7 +67,9 @@ pub async fn scale(
 ) -> ApiResult<Json<serde_json::Value>> {
     let b: ScaleBody = parse_json(&body)?;
     s.supervisor.scale(&name, b.replicas).await?;
-    Ok(Json(serde_json::json!({ "service": name, "replicas": b.replicas })))
+    Ok(Json(
+        serde_json::json!({ "service": name, "replicas": b.replicas }),
+    ))
 }
 
 pub async fn restart(
@@ -233,7 +235,11 @@ pub async fn config_change(
 ) -> ApiResult<impl IntoResponse> {
     let req: ChangeRequest = parse_json(&body)?;
     let c = s.config.change(&service, req).await?;
-    let status = if c.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if c.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(c)))
 }
 
@@ -346,7 +352,8 @@ pub async fn logs(
                 }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let mut v = serde_json::to_vec(&serde_json::json!({ "lagged": n })).unwrap_or_default();
+                    let mut v =
+                        serde_json::to_vec(&serde_json::json!({ "lagged": n })).unwrap_or_default();
                     v.push(b'\n');
                     Bytes::from(v)
                 }
@@ -380,9 +387,9 @@ pub async fn events(State(s): State<ApiState>) -> impl IntoResponse {
             };
             let ev = match next {
                 Ok(e) => Event::default().event("lifecycle").json_data(&e),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    Event::default().event("lagged").json_data(serde_json::json!({ "missed": n }))
-                }
+                Err(broadcast::error::RecvError::Lagged(n)) => Event::default()
+                    .event("lagged")
+                    .json_data(serde_json::json!({ "missed": n })),
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             let Ok(ev) = ev else { continue };
@@ -397,7 +404,10 @@ pub async fn events(State(s): State<ApiState>) -> impl IntoResponse {
 
 pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
 }

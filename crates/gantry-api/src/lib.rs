@@ -60,10 +60,16 @@ pub fn router(state: ApiState) -> Router {
             "/v1/registry/instances/{id}",
             get(registry_get).delete(registry_deregister),
         )
-        .route("/v1/registry/instances/{id}/heartbeat", put(registry_heartbeat))
+        .route(
+            "/v1/registry/instances/{id}/heartbeat",
+            put(registry_heartbeat),
+        )
         .route("/v1/registry/watch", get(registry_watch))
         .route("/v1/config", get(config_services))
-        .route("/v1/config/{service}", get(config_current).patch(config_change))
+        .route(
+            "/v1/config/{service}",
+            get(config_current).patch(config_change),
+        )
         .route("/v1/config/{service}/history", get(config_history))
         .route("/v1/config/{service}/rollback", post(config_rollback))
         .route("/v1/logs", get(logs))
@@ -71,7 +77,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -113,10 +113,8 @@ impl ConfigStore {
     /// Every version of `service`, oldest first.
     pub async fn history(&self, service: &str) -> Result<Vec<ConfigVersion>, ConfigError> {
         check_service(service)?;
-        let rows: Vec<(String, ConfigVersion, u64)> = self
-            .store
-            .list_json(BUCKET, &format!("{service}/"))
-            .await?;
+        let rows: Vec<(String, ConfigVersion, u64)> =
+            self.store.list_json(BUCKET, &format!("{service}/")).await?;
         Ok(rows.into_iter().map(|(_, v, _)| v).collect())
     }
 
@@ -162,7 +160,11 @@ impl ConfigStore {
     }
 
     /// Apply a change; a change that alters nothing creates no version.
-    pub async fn change(&self, service: &str, req: ChangeRequest) -> Result<Committed, ConfigError> {
+    pub async fn change(
+        &self,
+        service: &str,
+        req: ChangeRequest,
+    ) -> Result<Committed, ConfigError> {
         check_service(service)?;
         if req.set.is_empty() && req.unset.is_empty() {
             return Err(ConfigError::Invalid(
@@ -194,7 +196,10 @@ impl ConfigStore {
         let message = check_message(req.message)?;
         let _guard = self.write.lock().await;
         let current = self.current(service).await?;
-        let mut values = current.as_ref().map(|c| c.values.clone()).unwrap_or_default();
+        let mut values = current
+            .as_ref()
+            .map(|c| c.values.clone())
+            .unwrap_or_default();
         let mut changes = Vec::new();
         for (k, v) in req.set {
             if values.get(&k) != Some(&v) {
@@ -226,8 +231,15 @@ impl ConfigStore {
                 "a service may have at most {MAX_KEYS} keys"
             )));
         }
-        self.commit(service, current.map_or(0, |c| c.version), values, changes, message, None)
-            .await
+        self.commit(
+            service,
+            current.map_or(0, |c| c.version),
+            values,
+            changes,
+            message,
+            None,
+        )
+        .await
     }
 
     /// Make the values of `to` current again, as a new version.
@@ -241,7 +253,10 @@ impl ConfigStore {
         let _guard = self.write.lock().await;
         let target = self.version(service, to).await?;
         let current = self.current(service).await?;
-        let cur_values = current.as_ref().map(|c| c.values.clone()).unwrap_or_default();
+        let cur_values = current
+            .as_ref()
+            .map(|c| c.values.clone())
+            .unwrap_or_default();
         let mut changes = Vec::new();
         for (k, v) in &target.values {
             if cur_values.get(k) != Some(v) {
@@ -335,9 +350,7 @@ fn check_key(key: &str) -> Result<(), ConfigError> {
 fn check_message(m: Option<String>) -> Result<String, ConfigError> {
     let m = m.unwrap_or_default();
     if m.len() > 1024 {
-        return Err(ConfigError::Invalid(
-            "message: at most 1024 bytes".into(),
-        ));
+        return Err(ConfigError::Invalid("message: at most 1024 bytes".into()));
     }
     Ok(m)
 }
@@ -350,7 +363,10 @@ mod tests {
 
     fn set(kv: &[(&str, &str)], msg: &str) -> ChangeRequest {
         ChangeRequest {
-            set: kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            set: kv
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             unset: vec![],
             message: Some(msg.into()),
         }
@@ -362,24 +378,42 @@ mod tests {
         {
             let c = ConfigStore::new(Arc::new(RedbStore::open(dir.path()).unwrap()));
             let mut rx = c.subscribe();
-            let v1 = c.change("cat", set(&[("CURRENCY", "USD")], "first")).await.unwrap();
+            let v1 = c
+                .change("cat", set(&[("CURRENCY", "USD")], "first"))
+                .await
+                .unwrap();
             assert!(v1.created);
             assert_eq!(v1.version.version, 1);
             assert_eq!(rx.try_recv().unwrap().version, 1);
-            let v2 = c.change("cat", set(&[("CURRENCY", "EUR"), ("TAX", "20")], "eu")).await.unwrap();
+            let v2 = c
+                .change("cat", set(&[("CURRENCY", "EUR"), ("TAX", "20")], "eu"))
+                .await
+                .unwrap();
             assert_eq!(v2.version.version, 2);
             // No-op change: no new version.
-            let same = c.change("cat", set(&[("CURRENCY", "EUR")], "again")).await.unwrap();
+            let same = c
+                .change("cat", set(&[("CURRENCY", "EUR")], "again"))
+                .await
+                .unwrap();
             assert!(!same.created);
             assert_eq!(same.version.version, 2);
             let v3 = c
                 .change(
                     "cat",
-                    ChangeRequest { unset: vec!["TAX".into()], ..Default::default() },
+                    ChangeRequest {
+                        unset: vec!["TAX".into()],
+                        ..Default::default()
+                    },
                 )
                 .await
                 .unwrap();
-            assert_eq!(v3.version.changes, vec![KeyChange { key: "TAX".into(), kind: ChangeKind::Unset }]);
+            assert_eq!(
+                v3.version.changes,
+                vec![KeyChange {
+                    key: "TAX".into(),
+                    kind: ChangeKind::Unset
+                }]
+            );
             let rb = c.rollback("cat", 1, None).await.unwrap();
             assert_eq!(rb.version.version, 4);
             assert_eq!(rb.version.rollback_of, Some(1));
@@ -387,9 +421,15 @@ mod tests {
         }
         let c = ConfigStore::new(Arc::new(RedbStore::open(dir.path()).unwrap()));
         let h = c.history("cat").await.unwrap();
-        assert_eq!(h.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(
+            h.iter().map(|v| v.version).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
         assert_eq!(h[1].message, "eu");
-        assert_eq!(c.values("cat").await.unwrap().get("CURRENCY").unwrap(), "USD");
+        assert_eq!(
+            c.values("cat").await.unwrap().get("CURRENCY").unwrap(),
+            "USD"
+        );
         assert_eq!(c.services().await.unwrap(), ["cat"]);
         assert!(c.values("dog").await.unwrap().is_empty());
     }
@@ -407,10 +447,16 @@ mod tests {
             ("ok", set(&[("A", "x\0y")], "")),
             ("ok", ChangeRequest::default()),
         ] {
-            assert!(matches!(c.change(svc, req).await, Err(ConfigError::Invalid(_))), "{svc}");
+            assert!(
+                matches!(c.change(svc, req).await, Err(ConfigError::Invalid(_))),
+                "{svc}"
+            );
         }
         let big = "x".repeat(MAX_VALUE_BYTES + 1);
         assert!(c.change("ok", set(&[("A", &big)], "")).await.is_err());
-        assert!(matches!(c.rollback("ok", 7, None).await, Err(ConfigError::NoSuchVersion { .. })));
+        assert!(matches!(
+            c.rollback("ok", 7, None).await,
+            Err(ConfigError::NoSuchVersion { .. })
+        ));
     }
 }

@@ -261,7 +261,11 @@ impl Gateway {
 
     /// Accept connections on `listener` until `shutdown` turns true, then stop accepting and wait
     /// (up to the shutdown grace) for open requests to finish.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder

@@ -32,8 +32,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~26 s
     Histogram::new([
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-        2.5, 5.0, 10.0, 25.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 25.0,
     ])
 }
 
@@ -92,7 +92,11 @@ impl GatewayMetrics {
                 "Client connections currently open",
                 m.open_connections.clone(),
             );
-            r.register("connections", "Client connections accepted", m.connections.clone());
+            r.register(
+                "connections",
+                "Client connections accepted",
+                m.connections.clone(),
+            );
         });
         m
     }

@@ -98,7 +98,11 @@ impl Reject {
 }
 
 impl Gateway {
-    pub(crate) async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
         let start = Instant::now();
         // 1. request id
         let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -123,7 +127,8 @@ impl Gateway {
                     Reject::BadRequest("request target must be an absolute path")
                 };
                 let r = self.reject(why, None, &request_id, host.as_deref(), req.uri().path());
-                self.no_route.record(r.status().as_u16(), start.elapsed().as_secs_f64());
+                self.no_route
+                    .record(r.status().as_u16(), start.elapsed().as_secs_f64());
                 (r, None)
             }
             Some(route) => {
@@ -165,7 +170,16 @@ impl Gateway {
             Some(pq) => pq,
             None => {
                 let r = Reject::BadRequest("request path cannot be rewritten for the upstream");
-                return (self.reject(r, Some(&route.route.service), request_id, host.as_deref(), parts.uri.path()), None);
+                return (
+                    self.reject(
+                        r,
+                        Some(&route.route.service),
+                        request_id,
+                        host.as_deref(),
+                        parts.uri.path(),
+                    ),
+                    None,
+                );
             }
         };
 
@@ -194,8 +208,21 @@ impl Gateway {
             // 4. pick an instance
             let now = clock_ms();
             let Some((idx, ep)) = upstream.pick(&tried, now) else {
-                let why = if tried.is_empty() { Reject::NoInstance } else { Reject::UpstreamError };
-                return (self.reject(why, Some(&upstream.service), request_id, host.as_deref(), parts.uri.path()), None);
+                let why = if tried.is_empty() {
+                    Reject::NoInstance
+                } else {
+                    Reject::UpstreamError
+                };
+                return (
+                    self.reject(
+                        why,
+                        Some(&upstream.service),
+                        request_id,
+                        host.as_deref(),
+                        parts.uri.path(),
+                    ),
+                    None,
+                );
             };
             tried.push(idx);
             let last_try = !replayable || tried.len() >= MAX_ATTEMPTS.min(upstream.endpoints.len());
@@ -207,7 +234,16 @@ impl Gateway {
                 p
             });
             let Ok(uri) = uri else {
-                return (self.reject(Reject::UpstreamError, Some(&upstream.service), request_id, host.as_deref(), parts.uri.path()), None);
+                return (
+                    self.reject(
+                        Reject::UpstreamError,
+                        Some(&upstream.service),
+                        request_id,
+                        host.as_deref(),
+                        parts.uri.path(),
+                    ),
+                    None,
+                );
             };
             let up_body = match (replayable, body.take()) {
                 (false, Some(b)) => Either::Left(b),
@@ -230,7 +266,9 @@ impl Gateway {
                     // 6. response
                     let (mut rparts, rbody) = resp.into_parts();
                     remove_hop_by_hop(&mut rparts.headers);
-                    rparts.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+                    rparts
+                        .headers
+                        .insert(X_REQUEST_ID.clone(), request_id.clone());
                     let body = Either::Left(UpstreamBody::new(rbody, guard));
                     return (Response::from_parts(rparts, body), Some(ep.id.to_string()));
                 }
@@ -240,13 +278,31 @@ impl Gateway {
                     ep.mark_suspect(clock_ms());
                     tracing::debug!(instance = %ep.id, error = %e, "upstream attempt failed");
                     if last_try {
-                        return (self.reject(Reject::UpstreamError, Some(&upstream.service), request_id, host.as_deref(), parts.uri.path()), Some(ep.id.to_string()));
+                        return (
+                            self.reject(
+                                Reject::UpstreamError,
+                                Some(&upstream.service),
+                                request_id,
+                                host.as_deref(),
+                                parts.uri.path(),
+                            ),
+                            Some(ep.id.to_string()),
+                        );
                     }
                     route.metrics.retries.inc();
                 }
                 Err(_) => {
                     // Not retried: the instance may still be working on it.
-                    return (self.reject(Reject::UpstreamTimeout, Some(&upstream.service), request_id, host.as_deref(), parts.uri.path()), Some(ep.id.to_string()));
+                    return (
+                        self.reject(
+                            Reject::UpstreamTimeout,
+                            Some(&upstream.service),
+                            request_id,
+                            host.as_deref(),
+                            parts.uri.path(),
+                        ),
+                        Some(ep.id.to_string()),
+                    );
                 }
             }
         }
@@ -266,10 +322,9 @@ impl Gateway {
                 "no route matches host {} and path {path}",
                 host.unwrap_or("(none)")
             ),
-            Reject::NoInstance => format!(
-                "service {} has no healthy instance",
-                service.unwrap_or("?")
-            ),
+            Reject::NoInstance => {
+                format!("service {} has no healthy instance", service.unwrap_or("?"))
+            }
             Reject::UpstreamError => format!(
                 "could not get a response from any instance of service {}",
                 service.unwrap_or("?")
@@ -289,7 +344,10 @@ impl Gateway {
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
         *resp.status_mut() = why.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         h.insert(X_REQUEST_ID.clone(), request_id.clone());
         if matches!(why, Reject::NoInstance) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -404,11 +462,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut h);
@@ -432,7 +496,11 @@ mod tests {
         assert_eq!(strip_port("Example.com:8080"), "Example.com");
         assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
-        let req = Request::builder().uri("/x").header("host", "API.Example.com:80").body(()).unwrap();
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "API.Example.com:80")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
     }
 

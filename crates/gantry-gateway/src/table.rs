@@ -167,7 +167,10 @@ mod tests {
     use super::*;
 
     fn ep(id: &str, port: u16) -> Arc<Endpoint> {
-        Arc::new(Endpoint::new(id.into(), SocketAddr::from(([127, 0, 0, 1], port))).unwrap_or_else(|| unreachable!()))
+        Arc::new(
+            Endpoint::new(id.into(), SocketAddr::from(([127, 0, 0, 1], port)))
+                .unwrap_or_else(|| unreachable!()),
+        )
     }
 
     #[test]
@@ -187,10 +190,14 @@ mod tests {
             endpoints: vec![ep("a", 1), ep("b", 2), ep("c", 3)],
             cursor: Arc::new(AtomicUsize::new(0)),
         };
-        let picks: Vec<usize> = (0..6).map(|_| up.pick(&[], 0).map(|p| p.0).unwrap_or(9)).collect();
+        let picks: Vec<usize> = (0..6)
+            .map(|_| up.pick(&[], 0).map(|p| p.0).unwrap_or(9))
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         up.endpoints[1].mark_suspect(100);
-        let picks: Vec<usize> = (0..4).map(|_| up.pick(&[], 100).map(|p| p.0).unwrap_or(9)).collect();
+        let picks: Vec<usize> = (0..4)
+            .map(|_| up.pick(&[], 100).map(|p| p.0).unwrap_or(9))
+            .collect();
         assert!(!picks.contains(&1), "{picks:?}");
         // Suspicion wears off.
         assert!(!up.endpoints[1].is_suspect(100 + SUSPECT_MS));

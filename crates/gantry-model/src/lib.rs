@@ -8,7 +8,9 @@
 mod registry;
 mod route;
 
-pub use registry::{Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot};
+pub use registry::{
+    Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
+};
 pub use route::Route;
 
 /// Milliseconds since the Unix epoch, the one wall-clock unit used in stored records and APIs.

@@ -20,11 +20,11 @@ use gantry_model::{
     unix_ms, Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
 };
 use gantry_store::{Store, StoreError, StoreJsonExt};
+use gantry_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use gantry_telemetry::Metrics;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -251,7 +251,8 @@ impl Registry {
             None => format!("{}-x{}", reg.service, random_hex(4)),
         };
         if let Some(existing) = self.get(&id) {
-            if matches!(existing.source, InstanceSource::Supervised) || existing.service != reg.service
+            if matches!(existing.source, InstanceSource::Supervised)
+                || existing.service != reg.service
             {
                 return Err(RegistryError::Conflict(format!(
                     "instance id {id} is already used by another instance of service {}",
@@ -379,7 +380,10 @@ impl Registry {
         st.revision += 1;
         let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for i in st.instances.values() {
-            services.entry(i.service.clone()).or_default().push(i.clone());
+            services
+                .entry(i.service.clone())
+                .or_default()
+                .push(i.clone());
         }
         let label = ServiceLabel {
             service: inst.service.clone(),

@@ -36,15 +36,21 @@ fn supervised(id: &str, service: &str, port: u16) -> Instance {
 
 async fn open(dir: &std::path::Path) -> Arc<Registry> {
     let store = Arc::new(RedbStore::open(dir).unwrap());
-    Registry::open(store, "n1".into(), &Metrics::new()).await.unwrap()
+    Registry::open(store, "n1".into(), &Metrics::new())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn lookup_by_version_requirement() {
     let dir = tempfile::tempdir().unwrap();
     let r = open(dir.path()).await;
-    r.register_external(reg_req("cat", "1.2.0", 1001)).await.unwrap();
-    r.register_external(reg_req("cat", "2.0.1", 1002)).await.unwrap();
+    r.register_external(reg_req("cat", "1.2.0", 1001))
+        .await
+        .unwrap();
+    r.register_external(reg_req("cat", "2.0.1", 1002))
+        .await
+        .unwrap();
     r.register_supervised(supervised("cat-1", "cat", 1003));
     let req = semver::VersionReq::parse("^1").unwrap();
     let ports: Vec<u16> = r.lookup("cat", Some(&req)).iter().map(|i| i.port).collect();
@@ -78,15 +84,28 @@ async fn leases_expire_without_heartbeat() {
     let mut long = reg_req("svc", "1.0.0", 2001);
     long.ttl_ms = Some(5000);
     let a = r.register_external(long).await.unwrap();
-    let b = r.register_external(reg_req("svc", "1.0.0", 2002)).await.unwrap();
+    let b = r
+        .register_external(reg_req("svc", "1.0.0", 2002))
+        .await
+        .unwrap();
     let t0 = unix_ms();
     // Within both leases nothing expires.
     assert!(r.expire_due(t0 + 500).await.is_empty());
     // A heartbeat moves the lease forward.
-    let before = match a.source { InstanceSource::External { last_heartbeat_ms, .. } => last_heartbeat_ms, _ => unreachable!() };
+    let before = match a.source {
+        InstanceSource::External {
+            last_heartbeat_ms, ..
+        } => last_heartbeat_ms,
+        _ => unreachable!(),
+    };
     std::thread::sleep(Duration::from_millis(5));
     let renewed = r.heartbeat(&a.id).unwrap();
-    let after = match renewed.source { InstanceSource::External { last_heartbeat_ms, .. } => last_heartbeat_ms, _ => unreachable!() };
+    let after = match renewed.source {
+        InstanceSource::External {
+            last_heartbeat_ms, ..
+        } => last_heartbeat_ms,
+        _ => unreachable!(),
+    };
     assert!(after > before);
     // Past b's 1000 ms lease but within a's 5000 ms lease: only b expires.
     let expired = r.expire_due(t0 + 1500).await;
@@ -132,20 +151,41 @@ async fn bad_registrations_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let r = open(dir.path()).await;
     let mut bad = reg_req("Bad Name", "1.0.0", 1);
-    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    assert!(matches!(
+        r.register_external(bad.clone()).await,
+        Err(RegistryError::Invalid(_))
+    ));
     bad.service = "ok".into();
     bad.version = Some("x".into());
-    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    assert!(matches!(
+        r.register_external(bad.clone()).await,
+        Err(RegistryError::Invalid(_))
+    ));
     bad.version = None;
     bad.ttl_ms = Some(5);
-    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    assert!(matches!(
+        r.register_external(bad.clone()).await,
+        Err(RegistryError::Invalid(_))
+    ));
     bad.ttl_ms = None;
     bad.port = 0;
-    assert!(matches!(r.register_external(bad.clone()).await, Err(RegistryError::Invalid(_))));
+    assert!(matches!(
+        r.register_external(bad.clone()).await,
+        Err(RegistryError::Invalid(_))
+    ));
     r.register_supervised(supervised("ok-1", "ok", 5));
     bad.port = 9;
     bad.id = Some("ok-1".into());
-    assert!(matches!(r.register_external(bad).await, Err(RegistryError::Conflict(_))));
-    assert!(matches!(r.deregister_external("ok-1").await, Err(RegistryError::Conflict(_))));
-    assert!(matches!(r.heartbeat("nope"), Err(RegistryError::NotFound(_))));
+    assert!(matches!(
+        r.register_external(bad).await,
+        Err(RegistryError::Conflict(_))
+    ));
+    assert!(matches!(
+        r.deregister_external("ok-1").await,
+        Err(RegistryError::Conflict(_))
+    ));
+    assert!(matches!(
+        r.heartbeat("nope"),
+        Err(RegistryError::NotFound(_))
+    ));
 }

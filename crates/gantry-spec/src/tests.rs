@@ -51,7 +51,11 @@ fn unknown_field_names_path_and_line() {
     let e = errs("[services.a]\ncommand = [\"x\"]\nreplicaz = 2\n");
     assert_eq!(e.len(), 1);
     assert_eq!(e[0].field, "services.a.replicaz");
-    assert!(e[0].message.contains("unknown field `replicaz`"), "{}", e[0].message);
+    assert!(
+        e[0].message.contains("unknown field `replicaz`"),
+        "{}",
+        e[0].message
+    );
     assert_eq!(e[0].position.map(|p| p.0), Some(3));
     let shown = e[0].to_string();
     assert!(shown.starts_with("g.toml:3:"), "{shown}");
@@ -69,7 +73,11 @@ fn bad_semver_is_named() {
 fn missing_command_is_named() {
     let e = errs("[services.a]\nreplicas = 1\n");
     assert_eq!(e[0].field, "services.a");
-    assert!(e[0].message.contains("missing field `command`"), "{}", e[0].message);
+    assert!(
+        e[0].message.contains("missing field `command`"),
+        "{}",
+        e[0].message
+    );
     let e = errs("[services.a]\ncommand = []\n");
     assert_eq!(e[0].field, "services.a.command");
 }
@@ -89,7 +97,11 @@ path_prefix = "/api/"
     let e = errs(text);
     assert_eq!(e.len(), 1);
     assert_eq!(e[0].field, "services.b.routes[0].path_prefix");
-    assert!(e[0].message.contains("services.a.routes[0]"), "{}", e[0].message);
+    assert!(
+        e[0].message.contains("services.a.routes[0]"),
+        "{}",
+        e[0].message
+    );
     assert_eq!(e[0].position.map(|p| p.0), Some(9));
 }
 
@@ -97,7 +109,11 @@ path_prefix = "/api/"
 fn wrong_type_is_named() {
     let e = errs("[services.a]\ncommand = [\"x\"]\nreplicas = \"two\"\n");
     assert_eq!(e[0].field, "services.a.replicas");
-    assert!(e[0].message.contains("expected u32") || e[0].message.contains("invalid type"), "{}", e[0].message);
+    assert!(
+        e[0].message.contains("expected u32") || e[0].message.contains("invalid type"),
+        "{}",
+        e[0].message
+    );
 }
 
 #[test]
@@ -140,7 +156,10 @@ command = ["z"]
         "services.Bad",
         "services.a.depends_on",
     ] {
-        assert!(fields.iter().any(|f| f == want), "missing {want} in {fields:?}");
+        assert!(
+            fields.iter().any(|f| f == want),
+            "missing {want} in {fields:?}"
+        );
     }
 }
 
@@ -149,7 +168,11 @@ fn dependency_cycle_is_reported() {
     let text = "[services.a]\ncommand=[\"x\"]\ndepends_on=[\"b\"]\n[services.b]\ncommand=[\"x\"]\ndepends_on=[\"c\"]\n[services.c]\ncommand=[\"x\"]\ndepends_on=[\"a\"]\n";
     let e = errs(text);
     assert_eq!(e.len(), 1);
-    assert!(e[0].message.contains("a -> b -> c -> a"), "{}", e[0].message);
+    assert!(
+        e[0].message.contains("a -> b -> c -> a"),
+        "{}",
+        e[0].message
+    );
 }
 
 #[test]

@@ -28,7 +28,10 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     if spec.gateway.listen == spec.admin.listen && spec.gateway.listen.port() != 0 {
         p.push((
             "admin.listen".into(),
-            format!("is the same address as gateway.listen ({})", spec.gateway.listen),
+            format!(
+                "is the same address as gateway.listen ({})",
+                spec.gateway.listen
+            ),
         ));
     }
     if spec.gateway.workers > 1024 {
@@ -52,16 +55,23 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
             ));
         }
         match svc.command.first() {
-            None => p.push((at("command"), "expected a non-empty array: program and arguments".into())),
-            Some(prog) if prog.trim().is_empty() => {
-                p.push((format!("services.{name}.command[0]"), "program must not be empty".into()))
-            }
+            None => p.push((
+                at("command"),
+                "expected a non-empty array: program and arguments".into(),
+            )),
+            Some(prog) if prog.trim().is_empty() => p.push((
+                format!("services.{name}.command[0]"),
+                "program must not be empty".into(),
+            )),
             _ => {}
         }
         if let Err(e) = semver::Version::parse(&svc.version) {
             p.push((
                 at("version"),
-                format!("invalid semantic version {:?} ({e}); expected e.g. \"1.4.2\"", svc.version),
+                format!(
+                    "invalid semantic version {:?} ({e}); expected e.g. \"1.4.2\"",
+                    svc.version
+                ),
             ));
         }
         if svc.replicas > 1000 {
@@ -69,23 +79,45 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
         }
         if let Some(port) = svc.port {
             if port == 0 {
-                p.push((at("port"), "expected 1-65535 (omit the field to get a free port)".into()));
+                p.push((
+                    at("port"),
+                    "expected 1-65535 (omit the field to get a free port)".into(),
+                ));
             } else if svc.replicas > 1 {
-                p.push((at("port"), "a fixed port allows only one replica; omit port to get one per instance".into()));
+                p.push((
+                    at("port"),
+                    "a fixed port allows only one replica; omit port to get one per instance"
+                        .into(),
+                ));
             } else if let Some(other) = ports_seen.insert(port, name.clone()) {
-                p.push((at("port"), format!("port {port} is already used by service {other}")));
+                p.push((
+                    at("port"),
+                    format!("port {port} is already used by service {other}"),
+                ));
             } else if port == spec.gateway.listen.port() || port == spec.admin.listen.port() {
-                p.push((at("port"), format!("port {port} is the gateway's or the admin API's")));
+                p.push((
+                    at("port"),
+                    format!("port {port} is the gateway's or the admin API's"),
+                ));
             }
         }
         for (k, v) in &svc.env {
             if !is_valid_env_name(k) {
-                p.push((format!("services.{name}.env.{k}"), "expected a name of letters, digits and '_', not starting with a digit".into()));
+                p.push((
+                    format!("services.{name}.env.{k}"),
+                    "expected a name of letters, digits and '_', not starting with a digit".into(),
+                ));
             } else if is_reserved_env(k) {
-                p.push((format!("services.{name}.env.{k}"), "PORT and GANTRY_* are set by gantry".into()));
+                p.push((
+                    format!("services.{name}.env.{k}"),
+                    "PORT and GANTRY_* are set by gantry".into(),
+                ));
             }
             if v.contains('\0') {
-                p.push((format!("services.{name}.env.{k}"), "value must not contain NUL".into()));
+                p.push((
+                    format!("services.{name}.env.{k}"),
+                    "value must not contain NUL".into(),
+                ));
             }
         }
         for (i, dep) in svc.depends_on.iter().enumerate() {
@@ -97,45 +129,82 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
             }
         }
         if !STOP_SIGNALS.contains(&svc.stop_signal.as_str()) {
-            p.push((at("stop_signal"), format!("unknown signal {:?}; expected one of {}", svc.stop_signal, STOP_SIGNALS.join(", "))));
+            p.push((
+                at("stop_signal"),
+                format!(
+                    "unknown signal {:?}; expected one of {}",
+                    svc.stop_signal,
+                    STOP_SIGNALS.join(", ")
+                ),
+            ));
         }
         if svc.stop_timeout_ms > 3_600_000 {
-            p.push((at("stop_timeout_ms"), "expected at most 3600000 (one hour)".into()));
+            p.push((
+                at("stop_timeout_ms"),
+                "expected at most 3600000 (one hour)".into(),
+            ));
         }
         if svc.drain_timeout_ms > 3_600_000 {
-            p.push((at("drain_timeout_ms"), "expected at most 3600000 (one hour)".into()));
+            p.push((
+                at("drain_timeout_ms"),
+                "expected at most 3600000 (one hour)".into(),
+            ));
         }
         let b = &svc.backoff;
         if b.initial_ms == 0 {
             p.push((at("backoff.initial_ms"), "expected at least 1".into()));
         }
         if b.max_ms < b.initial_ms {
-            p.push((at("backoff.max_ms"), "must be at least backoff.initial_ms".into()));
+            p.push((
+                at("backoff.max_ms"),
+                "must be at least backoff.initial_ms".into(),
+            ));
         }
         if b.crash_loop_restarts == 0 {
-            p.push((at("backoff.crash_loop_restarts"), "expected at least 1".into()));
+            p.push((
+                at("backoff.crash_loop_restarts"),
+                "expected at least 1".into(),
+            ));
         }
 
         let h = &svc.health;
         match h.kind {
             ProbeKind::Http => match &h.path {
-                None => p.push((at("health.path"), "type = \"http\" needs a path, e.g. \"/health\"".into())),
-                Some(path) if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ' ') => {
-                    p.push((at("health.path"), "expected an absolute path such as \"/health\"".into()))
+                None => p.push((
+                    at("health.path"),
+                    "type = \"http\" needs a path, e.g. \"/health\"".into(),
+                )),
+                Some(path)
+                    if !path.starts_with('/')
+                        || path.chars().any(|c| c.is_ascii_control() || c == ' ') =>
+                {
+                    p.push((
+                        at("health.path"),
+                        "expected an absolute path such as \"/health\"".into(),
+                    ))
                 }
                 _ => {}
             },
             ProbeKind::Exec => match &h.command {
                 Some(c) if c.first().is_some_and(|p| !p.trim().is_empty()) => {}
-                _ => p.push((at("health.command"), "type = \"exec\" needs a non-empty command array".into())),
+                _ => p.push((
+                    at("health.command"),
+                    "type = \"exec\" needs a non-empty command array".into(),
+                )),
             },
             ProbeKind::Tcp | ProbeKind::None => {}
         }
         if h.kind != ProbeKind::Http && h.path.is_some() {
-            p.push((at("health.path"), "only allowed with type = \"http\"".into()));
+            p.push((
+                at("health.path"),
+                "only allowed with type = \"http\"".into(),
+            ));
         }
         if h.kind != ProbeKind::Exec && h.command.is_some() {
-            p.push((at("health.command"), "only allowed with type = \"exec\"".into()));
+            p.push((
+                at("health.command"),
+                "only allowed with type = \"exec\"".into(),
+            ));
         }
         if h.interval_ms < 10 {
             p.push((at("health.interval_ms"), "expected at least 10".into()));
@@ -147,13 +216,19 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
             p.push((at("health.healthy_threshold"), "expected at least 1".into()));
         }
         if h.unhealthy_threshold == 0 {
-            p.push((at("health.unhealthy_threshold"), "expected at least 1".into()));
+            p.push((
+                at("health.unhealthy_threshold"),
+                "expected at least 1".into(),
+            ));
         }
 
         for (i, r) in svc.routes.iter().enumerate() {
             let rf = |f: &str| format!("services.{name}.routes[{i}].{f}");
             if !r.path_prefix.starts_with('/') {
-                p.push((rf("path_prefix"), "expected a path starting with '/'".into()));
+                p.push((
+                    rf("path_prefix"),
+                    "expected a path starting with '/'".into(),
+                ));
             } else if let Some(why) = bad_prefix(&r.path_prefix) {
                 p.push((rf("path_prefix"), why.into()));
             }
@@ -163,12 +238,18 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
                 }
             }
             if r.strip_prefix && normalize_prefix(&r.path_prefix) == "/" {
-                p.push((rf("strip_prefix"), "stripping the prefix \"/\" does nothing; remove strip_prefix".into()));
+                p.push((
+                    rf("strip_prefix"),
+                    "stripping the prefix \"/\" does nothing; remove strip_prefix".into(),
+                ));
             }
             if r.timeout_ms == 0 {
                 p.push((rf("timeout_ms"), "expected at least 1".into()));
             }
-            let key = (r.host.as_ref().map(|h| h.to_ascii_lowercase()), normalize_prefix(&r.path_prefix));
+            let key = (
+                r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                normalize_prefix(&r.path_prefix),
+            );
             let here = format!("services.{name}.routes[{i}]");
             if let Some(first) = routes_seen.get(&key) {
                 p.push((
@@ -200,7 +281,8 @@ fn bad_prefix(prefix: &str) -> Option<&'static str> {
     if prefix.split('/').any(|s| s == "." || s == "..") {
         return Some("must not contain \".\" or \"..\" segments");
     }
-    if prefix.contains(['?', '#', '%']) || prefix.chars().any(|c| c.is_ascii_control() || c == ' ') {
+    if prefix.contains(['?', '#', '%']) || prefix.chars().any(|c| c.is_ascii_control() || c == ' ')
+    {
         return Some("must be a plain path: no '?', '#', '%', spaces or control characters");
     }
     None

@@ -28,7 +28,9 @@ pub struct Entry {
 pub enum StoreError {
     #[error("key {bucket}/{key} already exists")]
     AlreadyExists { bucket: String, key: String },
-    #[error("key {bucket}/{key} changed concurrently (expected revision {expected}, found {found:?})")]
+    #[error(
+        "key {bucket}/{key} changed concurrently (expected revision {expected}, found {found:?})"
+    )]
     RevisionMismatch {
         bucket: String,
         key: String,

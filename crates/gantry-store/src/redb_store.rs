@@ -24,7 +24,9 @@ pub struct RedbStore {
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("path", &self.path).finish()
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -84,7 +86,8 @@ impl RedbStore {
         let (bucket, key) = (bucket.to_string(), key.to_string());
         self.blocking(move |db| {
             let mut tx = db.begin_write().map_err(be)?;
-            tx.set_durability(Durability::Immediate).map_err(|e| StoreError::Backend(e.to_string()))?;
+            tx.set_durability(Durability::Immediate)
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
             let table_def: TableDefinition<&str, &[u8]> = TableDefinition::new(&bucket);
             let result;
             {

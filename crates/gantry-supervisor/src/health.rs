@@ -270,7 +270,10 @@ mod tests {
         let mut h = HealthTracker::new(&spec(2, 3, 1000), t0);
         assert_eq!(h.observe(false, t0 + Duration::from_millis(10)), None);
         assert_eq!(h.observe(false, t0 + Duration::from_millis(20)), None);
-        assert_eq!(h.observe(true, t0 + Duration::from_millis(30)), Some(Transition::BecameHealthy));
+        assert_eq!(
+            h.observe(true, t0 + Duration::from_millis(30)),
+            Some(Transition::BecameHealthy)
+        );
         assert_eq!(h.state(), ProbeState::Healthy);
     }
 
@@ -279,8 +282,14 @@ mod tests {
         let t0 = Instant::now();
         let mut h = HealthTracker::new(&spec(1, 3, 100), t0);
         assert_eq!(h.observe(false, t0 + Duration::from_millis(99)), None);
-        assert_eq!(h.observe(false, t0 + Duration::from_millis(100)), Some(Transition::BecameUnhealthy));
-        assert_eq!(h.unhealthy_for(t0 + Duration::from_millis(150)), Some(Duration::from_millis(50)));
+        assert_eq!(
+            h.observe(false, t0 + Duration::from_millis(100)),
+            Some(Transition::BecameUnhealthy)
+        );
+        assert_eq!(
+            h.unhealthy_for(t0 + Duration::from_millis(150)),
+            Some(Duration::from_millis(50))
+        );
     }
 
     #[test]
@@ -303,7 +312,9 @@ mod tests {
     fn backoff_doubles_caps_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
         let short = Duration::from_millis(5);
-        let delays: Vec<u64> = (0..6).map(|_| b.next_delay(short).as_millis() as u64).collect();
+        let delays: Vec<u64> = (0..6)
+            .map(|_| b.next_delay(short).as_millis() as u64)
+            .collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
         assert_eq!(b.next_delay(BACKOFF_RESET_AFTER).as_millis(), 100);
     }
@@ -324,24 +335,34 @@ mod tests {
 
     #[tokio::test]
     async fn probes_report_failures() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|_| unreachable!());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|_| unreachable!());
         let addr = l.local_addr().unwrap_or_else(|_| unreachable!());
         let tcp = HealthSpec::default();
-        assert!(probe(&tcp, addr, &[], std::path::Path::new(".")).await.is_ok());
+        assert!(probe(&tcp, addr, &[], std::path::Path::new("."))
+            .await
+            .is_ok());
         drop(l);
-        assert!(probe(&tcp, addr, &[], std::path::Path::new(".")).await.is_err());
+        assert!(probe(&tcp, addr, &[], std::path::Path::new("."))
+            .await
+            .is_err());
         let exec = HealthSpec {
             kind: ProbeKind::Exec,
             command: Some(vec!["false".into()]),
             ..HealthSpec::default()
         };
-        assert!(probe(&exec, addr, &[], std::path::Path::new(".")).await.is_err());
+        assert!(probe(&exec, addr, &[], std::path::Path::new("."))
+            .await
+            .is_err());
         let exec_ok = HealthSpec {
             kind: ProbeKind::Exec,
             command: Some(vec!["sh".into(), "-c".into(), "test \"$X\" = 1".into()]),
             ..HealthSpec::default()
         };
         let env = vec![("X".to_string(), "1".to_string())];
-        assert!(probe(&exec_ok, addr, &env, std::path::Path::new(".")).await.is_ok());
+        assert!(probe(&exec_ok, addr, &env, std::path::Path::new("."))
+            .await
+            .is_ok());
     }
 }

@@ -182,10 +182,7 @@ async fn run(
                 };
                 if !again {
                     // Stay in `exited` until the controller stops us.
-                    let reply = match ctl.recv().await {
-                        Some(InstanceCmd::Stop { reply }) => Some(reply),
-                        None => None,
-                    };
+                    let reply = ctl.recv().await.map(|InstanceCmd::Stop { reply }| reply);
                     r.set_state(InstanceState::Stopped, None);
                     if let Some(reply) = reply {
                         let _ = reply.send(());
@@ -294,8 +291,20 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
         tracing::warn!(instance = %r.id, error = %e, "cannot record process group; it may outlive a crash of gantry");
     }
     for (stream, kind) in [
-        (child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), LogStream::Stdout),
-        (child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>), LogStream::Stderr),
+        (
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            LogStream::Stdout,
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            LogStream::Stderr,
+        ),
     ] {
         if let Some(stream) = stream {
             tokio::spawn(process::pump(
@@ -314,7 +323,10 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
         s.started_ms = Some(record.started_ms);
         s.config_version = config_version;
     });
-    r.event(EventKind::Started, format!("started pid {pid} on port {port}"));
+    r.event(
+        EventKind::Started,
+        format!("started pid {pid} on port {port}"),
+    );
 
     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
     let mut tracker = HealthTracker::new(&spec.health, started);
@@ -391,10 +403,7 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
                 };
             }
             cmd = ctl.recv() => {
-                let reply = match cmd {
-                    Some(InstanceCmd::Stop { reply }) => Some(reply),
-                    None => None,
-                };
+                let reply = cmd.map(|InstanceCmd::Stop { reply }| reply);
                 stop_process(r, &mut child, pgid, registered).await;
                 return Outcome::Stopped(reply);
             }
@@ -418,7 +427,8 @@ async fn stop_process(r: &Run<'_>, child: &mut Child, pgid: u32, registered: boo
     }
     r.set_state(InstanceState::Stopping, None);
     process::signal_group(pgid, process::signal_number(&spec.stop_signal));
-    let waited = tokio::time::timeout(Duration::from_millis(spec.stop_timeout_ms), child.wait()).await;
+    let waited =
+        tokio::time::timeout(Duration::from_millis(spec.stop_timeout_ms), child.wait()).await;
     let description = match waited {
         Ok(Ok(s)) => describe_exit(&s),
         Ok(Err(e)) => format!("wait failed: {e}"),
@@ -497,7 +507,12 @@ fn describe_exit(s: &std::process::ExitStatus) -> String {
     if let Some(code) = s.code() {
         format!("exit status {code}")
     } else if let Some(sig) = s.signal() {
-        format!("killed by signal {sig}{}", signal_name(sig).map(|n| format!(" ({n})")).unwrap_or_default())
+        format!(
+            "killed by signal {sig}{}",
+            signal_name(sig)
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        )
     } else {
         s.to_string()
     }

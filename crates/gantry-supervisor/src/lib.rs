@@ -143,7 +143,10 @@ impl Supervisor {
     pub async fn start(d: SupervisorDeps) -> Result<Arc<Self>, SupervisorError> {
         let reaped = process::reap_orphans(&d.store).await;
         if !reaped.is_empty() {
-            tracing::warn!(count = reaped.len(), "killed process groups left by a previous run");
+            tracing::warn!(
+                count = reaped.len(),
+                "killed process groups left by a previous run"
+            );
         }
         let board = StatusBoard::new(&d.metrics);
         let deps = Arc::new(Deps {
@@ -221,12 +224,16 @@ impl Supervisor {
             .iter()
             .filter_map(|(name, e)| {
                 let spec = self.spec.spec.services.get(name)?;
-                let mine: Vec<&InstanceStatus> = all.iter().filter(|i| &i.service == name).collect();
+                let mine: Vec<&InstanceStatus> =
+                    all.iter().filter(|i| &i.service == name).collect();
                 Some(ServiceStatus {
                     name: name.clone(),
                     version: spec.version.clone(),
                     desired: *e.desired.borrow(),
-                    healthy: mine.iter().filter(|i| i.state == InstanceState::Healthy).count(),
+                    healthy: mine
+                        .iter()
+                        .filter(|i| i.state == InstanceState::Healthy)
+                        .count(),
                     instances: mine.len(),
                     depends_on: spec.depends_on.clone(),
                     on_config_change: spec.on_config_change,
@@ -266,8 +273,14 @@ impl Supervisor {
             )
             .await?;
         let (tx, rx) = oneshot::channel();
-        self.send(e, service::ServiceCmd::Scale { replicas, reply: tx })
-            .await?;
+        self.send(
+            e,
+            service::ServiceCmd::Scale {
+                replicas,
+                reply: tx,
+            },
+        )
+        .await?;
         rx.await.map_err(|_| shutting_down())?
     }
 
@@ -286,7 +299,11 @@ impl Supervisor {
         rx.await.map_err(|_| shutting_down())?
     }
 
-    async fn send(&self, e: &ServiceEntry, cmd: service::ServiceCmd) -> Result<(), SupervisorError> {
+    async fn send(
+        &self,
+        e: &ServiceEntry,
+        cmd: service::ServiceCmd,
+    ) -> Result<(), SupervisorError> {
         if *self.shutdown.borrow() {
             return Err(shutting_down());
         }
@@ -336,7 +353,10 @@ impl Supervisor {
                     continue;
                 };
                 let (tx, rx) = oneshot::channel();
-                let sent = e.tx.send(service::ServiceCmd::Stop { reply: tx }).await.is_ok();
+                let sent =
+                    e.tx.send(service::ServiceCmd::Stop { reply: tx })
+                        .await
+                        .is_ok();
                 let task = e.task.lock().unwrap_or_else(PoisonError::into_inner).take();
                 waits.push(async move {
                     if sent {
@@ -426,7 +446,12 @@ depends_on = ["api"]
         let waves = stop_waves(&spec.services);
         assert_eq!(
             waves,
-            vec![vec!["web".to_string()], vec!["api".into()], vec!["cache".into()], vec!["db".into()]]
+            vec![
+                vec!["web".to_string()],
+                vec!["api".into()],
+                vec!["cache".into()],
+                vec!["db".into()]
+            ]
         );
     }
 }

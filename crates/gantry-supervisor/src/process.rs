@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 
+type EchoFn = dyn Fn(&str, &str, LogStream) + Send + Sync;
+
 pub(crate) const PROCS_BUCKET: &str = "procs";
 
 /// A spawned process group, as recorded in the store.
@@ -104,15 +106,11 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(
     service: Arc<str>,
     instance: Arc<str>,
     stream: LogStream,
-    echo: Option<Arc<dyn Fn(&str, &str, LogStream) + Send + Sync>>,
+    echo: Option<crate::Echo>,
 ) {
     let mut reader = BufReader::with_capacity(16 * 1024, reader);
     let mut line: Vec<u8> = Vec::with_capacity(256);
-    loop {
-        let buf = match reader.fill_buf().await {
-            Ok(b) => b,
-            Err(_) => break,
-        };
+    while let Ok(buf) = reader.fill_buf().await {
         if buf.is_empty() {
             break;
         }
@@ -125,11 +123,25 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(
         line.extend_from_slice(&buf[..take]);
         reader.consume(take);
         if done {
-            emit(&mut line, &logs, &service, &instance, stream, echo.as_deref());
+            emit(
+                &mut line,
+                &logs,
+                &service,
+                &instance,
+                stream,
+                echo.as_deref(),
+            );
         }
     }
     if !line.is_empty() {
-        emit(&mut line, &logs, &service, &instance, stream, echo.as_deref());
+        emit(
+            &mut line,
+            &logs,
+            &service,
+            &instance,
+            stream,
+            echo.as_deref(),
+        );
     }
 }
 
@@ -139,7 +151,7 @@ fn emit(
     service: &Arc<str>,
     instance: &Arc<str>,
     stream: LogStream,
-    echo: Option<&(dyn Fn(&str, &str, LogStream) + Send + Sync)>,
+    echo: Option<&EchoFn>,
 ) {
     while matches!(line.last(), Some(b'\n' | b'\r')) {
         line.pop();
@@ -156,14 +168,13 @@ fn emit(
 /// records. A group is only killed if one of its processes still carries the instance's
 /// `GANTRY_INSTANCE` in its environment, so a recycled process group id is left alone.
 pub(crate) async fn reap_orphans(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
-    let records: Vec<(String, ProcRecord, u64)> =
-        match store.list_json(PROCS_BUCKET, "").await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read process records; skipping orphan reaping");
-                return Vec::new();
-            }
-        };
+    let records: Vec<(String, ProcRecord, u64)> = match store.list_json(PROCS_BUCKET, "").await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read process records; skipping orphan reaping");
+            return Vec::new();
+        }
+    };
     let mut reaped = Vec::new();
     for (key, rec, _) in records {
         if group_is_ours(rec.pgid, &rec.instance) && signal_group(rec.pgid, libc::SIGKILL) {

@@ -65,7 +65,12 @@ pub(crate) async fn run(
     c.sync_pending(&mut pending);
     if !c.svc.spec.depends_on.is_empty() {
         let deps = c.svc.spec.depends_on.join(", ");
-        c.svc.deps.board.event(&c.svc.name, None, EventKind::Started, format!("waiting for {deps}"));
+        c.svc.deps.board.event(
+            &c.svc.name,
+            None,
+            EventKind::Started,
+            format!("waiting for {deps}"),
+        );
         let mut events = c.svc.deps.registry.subscribe();
         loop {
             if c.deps_ready() {
@@ -158,7 +163,10 @@ impl Controller {
                 since_ms: unix_ms(),
                 restarts: 0,
                 last_exit: None,
-                reason: Some(format!("waiting for {}", self.svc.spec.depends_on.join(", "))),
+                reason: Some(format!(
+                    "waiting for {}",
+                    self.svc.spec.depends_on.join(", ")
+                )),
                 config_version: 0,
             });
             pending.push(id);
@@ -199,7 +207,10 @@ impl Controller {
 
     async fn stop_many(&self, handles: Vec<InstanceHandle>) {
         let ids: Vec<Arc<str>> = handles.iter().map(|h| h.id.clone()).collect();
-        let stops: Vec<_> = handles.into_iter().map(|h| tokio::spawn(h.stop())).collect();
+        let stops: Vec<_> = handles
+            .into_iter()
+            .map(|h| tokio::spawn(h.stop()))
+            .collect();
         for s in stops {
             let _ = s.await;
         }
@@ -244,7 +255,10 @@ impl Controller {
                     replaced.len(),
                     self.instances.len()
                 );
-                self.svc.deps.board.event(&name, None, EventKind::Rollout, msg.clone());
+                self.svc
+                    .deps
+                    .board
+                    .event(&name, None, EventKind::Rollout, msg.clone());
                 return Err(SupervisorError::Rollout(msg));
             }
             if let Some(pos) = self.instances.iter().position(|h| h.id == old) {
@@ -261,7 +275,10 @@ impl Controller {
             &name,
             None,
             EventKind::Rollout,
-            format!("rolling restart done: {} instances replaced", replaced.len()),
+            format!(
+                "rolling restart done: {} instances replaced",
+                replaced.len()
+            ),
         );
         Ok(RestartReport {
             service: name,

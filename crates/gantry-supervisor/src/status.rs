@@ -180,7 +180,13 @@ impl StatusBoard {
         self.lock().get(id).cloned()
     }
 
-    pub(crate) fn event(&self, service: &str, instance: Option<&str>, kind: EventKind, message: String) {
+    pub(crate) fn event(
+        &self,
+        service: &str,
+        instance: Option<&str>,
+        kind: EventKind,
+        message: String,
+    ) {
         let _ = self.events.send(SupervisorEvent {
             at_ms: gantry_model::unix_ms(),
             service: service.into(),
@@ -229,6 +235,8 @@ impl StatusBoard {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, InstanceStatus>> {
-        self.instances.lock().unwrap_or_else(PoisonError::into_inner)
+        self.instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }

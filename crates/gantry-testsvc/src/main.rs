@@ -94,7 +94,9 @@ async fn handle(
             text(StatusCode::OK, "health fails from now on\n".into())
         }
         (_, "/slow") => {
-            let ms = query_param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
+            let ms = query_param(query, "ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             text(StatusCode::OK, format!("{instance} slept {ms} ms\n"))
         }
@@ -115,7 +117,13 @@ async fn handle(
             let headers: Vec<String> = req
                 .headers()
                 .iter()
-                .map(|(k, v)| format!("{}:{}", json_escape(k.as_str()), json_escape(v.to_str().unwrap_or(""))))
+                .map(|(k, v)| {
+                    format!(
+                        "{}:{}",
+                        json_escape(k.as_str()),
+                        json_escape(v.to_str().unwrap_or(""))
+                    )
+                })
                 .collect();
             let body = format!(
                 "{{\"instance\":{},\"method\":{},\"path\":{},\"query\":{},\"headers\":{{{}}}}}\n",
@@ -126,7 +134,10 @@ async fn handle(
                 headers.join(",")
             );
             let mut r = text(StatusCode::OK, body);
-            r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
             r
         }
     };
@@ -135,11 +146,17 @@ async fn handle(
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    if let Some(code) = std::env::var("TESTSVC_EXIT_AT_START").ok().and_then(|v| v.parse().ok()) {
+    if let Some(code) = std::env::var("TESTSVC_EXIT_AT_START")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         eprintln!("exiting at start with {code}");
         std::process::exit(code);
     }
-    if let Some(ms) = std::env::var("TESTSVC_START_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = std::env::var("TESTSVC_START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let _child = if std::env::var("TESTSVC_SPAWN_CHILD").is_ok() {
@@ -162,7 +179,9 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let instance: Arc<str> = std::env::var("GANTRY_INSTANCE").unwrap_or_else(|_| "testsvc".into()).into();
+    let instance: Arc<str> = std::env::var("GANTRY_INSTANCE")
+        .unwrap_or_else(|_| "testsvc".into())
+        .into();
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
         Ok(l) => l,
         Err(e) => {

@@ -7,17 +7,28 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn get(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let status = out.get(9..12)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -51,7 +62,10 @@ fn start(extra: &[(&str, &str)]) -> Svc {
 fn answers_health_env_and_echo() {
     let s = start(&[("HELLO", "world")]);
     assert_eq!(get(s.1, "GET", "/health").unwrap().0, 200);
-    assert_eq!(get(s.1, "GET", "/env/HELLO").unwrap(), (200, "world".to_string()));
+    assert_eq!(
+        get(s.1, "GET", "/env/HELLO").unwrap(),
+        (200, "world".to_string())
+    );
     assert_eq!(get(s.1, "GET", "/env/NOPE").unwrap().0, 404);
     let (st, body) = get(s.1, "GET", "/a/b?c=d").unwrap();
     assert_eq!(st, 200);

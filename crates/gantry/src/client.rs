@@ -84,7 +84,8 @@ impl Client {
                         t.file.display()
                     )));
                 }
-                let spec = gantry_spec::load(&t.file).map_err(|e| CliError::usage(e.to_string()))?;
+                let spec =
+                    gantry_spec::load(&t.file).map_err(|e| CliError::usage(e.to_string()))?;
                 let dir = spec.data_dir();
                 let info_path = dir.join(ADMIN_INFO_FILE);
                 let info: AdminInfo = std::fs::read(&info_path)
@@ -151,7 +152,11 @@ impl Client {
             .unwrap_or_default();
         let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
-            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.get("message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
         let code = if status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND {
             EXIT_USAGE

@@ -128,7 +128,9 @@ async fn ps(c: &Client, service: Option<String>, out: Output) -> Result<(), CliE
         })
         .collect();
     table::print(
-        &["SERVICE", "INSTANCE", "VERSION", "PID", "PORT", "STATE", "UPTIME", "RESTARTS"],
+        &[
+            "SERVICE", "INSTANCE", "VERSION", "PID", "PORT", "STATE", "UPTIME", "RESTARTS",
+        ],
         &rows,
     );
     Ok(())
@@ -159,7 +161,16 @@ async fn services(c: &Client, out: Output) -> Result<(), CliError> {
             ]
         })
         .collect();
-    table::print(&["SERVICE", "VERSION", "HEALTHY", "DEPENDS ON", "ON CONFIG CHANGE"], &rows);
+    table::print(
+        &[
+            "SERVICE",
+            "VERSION",
+            "HEALTHY",
+            "DEPENDS ON",
+            "ON CONFIG CHANGE",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -198,7 +209,9 @@ async fn logs(
     let stdout = std::io::stdout();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| CliError::new(format!("log stream ended: {e}")))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buf.extend_from_slice(&data);
         while let Some(i) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
@@ -236,7 +249,11 @@ async fn restart(c: &Client, service: &str) -> Result<(), CliError> {
             None,
         )
         .await?;
-    for r in v["replaced"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+    for r in v["replaced"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+    {
         println!("{} -> {}", s(&r["old"]), s(&r["new"]));
     }
     println!("{service} restarted");
@@ -269,13 +286,20 @@ async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
                 s(&r["id"]),
                 r["host"].as_str().unwrap_or("*").to_string(),
                 s(&r["path_prefix"]),
-                if r["strip_prefix"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                if r["strip_prefix"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
                 s(&r["service"]),
                 eps,
             ]
         })
         .collect();
-    table::print(&["ROUTE", "HOST", "PREFIX", "STRIP", "SERVICE", "ENDPOINTS"], &rows);
+    table::print(
+        &["ROUTE", "HOST", "PREFIX", "STRIP", "SERVICE", "ENDPOINTS"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -300,7 +324,11 @@ async fn registry_ls(
             let v = c.get("/v1/registry/services").await?;
             v["services"]
                 .as_object()
-                .map(|m| m.values().flat_map(|x| x.as_array().cloned().unwrap_or_default()).collect())
+                .map(|m| {
+                    m.values()
+                        .flat_map(|x| x.as_array().cloned().unwrap_or_default())
+                        .collect()
+                })
                 .unwrap_or_default()
         }
     };
@@ -322,7 +350,12 @@ async fn registry_ls(
             ]
         })
         .collect();
-    table::print(&["SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE"], &rows);
+    table::print(
+        &[
+            "SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -370,7 +403,9 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             let v = c.get(&format!("/v1/config/{}", enc(&service))).await?;
             match key {
                 Some(k) => match v["values"].get(&k) {
-                    Some(val) if out.json => print_json(&json!({ "key": k, "value": val, "version": v["version"] })),
+                    Some(val) if out.json => {
+                        print_json(&json!({ "key": k, "value": val, "version": v["version"] }))
+                    }
                     Some(val) => println!("{}", val.as_str().unwrap_or_default()),
                     None => {
                         return Err(CliError {
@@ -407,7 +442,9 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             }
         },
         ConfigCmd::History { service, out } => {
-            let v = c.get(&format!("/v1/config/{}/history", enc(&service))).await?;
+            let v = c
+                .get(&format!("/v1/config/{}/history", enc(&service)))
+                .await?;
             if out.json {
                 print_json(&v);
                 return Ok(());
@@ -439,7 +476,12 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
                             .to_string()
                         })
                         .unwrap_or_default();
-                    vec![s(&h["version"]), when, changes, h["message"].as_str().unwrap_or("").to_string()]
+                    vec![
+                        s(&h["version"]),
+                        when,
+                        changes,
+                        h["message"].as_str().unwrap_or("").to_string(),
+                    ]
                 })
                 .collect();
             table::print(&["VERSION", "TIME", "CHANGES", "MESSAGE"], &rows);
@@ -459,7 +501,11 @@ fn print_values(v: &Value) {
 
 async fn commit(c: &Client, service: &str, body: Value, and_restart: bool) -> Result<(), CliError> {
     let v = c
-        .call(Method::PATCH, &format!("/v1/config/{}", enc(service)), Some(&body))
+        .call(
+            Method::PATCH,
+            &format!("/v1/config/{}", enc(service)),
+            Some(&body),
+        )
         .await?;
     let version = s(&v["version"]["version"]);
     if v["created"].as_bool() == Some(true) {

@@ -16,13 +16,18 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "gantry",
     version,
-    about = "The outer architecture of microservices in one binary: supervisor, registry, gateway, config",
-    propagate_version = true
+    about = "The outer architecture of microservices in one binary: supervisor, registry, gateway, config"
 )]
 struct Cli {
     /// Spec file used to find a running gantry (its data directory holds the admin address and
     /// token).
-    #[arg(short = 'f', long = "file", global = false, default_value = "gantry.toml", env = "GANTRY_FILE")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        global = false,
+        default_value = "gantry.toml",
+        env = "GANTRY_FILE"
+    )]
     file: PathBuf,
     /// Admin API URL of a running gantry (overrides discovery through the spec file).
     #[arg(long, env = "GANTRY_ADMIN_URL")]
@@ -207,7 +212,10 @@ fn main() -> ExitCode {
                 admin: cli.admin,
                 token: cli.token,
             };
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start runtime: {e}");
@@ -216,5 +224,15 @@ fn main() -> ExitCode {
             };
             rt.block_on(commands::run_client(cmd, target))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -211,7 +211,11 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let echo: Option<gantry_supervisor::Echo> = if args.logs {
         Some(Arc::new(|instance: &str, line: &str, stream: LogStream| {
             let mut out = std::io::stdout().lock();
-            let mark = if stream == LogStream::Stderr { "!" } else { "|" };
+            let mark = if stream == LogStream::Stderr {
+                "!"
+            } else {
+                "|"
+            };
             let _ = writeln!(out, "{instance:>14} {mark} {line}");
         }))
     } else {

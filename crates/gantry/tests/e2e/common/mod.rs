@@ -1,0 +1,393 @@
+//! Test harness: runs the real `gantry` binary on a temporary spec with listeners on port 0,
+//! and the workspace's `gantry-testsvc` as the service under supervision.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn gantry_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gantry"))
+}
+
+/// The test service binary, built by cargo next to `gantry` (it has its own integration test,
+/// so `cargo test --workspace` always builds it).
+pub fn testsvc_bin() -> PathBuf {
+    let p = gantry_bin().with_file_name("gantry-testsvc");
+    assert!(
+        p.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// Poll `f` every 10 ms until it returns Some, or panic after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`), bounded by `timeout`.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad response: {:?}", String::from_utf8_lossy(&raw)),
+        )
+    })
+}
+
+fn parse_response(raw: &[u8]) -> Option<Resp> {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.get(9..12)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Some(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A running `gantry up` on a temporary spec.
+pub struct Gantry {
+    pub dir: tempfile::TempDir,
+    pub spec: PathBuf,
+    pub child: Option<Child>,
+    pub admin: SocketAddr,
+    pub gateway: SocketAddr,
+    pub token: String,
+}
+
+/// Spec text with `{TESTSVC}` replaced; the harness adds port-0 listeners unless the text
+/// sets them itself.
+pub fn spec_text(services: &str) -> String {
+    let bin = testsvc_bin();
+    format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        services.replace("{TESTSVC}", &bin.display().to_string())
+    )
+}
+
+impl Gantry {
+    /// Start gantry on `services` (TOML for `[services.*]`, with `{TESTSVC}` placeholders).
+    pub fn start(services: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("gantry.toml");
+        std::fs::write(&spec, spec_text(services)).unwrap();
+        Self::start_at(dir, spec)
+    }
+
+    /// Start gantry on a spec file already written.
+    pub fn start_at(dir: tempfile::TempDir, spec: PathBuf) -> Self {
+        let mut g = Self {
+            dir,
+            spec,
+            child: None,
+            admin: "127.0.0.1:1".parse().unwrap(),
+            gateway: "127.0.0.1:1".parse().unwrap(),
+            token: String::new(),
+        };
+        g.launch();
+        g
+    }
+
+    /// (Re)start the gantry process on the same spec and data directory.
+    pub fn launch(&mut self) {
+        let data = self.data_dir();
+        let _ = std::fs::remove_file(data.join("admin.json"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("gantry.out"))
+            .unwrap();
+        let child = Command::new(gantry_bin())
+            .args(["up", "-f"])
+            .arg(&self.spec)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let info: Value = wait_for(
+            "gantry to write admin.json",
+            Duration::from_secs(20),
+            || {
+                if let Some(c) = self.child.as_mut() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        panic!("gantry exited early with {st}:\n{}", self.output());
+                    }
+                }
+                let b = std::fs::read(data.join("admin.json")).ok()?;
+                serde_json::from_slice(&b).ok()
+            },
+        );
+        let addr = |k: &str| -> SocketAddr {
+            info[k]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("http://")
+                .parse()
+                .unwrap()
+        };
+        self.admin = addr("admin_url");
+        self.gateway = addr("gateway_url");
+        self.token = std::fs::read_to_string(data.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join(".gantry")
+    }
+
+    /// Everything gantry printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gantry.out")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        http(
+            self.gateway,
+            "GET",
+            path,
+            &[],
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
+    pub fn admin_get(&self, path: &str) -> Value {
+        let r = http(self.admin, "GET", path, &[], None, Duration::from_secs(10)).unwrap();
+        assert!(r.status < 300, "GET {path}: {} {}", r.status, r.body);
+        r.json()
+    }
+
+    pub fn admin_call(&self, method: &str, path: &str, body: Option<&Value>) -> Resp {
+        let auth = format!("Bearer {}", self.token);
+        let body = body.map(|b| b.to_string());
+        http(
+            self.admin,
+            method,
+            path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body.as_deref(),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    pub fn instances(&self, service: &str) -> Vec<Value> {
+        self.admin_get(&format!("/v1/instances?service={service}"))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Wait until `service` has `n` healthy instances; returns them.
+    pub fn wait_healthy(&self, service: &str, n: usize, limit: Duration) -> Vec<Value> {
+        wait_for(&format!("{n} healthy {service} instances"), limit, || {
+            let list: Vec<Value> = self
+                .instances(service)
+                .into_iter()
+                .filter(|i| i["state"] == "healthy")
+                .collect();
+            (list.len() == n).then_some(list)
+        })
+    }
+
+    /// Instance ids the gateway currently routes `route_id` to.
+    pub fn routed(&self, route_id: &str) -> Vec<String> {
+        let routes = self.admin_get("/v1/routes");
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == route_id)
+            .map(|r| {
+                r["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["instance"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Run the CLI against this gantry.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(gantry_bin())
+            .arg("-f")
+            .arg(&self.spec)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// SIGINT and wait (bounded) for gantry to exit; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), libc::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gantry did not stop within 30 s:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL gantry (no cleanup on its side).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Gantry {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Graceful, so that instances (and anything they spawned) are cleaned up.
+            self.stop();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on a pid this test started; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Live processes whose process group is `pgid`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // fields[0] = state, fields[2] = pgrp
+        if fields.first() == Some(&"Z") {
+            continue;
+        }
+        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,168 @@
+use std::time::Duration;
+
+use crate::common::*;
+
+const SPEC: &str = r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 2
+health = { type = "http", path = "/health" }
+[[services.web.routes]]
+path_prefix = "/web"
+strip_prefix = true
+timeout_ms = 500
+[[services.web.routes]]
+path_prefix = "/raw"
+
+[services.api]
+command = ["{TESTSVC}"]
+[[services.api.routes]]
+host = "api.example.com"
+path_prefix = "/"
+
+[services.empty]
+command = ["{TESTSVC}"]
+replicas = 0
+[[services.empty.routes]]
+path_prefix = "/empty"
+"#;
+
+#[test]
+fn routing_rewrites_headers_and_errors() {
+    let g = Gantry::start(SPEC);
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    g.wait_healthy("api", 1, Duration::from_secs(20));
+
+    // Strip prefix keeps the query; no-strip forwards the path as is.
+    let r = g.get("/web/a/b?c=d");
+    assert_eq!(r.status, 200);
+    let echo = r.json();
+    assert_eq!(echo["path"], "/a/b");
+    assert_eq!(echo["query"], "c=d");
+    assert_eq!(g.get("/web").json()["path"], "/");
+    assert_eq!(g.get("/raw/x").json()["path"], "/raw/x");
+    // Segment-wise prefix: /webx is not /web.
+    assert_eq!(g.get("/webx").status, 404);
+
+    // Host routing wins over path-only routes.
+    let raw = raw_request(
+        g.gateway,
+        "GET /web/a HTTP/1.1\r\nHost: API.example.com:80\r\nConnection: close\r\n\r\n",
+    );
+    assert!(raw.contains("\"instance\":\"api-1\""), "{raw}");
+    assert!(raw.contains("\"path\":\"/web/a\""), "{raw}");
+
+    // Forwarding headers set, hop-by-hop removed, request id generated and returned.
+    let raw = raw_request(
+        g.gateway,
+        "GET /web/h HTTP/1.1\r\nHost: shop.test\r\nConnection: close, x-drop-me\r\nX-Drop-Me: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 10.1.1.1\r\nX-Keep: yes\r\n\r\n",
+    );
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    let h = &v["headers"];
+    assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.test");
+    assert_eq!(h["host"], "shop.test");
+    assert_eq!(h["x-keep"], "yes");
+    assert!(h.get("x-drop-me").is_none(), "{h}");
+    assert!(h.get("keep-alive").is_none(), "{h}");
+    let rid = h["x-request-id"].as_str().unwrap();
+    assert_eq!(rid.len(), 32);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("x-request-id: {rid}")),
+        "{head}"
+    );
+    // A client's request id is kept.
+    let r = http(
+        g.gateway,
+        "GET",
+        "/web/",
+        &[("X-Request-Id", "abc-123")],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.json()["headers"]["x-request-id"], "abc-123");
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+
+    // No route → 404 JSON; no instance → 503 JSON naming the service; slow → 504.
+    let r = g.get("/nothing/here");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "no_route");
+    let r = g.get("/empty/x");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["service"], "empty");
+    assert!(r.json()["message"].as_str().unwrap().contains("empty"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let r = g.get("/web/slow?ms=3000");
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"], "upstream_timeout");
+
+    // POST bodies stream through.
+    let r = http(
+        g.gateway,
+        "POST",
+        "/web/post",
+        &[],
+        Some("hello"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["method"], "POST");
+
+    let m = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .body;
+    for want in [
+        "gantry_gateway_requests_total{route=\"web/0\",service=\"web\",status=\"2xx\"}",
+        "gantry_gateway_requests_total{route=\"web/0\",service=\"web\",status=\"5xx\"}",
+        "gantry_gateway_request_duration_seconds_bucket{",
+        "gantry_gateway_rejected_requests_total{reason=\"no_route\"}",
+        "gantry_supervisor_instances{service=\"web\",state=\"healthy\"} 2",
+        "gantry_supervisor_health_checks_total{service=\"web\",result=\"pass\"}",
+        "gantry_registry_instances{service=\"web\"} 2",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}");
+    }
+}
+
+fn raw_request(addr: std::net::SocketAddr, req: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn connection_refused_goes_to_another_instance() {
+    let g = Gantry::start(&SPEC.replace("replicas = 2", "replicas = 3"));
+    let list = g.wait_healthy("web", 3, Duration::from_secs(20));
+    // Crash one instance and race the registry: requests right after the crash must all
+    // succeed (a refused or reset connection sends an idempotent request to another instance).
+    let port = list[1]["port"].as_u64().unwrap() as u16;
+    let _ = http(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "POST",
+        "/admin/crash",
+        &[],
+        None,
+        Duration::from_secs(2),
+    );
+    for _ in 0..30 {
+        let r = g.get("/web/x");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}

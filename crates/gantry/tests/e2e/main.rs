@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `gantry` binary, real processes, real sockets on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+mod cli_and_spec;
+mod config;
+mod gateway;
+mod registry;
+mod shop;
+mod supervisor;
