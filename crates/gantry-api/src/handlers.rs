@@ -108,6 +108,10 @@ pub async fn list_routes(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.gateway.routes())
 }
 
+pub async fn list_upstreams(State(s): State<ApiState>) -> impl IntoResponse {
+    Json(s.gateway.upstreams())
+}
+
 pub async fn registry_services(State(s): State<ApiState>) -> impl IntoResponse {
     let snap = s.registry.snapshot();
     let out: BTreeMap<&String, &[Instance]> =

@@ -53,6 +53,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}/restart", post(restart))
         .route("/v1/instances", get(list_instances))
         .route("/v1/routes", get(list_routes))
+        .route("/v1/upstreams", get(list_upstreams))
         .route("/v1/registry/services", get(registry_services))
         .route("/v1/registry/services/{name}", get(registry_lookup))
         .route("/v1/registry/instances", post(registry_register))

@@ -1,69 +1,256 @@
-//! Body types of the proxy: upstream request bodies are streamed as received (or empty when a
-//! request may be retried), response bodies are streamed back while holding the instance's
-//! in-flight count.
+//! Body types of the proxy. Request bodies stream to the instance (empty when the request may be
+//! retried or mirrored), with the route's size limit enforced as bytes pass. Response bodies
+//! stream back while holding the instance's in-flight count and its connection; at the end the
+//! connection returns to the pool, a cacheable body is stored, and the access-log line is written.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 
 use crate::table::Endpoint;
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body exceeds the route's max_body_bytes")
+    }
+}
+impl std::error::Error for BodyTooLarge {}
+
 /// Body sent to an instance.
-pub type RequestBody = Either<Incoming, Empty<Bytes>>;
+pub enum ReqBody {
+    Empty,
+    Stream {
+        inner: Incoming,
+        remaining: u64,
+        exceeded: Arc<AtomicBool>,
+    },
+}
 
-/// Body sent back to the client: an instance's streamed response, or the gateway's own.
-pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+impl ReqBody {
+    pub fn limited(inner: Incoming, max: u64, exceeded: Arc<AtomicBool>) -> Self {
+        ReqBody::Stream {
+            inner,
+            remaining: max,
+            exceeded,
+        }
+    }
+}
 
-/// Counts a request as in flight to an instance until dropped.
-pub(crate) struct InflightGuard(Arc<Endpoint>);
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Stream {
+                inner,
+                remaining,
+                exceeded,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        let n = d.len() as u64;
+                        if n > *remaining {
+                            exceeded.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        }
+                        *remaining -= n;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// Counts a request as in flight to an instance (and to its service) until dropped.
+pub struct InflightGuard {
+    ep: Arc<Endpoint>,
+}
 
 impl InflightGuard {
-    pub(crate) fn new(ep: Arc<Endpoint>) -> Self {
+    pub fn new(ep: Arc<Endpoint>) -> Self {
         ep.inflight.fetch_add(1, Ordering::Relaxed);
-        Self(ep)
+        Self { ep }
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.ep.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// An instance's response body; the in-flight count drops when it ends or the client goes away.
+/// Work to do when a response body is finished (or abandoned).
+pub trait OnEnd: Send + Sync {
+    /// `complete`: the body reached its end; `body`: its bytes if they were captured.
+    fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>);
+}
+
+/// Body sent back to the client.
+pub enum RespBody {
+    Upstream(Box<UpstreamBody>),
+    Full(Option<Bytes>),
+}
+
+impl RespBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        RespBody::Full(Some(b.into()))
+    }
+    pub fn empty() -> Self {
+        RespBody::Full(None)
+    }
+}
+
+/// An instance's streamed response.
 pub struct UpstreamBody {
     inner: Incoming,
-    guard: Option<InflightGuard>,
+    _guard: Option<InflightGuard>,
+    conn: Option<(Arc<Endpoint>, http1::SendRequest<ReqBody>)>,
+    idle: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    capture: Option<(BytesMut, usize)>,
+    bytes: u64,
+    on_end: Option<Box<dyn OnEnd>>,
+    done: bool,
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, guard: InflightGuard) -> Self {
+    pub fn new(inner: Incoming, guard: InflightGuard, idle: Duration) -> Self {
         Self {
             inner,
-            guard: Some(guard),
+            _guard: Some(guard),
+            conn: None,
+            idle,
+            sleep: None,
+            capture: None,
+            bytes: 0,
+            on_end: None,
+            done: false,
+        }
+    }
+
+    /// Return this HTTP/1.1 connection to the instance's pool when the body completes.
+    pub fn return_conn(&mut self, ep: Arc<Endpoint>, s: http1::SendRequest<ReqBody>) {
+        self.conn = Some((ep, s));
+    }
+
+    /// Keep a copy of up to `limit` bytes of the body for `on_end`.
+    pub fn capture(&mut self, limit: usize) {
+        self.capture = Some((BytesMut::new(), limit));
+    }
+
+    pub fn on_end(&mut self, f: Box<dyn OnEnd>) {
+        self.on_end = Some(f);
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if complete {
+            if let Some((ep, s)) = self.conn.take() {
+                ep.pool.put_h1(s);
+            }
+        }
+        self._guard = None;
+        let captured = self.capture.take().map(|(b, _)| b.freeze());
+        if let Some(mut f) = self.on_end.take() {
+            f.on_end(complete, self.bytes, if complete { captured } else { None });
         }
     }
 }
 
+#[derive(Debug)]
+pub struct IdleTimeout;
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upstream response idle timeout")
+    }
+}
+impl std::error::Error for IdleTimeout {}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(res, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.guard = None;
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.sleep = None;
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                    if let Some((buf, limit)) = &mut this.capture {
+                        if buf.len() + d.len() <= *limit {
+                            buf.extend_from_slice(d);
+                        } else {
+                            this.capture = None;
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                // Arm the idle timer only when the instance goes quiet.
+                let idle = this.idle;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
+                }
+                Poll::Pending
+            }
         }
-        res
     }
 
     fn is_end_stream(&self) -> bool {
@@ -72,5 +259,43 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // The client went away (or hyper skipped polling an empty body).
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RespBody::Upstream(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            RespBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Upstream(b) => b.is_end_stream(),
+            RespBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Upstream(b) => b.size_hint(),
+            RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RespBody::Full(None) => SizeHint::with_exact(0),
+        }
     }
 }

@@ -1,141 +1,173 @@
-//! The data plane: an HTTP/1.1 reverse proxy that routes by host and path prefix to the healthy
-//! instances of a service.
+//! The data plane: an HTTP/1.1 and HTTP/2 (cleartext and TLS) reverse proxy with routing on host,
+//! path, method, headers and query; version-aware targets, weighted splits and mirroring; load
+//! balancing (P2C-EWMA, round robin, consistent hashing, locality); timeouts, retries with a
+//! budget, circuit breaking, outlier ejection, bulkheads, rate limits and a response cache.
 //!
 //! Two sides share one [`Gateway`]:
-//! - the control side ([`Gateway::set_routes`], [`Gateway::apply_registry`]) rebuilds the whole
-//!   [`table::RouteTable`] and swaps it in atomically;
-//! - the request side ([`proxy`]) loads the current table once per request and never locks.
+//! - the control side ([`Gateway::apply_model`], [`Gateway::apply_registry`]) rebuilds the whole
+//!   [`table::RouteTable`] and swaps it in atomically; state that must survive a rebuild
+//!   (connections, breakers, budgets, limiters) is carried over by identity;
+//! - the request side (`proxy.rs`, served by `server.rs`) loads the current table once per
+//!   request and never takes a lock it could wait on.
 //!
 //! Architecture invariant: this crate depends on `gantry-model` (and `gantry-telemetry` for metric
 //! handles) only, never on control-plane crates. Every filter a request passes is in `proxy.rs`.
 #![forbid(unsafe_code)]
 
 mod body;
+mod cache;
+mod health;
 mod metrics;
+pub mod path;
+mod pool;
 mod proxy;
+mod rand;
+mod ratelimit;
+pub mod resilience;
+mod server;
 pub mod table;
+pub mod tls;
+mod trace;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use gantry_model::{RegistrySnapshot, Route};
+use gantry_model::{GatewayModel, RegistrySnapshot, RouteAction};
 use gantry_telemetry::Metrics;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::metrics::{GatewayMetrics, RouteMetrics};
-use crate::table::{clock_ms, sort_by_precedence, CompiledRoute, Endpoint, RouteTable, Upstream};
+use crate::table::{
+    clock_ms, sort_by_precedence, Action, CompiledHeaderOps, CompiledRoute, Endpoint, EndpointSet,
+    ForwardAction, Matcher, PathRewrite, RouteTable, ServiceState,
+};
 
-pub use body::{RequestBody, ResponseBody};
+pub use body::{ReqBody, RespBody};
+pub use server::Listener;
 
 /// Runtime options of the gateway (from `[gateway]` in the spec).
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     /// Log one JSON line per request (target `gantry::access`).
     pub access_log: bool,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
     /// Time a client has to send a complete request head (slowloris guard).
     pub header_read_timeout: Duration,
-    /// Time to establish a TCP connection to an instance.
-    pub connect_timeout: Duration,
-    /// Idle upstream connections are closed after this long.
-    pub upstream_idle_timeout: Duration,
     /// How long shutdown waits for open requests to finish.
     pub shutdown_grace: Duration,
+    pub cache_max_bytes: u64,
+    /// This node's name: instances on it are "local" for load balancing.
+    pub node: String,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             access_log: false,
-            header_read_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(2),
-            upstream_idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            cache_max_bytes: 64 << 20,
+            node: String::new(),
         }
     }
 }
 
 /// What the control side last gave us, plus state carried across rebuilds.
 struct Control {
-    routes: Vec<Route>,
+    model: GatewayModel,
     registry: Arc<RegistrySnapshot>,
-    /// By instance id; kept while the instance is registered or still has requests in flight.
+    /// By instance id; kept while registered, or while requests to it are still in flight.
     endpoints: HashMap<Arc<str>, Arc<Endpoint>>,
-    cursors: HashMap<String, Arc<AtomicUsize>>,
+    services: HashMap<String, Arc<ServiceState>>,
+    budgets: HashMap<String, (String, Arc<resilience::RetryBudget>)>,
+    limiters: HashMap<String, (String, Arc<ratelimit::Limiter>)>,
     route_metrics: HashMap<(String, String), RouteMetrics>,
 }
 
 pub struct Gateway {
     table: ArcSwap<RouteTable>,
     control: Mutex<Control>,
-    client: Client<HttpConnector, RequestBody>,
     metrics: GatewayMetrics,
     no_route: RouteMetrics,
     cfg: GatewayConfig,
     ids: proxy::RequestIds,
+    cache: cache::Cache,
+    connections: AtomicUsize,
 }
 
-/// A route as the admin API shows it: the rule and where it currently sends traffic.
+/// A route as the admin API shows it: the rule, resolved, and where it sends traffic now.
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteView {
     #[serde(flatten)]
-    pub route: Route,
+    pub route: gantry_model::Route,
+    /// Precedence position (0 = tried first).
+    pub position: usize,
     pub endpoints: Vec<EndpointView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointView {
     pub instance: String,
+    pub service: String,
+    pub version: String,
     pub address: SocketAddr,
+    pub local: bool,
     pub inflight: usize,
+    pub ewma_ms: f64,
     pub suspect: bool,
+    pub ejected: bool,
+    pub healthy: bool,
+}
+
+/// A service's data-plane state for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamView {
+    pub service: String,
+    pub policy: gantry_model::UpstreamPolicy,
+    /// closed, open or half_open
+    pub circuit: &'static str,
+    pub inflight: usize,
+    pub ejected: usize,
 }
 
 impl Gateway {
     pub fn new(cfg: GatewayConfig, metrics: &Metrics) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.upstream_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         let metrics = GatewayMetrics::new(metrics);
         let no_route = metrics.route("none", "none");
         Arc::new(Self {
             table: ArcSwap::from_pointee(RouteTable::empty()),
             control: Mutex::new(Control {
-                routes: Vec::new(),
+                model: GatewayModel::default(),
                 registry: Arc::new(RegistrySnapshot::default()),
                 endpoints: HashMap::new(),
-                cursors: HashMap::new(),
+                services: HashMap::new(),
+                budgets: HashMap::new(),
+                limiters: HashMap::new(),
                 route_metrics: HashMap::new(),
             }),
-            client,
+            cache: cache::Cache::new(cfg.cache_max_bytes),
             metrics,
             no_route,
             cfg,
             ids: proxy::RequestIds::new(),
+            connections: AtomicUsize::new(0),
         })
     }
 
-    /// Replace the route rules.
-    pub fn set_routes(&self, routes: Vec<Route>) {
+    /// Replace the routes and upstream policies (spec load or reload). Open connections and
+    /// requests are not disturbed.
+    pub fn apply_model(&self, model: GatewayModel) {
         let mut c = self.lock();
-        c.routes = routes;
+        c.model = model;
         self.rebuild(&mut c);
     }
 
@@ -159,85 +191,189 @@ impl Gateway {
             .map_or(0, |e| e.inflight.load(Ordering::Relaxed))
     }
 
-    /// The live route table, for the admin API.
+    /// The live route table, in precedence order.
     pub fn routes(&self) -> Vec<RouteView> {
         let table = self.table.load_full();
+        let c = self.lock();
         let now = clock_ms();
         table
             .routes
             .iter()
-            .map(|r| RouteView {
-                route: r.route.clone(),
-                endpoints: r
-                    .upstream
-                    .endpoints
-                    .iter()
-                    .map(|e| EndpointView {
-                        instance: e.id.to_string(),
-                        address: e.addr,
-                        inflight: e.inflight.load(Ordering::Relaxed),
-                        suspect: e.is_suspect(now),
-                    })
-                    .collect(),
+            .enumerate()
+            .filter_map(|(position, r)| {
+                let route = c.model.routes.iter().find(|m| *m.id == *r.id)?.clone();
+                let endpoints = match &r.action {
+                    Action::Forward(f) => {
+                        let mut seen = std::collections::BTreeSet::new();
+                        f.backends
+                            .iter()
+                            .flat_map(|(set, _)| set.endpoints.iter())
+                            .filter(|e| seen.insert(e.id.clone()))
+                            .map(|e| EndpointView {
+                                instance: e.id.to_string(),
+                                service: e.service.to_string(),
+                                version: e.version.to_string(),
+                                address: e.addr,
+                                local: e.local,
+                                inflight: e.inflight.load(Ordering::Relaxed),
+                                ewma_ms: (e.ewma_us() / 10.0).round() / 100.0,
+                                suspect: e.suspect_until_ms.load(Ordering::Relaxed) > now,
+                                ejected: e.ejected_until_ms.load(Ordering::Relaxed) > now,
+                                healthy: e.healthy.load(Ordering::Relaxed),
+                            })
+                            .collect()
+                    }
+                    Action::Redirect(_) => Vec::new(),
+                };
+                Some(RouteView {
+                    route,
+                    position,
+                    endpoints,
+                })
             })
             .collect()
+    }
+
+    pub fn upstreams(&self) -> Vec<UpstreamView> {
+        let c = self.lock();
+        let mut out: Vec<UpstreamView> = c
+            .services
+            .values()
+            .map(|s| UpstreamView {
+                service: s.name.to_string(),
+                policy: s.policy.clone(),
+                circuit: match s.breaker().code() {
+                    0 => "closed",
+                    1 => "open",
+                    _ => "half_open",
+                },
+                inflight: s.inflight.load(Ordering::Relaxed),
+                ejected: s.ejected.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    pub(crate) fn endpoints_snapshot(
+        &self,
+    ) -> Vec<(Arc<Endpoint>, Option<gantry_model::ActiveHealth>)> {
+        let c = self.lock();
+        c.endpoints
+            .values()
+            .map(|e| {
+                let ah = c
+                    .services
+                    .get(&*e.service)
+                    .and_then(|s| s.policy.active_health.clone());
+                (e.clone(), ah)
+            })
+            .collect()
+    }
+
     fn rebuild(&self, c: &mut Control) {
-        let registry = c.registry.clone();
-        // Endpoints per service, reusing per-instance state by id.
+        // Services: keep state unless the policy changed.
+        let mut services = HashMap::new();
+        for (name, policy) in &c.model.upstreams {
+            let st = match c.services.get(name) {
+                Some(s) if s.policy == *policy => s.clone(),
+                _ => Arc::new(ServiceState::new(
+                    name,
+                    policy.clone(),
+                    self.metrics.service(name),
+                )),
+            };
+            services.insert(name.clone(), st);
+        }
+
+        // Endpoints: keep state by instance id while address and version stay the same.
         let mut live: HashMap<Arc<str>, Arc<Endpoint>> = HashMap::new();
-        let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
-        let services: Vec<String> = c.routes.iter().map(|r| r.service.clone()).collect();
-        for service in services {
-            if upstreams.contains_key(&service) {
+        let mut by_service: HashMap<String, Vec<Arc<Endpoint>>> = HashMap::new();
+        for (service, instances) in &c.registry.services {
+            let Some(st) = services.get(service) else {
                 continue;
-            }
-            let mut eps = Vec::new();
-            for inst in registry.instances(&service) {
-                if !table::routable(inst.health) {
+            };
+            for inst in instances.iter() {
+                if inst.health != gantry_model::Health::Passing {
                     continue;
                 }
                 let addr = SocketAddr::new(inst.address, inst.port);
-                let ep = match c.endpoints.get(inst.id.as_str()) {
-                    Some(e) if e.addr == addr => e.clone(),
-                    _ => match Endpoint::new(inst.id.as_str().into(), addr) {
+                let external = matches!(inst.source, gantry_model::InstanceSource::External { .. });
+                let reuse = c.endpoints.get(inst.id.as_str()).filter(|e| {
+                    e.addr == addr
+                        && e.version == inst.version
+                        && *e.service == *service
+                        && e.external == external
+                });
+                let ep = match reuse {
+                    Some(e) => e.clone(),
+                    None => match Endpoint::new(
+                        &inst.id,
+                        service,
+                        addr,
+                        inst.version.clone(),
+                        inst.node == self.cfg.node,
+                        external,
+                        &st.policy,
+                        self.metrics.instance(service, &inst.id),
+                    ) {
                         Some(e) => Arc::new(e),
                         None => continue,
                     },
                 };
                 live.insert(ep.id.clone(), ep.clone());
-                eps.push(ep);
+                by_service.entry(service.clone()).or_default().push(ep);
             }
-            let cursor = c
-                .cursors
-                .entry(service.clone())
-                .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
-                .clone();
-            upstreams.insert(
-                service.clone(),
-                Arc::new(Upstream {
-                    service: service.as_str().into(),
-                    endpoints: eps,
-                    cursor,
-                }),
-            );
         }
-        // Keep state of instances that left but still finish requests (drain accounting).
         for (id, ep) in c.endpoints.drain() {
-            if !live.contains_key(&id) && ep.inflight.load(Ordering::Relaxed) > 0 {
-                live.insert(id, ep);
+            if let std::collections::hash_map::Entry::Vacant(slot) = live.entry(id) {
+                if ep.inflight.load(Ordering::Relaxed) > 0 {
+                    slot.insert(ep);
+                } else {
+                    ep.pool.clear();
+                    ep.metrics.ejected.set(0);
+                }
             }
         }
-        c.endpoints = live;
+        for st in services.values() {
+            let ejected = by_service.get(&*st.name).map_or(0, |eps| {
+                eps.iter()
+                    .filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) > 0)
+                    .count()
+            });
+            st.ejected.store(ejected, Ordering::Relaxed);
+            st.instances.store(
+                by_service.get(&*st.name).map_or(0, Vec::len),
+                Ordering::Relaxed,
+            );
+            st.metrics.circuit_state.set(st.breaker().code());
+        }
 
-        let mut routes = Vec::with_capacity(c.routes.len());
-        for r in &c.routes {
-            let Some(upstream) = upstreams.get(&r.service) else {
+        let set_for = |service: &str, version: Option<&str>| -> Option<EndpointSet> {
+            let st = services.get(service)?.clone();
+            let req = version.and_then(|v| semver::VersionReq::parse(v).ok());
+            let eps = by_service
+                .get(service)
+                .map(|v| {
+                    v.iter()
+                        .filter(|e| req.as_ref().is_none_or(|r| r.matches(&e.version)))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(EndpointSet::new(st, eps))
+        };
+
+        let mut routes = Vec::with_capacity(c.model.routes.len());
+        let mut budgets = HashMap::new();
+        let mut limiters = HashMap::new();
+        for (order, r) in c.model.routes.iter().enumerate() {
+            let Some(matcher) = Matcher::compile(&r.matcher) else {
+                tracing::error!(route = %r.id, "route has an invalid matcher; skipped");
                 continue;
             };
             let metrics = c
@@ -245,68 +381,97 @@ impl Gateway {
                 .entry((r.id.clone(), r.service.clone()))
                 .or_insert_with(|| self.metrics.route(&r.id, &r.service))
                 .clone();
+            let action = match &r.action {
+                RouteAction::Redirect(red) => Action::Redirect(red.clone()),
+                RouteAction::Forward(f) => {
+                    let backends: Vec<(EndpointSet, u32)> = f
+                        .backends
+                        .iter()
+                        .filter_map(|b| {
+                            Some((set_for(&b.service, b.version.as_deref())?, b.weight))
+                        })
+                        .collect();
+                    let Some(first) = f.backends.first() else {
+                        continue;
+                    };
+                    let Some(all_versions) = set_for(&first.service, None) else {
+                        tracing::error!(route = %r.id, service = %first.service, "route targets an unknown service; skipped");
+                        continue;
+                    };
+                    let budget_key =
+                        format!("{}/{}", f.retry.budget_ratio, f.retry.budget_min_per_second);
+                    let budget = match c.budgets.get(&r.id) {
+                        Some((k, b)) if *k == budget_key => b.clone(),
+                        _ => Arc::new(resilience::RetryBudget::new(
+                            f.retry.budget_ratio,
+                            f.retry.budget_min_per_second,
+                        )),
+                    };
+                    budgets.insert(r.id.clone(), (budget_key, budget.clone()));
+                    let limiter = f.rate_limit.as_ref().map(|rl| {
+                        let key = format!("{}/{}", rl.requests_per_second, rl.burst);
+                        let l = match c.limiters.get(&r.id) {
+                            Some((k, l)) if *k == key => l.clone(),
+                            _ => Arc::new(ratelimit::Limiter::new(rl)),
+                        };
+                        limiters.insert(r.id.clone(), (key, l.clone()));
+                        (l, rl.key.clone())
+                    });
+                    let rewrite = if f.rewrite.strip_prefix {
+                        PathRewrite::Strip
+                    } else if let Some(p) = &f.rewrite.replace_prefix {
+                        PathRewrite::Replace(p.clone())
+                    } else if let Some((pat, rep)) = &f.rewrite.regex {
+                        match table::compile_regex(pat) {
+                            Some(re) => PathRewrite::Regex(re, rep.clone()),
+                            None => PathRewrite::None,
+                        }
+                    } else {
+                        PathRewrite::None
+                    };
+                    Action::Forward(Box::new(ForwardAction {
+                        total_weight: backends.iter().map(|(_, w)| *w).sum(),
+                        backends,
+                        all_versions: Arc::new(all_versions),
+                        version_header: f
+                            .version_header
+                            .as_ref()
+                            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+                        version_from_path: f.version_from_path,
+                        mirror: f.mirror.as_ref().and_then(|m| {
+                            Some((set_for(&m.service, m.version.as_deref())?, m.percent))
+                        }),
+                        rewrite,
+                        request_headers: CompiledHeaderOps::compile(&f.request_headers),
+                        response_headers: CompiledHeaderOps::compile(&f.response_headers),
+                        request_timeout: Duration::from_millis(f.timeouts.request_ms),
+                        per_try_timeout: f.timeouts.per_try_ms.map(Duration::from_millis),
+                        idle_timeout: Duration::from_millis(f.timeouts.idle_ms),
+                        retry: f.retry.clone(),
+                        budget,
+                        limiter,
+                        cache: f.cache.clone(),
+                        max_body_bytes: f.max_body_bytes,
+                    }))
+                }
+            };
             routes.push(CompiledRoute {
-                route: r.clone(),
-                upstream: upstream.clone(),
+                id: r.id.as_str().into(),
+                service: r.service.as_str().into(),
+                matcher,
+                action,
                 metrics,
-                timeout: Duration::from_millis(r.timeout_ms),
+                order,
             });
         }
         sort_by_precedence(&mut routes);
+        c.endpoints = live;
+        c.services = services;
+        c.budgets = budgets;
+        c.limiters = limiters;
         self.table.store(Arc::new(RouteTable {
-            registry_revision: registry.revision,
+            registry_revision: c.registry.revision,
             routes,
         }));
-    }
-
-    /// Accept connections on `listener` until `shutdown` turns true, then stop accepting and wait
-    /// (up to the shutdown grace) for open requests to finish.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.cfg.header_read_timeout)
-            .keep_alive(true);
-        loop {
-            let (stream, peer) = tokio::select! {
-                res = listener.accept() => match res {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "gateway accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.wait_for(|s| *s) => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let gw = self.clone();
-            let svc = service_fn(move |req| {
-                let gw = gw.clone();
-                async move { Ok::<_, Infallible>(gw.handle(req, peer).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let conn = graceful.watch(conn);
-            let open = self.metrics.open_connections.clone();
-            self.metrics.connections.inc();
-            open.inc();
-            tokio::spawn(async move {
-                let _ = conn.await;
-                open.dec();
-            });
-        }
-        drop(listener);
-        tokio::select! {
-            _ = graceful.shutdown() => {}
-            _ = tokio::time::sleep(self.cfg.shutdown_grace) => {
-                tracing::warn!("gateway shutdown grace elapsed with requests still open");
-            }
-        }
     }
 }

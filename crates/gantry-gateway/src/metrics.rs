@@ -1,5 +1,5 @@
-//! Gateway metrics. Handles per route are resolved when the table is built, so the request path
-//! only increments atomics it already holds.
+//! Gateway metrics. Handles per route, service and instance are resolved when the table is built,
+//! so the request path only touches atomics (and one histogram) it already holds.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +23,24 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub service: String,
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceStatusLabels {
+    pub service: String,
+    pub instance: String,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -37,15 +55,27 @@ fn latency_histogram() -> Histogram {
     ])
 }
 
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+pub fn class_index(status: u16) -> usize {
+    (status / 100).clamp(1, 5) as usize - 1
+}
 
 #[derive(Clone)]
 pub struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily<RouteLabels>,
     retries: Family<RouteLabels, Counter>,
-    upstream_errors: Family<RouteLabels, Counter>,
-    pub rejected: Family<ReasonLabels, Counter>,
+    rate_limited: Family<RouteLabels, Counter>,
+    upstream_errors: Family<ServiceLabels, Counter>,
+    circuit_state: Family<ServiceLabels, Gauge>,
+    bulkhead_rejections: Family<ServiceLabels, Counter>,
+    instance_requests: Family<InstanceStatusLabels, Counter>,
+    instance_duration: HistogramFamily<InstanceLabels>,
+    ejections: Family<InstanceLabels, Counter>,
+    ejected: Family<InstanceLabels, Gauge>,
+    cache: Family<ReasonLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
     pub open_connections: Gauge,
     pub connections: Counter,
 }
@@ -56,7 +86,15 @@ impl GatewayMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             retries: Family::default(),
+            rate_limited: Family::default(),
             upstream_errors: Family::default(),
+            circuit_state: Family::default(),
+            bulkhead_rejections: Family::default(),
+            instance_requests: Family::default(),
+            instance_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            ejections: Family::default(),
+            ejected: Family::default(),
+            cache: Family::default(),
             rejected: Family::default(),
             open_connections: Gauge::default(),
             connections: Counter::default(),
@@ -74,13 +112,53 @@ impl GatewayMetrics {
             );
             r.register(
                 "retries",
-                "Requests sent again to another instance after a transport error",
+                "Attempts sent again after a failure, by route",
                 m.retries.clone(),
             );
             r.register(
+                "rate_limited",
+                "Requests refused with 429, by route",
+                m.rate_limited.clone(),
+            );
+            r.register(
                 "upstream_errors",
-                "Attempts that failed to reach an instance or get its response",
+                "Attempts that got no response (refused, reset, timeout), by service",
                 m.upstream_errors.clone(),
+            );
+            r.register(
+                "circuit_state",
+                "Service circuit breaker: 0 closed, 1 open, 2 half-open",
+                m.circuit_state.clone(),
+            );
+            r.register(
+                "bulkhead_rejections",
+                "Requests refused because the service's concurrency limit was reached",
+                m.bulkhead_rejections.clone(),
+            );
+            r.register(
+                "instance_requests",
+                "Attempts per instance by status class (error: no response)",
+                m.instance_requests.clone(),
+            );
+            r.register(
+                "instance_duration_seconds",
+                "Time to response headers per instance",
+                m.instance_duration.clone(),
+            );
+            r.register(
+                "ejections",
+                "Times an instance was ejected by outlier detection",
+                m.ejections.clone(),
+            );
+            r.register(
+                "ejected",
+                "1 while an instance is ejected",
+                m.ejected.clone(),
+            );
+            r.register(
+                "cache",
+                "Cache lookups by result (hit, miss, revalidated, stored)",
+                m.cache.clone(),
             );
             r.register(
                 "rejected_requests",
@@ -101,7 +179,6 @@ impl GatewayMetrics {
         m
     }
 
-    /// Handles for one route (or for `route = "none"` when nothing matched).
     pub fn route(&self, route: &str, service: &str) -> RouteMetrics {
         let labels = RouteLabels {
             route: route.into(),
@@ -119,12 +196,52 @@ impl GatewayMetrics {
             }),
             duration: self.duration.get_or_create(&labels).clone(),
             retries: self.retries.get_or_create(&labels).clone(),
-            upstream_errors: self.upstream_errors.get_or_create(&labels).clone(),
+            rate_limited: self.rate_limited.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        let l = ServiceLabels {
+            service: service.into(),
+        };
+        ServiceMetrics {
+            upstream_errors: self.upstream_errors.get_or_create(&l).clone(),
+            circuit_state: self.circuit_state.get_or_create(&l).clone(),
+            bulkhead_rejections: self.bulkhead_rejections.get_or_create(&l).clone(),
+        }
+    }
+
+    pub fn instance(&self, service: &str, instance: &str) -> InstanceMetrics {
+        let l = InstanceLabels {
+            service: service.into(),
+            instance: instance.into(),
+        };
+        let class = |status: &'static str| {
+            self.instance_requests
+                .get_or_create(&InstanceStatusLabels {
+                    service: service.into(),
+                    instance: instance.into(),
+                    status,
+                })
+                .clone()
+        };
+        InstanceMetrics {
+            by_class: CLASSES.map(class),
+            errors: class("error"),
+            duration: self.instance_duration.get_or_create(&l).clone(),
+            ejections: self.ejections.get_or_create(&l).clone(),
+            ejected: self.ejected.get_or_create(&l).clone(),
         }
     }
 
     pub fn reject(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn cache(&self, result: &'static str) {
+        self.cache
+            .get_or_create(&ReasonLabels { reason: result })
+            .inc();
     }
 }
 
@@ -133,13 +250,35 @@ pub struct RouteMetrics {
     by_class: [Counter; 5],
     pub duration: Histogram,
     pub retries: Counter,
-    pub upstream_errors: Counter,
+    pub rate_limited: Counter,
 }
 
 impl RouteMetrics {
     pub fn record(&self, status: u16, seconds: f64) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.by_class[class].inc();
+        self.by_class[class_index(status)].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    pub upstream_errors: Counter,
+    pub circuit_state: Gauge,
+    pub bulkhead_rejections: Counter,
+}
+
+#[derive(Clone)]
+pub struct InstanceMetrics {
+    by_class: [Counter; 5],
+    pub errors: Counter,
+    pub duration: Histogram,
+    pub ejections: Counter,
+    pub ejected: Gauge,
+}
+
+impl InstanceMetrics {
+    pub fn record(&self, status: u16, seconds: f64) {
+        self.by_class[class_index(status)].inc();
         self.duration.observe(seconds);
     }
 }

@@ -1,40 +1,57 @@
 //! The request path, as one pipeline. Every filter a request passes is here, in this order:
 //!
-//! 1. request id: keep a sane incoming `X-Request-Id`, else generate one;
-//! 2. route: match host and path prefix against the current table (404 when nothing matches);
-//! 3. upstream request: rewrite the path (strip prefix), drop hop-by-hop headers (RFC 9110
-//!    §7.6.1), set `X-Forwarded-For/-Proto/-Host` and `X-Request-Id`;
-//! 4. pick an instance: round robin over healthy, non-suspect instances (503 when none);
-//! 5. send with the route's timeout (504 on timeout); on a transport error the instance is marked
-//!    suspect and, if the request is idempotent and has no body, it goes to another instance;
-//! 6. response: drop hop-by-hop headers, add `X-Request-Id`, stream the body back;
-//! 7. record metrics and, if enabled, one access-log line.
+//!  1. hardening: request-smuggling shapes are refused, the path is normalized (or refused);
+//!  2. request id (`X-Request-Id`, kept when sane) and trace context (`traceparent`);
+//!  3. route: host, path, method, headers, query against the current table (404 when none);
+//!     a redirect route answers here;
+//!  4. rate limit (429 with `Retry-After` and `RateLimit-*`), body-size limit (413);
+//!  5. target: version from a header or path segment, else a weighted backend;
+//!  6. cache: a fresh hit answers here; a stale entry with validators is revalidated;
+//!  7. service circuit breaker (503 while open) and bulkhead (503 when full);
+//!  8. upstream request: path rewrite, hop-by-hop headers dropped (RFC 9110 §7.6.1),
+//!     `X-Forwarded-*`, request id, `traceparent`, configured header changes;
+//!  9. mirror: a copy to the shadow target, not awaited;
+//! 10. attempts: pick an instance (P2C-EWMA, round robin or hash; local first), connect from the
+//!     pool, send with the per-try timeout; on failure retry where safe, within the retry budget,
+//!     with jittered backoff; outlier ejection and EWMA learn from every attempt;
+//! 11. response: hop-by-hop dropped, header changes, request id; streamed back (WebSocket
+//!     upgrades are spliced), cached if allowed; metrics and the access log at the end.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 
-use crate::body::{InflightGuard, ResponseBody, UpstreamBody};
-use crate::table::{clock_ms, CompiledRoute};
-use crate::Gateway;
+use crate::body::{InflightGuard, OnEnd, ReqBody, RespBody, UpstreamBody};
+use crate::cache::{self, CacheKey, Lookup};
+use crate::pool::Conn;
+use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
+use crate::server::ConnInfo;
+use crate::table::{
+    clock_ms, hash64, Action, CompiledRoute, EndpointSet, ForwardAction, PathRewrite, RequestView,
+    ServiceState,
+};
+use crate::{path, trace, Gateway};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Most attempts one request may take (first try plus retries on other instances).
-const MAX_ATTEMPTS: usize = 3;
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// Request ids: a random per-process prefix and a counter, 32 hex digits.
 pub(crate) struct RequestIds {
@@ -44,45 +61,52 @@ pub(crate) struct RequestIds {
 
 impl RequestIds {
     pub(crate) fn new() -> Self {
-        let mut b = [0u8; 8];
-        let prefix = match getrandom::fill(&mut b) {
-            Ok(()) => u64::from_le_bytes(b),
-            Err(_) => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0x6761_6e74_7279),
-        };
         Self {
-            prefix,
+            prefix: crate::rand::next_u64(),
             next: AtomicU64::new(1),
         }
     }
 
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let s = format!("{:016x}{:016x}", self.prefix, n);
-        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 32];
+        for (i, v) in [self.prefix, n].iter().enumerate() {
+            for j in 0..16 {
+                buf[i * 16 + j] = HEX[((v >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 }
 
 /// Why the gateway answered a request itself.
 #[derive(Clone, Copy, Debug)]
-enum Reject {
+pub(crate) enum Reject {
     NoRoute,
     NoInstance,
+    NoVersion,
     UpstreamError,
     UpstreamTimeout,
     BadRequest(&'static str),
+    TooLarge,
+    RateLimited,
+    CircuitOpen,
+    Bulkhead,
 }
 
 impl Reject {
     fn status(self) -> StatusCode {
         match self {
             Reject::NoRoute => StatusCode::NOT_FOUND,
-            Reject::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::NoInstance | Reject::NoVersion | Reject::CircuitOpen | Reject::Bulkhead => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reject::UpstreamError => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -90,270 +114,27 @@ impl Reject {
         match self {
             Reject::NoRoute => "no_route",
             Reject::NoInstance => "no_healthy_instance",
+            Reject::NoVersion => "no_matching_version",
             Reject::UpstreamError => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::BadRequest(_) => "bad_request",
+            Reject::TooLarge => "body_too_large",
+            Reject::RateLimited => "rate_limited",
+            Reject::CircuitOpen => "circuit_open",
+            Reject::Bulkhead => "concurrency_limit",
         }
     }
 }
 
-impl Gateway {
-    pub(crate) async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ResponseBody> {
-        let start = Instant::now();
-        // 1. request id
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if is_sane_request_id(v) => v.clone(),
-            _ => self.ids.next(),
-        };
-        let method = req.method().clone();
-        let path_for_log = self.cfg.access_log.then(|| req.uri().path().to_string());
-
-        // 2. route
-        let table = self.table.load_full();
-        let host = request_host(&req);
-        let route = match req.uri().path() {
-            p if p.starts_with('/') => table.find(host.as_deref(), p),
-            _ => None,
-        };
-        let (resp, upstream_id) = match route {
-            None => {
-                let why = if req.uri().path().starts_with('/') {
-                    Reject::NoRoute
-                } else {
-                    Reject::BadRequest("request target must be an absolute path")
-                };
-                let r = self.reject(why, None, &request_id, host.as_deref(), req.uri().path());
-                self.no_route
-                    .record(r.status().as_u16(), start.elapsed().as_secs_f64());
-                (r, None)
-            }
-            Some(route) => {
-                let (r, up) = self.forward(route, req, peer, host, &request_id).await;
-                route
-                    .metrics
-                    .record(r.status().as_u16(), start.elapsed().as_secs_f64());
-                (r, up)
-            }
-        };
-
-        // 7. access log
-        if let Some(path) = path_for_log {
-            tracing::info!(
-                target: "gantry::access",
-                request_id = request_id.to_str().unwrap_or(""),
-                method = %method,
-                path = %path,
-                route = route.map(|r| r.route.id.as_str()).unwrap_or("none"),
-                upstream = upstream_id.as_deref().unwrap_or(""),
-                status = resp.status().as_u16(),
-                duration_us = start.elapsed().as_micros() as u64,
-                client = %peer.ip(),
-            );
-        }
-        resp
-    }
-
-    async fn forward(
-        &self,
-        route: &CompiledRoute,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        host: Option<String>,
-        request_id: &HeaderValue,
-    ) -> (Response<ResponseBody>, Option<String>) {
-        let (parts, body) = req.into_parts();
-        let path_and_query = match upstream_path(route, &parts.uri) {
-            Some(pq) => pq,
-            None => {
-                let r = Reject::BadRequest("request path cannot be rewritten for the upstream");
-                return (
-                    self.reject(
-                        r,
-                        Some(&route.route.service),
-                        request_id,
-                        host.as_deref(),
-                        parts.uri.path(),
-                    ),
-                    None,
-                );
-            }
-        };
-
-        // 3. upstream request headers
-        let mut headers = parts.headers;
-        remove_hop_by_hop(&mut headers);
-        append_forwarded_for(&mut headers, peer);
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        if let Some(h) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| headers.get(header::HOST).cloned())
-        {
-            headers.insert(X_FORWARDED_HOST.clone(), h);
-        }
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-
-        // A request can go to another instance after a transport error only if sending it again
-        // is safe (idempotent method) and possible (no body to replay).
-        let replayable = body.is_end_stream() && is_idempotent(&parts.method);
-        let mut body = Some(body);
-        let upstream = &route.upstream;
-        let mut tried: Vec<usize> = Vec::new();
-        loop {
-            // 4. pick an instance
-            let now = clock_ms();
-            let Some((idx, ep)) = upstream.pick(&tried, now) else {
-                let why = if tried.is_empty() {
-                    Reject::NoInstance
-                } else {
-                    Reject::UpstreamError
-                };
-                return (
-                    self.reject(
-                        why,
-                        Some(&upstream.service),
-                        request_id,
-                        host.as_deref(),
-                        parts.uri.path(),
-                    ),
-                    None,
-                );
-            };
-            tried.push(idx);
-            let last_try = !replayable || tried.len() >= MAX_ATTEMPTS.min(upstream.endpoints.len());
-            let uri = Uri::from_parts({
-                let mut p = http::uri::Parts::default();
-                p.scheme = Some(Scheme::HTTP);
-                p.authority = Some(ep.authority.clone());
-                p.path_and_query = Some(path_and_query.clone());
-                p
-            });
-            let Ok(uri) = uri else {
-                return (
-                    self.reject(
-                        Reject::UpstreamError,
-                        Some(&upstream.service),
-                        request_id,
-                        host.as_deref(),
-                        parts.uri.path(),
-                    ),
-                    None,
-                );
-            };
-            let up_body = match (replayable, body.take()) {
-                (false, Some(b)) => Either::Left(b),
-                _ => Either::Right(Empty::<Bytes>::new()),
-            };
-            let mut up_req = Request::new(up_body);
-            *up_req.method_mut() = parts.method.clone();
-            *up_req.uri_mut() = uri;
-            *up_req.version_mut() = Version::HTTP_11;
-            *up_req.headers_mut() = if last_try {
-                std::mem::take(&mut headers)
-            } else {
-                headers.clone()
-            };
-            let guard = InflightGuard::new(ep.clone());
-
-            // 5. send
-            match tokio::time::timeout(route.timeout, self.client.request(up_req)).await {
-                Ok(Ok(resp)) => {
-                    // 6. response
-                    let (mut rparts, rbody) = resp.into_parts();
-                    remove_hop_by_hop(&mut rparts.headers);
-                    rparts
-                        .headers
-                        .insert(X_REQUEST_ID.clone(), request_id.clone());
-                    let body = Either::Left(UpstreamBody::new(rbody, guard));
-                    return (Response::from_parts(rparts, body), Some(ep.id.to_string()));
-                }
-                Ok(Err(e)) => {
-                    drop(guard);
-                    route.metrics.upstream_errors.inc();
-                    ep.mark_suspect(clock_ms());
-                    tracing::debug!(instance = %ep.id, error = %e, "upstream attempt failed");
-                    if last_try {
-                        return (
-                            self.reject(
-                                Reject::UpstreamError,
-                                Some(&upstream.service),
-                                request_id,
-                                host.as_deref(),
-                                parts.uri.path(),
-                            ),
-                            Some(ep.id.to_string()),
-                        );
-                    }
-                    route.metrics.retries.inc();
-                }
-                Err(_) => {
-                    // Not retried: the instance may still be working on it.
-                    return (
-                        self.reject(
-                            Reject::UpstreamTimeout,
-                            Some(&upstream.service),
-                            request_id,
-                            host.as_deref(),
-                            parts.uri.path(),
-                        ),
-                        Some(ep.id.to_string()),
-                    );
-                }
-            }
-        }
-    }
-
-    fn reject(
-        &self,
-        why: Reject,
-        service: Option<&str>,
-        request_id: &HeaderValue,
-        host: Option<&str>,
-        path: &str,
-    ) -> Response<ResponseBody> {
-        self.metrics.reject(why.code());
-        let message = match why {
-            Reject::NoRoute => format!(
-                "no route matches host {} and path {path}",
-                host.unwrap_or("(none)")
-            ),
-            Reject::NoInstance => {
-                format!("service {} has no healthy instance", service.unwrap_or("?"))
-            }
-            Reject::UpstreamError => format!(
-                "could not get a response from any instance of service {}",
-                service.unwrap_or("?")
-            ),
-            Reject::UpstreamTimeout => format!(
-                "service {} did not answer within the route's timeout",
-                service.unwrap_or("?")
-            ),
-            Reject::BadRequest(m) => m.to_string(),
-        };
-        let body = serde_json::json!({
-            "error": why.code(),
-            "message": message,
-            "service": service,
-            "request_id": request_id.to_str().unwrap_or(""),
-        });
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
-        *resp.status_mut() = why.status();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(X_REQUEST_ID.clone(), request_id.clone());
-        if matches!(why, Reject::NoInstance) {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
-    }
+/// What the access log and metrics need about one request.
+struct Ctx {
+    start: Instant,
+    request_id: HeaderValue,
+    trace_id: Option<String>,
+    method: Method,
+    path: String,
+    client: SocketAddr,
+    host: Option<String>,
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -368,24 +149,39 @@ fn is_sane_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// The request's host, lowercased and without port: from an absolute-form target, else `Host`.
+/// Request-smuggling shapes hyper lets through: both `Content-Length` and `Transfer-Encoding`,
+/// or several `Content-Length` headers. (Malformed lengths, bad `Transfer-Encoding` and obs-fold
+/// are already refused by hyper's parser with a 400.)
+fn smuggling(h: &HeaderMap) -> Option<&'static str> {
+    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
+    if cl > 1 {
+        return Some("several Content-Length headers");
+    }
+    if cl == 1 && h.contains_key(header::TRANSFER_ENCODING) {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    None
+}
+
+/// The request's host, lowercased and without port: from the target's authority (HTTP/2,
+/// absolute form), else `Host`.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = match req.uri().host() {
         Some(h) => h,
-        None => {
-            let h = req.headers().get(header::HOST)?.to_str().ok()?;
-            strip_port(h)
-        }
+        None => strip_port(req.headers().get(header::HOST)?.to_str().ok()?),
     };
     if raw.is_empty() {
         return None;
     }
-    Some(raw.to_ascii_lowercase())
+    if raw.bytes().any(|c| c.is_ascii_uppercase()) {
+        Some(raw.to_ascii_lowercase())
+    } else {
+        Some(raw.to_string())
+    }
 }
 
 fn strip_port(h: &str) -> &str {
     if h.starts_with('[') {
-        // [v6]:port
         return match h.find(']') {
             Some(i) => &h[..=i],
             None => h,
@@ -397,49 +193,37 @@ fn strip_port(h: &str) -> &str {
     }
 }
 
-/// Path and query to send upstream, with the route prefix removed when asked.
-fn upstream_path(route: &CompiledRoute, uri: &Uri) -> Option<PathAndQuery> {
-    let pq = uri.path_and_query()?;
-    if !route.route.strip_prefix {
-        return Some(pq.clone());
-    }
-    let rest = uri
-        .path()
-        .strip_prefix(route.route.path_prefix.as_str())
-        .unwrap_or(uri.path());
-    let path = if rest.is_empty() { "/" } else { rest };
-    let s = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    PathAndQuery::try_from(s).ok()
-}
-
 /// RFC 9110 §7.6.1: remove `Connection` and every header it names, plus the standard
-/// hop-by-hop headers.
-fn remove_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+/// hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers` (needed by gRPC over HTTP/2).
+fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
     }
+    let te_trailers = keep_te_trailers
+        && h.get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in [
-        &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
         &header::TE,
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
     ] {
         h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -451,6 +235,1259 @@ fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
         h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// Outcome of one attempt, for retries, outlier detection and the breaker.
+enum Attempt {
+    Response(
+        Response<Incoming>,
+        Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
+    ),
+    /// No response: refused, reset, or the connection died.
+    Failed(String),
+    TimedOut,
+}
+
+/// Work done when a forwarded response's body ends: release the service slot, store the body in
+/// the cache, write the access log.
+struct RequestEnd {
+    gw: Arc<Gateway>,
+    _service_slot: ServiceSlot,
+    cache: Option<(CacheKey, HeaderMap, StatusCode, HeaderMap, u64)>,
+    log: Option<(Ctx, Arc<str>, String, u16, Duration)>,
+}
+
+impl OnEnd for RequestEnd {
+    fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>) {
+        if let (Some((key, req_h, status, resp_h, fresh)), Some(body)) = (self.cache.take(), body) {
+            if complete {
+                self.gw
+                    .cache
+                    .insert(&key, &req_h, status, resp_h, body, fresh, clock_ms());
+                self.gw.metrics.cache("stored");
+            }
+        }
+        if let Some((ctx, route, upstream, status, upstream_time)) = self.log.take() {
+            access_log(
+                &ctx,
+                &route,
+                &upstream,
+                status,
+                bytes,
+                Some(upstream_time),
+                complete,
+            );
+        }
+    }
+}
+
+/// A request counted against its service's concurrency limit.
+struct ServiceSlot(Arc<ServiceState>);
+
+impl Drop for ServiceSlot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn access_log(
+    ctx: &Ctx,
+    route: &str,
+    upstream: &str,
+    status: u16,
+    bytes: u64,
+    upstream_time: Option<Duration>,
+    complete: bool,
+) {
+    tracing::info!(
+        target: "gantry::access",
+        request_id = ctx.request_id.to_str().unwrap_or(""),
+        trace_id = ctx.trace_id.as_deref().unwrap_or(""),
+        method = %ctx.method,
+        host = ctx.host.as_deref().unwrap_or(""),
+        path = %ctx.path,
+        route,
+        upstream,
+        status,
+        bytes,
+        complete,
+        upstream_ms = upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+        client = %ctx.client.ip(),
+    );
+}
+
+impl Gateway {
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<RespBody> {
+        let start = Instant::now();
+        // 2. request id and trace context
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if is_sane_request_id(v) => v.clone(),
+            _ => self.ids.next(),
+        };
+        let tc = trace::propagate(
+            req.headers()
+                .get(&TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut ctx = Ctx {
+            start,
+            request_id,
+            trace_id: Some(tc.trace_id),
+            method: req.method().clone(),
+            path: String::new(),
+            client: conn.peer,
+            host: request_host(&req),
+        };
+        if self.cfg.access_log {
+            ctx.path = req.uri().path().to_string();
+        }
+        if let Ok(v) = HeaderValue::from_str(&tc.header) {
+            req.headers_mut().insert(TRACEPARENT.clone(), v);
+        }
+
+        // 1. hardening
+        if let Some(why) = smuggling(req.headers()) {
+            return self.finish_reject(&ctx, None, Reject::BadRequest(why), None);
+        }
+        let normalized = match path::normalize(req.uri().path()) {
+            Ok(std::borrow::Cow::Borrowed(_)) => None,
+            Ok(std::borrow::Cow::Owned(p)) => Some(p),
+            Err(e) => return self.finish_reject(&ctx, None, Reject::BadRequest(e.message()), None),
+        };
+
+        // 3. route
+        let table = self.table.load_full();
+        let route = {
+            let view = RequestView {
+                host: ctx.host.as_deref(),
+                path: normalized.as_deref().unwrap_or(req.uri().path()),
+                method: req.method(),
+                headers: req.headers(),
+                query: req.uri().query(),
+            };
+            table.find(&view)
+        };
+        let Some(route) = route else {
+            return self.finish_reject(&ctx, None, Reject::NoRoute, None);
+        };
+        match &route.action {
+            Action::Redirect(r) => {
+                let resp = redirect(r, route, &req, normalized.as_deref(), conn.tls, &ctx);
+                route
+                    .metrics
+                    .record(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                if self.cfg.access_log {
+                    access_log(&ctx, &route.id, "", resp.status().as_u16(), 0, None, true);
+                }
+                resp
+            }
+            Action::Forward(f) => {
+                let resp = self
+                    .forward(route, f, req, normalized, conn, &mut ctx)
+                    .await;
+                route
+                    .metrics
+                    .record(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                resp
+            }
+        }
+    }
+
+    fn finish_reject(
+        &self,
+        ctx: &Ctx,
+        route: Option<&CompiledRoute>,
+        why: Reject,
+        extra: Option<&str>,
+    ) -> Response<RespBody> {
+        let resp = self.reject(why, route.map(|r| &*r.service), ctx, extra);
+        match route {
+            Some(r) => r
+                .metrics
+                .record(resp.status().as_u16(), ctx.start.elapsed().as_secs_f64()),
+            None => self
+                .no_route
+                .record(resp.status().as_u16(), ctx.start.elapsed().as_secs_f64()),
+        }
+        if self.cfg.access_log {
+            access_log(
+                ctx,
+                route.map_or("none", |r| &r.id),
+                "",
+                resp.status().as_u16(),
+                0,
+                None,
+                true,
+            );
+        }
+        resp
+    }
+
+    fn reject(
+        &self,
+        why: Reject,
+        service: Option<&str>,
+        ctx: &Ctx,
+        extra: Option<&str>,
+    ) -> Response<RespBody> {
+        self.metrics.reject(why.code());
+        let svc = service.unwrap_or("?");
+        let message = match why {
+            Reject::NoRoute => format!(
+                "no route matches {} {} on host {}",
+                ctx.method,
+                if ctx.path.is_empty() {
+                    "this path"
+                } else {
+                    &ctx.path
+                },
+                ctx.host.as_deref().unwrap_or("(none)")
+            ),
+            Reject::NoInstance => format!("service {svc} has no healthy instance"),
+            Reject::NoVersion => format!(
+                "service {svc} has no healthy instance matching version {}",
+                extra.unwrap_or("?")
+            ),
+            Reject::UpstreamError => {
+                format!("could not get a response from any instance of service {svc}")
+            }
+            Reject::UpstreamTimeout => {
+                format!("service {svc} did not answer within the route's timeout")
+            }
+            Reject::BadRequest(m) => m.to_string(),
+            Reject::TooLarge => format!(
+                "request body is larger than the route allows ({} bytes)",
+                extra.unwrap_or("?")
+            ),
+            Reject::RateLimited => {
+                "rate limit exceeded; retry after the time in Retry-After".into()
+            }
+            Reject::CircuitOpen => format!("service {svc} is failing; its circuit breaker is open"),
+            Reject::Bulkhead => format!("service {svc} has too many requests in flight"),
+        };
+        let body = serde_json::json!({
+            "error": why.code(),
+            "message": message,
+            "service": service,
+            "request_id": ctx.request_id.to_str().unwrap_or(""),
+        });
+        let mut resp = Response::new(RespBody::full(body.to_string()));
+        *resp.status_mut() = why.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        if matches!(
+            why,
+            Reject::NoInstance | Reject::NoVersion | Reject::CircuitOpen | Reject::Bulkhead
+        ) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        self: &Arc<Self>,
+        route: &CompiledRoute,
+        f: &ForwardAction,
+        mut req: Request<Incoming>,
+        normalized: Option<String>,
+        conn: ConnInfo,
+        ctx: &mut Ctx,
+    ) -> Response<RespBody> {
+        let now = clock_ms();
+        // 4. rate limit and body size
+        if let Some((limiter, key)) = &f.limiter {
+            let ip;
+            let k: &[u8] = match key {
+                gantry_model::RateLimitKey::ClientIp => {
+                    ip = conn.peer.ip().to_string();
+                    ip.as_bytes()
+                }
+                gantry_model::RateLimitKey::Route => b"",
+                gantry_model::RateLimitKey::Header(h) => req
+                    .headers()
+                    .get(h.as_str())
+                    .map_or(&b""[..], |v| v.as_bytes()),
+            };
+            let d = limiter.check(k, now);
+            if !d.allowed {
+                route.metrics.rate_limited.inc();
+                let mut resp = self.finish_reject(ctx, Some(route), Reject::RateLimited, None);
+                let h = resp.headers_mut();
+                h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
+                h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(d.limit));
+                h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining));
+                h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(d.reset_secs));
+                return resp;
+            }
+        }
+        if let Some(len) = req
+            .body()
+            .size_hint()
+            .exact()
+            .or_else(|| req.body().size_hint().upper())
+        {
+            if len > f.max_body_bytes {
+                return self.finish_reject(
+                    ctx,
+                    Some(route),
+                    Reject::TooLarge,
+                    Some(&f.max_body_bytes.to_string()),
+                );
+            }
+        }
+
+        // 5. target
+        let mut path_for_upstream: Option<String> = normalized;
+        let orig_path = req.uri().path().to_string();
+        let cur_path = path_for_upstream.clone().unwrap_or(orig_path);
+        let mut selected: Option<(EndpointSet, String)> = None;
+        if let Some(h) = &f.version_header {
+            if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
+                match semver::VersionReq::parse(v.trim()) {
+                    Ok(r) => {
+                        selected =
+                            Some((filter_versions(&f.all_versions, &r), v.trim().to_string()))
+                    }
+                    Err(_) => {
+                        return self.finish_reject(
+                            ctx,
+                            Some(route),
+                            Reject::BadRequest(
+                                "the version header is not a semver requirement (e.g. ^2 or 1.4)",
+                            ),
+                            None,
+                        )
+                    }
+                }
+            }
+        }
+        let mut rest_path = cur_path.clone();
+        if selected.is_none() && f.version_from_path {
+            let prefix = match &route.matcher.path {
+                crate::table::PathMatcher::Prefix(p) if p != "/" => p.as_str(),
+                _ => "",
+            };
+            let after = &cur_path[prefix.len().min(cur_path.len())..];
+            let seg = after
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or("");
+            if let Some(major) = seg.strip_prefix('v').and_then(|m| m.parse::<u64>().ok()) {
+                if let Ok(r) = semver::VersionReq::parse(&major.to_string()) {
+                    selected = Some((filter_versions(&f.all_versions, &r), format!("v{major}")));
+                    let cut = prefix.len() + 1 + seg.len();
+                    rest_path = format!("{prefix}{}", &cur_path[cut.min(cur_path.len())..]);
+                    if rest_path.is_empty() {
+                        rest_path.push('/');
+                    }
+                    path_for_upstream = Some(rest_path.clone());
+                }
+            }
+        }
+        let set: &EndpointSet = match &selected {
+            Some((s, _)) => s,
+            None => pick_backend(f),
+        };
+        if set.endpoints.is_empty() {
+            return match &selected {
+                Some((_, v)) => self.finish_reject(ctx, Some(route), Reject::NoVersion, Some(v)),
+                None => self.finish_reject(ctx, Some(route), Reject::NoInstance, None),
+            };
+        }
+        let service = set.service.clone();
+
+        // 6. cache
+        let mut revalidating: Option<Arc<cache::Entry>> = None;
+        let mut cache_key: Option<CacheKey> = None;
+        if f.cache.is_some() {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{rest_path}?{q}"),
+                None => rest_path.clone(),
+            };
+            if let Some(key) = cache::key_for(req.method(), ctx.host.as_deref(), &pq, &route.id) {
+                match self.cache.lookup(&key, req.headers(), now) {
+                    Lookup::Fresh(e) => {
+                        self.metrics.cache("hit");
+                        return self.serve_cached(&e, &req, "HIT", ctx, route, f);
+                    }
+                    Lookup::Stale(e) => revalidating = Some(e),
+                    Lookup::Miss => {}
+                }
+                cache_key = Some(key);
+            }
+        }
+
+        // 7. breaker and bulkhead
+        let admission = service.breaker().admit(now);
+        let probe = match admission {
+            Admission::Allowed { probe } => probe,
+            Admission::Rejected { retry_after_ms } => {
+                let mut r = self.finish_reject(ctx, Some(route), Reject::CircuitOpen, None);
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)),
+                );
+                return r;
+            }
+        };
+        let limit = service.policy.max_concurrent_requests as usize;
+        let slot = {
+            let n = service.inflight.fetch_add(1, Ordering::Relaxed);
+            let slot = ServiceSlot(service.clone());
+            if limit > 0 && n >= limit {
+                service.metrics.bulkhead_rejections.inc();
+                if probe {
+                    self.record_breaker(&service, true, true);
+                }
+                return self.finish_reject(ctx, Some(route), Reject::Bulkhead, None);
+            }
+            slot
+        };
+
+        // 8. upstream request
+        let upgrade = is_websocket_upgrade(&req);
+        let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let want_h2 = match service.policy.protocol {
+            gantry_model::UpstreamProtocol::H2c => !upgrade,
+            gantry_model::UpstreamProtocol::Auto => parts.version == Version::HTTP_2 && !upgrade,
+            gantry_model::UpstreamProtocol::Http1 => false,
+        };
+        let pq = match rewrite_path(route, f, path_for_upstream.as_deref(), &parts.uri) {
+            Some(pq) => pq,
+            None => {
+                return self.finish_reject(
+                    ctx,
+                    Some(route),
+                    Reject::BadRequest("the rewritten path is not a valid URI path"),
+                    None,
+                )
+            }
+        };
+        let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
+            || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        let mut headers = std::mem::take(&mut parts.headers);
+        let client_headers = cache_key.as_ref().map(|_| headers.clone());
+        let upgrade_headers = if upgrade {
+            Some((headers.get(header::UPGRADE).cloned(), ()))
+        } else {
+            None
+        };
+        remove_hop_by_hop(&mut headers, want_h2);
+        if let Some((Some(u), ())) = upgrade_headers {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, u);
+        }
+        append_forwarded_for(&mut headers, conn.peer);
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+        if let Some(a) = authority
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
+        {
+            if !want_h2 && !headers.contains_key(header::HOST) {
+                headers.insert(header::HOST, a.clone());
+            }
+            headers.insert(X_FORWARDED_HOST.clone(), a);
+        }
+        if want_h2 {
+            headers.remove(header::HOST);
+        }
+        headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        f.request_headers.apply(&mut headers);
+        if let (Some(e), false) = (&revalidating, client_conditional) {
+            if let Some(etag) = &e.etag {
+                headers.insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = &e.last_modified {
+                headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+        let uri = if want_h2 {
+            let auth = authority.clone().unwrap_or_else(|| "localhost".into());
+            format!("http://{auth}{}", pq.as_str())
+                .parse::<Uri>()
+                .unwrap_or_else(|_| Uri::from(pq.clone()))
+        } else {
+            Uri::from(pq.clone())
+        };
+        let method = parts.method.clone();
+        let replayable = body.is_end_stream();
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let mut body = Some(if replayable {
+            ReqBody::Empty
+        } else {
+            ReqBody::limited(body, f.max_body_bytes, exceeded.clone())
+        });
+
+        // 9. mirror
+        if let Some((mset, pct)) = &f.mirror {
+            if replayable && !upgrade && crate::rand::unit() * 100.0 < *pct {
+                self.mirror(mset, &method, &uri, &headers, want_h2);
+            }
+        }
+
+        // 10. attempts
+        let retry = &f.retry;
+        let can_retry = replayable
+            && !upgrade
+            && (is_idempotent(&method) || retry.non_idempotent)
+            && retry.attempts > 0;
+        let max_attempts = 1 + if can_retry {
+            retry.attempts as usize
+        } else {
+            0
+        };
+        f.budget.record_request(now);
+        let hash_key = match &service.policy.load_balancer {
+            gantry_model::LoadBalancer::Hash(on) => match on {
+                gantry_model::HashOn::ClientIp => {
+                    Some(hash64(conn.peer.ip().to_string().as_bytes()))
+                }
+                gantry_model::HashOn::Header(h) => {
+                    headers.get(h.as_str()).map(|v| hash64(v.as_bytes()))
+                }
+                gantry_model::HashOn::Cookie(c) => {
+                    cookie(&headers, c).map(|v| hash64(v.as_bytes()))
+                }
+            },
+            _ => None,
+        };
+        let deadline = tokio::time::Instant::from_std(ctx.start) + f.request_timeout;
+        let connect_timeout = Duration::from_millis(service.policy.connect_timeout_ms);
+        let mut tried: Vec<usize> = Vec::with_capacity(2);
+        let mut attempt_no = 0usize;
+        let mut stale_conns = 0usize;
+        let mut template: Option<(Method, Uri, HeaderMap)> = None;
+        let mut pending_req: Option<Request<ReqBody>> = None;
+        let mut last_failure = Reject::UpstreamError;
+        let mut headers_slot = Some(headers);
+        loop {
+            let now = clock_ms();
+            if tokio::time::Instant::now() >= deadline {
+                last_failure = Reject::UpstreamTimeout;
+                break;
+            }
+            let Some(idx) = set.pick(&tried, hash_key, now) else {
+                break;
+            };
+            let ep = set.endpoints[idx].clone();
+            let up_req = match pending_req.take() {
+                Some(r) => r,
+                None => {
+                    let h = match headers_slot.take() {
+                        Some(h) => {
+                            if can_retry && max_attempts > 1 {
+                                template = Some((method.clone(), uri.clone(), h.clone()));
+                            }
+                            h
+                        }
+                        None => match &template {
+                            Some((_, _, h)) => h.clone(),
+                            None => break,
+                        },
+                    };
+                    let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
+                    *r.method_mut() = method.clone();
+                    *r.uri_mut() = uri.clone();
+                    *r.version_mut() = if want_h2 {
+                        Version::HTTP_2
+                    } else {
+                        Version::HTTP_11
+                    };
+                    *r.headers_mut() = h;
+                    r
+                }
+            };
+            let guard = InflightGuard::new(ep.clone());
+            let attempt_start = Instant::now();
+            let per_try = f
+                .per_try_timeout
+                .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
+            let sent = tokio::time::timeout_at(per_try, async {
+                let c = if want_h2 {
+                    ep.pool.h2(ep.addr, connect_timeout).await
+                } else if upgrade {
+                    ep.pool.new_h1(ep.addr, connect_timeout).await.map(Conn::H1)
+                } else {
+                    ep.pool.h1(ep.addr, connect_timeout).await
+                };
+                match c {
+                    Err(e) => Err((e.to_string(), Some(up_req))),
+                    Ok(Conn::H1(mut s)) => match s.try_send_request(up_req).await {
+                        Ok(resp) => Ok((resp, Some(s))),
+                        Err(mut e) => {
+                            let msg = e.take_message();
+                            Err((e.error().to_string(), msg))
+                        }
+                    },
+                    Ok(Conn::H2(mut s)) => match s.try_send_request(up_req).await {
+                        Ok(resp) => Ok((resp, None)),
+                        Err(mut e) => {
+                            let msg = e.take_message();
+                            Err((e.error().to_string(), msg))
+                        }
+                    },
+                }
+            })
+            .await;
+            let outcome = match sent {
+                Ok(Ok((resp, s))) => Attempt::Response(resp, s),
+                Ok(Err((why, returned))) => {
+                    if let Some(r) = returned {
+                        // Never left: a pooled connection the instance had just closed, or a
+                        // failed connect. The same request can go again.
+                        if why.contains("connection was not ready") || why.contains("closed") {
+                            stale_conns += 1;
+                            if stale_conns <= 3 {
+                                pending_req = Some(r);
+                                continue;
+                            }
+                        }
+                        pending_req = Some(r);
+                    }
+                    Attempt::Failed(why)
+                }
+                Err(_) => Attempt::TimedOut,
+            };
+            attempt_no += 1;
+            tried.push(idx);
+            let elapsed = attempt_start.elapsed();
+            match outcome {
+                Attempt::Response(resp, sender) => {
+                    let status = resp.status();
+                    ep.observe_latency(clock_ms(), elapsed.as_secs_f64() * 1e6);
+                    ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
+                    let failed = status.is_server_error();
+                    self.outlier(&service, &ep, !failed);
+                    let retry_status = retry.on_statuses.contains(&status.as_u16());
+                    if retry_status
+                        && attempt_no < max_attempts
+                        && f.budget.try_retry(clock_ms())
+                        && set.endpoints.len() > tried.len()
+                    {
+                        drop(resp);
+                        drop(guard);
+                        route.metrics.retries.inc();
+                        pending_req = None;
+                        tokio::time::sleep(backoff(
+                            attempt_no as u32,
+                            retry.backoff_base_ms,
+                            retry.backoff_max_ms,
+                        ))
+                        .await;
+                        continue;
+                    }
+                    self.record_breaker(&service, !failed, probe);
+                    return self
+                        .respond(
+                            route,
+                            f,
+                            ctx,
+                            &service,
+                            slot,
+                            ep,
+                            guard,
+                            resp,
+                            sender,
+                            elapsed,
+                            cache_key,
+                            revalidating,
+                            client_conditional,
+                            on_client_upgrade,
+                            &method,
+                            client_headers,
+                        )
+                        .await;
+                }
+                Attempt::Failed(why) => {
+                    drop(guard);
+                    ep.metrics.errors.inc();
+                    service.metrics.upstream_errors.inc();
+                    ep.mark_suspect(clock_ms());
+                    self.outlier(&service, &ep, false);
+                    tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
+                    if exceeded.load(Ordering::Relaxed) {
+                        return self.finish_reject(
+                            ctx,
+                            Some(route),
+                            Reject::TooLarge,
+                            Some(&f.max_body_bytes.to_string()),
+                        );
+                    }
+                    last_failure = Reject::UpstreamError;
+                    if retry.on_connect_failure
+                        && attempt_no < max_attempts
+                        && f.budget.try_retry(clock_ms())
+                    {
+                        route.metrics.retries.inc();
+                        tokio::time::sleep(backoff(
+                            attempt_no as u32,
+                            retry.backoff_base_ms,
+                            retry.backoff_max_ms,
+                        ))
+                        .await;
+                        continue;
+                    }
+                    break;
+                }
+                Attempt::TimedOut => {
+                    drop(guard);
+                    ep.metrics.errors.inc();
+                    service.metrics.upstream_errors.inc();
+                    self.outlier(&service, &ep, false);
+                    last_failure = Reject::UpstreamTimeout;
+                    pending_req = None;
+                    if retry.on_per_try_timeout
+                        && attempt_no < max_attempts
+                        && tokio::time::Instant::now() < deadline
+                        && f.budget.try_retry(clock_ms())
+                    {
+                        route.metrics.retries.inc();
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        // Every attempt failed.
+        self.record_breaker(&service, false, probe);
+        drop(slot);
+        if tried.is_empty() && !matches!(last_failure, Reject::UpstreamTimeout) {
+            last_failure = Reject::NoInstance;
+        }
+        self.finish_reject(ctx, Some(route), last_failure, None)
+    }
+
+    fn record_breaker(&self, service: &ServiceState, ok: bool, probe: bool) {
+        let (change, code) = {
+            let mut bc = service.breaker();
+            (bc.record(clock_ms(), ok, probe), bc.code())
+        };
+        if let Some(ch) = change {
+            self.breaker_changed(service, ch);
+        }
+        service.metrics.circuit_state.set(code);
+    }
+
+    fn breaker_changed(&self, service: &ServiceState, ch: BreakerChange) {
+        match ch {
+            BreakerChange::Opened => {
+                tracing::warn!(service = %service.name, "circuit breaker opened: requests fail fast")
+            }
+            BreakerChange::Closed => {
+                tracing::info!(service = %service.name, "circuit breaker closed")
+            }
+        }
+    }
+
+    /// Feed one attempt's result to the instance's outlier detector; eject within the cap.
+    fn outlier(&self, service: &ServiceState, ep: &crate::table::Endpoint, ok: bool) {
+        let now = clock_ms();
+        let mut o = ep
+            .outlier
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match o.record(now, ok) {
+            Some(OutlierVerdict::Restore) => {
+                ep.ejected_until_ms.store(0, Ordering::Relaxed);
+                service.ejected.fetch_sub(1, Ordering::Relaxed);
+                ep.metrics.ejected.set(0);
+                tracing::info!(instance = %ep.id, "instance back in rotation after ejection");
+            }
+            Some(OutlierVerdict::Eject) => {
+                let was_ejected = o.is_ejected();
+                let total = service.instances.load(Ordering::Relaxed);
+                let ejected = service.ejected.load(Ordering::Relaxed);
+                if was_ejected
+                    || ejection_allowed(ejected, total, service.policy.outlier.max_ejected_percent)
+                {
+                    let until = o.eject(now);
+                    ep.ejected_until_ms.store(until, Ordering::Relaxed);
+                    if !was_ejected {
+                        service.ejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ep.metrics.ejections.inc();
+                    ep.metrics.ejected.set(1);
+                    tracing::warn!(instance = %ep.id, ejected_ms = until - now, times = o.ejections, "instance ejected by outlier detection");
+                } else {
+                    o.spare();
+                }
+            }
+            None => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        self: &Arc<Self>,
+        route: &CompiledRoute,
+        f: &ForwardAction,
+        ctx: &mut Ctx,
+        service: &Arc<ServiceState>,
+        slot: ServiceSlot,
+        ep: Arc<crate::table::Endpoint>,
+        guard: InflightGuard,
+        resp: Response<Incoming>,
+        sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
+        upstream_time: Duration,
+        cache_key: Option<CacheKey>,
+        revalidating: Option<Arc<cache::Entry>>,
+        client_conditional: bool,
+        on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        method: &Method,
+        client_headers: Option<HeaderMap>,
+    ) -> Response<RespBody> {
+        let _ = service;
+        let status = resp.status();
+        // WebSocket: splice the two upgraded connections.
+        let mut resp = resp;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = on_client_upgrade {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (mut parts, _body) = resp.into_parts();
+                let idle = f.idle_timeout;
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    let _slot = slot;
+                    let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
+                        return;
+                    };
+                    splice(c, u, idle).await;
+                });
+                parts
+                    .headers
+                    .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+                f.response_headers.apply(&mut parts.headers);
+                if self.cfg.access_log {
+                    access_log(ctx, &route.id, &ep.id, 101, 0, Some(upstream_time), true);
+                }
+                return Response::from_parts(parts, RespBody::empty());
+            }
+        }
+        let (mut parts, incoming) = resp.into_parts();
+        // A revalidated cache entry: serve it.
+        if let (Some(entry), Some(key), StatusCode::NOT_MODIFIED, false) =
+            (&revalidating, &cache_key, status, client_conditional)
+        {
+            drop(incoming);
+            if let Some(s) = sender {
+                ep.pool.put_h1(s);
+            }
+            let req_headers = client_headers.unwrap_or_default();
+            let fresh = self
+                .cache
+                .refresh(key, &req_headers, entry, &parts.headers, clock_ms());
+            self.metrics.cache("revalidated");
+            drop(guard);
+            drop(slot);
+            let mut r = cached_response(&fresh, method, "REVALIDATED", clock_ms());
+            r.headers_mut()
+                .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            f.response_headers.apply(r.headers_mut());
+            if self.cfg.access_log {
+                access_log(
+                    ctx,
+                    &route.id,
+                    &ep.id,
+                    r.status().as_u16(),
+                    fresh.body.len() as u64,
+                    Some(upstream_time),
+                    true,
+                );
+            }
+            return r;
+        }
+        remove_hop_by_hop(&mut parts.headers, false);
+        let mut body = UpstreamBody::new(incoming, guard, f.idle_timeout);
+        if let Some(s) = sender {
+            body.return_conn(ep.clone(), s);
+        }
+        let mut end = RequestEnd {
+            gw: self.clone(),
+            _service_slot: slot,
+            cache: None,
+            log: None,
+        };
+        if let (Some(key), Some(policy)) = (cache_key, &f.cache) {
+            // The request headers that matter for Vary are the ones the client sent.
+            let client_headers = client_headers.unwrap_or_default();
+            if let Some(fresh) =
+                cache::Cache::storable(method, &client_headers, status, &parts.headers)
+            {
+                body.capture(policy.max_object_bytes as usize);
+                end.cache = Some((key, client_headers, status, parts.headers.clone(), fresh));
+            }
+            self.metrics.cache("miss");
+            parts
+                .headers
+                .insert(X_CACHE.clone(), HeaderValue::from_static("MISS"));
+        }
+        parts
+            .headers
+            .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        f.response_headers.apply(&mut parts.headers);
+        if self.cfg.access_log {
+            let c = Ctx {
+                start: ctx.start,
+                request_id: ctx.request_id.clone(),
+                trace_id: ctx.trace_id.take(),
+                method: ctx.method.clone(),
+                path: std::mem::take(&mut ctx.path),
+                client: ctx.client,
+                host: ctx.host.take(),
+            };
+            end.log = Some((
+                c,
+                route.id.clone(),
+                ep.id.to_string(),
+                status.as_u16(),
+                upstream_time,
+            ));
+        }
+        body.on_end(Box::new(end));
+        Response::from_parts(parts, RespBody::Upstream(Box::new(body)))
+    }
+
+    fn serve_cached(
+        &self,
+        e: &cache::Entry,
+        req: &Request<Incoming>,
+        how: &'static str,
+        ctx: &Ctx,
+        route: &CompiledRoute,
+        f: &ForwardAction,
+    ) -> Response<RespBody> {
+        let now = clock_ms();
+        let mut r = if cache::etag_matches(req.headers(), e.etag.as_ref()) {
+            let mut r = Response::new(RespBody::empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            for name in [
+                header::ETAG,
+                header::CACHE_CONTROL,
+                header::LAST_MODIFIED,
+                header::VARY,
+            ] {
+                if let Some(v) = e.headers.get(&name) {
+                    r.headers_mut().insert(name, v.clone());
+                }
+            }
+            r.headers_mut()
+                .insert(X_CACHE.clone(), HeaderValue::from_static("HIT"));
+            r
+        } else {
+            cached_response(e, req.method(), how, now)
+        };
+        r.headers_mut()
+            .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        f.response_headers.apply(r.headers_mut());
+        if self.cfg.access_log {
+            access_log(
+                ctx,
+                &route.id,
+                "cache",
+                r.status().as_u16(),
+                e.body.len() as u64,
+                None,
+                true,
+            );
+        }
+        r
+    }
+
+    /// Send a copy to the shadow target; its answer is read and dropped, and never awaited here.
+    fn mirror(&self, set: &EndpointSet, method: &Method, uri: &Uri, headers: &HeaderMap, h2: bool) {
+        let Some(idx) = set.pick(&[], None, clock_ms()) else {
+            return;
+        };
+        let ep = set.endpoints[idx].clone();
+        let mut r = Request::new(ReqBody::Empty);
+        *r.method_mut() = method.clone();
+        *r.uri_mut() = uri.clone();
+        *r.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *r.headers_mut() = headers.clone();
+        let timeout =
+            Duration::from_millis(set.service.policy.connect_timeout_ms) + Duration::from_secs(30);
+        tokio::spawn(async move {
+            let _guard = InflightGuard::new(ep.clone());
+            let fut = async {
+                let c = if h2 {
+                    ep.pool.h2(ep.addr, timeout).await
+                } else {
+                    ep.pool.h1(ep.addr, timeout).await
+                };
+                let resp = match c {
+                    Ok(Conn::H1(mut s)) => s
+                        .try_send_request(r)
+                        .await
+                        .map_err(TrySendError::into_error),
+                    Ok(Conn::H2(mut s)) => s
+                        .try_send_request(r)
+                        .await
+                        .map_err(TrySendError::into_error),
+                    Err(_) => return,
+                };
+                if let Ok(resp) = resp {
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                }
+            };
+            let _ = tokio::time::timeout(timeout, fut).await;
+        });
+    }
+}
+
+fn cached_response(
+    e: &cache::Entry,
+    method: &Method,
+    how: &'static str,
+    now: u64,
+) -> Response<RespBody> {
+    let body = if *method == Method::HEAD {
+        RespBody::empty()
+    } else {
+        RespBody::full(e.body.clone())
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = e.status;
+    *r.headers_mut() = e.headers.clone();
+    r.headers_mut().remove(header::TRANSFER_ENCODING);
+    r.headers_mut()
+        .insert(header::AGE, HeaderValue::from(e.age_secs(now)));
+    r.headers_mut()
+        .insert(X_CACHE.clone(), HeaderValue::from_static(how));
+    r
+}
+
+fn filter_versions(all: &EndpointSet, req: &semver::VersionReq) -> EndpointSet {
+    EndpointSet::new(
+        all.service.clone(),
+        all.endpoints
+            .iter()
+            .filter(|e| req.matches(&e.version))
+            .cloned()
+            .collect(),
+    )
+}
+
+fn pick_backend(f: &ForwardAction) -> &EndpointSet {
+    if f.backends.len() == 1 || f.total_weight == 0 {
+        return &f.backends[0].0;
+    }
+    let mut x = crate::rand::below(u64::from(f.total_weight)) as u32;
+    for (set, w) in &f.backends {
+        if x < *w {
+            return set;
+        }
+        x -= w;
+    }
+    &f.backends[0].0
+}
+
+/// Path and query to send upstream after the route's rewrite.
+fn rewrite_path(
+    route: &CompiledRoute,
+    f: &ForwardAction,
+    normalized: Option<&str>,
+    uri: &Uri,
+) -> Option<PathAndQuery> {
+    let path = normalized.unwrap_or(uri.path());
+    let prefix = match &route.matcher.path {
+        crate::table::PathMatcher::Prefix(p) => p.as_str(),
+        _ => "",
+    };
+    let new_path: Option<String> = match &f.rewrite {
+        PathRewrite::None => normalized.map(str::to_string),
+        PathRewrite::Strip => {
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix).unwrap_or(path)
+            };
+            Some(if rest.is_empty() {
+                "/".to_string()
+            } else {
+                rest.to_string()
+            })
+        }
+        PathRewrite::Replace(p) => {
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix).unwrap_or(path)
+            };
+            let mut s = p.trim_end_matches('/').to_string();
+            if rest.is_empty() || !rest.starts_with('/') {
+                s.push('/');
+            }
+            s.push_str(rest);
+            Some(s)
+        }
+        PathRewrite::Regex(re, rep) => Some(re.replace(path, rep.as_str()).into_owned()),
+    };
+    match new_path {
+        None => uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(PathAndQuery::from_static("/"))),
+        Some(p) => {
+            let s = match uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            PathAndQuery::try_from(s).ok()
+        }
+    }
+}
+
+fn redirect(
+    r: &gantry_model::Redirect,
+    route: &CompiledRoute,
+    req: &Request<Incoming>,
+    normalized: Option<&str>,
+    tls: bool,
+    ctx: &Ctx,
+) -> Response<RespBody> {
+    let scheme = r
+        .scheme
+        .clone()
+        .unwrap_or_else(|| if tls { "https".into() } else { "http".into() });
+    let host = r
+        .host
+        .clone()
+        .or_else(|| ctx.host.clone())
+        .unwrap_or_else(|| "localhost".into());
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = r
+        .port
+        .filter(|p| *p != default_port)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let path = normalized.unwrap_or(req.uri().path());
+    let new_path = if let Some(p) = &r.path {
+        p.clone()
+    } else if let (Some(np), crate::table::PathMatcher::Prefix(prefix)) =
+        (&r.prefix, &route.matcher.path)
+    {
+        let rest = if prefix == "/" {
+            path
+        } else {
+            path.strip_prefix(prefix.as_str()).unwrap_or(path)
+        };
+        format!(
+            "{}{}",
+            np.trim_end_matches('/'),
+            if rest.is_empty() { "/" } else { rest }
+        )
+    } else {
+        path.to_string()
+    };
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let location = format!("{scheme}://{host}{port}{new_path}{query}");
+    let mut resp = Response::new(RespBody::empty());
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    resp
+}
+
+async fn pump<R, W>(mut r: R, mut w: W, last: &AtomicU64)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        last.store(clock_ms(), Ordering::Relaxed);
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Copy both ways between two upgraded connections until both sides close, or nothing moves
+/// for `idle`.
+async fn splice(a: hyper::upgrade::Upgraded, b: hyper::upgrade::Upgraded, idle: Duration) {
+    let (ar, aw) = tokio::io::split(hyper_util::rt::TokioIo::new(a));
+    let (br, bw) = tokio::io::split(hyper_util::rt::TokioIo::new(b));
+    let last = AtomicU64::new(clock_ms());
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(idle / 4 + Duration::from_millis(1)).await;
+            if clock_ms().saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(pump(ar, bw, &last), pump(br, aw, &last)) } => {}
+        _ = watchdog => {}
     }
 }
 
@@ -475,26 +1512,33 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
+        let mut h2 = h.clone();
+        remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+        remove_hop_by_hop(&mut h2, true);
+        assert_eq!(h2.get(header::TE).unwrap(), "trailers");
     }
 
     #[test]
-    fn forwarded_for_appends() {
+    fn smuggling_shapes() {
         let mut h = HeaderMap::new();
-        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
-        append_forwarded_for(&mut h, peer);
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
-        append_forwarded_for(&mut h, peer);
-        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(smuggling(&h).is_none());
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert!(smuggling(&h).is_some());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        assert!(smuggling(&h).is_some());
     }
 
     #[test]
     fn hosts_lose_port_and_case() {
         assert_eq!(strip_port("Example.com:8080"), "Example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         let req = Request::builder()
             .uri("/x")
@@ -507,11 +1551,20 @@ mod tests {
     #[test]
     fn request_ids_are_unique_and_sane() {
         let ids = RequestIds::new();
-        let a = ids.next();
-        let b = ids.next();
+        let (a, b) = (ids.next(), ids.next());
         assert_ne!(a, b);
         assert!(is_sane_request_id(&a));
         assert_eq!(a.len(), 32);
-        assert!(!is_sane_request_id(&HeaderValue::from_static("has space")));
+    }
+
+    #[test]
+    fn cookies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; sid=xyz; b=2"),
+        );
+        assert_eq!(cookie(&h, "sid"), Some("xyz"));
+        assert_eq!(cookie(&h, "nope"), None);
     }
 }

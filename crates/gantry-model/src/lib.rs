@@ -11,7 +11,12 @@ mod route;
 pub use registry::{
     Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
 };
-pub use route::Route;
+pub use route::{
+    ActiveHealth, Backend, CachePolicy, CircuitBreakerPolicy, Forward, GatewayModel, HashOn,
+    HeaderOps, LoadBalancer, Mirror, OutlierPolicy, PathMatch, RateLimit, RateLimitKey, Redirect,
+    RetryPolicy, Rewrite, Route, RouteAction, RouteMatch, Timeouts, UpstreamPolicy,
+    UpstreamProtocol, ValueCondition, ValueMatch,
+};
 
 /// Milliseconds since the Unix epoch, the one wall-clock unit used in stored records and APIs.
 pub fn unix_ms() -> u64 {

@@ -5,6 +5,7 @@
 //! the line and column where the offending item is, the field path and what was expected.
 #![forbid(unsafe_code)]
 
+mod gateway;
 mod locate;
 mod types;
 mod validate;
@@ -12,6 +13,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use gateway::*;
 pub use types::*;
 pub use validate::{is_reserved_env, is_valid_env_name, STOP_SIGNALS};
 

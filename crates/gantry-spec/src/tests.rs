@@ -41,8 +41,19 @@ fn parses_valid_spec_with_defaults() {
     assert_eq!(s.services["orders"].health.kind, ProbeKind::Tcp);
     let routes = s.routes();
     assert_eq!(routes.len(), 2);
-    assert_eq!(routes[0].path_prefix, "/catalog");
-    assert!(routes[0].strip_prefix);
+    assert_eq!(
+        routes[0].matcher.path,
+        gantry_model::PathMatch::Prefix("/catalog".into())
+    );
+    match &routes[0].action {
+        gantry_model::RouteAction::Forward(f) => {
+            assert!(f.rewrite.strip_prefix);
+            assert_eq!(f.timeouts.request_ms, 30_000);
+            assert!(f.retry.on_connect_failure);
+            assert_eq!(f.backends[0].service, "catalog");
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(routes[0].id, "catalog/0");
 }
 
@@ -180,4 +191,98 @@ fn health_type_enum_is_checked() {
     let e = errs("[services.a]\ncommand=[\"x\"]\n[services.a.health]\ntype = \"grpc\"\n");
     assert_eq!(e[0].field, "services.a.health.type");
     assert!(e[0].message.contains("unknown variant"), "{}", e[0].message);
+}
+
+#[test]
+fn rich_routes_parse_and_convert() {
+    let text = r#"
+[services.api]
+command = ["x"]
+version = "2.1.0"
+[services.api.upstream]
+load_balancer = "hash"
+hash_on = "cookie:sid"
+protocol = "h2c"
+[[services.api.routes]]
+hosts = ["API.example.com", "*.api.example.com"]
+path_regex = "^/v[0-9]+/items$"
+methods = ["get"]
+headers = [{ name = "X-Canary", value = "1" }, { name = "x-debug" }]
+query = [{ name = "beta", regex = "^(1|true)$" }]
+split = [{ version = "^1", weight = 90 }, { version = "^2", weight = 10 }]
+mirror = { version = "^2", percent = 5 }
+rewrite_regex = { pattern = "^/v[0-9]+/(.*)", replacement = "/$1" }
+request_headers = { set = { "x-from" = "gantry" }, remove = ["x-secret"] }
+retries = { attempts = 3, on = ["connect-failure", "gateway-error"] }
+rate_limit = { requests_per_second = 5, key = "header:x-api-key" }
+cache = {}
+[[services.api.routes]]
+path = "/old"
+redirect = { path = "/new", status = 301 }
+"#;
+    let s = parse(text, Path::new("g.toml")).unwrap();
+    let m = s.gateway_model();
+    let r = &m.routes[0];
+    assert_eq!(r.matcher.hosts, ["api.example.com", "*.api.example.com"]);
+    assert_eq!(r.matcher.methods, ["GET"]);
+    assert_eq!(r.matcher.headers[0].name, "x-canary");
+    let gantry_model::RouteAction::Forward(f) = &r.action else {
+        panic!()
+    };
+    assert_eq!(f.backends.len(), 2);
+    assert_eq!(f.backends[1].weight, 10);
+    assert_eq!(f.retry.on_statuses, [502, 503, 504]);
+    let rl = f.rate_limit.as_ref().unwrap();
+    assert_eq!(
+        (rl.burst, &rl.key),
+        (5, &gantry_model::RateLimitKey::Header("x-api-key".into()))
+    );
+    assert!(f.cache.is_some());
+    assert!(matches!(
+        m.routes[1].action,
+        gantry_model::RouteAction::Redirect(_)
+    ));
+    let up = &m.upstreams["api"];
+    assert_eq!(up.protocol, gantry_model::UpstreamProtocol::H2c);
+    assert_eq!(
+        up.load_balancer,
+        gantry_model::LoadBalancer::Hash(gantry_model::HashOn::Cookie("sid".into()))
+    );
+}
+
+#[test]
+fn rich_route_errors_are_named() {
+    let text = r#"
+[services.api]
+command = ["x"]
+[services.api.upstream]
+load_balancer = "hash"
+[[services.api.routes]]
+path_prefix = "/a"
+path = "/b"
+path_regex = "(unclosed"
+hosts = ["ok.example.com", "bad host"]
+split = [{ service = "nope", version = "banana", weight = 1 }]
+retries = { on = ["sometimes"] }
+rate_limit = { requests_per_second = 0, key = "cookie" }
+redirect = { status = 200 }
+"#;
+    let fields: Vec<String> = errs(text).into_iter().map(|e| e.field).collect();
+    for want in [
+        "services.api.upstream.hash_on",
+        "services.api.routes[0].path",
+        "services.api.routes[0].path_regex",
+        "services.api.routes[0].hosts[1]",
+        "services.api.routes[0].split[0].service",
+        "services.api.routes[0].split[0].version",
+        "services.api.routes[0].retries.on[0]",
+        "services.api.routes[0].rate_limit.requests_per_second",
+        "services.api.routes[0].rate_limit.key",
+        "services.api.routes[0].redirect.status",
+    ] {
+        assert!(
+            fields.iter().any(|f| f == want),
+            "missing {want} in {fields:?}"
+        );
+    }
 }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gateway::{GatewayLimitsSpec, RouteSpec, TlsSpec, UpstreamSpec};
+
 /// The whole `gantry.toml`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -32,9 +34,22 @@ pub struct GatewaySpec {
     /// Gateway worker threads; 0 means one per CPU.
     #[serde(default)]
     pub workers: usize,
-    /// Write one JSON access-log line per request to stderr. Default off.
+    /// Write one JSON access-log line per request to stderr. Default off (it costs CPU on every
+    /// request; benchmarks run without it).
     #[serde(default)]
     pub access_log: bool,
+    /// Memory for cached responses (routes opt in with `cache`). Default 64 MiB.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_max_bytes: u64,
+    #[serde(default)]
+    pub limits: GatewayLimitsSpec,
+    /// HTTPS listener; absent: plain HTTP only.
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+}
+
+fn default_cache_bytes() -> u64 {
+    64 << 20
 }
 
 impl Default for GatewaySpec {
@@ -43,6 +58,9 @@ impl Default for GatewaySpec {
             listen: default_gateway_listen(),
             workers: 0,
             access_log: false,
+            cache_max_bytes: default_cache_bytes(),
+            limits: GatewayLimitsSpec::default(),
+            tls: None,
         }
     }
 }
@@ -159,6 +177,9 @@ pub struct ServiceSpec {
     /// What a config change does to running instances. Default `none`.
     #[serde(default)]
     pub on_config_change: OnConfigChange,
+    /// How the gateway reaches this service.
+    #[serde(default)]
+    pub upstream: UpstreamSpec,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
 }
@@ -332,51 +353,6 @@ fn default_start_grace_ms() -> u64 {
 }
 fn default_unhealthy_restart_ms() -> u64 {
     30_000
-}
-
-/// `[[services.NAME.routes]]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSpec {
-    /// Path prefix, matched on whole segments. Default `/`.
-    #[serde(default = "default_path_prefix")]
-    pub path_prefix: String,
-    /// Exact host (without port) to match; default any host.
-    #[serde(default)]
-    pub host: Option<String>,
-    /// Remove the prefix before forwarding (`/catalog/items` → `/items`). Default false.
-    #[serde(default)]
-    pub strip_prefix: bool,
-    /// Time to wait for the upstream's response headers. Default 30000.
-    #[serde(default = "default_route_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-fn default_path_prefix() -> String {
-    "/".into()
-}
-fn default_route_timeout_ms() -> u64 {
-    30_000
-}
-
-impl Spec {
-    /// Every route of every service, in spec order, with options resolved.
-    pub fn routes(&self) -> Vec<gantry_model::Route> {
-        let mut out = Vec::new();
-        for (name, svc) in &self.services {
-            for (i, r) in svc.routes.iter().enumerate() {
-                out.push(gantry_model::Route {
-                    id: format!("{name}/{i}"),
-                    service: name.clone(),
-                    host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                    path_prefix: normalize_prefix(&r.path_prefix),
-                    strip_prefix: r.strip_prefix,
-                    timeout_ms: r.timeout_ms,
-                });
-            }
-        }
-        out
-    }
 }
 
 /// `/api/` and `/api` are the same prefix; `/` stays `/`.

@@ -2,7 +2,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::types::{normalize_prefix, ProbeKind, Spec};
+use crate::types::{ProbeKind, Spec};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 type Problems = Vec<(String, String)>;
 
@@ -44,7 +55,7 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
         p.push(("store.data_dir".into(), "must not be empty".into()));
     }
 
-    let mut routes_seen: HashMap<(Option<String>, String), String> = HashMap::new();
+    let mut routes_seen: HashMap<String, String> = HashMap::new();
     let mut ports_seen: HashMap<u16, String> = HashMap::new();
     for (name, svc) in &spec.services {
         let at = |f: &str| format!("services.{name}.{f}");
@@ -222,49 +233,29 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
             ));
         }
 
+        crate::gateway::validate_upstream(&mut p, name, &svc.upstream);
         for (i, r) in svc.routes.iter().enumerate() {
-            let rf = |f: &str| format!("services.{name}.routes[{i}].{f}");
-            if !r.path_prefix.starts_with('/') {
-                p.push((
-                    rf("path_prefix"),
-                    "expected a path starting with '/'".into(),
-                ));
-            } else if let Some(why) = bad_prefix(&r.path_prefix) {
-                p.push((rf("path_prefix"), why.into()));
-            }
-            if let Some(host) = &r.host {
-                if !is_valid_host(host) {
-                    p.push((rf("host"), format!("invalid host name {host:?}; expected e.g. \"api.example.com\" without port")));
-                }
-            }
-            if r.strip_prefix && normalize_prefix(&r.path_prefix) == "/" {
-                p.push((
-                    rf("strip_prefix"),
-                    "stripping the prefix \"/\" does nothing; remove strip_prefix".into(),
-                ));
-            }
-            if r.timeout_ms == 0 {
-                p.push((rf("timeout_ms"), "expected at least 1".into()));
-            }
-            let key = (
-                r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                normalize_prefix(&r.path_prefix),
-            );
+            crate::gateway::validate_route(&mut p, spec, name, i, r);
+            // Two routes that match exactly the same requests: the second could never be used.
+            let m = r.to_model(name, i).matcher;
+            let key = serde_json::to_string(&m).unwrap_or_default();
             let here = format!("services.{name}.routes[{i}]");
             if let Some(first) = routes_seen.get(&key) {
+                let field = match (&r.path, &r.path_regex) {
+                    (Some(_), _) => "path",
+                    (_, Some(_)) => "path_regex",
+                    _ => "path_prefix",
+                };
                 p.push((
-                    rf("path_prefix"),
-                    format!(
-                        "duplicate route: host {} and path prefix {:?} are already routed by {first}",
-                        key.0.as_deref().unwrap_or("(any)"),
-                        key.1
-                    ),
+                    format!("{here}.{field}"),
+                    format!("duplicate route: it matches exactly what {first} matches"),
                 ));
             } else {
                 routes_seen.insert(key, here);
             }
         }
     }
+    crate::gateway::validate_gateway(&mut p, spec);
     if let Some(cycle) = find_cycle(spec) {
         p.push((
             format!("services.{}.depends_on", cycle[0]),
@@ -274,7 +265,7 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     p
 }
 
-fn bad_prefix(prefix: &str) -> Option<&'static str> {
+pub(crate) fn bad_prefix(prefix: &str) -> Option<&'static str> {
     if prefix.contains("//") {
         return Some("must not contain empty segments (\"//\")");
     }
@@ -288,7 +279,7 @@ fn bad_prefix(prefix: &str) -> Option<&'static str> {
     None
 }
 
-fn is_valid_host(h: &str) -> bool {
+pub(crate) fn is_valid_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|label| {

@@ -276,30 +276,57 @@ async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
                 .as_array()
                 .map(|e| {
                     e.iter()
-                        .map(|x| format!("{}@{}", s(&x["instance"]), s(&x["address"])))
+                        .map(|x| {
+                            let mut s = format!("{}@{}", s(&x["instance"]), s(&x["address"]));
+                            if x["ejected"] == true {
+                                s.push_str("(ejected)");
+                            } else if x["healthy"] == false {
+                                s.push_str("(failing)");
+                            }
+                            s
+                        })
                         .collect::<Vec<_>>()
                         .join(" ")
                 })
                 .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| "(no healthy instance)".into());
-            vec![
-                s(&r["id"]),
-                r["host"].as_str().unwrap_or("*").to_string(),
-                s(&r["path_prefix"]),
-                if r["strip_prefix"].as_bool() == Some(true) {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-                s(&r["service"]),
-                eps,
-            ]
+                .unwrap_or_else(|| "-".into());
+            let m = &r["match"];
+            let hosts = m["hosts"]
+                .as_array()
+                .map(|h| h.iter().map(s).collect::<Vec<_>>().join(","))
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "*".into());
+            let mut matcher = format!("{} {}", s(&m["path"]["type"]), s(&m["path"]["value"]));
+            if let Some(ms) = m["methods"].as_array().filter(|a| !a.is_empty()) {
+                matcher = format!(
+                    "{} {matcher}",
+                    ms.iter().map(s).collect::<Vec<_>>().join(",")
+                );
+            }
+            let extra = m["headers"].as_array().map_or(0, Vec::len)
+                + m["query"].as_array().map_or(0, Vec::len);
+            if extra > 0 {
+                matcher.push_str(&format!(" +{extra} conditions"));
+            }
+            let action = match r["action"]["type"].as_str() {
+                Some("redirect") => format!("redirect {}", s(&r["action"]["status"])),
+                _ => r["action"]["backends"]
+                    .as_array()
+                    .map(|b| {
+                        b.iter()
+                            .map(|x| match x["version"].as_str() {
+                                Some(v) => format!("{}@{v}", s(&x["service"])),
+                                None => s(&x["service"]),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    })
+                    .unwrap_or_default(),
+            };
+            vec![s(&r["id"]), hosts, matcher, action, eps]
         })
         .collect();
-    table::print(
-        &["ROUTE", "HOST", "PREFIX", "STRIP", "SERVICE", "ENDPOINTS"],
-        &rows,
-    );
+    table::print(&["ROUTE", "HOSTS", "MATCH", "TARGET", "ENDPOINTS"], &rows);
     Ok(())
 }
 

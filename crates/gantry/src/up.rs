@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use gantry_config::ConfigStore;
-use gantry_gateway::{Gateway, GatewayConfig};
+use gantry_gateway::tls::{CertFiles, CertStore};
+use gantry_gateway::{Gateway, GatewayConfig, Listener};
 use gantry_registry::Registry;
 use gantry_spec::LoadedSpec;
 use gantry_store::{RedbStore, Store, StoreError};
@@ -130,6 +131,7 @@ fn write_admin_info(dir: &Path, info: &AdminInfo) -> anyhow::Result<PathBuf> {
 fn spawn_gateway(
     gateway: Arc<Gateway>,
     listener: StdListener,
+    tls: Option<(StdListener, Arc<CertStore>, Arc<rustls::ServerConfig>)>,
     workers: usize,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
@@ -153,10 +155,36 @@ fn spawn_gateway(
         .name("gantry-gateway".into())
         .spawn(move || {
             rt.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => gateway.serve(l, shutdown).await,
-                    Err(e) => tracing::error!(error = %e, "gateway listener unusable"),
+                let plain = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "gateway listener unusable");
+                        return;
+                    }
+                };
+                let health = tokio::spawn(gateway.clone().run_active_health(shutdown.clone()));
+                let mut tasks = vec![tokio::spawn(
+                    gateway
+                        .clone()
+                        .serve(Listener::Plain(plain), shutdown.clone()),
+                )];
+                if let Some((l, store, cfg)) = tls {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tasks.push(tokio::spawn(
+                                gateway
+                                    .clone()
+                                    .serve(Listener::Tls(l, cfg), shutdown.clone()),
+                            ));
+                            tasks.push(tokio::spawn(store.watch(shutdown.clone())));
+                        }
+                        Err(e) => tracing::error!(error = %e, "TLS listener unusable"),
+                    }
                 }
+                for t in tasks {
+                    let _ = t.await;
+                }
+                health.abort();
             });
         })?;
     Ok(handle)
@@ -182,18 +210,44 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let registry = Registry::open(store.clone(), node.clone(), &metrics).await?;
     let config = Arc::new(ConfigStore::new(store.clone()));
 
+    let limits = &spec.spec.gateway.limits;
     let gateway = Gateway::new(
         GatewayConfig {
             access_log: spec.spec.gateway.access_log,
-            ..GatewayConfig::default()
+            max_connections: limits.max_connections as usize,
+            max_header_bytes: limits.max_header_bytes as usize,
+            max_headers: limits.max_headers as usize,
+            header_read_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+            shutdown_grace: Duration::from_millis(limits.shutdown_grace_ms),
+            cache_max_bytes: spec.spec.gateway.cache_max_bytes,
+            node: node.clone(),
         },
         &metrics,
     );
-    gateway.set_routes(spec.spec.routes());
+    gateway.apply_model(spec.spec.gateway_model());
     {
         let gw = gateway.clone();
         registry.on_change(move |snap| gw.apply_registry(snap));
     }
+    let tls = match &spec.spec.gateway.tls {
+        None => None,
+        Some(t) => {
+            let files = t
+                .certificates
+                .iter()
+                .map(|c| CertFiles {
+                    cert: spec.base_dir.join(&c.cert),
+                    key: spec.base_dir.join(&c.key),
+                    hosts: c.hosts.clone(),
+                })
+                .collect();
+            let store = CertStore::load(files).map_err(|e| anyhow!("gateway.tls: {e}"))?;
+            let cfg = store
+                .server_config()
+                .map_err(|e| anyhow!("gateway.tls: {e}"))?;
+            Some((bind(t.listen, "gateway.tls.listen")?, store, cfg))
+        }
+    };
 
     let gw_listener = bind(spec.spec.gateway.listen, "gateway.listen")?;
     let admin_listener = bind(spec.spec.admin.listen, "admin.listen")?;
@@ -201,9 +255,14 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let admin_addr = admin_listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let tls_addr = match &tls {
+        Some((l, _, _)) => Some(l.local_addr()?),
+        None => None,
+    };
     let gw_thread = spawn_gateway(
         gateway.clone(),
         gw_listener,
+        tls,
         spec.spec.gateway.workers,
         shutdown_rx.clone(),
     )?;
@@ -288,8 +347,11 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
             started_ms: gantry_model::unix_ms(),
         },
     )?;
+    let https = tls_addr
+        .map(|a| format!(" | https {}", local_url(a).replace("http://", "https://")))
+        .unwrap_or_default();
     println!(
-        "gantry {}: {} services | gateway {} | admin {} | data {}",
+        "gantry {}: {} services | gateway {}{https} | admin {} | data {}",
         env!("CARGO_PKG_VERSION"),
         spec.spec.services.len(),
         local_url(gw_addr),

@@ -163,9 +163,22 @@ strip_prefix = true
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    for _ in 0..4 {
-        assert_eq!(g.get("/web/log?msg=marker-line&stream=stderr").status, 200);
-    }
+    let web2 = g
+        .instances("web")
+        .into_iter()
+        .find(|i| i["id"] == "web-2")
+        .unwrap();
+    let addr = format!("127.0.0.1:{}", web2["port"]).parse().unwrap();
+    let r = http(
+        addr,
+        "GET",
+        "/log?msg=marker-line&stream=stderr",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
     let mut out = follow.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;

@@ -17,7 +17,9 @@ timeout_ms = 2000
 
 #[test]
 fn requests_spread_over_all_replicas() {
-    let g = Gantry::start(THREE);
+    let g = Gantry::start(&format!(
+        "{THREE}\n[services.web.upstream]\nload_balancer = \"round_robin\"\n"
+    ));
     g.wait_healthy("web", 3, Duration::from_secs(20));
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..30 {
@@ -291,7 +293,10 @@ backoff = { initial_ms = 20, max_ms = 400, crash_loop_restarts = 3, crash_loop_w
 
 #[test]
 fn scale_up_takes_traffic_scale_down_drains_and_survives_restart() {
-    let mut g = Gantry::start(THREE.replace("replicas = 3", "replicas = 1").as_str());
+    let mut g = Gantry::start(&format!(
+        "{}\n[services.web.upstream]\nload_balancer = \"round_robin\"\n",
+        THREE.replace("replicas = 3", "replicas = 1")
+    ));
     g.wait_healthy("web", 1, Duration::from_secs(20));
     let out = g.cli(&["scale", "web", "3"]);
     assert!(

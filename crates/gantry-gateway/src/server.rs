@@ -1,0 +1,136 @@
+//! Listeners: accept connections (plain or TLS), enforce the connection limit, and serve each
+//! with hyper-util's auto builder (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), upgrades
+//! allowed (WebSocket). Shutdown stops accepting and lets open requests finish within the grace.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::Gateway;
+
+/// Where the gateway accepts traffic.
+pub enum Listener {
+    Plain(TcpListener),
+    Tls(TcpListener, Arc<rustls::ServerConfig>),
+}
+
+/// Facts about the client connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Decrements the open-connection count when the connection ends.
+struct ConnGuard(Arc<Gateway>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.open_connections.dec();
+    }
+}
+
+impl Gateway {
+    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_read_timeout)
+            .max_buf_size(self.cfg.max_header_bytes.max(8192))
+            .max_headers(self.cfg.max_headers)
+            .keep_alive(true);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.cfg.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        b
+    }
+
+    /// Accept on `listener` until `shutdown` turns true, then wait (up to the shutdown grace)
+    /// for open requests to finish.
+    pub async fn serve(self: Arc<Self>, listener: Listener, mut shutdown: watch::Receiver<bool>) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let builder = self.http_builder();
+        let (tcp, tls) = match listener {
+            Listener::Plain(l) => (l, None),
+            Listener::Tls(l, cfg) => (l, Some(tokio_rustls::TlsAcceptor::from(cfg))),
+        };
+        loop {
+            let (stream, peer) = tokio::select! {
+                res = tcp.accept() => match res {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "gateway accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            };
+            if self.connections.load(Ordering::Relaxed) >= self.cfg.max_connections {
+                self.metrics.reject("max_connections");
+                drop(stream);
+                continue;
+            }
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            self.metrics.open_connections.inc();
+            self.metrics.connections.inc();
+            let guard = ConnGuard(self.clone());
+            let _ = stream.set_nodelay(true);
+            let watcher = graceful.watcher();
+            let builder = builder.clone();
+            let gw = self.clone();
+            let tls = tls.clone();
+            let handshake_timeout = self.cfg.header_read_timeout;
+            tokio::spawn(async move {
+                let _guard = guard;
+                let info = ConnInfo {
+                    peer,
+                    tls: tls.is_some(),
+                };
+                let svc = service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(gw.handle(req, info).await) }
+                });
+                match tls {
+                    None => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    Some(acceptor) => {
+                        let tls_stream =
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                _ => return,
+                            };
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
+                }
+            });
+        }
+        drop(tcp);
+        tokio::select! {
+            _ = graceful.shutdown() => {}
+            _ = tokio::time::sleep(self.cfg.shutdown_grace) => {
+                tracing::warn!("gateway shutdown grace elapsed with requests still open");
+            }
+        }
+    }
+}
