@@ -302,7 +302,7 @@ impl Gateway {
                     continue;
                 }
                 let addr = SocketAddr::new(inst.address, inst.port);
-                let external = matches!(inst.source, gantry_model::InstanceSource::External { .. });
+                let external = !matches!(inst.source, gantry_model::InstanceSource::Supervised);
                 let reuse = c.endpoints.get(inst.id.as_str()).filter(|e| {
                     e.addr == addr
                         && e.version == inst.version

@@ -130,7 +130,7 @@ impl Reject {
 struct Ctx {
     start: Instant,
     request_id: HeaderValue,
-    trace_id: Option<String>,
+    trace_id: [u8; 32],
     method: Method,
     path: String,
     client: SocketAddr,
@@ -228,12 +228,22 @@ fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
 }
 
 fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+    use std::io::Write;
+    let mut buf = [0u8; 512];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let ok = match h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
+        Some(prev) if !prev.iter().all(|c| c.is_ascii_whitespace()) => {
+            cur.write_all(prev).is_ok() && write!(cur, ", {}", peer.ip()).is_ok()
+        }
+        _ => write!(cur, "{}", peer.ip()).is_ok(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let n = cur.position() as usize;
+    if ok {
+        if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    } else if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        // An absurdly long incoming chain: start a new one rather than grow it.
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
 }
@@ -328,7 +338,7 @@ fn access_log(
     tracing::info!(
         target: "gantry::access",
         request_id = ctx.request_id.to_str().unwrap_or(""),
-        trace_id = ctx.trace_id.as_deref().unwrap_or(""),
+        trace_id = std::str::from_utf8(&ctx.trace_id).unwrap_or(""),
         method = %ctx.method,
         host = ctx.host.as_deref().unwrap_or(""),
         path = %ctx.path,
@@ -363,7 +373,7 @@ impl Gateway {
         let mut ctx = Ctx {
             start,
             request_id,
-            trace_id: Some(tc.trace_id),
+            trace_id: tc.trace_id,
             method: req.method().clone(),
             path: String::new(),
             client: conn.peer,
@@ -372,9 +382,7 @@ impl Gateway {
         if self.cfg.access_log {
             ctx.path = req.uri().path().to_string();
         }
-        if let Ok(v) = HeaderValue::from_str(&tc.header) {
-            req.headers_mut().insert(TRACEPARENT.clone(), v);
-        }
+        req.headers_mut().insert(TRACEPARENT.clone(), tc.header);
 
         // 1. hardening
         if let Some(why) = smuggling(req.headers()) {
@@ -574,8 +582,6 @@ impl Gateway {
 
         // 5. target
         let mut path_for_upstream: Option<String> = normalized;
-        let orig_path = req.uri().path().to_string();
-        let cur_path = path_for_upstream.clone().unwrap_or(orig_path);
         let mut selected: Option<(EndpointSet, String)> = None;
         if let Some(h) = &f.version_header {
             if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
@@ -597,8 +603,8 @@ impl Gateway {
                 }
             }
         }
-        let mut rest_path = cur_path.clone();
         if selected.is_none() && f.version_from_path {
+            let cur_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
             let prefix = match &route.matcher.path {
                 crate::table::PathMatcher::Prefix(p) if p != "/" => p.as_str(),
                 _ => "",
@@ -613,11 +619,11 @@ impl Gateway {
                 if let Ok(r) = semver::VersionReq::parse(&major.to_string()) {
                     selected = Some((filter_versions(&f.all_versions, &r), format!("v{major}")));
                     let cut = prefix.len() + 1 + seg.len();
-                    rest_path = format!("{prefix}{}", &cur_path[cut.min(cur_path.len())..]);
-                    if rest_path.is_empty() {
-                        rest_path.push('/');
+                    let mut rest = format!("{prefix}{}", &cur_path[cut.min(cur_path.len())..]);
+                    if rest.is_empty() {
+                        rest.push('/');
                     }
-                    path_for_upstream = Some(rest_path.clone());
+                    path_for_upstream = Some(rest);
                 }
             }
         }
@@ -637,9 +643,10 @@ impl Gateway {
         let mut revalidating: Option<Arc<cache::Entry>> = None;
         let mut cache_key: Option<CacheKey> = None;
         if f.cache.is_some() {
+            let rest_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
             let pq = match req.uri().query() {
                 Some(q) => format!("{rest_path}?{q}"),
-                None => rest_path.clone(),
+                None => rest_path.to_string(),
             };
             if let Some(key) = cache::key_for(req.method(), ctx.host.as_deref(), &pq, &route.id) {
                 match self.cache.lookup(&key, req.headers(), now) {
@@ -703,17 +710,11 @@ impl Gateway {
         };
         let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
             || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
-        let authority = parts
+        let authority: Option<HeaderValue> = parts
             .uri
             .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            });
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned());
         let mut headers = std::mem::take(&mut parts.headers);
         let client_headers = cache_key.as_ref().map(|_| headers.clone());
         let upgrade_headers = if upgrade {
@@ -731,14 +732,11 @@ impl Gateway {
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
         );
-        if let Some(a) = authority
-            .as_deref()
-            .and_then(|a| HeaderValue::from_str(a).ok())
-        {
+        if let Some(a) = &authority {
             if !want_h2 && !headers.contains_key(header::HOST) {
                 headers.insert(header::HOST, a.clone());
             }
-            headers.insert(X_FORWARDED_HOST.clone(), a);
+            headers.insert(X_FORWARDED_HOST.clone(), a.clone());
         }
         if want_h2 {
             headers.remove(header::HOST);
@@ -754,7 +752,7 @@ impl Gateway {
             }
         }
         let uri = if want_h2 {
-            let auth = authority.clone().unwrap_or_else(|| "localhost".into());
+            let auth = authority.as_ref().and_then(|a| a.to_str().ok()).unwrap_or("localhost");
             format!("http://{auth}{}", pq.as_str())
                 .parse::<Uri>()
                 .unwrap_or_else(|_| Uri::from(pq.clone()))
@@ -763,11 +761,10 @@ impl Gateway {
         };
         let method = parts.method.clone();
         let replayable = body.is_end_stream();
-        let exceeded = Arc::new(AtomicBool::new(false));
-        let mut body = Some(if replayable {
-            ReqBody::Empty
-        } else {
-            ReqBody::limited(body, f.max_body_bytes, exceeded.clone())
+        let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
+        let mut body = Some(match &exceeded {
+            None => ReqBody::Empty,
+            Some(flag) => ReqBody::limited(body, f.max_body_bytes, flag.clone()),
         });
 
         // 9. mirror
@@ -805,7 +802,8 @@ impl Gateway {
         };
         let deadline = tokio::time::Instant::from_std(ctx.start) + f.request_timeout;
         let connect_timeout = Duration::from_millis(service.policy.connect_timeout_ms);
-        let mut tried: Vec<usize> = Vec::with_capacity(2);
+        let mut tried_buf = [usize::MAX; 12];
+        let mut n_tried = 0usize;
         let mut attempt_no = 0usize;
         let mut stale_conns = 0usize;
         let mut template: Option<(Method, Uri, HeaderMap)> = None;
@@ -818,7 +816,7 @@ impl Gateway {
                 last_failure = Reject::UpstreamTimeout;
                 break;
             }
-            let Some(idx) = set.pick(&tried, hash_key, now) else {
+            let Some(idx) = set.pick(&tried_buf[..n_tried], hash_key, now) else {
                 break;
             };
             let ep = set.endpoints[idx].clone();
@@ -901,7 +899,10 @@ impl Gateway {
                 Err(_) => Attempt::TimedOut,
             };
             attempt_no += 1;
-            tried.push(idx);
+            if n_tried < tried_buf.len() {
+                tried_buf[n_tried] = idx;
+                n_tried += 1;
+            }
             let elapsed = attempt_start.elapsed();
             match outcome {
                 Attempt::Response(resp, sender) => {
@@ -914,7 +915,7 @@ impl Gateway {
                     if retry_status
                         && attempt_no < max_attempts
                         && f.budget.try_retry(clock_ms())
-                        && set.endpoints.len() > tried.len()
+                        && set.endpoints.len() > n_tried
                     {
                         drop(resp);
                         drop(guard);
@@ -957,7 +958,7 @@ impl Gateway {
                     ep.mark_suspect(clock_ms());
                     self.outlier(&service, &ep, false);
                     tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
-                    if exceeded.load(Ordering::Relaxed) {
+                    if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
                         return self.finish_reject(
                             ctx,
                             Some(route),
@@ -1003,7 +1004,7 @@ impl Gateway {
         // Every attempt failed.
         self.record_breaker(&service, false, probe);
         drop(slot);
-        if tried.is_empty() && !matches!(last_failure, Reject::UpstreamTimeout) {
+        if n_tried == 0 && !matches!(last_failure, Reject::UpstreamTimeout) {
             last_failure = Reject::NoInstance;
         }
         self.finish_reject(ctx, Some(route), last_failure, None)
@@ -1181,7 +1182,7 @@ impl Gateway {
             let c = Ctx {
                 start: ctx.start,
                 request_id: ctx.request_id.clone(),
-                trace_id: ctx.trace_id.take(),
+                trace_id: ctx.trace_id,
                 method: ctx.method.clone(),
                 path: std::mem::take(&mut ctx.path),
                 client: ctx.client,

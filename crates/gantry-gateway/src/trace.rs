@@ -1,19 +1,23 @@
 //! W3C Trace Context (`traceparent`): a valid incoming header keeps its trace id and gets a new
 //! parent id (the gateway is a hop); an absent or invalid one is replaced by a new trace.
 
-use std::fmt::Write;
-
 use crate::rand::next_u64;
 
 /// The `traceparent` to send upstream, and the trace id (for logs).
 pub struct TraceContext {
-    pub header: String,
-    pub trace_id: String,
+    pub header: http::HeaderValue,
+    pub trace_id: [u8; 32],
+}
+
+impl TraceContext {
+    #[cfg(test)]
+    pub fn trace_id_str(&self) -> &str {
+        std::str::from_utf8(&self.trace_id).unwrap_or("")
+    }
 }
 
 fn is_hex_lower(s: &str) -> bool {
-    s.bytes()
-        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 /// Parse `version-traceid-parentid-flags`; returns (trace id, flags) when valid.
@@ -36,31 +40,34 @@ fn parse(h: &str) -> Option<(&str, &str)> {
     Some((t, f))
 }
 
-fn span_id() -> String {
-    let mut id = next_u64();
-    if id == 0 {
-        id = 1;
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(out: &mut [u8], mut v: u64) {
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
     }
-    format!("{id:016x}")
 }
 
 pub fn propagate(incoming: Option<&str>) -> TraceContext {
+    // 00-<32 trace>-<16 parent>-<2 flags>
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let mut trace_id = [0u8; 32];
     match incoming.and_then(parse) {
         Some((trace, flags)) => {
-            let mut header = String::with_capacity(55);
-            let _ = write!(header, "00-{trace}-{}-{flags}", span_id());
-            TraceContext {
-                header,
-                trace_id: trace.to_string(),
-            }
+            trace_id.copy_from_slice(trace.as_bytes());
+            buf[53..55].copy_from_slice(flags.as_bytes());
         }
         None => {
-            let trace_id = format!("{:016x}{:016x}", next_u64(), next_u64() | 1);
-            TraceContext {
-                header: format!("00-{trace_id}-{}-01", span_id()),
-                trace_id,
-            }
+            hex_into(&mut trace_id[..16], next_u64());
+            hex_into(&mut trace_id[16..], next_u64() | 1);
         }
+    }
+    buf[3..35].copy_from_slice(&trace_id);
+    hex_into(&mut buf[36..52], next_u64() | 1);
+    TraceContext {
+        header: http::HeaderValue::from_bytes(&buf).unwrap_or_else(|_| http::HeaderValue::from_static("")),
+        trace_id,
     }
 }
 
@@ -72,11 +79,12 @@ mod tests {
     fn keeps_trace_id_and_replaces_parent() {
         let inc = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let t = propagate(Some(inc));
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(t.header.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
-        assert!(t.header.ends_with("-01"));
-        assert!(!t.header.contains("00f067aa0ba902b7"));
-        assert_eq!(t.header.len(), 55);
+        let h = t.header.to_str().unwrap_or("");
+        assert_eq!(t.trace_id_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(h.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(h.ends_with("-01"));
+        assert!(!h.contains("00f067aa0ba902b7"));
+        assert_eq!(h.len(), 55);
     }
 
     #[test]
@@ -90,10 +98,10 @@ mod tests {
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
         ] {
             let t = propagate(bad);
-            assert_eq!(t.trace_id.len(), 32);
-            assert!(parse(&t.header).is_some(), "{}", t.header);
+            let h = t.header.to_str().unwrap_or("");
+            assert!(parse(h).is_some(), "{h}");
             if let Some(b) = bad {
-                assert!(!b.contains(&t.trace_id));
+                assert!(!b.contains(t.trace_id_str()));
             }
         }
     }

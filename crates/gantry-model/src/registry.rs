@@ -39,6 +39,8 @@ pub enum Health {
 pub enum InstanceSource {
     /// Started and probed by the supervisor; registered while healthy.
     Supervised,
+    /// A fixed address from the spec (`endpoints`); lives as long as the spec says so.
+    Static,
     /// Registered itself over the admin API and keeps a lease alive by heartbeats.
     External {
         ttl_ms: u64,

@@ -200,6 +200,12 @@ impl Registry {
         self.apply(kind, instance)
     }
 
+    /// Put a fixed endpoint from the spec into the registry (not persisted: the spec is).
+    pub fn register_static(&self, instance: Instance) -> u64 {
+        debug_assert!(matches!(instance.source, InstanceSource::Static));
+        self.apply(RegistryEventKind::Registered, instance)
+    }
+
     /// Take a supervised instance out of rotation. Returns the new revision, or `None` if the
     /// instance was not registered.
     pub fn deregister_supervised(&self, id: &str) -> Option<u64> {
@@ -251,7 +257,7 @@ impl Registry {
             None => format!("{}-x{}", reg.service, random_hex(4)),
         };
         if let Some(existing) = self.get(&id) {
-            if matches!(existing.source, InstanceSource::Supervised)
+            if !matches!(existing.source, InstanceSource::External { .. })
                 || existing.service != reg.service
             {
                 return Err(RegistryError::Conflict(format!(
@@ -298,8 +304,8 @@ impl Registry {
                     *last_heartbeat_ms = unix_ms();
                     Ok(inst.clone())
                 }
-                InstanceSource::Supervised => Err(RegistryError::Conflict(format!(
-                    "instance {id} is supervised by gantry; it has no lease"
+                InstanceSource::Supervised | InstanceSource::Static => Err(RegistryError::Conflict(format!(
+                    "instance {id} is declared by the spec; it has no lease"
                 ))),
             },
             None => Err(RegistryError::NotFound(id.into())),
@@ -310,9 +316,9 @@ impl Registry {
     pub async fn deregister_external(&self, id: &str) -> Result<(), RegistryError> {
         match self.get(id) {
             None => return Err(RegistryError::NotFound(id.into())),
-            Some(i) if matches!(i.source, InstanceSource::Supervised) => {
+            Some(i) if !matches!(i.source, InstanceSource::External { .. }) => {
                 return Err(RegistryError::Conflict(format!(
-                    "instance {id} is supervised by gantry; scale or stop its service instead"
+                    "instance {id} is declared by the spec; change the spec or scale its service instead"
                 )))
             }
             Some(_) => {}
@@ -333,7 +339,7 @@ impl Registry {
                     ttl_ms,
                     last_heartbeat_ms,
                 } => now_ms.saturating_sub(last_heartbeat_ms) > ttl_ms,
-                InstanceSource::Supervised => false,
+                InstanceSource::Supervised | InstanceSource::Static => false,
             })
             .map(|i| i.id.clone())
             .collect();

@@ -83,7 +83,7 @@ fn bad_semver_is_named() {
 #[test]
 fn missing_command_is_named() {
     let e = errs("[services.a]\nreplicas = 1\n");
-    assert_eq!(e[0].field, "services.a");
+    assert_eq!(e[0].field, "services.a.command");
     assert!(
         e[0].message.contains("missing field `command`"),
         "{}",
@@ -91,6 +91,11 @@ fn missing_command_is_named() {
     );
     let e = errs("[services.a]\ncommand = []\n");
     assert_eq!(e[0].field, "services.a.command");
+    let e = errs("[services.a]\nendpoints = [\"nope\"]\n");
+    assert_eq!(e[0].field, "services.a.endpoints[0]");
+    let e = errs("[services.a]\ncommand = [\"x\"]\nendpoints = [\"127.0.0.1:1\"]\n");
+    assert_eq!(e[0].field, "services.a.endpoints");
+    assert!(parse("[services.a]\nendpoints = [\"127.0.0.1:9000\"]\n", Path::new("g")).is_ok());
 }
 
 #[test]

@@ -135,8 +135,14 @@ fn default_log_bytes() -> u64 {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
-    /// Program and arguments (no shell).
-    pub command: Vec<String>,
+    /// Program and arguments (no shell). Absent for a service gantry does not run (see
+    /// `endpoints`, or instances that register themselves).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Fixed addresses (`host:port`) of instances gantry does not run, e.g. a database proxy or
+    /// a service on another machine. Only without `command`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Working directory, relative to the spec file's directory. Default: that directory.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
@@ -201,6 +207,11 @@ fn default_drain_timeout_ms() -> u64 {
 }
 
 impl ServiceSpec {
+    /// The program and arguments, for services gantry runs.
+    pub fn program(&self) -> Option<&[String]> {
+        self.command.as_deref().filter(|c| !c.is_empty())
+    }
+
     /// The parsed version (validated at load time).
     pub fn semver(&self) -> semver::Version {
         semver::Version::parse(&self.version).unwrap_or_else(|_| semver::Version::new(0, 0, 0))

@@ -65,16 +65,36 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
                 "service name must be 1-63 characters of a-z, 0-9 and '-', start with a letter and not end with '-'".into(),
             ));
         }
-        match svc.command.first() {
-            None => p.push((
+        match (&svc.command, svc.endpoints.is_empty()) {
+            (None, true) => p.push((
                 at("command"),
-                "expected a non-empty array: program and arguments".into(),
+                "missing field `command`: give the program to run, or `endpoints` (addresses of instances gantry does not run)".into(),
             )),
-            Some(prog) if prog.trim().is_empty() => p.push((
-                format!("services.{name}.command[0]"),
-                "program must not be empty".into(),
+            (Some(_), false) => p.push((
+                at("endpoints"),
+                "a service has either a command (gantry runs it) or endpoints (it runs elsewhere), not both".into(),
             )),
-            _ => {}
+            (Some(c), true) => match c.first() {
+                None => p.push((
+                    at("command"),
+                    "expected a non-empty array: program and arguments".into(),
+                )),
+                Some(prog) if prog.trim().is_empty() => p.push((
+                    format!("services.{name}.command[0]"),
+                    "program must not be empty".into(),
+                )),
+                _ => {}
+            },
+            (None, false) => {
+                for (i, e) in svc.endpoints.iter().enumerate() {
+                    if crate::parse_endpoint(e).is_none() {
+                        p.push((
+                            format!("services.{name}.endpoints[{i}]"),
+                            format!("{e:?} is not an address; expected ip:port, e.g. \"127.0.0.1:9000\""),
+                        ));
+                    }
+                }
+            }
         }
         if let Err(e) = semver::Version::parse(&svc.version) {
             p.push((

@@ -268,11 +268,12 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
     };
     let env = build_env(svc, r.id, port, config_version, &config);
     r.set_state(InstanceState::Starting, None);
-    let mut child = match process::spawn(&spec.command, &env, &svc.cwd) {
+    let program = spec.program().unwrap_or(&[]);
+    let mut child = match process::spawn(program, &env, &svc.cwd) {
         Ok(c) => c,
         Err(e) => {
             return Outcome::Exited {
-                description: format!("cannot start {:?}: {e}", spec.command[0]),
+                description: format!("cannot start {:?}: {e}", program.first().map_or("", String::as_str)),
                 success: false,
                 ran_for: Duration::ZERO,
             }

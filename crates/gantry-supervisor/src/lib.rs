@@ -164,6 +164,10 @@ impl Supervisor {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut services = BTreeMap::new();
         for (name, spec) in &d.spec.spec.services {
+            if spec.program().is_none() {
+                // Runs elsewhere (static endpoints or self-registration).
+                continue;
+            }
             let mut replicas = spec.replicas;
             if let Some((o, _)) = d
                 .store

