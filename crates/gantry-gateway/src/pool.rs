@@ -66,21 +66,27 @@ impl Pool {
 
     /// An idle HTTP/1.1 connection, or a new one.
     pub async fn h1(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
-        loop {
-            let next = self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            let Some(mut s) = next else { break };
-            if s.is_closed() {
-                continue;
-            }
-            if s.is_ready() || s.ready().await.is_ok() {
-                return Ok(Conn::H1(s));
-            }
+        if let Some(s) = self.idle_h1() {
+            return Ok(Conn::H1(s));
         }
-        Ok(Conn::H1(self.new_h1(addr, timeout).await?))
+        // Boxed: the connect path is rare, and its future is large.
+        Ok(Conn::H1(Box::pin(self.new_h1(addr, timeout)).await?))
+    }
+
+    /// An idle HTTP/1.1 connection ready for a request, without waiting.
+    fn idle_h1(&self) -> Option<http1::SendRequest<ReqBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].is_closed() {
+                idle.swap_remove(i);
+            } else if idle[i].is_ready() {
+                return Some(idle.swap_remove(i));
+            }
+            // Open but not ready yet (its last response is still being wound up): keep it.
+        }
+        None
     }
 
     /// A new HTTP/1.1 connection (never pooled before; used for upgrades too).

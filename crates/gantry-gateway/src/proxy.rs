@@ -196,6 +196,19 @@ fn strip_port(h: &str) -> &str {
 /// RFC 9110 §7.6.1: remove `Connection` and every header it names, plus the standard
 /// hop-by-hop headers. `keep_te_trailers` keeps `TE: trailers` (needed by gRPC over HTTP/2).
 fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages have none: one pass over the names (no hashing) decides.
+    let any = h.keys().any(|k| {
+        *k == header::CONNECTION
+            || *k == header::TE
+            || *k == header::TRAILER
+            || *k == header::TRANSFER_ENCODING
+            || *k == header::UPGRADE
+            || *k == KEEP_ALIVE
+            || *k == PROXY_CONNECTION
+    });
+    if !any {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -422,7 +435,7 @@ impl Gateway {
             }
             Action::Forward(f) => {
                 let resp = self
-                    .forward(route, f, req, normalized, conn, &mut ctx)
+                    .forward_boxed(route, f, req, normalized, conn, &mut ctx)
                     .await;
                 route
                     .metrics
@@ -525,6 +538,20 @@ impl Gateway {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
+    }
+
+    /// The forwarding future is large; boxing it here keeps the per-request future hyper holds
+    /// (and moves) small.
+    fn forward_boxed<'a>(
+        self: &'a Arc<Self>,
+        route: &'a CompiledRoute,
+        f: &'a ForwardAction,
+        req: Request<Incoming>,
+        normalized: Option<String>,
+        conn: ConnInfo,
+        ctx: &'a mut Ctx,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<RespBody>> + Send + 'a>> {
+        Box::pin(self.forward(route, f, req, normalized, conn, ctx))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -752,7 +779,10 @@ impl Gateway {
             }
         }
         let uri = if want_h2 {
-            let auth = authority.as_ref().and_then(|a| a.to_str().ok()).unwrap_or("localhost");
+            let auth = authority
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or("localhost");
             format!("http://{auth}{}", pq.as_str())
                 .parse::<Uri>()
                 .unwrap_or_else(|_| Uri::from(pq.clone()))
@@ -852,11 +882,15 @@ impl Gateway {
             let per_try = f
                 .per_try_timeout
                 .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
-            let sent = tokio::time::timeout_at(per_try, async {
+            // Boxed: this future is large and only alive during the attempt; keeping it out of
+            // the request's future keeps that small (hyper moves it around).
+            let sent = Box::pin(tokio::time::timeout_at(per_try, async {
                 let c = if want_h2 {
                     ep.pool.h2(ep.addr, connect_timeout).await
                 } else if upgrade {
-                    ep.pool.new_h1(ep.addr, connect_timeout).await.map(Conn::H1)
+                    Box::pin(ep.pool.new_h1(ep.addr, connect_timeout))
+                        .await
+                        .map(Conn::H1)
                 } else {
                     ep.pool.h1(ep.addr, connect_timeout).await
                 };
@@ -877,7 +911,7 @@ impl Gateway {
                         }
                     },
                 }
-            })
+            }))
             .await;
             let outcome = match sent {
                 Ok(Ok((resp, s))) => Attempt::Response(resp, s),
@@ -921,7 +955,7 @@ impl Gateway {
                         drop(guard);
                         route.metrics.retries.inc();
                         pending_req = None;
-                        tokio::time::sleep(backoff(
+                        pause(backoff(
                             attempt_no as u32,
                             retry.backoff_base_ms,
                             retry.backoff_max_ms,
@@ -930,26 +964,24 @@ impl Gateway {
                         continue;
                     }
                     self.record_breaker(&service, !failed, probe);
-                    return self
-                        .respond(
-                            route,
-                            f,
-                            ctx,
-                            &service,
-                            slot,
-                            ep,
-                            guard,
-                            resp,
-                            sender,
-                            elapsed,
-                            cache_key,
-                            revalidating,
-                            client_conditional,
-                            on_client_upgrade,
-                            &method,
-                            client_headers,
-                        )
-                        .await;
+                    return self.respond(
+                        route,
+                        f,
+                        ctx,
+                        &service,
+                        slot,
+                        ep,
+                        guard,
+                        resp,
+                        sender,
+                        elapsed,
+                        cache_key,
+                        revalidating,
+                        client_conditional,
+                        on_client_upgrade,
+                        &method,
+                        client_headers,
+                    );
                 }
                 Attempt::Failed(why) => {
                     drop(guard);
@@ -972,7 +1004,7 @@ impl Gateway {
                         && f.budget.try_retry(clock_ms())
                     {
                         route.metrics.retries.inc();
-                        tokio::time::sleep(backoff(
+                        pause(backoff(
                             attempt_no as u32,
                             retry.backoff_base_ms,
                             retry.backoff_max_ms,
@@ -1070,7 +1102,7 @@ impl Gateway {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn respond(
+    fn respond(
         self: &Arc<Self>,
         route: &CompiledRoute,
         f: &ForwardAction,
@@ -1311,6 +1343,11 @@ fn cached_response(
     r.headers_mut()
         .insert(X_CACHE.clone(), HeaderValue::from_static(how));
     r
+}
+
+/// A boxed sleep: the backoff wait is rare, so its timer stays out of the request's future.
+fn pause(d: Duration) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+    Box::pin(tokio::time::sleep(d))
 }
 
 fn filter_versions(all: &EndpointSet, req: &semver::VersionReq) -> EndpointSet {

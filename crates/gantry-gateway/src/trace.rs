@@ -17,7 +17,8 @@ impl TraceContext {
 }
 
 fn is_hex_lower(s: &str) -> bool {
-    s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    s.bytes()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 /// Parse `version-traceid-parentid-flags`; returns (trace id, flags) when valid.
@@ -66,7 +67,8 @@ pub fn propagate(incoming: Option<&str>) -> TraceContext {
     buf[3..35].copy_from_slice(&trace_id);
     hex_into(&mut buf[36..52], next_u64() | 1);
     TraceContext {
-        header: http::HeaderValue::from_bytes(&buf).unwrap_or_else(|_| http::HeaderValue::from_static("")),
+        header: http::HeaderValue::from_bytes(&buf)
+            .unwrap_or_else(|_| http::HeaderValue::from_static("")),
         trace_id,
     }
 }

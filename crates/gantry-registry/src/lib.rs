@@ -304,9 +304,11 @@ impl Registry {
                     *last_heartbeat_ms = unix_ms();
                     Ok(inst.clone())
                 }
-                InstanceSource::Supervised | InstanceSource::Static => Err(RegistryError::Conflict(format!(
-                    "instance {id} is declared by the spec; it has no lease"
-                ))),
+                InstanceSource::Supervised | InstanceSource::Static => {
+                    Err(RegistryError::Conflict(format!(
+                        "instance {id} is declared by the spec; it has no lease"
+                    )))
+                }
             },
             None => Err(RegistryError::NotFound(id.into())),
         }

@@ -151,7 +151,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecErrors> {
 
 /// A static endpoint address (`ip:port`, port not 0).
 pub fn parse_endpoint(s: &str) -> Option<std::net::SocketAddr> {
-    s.parse::<std::net::SocketAddr>().ok().filter(|a| a.port() != 0)
+    s.parse::<std::net::SocketAddr>()
+        .ok()
+        .filter(|a| a.port() != 0)
 }
 
 /// serde_path_to_error prints `.` for the root and `?` for unknown segments.

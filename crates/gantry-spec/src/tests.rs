@@ -95,7 +95,11 @@ fn missing_command_is_named() {
     assert_eq!(e[0].field, "services.a.endpoints[0]");
     let e = errs("[services.a]\ncommand = [\"x\"]\nendpoints = [\"127.0.0.1:1\"]\n");
     assert_eq!(e[0].field, "services.a.endpoints");
-    assert!(parse("[services.a]\nendpoints = [\"127.0.0.1:9000\"]\n", Path::new("g")).is_ok());
+    assert!(parse(
+        "[services.a]\nendpoints = [\"127.0.0.1:9000\"]\n",
+        Path::new("g")
+    )
+    .is_ok());
 }
 
 #[test]

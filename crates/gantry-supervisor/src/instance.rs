@@ -273,7 +273,10 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
         Ok(c) => c,
         Err(e) => {
             return Outcome::Exited {
-                description: format!("cannot start {:?}: {e}", program.first().map_or("", String::as_str)),
+                description: format!(
+                    "cannot start {:?}: {e}",
+                    program.first().map_or("", String::as_str)
+                ),
                 success: false,
                 ran_for: Duration::ZERO,
             }

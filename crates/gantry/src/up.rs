@@ -392,7 +392,9 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
 fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
     for (name, svc) in &spec.spec.services {
         for (i, e) in svc.endpoints.iter().enumerate() {
-            let Some(addr) = gantry_spec::parse_endpoint(e) else { continue };
+            let Some(addr) = gantry_spec::parse_endpoint(e) else {
+                continue;
+            };
             registry.register_static(gantry_model::Instance {
                 id: format!("{name}-s{}", i + 1),
                 service: name.clone(),
@@ -400,7 +402,11 @@ fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
                 address: addr.ip(),
                 port: addr.port(),
                 metadata: svc.metadata.clone(),
-                node: if addr.ip().is_loopback() { registry.node().to_string() } else { String::new() },
+                node: if addr.ip().is_loopback() {
+                    registry.node().to_string()
+                } else {
+                    String::new()
+                },
                 zone: None,
                 health: gantry_model::Health::Passing,
                 source: gantry_model::InstanceSource::Static,

@@ -48,7 +48,10 @@ fn spec_errors_exit_2_and_name_the_field() {
 
     let (code, err) = validate("[services.a]\nreplicas = 2\n");
     assert_eq!(code, 2);
-    assert!(err.contains("services.a.command: missing field `command`"), "{err}");
+    assert!(
+        err.contains("services.a.command: missing field `command`"),
+        "{err}"
+    );
 
     let (code, err) = validate(
         "[services.a]\ncommand = [\"x\"]\n[[services.a.routes]]\npath_prefix = \"/api\"\n[services.b]\ncommand = [\"x\"]\n[[services.b.routes]]\npath_prefix = \"/api\"\n",

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Gateway benchmark: Gantry next to nginx, HAProxy, Caddy and Pingora, same backend, same wrk
+# load, proxy pinned alone on one core. Drives the shared harness (../shared/bench/gateway/run.sh)
+# with Gantry as its EXTRA target, once per variant:
+#   plain  one prefix route to the backend (static endpoint), one gateway worker, no access log
+#   full   the full request path: 24 routes to match through (hosts, methods, header and query
+#          conditions, regex paths), P2C-EWMA, circuit breaker and outlier detection, retries
+#          with a budget, metrics, traceparent
+# and prints the harness tables plus the ratios the project tracks.
+#
+#   bench/gateway.sh                              # both variants, all peers, c=50 and c=1000, 3 runs
+#   VARIANTS=plain PEERS=nginx,haproxy RUNS=5 bench/gateway.sh
+#   CONNS_LIST=50 DURATION=5 bench/gateway.sh     # quicker
+#
+# Knobs: VARIANTS (plain,full), PEERS (comma list of harness targets besides direct; default
+# nginx,haproxy,caddy,pingora), HARNESS (path), and every knob of the harness (RUNS, DURATION,
+# CONNS_LIST, WARMUP, ...). The machine is shared: compare medians of several runs and read the
+# "other CPU %" column.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
+VARIANTS="${VARIANTS:-plain,full}"
+PEERS="${PEERS:-nginx,haproxy,caddy,pingora}"
+BACKEND_PORT="${BACKEND_PORT:-18080}"
+GANTRY_PORT="${GANTRY_PORT:-18090}"
+export BACKEND_PORT
+
+[ -x "$HARNESS/run.sh" ] || { echo "harness not found at $HARNESS (set HARNESS)" >&2; exit 1; }
+
+missing=()
+for t in wrk curl taskset nginx haproxy caddy; do command -v "$t" >/dev/null || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing benchmark tools: nginx-light haproxy caddy wrk" >&2
+    apt-get update -qq && apt-get install -y -qq nginx-light haproxy caddy wrk curl procps iproute2 util-linux >/dev/null
+  else
+    echo "missing: ${missing[*]} (apt-get install nginx-light haproxy caddy wrk)" >&2; exit 1
+  fi
+fi
+if [ ! -x "$HARNESS/backend/target/release/bench-backend" ]; then
+  (cd "$HARNESS/backend" && cargo build --release -q)
+fi
+if [[ ",$PEERS," == *",pingora,"* ]] && [ ! -x "$HARNESS/pingora-peer/target/release/pingora-peer" ]; then
+  command -v cmake >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq cmake >/dev/null; }
+  echo "building the Pingora peer (several minutes on 2 cores)..." >&2
+  (cd "$HARNESS/pingora-peer" && cargo build --release -q)
+fi
+(cd "$ROOT" && cargo build --release -q -p gantry)
+GANTRY="$ROOT/target/release/gantry"
+
+WORK="$(mktemp -d -t gantry-bench.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+
+write_spec() { # variant file
+  local v="$1" f="$2"
+  cat >"$f" <<EOF
+[gateway]
+listen = "127.0.0.1:$GANTRY_PORT"
+workers = 1
+access_log = false
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+data_dir = "$WORK/data-$v"
+
+[services.backend]
+endpoints = ["127.0.0.1:$BACKEND_PORT"]
+EOF
+  if [ "$v" = plain ]; then
+    cat >>"$f" <<EOF
+upstream = { load_balancer = "round_robin" }
+[[services.backend.routes]]
+path_prefix = "/"
+retries = { attempts = 0 }
+EOF
+  else
+    # 23 routes that do not match wrk's requests, then the one that does.
+    for i in $(seq 1 8); do
+      cat >>"$f" <<EOF
+[[services.backend.routes]]
+host = "svc$i.example.com"
+path_prefix = "/api/v$i"
+[[services.backend.routes]]
+path_regex = "^/reports/[0-9]+/v$i$"
+methods = ["GET", "HEAD"]
+[[services.backend.routes]]
+path_prefix = "/admin$i"
+headers = [{ name = "x-admin", value = "yes" }]
+query = [{ name = "token" }]
+EOF
+    done
+    cat >>"$f" <<EOF
+[[services.backend.routes]]
+hosts = ["127.0.0.1", "*.example.net"]
+path_prefix = "/"
+methods = ["GET", "HEAD", "POST"]
+headers = [{ name = "host" }]
+EOF
+  fi
+}
+
+idle_rss() { # spec -> MiB of a freshly started gantry after 2 s
+  "$GANTRY" up -f "$1" >/dev/null 2>&1 & local pid=$!
+  sleep 2
+  local kb; kb=$(awk '/^VmRSS:/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+  kill -INT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  awk -v k="$kb" 'BEGIN{printf "%.1f", k/1024}'
+}
+
+declare -A SUMMARY
+IFS=, read -ra VS <<<"$VARIANTS"
+for v in "${VS[@]}"; do
+  spec="$WORK/$v.toml"
+  write_spec "$v" "$spec"
+  "$GANTRY" validate -f "$spec" >/dev/null
+  rss=$(idle_rss "$spec")
+  echo "== gantry-$v: idle RSS ${rss} MiB" >&2
+  echo "$rss" >"$WORK/idle-$v"
+  before=$(ls -1 "$HARNESS/results" 2>/dev/null | sort | tail -1 || true)
+  EXTRA_NAME="gantry-$v" EXTRA_PORT="$GANTRY_PORT" EXTRA_CMD="$GANTRY up -f $spec" \
+    TARGETS="direct,$PEERS,gantry-$v" "$HARNESS/run.sh" >&2
+  after=$(ls -1 "$HARNESS/results" | sort | tail -1)
+  [ "$after" != "$before" ] || { echo "harness produced no results" >&2; exit 1; }
+  SUMMARY[$v]="$HARNESS/results/$after/summary.md"
+done
+
+# Ratios from the tables: columns | target | req/s | p50 | p99 | RSS | CPU us/req | vs direct | other |
+field() { # summary conns target column(1-based after target) -> value
+  awk -v c="## c=$2" -v t="$3" -v col="$4" '
+    $0==c {in=1; next} /^## c=/ {in=0}
+    in && $0 ~ "^\\| "t" \\|" { split($0, a, "|"); v=a[col+2]; gsub(/^ +| +$/, "", v); split(v, w, " "); print w[1]; exit }' "$1"
+}
+echo
+for v in "${VS[@]}"; do
+  echo "### gantry-$v"
+  cat "${SUMMARY[$v]}"
+  echo
+  echo "idle RSS: $(cat "$WORK/idle-$v") MiB"
+  for conns in ${CONNS_LIST:-50 1000}; do
+    g_cpu=$(field "${SUMMARY[$v]}" "$conns" "gantry-$v" 5)
+    g_p99=$(field "${SUMMARY[$v]}" "$conns" "gantry-$v" 3)
+    g_rss=$(field "${SUMMARY[$v]}" "$conns" "gantry-$v" 4)
+    n_cpu=$(field "${SUMMARY[$v]}" "$conns" nginx 5)
+    n_p99=$(field "${SUMMARY[$v]}" "$conns" nginx 3)
+    n_rss=$(field "${SUMMARY[$v]}" "$conns" nginx 4)
+    awk -v c="$conns" -v gc="$g_cpu" -v nc="$n_cpu" -v gp="$g_p99" -v np="$n_p99" -v gr="$g_rss" -v nr="$n_rss" 'BEGIN{
+      if (nc > 0 && gc > 0) printf "c=%s: CPU/req gantry/nginx = %.2f (%.2f vs %.2f us); p99 gantry/nginx = %.2f; RSS %s vs %s MiB\n", c, gc/nc, gc, nc, (np>0?gp/np:0), gr, nr;
+      else printf "c=%s: nginx or gantry row missing\n", c }'
+  done
+  echo
+done
+if [ -n "${SUMMARY[plain]:-}" ] && [ -n "${SUMMARY[full]:-}" ]; then
+  for conns in ${CONNS_LIST:-50 1000}; do
+    p=$(field "${SUMMARY[plain]}" "$conns" gantry-plain 5)
+    f=$(field "${SUMMARY[full]}" "$conns" gantry-full 5)
+    awk -v c="$conns" -v p="$p" -v f="$f" 'BEGIN{ if (p>0) printf "c=%s: full path / plain CPU per request = %.2f\n", c, f/p }'
+  done
+fi
