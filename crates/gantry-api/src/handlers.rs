@@ -108,6 +108,18 @@ pub async fn list_routes(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.gateway.routes())
 }
 
+pub async fn reload(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    let r = s.reload.clone();
+    match tokio::task::spawn_blocking(move || r.reload()).await {
+        Ok(Ok(report)) => Ok(Json(report)),
+        Ok(Err(errors)) => Err(ApiError::bad_request(format!(
+            "the spec file has errors; nothing was changed:\n{}",
+            errors.join("\n")
+        ))),
+        Err(e) => Err(ApiError::internal(format!("reload failed: {e}"))),
+    }
+}
+
 pub async fn list_upstreams(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.gateway.upstreams())
 }

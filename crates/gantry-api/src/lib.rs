@@ -41,6 +41,14 @@ pub struct ApiState {
     pub metrics: Metrics,
     /// Bearer token required by mutating calls.
     pub token: Arc<str>,
+    /// Re-reads the spec file and applies what can change while running.
+    pub reload: Arc<dyn Reload>,
+}
+
+/// Spec reload, implemented by the binary (it owns the spec file).
+pub trait Reload: Send + Sync {
+    /// Apply the spec file again: `Ok` with a report of what changed, or the spec's errors.
+    fn reload(&self) -> Result<serde_json::Value, Vec<String>>;
 }
 
 /// The API's router.
@@ -54,6 +62,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/instances", get(list_instances))
         .route("/v1/routes", get(list_routes))
         .route("/v1/upstreams", get(list_upstreams))
+        .route("/v1/reload", post(reload))
         .route("/v1/registry/services", get(registry_services))
         .route("/v1/registry/services/{name}", get(registry_lookup))
         .route("/v1/registry/instances", post(registry_register))

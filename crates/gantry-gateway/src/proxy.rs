@@ -90,6 +90,7 @@ pub(crate) enum Reject {
     UpstreamTimeout,
     BadRequest(&'static str),
     TooLarge,
+    HeadTooLarge,
     RateLimited,
     CircuitOpen,
     Bulkhead,
@@ -106,6 +107,7 @@ impl Reject {
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -119,6 +121,7 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::BadRequest(_) => "bad_request",
             Reject::TooLarge => "body_too_large",
+            Reject::HeadTooLarge => "request_head_too_large",
             Reject::RateLimited => "rate_limited",
             Reject::CircuitOpen => "circuit_open",
             Reject::Bulkhead => "concurrency_limit",
@@ -339,6 +342,7 @@ impl Drop for ServiceSlot {
     }
 }
 
+/// One JSON line per request on stderr (when `[gateway] access_log = true`).
 fn access_log(
     ctx: &Ctx,
     route: &str,
@@ -348,22 +352,27 @@ fn access_log(
     upstream_time: Option<Duration>,
     complete: bool,
 ) {
-    tracing::info!(
-        target: "gantry::access",
-        request_id = ctx.request_id.to_str().unwrap_or(""),
-        trace_id = std::str::from_utf8(&ctx.trace_id).unwrap_or(""),
-        method = %ctx.method,
-        host = ctx.host.as_deref().unwrap_or(""),
-        path = %ctx.path,
-        route,
-        upstream,
-        status,
-        bytes,
-        complete,
-        upstream_ms = upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-        duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
-        client = %ctx.client.ip(),
-    );
+    use std::io::Write;
+    let line = serde_json::json!({
+        "ts_ms": gantry_model::unix_ms(),
+        "type": "access",
+        "request_id": ctx.request_id.to_str().unwrap_or(""),
+        "trace_id": std::str::from_utf8(&ctx.trace_id).unwrap_or(""),
+        "method": ctx.method.as_str(),
+        "host": ctx.host.as_deref().unwrap_or(""),
+        "path": ctx.path,
+        "route": route,
+        "upstream": upstream,
+        "status": status,
+        "bytes": bytes,
+        "complete": complete,
+        "upstream_ms": upstream_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        "duration_ms": ctx.start.elapsed().as_secs_f64() * 1000.0,
+        "client": ctx.client.ip().to_string(),
+    });
+    let mut err = std::io::stderr().lock();
+    let _ = serde_json::to_writer(&mut err, &line);
+    let _ = err.write_all(b"\n");
 }
 
 impl Gateway {
@@ -398,6 +407,16 @@ impl Gateway {
         req.headers_mut().insert(TRACEPARENT.clone(), tc.header);
 
         // 1. hardening
+        let head: usize = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+            + req
+                .headers()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head > self.cfg.max_header_bytes {
+            let limit = self.cfg.max_header_bytes.to_string();
+            return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
+        }
         if let Some(why) = smuggling(req.headers()) {
             return self.finish_reject(&ctx, None, Reject::BadRequest(why), None);
         }
@@ -509,6 +528,10 @@ impl Gateway {
             Reject::BadRequest(m) => m.to_string(),
             Reject::TooLarge => format!(
                 "request body is larger than the route allows ({} bytes)",
+                extra.unwrap_or("?")
+            ),
+            Reject::HeadTooLarge => format!(
+                "request line and headers are larger than the gateway allows ({} bytes)",
                 extra.unwrap_or("?")
             ),
             Reject::RateLimited => {
@@ -1443,17 +1466,34 @@ fn redirect(
         .scheme
         .clone()
         .unwrap_or_else(|| if tls { "https".into() } else { "http".into() });
-    let host = r
-        .host
-        .clone()
-        .or_else(|| ctx.host.clone())
-        .unwrap_or_else(|| "localhost".into());
+    // Keep the client's authority (host and port) unless the route replaces them.
     let default_port = if scheme == "https" { 443 } else { 80 };
     let port = r
         .port
         .filter(|p| *p != default_port)
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
+        .map(|p| format!(":{p}"));
+    let authority = match (&r.host, port) {
+        (Some(h), p) => format!("{h}{}", p.unwrap_or_default()),
+        (None, p) => {
+            let given = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .or_else(|| ctx.host.clone())
+                .unwrap_or_else(|| "localhost".into());
+            match (p, r.port) {
+                (Some(p), _) => format!("{}{p}", strip_port(&given)),
+                (None, Some(_)) => strip_port(&given).to_string(),
+                (None, None) => given,
+            }
+        }
+    };
     let path = normalized.unwrap_or(req.uri().path());
     let new_path = if let Some(p) = &r.path {
         p.clone()
@@ -1478,7 +1518,7 @@ fn redirect(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    let location = format!("{scheme}://{host}{port}{new_path}{query}");
+    let location = format!("{scheme}://{authority}{new_path}{query}");
     let mut resp = Response::new(RespBody::empty());
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
     if let Ok(v) = HeaderValue::from_str(&location) {

@@ -92,6 +92,7 @@ impl Gateway {
             let watcher = graceful.watcher();
             let builder = builder.clone();
             let gw = self.clone();
+            let svc_gw = gw.clone();
             let tls = tls.clone();
             let handshake_timeout = self.cfg.header_read_timeout;
             tokio::spawn(async move {
@@ -101,14 +102,14 @@ impl Gateway {
                     tls: tls.is_some(),
                 };
                 let svc = service_fn(move |req| {
-                    let gw = gw.clone();
+                    let gw = svc_gw.clone();
                     async move { Ok::<_, Infallible>(gw.handle(req, info).await) }
                 });
-                match tls {
+                let res = match tls {
                     None => {
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        let _ = watcher.watch(conn).await;
+                        watcher.watch(conn).await
                     }
                     Some(acceptor) => {
                         let tls_stream =
@@ -120,7 +121,19 @@ impl Gateway {
                             };
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-                        let _ = watcher.watch(conn).await;
+                        watcher.watch(conn).await
+                    }
+                };
+                // Requests hyper's parser refused (it answered 400 or 431 itself), slow heads.
+                if let Err(e) = res {
+                    if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                        if h.is_parse_too_large() {
+                            gw.metrics.reject("request_head_too_large");
+                        } else if h.is_parse() {
+                            gw.metrics.reject("malformed_request");
+                        } else if h.is_timeout() {
+                            gw.metrics.reject("header_read_timeout");
+                        }
                     }
                 }
             });

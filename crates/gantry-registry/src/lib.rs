@@ -206,6 +206,14 @@ impl Registry {
         self.apply(RegistryEventKind::Registered, instance)
     }
 
+    /// Remove a fixed endpoint the spec no longer declares.
+    pub fn deregister_static(&self, id: &str) -> Option<u64> {
+        match self.get(id)?.source {
+            InstanceSource::Static => self.remove(id, RegistryEventKind::Deregistered),
+            _ => None,
+        }
+    }
+
     /// Take a supervised instance out of rotation. Returns the new revision, or `None` if the
     /// instance was not registered.
     pub fn deregister_supervised(&self, id: &str) -> Option<u64> {

@@ -8,15 +8,24 @@
 //! - `POST /admin/hang`      from now on every request (health included) hangs forever
 //! - `POST /admin/crash`     exits at once with status 3
 //! - `POST /admin/fail-health`  health answers 500 from now on
+//! - `POST /admin/fail`      every other request answers 500 from now on (health stays fine)
+//! - `POST /admin/recover`   undo fail, fail-health and hang
+//! - `GET /admin/stats`      `{"requests": N, "revalidations": N}` (admin and health excluded)
+//! - `GET /status/CODE`      answers with that status
+//! - `GET /cacheable?max_age=N&etag=E`  `Cache-Control: max-age=N`, `ETag: "E"`, body
+//!   `count=<n>`; a matching `If-None-Match` gets 304
 //! - anything else           200 with JSON: instance, method, path, query, headers
+//!
+//! Admin endpoints answer even while hanging or failing.
 //!
 //! Start-up knobs (environment): `TESTSVC_EXIT_AT_START=N` exits with N right away;
 //! `TESTSVC_START_DELAY_MS=N` waits before listening; `TESTSVC_IGNORE_TERM=1` ignores SIGTERM;
-//! `TESTSVC_SPAWN_CHILD=1` starts `sleep 1000` as a child (to test process-group handling).
+//! `TESTSVC_SPAWN_CHILD=1` starts `sleep 1000` as a child (to test process-group handling);
+//! `TESTSVC_DELAY_ALL_MS=N` delays every non-admin, non-health answer by N ms.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +41,10 @@ use hyper_util::rt::TokioIo;
 struct Flags {
     hang: AtomicBool,
     fail_health: AtomicBool,
+    fail_all: AtomicBool,
+    requests: AtomicU64,
+    revalidations: AtomicU64,
+    delay_ms: u64,
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -67,11 +80,26 @@ async fn handle(
     flags: Arc<Flags>,
     instance: Arc<str>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if flags.hang.load(Ordering::SeqCst) {
-        std::future::pending::<()>().await;
-    }
     let path = req.uri().path().to_string();
     let query = req.uri().query();
+    let admin = path.starts_with("/admin/");
+    if !admin {
+        if flags.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if path != "/health" {
+            flags.requests.fetch_add(1, Ordering::SeqCst);
+            if flags.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(flags.delay_ms)).await;
+            }
+            if flags.fail_all.load(Ordering::SeqCst) {
+                return Ok(text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "failing on purpose\n".into(),
+                ));
+            }
+        }
+    }
     let resp = match (req.method().as_str(), path.as_str()) {
         (_, "/health") => {
             if flags.fail_health.load(Ordering::SeqCst) {
@@ -92,6 +120,60 @@ async fn handle(
         ("POST", "/admin/fail-health") => {
             flags.fail_health.store(true, Ordering::SeqCst);
             text(StatusCode::OK, "health fails from now on\n".into())
+        }
+        ("POST", "/admin/fail") => {
+            flags.fail_all.store(true, Ordering::SeqCst);
+            text(StatusCode::OK, "failing from now on\n".into())
+        }
+        ("POST", "/admin/recover") => {
+            flags.fail_all.store(false, Ordering::SeqCst);
+            flags.fail_health.store(false, Ordering::SeqCst);
+            flags.hang.store(false, Ordering::SeqCst);
+            text(StatusCode::OK, "recovered\n".into())
+        }
+        (_, "/admin/stats") => text(
+            StatusCode::OK,
+            format!(
+                "{{\"requests\":{},\"revalidations\":{}}}",
+                flags.requests.load(Ordering::SeqCst),
+                flags.revalidations.load(Ordering::SeqCst)
+            ),
+        ),
+        (_, p) if p.starts_with("/status/") => {
+            let code = p[8..]
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            text(code, format!("{}\n", code.as_u16()))
+        }
+        (_, "/cacheable") => {
+            let max_age = query_param(query, "max_age").unwrap_or("60").to_string();
+            let etag = format!("\"{}\"", query_param(query, "etag").unwrap_or("v1"));
+            let inm = req
+                .headers()
+                .get("if-none-match")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let mut r = if inm == etag {
+                flags.revalidations.fetch_add(1, Ordering::SeqCst);
+                let mut r = text(StatusCode::NOT_MODIFIED, String::new());
+                *r.body_mut() = Full::new(Bytes::new());
+                r
+            } else {
+                text(
+                    StatusCode::OK,
+                    format!("count={}", flags.requests.load(Ordering::SeqCst)),
+                )
+            };
+            let h = r.headers_mut();
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("max-age={max_age}")) {
+                h.insert("cache-control", v);
+            }
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&etag) {
+                h.insert("etag", v);
+            }
+            r
         }
         (_, "/slow") => {
             let ms = query_param(query, "ms")
@@ -190,7 +272,13 @@ async fn main() {
         }
     };
     println!("{instance} listening on 127.0.0.1:{port}");
-    let flags = Arc::new(Flags::default());
+    let flags = Arc::new(Flags {
+        delay_ms: std::env::var("TESTSVC_DELAY_ALL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        ..Flags::default()
+    });
     loop {
         tokio::select! {
             acc = listener.accept() => {

@@ -79,6 +79,18 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         }
         Cmd::Restart { service } => restart(c, &service).await,
         Cmd::Routes { out } => routes(c, out).await,
+        Cmd::Reload => {
+            let v = c.call(Method::POST, "/v1/reload", None).await?;
+            println!("spec reloaded: {} routes", s(&v["routes"]));
+            for n in v["needs_restart"]
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+            {
+                println!("not applied until gantry restarts: {}", s(n));
+            }
+            Ok(())
+        }
         Cmd::Registry(RegistryCmd::Ls {
             service,
             version,

@@ -86,6 +86,9 @@ enum Cmd {
     Scale { service: String, replicas: u32 },
     /// Rolling restart: replace each instance with a new one, waiting for health.
     Restart { service: String },
+    /// Re-read the spec file: routes, upstream policies and endpoints apply at once, without
+    /// dropping connections; other changes are reported as needing a restart.
+    Reload,
     /// The gateway's live route table.
     Routes {
         #[command(flatten)]

@@ -319,6 +319,30 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
 
     tokio::spawn(registry.clone().run_expiry(shutdown_rx.clone()));
 
+    let reloader = Arc::new(SpecReloader {
+        file: spec.file.clone(),
+        current: std::sync::Mutex::new(spec.clone()),
+        gateway: gateway.clone(),
+        registry: registry.clone(),
+    });
+    {
+        // SIGHUP reloads the spec, as it does for nginx and HAProxy.
+        let r = reloader.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let r = r.clone();
+                match tokio::task::spawn_blocking(move || gantry_api::Reload::reload(&*r)).await {
+                    Ok(Ok(report)) => println!("spec reloaded: {report}"),
+                    Ok(Err(errors)) => eprintln!("spec reload refused:\n{}", errors.join("\n")),
+                    Err(_) => {}
+                }
+            }
+        });
+    }
     let api = gantry_api::router(gantry_api::ApiState {
         supervisor: supervisor.clone(),
         registry: registry.clone(),
@@ -327,6 +351,7 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         logs: logs.clone(),
         metrics: metrics.clone(),
         token,
+        reload: reloader,
     });
     let admin_l = tokio::net::TcpListener::from_std(admin_listener)?;
     let mut admin_shutdown = shutdown_rx.clone();
@@ -386,6 +411,84 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Re-reads the spec file; applies routes, upstream policies and static endpoints at once
+/// (a new route table is swapped in: open connections and WebSockets are untouched), and
+/// reports the changes that need a restart of gantry.
+struct SpecReloader {
+    file: PathBuf,
+    current: std::sync::Mutex<Arc<LoadedSpec>>,
+    gateway: Arc<Gateway>,
+    registry: Arc<Registry>,
+}
+
+/// The parts of a service that only a restart of its instances (or of gantry) applies.
+fn process_part(s: &gantry_spec::ServiceSpec) -> gantry_spec::ServiceSpec {
+    let mut s = s.clone();
+    s.routes.clear();
+    s.endpoints.clear();
+    s.upstream = Default::default();
+    s
+}
+
+impl gantry_api::Reload for SpecReloader {
+    fn reload(&self) -> Result<serde_json::Value, Vec<String>> {
+        let new = gantry_spec::load(&self.file)
+            .map_err(|e| e.0.iter().map(|x| x.to_string()).collect::<Vec<_>>())?;
+        let mut cur = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = cur.clone();
+        let mut needs_restart: Vec<String> = Vec::new();
+        for (name, svc) in &new.spec.services {
+            match old.spec.services.get(name) {
+                None => needs_restart.push(format!("service {name} was added")),
+                Some(o) if process_part(o) != process_part(svc) => needs_restart.push(format!(
+                    "service {name} changed (command, env, replicas, health, ...)"
+                )),
+                _ => {}
+            }
+        }
+        for name in old.spec.services.keys() {
+            if !new.spec.services.contains_key(name) {
+                needs_restart.push(format!("service {name} was removed"));
+            }
+        }
+        let (og, ng) = (&old.spec.gateway, &new.spec.gateway);
+        if og.listen != ng.listen
+            || og.workers != ng.workers
+            || og.tls != ng.tls
+            || og.limits != ng.limits
+            || og.access_log != ng.access_log
+            || og.cache_max_bytes != ng.cache_max_bytes
+            || old.spec.admin != new.spec.admin
+            || old.spec.store != new.spec.store
+            || old.spec.logs != new.spec.logs
+        {
+            needs_restart.push("[gateway], [admin], [store] or [logs] settings changed".into());
+        }
+        let model = new.spec.gateway_model();
+        let routes = model.routes.len();
+        let routes_changed = model != old.spec.gateway_model();
+        // Static endpoints: drop the old ones, then declare the new ones.
+        for (name, svc) in &old.spec.services {
+            for i in 0..svc.endpoints.len() {
+                self.registry
+                    .deregister_static(&format!("{name}-s{}", i + 1));
+            }
+        }
+        register_static_endpoints(&new, &self.registry);
+        self.gateway.apply_model(model);
+        tracing::info!(routes, routes_changed, "spec reloaded");
+        *cur = Arc::new(new);
+        Ok(serde_json::json!({
+            "routes": routes,
+            "gateway_changed": routes_changed,
+            "needs_restart": needs_restart,
+        }))
+    }
 }
 
 /// Put the spec's fixed `endpoints` into the registry.

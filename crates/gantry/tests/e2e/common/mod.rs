@@ -391,3 +391,107 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// A test fixture (Python servers and clients) by file name.
+pub fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Send raw bytes on a new connection and read until the server closes (or 5 s pass).
+pub fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Status code of a raw HTTP/1.1 response.
+pub fn raw_status(resp: &str) -> u16 {
+    resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+impl Gantry {
+    /// Replace the services part of the spec and reload it; returns the reload report.
+    pub fn rewrite_and_reload(&self, services: &str) -> serde_json::Value {
+        std::fs::write(&self.spec, spec_text(services)).unwrap();
+        let r = self.admin_call("POST", "/v1/reload", None);
+        assert_eq!(r.status, 200, "reload: {}", r.body);
+        r.json()
+    }
+
+    /// Address of an instance (by id) for talking to it directly.
+    pub fn instance_addr(&self, service: &str, id: &str) -> SocketAddr {
+        let i = self
+            .instances(service)
+            .into_iter()
+            .find(|i| i["id"] == id)
+            .unwrap_or_else(|| panic!("no instance {id}"));
+        format!("127.0.0.1:{}", i["port"]).parse().unwrap()
+    }
+}
+
+/// A test service this test starts itself (not supervised by gantry), on a free port.
+pub struct OwnSvc {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl OwnSvc {
+    pub fn start(name: &str, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(testsvc_bin())
+            .env("PORT", port.to_string())
+            .env("GANTRY_INSTANCE", name)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for("own test service", Duration::from_secs(10), || {
+            http(
+                addr,
+                "GET",
+                "/health",
+                &[],
+                None,
+                Duration::from_millis(300),
+            )
+            .ok()
+        });
+        Self { child, port }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        http(
+            self.addr(),
+            "GET",
+            "/admin/stats",
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .json()
+    }
+}
+
+impl Drop for OwnSvc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,252 @@
+//! Hostile requests: smuggling shapes, path tricks, size limits, slow and excess connections.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SPEC: &str = r#"
+[services.public]
+command = ["{TESTSVC}"]
+[[services.public.routes]]
+path_prefix = "/public"
+[[services.public.routes]]
+path_prefix = "/upload"
+max_body_bytes = 100
+[services.admin]
+command = ["{TESTSVC}"]
+[[services.admin.routes]]
+path_prefix = "/admin"
+"#;
+
+fn start() -> Gantry {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(SPEC).replace(
+        "workers = 2",
+        "workers = 2\n[gateway.limits]\nmax_headers = 20\nmax_header_bytes = 2048\nheader_read_timeout_ms = 500\nmax_connections = 40",
+    );
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    g.wait_healthy("public", 1, Duration::from_secs(20));
+    g.wait_healthy("admin", 1, Duration::from_secs(20));
+    g
+}
+
+fn json_error(resp: &str) -> serde_json::Value {
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("not a JSON error ({e}): {resp}"))
+}
+
+#[test]
+fn smuggling_shapes_are_refused() {
+    let g = start();
+    let gw = g.gateway;
+    // Both framings, with a second request smuggled behind the first: the parser takes the
+    // chunked framing, drops Content-Length and closes the connection after one response
+    // (RFC 9112 §6.1), so the smuggled request never runs and nothing desynchronizes.
+    let r = raw(
+        gw,
+        b"POST /public HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "{r}");
+    assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    assert!(
+        !r.contains("\"content-length\":\"5\""),
+        "Content-Length was forwarded: {r}"
+    );
+    // Two equal Content-Length headers are one length (RFC 9112 §6.3 lets a recipient treat
+    // them so; hyper collapses them), and the instance receives exactly one.
+    let r = raw(gw, b"POST /public HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    assert_eq!(raw_status(&r), 200, "{r}");
+    assert!(r.contains("\"content-length\":\"5\""), "{r}");
+    // Shapes hyper's parser refuses before routing (400, no body): conflicting or malformed
+    // lengths, a Transfer-Encoding that does not end in chunked, obs-fold.
+    for bad in [
+        &b"POST /public HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+        b"POST /public HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n\r\nhello",
+        b"POST /public HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        b"GET /public HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n",
+    ] {
+        let r = raw(gw, bad);
+        assert_eq!(raw_status(&r), 400, "{}: {r}", String::from_utf8_lossy(bad));
+    }
+    // None of them reached an instance; all were counted.
+    let stats = |svc: &str| {
+        let a = g.instance_addr(svc, &format!("{svc}-1"));
+        http(a, "GET", "/admin/stats", &[], None, Duration::from_secs(2))
+            .unwrap()
+            .json()["requests"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(stats("admin"), 0, "the smuggled request never ran");
+    assert_eq!(stats("public"), 2, "the two well-framed requests");
+    let m = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .body;
+    assert!(
+        m.contains("gantry_gateway_rejected_requests_total{reason=\"malformed_request\"} 4"),
+        "{m}"
+    );
+}
+
+#[test]
+fn paths_cannot_escape_a_route_prefix() {
+    let g = start();
+    let inst = |path: &str| -> (u16, String, String) {
+        let r = raw(
+            g.gateway,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        let status = raw_status(&r);
+        let body = r
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_default();
+        (
+            status,
+            v["instance"].as_str().unwrap_or("").to_string(),
+            v["path"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    // Dot segments and doubled slashes are resolved before matching, and the resolved path is
+    // what the instance receives: /public/../admin is /admin, for the admin service.
+    for p in [
+        "/public/../admin/x",
+        "/public/%2e%2e/admin/x",
+        "/public/%2E%2e/admin/x",
+        "/public/./../admin/x",
+        "//admin/x",
+    ] {
+        assert_eq!(inst(p), (200, "admin-1".into(), "/admin/x".into()), "{p}");
+    }
+    assert_eq!(
+        inst("/public//a/./b/../c"),
+        (200, "public-1".into(), "/public/a/c".into())
+    );
+    // Encoded separators, climbing above the root, control bytes: refused.
+    for p in [
+        "/public/..%2fadmin",
+        "/public/%2Fadmin",
+        "/public/%5cadmin",
+        "/../admin",
+        "/public/%00x",
+        "/public/%zz",
+    ] {
+        let (status, instance, _) = inst(p);
+        assert_eq!((status, instance.as_str()), (400, ""), "{p}");
+    }
+}
+
+#[test]
+fn size_limits_slow_clients_and_connection_cap() {
+    let g = start();
+    let gw = g.gateway;
+    // Too many headers, too large a head: 431 from the parser.
+    let mut many = String::from("GET /public HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..30 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(raw_status(&raw(gw, many.as_bytes())), 431);
+    let big = format!(
+        "GET /public HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4000)
+    );
+    let r = raw(gw, big.as_bytes());
+    assert_eq!(raw_status(&r), 431, "{r}");
+    assert_eq!(json_error(&r)["error"], "request_head_too_large");
+    // Body over the route's limit: 413, announced or streamed.
+    let r = http(
+        gw,
+        "POST",
+        "/upload",
+        &[],
+        Some(&"x".repeat(101)),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"], "body_too_large");
+    let chunked = format!("POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n80\r\n{}\r\n0\r\n\r\n", "y".repeat(128));
+    assert_eq!(raw_status(&raw(gw, chunked.as_bytes())), 413);
+    assert_eq!(
+        http(
+            gw,
+            "POST",
+            "/upload",
+            &[],
+            Some("small"),
+            Duration::from_secs(5)
+        )
+        .unwrap()
+        .status,
+        200
+    );
+
+    // Slowloris: a head that never completes is cut off after header_read_timeout_ms.
+    let mut s = TcpStream::connect(gw).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /public HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // Connection cap: with 40 connections open, the next one is closed at once.
+    let held: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let c = TcpStream::connect(gw).unwrap();
+            // Keep each one busy-but-valid: a complete keep-alive request.
+            let mut c2 = c.try_clone().unwrap();
+            c2.write_all(b"GET /public HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(gw).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /public HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let n = extra.read(&mut buf).unwrap_or(0);
+    assert_eq!(
+        n,
+        0,
+        "the 41st connection was served: {}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(g.get("/public").status, 200);
+    let m = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .body;
+    assert!(
+        m.contains("gantry_gateway_rejected_requests_total{reason=\"max_connections\"}"),
+        "{m}"
+    );
+}

@@ -1,0 +1,292 @@
+//! Protocols with clients we did not write: grpcio (gRPC over h2c, streaming, trailers),
+//! websockets (a socket held open across route reloads), curl over HTTP/2 (prior knowledge and
+//! TLS with ALPN), SNI certificate choice and certificate reload.
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+fn python(args: &[&str]) -> std::process::Output {
+    Command::new("python3").args(args).output().unwrap()
+}
+
+#[test]
+fn grpc_unary_and_streaming_through_the_gateway() {
+    let g = Gantry::start(&format!(
+        r#"
+[services.grpc]
+command = ["python3", "-u", "{}"]
+replicas = 2
+upstream = {{ protocol = "h2c" }}
+[[services.grpc.routes]]
+path_prefix = "/test.Echo"
+"#,
+        fixture("grpc_server.py")
+    ));
+    g.wait_healthy("grpc", 2, Duration::from_secs(30));
+    let out = python(&[&fixture("grpc_client.py"), &g.gateway.to_string()]);
+    assert!(
+        out.status.success(),
+        "grpc client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["unary"].as_str().unwrap().ends_with(":hello"), "{v}");
+    assert!(v["unary"].as_str().unwrap().starts_with("grpc-"), "{v}");
+    assert_eq!(v["stream"], serde_json::json!(["0", "1", "2", "3", "4"]));
+    // Trailers made it through the gateway.
+    assert_eq!(v["trailers"]["x-count"], "5");
+    // A method the service lacks: the gRPC status (in trailers) reaches the client.
+    assert_eq!(v["missing"], "UNIMPLEMENTED");
+}
+
+const WS: &str = r#"
+[services.ws]
+command = ["python3", "-u", "WS_ECHO"]
+health = { type = "http", path = "/health" }
+[[services.ws.routes]]
+path_prefix = "/ws"
+strip_prefix = true
+"#;
+
+#[test]
+fn websocket_survives_route_reloads() {
+    let spec = WS.replace("WS_ECHO", &fixture("ws_echo.py"));
+    let g = Gantry::start(&spec);
+    g.wait_healthy("ws", 1, Duration::from_secs(30));
+    let mut client = Command::new("python3")
+        .args([
+            &fixture("ws_client.py"),
+            &format!("ws://{}/ws/chat", g.gateway),
+            "30",
+            "0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // Reload the routes several times while the socket is open.
+    for i in 0..10 {
+        let extra = format!("{spec}\n[[services.ws.routes]]\npath_prefix = \"/other{i}\"\n");
+        let report = g.rewrite_and_reload(&extra);
+        assert_eq!(report["routes"], 2);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = wait_for("websocket client", Duration::from_secs(30), || {
+        client.try_wait().unwrap()
+    })
+    .code();
+    let mut stdout = String::new();
+    use std::io::Read;
+    client
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert_eq!(out, Some(0), "client failed: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"open"));
+    assert_eq!(lines.last(), Some(&"done"));
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("ws-1:m")).count(),
+        30,
+        "{stdout}"
+    );
+}
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn http2_prior_knowledge_to_an_http1_instance() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+[[services.web.routes]]
+path_prefix = "/"
+"#,
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let (ok, body, err) = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version}",
+        &format!("http://{}/hello?x=1", g.gateway),
+    ]);
+    assert!(ok, "{err}");
+    let (json, version) = body.rsplit_once('\n').unwrap();
+    assert_eq!(version, "2");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["path"], "/hello");
+    assert_eq!(v["query"], "x=1");
+    // The HTTP/1.1 instance got a Host header made from :authority.
+    assert_eq!(v["headers"]["host"], g.gateway.to_string());
+}
+
+/// A self-signed certificate for `names` (first is the CN), via the openssl CLI.
+fn cert(dir: &std::path::Path, stem: &str, names: &[&str]) {
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+        ])
+        .arg(format!("/CN={}", names[0]))
+        .args(["-addext", &format!("subjectAltName={san}"), "-keyout"])
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.pem")))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The subject CN the server presents for `sni`.
+fn served_cn(port: u16, sni: &str) -> String {
+    let o = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            sni,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    out.lines()
+        .find(|l| l.trim_start().starts_with("subject="))
+        .map(|l| {
+            l.rsplit("CN")
+                .next()
+                .unwrap_or("")
+                .trim_start_matches([' ', '='])
+                .to_string()
+        })
+        .unwrap_or_else(|| panic!("no certificate in: {out}"))
+}
+
+#[test]
+fn tls_with_sni_alpn_h2_and_certificate_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    cert(dir.path(), "a", &["a.test"]);
+    cert(dir.path(), "wild", &["*.b.test"]);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+[[services.web.routes]]
+path_prefix = "/"
+"#,
+    )
+    .replace(
+        "[admin]",
+        &format!(
+            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [\n  {{ cert = \"a.pem\", key = \"a.key\", hosts = [\"a.test\"] }},\n  {{ cert = \"wild.pem\", key = \"wild.key\", hosts = [\"*.b.test\"] }},\n]\n\n[admin]"
+        ),
+    );
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let cafile = |stem: &str| {
+        g.dir
+            .path()
+            .join(format!("{stem}.pem"))
+            .display()
+            .to_string()
+    };
+
+    // HTTP/2 over TLS, negotiated by ALPN, with SNI choosing the certificate.
+    let (ok, body, err) = curl(&[
+        "--http2",
+        "--cacert",
+        &cafile("a"),
+        "--resolve",
+        &format!("a.test:{tls_port}:127.0.0.1"),
+        "-w",
+        "\n%{http_version}",
+        &format!("https://a.test:{tls_port}/x"),
+    ]);
+    assert!(ok, "{err}");
+    let (json, version) = body.rsplit_once('\n').unwrap();
+    assert_eq!(version, "2");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+    // HTTP/1.1 over TLS on the same listener, wildcard certificate.
+    let (ok, body, err) = curl(&[
+        "--http1.1",
+        "--cacert",
+        &cafile("wild"),
+        "--resolve",
+        &format!("api.b.test:{tls_port}:127.0.0.1"),
+        "-w",
+        "\n%{http_version}",
+        &format!("https://api.b.test:{tls_port}/y"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(body.ends_with("\n1.1"), "{body}");
+    assert_eq!(served_cn(tls_port, "a.test"), "a.test");
+    assert_eq!(served_cn(tls_port, "x.b.test"), "*.b.test");
+    // Unknown names get the first certificate.
+    assert_eq!(served_cn(tls_port, "unknown.test"), "a.test");
+
+    // Replace a.test's certificate on disk: it is served without a restart.
+    cert(g.dir.path(), "a", &["a.test", "renewed.a.test"]);
+    wait_for("new certificate served", Duration::from_secs(10), || {
+        let o = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{tls_port}"),
+                "-servername",
+                "a.test",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let pem = std::fs::read_to_string(g.dir.path().join("a.pem")).unwrap();
+        let served = String::from_utf8_lossy(&o.stdout).into_owned();
+        let first_line = pem.lines().nth(1).unwrap_or("").to_string();
+        served.contains(&first_line).then_some(())
+    });
+    let (ok, _, err) = curl(&[
+        "--cacert",
+        &cafile("a"),
+        "--resolve",
+        &format!("a.test:{tls_port}:127.0.0.1"),
+        &format!("https://a.test:{tls_port}/z"),
+    ]);
+    assert!(ok, "after reload: {err}");
+}

@@ -1,0 +1,436 @@
+//! Resilience under failure: chaos (kills and hangs under load), outlier ejection and the circuit
+//! breaker, the retry budget, the bulkhead, timeouts, rate limits.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+/// Bounded steady load: `threads` clients, each at most `max` GETs, until `stop`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<Mutex<Vec<String>>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, path: &'static str, threads: usize, max: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let workers = (0..threads)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..max {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match http(addr, "GET", path, &[], None, Duration::from_secs(10)) {
+                            Ok(r) if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => failed
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.body)),
+                            Err(e) => failed.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            workers,
+        }
+    }
+
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.join().unwrap();
+        }
+        let f = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), f)
+    }
+}
+
+#[test]
+fn chaos_kills_and_hangs_under_load_fail_no_request() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 4
+health = { type = "http", path = "/health", interval_ms = 200, timeout_ms = 200, unhealthy_threshold = 2, unhealthy_restart_ms = 1000 }
+backoff = { initial_ms = 50, max_ms = 200 }
+[[services.web.routes]]
+path_prefix = "/"
+per_try_timeout_ms = 300
+retries = { attempts = 3, on = ["connect-failure", "per-try-timeout"], budget_min_per_second = 100 }
+"#,
+    );
+    g.wait_healthy("web", 4, Duration::from_secs(20));
+    let load = Load::start(g.gateway, "/chaos", 4, 5000);
+    wait_for("load running", Duration::from_secs(5), || {
+        (load.ok.load(Ordering::Relaxed) > 100).then_some(())
+    });
+    // Six rounds: kill one instance or hang another, at pseudo-random, while requests flow.
+    let mut seed = 0x2545_f491_u64;
+    for round in 0..6 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let healthy: Vec<serde_json::Value> = g
+            .instances("web")
+            .into_iter()
+            .filter(|i| i["state"] == "healthy")
+            .collect();
+        if healthy.len() >= 2 {
+            let victim = &healthy[(seed as usize) % healthy.len()];
+            if round % 2 == 0 {
+                signal(victim["pid"].as_u64().unwrap() as u32, libc::SIGKILL);
+            } else {
+                let addr = format!("127.0.0.1:{}", victim["port"]).parse().unwrap();
+                let _ = http(
+                    addr,
+                    "POST",
+                    "/admin/hang",
+                    &[],
+                    None,
+                    Duration::from_secs(2),
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = load.finish();
+    println!("chaos: {ok} requests ok, {} failed", failed.len());
+    assert!(ok > 200, "too little load got through: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let m = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .body;
+    assert!(
+        m.contains("gantry_gateway_retries_total{route=\"web/0\""),
+        "retries were needed and counted"
+    );
+}
+
+#[test]
+fn failing_instance_is_ejected_and_failing_service_opens_its_circuit() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 3
+[services.web.upstream]
+load_balancer = "round_robin"
+circuit_breaker = { failure_rate = 0.5, min_requests = 10, window_ms = 10000, open_ms = 1000, half_open_requests = 1 }
+outlier = { consecutive_failures = 3, base_ejection_ms = 60000, max_ejected_percent = 50 }
+[[services.web.routes]]
+path_prefix = "/"
+retries = { attempts = 0 }
+"#,
+    );
+    let list = g.wait_healthy("web", 3, Duration::from_secs(20));
+    let bad = list[0]["id"].as_str().unwrap().to_string();
+    let bad_addr = g.instance_addr("web", &bad);
+    http(
+        bad_addr,
+        "POST",
+        "/admin/fail",
+        &[],
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    // Round robin sends every third request to the bad one: after 3 failures it is ejected.
+    let mut failures = 0;
+    for _ in 0..30 {
+        if g.get("/x").status == 500 {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 3,
+        "exactly consecutive_failures requests reach the bad instance before ejection"
+    );
+    let routes = g.admin_get("/v1/routes");
+    let ep = routes[0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["instance"] == bad.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(ep["ejected"], true, "{ep}");
+    let m = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .body;
+    assert!(
+        m.contains(&format!(
+            "gantry_gateway_ejections_total{{service=\"web\",instance=\"{bad}\"}} 1"
+        )),
+        "{m}"
+    );
+
+    // Now every instance fails: the cap keeps the others in (50% of 3 = 1 ejected), and the
+    // service's failure rate opens the circuit: requests fail fast with 503.
+    for i in &list[1..] {
+        let a = g.instance_addr("web", i["id"].as_str().unwrap());
+        http(a, "POST", "/admin/fail", &[], None, Duration::from_secs(2)).unwrap();
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(g.get("/x").status);
+    }
+    let first_503 = statuses
+        .iter()
+        .position(|s| *s == 503)
+        .expect("circuit never opened");
+    // 3 of the first 30 failed; with everything failing the rate reaches 50% at about the 24th.
+    assert!(
+        first_503 <= 30,
+        "opened after {first_503} requests: {statuses:?}"
+    );
+    assert!(
+        statuses[first_503..].iter().all(|s| *s == 503),
+        "{statuses:?}"
+    );
+    let r = g.get("/x");
+    assert_eq!(r.json()["error"], "circuit_open");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(g.admin_get("/v1/upstreams")[0]["circuit"], "open");
+    // Recover: after open_ms a probe goes through and closes the circuit.
+    for i in &list {
+        let a = g.instance_addr("web", i["id"].as_str().unwrap());
+        http(
+            a,
+            "POST",
+            "/admin/recover",
+            &[],
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    wait_for("circuit closed", Duration::from_secs(5), || {
+        (g.get("/x").status == 200 && g.admin_get("/v1/upstreams")[0]["circuit"] == "closed")
+            .then_some(())
+    });
+}
+
+#[test]
+fn retry_budget_caps_extra_load() {
+    let a = OwnSvc::start("a", &[]);
+    let b = OwnSvc::start("b", &[]);
+    for s in [&a, &b] {
+        http(
+            s.addr(),
+            "POST",
+            "/admin/fail",
+            &[],
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    }
+    let g = Gantry::start(&format!(
+        r#"
+[services.web]
+endpoints = ["127.0.0.1:{}", "127.0.0.1:{}"]
+upstream = {{ outlier = {{ consecutive_failures = 0, failure_rate = 0.0 }}, circuit_breaker = {{ failure_rate = 0.0 }} }}
+[[services.web.routes]]
+path_prefix = "/"
+retries = {{ attempts = 5, on = ["5xx"], backoff_base_ms = 1, backoff_max_ms = 2, budget_percent = 20, budget_min_per_second = 0 }}
+"#,
+        a.port, b.port
+    ));
+    let n = 200;
+    for _ in 0..n {
+        assert_eq!(g.get("/x").status, 500);
+    }
+    let attempts =
+        a.stats()["requests"].as_u64().unwrap() + b.stats()["requests"].as_u64().unwrap();
+    println!("retry budget: {n} requests caused {attempts} upstream attempts");
+    // Without a budget: up to 2 attempts each (two instances) = 400. With 20%: at most 240.
+    assert!(attempts >= n as u64, "{attempts}");
+    assert!(
+        attempts <= (n as f64 * 1.2).ceil() as u64 + 2,
+        "retry budget exceeded: {attempts} attempts for {n} requests"
+    );
+}
+
+#[test]
+fn bulkhead_timeouts_and_rate_limits() {
+    let g = Gantry::start(
+        r#"
+[services.slow]
+command = ["{TESTSVC}"]
+upstream = { max_concurrent_requests = 2 }
+[[services.slow.routes]]
+path_prefix = "/slow"
+timeout_ms = 5000
+[[services.slow.routes]]
+path_prefix = "/tight"
+strip_prefix = true
+timeout_ms = 300
+[[services.slow.routes]]
+path_prefix = "/limited"
+strip_prefix = true
+rate_limit = { requests_per_second = 2, burst = 3 }
+"#,
+    );
+    g.wait_healthy("slow", 1, Duration::from_secs(20));
+    // Bulkhead: 2 in flight allowed, the rest refused at once with 503 + Retry-After.
+    let gw = g.gateway;
+    let hold: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http(
+                    gw,
+                    "GET",
+                    "/slow?ms=1500",
+                    &[],
+                    None,
+                    Duration::from_secs(10),
+                )
+                .unwrap()
+                .status
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let r = g.get("/slow?ms=10");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"], "concurrency_limit");
+    assert!(r.header("retry-after").is_some());
+    assert!(t.elapsed() < Duration::from_millis(500), "refused quickly");
+    for h in hold {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    assert_eq!(g.get("/slow?ms=10").status, 200);
+
+    // Request timeout: 504 after the route's timeout, not the instance's answer.
+    let t = Instant::now();
+    let r = g.get("/tight/slow?ms=2000");
+    assert_eq!(r.status, 504);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // Rate limit: burst of 3, then 429 with headers.
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..5 {
+        let r = g.get("/limited/x");
+        statuses.push(r.status);
+        last = Some(r);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let r = last.unwrap();
+    assert_eq!(r.json()["error"], "rate_limited");
+    assert_eq!(r.header("ratelimit-limit"), Some("3"));
+    assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        g.get("/limited/x").status,
+        200,
+        "a token came back after half a second at 2/s"
+    );
+}
+
+#[test]
+fn active_health_checks_take_failing_external_instances_out() {
+    let a = OwnSvc::start("a", &[]);
+    let b = OwnSvc::start("b", &[]);
+    let g = Gantry::start(
+        r#"
+[services.ext]
+command = ["{TESTSVC}"]
+replicas = 0
+upstream = { load_balancer = "round_robin", active_health = { path = "/health", interval_ms = 100, timeout_ms = 200, unhealthy_threshold = 2 } }
+[[services.ext.routes]]
+path_prefix = "/"
+"#,
+    );
+    for (s, id) in [(&a, "ext-a"), (&b, "ext-b")] {
+        let r = g.admin_call(
+            "POST",
+            "/v1/registry/instances",
+            Some(&json!({"service": "ext", "port": s.port, "id": id, "ttl_ms": 60000})),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let seen: std::collections::BTreeSet<String> = (0..6)
+        .map(|_| g.get("/").json()["instance"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen.len(), 2);
+    http(
+        b.addr(),
+        "POST",
+        "/admin/fail-health",
+        &[],
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    wait_for("b out of rotation", Duration::from_secs(5), || {
+        let routes = g.admin_get("/v1/routes");
+        routes[0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["instance"] == "ext-b" && e["healthy"] == false)
+            .then_some(())
+    });
+    // Still registered, but no traffic goes there.
+    assert!(g.admin_get("/v1/registry/instances/ext-b")["id"] == "ext-b");
+    assert!((0..10).all(|_| g.get("/").json()["instance"] == "a"));
+    http(
+        b.addr(),
+        "POST",
+        "/admin/recover",
+        &[],
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    wait_for("b back", Duration::from_secs(5), || {
+        (0..4)
+            .any(|_| g.get("/").json()["instance"] == "b")
+            .then_some(())
+    });
+}

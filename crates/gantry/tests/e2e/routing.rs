@@ -1,0 +1,514 @@
+//! Routing: precedence, rewrites, redirects, header changes, versions (header, path, splits),
+//! mirroring, sticky and latency-aware balancing, the response cache, hot reload under load,
+//! access log and trace context.
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[test]
+fn matching_precedence_rewrites_redirects_and_header_changes() {
+    let g = Gantry::start(
+        r#"
+[services.a]
+command = ["{TESTSVC}"]
+[[services.a.routes]]
+path_prefix = "/"
+[[services.a.routes]]
+path = "/exact"
+[[services.a.routes]]
+path_regex = "^/v[0-9]+/items$"
+rewrite_regex = { pattern = "^/v([0-9]+)/items$", replacement = "/items/version-$1" }
+[[services.a.routes]]
+path_prefix = "/old"
+redirect = { prefix = "/new", status = 308 }
+[[services.a.routes]]
+path_prefix = "/api"
+rewrite_prefix = "/internal/api"
+request_headers = { set = { "x-from" = "gantry" }, remove = ["x-secret"] }
+response_headers = { set = { "x-served-by" = "gantry" }, add = { "cache-control" = "no-store" } }
+
+[services.b]
+command = ["{TESTSVC}"]
+[[services.b.routes]]
+path_prefix = "/api"
+methods = ["POST"]
+[[services.b.routes]]
+path_prefix = "/api"
+headers = [{ name = "x-canary", value = "1" }]
+[[services.b.routes]]
+hosts = ["*.example.com"]
+path_prefix = "/"
+[[services.b.routes]]
+path_prefix = "/api"
+query = [{ name = "beta", regex = "^(1|true)$" }]
+"#,
+    );
+    g.wait_healthy("a", 1, Duration::from_secs(20));
+    g.wait_healthy("b", 1, Duration::from_secs(20));
+    let inst = |r: &Resp| r.json()["instance"].as_str().unwrap().to_string();
+    let get_h = |path: &str, h: &[(&str, &str)]| {
+        http(g.gateway, "GET", path, h, None, Duration::from_secs(5)).unwrap()
+    };
+
+    // Fallback, exact, regex with rewrite.
+    assert_eq!(inst(&g.get("/anything")), "a-1");
+    assert_eq!(g.get("/exact").json()["path"], "/exact");
+    assert_eq!(g.get("/v7/items").json()["path"], "/items/version-7");
+    // Redirect keeps the rest of the path and the query.
+    let r = get_h("/old/x/y?q=1", &[]);
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("http://{}/new/x/y?q=1", g.gateway).as_str())
+    );
+    // Method, header and query conditions outrank the plain /api prefix.
+    let plain = get_h("/api/users", &[("x-secret", "s3")]);
+    assert_eq!(inst(&plain), "a-1");
+    let v = plain.json();
+    assert_eq!(v["path"], "/internal/api/users");
+    assert_eq!(v["headers"]["x-from"], "gantry");
+    assert!(v["headers"].get("x-secret").is_none());
+    assert_eq!(plain.header("x-served-by"), Some("gantry"));
+    assert!(plain
+        .headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("cache-control") && v == "no-store"));
+    let post = http(
+        g.gateway,
+        "POST",
+        "/api/users",
+        &[],
+        Some("{}"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(inst(&post), "b-1");
+    assert_eq!(inst(&get_h("/api/users", &[("x-canary", "1")])), "b-1");
+    assert_eq!(inst(&get_h("/api/users", &[("x-canary", "2")])), "a-1");
+    assert_eq!(inst(&get_h("/api/users?beta=true", &[])), "b-1");
+    assert_eq!(inst(&get_h("/api/users?beta=no", &[])), "a-1");
+    // Wildcard host beats any-host routes.
+    let raw_resp = raw(
+        g.gateway,
+        b"GET /anything HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n",
+    );
+    assert!(raw_resp.contains("\"instance\":\"b-1\""), "{raw_resp}");
+    let raw_resp = raw(
+        g.gateway,
+        b"GET /anything HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        raw_resp.contains("\"instance\":\"a-1\""),
+        "bare domain is not *.example.com: {raw_resp}"
+    );
+    // The admin API lists routes in precedence order.
+    let routes = g.admin_get("/v1/routes");
+    let order: Vec<&str> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(order[0], "b/2", "{order:?}");
+    assert_eq!(*order.last().unwrap(), "a/0", "{order:?}");
+}
+
+/// Two self-registered instances of `api`, versions 1.4.0 and 2.1.0.
+fn two_versions(g: &Gantry) -> (OwnSvc, OwnSvc) {
+    let v1 = OwnSvc::start("v1", &[]);
+    let v2 = OwnSvc::start("v2", &[]);
+    for (s, v, id) in [(&v1, "1.4.0", "api-one"), (&v2, "2.1.0", "api-two")] {
+        let r = g.admin_call(
+            "POST",
+            "/v1/registry/instances",
+            Some(
+                &json!({"service": "api", "id": id, "port": s.port, "version": v, "ttl_ms": 60000}),
+            ),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    (v1, v2)
+}
+
+#[test]
+fn versions_by_header_path_and_weighted_split() {
+    let g = Gantry::start(
+        r#"
+[services.api]
+command = ["{TESTSVC}"]
+replicas = 0
+[[services.api.routes]]
+path_prefix = "/api"
+strip_prefix = true
+version_header = "accept-version"
+version_from_path = true
+split = [{ version = "^1", weight = 80 }, { version = "^2", weight = 20 }]
+[[services.api.routes]]
+path_prefix = "/stable"
+strip_prefix = true
+version = "~1.4"
+"#,
+    );
+    let (_v1, _v2) = two_versions(&g);
+    let inst = |r: Resp| r.json()["instance"].as_str().unwrap().to_string();
+    // A pinned route.
+    assert!((0..5).all(|_| inst(g.get("/stable/x")) == "v1"));
+    // The client picks a version by header...
+    let h = |v: &str| {
+        http(
+            g.gateway,
+            "GET",
+            "/api/x",
+            &[("accept-version", v)],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    assert!((0..5).all(|_| inst(h("^2")) == "v2"));
+    assert!((0..5).all(|_| inst(h("1.4")) == "v1"));
+    let none = h(">=3");
+    assert_eq!(none.status, 503);
+    assert_eq!(none.json()["error"], "no_matching_version");
+    assert_eq!(h("not a version").status, 400);
+    // ...or by path segment, which is removed before forwarding.
+    let r = g.get("/api/v2/items?x=1");
+    assert_eq!(r.json()["instance"], "v2");
+    assert_eq!(r.json()["path"], "/items");
+    assert_eq!(r.json()["query"], "x=1");
+    assert_eq!(g.get("/api/v1/items").json()["instance"], "v1");
+    // Otherwise the weighted split decides: 80/20 within a statistical bound.
+    let n = 1000;
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..n {
+        *count.entry(inst(g.get("/api/items"))).or_default() += 1;
+    }
+    let v2 = count.get("v2").copied().unwrap_or(0) as f64 / n as f64;
+    println!("split 80/20 over {n}: {count:?}");
+    // sd = sqrt(0.2*0.8/1000) = 1.3%: 5 sd either way.
+    assert!((v2 - 0.2).abs() < 0.065, "v2 share {v2}");
+}
+
+#[test]
+fn mirroring_copies_traffic_without_delaying_the_primary() {
+    let shadow = OwnSvc::start("shadow", &[("TESTSVC_DELAY_ALL_MS", "1500")]);
+    let primary = OwnSvc::start("primary", &[]);
+    let g = Gantry::start(&format!(
+        r#"
+[services.api]
+endpoints = ["127.0.0.1:{}"]
+[[services.api.routes]]
+path_prefix = "/"
+mirror = {{ service = "shadow", percent = 100 }}
+[services.shadow]
+endpoints = ["127.0.0.1:{}"]
+"#,
+        primary.port, shadow.port
+    ));
+    let t = Instant::now();
+    for _ in 0..5 {
+        let r = g.get("/m");
+        assert_eq!(r.json()["instance"], "primary");
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "the slow shadow delayed the primary: {took:?}"
+    );
+    wait_for("shadow got the copies", Duration::from_secs(10), || {
+        (shadow.stats()["requests"] == 5).then_some(())
+    });
+    assert_eq!(primary.stats()["requests"], 5);
+}
+
+#[test]
+fn sticky_hashing_keeps_users_on_their_instance() {
+    let g = Gantry::start(
+        r#"
+[services.sticky]
+command = ["{TESTSVC}"]
+replicas = 3
+upstream = { load_balancer = "hash", hash_on = "header:x-user" }
+[[services.sticky.routes]]
+path_prefix = "/sticky"
+"#,
+    );
+    g.wait_healthy("sticky", 3, Duration::from_secs(20));
+    let by_user = |u: &str| {
+        http(
+            g.gateway,
+            "GET",
+            "/sticky",
+            &[("x-user", u)],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .json()["instance"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut used = std::collections::BTreeSet::new();
+    for u in 0..30 {
+        let user = format!("user-{u}");
+        let first = by_user(&user);
+        assert!((0..3).all(|_| by_user(&user) == first), "{user} moved");
+        used.insert(first);
+    }
+    assert_eq!(used.len(), 3, "users spread over all instances: {used:?}");
+}
+
+#[test]
+fn latency_aware_balancing_avoids_a_slow_instance() {
+    let slow = OwnSvc::start("slow", &[("TESTSVC_DELAY_ALL_MS", "40")]);
+    let fast = OwnSvc::start("fast", &[]);
+    let g = Gantry::start(&format!(
+        r#"
+[services.api]
+endpoints = ["127.0.0.1:{}", "127.0.0.1:{}"]
+[[services.api.routes]]
+path_prefix = "/"
+"#,
+        slow.port, fast.port
+    ));
+    let gw = g.gateway;
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    http(gw, "GET", "/x", &[], None, Duration::from_secs(10)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let (s, f) = (
+        slow.stats()["requests"].as_u64().unwrap(),
+        fast.stats()["requests"].as_u64().unwrap(),
+    );
+    println!("p2c-ewma: slow instance {s}, fast instance {f}");
+    assert_eq!(s + f, 200);
+    assert!(s < 40, "the slow instance got {s} of 200");
+}
+
+#[test]
+fn response_cache_hit_miss_and_revalidation() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+[[services.web.routes]]
+path_prefix = "/"
+cache = {}
+"#,
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let addr = g.instance_addr("web", "web-1");
+    let stats = || {
+        http(
+            addr,
+            "GET",
+            "/admin/stats",
+            &[],
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap()
+        .json()
+    };
+    let a = g.get("/cacheable?max_age=1&etag=e1");
+    assert_eq!(a.header("x-cache"), Some("MISS"));
+    let b = g.get("/cacheable?max_age=1&etag=e1");
+    assert_eq!(b.header("x-cache"), Some("HIT"));
+    assert_eq!(a.body, b.body);
+    assert!(b.header("age").is_some());
+    assert_eq!(stats()["requests"], 1, "the hit did not reach the instance");
+    // A client's own conditional request is answered from the cache.
+    let c = http(
+        g.gateway,
+        "GET",
+        "/cacheable?max_age=1&etag=e1",
+        &[("if-none-match", "\"e1\"")],
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(c.status, 304);
+    // After max-age: revalidated with If-None-Match, the instance says 304, the body is reused.
+    std::thread::sleep(Duration::from_millis(1100));
+    let d = g.get("/cacheable?max_age=1&etag=e1");
+    assert_eq!(d.status, 200);
+    assert_eq!(d.header("x-cache"), Some("REVALIDATED"));
+    assert_eq!(d.body, a.body);
+    assert_eq!(stats()["revalidations"], 1);
+    // Uncacheable answers are not stored; other URLs are separate entries.
+    assert_eq!(g.get("/plain").header("x-cache"), Some("MISS"));
+    assert_eq!(g.get("/plain").header("x-cache"), Some("MISS"));
+    assert_eq!(
+        g.get("/cacheable?max_age=60&etag=e2").header("x-cache"),
+        Some("MISS")
+    );
+    let m = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .body;
+    assert!(
+        m.contains("gantry_gateway_cache_total{reason=\"hit\"}"),
+        "{m}"
+    );
+}
+
+#[test]
+fn hundred_route_changes_under_load_drop_nothing() {
+    let base = r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 2
+[[services.web.routes]]
+path_prefix = "/live"
+strip_prefix = true
+"#;
+    let g = Gantry::start(base);
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let gw = g.gateway;
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match http(gw, "GET", "/live/x", &[], None, Duration::from_secs(5)) {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failed
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} {}", r.status, r.body)),
+                        Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    for i in 0..100 {
+        let spec = format!("{base}[[services.web.routes]]\npath_prefix = \"/extra{i}\"\nheaders = [{{ name = \"x-n\", value = \"{i}\" }}]\n");
+        let report = g.rewrite_and_reload(&spec);
+        assert_eq!(report["routes"], 2);
+        assert!(
+            report["needs_restart"].as_array().unwrap().is_empty(),
+            "{report}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    println!(
+        "hot reload: 100 route changes, {} requests ok, {} failed",
+        ok.load(Ordering::Relaxed),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(3)]);
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    // The last route is live; a bad spec is refused and changes nothing.
+    assert_eq!(
+        http(
+            g.gateway,
+            "GET",
+            "/extra99",
+            &[("x-n", "99")],
+            None,
+            Duration::from_secs(5)
+        )
+        .unwrap()
+        .status,
+        200
+    );
+    std::fs::write(
+        &g.spec,
+        spec_text("[services.web]\ncommand = [\"{TESTSVC}\"]\nbogus = 1\n"),
+    )
+    .unwrap();
+    let r = g.admin_call("POST", "/v1/reload", None);
+    assert_eq!(r.status, 400);
+    assert!(r.json()["message"].as_str().unwrap().contains("bogus"));
+    assert_eq!(g.get("/live/x").status, 200);
+}
+
+#[test]
+fn access_log_and_trace_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(
+        "[services.web]\ncommand = [\"{TESTSVC}\"]\n[[services.web.routes]]\npath_prefix = \"/\"\n",
+    )
+    .replace("workers = 2", "workers = 2\naccess_log = true");
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    // A valid traceparent keeps its trace id; the parent id is the gateway's own.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = http(
+        g.gateway,
+        "GET",
+        "/traced",
+        &[("traceparent", tp), ("x-request-id", "rid-42")],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let up = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        up.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{up}"
+    );
+    assert!(!up.contains("00f067aa0ba902b7"));
+    // Without one, a new trace starts.
+    let r = g.get("/untraced");
+    let up2 = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(up2.len(), 55);
+    assert!(!up2.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    // One JSON access-log line per request.
+    let line = wait_for("access log line", Duration::from_secs(5), || {
+        g.output()
+            .lines()
+            .find(|l| l.contains("\"request_id\":\"rid-42\""))
+            .map(str::to_string)
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["type"], "access");
+    assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(v["route"], "web/0");
+    assert_eq!(v["upstream"], "web-1");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["path"], "/traced");
+    assert!(v["bytes"].as_u64().unwrap() > 0);
+    assert!(v["duration_ms"].as_f64().is_some());
+}
