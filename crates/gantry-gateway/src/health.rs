@@ -6,13 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use gantry_model::ActiveHealth;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::table::{clock_ms, Endpoint};
+use crate::table::{clock_ms, Endpoint, ServiceState};
 use crate::Gateway;
 
 impl Gateway {
@@ -27,7 +24,7 @@ impl Gateway {
             }
             let now = clock_ms();
             for (ep, policy) in self.endpoints_snapshot() {
-                let Some(policy) = policy.filter(|_| ep.external) else {
+                let Some((policy, service)) = policy.filter(|_| ep.external) else {
                     ep.healthy.store(true, Ordering::Relaxed);
                     continue;
                 };
@@ -36,28 +33,33 @@ impl Gateway {
                 }
                 ep.next_probe_ms
                     .store(now + policy.interval_ms, Ordering::Relaxed);
-                tokio::spawn(probe(ep, policy));
+                tokio::spawn(probe(ep, policy, service));
             }
         }
     }
 }
 
-async fn get(ep: &Endpoint, path: &str) -> Result<(), String> {
-    let stream = tokio::net::TcpStream::connect(ep.addr)
+async fn get(
+    ep: &Endpoint,
+    path: &str,
+    service: &ServiceState,
+    timeout: Duration,
+) -> Result<(), String> {
+    let target = crate::pool::Target {
+        addr: ep.addr,
+        timeout,
+        tls: service.tls.as_ref(),
+    };
+    let mut tx = crate::pool::connect_h1(target)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    let task = tokio::spawn(conn);
     let req = http::Request::builder()
         .uri(path)
         .header(http::header::HOST, ep.authority.as_str())
         .header(http::header::USER_AGENT, "gantry-gateway-health/1")
-        .body(Empty::<Bytes>::new())
+        .body(crate::body::ReqBody::Empty)
         .map_err(|e| e.to_string())?;
     let res = tx.send_request(req).await;
-    task.abort();
     let status = res.map_err(|e| e.to_string())?.status();
     if status.is_success() || status.is_redirection() {
         Ok(())
@@ -66,13 +68,9 @@ async fn get(ep: &Endpoint, path: &str) -> Result<(), String> {
     }
 }
 
-async fn probe(ep: Arc<Endpoint>, policy: ActiveHealth) {
-    let res = match tokio::time::timeout(
-        Duration::from_millis(policy.timeout_ms),
-        get(&ep, &policy.path),
-    )
-    .await
-    {
+async fn probe(ep: Arc<Endpoint>, policy: ActiveHealth, service: Arc<ServiceState>) {
+    let timeout = Duration::from_millis(policy.timeout_ms);
+    let res = match tokio::time::timeout(timeout, get(&ep, &policy.path, &service, timeout)).await {
         Ok(r) => r,
         Err(_) => Err("timed out".into()),
     };

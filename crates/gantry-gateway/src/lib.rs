@@ -261,7 +261,10 @@ impl Gateway {
 
     pub(crate) fn endpoints_snapshot(
         &self,
-    ) -> Vec<(Arc<Endpoint>, Option<gantry_model::ActiveHealth>)> {
+    ) -> Vec<(
+        Arc<Endpoint>,
+        Option<(gantry_model::ActiveHealth, Arc<ServiceState>)>,
+    )> {
         let c = self.lock();
         c.endpoints
             .values()
@@ -269,7 +272,7 @@ impl Gateway {
                 let ah = c
                     .services
                     .get(&*e.service)
-                    .and_then(|s| s.policy.active_health.clone());
+                    .and_then(|s| Some((s.policy.active_health.clone()?, s.clone())));
                 (e.clone(), ah)
             })
             .collect()

@@ -1,14 +1,16 @@
 //! Upstream connections, pooled per instance: idle HTTP/1.1 connections in a stack, one shared
-//! HTTP/2 connection (multiplexed). Connections are hyper's client connections driven by their
-//! own task; requests go through `try_send_request`, so a request that never left on a
-//! connection the instance had just closed comes back and is sent again on a fresh one.
+//! HTTP/2 connection (multiplexed); plain TCP or TLS. Connections are hyper's client
+//! connections driven by their own task; requests go through `try_send_request`, so a request
+//! that never left on a connection the instance had just closed comes back and is sent again on
+//! a fresh one.
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::body::ReqBody;
@@ -17,6 +19,7 @@ use crate::body::ReqBody;
 pub enum ConnectError {
     Timeout,
     Io(std::io::Error),
+    Tls(std::io::Error),
     Handshake(hyper::Error),
 }
 
@@ -25,9 +28,66 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Timeout => write!(f, "connect timed out"),
             ConnectError::Io(e) => write!(f, "connect: {e}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake: {e}"),
             ConnectError::Handshake(e) => write!(f, "handshake: {e}"),
         }
     }
+}
+
+/// How to set up TLS to a service's instances.
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl UpstreamTls {
+    /// From the model: trust `ca_file` (or the system's CAs), offer ALPN for the protocol.
+    pub fn new(t: &gantry_model::UpstreamTls, h2: bool) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+        let file = t
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&file).map_err(|e| format!("{file}: {e}"))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("{file}: {e}"))?;
+            roots.add(c).map_err(|e| format!("{file}: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("{file}: no CA certificates"));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = if h2 {
+            vec![b"h2".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let server_name = match &t.server_name {
+            Some(n) => Some(
+                ServerName::try_from(n.clone()).map_err(|e| format!("server_name {n:?}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            server_name,
+        })
+    }
+}
+
+/// Where to connect.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    pub timeout: Duration,
+    pub tls: Option<&'a UpstreamTls>,
 }
 
 /// A connection ready for one request.
@@ -42,13 +102,87 @@ pub struct Pool {
     max_idle: usize,
 }
 
-async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+async fn tcp(t: Target<'_>) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(t.timeout, TcpStream::connect(t.addr))
         .await
         .map_err(|_| ConnectError::Timeout)?
         .map_err(ConnectError::Io)?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+async fn tls(
+    t: Target<'_>,
+    tls: &UpstreamTls,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let name = tls
+        .server_name
+        .clone()
+        .unwrap_or_else(|| ServerName::IpAddress(t.addr.ip().into()));
+    tokio::time::timeout(t.timeout, tls.connector.connect(name, stream))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+        .map_err(ConnectError::Tls)
+}
+
+/// A new HTTP/1.1 client connection (upgrades allowed), plain or TLS.
+pub async fn connect_h1(t: Target<'_>) -> Result<http1::SendRequest<ReqBody>, ConnectError> {
+    let stream = tcp(t).await?;
+    match t.tls {
+        None => {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok(sender)
+        }
+        Some(cfg) => {
+            let s = tls(t, cfg, stream).await?;
+            let (sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(s))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok(sender)
+        }
+    }
+}
+
+async fn connect_h2(t: Target<'_>) -> Result<http2::SendRequest<ReqBody>, ConnectError> {
+    let stream = tcp(t).await?;
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    match t.tls {
+        None => {
+            let (sender, conn) = b
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        }
+        Some(cfg) => {
+            let s = tls(t, cfg, stream).await?;
+            let (sender, conn) = b
+                .handshake(TokioIo::new(s))
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        }
+    }
 }
 
 impl Pool {
@@ -60,17 +194,13 @@ impl Pool {
         }
     }
 
-    pub fn set_max_idle(&mut self, max_idle: usize) {
-        self.max_idle = max_idle;
-    }
-
     /// An idle HTTP/1.1 connection, or a new one.
-    pub async fn h1(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+    pub async fn h1(&self, t: Target<'_>) -> Result<Conn, ConnectError> {
         if let Some(s) = self.idle_h1() {
             return Ok(Conn::H1(s));
         }
         // Boxed: the connect path is rare, and its future is large.
-        Ok(Conn::H1(Box::pin(self.new_h1(addr, timeout)).await?))
+        Ok(Conn::H1(Box::pin(connect_h1(t)).await?))
     }
 
     /// An idle HTTP/1.1 connection ready for a request, without waiting.
@@ -89,23 +219,6 @@ impl Pool {
         None
     }
 
-    /// A new HTTP/1.1 connection (never pooled before; used for upgrades too).
-    pub async fn new_h1(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<http1::SendRequest<ReqBody>, ConnectError> {
-        let stream = tcp(addr, timeout).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(sender)
-    }
-
     /// Give back an HTTP/1.1 connection after its response body ended.
     pub fn put_h1(&self, s: http1::SendRequest<ReqBody>) {
         if s.is_closed() {
@@ -117,8 +230,8 @@ impl Pool {
         }
     }
 
-    /// The shared HTTP/2 connection (prior knowledge), made on first use or after it closed.
-    pub async fn h2(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+    /// The shared HTTP/2 connection, made on first use or after it closed.
+    pub async fn h2(&self, t: Target<'_>) -> Result<Conn, ConnectError> {
         if let Some(s) = self
             .h2
             .lock()
@@ -129,17 +242,7 @@ impl Pool {
                 return Ok(Conn::H2(s.clone()));
             }
         }
-        let stream = tcp(addr, timeout).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let sender = Box::pin(connect_h2(t)).await?;
         *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
         Ok(Conn::H2(sender))
     }

@@ -688,6 +688,10 @@ impl Gateway {
             };
         }
         let service = set.service.clone();
+        if service.tls_failed {
+            // Never fall back to clear text when TLS was asked for.
+            return self.finish_reject(ctx, Some(route), Reject::UpstreamError, None);
+        }
 
         // 6. cache
         let mut revalidating: Option<Arc<cache::Entry>> = None;
@@ -823,7 +827,13 @@ impl Gateway {
         // 9. mirror
         if let Some((mset, pct)) = &f.mirror {
             if replayable && !upgrade && crate::rand::unit() * 100.0 < *pct {
-                self.mirror(mset, &method, &uri, &headers, want_h2);
+                self.mirror(
+                    mset,
+                    &method,
+                    &uri,
+                    &headers,
+                    parts.version == Version::HTTP_2,
+                );
             }
         }
 
@@ -907,15 +917,20 @@ impl Gateway {
                 .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
             // Boxed: this future is large and only alive during the attempt; keeping it out of
             // the request's future keeps that small (hyper moves it around).
+            let target = crate::pool::Target {
+                addr: ep.addr,
+                timeout: connect_timeout,
+                tls: service.tls.as_ref(),
+            };
             let sent = Box::pin(tokio::time::timeout_at(per_try, async {
                 let c = if want_h2 {
-                    ep.pool.h2(ep.addr, connect_timeout).await
+                    ep.pool.h2(target).await
                 } else if upgrade {
-                    Box::pin(ep.pool.new_h1(ep.addr, connect_timeout))
+                    Box::pin(crate::pool::connect_h1(target))
                         .await
                         .map(Conn::H1)
                 } else {
-                    ep.pool.h1(ep.addr, connect_timeout).await
+                    ep.pool.h1(target).await
                 };
                 match c {
                     Err(e) => Err((e.to_string(), Some(up_req))),
@@ -1302,29 +1317,64 @@ impl Gateway {
     }
 
     /// Send a copy to the shadow target; its answer is read and dropped, and never awaited here.
-    fn mirror(&self, set: &EndpointSet, method: &Method, uri: &Uri, headers: &HeaderMap, h2: bool) {
+    fn mirror(
+        &self,
+        set: &EndpointSet,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        downstream_h2: bool,
+    ) {
         let Some(idx) = set.pick(&[], None, clock_ms()) else {
             return;
         };
         let ep = set.endpoints[idx].clone();
+        let service = set.service.clone();
+        let h2 = match service.policy.protocol {
+            gantry_model::UpstreamProtocol::H2c => true,
+            gantry_model::UpstreamProtocol::Auto => downstream_h2,
+            gantry_model::UpstreamProtocol::Http1 => false,
+        };
+        let mut headers = headers.clone();
+        if h2 {
+            headers.remove(header::HOST);
+        } else if !headers.contains_key(header::HOST) {
+            if let Some(a) = uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(header::HOST, a);
+            }
+        }
+        let uri = if h2 || uri.scheme().is_none() {
+            uri.clone()
+        } else {
+            uri.path_and_query()
+                .map_or_else(|| uri.clone(), |pq| Uri::from(pq.clone()))
+        };
         let mut r = Request::new(ReqBody::Empty);
         *r.method_mut() = method.clone();
-        *r.uri_mut() = uri.clone();
+        *r.uri_mut() = uri;
         *r.version_mut() = if h2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        *r.headers_mut() = headers.clone();
-        let timeout =
-            Duration::from_millis(set.service.policy.connect_timeout_ms) + Duration::from_secs(30);
+        *r.headers_mut() = headers;
+        let connect = Duration::from_millis(service.policy.connect_timeout_ms);
+        let timeout = connect + Duration::from_secs(30);
         tokio::spawn(async move {
             let _guard = InflightGuard::new(ep.clone());
+            let target = crate::pool::Target {
+                addr: ep.addr,
+                timeout: connect,
+                tls: service.tls.as_ref(),
+            };
             let fut = async {
                 let c = if h2 {
-                    ep.pool.h2(ep.addr, timeout).await
+                    ep.pool.h2(target).await
                 } else {
-                    ep.pool.h1(ep.addr, timeout).await
+                    ep.pool.h1(target).await
                 };
                 let resp = match c {
                     Ok(Conn::H1(mut s)) => s

@@ -148,11 +148,28 @@ pub struct ServiceState {
     pub instances: AtomicUsize,
     pub rr: AtomicUsize,
     pub metrics: ServiceMetrics,
+    /// TLS to the instances, when the policy asks for it.
+    pub tls: Option<crate::pool::UpstreamTls>,
+    /// TLS was asked for but could not be set up: refuse to send in clear text.
+    pub tls_failed: bool,
 }
 
 impl ServiceState {
     pub fn new(name: &str, policy: UpstreamPolicy, metrics: ServiceMetrics) -> Self {
+        let tls = policy.tls.as_ref().and_then(|t| {
+            let h2 = policy.protocol == gantry_model::UpstreamProtocol::H2c;
+            match crate::pool::UpstreamTls::new(t, h2) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(service = name, error = %e, "upstream TLS unusable; connections to this service will fail");
+                    None
+                }
+            }
+        });
+        let tls_failed = policy.tls.is_some() && tls.is_none();
         Self {
+            tls_failed,
+            tls,
             name: name.into(),
             breaker: Mutex::new(Breaker::new(policy.circuit_breaker.clone())),
             policy,
@@ -623,6 +640,7 @@ mod tests {
                 max_ejected_percent: 50,
             },
             active_health: None,
+            tls: None,
         }
     }
 

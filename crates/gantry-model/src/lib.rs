@@ -15,7 +15,7 @@ pub use route::{
     ActiveHealth, Backend, CachePolicy, CircuitBreakerPolicy, Forward, GatewayModel, HashOn,
     HeaderOps, LoadBalancer, Mirror, OutlierPolicy, PathMatch, RateLimit, RateLimitKey, Redirect,
     RetryPolicy, Rewrite, Route, RouteAction, RouteMatch, Timeouts, UpstreamPolicy,
-    UpstreamProtocol, ValueCondition, ValueMatch,
+    UpstreamProtocol, UpstreamTls, ValueCondition, ValueMatch,
 };
 
 /// Milliseconds since the Unix epoch, the one wall-clock unit used in stored records and APIs.

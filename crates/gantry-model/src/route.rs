@@ -213,6 +213,17 @@ pub struct UpstreamPolicy {
     pub outlier: OutlierPolicy,
     /// Active probes for instances gantry does not supervise (self-registered ones).
     pub active_health: Option<ActiveHealth>,
+    /// Speak TLS to the instances.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS from the gateway to a service's instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamTls {
+    /// PEM file of the CAs to trust (absolute path); `None`: the system's roots.
+    pub ca_file: Option<String>,
+    /// Name to send as SNI and verify the certificate against; `None`: the instance's IP.
+    pub server_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

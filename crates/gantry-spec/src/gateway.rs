@@ -406,6 +406,20 @@ pub struct UpstreamSpec {
     /// Active HTTP probes by the gateway for instances gantry does not supervise.
     #[serde(default)]
     pub active_health: Option<ActiveHealthSpec>,
+    /// TLS to the instances: `tls = {}` trusts the system's CAs and verifies the instance's IP;
+    /// `tls = { ca_file = "certs/ca.pem", server_name = "api.internal" }` for a private CA.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSpec {
+    /// PEM file of CAs to trust, relative to the spec's directory.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 fn d_protocol() -> String {
@@ -440,6 +454,7 @@ impl Default for UpstreamSpec {
             circuit_breaker: BreakerSpec::default(),
             outlier: OutlierSpec::default(),
             active_health: None,
+            tls: None,
         }
     }
 }
@@ -735,6 +750,19 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
     }
     if o.max_ejected_percent > 100 {
         p.push((at("outlier.max_ejected_percent"), "expected 0-100".into()));
+    }
+    if let Some(t) = &u.tls {
+        if let Some(n) = &t.server_name {
+            if !crate::validate::is_valid_host(n) && n.parse::<std::net::IpAddr>().is_err() {
+                p.push((at("tls.server_name"), format!("invalid server name {n:?}")));
+            }
+        }
+        if u.protocol == "auto" {
+            p.push((
+                at("tls"),
+                "with TLS, choose protocol http1 or h2c (meaning HTTP/2 over TLS)".into(),
+            ));
+        }
     }
     if let Some(h) = &u.active_health {
         if !h.path.starts_with('/') {
@@ -1240,7 +1268,8 @@ impl RouteSpec {
 }
 
 impl UpstreamSpec {
-    pub fn to_model(&self) -> m::UpstreamPolicy {
+    /// `base_dir` resolves a relative `tls.ca_file`.
+    pub fn to_model(&self, base_dir: &std::path::Path) -> m::UpstreamPolicy {
         m::UpstreamPolicy {
             protocol: match self.protocol.as_str() {
                 "h2c" => m::UpstreamProtocol::H2c,
@@ -1278,6 +1307,13 @@ impl UpstreamSpec {
                 max_ejection_ms: self.outlier.max_ejection_ms,
                 max_ejected_percent: self.outlier.max_ejected_percent,
             },
+            tls: self.tls.as_ref().map(|t| m::UpstreamTls {
+                ca_file: t
+                    .ca_file
+                    .as_ref()
+                    .map(|f| base_dir.join(f).display().to_string()),
+                server_name: t.server_name.clone(),
+            }),
             active_health: self.active_health.as_ref().map(|h| m::ActiveHealth {
                 path: h.path.clone(),
                 interval_ms: h.interval_ms,
@@ -1303,14 +1339,14 @@ impl Spec {
             .collect()
     }
 
-    /// What the gateway needs from the spec.
-    pub fn gateway_model(&self) -> m::GatewayModel {
+    /// What the gateway needs from the spec; `base_dir` resolves relative file names.
+    pub fn gateway_model(&self, base_dir: &std::path::Path) -> m::GatewayModel {
         m::GatewayModel {
             routes: self.routes(),
             upstreams: self
                 .services
                 .iter()
-                .map(|(n, s)| (n.clone(), s.upstream.to_model()))
+                .map(|(n, s)| (n.clone(), s.upstream.to_model(base_dir)))
                 .collect(),
         }
     }

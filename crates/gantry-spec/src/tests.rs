@@ -230,7 +230,7 @@ path = "/old"
 redirect = { path = "/new", status = 301 }
 "#;
     let s = parse(text, Path::new("g.toml")).unwrap();
-    let m = s.gateway_model();
+    let m = s.gateway_model(Path::new("."));
     let r = &m.routes[0];
     assert_eq!(r.matcher.hosts, ["api.example.com", "*.api.example.com"]);
     assert_eq!(r.matcher.methods, ["GET"]);

@@ -225,7 +225,7 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         },
         &metrics,
     );
-    gateway.apply_model(spec.spec.gateway_model());
+    gateway.apply_model(spec.spec.gateway_model(&spec.base_dir));
     {
         let gw = gateway.clone();
         registry.on_change(move |snap| gw.apply_registry(snap));
@@ -469,9 +469,9 @@ impl gantry_api::Reload for SpecReloader {
         {
             needs_restart.push("[gateway], [admin], [store] or [logs] settings changed".into());
         }
-        let model = new.spec.gateway_model();
+        let model = new.spec.gateway_model(&new.base_dir);
         let routes = model.routes.len();
-        let routes_changed = model != old.spec.gateway_model();
+        let routes_changed = model != old.spec.gateway_model(&old.base_dir);
         // Static endpoints: drop the old ones, then declare the new ones.
         for (name, svc) in &old.spec.services {
             for i in 0..svc.endpoints.len() {

@@ -290,3 +290,138 @@ path_prefix = "/"
     ]);
     assert!(ok, "after reload: {err}");
 }
+
+/// A CA (`ca.pem`) and a leaf for `name` signed by it (`leaf.pem`, `leaf.key`).
+fn ca_and_leaf(dir: &std::path::Path, name: &str) {
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "leaf.pem",
+    ]);
+}
+
+#[test]
+fn tls_to_upstream_instances() {
+    let certs = tempfile::tempdir().unwrap();
+    ca_and_leaf(certs.path(), "backend.test");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // A TLS server we did not write: openssl's, answering every GET with a status page.
+    let _server = Kill(
+        Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+                "-www",
+                "-quiet",
+                "-cert",
+            ])
+            .arg(certs.path().join("leaf.pem"))
+            .arg("-key")
+            .arg(certs.path().join("leaf.key"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("openssl s_server", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let ca = certs.path().join("ca.pem").display().to_string();
+    let spec = |name: &str| {
+        format!(
+            r#"
+[services.secure]
+endpoints = ["127.0.0.1:{port}"]
+upstream = {{ tls = {{ ca_file = "{ca}", server_name = "{name}" }} }}
+[[services.secure.routes]]
+path_prefix = "/secure"
+strip_prefix = true
+"#
+        )
+    };
+    let g = Gantry::start(&spec("backend.test"));
+    let r = g.get("/secure/");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("Ciphers") || r.body.contains("s_server"),
+        "{}",
+        r.body
+    );
+    // A certificate for another name is refused: no response, never clear text.
+    g.rewrite_and_reload(&spec("other.test"));
+    let r = g.get("/secure/");
+    assert_eq!(r.status, 502, "{}", r.body);
+}
