@@ -81,6 +81,9 @@ impl Default for GatewayConfig {
     }
 }
 
+/// An active health policy and the service it belongs to.
+pub(crate) type Probed = (gantry_model::ActiveHealth, Arc<ServiceState>);
+
 /// What the control side last gave us, plus state carried across rebuilds.
 struct Control {
     model: GatewayModel,
@@ -259,12 +262,7 @@ impl Gateway {
         self.control.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn endpoints_snapshot(
-        &self,
-    ) -> Vec<(
-        Arc<Endpoint>,
-        Option<(gantry_model::ActiveHealth, Arc<ServiceState>)>,
-    )> {
+    pub(crate) fn endpoints_snapshot(&self) -> Vec<(Arc<Endpoint>, Option<Probed>)> {
         let c = self.lock();
         c.endpoints
             .values()
