@@ -108,16 +108,45 @@ pub async fn list_routes(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.gateway.routes())
 }
 
-pub async fn reload(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
-    let r = s.reload.clone();
-    match tokio::task::spawn_blocking(move || r.reload()).await {
-        Ok(Ok(report)) => Ok(Json(report)),
-        Ok(Err(errors)) => Err(ApiError::bad_request(format!(
-            "the spec file has errors; nothing was changed:\n{}",
-            errors.join("\n")
-        ))),
-        Err(e) => Err(ApiError::internal(format!("reload failed: {e}"))),
+fn control_error(e: crate::RouteControlError) -> ApiError {
+    match e {
+        crate::RouteControlError::Invalid(lines) => ApiError::bad_request(lines.join("\n")),
+        crate::RouteControlError::NotFound(m) => ApiError::not_found(m),
+        crate::RouteControlError::Conflict(m) => ApiError::conflict(m),
+        crate::RouteControlError::Internal(m) => ApiError::internal(m),
     }
+}
+
+pub async fn reload(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    s.control.reload().await.map(Json).map_err(|e| match e {
+        crate::RouteControlError::Invalid(lines) => ApiError::bad_request(format!(
+            "the spec file has errors; nothing was changed:\n{}",
+            lines.join("\n")
+        )),
+        other => control_error(other),
+    })
+}
+
+/// `PUT /v1/routes/{name}` with `{"service": "...", "route": { same fields as a spec route }}`.
+pub async fn put_route(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let v: serde_json::Value = parse_json(&body)?;
+    s.control
+        .put_route(&name, v)
+        .await
+        .map(Json)
+        .map_err(control_error)
+}
+
+pub async fn delete_route(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.control.delete_route(&name).await.map_err(control_error)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn list_upstreams(State(s): State<ApiState>) -> impl IntoResponse {

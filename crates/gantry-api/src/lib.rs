@@ -41,14 +41,33 @@ pub struct ApiState {
     pub metrics: Metrics,
     /// Bearer token required by mutating calls.
     pub token: Arc<str>,
-    /// Re-reads the spec file and applies what can change while running.
-    pub reload: Arc<dyn Reload>,
+    /// Spec reload and routes added over the API.
+    pub control: Arc<dyn RouteControl>,
 }
 
-/// Spec reload, implemented by the binary (it owns the spec file).
-pub trait Reload: Send + Sync {
-    /// Apply the spec file again: `Ok` with a report of what changed, or the spec's errors.
-    fn reload(&self) -> Result<serde_json::Value, Vec<String>>;
+/// Why a route change was refused.
+#[derive(Debug)]
+pub enum RouteControlError {
+    /// The spec or the route has problems (one line each).
+    Invalid(Vec<String>),
+    NotFound(String),
+    Conflict(String),
+    Internal(String),
+}
+
+/// Changes to the gateway's routes while running, implemented by the binary (it owns the spec
+/// file and composes spec routes with routes added over the API).
+#[async_trait::async_trait]
+pub trait RouteControl: Send + Sync {
+    /// Apply the spec file again: a report of what changed, or the spec's errors.
+    async fn reload(&self) -> Result<serde_json::Value, RouteControlError>;
+    /// Add or replace the API route `name` (durable when this returns).
+    async fn put_route(
+        &self,
+        name: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, RouteControlError>;
+    async fn delete_route(&self, name: &str) -> Result<(), RouteControlError>;
 }
 
 /// The API's router.
@@ -63,6 +82,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/routes", get(list_routes))
         .route("/v1/upstreams", get(list_upstreams))
         .route("/v1/reload", post(reload))
+        .route(
+            "/v1/routes/{name}",
+            axum::routing::put(put_route).delete(delete_route),
+        )
         .route("/v1/registry/services", get(registry_services))
         .route("/v1/registry/services/{name}", get(registry_lookup))
         .route("/v1/registry/instances", post(registry_register))

@@ -784,6 +784,22 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
     }
 }
 
+/// Check a route that arrives at runtime (admin API) against a loaded spec; problems are
+/// `field: message` lines, fields relative to the route.
+pub fn check_route(spec: &Spec, service: &str, r: &RouteSpec) -> Vec<String> {
+    if !spec.services.contains_key(service) {
+        return vec![format!(
+            "service: unknown service {service:?}; routes can target services of the spec"
+        )];
+    }
+    let mut p = Problems::new();
+    validate_route(&mut p, spec, service, 0, r);
+    let prefix = format!("services.{service}.routes[0].");
+    p.into_iter()
+        .map(|(f, m)| format!("{}: {m}", f.strip_prefix(&prefix).unwrap_or(&f)))
+        .collect()
+}
+
 pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize, r: &RouteSpec) {
     let rf = |f: &str| format!("services.{name}.routes[{i}].{f}");
     let paths = [

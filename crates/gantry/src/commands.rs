@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::client::{enc, CliError, Client, Target};
 use crate::table;
-use crate::{Cmd, ConfigCmd, Output, RegistryCmd, EXIT_USAGE};
+use crate::{Cmd, ConfigCmd, Output, RegistryCmd, RouteCmd, EXIT_USAGE};
 
 pub fn validate(file: &Path) -> ExitCode {
     match gantry_spec::load(file) {
@@ -97,6 +97,44 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             out,
         }) => registry_ls(c, service, version, out).await,
         Cmd::Config(cc) => config(c, cc).await,
+        Cmd::Route(RouteCmd::Put {
+            name,
+            service,
+            path_prefix,
+            host,
+            strip_prefix,
+            json,
+        }) => {
+            let mut route: serde_json::Map<String, Value> = match json {
+                Some(j) => serde_json::from_str(&j)
+                    .map_err(|e| CliError::usage(format!("--json: not a JSON object: {e}")))?,
+                None => serde_json::Map::new(),
+            };
+            if let Some(p) = path_prefix {
+                route.insert("path_prefix".into(), json!(p));
+            }
+            if let Some(h) = host {
+                route.insert("host".into(), json!(h));
+            }
+            if strip_prefix {
+                route.insert("strip_prefix".into(), json!(true));
+            }
+            let v = c
+                .call(
+                    Method::PUT,
+                    &format!("/v1/routes/{}", enc(&name)),
+                    Some(&json!({ "service": service, "route": route })),
+                )
+                .await?;
+            println!("route {} is live ({} routes)", s(&v["id"]), s(&v["routes"]));
+            Ok(())
+        }
+        Cmd::Route(RouteCmd::Rm { name }) => {
+            c.call(Method::DELETE, &format!("/v1/routes/{}", enc(&name)), None)
+                .await?;
+            println!("route api/{name} removed");
+            Ok(())
+        }
     }
 }
 

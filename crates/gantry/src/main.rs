@@ -4,6 +4,7 @@
 
 mod client;
 mod commands;
+mod control;
 mod table;
 mod up;
 
@@ -94,6 +95,9 @@ enum Cmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Routes added over the admin API (kept across restarts; spec routes live in the spec).
+    #[command(subcommand)]
+    Route(RouteCmd),
     /// The service registry.
     #[command(subcommand)]
     Registry(RegistryCmd),
@@ -127,6 +131,28 @@ pub struct Output {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Add or replace a route.
+    Put {
+        name: String,
+        /// The target service.
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        path_prefix: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        strip_prefix: bool,
+        /// Any other route fields, as JSON (same names as in the spec), e.g. '{"methods":["GET"]}'.
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Remove a route added over the API.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]

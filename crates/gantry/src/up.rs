@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use gantry_api::RouteControl;
 use gantry_config::ConfigStore;
 use gantry_gateway::tls::{CertFiles, CertStore};
 use gantry_gateway::{Gateway, GatewayConfig, Listener};
@@ -24,6 +25,7 @@ use gantry_telemetry::{LogStore, LogStream, Metrics};
 use tokio::sync::watch;
 
 use crate::client::{AdminInfo, ADMIN_INFO_FILE, TOKEN_FILE};
+use crate::control::Control;
 use crate::table;
 use crate::{UpArgs, EXIT_FAILURE, EXIT_USAGE};
 
@@ -209,7 +211,6 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let node = node_name();
     let registry = Registry::open(store.clone(), node.clone(), &metrics).await?;
     let config = Arc::new(ConfigStore::new(store.clone()));
-    register_static_endpoints(&spec, &registry);
 
     let limits = &spec.spec.gateway.limits;
     let gateway = Gateway::new(
@@ -225,11 +226,18 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         },
         &metrics,
     );
-    gateway.apply_model(spec.spec.gateway_model(&spec.base_dir));
     {
         let gw = gateway.clone();
         registry.on_change(move |snap| gw.apply_registry(snap));
     }
+    // Routes: the spec's plus those added over the admin API (and static endpoints).
+    let control = Control::load(
+        spec.clone(),
+        store.clone(),
+        gateway.clone(),
+        registry.clone(),
+    )
+    .await?;
     let tls = match &spec.spec.gateway.tls {
         None => None,
         Some(t) => {
@@ -319,26 +327,21 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
 
     tokio::spawn(registry.clone().run_expiry(shutdown_rx.clone()));
 
-    let reloader = Arc::new(SpecReloader {
-        file: spec.file.clone(),
-        current: std::sync::Mutex::new(spec.clone()),
-        gateway: gateway.clone(),
-        registry: registry.clone(),
-    });
     {
         // SIGHUP reloads the spec, as it does for nginx and HAProxy.
-        let r = reloader.clone();
+        let c = control.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let Ok(mut hup) = signal(SignalKind::hangup()) else {
                 return;
             };
             while hup.recv().await.is_some() {
-                let r = r.clone();
-                match tokio::task::spawn_blocking(move || gantry_api::Reload::reload(&*r)).await {
-                    Ok(Ok(report)) => println!("spec reloaded: {report}"),
-                    Ok(Err(errors)) => eprintln!("spec reload refused:\n{}", errors.join("\n")),
-                    Err(_) => {}
+                match c.reload().await {
+                    Ok(report) => println!("spec reloaded: {report}"),
+                    Err(gantry_api::RouteControlError::Invalid(errors)) => {
+                        eprintln!("spec reload refused:\n{}", errors.join("\n"))
+                    }
+                    Err(e) => eprintln!("spec reload failed: {e:?}"),
                 }
             }
         });
@@ -351,7 +354,7 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         logs: logs.clone(),
         metrics: metrics.clone(),
         token,
-        reload: reloader,
+        control,
     });
     let admin_l = tokio::net::TcpListener::from_std(admin_listener)?;
     let mut admin_shutdown = shutdown_rx.clone();
@@ -413,86 +416,8 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Re-reads the spec file; applies routes, upstream policies and static endpoints at once
-/// (a new route table is swapped in: open connections and WebSockets are untouched), and
-/// reports the changes that need a restart of gantry.
-struct SpecReloader {
-    file: PathBuf,
-    current: std::sync::Mutex<Arc<LoadedSpec>>,
-    gateway: Arc<Gateway>,
-    registry: Arc<Registry>,
-}
-
-/// The parts of a service that only a restart of its instances (or of gantry) applies.
-fn process_part(s: &gantry_spec::ServiceSpec) -> gantry_spec::ServiceSpec {
-    let mut s = s.clone();
-    s.routes.clear();
-    s.endpoints.clear();
-    s.upstream = Default::default();
-    s
-}
-
-impl gantry_api::Reload for SpecReloader {
-    fn reload(&self) -> Result<serde_json::Value, Vec<String>> {
-        let new = gantry_spec::load(&self.file)
-            .map_err(|e| e.0.iter().map(|x| x.to_string()).collect::<Vec<_>>())?;
-        let mut cur = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let old = cur.clone();
-        let mut needs_restart: Vec<String> = Vec::new();
-        for (name, svc) in &new.spec.services {
-            match old.spec.services.get(name) {
-                None => needs_restart.push(format!("service {name} was added")),
-                Some(o) if process_part(o) != process_part(svc) => needs_restart.push(format!(
-                    "service {name} changed (command, env, replicas, health, ...)"
-                )),
-                _ => {}
-            }
-        }
-        for name in old.spec.services.keys() {
-            if !new.spec.services.contains_key(name) {
-                needs_restart.push(format!("service {name} was removed"));
-            }
-        }
-        let (og, ng) = (&old.spec.gateway, &new.spec.gateway);
-        if og.listen != ng.listen
-            || og.workers != ng.workers
-            || og.tls != ng.tls
-            || og.limits != ng.limits
-            || og.access_log != ng.access_log
-            || og.cache_max_bytes != ng.cache_max_bytes
-            || old.spec.admin != new.spec.admin
-            || old.spec.store != new.spec.store
-            || old.spec.logs != new.spec.logs
-        {
-            needs_restart.push("[gateway], [admin], [store] or [logs] settings changed".into());
-        }
-        let model = new.spec.gateway_model(&new.base_dir);
-        let routes = model.routes.len();
-        let routes_changed = model != old.spec.gateway_model(&old.base_dir);
-        // Static endpoints: drop the old ones, then declare the new ones.
-        for (name, svc) in &old.spec.services {
-            for i in 0..svc.endpoints.len() {
-                self.registry
-                    .deregister_static(&format!("{name}-s{}", i + 1));
-            }
-        }
-        register_static_endpoints(&new, &self.registry);
-        self.gateway.apply_model(model);
-        tracing::info!(routes, routes_changed, "spec reloaded");
-        *cur = Arc::new(new);
-        Ok(serde_json::json!({
-            "routes": routes,
-            "gateway_changed": routes_changed,
-            "needs_restart": needs_restart,
-        }))
-    }
-}
-
 /// Put the spec's fixed `endpoints` into the registry.
-fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
+pub(crate) fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
     for (name, svc) in &spec.spec.services {
         for (i, e) in svc.endpoints.iter().enumerate() {
             let Some(addr) = gantry_spec::parse_endpoint(e) else {

@@ -512,3 +512,92 @@ fn access_log_and_trace_context() {
     assert!(v["bytes"].as_u64().unwrap() > 0);
     assert!(v["duration_ms"].as_f64().is_some());
 }
+
+#[test]
+fn routes_added_over_the_api_apply_at_once_and_persist() {
+    let mut g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+[[services.web.routes]]
+path_prefix = "/web"
+"#,
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    assert_eq!(g.get("/beta/x").status, 404);
+    let out = g.cli(&[
+        "route",
+        "put",
+        "beta",
+        "--service",
+        "web",
+        "--path-prefix",
+        "/beta",
+        "--strip-prefix",
+        "--json",
+        r#"{"methods":["GET"]}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = g.get("/beta/x");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/x");
+    assert!(g
+        .admin_get("/v1/routes")
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["id"] == "api/beta"));
+    // Bad routes are refused with the field named; duplicates conflict.
+    let bad = g.admin_call(
+        "PUT",
+        "/v1/routes/bad",
+        Some(&json!({"service": "web", "route": {"path_prefix": "nope"}})),
+    );
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("path_prefix"),
+        "{}",
+        bad.body
+    );
+    let bad = g.admin_call(
+        "PUT",
+        "/v1/routes/bad",
+        Some(&json!({"service": "ghost", "route": {}})),
+    );
+    assert_eq!(bad.status, 400);
+    let bad = g.admin_call(
+        "PUT",
+        "/v1/routes/bad",
+        Some(&json!({"service": "web", "route": {"bogus": 1}})),
+    );
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["message"].as_str().unwrap().contains("bogus"),
+        "{}",
+        bad.body
+    );
+    let dup = g.admin_call(
+        "PUT",
+        "/v1/routes/dup",
+        Some(&json!({"service": "web", "route": {"path_prefix": "/web"}})),
+    );
+    assert_eq!(dup.status, 409, "{}", dup.body);
+    // Kept across a restart of gantry, and across spec reloads.
+    assert_eq!(g.stop(), Some(0));
+    g.launch();
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    assert_eq!(g.get("/beta/x").status, 200);
+    g.admin_call("POST", "/v1/reload", None);
+    assert_eq!(g.get("/beta/x").status, 200);
+    let out = g.cli(&["route", "rm", "beta"]);
+    assert!(out.status.success());
+    assert_eq!(g.get("/beta/x").status, 404);
+    assert_eq!(g.admin_call("DELETE", "/v1/routes/beta", None).status, 404);
+}

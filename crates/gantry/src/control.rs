@@ -1,0 +1,225 @@
+//! What the gateway routes by, composed from two sources: the spec file (re-read on reload) and
+//! routes added over the admin API (persisted in the store, kept across restarts). Every change
+//! builds a new model and hands it to the gateway, which swaps its route table without touching
+//! open connections.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use gantry_api::{RouteControl, RouteControlError};
+use gantry_gateway::Gateway;
+use gantry_registry::Registry;
+use gantry_spec::{LoadedSpec, RouteSpec};
+use gantry_store::{Store, StoreJsonExt};
+use serde::{Deserialize, Serialize};
+
+const BUCKET: &str = "routes";
+
+/// A route added over the admin API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRoute {
+    pub service: String,
+    pub route: RouteSpec,
+}
+
+struct State {
+    spec: Arc<LoadedSpec>,
+    api_routes: BTreeMap<String, ApiRoute>,
+}
+
+pub struct Control {
+    file: PathBuf,
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    gateway: Arc<Gateway>,
+    registry: Arc<Registry>,
+}
+
+/// The parts of a service that only a restart of its instances (or of gantry) applies.
+fn process_part(s: &gantry_spec::ServiceSpec) -> gantry_spec::ServiceSpec {
+    let mut s = s.clone();
+    s.routes.clear();
+    s.endpoints.clear();
+    s.upstream = Default::default();
+    s
+}
+
+fn valid_route_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+impl Control {
+    /// Start from the loaded spec and the API routes the store kept.
+    pub async fn load(
+        spec: Arc<LoadedSpec>,
+        store: Arc<dyn Store>,
+        gateway: Arc<Gateway>,
+        registry: Arc<Registry>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let rows: Vec<(String, ApiRoute, u64)> = store.list_json(BUCKET, "").await?;
+        let api_routes = rows.into_iter().map(|(k, r, _)| (k, r)).collect();
+        let c = Arc::new(Self {
+            file: spec.file.clone(),
+            state: Mutex::new(State { spec, api_routes }),
+            store,
+            gateway,
+            registry,
+        });
+        {
+            let st = c.lock();
+            super::up::register_static_endpoints(&st.spec, &c.registry);
+            c.apply(&st);
+        }
+        Ok(c)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The gateway model: spec routes, then API routes whose service still exists.
+    fn model(st: &State) -> gantry_model::GatewayModel {
+        let mut m = st.spec.spec.gateway_model(&st.spec.base_dir);
+        for (name, r) in &st.api_routes {
+            if !st.spec.spec.services.contains_key(&r.service) {
+                tracing::warn!(route = %name, service = %r.service, "API route targets a service the spec no longer has; skipped");
+                continue;
+            }
+            let mut route = r.route.to_model(&r.service, 0);
+            route.id = format!("api/{name}");
+            m.routes.push(route);
+        }
+        m
+    }
+
+    fn apply(&self, st: &State) -> gantry_model::GatewayModel {
+        let m = Self::model(st);
+        self.gateway.apply_model(m.clone());
+        m
+    }
+
+    /// Whether `route` (for `service`) matches exactly what another route matches.
+    fn duplicate_of(st: &State, name: &str, service: &str, route: &RouteSpec) -> Option<String> {
+        let key = serde_json::to_string(&route.to_model(service, 0).matcher).ok()?;
+        let m = Self::model(st);
+        m.routes
+            .iter()
+            .filter(|r| r.id != format!("api/{name}"))
+            .find(|r| serde_json::to_string(&r.matcher).ok().as_deref() == Some(key.as_str()))
+            .map(|r| r.id.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl RouteControl for Control {
+    async fn reload(&self) -> Result<serde_json::Value, RouteControlError> {
+        let file = self.file.clone();
+        let new = tokio::task::spawn_blocking(move || gantry_spec::load(&file))
+            .await
+            .map_err(|e| RouteControlError::Internal(e.to_string()))?
+            .map_err(|e| RouteControlError::Invalid(e.0.iter().map(|x| x.to_string()).collect()))?;
+        let mut st = self.lock();
+        let old = st.spec.clone();
+        let mut needs_restart: Vec<String> = Vec::new();
+        for (name, svc) in &new.spec.services {
+            match old.spec.services.get(name) {
+                None => needs_restart.push(format!("service {name} was added")),
+                Some(o) if process_part(o) != process_part(svc) => needs_restart.push(format!(
+                    "service {name} changed (command, env, replicas, health, ...)"
+                )),
+                _ => {}
+            }
+        }
+        for name in old.spec.services.keys() {
+            if !new.spec.services.contains_key(name) {
+                needs_restart.push(format!("service {name} was removed"));
+            }
+        }
+        let (og, ng) = (&old.spec.gateway, &new.spec.gateway);
+        if og.listen != ng.listen
+            || og.workers != ng.workers
+            || og.tls != ng.tls
+            || og.limits != ng.limits
+            || og.access_log != ng.access_log
+            || og.cache_max_bytes != ng.cache_max_bytes
+            || old.spec.admin != new.spec.admin
+            || old.spec.store != new.spec.store
+            || old.spec.logs != new.spec.logs
+        {
+            needs_restart.push("[gateway], [admin], [store] or [logs] settings changed".into());
+        }
+        let before = Self::model(&st);
+        // Static endpoints: drop the old ones, then declare the new ones.
+        for (name, svc) in &old.spec.services {
+            for i in 0..svc.endpoints.len() {
+                self.registry
+                    .deregister_static(&format!("{name}-s{}", i + 1));
+            }
+        }
+        super::up::register_static_endpoints(&new, &self.registry);
+        st.spec = Arc::new(new);
+        let after = self.apply(&st);
+        tracing::info!(routes = after.routes.len(), "spec reloaded");
+        Ok(serde_json::json!({
+            "routes": after.routes.len(),
+            "gateway_changed": after != before,
+            "needs_restart": needs_restart,
+        }))
+    }
+
+    async fn put_route(
+        &self,
+        name: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, RouteControlError> {
+        if !valid_route_name(name) {
+            return Err(RouteControlError::Invalid(vec![format!(
+                "name: {name:?} must be 1-63 characters of a-z, 0-9 and '-'"
+            )]));
+        }
+        let r: ApiRoute = serde_path_to_error::deserialize(body).map_err(|e| {
+            RouteControlError::Invalid(vec![format!("{}: {}", e.path(), e.inner())])
+        })?;
+        {
+            let st = self.lock();
+            let problems = gantry_spec::check_route(&st.spec.spec, &r.service, &r.route);
+            if !problems.is_empty() {
+                return Err(RouteControlError::Invalid(problems));
+            }
+            if let Some(other) = Self::duplicate_of(&st, name, &r.service, &r.route) {
+                return Err(RouteControlError::Conflict(format!(
+                    "route {name} would match exactly what route {other} matches"
+                )));
+            }
+        }
+        self.store
+            .put_json(BUCKET, name, &r)
+            .await
+            .map_err(|e| RouteControlError::Internal(e.to_string()))?;
+        let mut st = self.lock();
+        st.api_routes.insert(name.to_string(), r);
+        let m = self.apply(&st);
+        Ok(serde_json::json!({ "id": format!("api/{name}"), "routes": m.routes.len() }))
+    }
+
+    async fn delete_route(&self, name: &str) -> Result<(), RouteControlError> {
+        if !self.lock().api_routes.contains_key(name) {
+            return Err(RouteControlError::NotFound(format!(
+                "no API route named {name} (spec routes change with the spec file)"
+            )));
+        }
+        self.store
+            .delete(BUCKET, name)
+            .await
+            .map_err(|e| RouteControlError::Internal(e.to_string()))?;
+        let mut st = self.lock();
+        st.api_routes.remove(name);
+        self.apply(&st);
+        Ok(())
+    }
+}
