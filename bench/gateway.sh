@@ -129,8 +129,8 @@ done
 # Ratios from the tables: columns | target | req/s | p50 | p99 | RSS | CPU us/req | vs direct | other |
 field() { # summary conns target column(1-based after target) -> value
   awk -v c="## c=$2" -v t="$3" -v col="$4" '
-    $0==c {in=1; next} /^## c=/ {in=0}
-    in && $0 ~ "^\\| "t" \\|" { split($0, a, "|"); v=a[col+2]; gsub(/^ +| +$/, "", v); split(v, w, " "); print w[1]; exit }' "$1"
+    $0==c {on=1; next} /^## c=/ {on=0}
+    on && $0 ~ "^\\| "t" \\|" { split($0, a, "|"); v=a[col+2]; gsub(/^ +| +$/, "", v); split(v, w, " "); print w[1]; exit }' "$1"
 }
 echo
 for v in "${VS[@]}"; do

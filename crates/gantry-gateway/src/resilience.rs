@@ -240,8 +240,12 @@ impl Outlier {
     }
 
     pub fn record(&mut self, now: u64, ok: bool) -> Option<OutlierVerdict> {
-        if self.ejected_until.is_some() {
-            // A result after (or during) ejection is the probe's verdict.
+        if let Some(until) = self.ejected_until {
+            if now < until {
+                // A request sent before the ejection finishing now: no news.
+                return None;
+            }
+            // A result after the ejection ended is the probe's verdict.
             return Some(if ok {
                 self.ejected_until = None;
                 self.consecutive = 0;
@@ -473,6 +477,9 @@ mod tests {
         assert_eq!(o.record(1, false), None);
         assert_eq!(o.record(2, false), Some(OutlierVerdict::Eject));
         assert_eq!(o.eject(2), 1002);
+        // Late results of requests sent before the ejection change nothing.
+        assert_eq!(o.record(500, false), None);
+        assert_eq!(o.record(600, true), None);
         // Probe after the ejection fails: ejected again for longer.
         assert_eq!(o.record(1003, false), Some(OutlierVerdict::Eject));
         assert_eq!(o.eject(1003), 3003);

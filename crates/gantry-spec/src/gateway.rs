@@ -389,7 +389,9 @@ pub struct UpstreamSpec {
     /// Prefer instances on the gateway's node. Default true (no network hop).
     #[serde(default = "d_true")]
     pub prefer_local: bool,
-    /// Default 1000: instances are near; a longer wait only delays the retry elsewhere.
+    /// Default 5000 (Envoy's): the kernel retries a dropped SYN after 1 s and 3 s, so a shorter
+    /// timeout fails connections that would succeed when an instance's accept queue overflows
+    /// in a burst; a refused connection fails at once whatever this is.
     #[serde(default = "d_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Bulkhead: requests in flight to this service above which the gateway answers 503 with
@@ -432,7 +434,7 @@ fn d_true() -> bool {
     true
 }
 fn d_connect_timeout_ms() -> u64 {
-    1_000
+    5_000
 }
 fn d_max_concurrent() -> u32 {
     1024
