@@ -398,7 +398,8 @@ pub struct UpstreamSpec {
     /// `Retry-After`. Default 1024 (Envoy's); 0 = no limit.
     #[serde(default = "d_max_concurrent")]
     pub max_concurrent_requests: u32,
-    /// Idle keep-alive connections kept per instance. Default 128.
+    /// Idle keep-alive connections kept per instance. Default 1024 (nginx's benchmark setting,
+    /// Envoy keeps all): fewer makes a busy gateway close and reopen connections under load.
     #[serde(default = "d_max_idle")]
     pub max_idle_connections_per_instance: u32,
     #[serde(default)]
@@ -440,7 +441,7 @@ fn d_max_concurrent() -> u32 {
     1024
 }
 fn d_max_idle() -> u32 {
-    128
+    1024
 }
 
 impl Default for UpstreamSpec {
