@@ -907,6 +907,12 @@ impl Gateway {
                         Version::HTTP_11
                     };
                     *r.headers_mut() = h;
+                    if !want_h2 && !r.headers().contains_key(header::HOST) {
+                        // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
+                        if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
+                            r.headers_mut().insert(header::HOST, v);
+                        }
+                    }
                     r
                 }
             };

@@ -166,3 +166,24 @@ fn connection_refused_goes_to_another_instance() {
         assert_eq!(r.status, 200, "{}", r.body);
     }
 }
+
+#[test]
+fn http10_clients_without_host_are_served() {
+    let g = Gantry::start(SPEC);
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    let r = raw_request(g.gateway, "GET /web/old HTTP/1.0\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"),
+        "{r}"
+    );
+    let body = r.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert!(
+        v["headers"]["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{v}"
+    );
+    assert_eq!(v["path"], "/old");
+}
