@@ -136,9 +136,47 @@ impl RespBody {
     }
 }
 
+/// An instance's response body: from a hyper connection (HTTP/2, TLS, upgrades) or read
+/// in-task from a plain HTTP/1.1 connection (`h1.rs`).
+pub enum UpBody {
+    Hyper(Incoming),
+    Own(crate::h1::H1Body),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            UpBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Hyper(b) => b.is_end_stream(),
+            UpBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Hyper(b) => b.size_hint(),
+            UpBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// An instance's streamed response.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: UpBody,
     _guard: Option<InflightGuard>,
     conn: Option<(Arc<Endpoint>, http1::SendRequest<ReqBody>)>,
     idle: Duration,
@@ -150,7 +188,7 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, guard: InflightGuard, idle: Duration) -> Self {
+    pub fn new(inner: UpBody, guard: InflightGuard, idle: Duration) -> Self {
         Self {
             inner,
             _guard: Some(guard),
@@ -232,7 +270,7 @@ impl Body for UpstreamBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.finish(false);
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish(true);

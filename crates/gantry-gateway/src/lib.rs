@@ -16,6 +16,7 @@
 
 mod body;
 mod cache;
+mod h1;
 mod health;
 mod metrics;
 pub mod path;

@@ -94,9 +94,12 @@ pub struct Target<'a> {
 pub enum Conn {
     H1(http1::SendRequest<ReqBody>),
     H2(http2::SendRequest<ReqBody>),
+    /// Plain HTTP/1.1 driven by the request's own task (`h1.rs`).
+    Own(crate::h1::H1Conn),
 }
 
 pub struct Pool {
+    idle_own: Mutex<Vec<crate::h1::H1Conn>>,
     idle: Mutex<Vec<http1::SendRequest<ReqBody>>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
     max_idle: usize,
@@ -188,9 +191,36 @@ async fn connect_h2(t: Target<'_>) -> Result<http2::SendRequest<ReqBody>, Connec
 impl Pool {
     pub fn new(max_idle: usize) -> Self {
         Self {
+            idle_own: Mutex::new(Vec::new()),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             max_idle,
+        }
+    }
+
+    /// An idle plain HTTP/1.1 connection for the in-task client, or a new one.
+    pub async fn own(&self, t: Target<'_>) -> Result<Conn, ConnectError> {
+        loop {
+            let next = self
+                .idle_own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            match next {
+                Some(c) if c.is_reusable() => return Ok(Conn::Own(c)),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        Ok(Conn::Own(crate::h1::H1Conn::new(Box::pin(tcp(t)).await?)))
+    }
+
+    /// Give back a connection whose response was read to the end.
+    pub fn put_own(&self, c: crate::h1::H1Conn) {
+        c.mark_idle();
+        let mut idle = self.idle_own.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(c);
         }
     }
 
@@ -249,6 +279,10 @@ impl Pool {
 
     /// Close idle connections (the instance left).
     pub fn clear(&self) {
+        self.idle_own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -30,7 +30,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
-use crate::body::{InflightGuard, OnEnd, ReqBody, RespBody, UpstreamBody};
+use crate::body::{InflightGuard, OnEnd, ReqBody, RespBody, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
 use crate::pool::Conn;
 use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
@@ -289,10 +289,12 @@ fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
         })
 }
 
-/// Outcome of one attempt, for retries, outlier detection and the breaker.
+/// Outcome of one attempt, for retries, outlier detection and the breaker. (A short-lived local:
+/// boxing the large variant would cost an allocation per request for nothing.)
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Response(
-        Response<Incoming>,
+        Response<UpBody>,
         Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
     ),
     /// No response: refused, reset, or the connection died.
@@ -935,20 +937,30 @@ impl Gateway {
                     Box::pin(crate::pool::connect_h1(target))
                         .await
                         .map(Conn::H1)
+                } else if target.tls.is_none() {
+                    ep.pool.own(target).await
                 } else {
                     ep.pool.h1(target).await
                 };
                 match c {
                     Err(e) => Err((e.to_string(), Some(up_req))),
+                    Ok(Conn::Own(c)) => {
+                        let (p, b) = up_req.into_parts();
+                        let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
+                        match c.send(&p.method, path, &p.headers, b, ep.clone()).await {
+                            Ok(resp) => Ok((resp.map(UpBody::Own), None)),
+                            Err(e) => Err((e.to_string(), None)),
+                        }
+                    }
                     Ok(Conn::H1(mut s)) => match s.try_send_request(up_req).await {
-                        Ok(resp) => Ok((resp, Some(s))),
+                        Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
                         Err(mut e) => {
                             let msg = e.take_message();
                             Err((e.error().to_string(), msg))
                         }
                     },
                     Ok(Conn::H2(mut s)) => match s.try_send_request(up_req).await {
-                        Ok(resp) => Ok((resp, None)),
+                        Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
                         Err(mut e) => {
                             let msg = e.take_message();
                             Err((e.error().to_string(), msg))
@@ -1155,7 +1167,7 @@ impl Gateway {
         slot: ServiceSlot,
         ep: Arc<crate::table::Endpoint>,
         guard: InflightGuard,
-        resp: Response<Incoming>,
+        resp: Response<UpBody>,
         sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
         upstream_time: Duration,
         cache_key: Option<CacheKey>,
@@ -1391,7 +1403,7 @@ impl Gateway {
                         .try_send_request(r)
                         .await
                         .map_err(TrySendError::into_error),
-                    Err(_) => return,
+                    Ok(Conn::Own(_)) | Err(_) => return,
                 };
                 if let Ok(resp) = resp {
                     let _ = http_body_util::BodyExt::collect(resp.into_body()).await;

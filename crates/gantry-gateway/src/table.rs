@@ -610,6 +610,31 @@ pub fn sort_by_precedence(routes: &mut [CompiledRoute]) {
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// An endpoint for unit tests (127.0.0.1:1, default-ish policy).
+    pub fn endpoint() -> Arc<Endpoint> {
+        let m = gantry_telemetry::Metrics::new();
+        let gm = crate::metrics::GatewayMetrics::new(&m);
+        let p = super::tests::policy(LoadBalancer::RoundRobin);
+        Arc::new(
+            Endpoint::new(
+                "t-1",
+                "t",
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+                semver::Version::new(1, 0, 0),
+                true,
+                false,
+                &p,
+                gm.instance("t", "t-1"),
+            )
+            .unwrap_or_else(|| unreachable!()),
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use gantry_model::{CircuitBreakerPolicy, OutlierPolicy, UpstreamProtocol};

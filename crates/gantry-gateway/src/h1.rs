@@ -1,0 +1,664 @@
+//! An in-task HTTP/1.1 client for plain upstream connections.
+//!
+//! hyper's client drives each connection from its own task and hands requests and responses
+//! across channels; for a proxy that costs two extra task wake-ups and several allocations per
+//! request. Here the request's own task writes the request head and body straight to the socket
+//! and reads the response head itself (parsed by `httparse`, hyper's parser); the response body
+//! is read by whoever polls it — the downstream connection's task — and the connection goes
+//! back to the pool when the body ends. TLS upstreams, HTTP/2 and upgrades keep using hyper.
+//!
+//! Framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked when
+//! `Transfer-Encoding` ends in chunked; else `Content-Length`; else until the server closes
+//! (then the connection is not reused).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::body::{BoxError, ReqBody};
+use crate::table::Endpoint;
+
+/// Largest response head accepted from an instance.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A plain HTTP/1.1 connection to an instance, idle between requests.
+pub struct H1Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+#[derive(Debug)]
+pub enum H1Error {
+    /// The request may have reached the instance; no (complete) response head came back.
+    Io(std::io::Error),
+    /// The instance answered something that is not HTTP/1.x.
+    Protocol(&'static str),
+    /// The request body failed (client went away, or it exceeded the route's limit).
+    Body(BoxError),
+}
+
+impl std::fmt::Display for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            H1Error::Io(e) => write!(f, "connection error: {e}"),
+            H1Error::Protocol(m) => write!(f, "invalid response: {m}"),
+            H1Error::Body(e) => write!(f, "request body: {e}"),
+        }
+    }
+}
+
+fn eof() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "closed before a complete response",
+    )
+}
+
+impl H1Conn {
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Forget the socket's cached readability (no syscall), so that any later readiness means
+    /// the instance sent something or closed while the connection was idle.
+    pub fn mark_idle(&self) {
+        let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+    }
+
+    /// Is this idle connection still usable? Without a syscall when nothing happened on it since
+    /// it went idle; otherwise a one-byte peek decides (closed, or unexpected bytes: no).
+    pub fn is_reusable(&self) -> bool {
+        let mut ready = std::pin::pin!(self.stream.ready(tokio::io::Interest::READABLE));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(ready.as_mut(), &mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(r)) if r.is_read_closed() => false,
+            Poll::Ready(Ok(_)) => {
+                let mut probe = [0u8; 1];
+                match self.stream.try_read(&mut probe) {
+                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    Ok(_) => false,
+                }
+            }
+        }
+    }
+
+    /// Send one request and read the response head. `endpoint` gets the connection back when
+    /// the response body has been read to its end.
+    pub async fn send(
+        mut self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: ReqBody,
+        endpoint: Arc<Endpoint>,
+    ) -> Result<Response<H1Body>, H1Error> {
+        // Request head.
+        let mut head = Vec::with_capacity(256 + headers.len() * 48);
+        head.extend_from_slice(method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        for (k, v) in headers {
+            head.extend_from_slice(k.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(v.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        let has_body = !body.is_end_stream();
+        let chunked = has_body && !headers.contains_key(header::CONTENT_LENGTH);
+        if chunked {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        self.stream.write_all(&head).await.map_err(H1Error::Io)?;
+        if has_body {
+            self.write_body(body, chunked).await?;
+        }
+        // Response head (skipping 1xx interim responses).
+        loop {
+            let parsed = self.read_head()?;
+            match parsed {
+                Some((status, version, resp_headers, n)) => {
+                    self.buf.advance(n);
+                    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                        continue;
+                    }
+                    return Ok(self.response(method, status, version, resp_headers, endpoint));
+                }
+                None => {
+                    if self.buf.len() > MAX_HEAD {
+                        return Err(H1Error::Protocol("response head too large"));
+                    }
+                    self.buf.reserve(READ_CHUNK);
+                    match self.read_buf_once().await {
+                        Ok(0) => return Err(H1Error::Io(eof())),
+                        Ok(_) => {}
+                        Err(e) => return Err(H1Error::Io(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_body(&mut self, mut body: ReqBody, chunked: bool) -> Result<(), H1Error> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(H1Error::Body)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                let size = format!("{:x}\r\n", data.len());
+                self.stream
+                    .write_all(size.as_bytes())
+                    .await
+                    .map_err(H1Error::Io)?;
+                self.stream.write_all(&data).await.map_err(H1Error::Io)?;
+                self.stream.write_all(b"\r\n").await.map_err(H1Error::Io)?;
+            } else {
+                self.stream.write_all(&data).await.map_err(H1Error::Io)?;
+            }
+        }
+        if chunked {
+            self.stream
+                .write_all(b"0\r\n\r\n")
+                .await
+                .map_err(H1Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Parse a complete head from the buffer, if there is one.
+    #[allow(clippy::type_complexity)]
+    fn read_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap, usize)>, H1Error> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let n = match resp.parse(&self.buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(H1Error::Protocol("malformed response head")),
+        };
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or(H1Error::Protocol("bad status code"))?;
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let mut map = HeaderMap::with_capacity(resp.headers.len());
+        for h in resp.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| H1Error::Protocol("bad header name"))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| H1Error::Protocol("bad header value"))?;
+            map.append(name, value);
+        }
+        Ok(Some((status, version, map, n)))
+    }
+
+    fn response(
+        self,
+        method: &Method,
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        endpoint: Arc<Endpoint>,
+    ) -> Response<H1Body> {
+        let no_body = *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let te_chunked = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.rsplit(',')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+            });
+        let length = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let mut keep_alive = match version {
+            Version::HTTP_10 => has_token(&headers, "keep-alive"),
+            _ => !has_token(&headers, "close"),
+        };
+        let framing = if no_body {
+            Framing::Done
+        } else if te_chunked {
+            Framing::Chunked(ChunkState::Size)
+        } else if let Some(n) = length {
+            if n == 0 {
+                Framing::Done
+            } else {
+                Framing::Length(n)
+            }
+        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+            // A coding we cannot frame: read to the end, never reuse.
+            keep_alive = false;
+            Framing::Close
+        } else {
+            keep_alive = false;
+            Framing::Close
+        };
+        let mut body = H1Body {
+            conn: Some(self),
+            framing,
+            keep_alive,
+            endpoint: Some(endpoint),
+            exact: if no_body {
+                Some(0)
+            } else if te_chunked {
+                None
+            } else {
+                length
+            },
+        };
+        if matches!(body.framing, Framing::Done) {
+            body.finish();
+        }
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        *r.version_mut() = version;
+        *r.headers_mut() = headers;
+        r
+    }
+}
+
+fn has_token(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl H1Conn {
+    /// One read into the spare capacity of the buffer (safe: `try_read_buf`).
+    async fn read_buf_once(&mut self) -> std::io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            match self.stream.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(ChunkState),
+    Close,
+    Done,
+}
+
+/// A response body read straight from the instance's connection.
+pub struct H1Body {
+    conn: Option<H1Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    endpoint: Option<Arc<Endpoint>>,
+    exact: Option<u64>,
+}
+
+impl H1Body {
+    /// The body ended: the connection goes back to the pool if it can serve another request.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let (Some(conn), Some(ep)) = (self.conn.take(), self.endpoint.take()) {
+            if self.keep_alive && conn.buf.is_empty() {
+                ep.pool.put_own(conn);
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        conn.buf.reserve(READ_CHUNK);
+        loop {
+            ready!(conn.stream.poll_read_ready(cx))?;
+            match conn.stream.try_read_buf(&mut conn.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn protocol(&mut self, m: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            m,
+        )))))
+    }
+}
+
+/// Position of "\r\n" in `b`.
+fn crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let buffered = this.conn.as_ref().map_or(0, |c| c.buf.len());
+            match this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(left) => {
+                    if buffered > 0 {
+                        let n = (buffered as u64).min(left) as usize;
+                        let Some(conn) = this.conn.as_mut() else {
+                            return Poll::Ready(None);
+                        };
+                        let data = conn.buf.split_to(n).freeze();
+                        let left = left - n as u64;
+                        if left == 0 {
+                            this.finish();
+                        } else {
+                            this.framing = Framing::Length(left);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Close => {
+                    if buffered > 0 {
+                        let Some(conn) = this.conn.as_mut() else {
+                            return Poll::Ready(None);
+                        };
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(state) => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    match state {
+                        ChunkState::Size => {
+                            if let Some(i) = crlf(&conn.buf) {
+                                let line = &conn.buf[..i];
+                                let hex_end =
+                                    line.iter().position(|c| *c == b';').unwrap_or(line.len());
+                                let hex =
+                                    std::str::from_utf8(&line[..hex_end]).unwrap_or("").trim();
+                                let Ok(size) = u64::from_str_radix(hex, 16) else {
+                                    return this.protocol("bad chunk size");
+                                };
+                                conn.buf.advance(i + 2);
+                                this.framing = Framing::Chunked(if size == 0 {
+                                    ChunkState::Trailers
+                                } else {
+                                    ChunkState::Data(size)
+                                });
+                                continue;
+                            }
+                            if buffered > 4096 {
+                                return this.protocol("chunk size line too long");
+                            }
+                        }
+                        ChunkState::Data(left) => {
+                            if buffered > 0 {
+                                let n = (buffered as u64).min(left) as usize;
+                                let data = conn.buf.split_to(n).freeze();
+                                let left = left - n as u64;
+                                this.framing = Framing::Chunked(if left == 0 {
+                                    ChunkState::DataEnd
+                                } else {
+                                    ChunkState::Data(left)
+                                });
+                                return Poll::Ready(Some(Ok(Frame::data(data))));
+                            }
+                        }
+                        ChunkState::DataEnd => {
+                            if buffered >= 2 {
+                                if &conn.buf[..2] != b"\r\n" {
+                                    return this.protocol("chunk not followed by CRLF");
+                                }
+                                conn.buf.advance(2);
+                                this.framing = Framing::Chunked(ChunkState::Size);
+                                continue;
+                            }
+                        }
+                        ChunkState::Trailers => {
+                            if let Some(i) = crlf(&conn.buf) {
+                                if i == 0 {
+                                    conn.buf.advance(2);
+                                    this.finish();
+                                    return Poll::Ready(None);
+                                }
+                                // Trailer fields: pass them on as one trailers frame.
+                                let end = conn.buf.windows(4).position(|w| w == b"\r\n\r\n");
+                                let Some(end) = end else {
+                                    if buffered > MAX_HEAD {
+                                        return this.protocol("trailers too large");
+                                    }
+                                    match ready!(this.poll_fill(cx)) {
+                                        Ok(0) => return this.protocol("closed inside trailers"),
+                                        Ok(_) => continue,
+                                        Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
+                                    }
+                                };
+                                let block = conn.buf.split_to(end + 4);
+                                let mut trailers = HeaderMap::new();
+                                for line in block[..end].split(|c| *c == b'\n') {
+                                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                                    let Some(colon) = line.iter().position(|c| *c == b':') else {
+                                        continue;
+                                    };
+                                    if let (Ok(n), Ok(v)) = (
+                                        HeaderName::from_bytes(&line[..colon]),
+                                        HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+                                    ) {
+                                        trailers.append(n, v);
+                                    }
+                                }
+                                this.finish();
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            }
+                        }
+                    }
+                }
+            }
+            // Need more bytes.
+            match ready!(this.poll_fill(cx)) {
+                Ok(0) => {
+                    if this.framing == Framing::Close {
+                        // The end of a close-delimited body.
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    return this.protocol("instance closed the connection inside the body");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.framing, self.exact) {
+            (Framing::Done, _) => SizeHint::with_exact(0),
+            (Framing::Length(n), Some(_)) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::table::tests_support::endpoint;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot server: reads one request head, answers `reply` bytes, then stays open.
+    async fn server(
+        reply: &'static [u8],
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(reply).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            got
+        });
+        (addr, h)
+    }
+
+    async fn fetch(reply: &'static [u8], method: Method) -> (Response<H1Body>, Vec<u8>) {
+        let (addr, h) = server(reply).await;
+        let conn = H1Conn::new(TcpStream::connect(addr).await.unwrap());
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("x"));
+        let resp = conn
+            .send(&method, "/p?q=1", &headers, ReqBody::Empty, endpoint())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        let mut r = Response::from_parts(
+            parts,
+            H1Body {
+                conn: None,
+                framing: Framing::Done,
+                keep_alive: false,
+                endpoint: None,
+                exact: None,
+            },
+        );
+        if let Some(t) = trailers {
+            r.headers_mut()
+                .insert("x-test-trailer-count", HeaderValue::from(t.len()));
+        }
+        let sent = h.await.unwrap();
+        let mut out = collected.to_bytes().to_vec();
+        out.extend_from_slice(b"|");
+        out.extend_from_slice(&sent);
+        (r, out)
+    }
+
+    #[tokio::test]
+    async fn content_length_body_and_request_head() {
+        let (r, out) = fetch(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello",
+            Method::GET,
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-a"], "b");
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("hello|GET /p?q=1 HTTP/1.1\r\nhost: x\r\n\r\n"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_body_with_extensions_and_trailers() {
+        let (r, out) = fetch(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+            Method::GET,
+        )
+        .await;
+        assert!(String::from_utf8(out).unwrap().starts_with("hello world|"));
+        assert_eq!(r.headers()["x-test-trailer-count"], "1");
+    }
+
+    #[tokio::test]
+    async fn interim_responses_and_bodiless_statuses() {
+        let (r, out) = fetch(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            Method::GET,
+        )
+        .await;
+        assert_eq!(r.status(), 204);
+        assert!(out.starts_with(b"|"));
+        let (r, out) = fetch(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
+            Method::HEAD,
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        assert!(out.starts_with(b"|"));
+    }
+
+    #[tokio::test]
+    async fn malformed_heads_are_errors() {
+        let (addr, _h) = server(b"NOT HTTP\r\n\r\n").await;
+        let conn = H1Conn::new(TcpStream::connect(addr).await.unwrap());
+        let r = conn
+            .send(
+                &Method::GET,
+                "/",
+                &HeaderMap::new(),
+                ReqBody::Empty,
+                endpoint(),
+            )
+            .await;
+        assert!(matches!(r, Err(H1Error::Protocol(_))));
+    }
+}
