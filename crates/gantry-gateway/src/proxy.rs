@@ -243,8 +243,33 @@ fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// Decimal digits of a byte, appended.
+fn push_u8(out: &mut Vec<u8>, n: u8) {
+    if n >= 100 {
+        out.push(b'0' + n / 100);
+    }
+    if n >= 10 {
+        out.push(b'0' + (n / 10) % 10);
+    }
+    out.push(b'0' + n % 10);
+}
+
 fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
     use std::io::Write;
+    if let (std::net::IpAddr::V4(ip), None) = (peer.ip(), h.get(&X_FORWARDED_FOR)) {
+        // The common case, without the formatting machinery.
+        let mut out = Vec::with_capacity(15);
+        for (i, o) in ip.octets().iter().enumerate() {
+            if i > 0 {
+                out.push(b'.');
+            }
+            push_u8(&mut out, *o);
+        }
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(out)) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        return;
+    }
     let mut buf = [0u8; 512];
     let mut cur = std::io::Cursor::new(&mut buf[..]);
     let ok = match h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
@@ -764,7 +789,8 @@ impl Gateway {
                 )
             }
         };
-        let client_conditional = parts.headers.contains_key(header::IF_NONE_MATCH)
+        let client_conditional = cache_key.is_some()
+            && parts.headers.contains_key(header::IF_NONE_MATCH)
             || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
         let authority: Option<HeaderValue> = parts
             .uri

@@ -188,14 +188,17 @@ impl Breaker {
                 self.window.add(now, ok);
                 self.consecutive = if ok { 0 } else { self.consecutive + 1 };
                 let p = &self.policy;
-                if tripped(
-                    self.consecutive,
-                    p.consecutive_failures,
-                    &self.window,
-                    now,
-                    p.failure_rate,
-                    p.min_requests,
-                ) {
+                // Only a failure can trip the breaker.
+                if !ok
+                    && tripped(
+                        self.consecutive,
+                        p.consecutive_failures,
+                        &self.window,
+                        now,
+                        p.failure_rate,
+                        p.min_requests,
+                    )
+                {
                     self.state = BreakerState::Open {
                         until_ms: now + p.open_ms,
                     };
@@ -257,6 +260,9 @@ impl Outlier {
         }
         self.window.add(now, ok);
         self.consecutive = if ok { 0 } else { self.consecutive + 1 };
+        if ok {
+            return None;
+        }
         let p = &self.policy;
         tripped(
             self.consecutive,
