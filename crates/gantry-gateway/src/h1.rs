@@ -29,6 +29,9 @@ use crate::table::Endpoint;
 /// Largest response head accepted from an instance.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
+/// Reads of a response head (and small bodies) use this much buffer...
+const HEAD_CHUNK: usize = 4 * 1024;
+/// ...larger bodies this much per read.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A plain HTTP/1.1 connection to an instance, idle between requests.
@@ -74,7 +77,11 @@ impl H1Conn {
 
     /// Forget the socket's cached readability (no syscall), so that any later readiness means
     /// the instance sent something or closed while the connection was idle.
-    pub fn mark_idle(&self) {
+    pub fn mark_idle(&mut self) {
+        // An idle connection keeps no large buffer (1000 idle connections would hold 16 MiB).
+        if self.buf.capacity() > 2 * HEAD_CHUNK {
+            self.buf = BytesMut::new();
+        }
         let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
             Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
         });
@@ -146,7 +153,7 @@ impl H1Conn {
                     if self.buf.len() > MAX_HEAD {
                         return Err(H1Error::Protocol("response head too large"));
                     }
-                    self.buf.reserve(READ_CHUNK);
+                    self.buf.reserve(HEAD_CHUNK);
                     match self.read_buf_once().await {
                         Ok(0) => return Err(H1Error::Io(eof())),
                         Ok(_) => {}

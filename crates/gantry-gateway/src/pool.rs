@@ -216,7 +216,7 @@ impl Pool {
     }
 
     /// Give back a connection whose response was read to the end.
-    pub fn put_own(&self, c: crate::h1::H1Conn) {
+    pub fn put_own(&self, mut c: crate::h1::H1Conn) {
         c.mark_idle();
         let mut idle = self.idle_own.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.max_idle {
