@@ -1,65 +1,11 @@
 //! Resilience under failure: chaos (kills and hangs under load), outlier ejection and the circuit
 //! breaker, the retry budget, the bulkhead, timeouts, rate limits.
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::common::*;
-
-/// Bounded steady load: `threads` clients, each at most `max` GETs, until `stop`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<Mutex<Vec<String>>>,
-    workers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, path: &'static str, threads: usize, max: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(Mutex::new(Vec::new()));
-        let workers = (0..threads)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    for _ in 0..max {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        match http(addr, "GET", path, &[], None, Duration::from_secs(10)) {
-                            Ok(r) if r.status == 200 => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(r) => failed
-                                .lock()
-                                .unwrap()
-                                .push(format!("{} {}", r.status, r.body)),
-                            Err(e) => failed.lock().unwrap().push(e.to_string()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Self {
-            stop,
-            ok,
-            failed,
-            workers,
-        }
-    }
-
-    fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for w in self.workers {
-            w.join().unwrap();
-        }
-        let f = self.failed.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), f)
-    }
-}
 
 #[test]
 fn chaos_kills_and_hangs_under_load_fail_no_request() {

@@ -2,8 +2,6 @@
 //! mirroring, sticky and latency-aware balancing, the response cache, hot reload under load,
 //! access log and trace context.
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -384,32 +382,7 @@ strip_prefix = true
 "#;
     let g = Gantry::start(base);
     g.wait_healthy("web", 2, Duration::from_secs(20));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed: Arc<Mutex<Vec<String>>> = Arc::default();
-    let gw = g.gateway;
-    let workers: Vec<_> = (0..3)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || {
-                for _ in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match http(gw, "GET", "/live/x", &[], None, Duration::from_secs(5)) {
-                        Ok(r) if r.status == 200 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => failed
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}", r.status, r.body)),
-                        Err(e) => failed.lock().unwrap().push(e.to_string()),
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(g.gateway, "/live/x", 3, 20_000);
     for i in 0..100 {
         let spec = format!("{base}[[services.web.routes]]\npath_prefix = \"/extra{i}\"\nheaders = [{{ name = \"x-n\", value = \"{i}\" }}]\n");
         let report = g.rewrite_and_reload(&spec);
@@ -419,18 +392,13 @@ strip_prefix = true
             "{report}"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
-    }
-    let failed = failed.lock().unwrap();
+    let (ok, failed) = load.finish();
     println!(
-        "hot reload: 100 route changes, {} requests ok, {} failed",
-        ok.load(Ordering::Relaxed),
+        "hot reload: 100 route changes, {ok} requests ok, {} failed",
         failed.len()
     );
     assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(3)]);
-    assert!(ok.load(Ordering::Relaxed) > 100);
+    assert!(ok > 100);
     // The last route is live; a bad spec is refused and changes nothing.
     assert_eq!(
         http(

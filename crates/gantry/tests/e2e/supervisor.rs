@@ -1,5 +1,4 @@
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -42,34 +41,9 @@ fn kill_9_under_load_fails_no_request_and_restarts() {
     let victim_pid = before[0]["pid"].as_u64().unwrap() as u32;
 
     // Steady, bounded load: 4 clients, each at most 3000 requests or until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let gw = g.gateway;
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || {
-                for _ in 0..3000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match http(gw, "GET", "/web/x", &[], None, Duration::from_secs(5)) {
-                        Ok(r) if r.status == 200 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => failed
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}", r.status, r.body)),
-                        Err(e) => failed.lock().unwrap().push(e.to_string()),
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(g.gateway, "/web/x", 4, 3000);
     wait_for("load to start", Duration::from_secs(5), || {
-        (ok.load(Ordering::Relaxed) > 50).then_some(())
+        (load.ok.load(Ordering::Relaxed) > 50).then_some(())
     });
 
     let killed_at = Instant::now();
@@ -92,15 +66,11 @@ fn kill_9_under_load_fails_no_request_and_restarts() {
         },
     );
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
-    }
-    let failed = failed.lock().unwrap();
+    let (ok, failed) = load.finish();
     println!(
         "kill -9: out of rotation after {:?} (measured by polling the admin API); {} requests ok, {} failed",
         out_of_rotation,
-        ok.load(Ordering::Relaxed),
+        ok,
         failed.len()
     );
     assert!(
