@@ -182,11 +182,6 @@ impl Gateway {
         self.rebuild(&mut c);
     }
 
-    /// Registry revision the live table reflects.
-    pub fn applied_revision(&self) -> u64 {
-        self.table.load().registry_revision
-    }
-
     /// Requests in flight to one instance (0 when unknown).
     pub fn inflight(&self, instance: &str) -> usize {
         self.lock()
@@ -471,9 +466,6 @@ impl Gateway {
         c.services = services;
         c.budgets = budgets;
         c.limiters = limiters;
-        self.table.store(Arc::new(RouteTable {
-            registry_revision: c.registry.revision,
-            routes,
-        }));
+        self.table.store(Arc::new(RouteTable { routes }));
     }
 }

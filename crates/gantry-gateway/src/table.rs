@@ -581,17 +581,12 @@ pub struct CompiledRoute {
 
 /// The whole routing state at one moment.
 pub struct RouteTable {
-    /// Registry revision this table reflects.
-    pub registry_revision: u64,
     pub routes: Vec<CompiledRoute>,
 }
 
 impl RouteTable {
     pub fn empty() -> Self {
-        Self {
-            registry_revision: 0,
-            routes: Vec::new(),
-        }
+        Self { routes: Vec::new() }
     }
 
     pub fn find(&self, r: &RequestView<'_>) -> Option<&CompiledRoute> {

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -388,10 +388,6 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         }
     }
     out
-}
-
-pub fn path_str(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// A test fixture (Python servers and clients) by file name.
