@@ -82,11 +82,7 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         Cmd::Reload => {
             let v = c.call(Method::POST, "/v1/reload", None).await?;
             println!("spec reloaded: {} routes", s(&v["routes"]));
-            for n in v["needs_restart"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or(&[])
-            {
+            for n in v["needs_restart"].as_array().map_or(&[][..], Vec::as_slice) {
                 println!("not applied until gantry restarts: {}", s(n));
             }
             Ok(())
@@ -151,8 +147,7 @@ async fn ps(c: &Client, service: Option<String>, out: Output) -> Result<(), CliE
     let now = gantry_model::unix_ms();
     let rows: Vec<Vec<String>> = v
         .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
+        .map_or(&[][..], Vec::as_slice)
         .iter()
         .map(|i| {
             let uptime = match (i["started_ms"].as_u64(), i["pid"].is_null()) {
@@ -194,8 +189,7 @@ async fn services(c: &Client, out: Output) -> Result<(), CliError> {
     }
     let rows: Vec<Vec<String>> = v
         .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
+        .map_or(&[][..], Vec::as_slice)
         .iter()
         .map(|x| {
             vec![
@@ -299,11 +293,7 @@ async fn restart(c: &Client, service: &str) -> Result<(), CliError> {
             None,
         )
         .await?;
-    for r in v["replaced"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-    {
+    for r in v["replaced"].as_array().map_or(&[][..], Vec::as_slice) {
         println!("{} -> {}", s(&r["old"]), s(&r["new"]));
     }
     println!("{service} restarted");
@@ -318,8 +308,7 @@ async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
     }
     let rows: Vec<Vec<String>> = v
         .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
+        .map_or(&[][..], Vec::as_slice)
         .iter()
         .map(|r| {
             let eps = r["endpoints"]
@@ -511,7 +500,7 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
                 if out.json {
                     print_json(&v);
                 } else {
-                    for svc in v.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+                    for svc in v.as_array().map_or(&[][..], Vec::as_slice) {
                         println!("{}", s(svc));
                     }
                 }
@@ -528,8 +517,7 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             }
             let rows: Vec<Vec<String>> = v
                 .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or(&[])
+                .map_or(&[][..], Vec::as_slice)
                 .iter()
                 .map(|h| {
                     let changes = h["changes"]

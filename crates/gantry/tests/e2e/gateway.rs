@@ -113,16 +113,7 @@ fn routing_rewrites_headers_and_errors() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["method"], "POST");
 
-    let m = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let m = g.metrics();
     for want in [
         "gantry_gateway_requests_total{route=\"web/0\",service=\"web\",status=\"2xx\"}",
         "gantry_gateway_requests_total{route=\"web/0\",service=\"web\",status=\"5xx\"}",

@@ -82,16 +82,7 @@ fn smuggling_shapes_are_refused() {
     };
     assert_eq!(stats("admin"), 0, "the smuggled request never ran");
     assert_eq!(stats("public"), 2, "the two well-framed requests");
-    let m = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let m = g.metrics();
     assert!(
         m.contains("gantry_gateway_rejected_requests_total{reason=\"malformed_request\"} 4"),
         "{m}"
@@ -235,16 +226,7 @@ fn size_limits_slow_clients_and_connection_cap() {
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(g.get("/public").status, 200);
-    let m = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let m = g.metrics();
     assert!(
         m.contains("gantry_gateway_rejected_requests_total{reason=\"max_connections\"}"),
         "{m}"

@@ -66,16 +66,7 @@ retries = { attempts = 3, on = ["connect-failure", "per-try-timeout"], budget_mi
         failed.len(),
         &failed[..failed.len().min(3)]
     );
-    let m = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let m = g.metrics();
     assert!(
         m.contains("gantry_gateway_retries_total{route=\"web/0\""),
         "retries were needed and counted"
@@ -130,16 +121,7 @@ retries = { attempts = 0 }
         .unwrap()
         .clone();
     assert_eq!(ep["ejected"], true, "{ep}");
-    let m = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let m = g.metrics();
     assert!(
         m.contains(&format!(
             "gantry_gateway_ejections_total{{service=\"web\",instance=\"{bad}\"}} 1"

@@ -354,16 +354,7 @@ cache = {}
         g.get("/cacheable?max_age=60&etag=e2").header("x-cache"),
         Some("MISS")
     );
-    let m = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let m = g.metrics();
     assert!(
         m.contains("gantry_gateway_cache_total{reason=\"hit\"}"),
         "{m}"

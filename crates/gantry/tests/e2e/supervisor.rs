@@ -245,16 +245,7 @@ backoff = { initial_ms = 20, max_ms = 400, crash_loop_restarts = 3, crash_loop_w
     std::thread::sleep(Duration::from_secs(2));
     let restarts = g.instances("bad")[0]["restarts"].as_u64().unwrap();
     assert!(restarts < 12, "restarts = {restarts}");
-    let metrics = http(
-        g.admin,
-        "GET",
-        "/metrics",
-        &[],
-        None,
-        Duration::from_secs(5),
-    )
-    .unwrap()
-    .body;
+    let metrics = g.metrics();
     assert!(
         metrics.contains("gantry_supervisor_restarts_total{service=\"bad\"}"),
         "{metrics}"

@@ -273,6 +273,20 @@ impl Gantry {
         .unwrap()
     }
 
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics(&self) -> String {
+        http(
+            self.admin,
+            "GET",
+            "/metrics",
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .body
+    }
+
     pub fn instances(&self, service: &str) -> Vec<Value> {
         self.admin_get(&format!("/v1/instances?service={service}"))
             .as_array()
