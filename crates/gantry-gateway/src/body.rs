@@ -29,22 +29,86 @@ impl std::fmt::Display for BodyTooLarge {
 }
 impl std::error::Error for BodyTooLarge {}
 
+/// A request body as it arrives from the client: read by hyper (HTTP/2, TLS, upgrades) or
+/// in-task from a plain HTTP/1.1 connection (`h1server.rs`).
+pub enum DownBody {
+    Empty,
+    Hyper(Incoming),
+    Own(crate::h1server::OwnBody),
+}
+
+impl Body for DownBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            DownBody::Empty => Poll::Ready(None),
+            DownBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            DownBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownBody::Empty => true,
+            DownBody::Hyper(b) => b.is_end_stream(),
+            DownBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownBody::Empty => SizeHint::with_exact(0),
+            DownBody::Hyper(b) => b.size_hint(),
+            DownBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Body sent to an instance.
 pub enum ReqBody {
     Empty,
     Stream {
-        inner: Incoming,
+        inner: DownBody,
         remaining: u64,
         exceeded: Arc<AtomicBool>,
+        /// Bytes taken from `inner` and put back (a send that failed before anything left).
+        unread: Option<Bytes>,
     },
 }
 
 impl ReqBody {
-    pub fn limited(inner: Incoming, max: u64, exceeded: Arc<AtomicBool>) -> Self {
+    pub fn limited(inner: DownBody, max: u64, exceeded: Arc<AtomicBool>) -> Self {
         ReqBody::Stream {
             inner,
             remaining: max,
             exceeded,
+            unread: None,
+        }
+    }
+
+    /// Put back data taken from this body; the next frame yields it again.
+    pub fn unread(&mut self, data: Bytes) {
+        if let ReqBody::Stream {
+            remaining, unread, ..
+        } = self
+        {
+            *remaining += data.len() as u64;
+            *unread = Some(match unread.take() {
+                None => data,
+                Some(later) => {
+                    let mut b = BytesMut::with_capacity(data.len() + later.len());
+                    b.extend_from_slice(&data);
+                    b.extend_from_slice(&later);
+                    b.freeze()
+                }
+            });
         }
     }
 }
@@ -63,36 +127,52 @@ impl Body for ReqBody {
                 inner,
                 remaining,
                 exceeded,
-            } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        let n = d.len() as u64;
-                        if n > *remaining {
-                            exceeded.store(true, Ordering::Relaxed);
-                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
-                        }
-                        *remaining -= n;
-                    }
-                    Poll::Ready(Some(Ok(frame)))
+                unread,
+            } => {
+                if let Some(d) = unread.take() {
+                    *remaining -= d.len() as u64;
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+                match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            let n = d.len() as u64;
+                            if n > *remaining {
+                                exceeded.store(true, Ordering::Relaxed);
+                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                            }
+                            *remaining -= n;
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Empty => true,
-            ReqBody::Stream { inner, .. } => inner.is_end_stream(),
+            ReqBody::Stream { inner, unread, .. } => unread.is_none() && inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Stream { inner, .. } => inner.size_hint(),
+            ReqBody::Stream { inner, unread, .. } => {
+                let extra = unread.as_ref().map_or(0, |d| d.len() as u64);
+                let h = inner.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower() + extra);
+                if let Some(u) = h.upper() {
+                    out.set_upper(u + extra);
+                }
+                out
+            }
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::body::{BoxError, ReqBody};
+use crate::codec::{Decoded, Decoder};
 use crate::table::Endpoint;
 
 /// Largest response head accepted from an instance.
@@ -33,6 +34,8 @@ const MAX_HEADERS: usize = 128;
 const HEAD_CHUNK: usize = 4 * 1024;
 /// ...larger bodies this much per read.
 const READ_CHUNK: usize = 16 * 1024;
+/// A request body's first piece up to this size is sent in the same write as the head.
+const COALESCE: usize = 16 * 1024;
 
 /// A plain HTTP/1.1 connection to an instance, idle between requests.
 pub struct H1Conn {
@@ -40,7 +43,6 @@ pub struct H1Conn {
     buf: BytesMut,
 }
 
-#[derive(Debug)]
 pub enum H1Error {
     /// The request may have reached the instance; no (complete) response head came back.
     Io(std::io::Error),
@@ -48,6 +50,15 @@ pub enum H1Error {
     Protocol(&'static str),
     /// The request body failed (client went away, or it exceeded the route's limit).
     Body(BoxError),
+    /// Nothing reached the instance (a pooled connection it had closed): the request may be
+    /// sent again, with this body.
+    Unsent(Box<ReqBody>, std::io::Error),
+}
+
+impl std::fmt::Debug for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl std::fmt::Display for H1Error {
@@ -56,6 +67,9 @@ impl std::fmt::Display for H1Error {
             H1Error::Io(e) => write!(f, "connection error: {e}"),
             H1Error::Protocol(m) => write!(f, "invalid response: {m}"),
             H1Error::Body(e) => write!(f, "request body: {e}"),
+            H1Error::Unsent(_, e) => {
+                write!(f, "connection closed before the request was sent: {e}")
+            }
         }
     }
 }
@@ -128,14 +142,67 @@ impl H1Conn {
             head.extend_from_slice(v.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
+        let mut body = body;
         let has_body = !body.is_end_stream();
         let chunked = has_body && !headers.contains_key(header::CONTENT_LENGTH);
         if chunked {
             head.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
         head.extend_from_slice(b"\r\n");
-        self.stream.write_all(&head).await.map_err(H1Error::Io)?;
+        // A first piece of the body that is already here goes out with the head.
+        let mut first: Option<Bytes> = None;
+        let mut body_done = !has_body;
         if has_body {
+            let polled =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(d) = frame.into_data() {
+                        if d.len() <= COALESCE {
+                            if chunked && !d.is_empty() {
+                                head.extend_from_slice(format!("{:x}\r\n", d.len()).as_bytes());
+                                head.extend_from_slice(&d);
+                                head.extend_from_slice(b"\r\n");
+                            } else {
+                                head.extend_from_slice(&d);
+                            }
+                            first = Some(d);
+                        } else {
+                            body.unread(d);
+                        }
+                    }
+                    if first.is_some() && body.is_end_stream() {
+                        if chunked {
+                            head.extend_from_slice(b"0\r\n\r\n");
+                        }
+                        body_done = true;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Err(H1Error::Body(e)),
+                Poll::Ready(None) => {
+                    if chunked {
+                        head.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    body_done = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        let mut sent = 0;
+        while sent < head.len() {
+            match self.stream.write(&head[sent..]).await {
+                Ok(0) => return Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => sent += n,
+                Err(e) if sent == 0 => {
+                    if let Some(d) = first {
+                        body.unread(d);
+                    }
+                    return Err(H1Error::Unsent(Box::new(body), e));
+                }
+                Err(e) => return Err(H1Error::Io(e)),
+            }
+        }
+        if !body_done {
             self.write_body(body, chunked).await?;
         }
         // Response head (skipping 1xx interim responses).
@@ -255,37 +322,23 @@ impl H1Conn {
             _ => !has_token(&headers, "close"),
         };
         let framing = if no_body {
-            Framing::Done
+            Decoder::done()
         } else if te_chunked {
-            Framing::Chunked(ChunkState::Size)
+            Decoder::chunked()
         } else if let Some(n) = length {
-            if n == 0 {
-                Framing::Done
-            } else {
-                Framing::Length(n)
-            }
-        } else if headers.contains_key(header::TRANSFER_ENCODING) {
-            // A coding we cannot frame: read to the end, never reuse.
-            keep_alive = false;
-            Framing::Close
+            Decoder::length(n)
         } else {
+            // No length, or a coding we cannot frame: read to the end, never reuse.
             keep_alive = false;
-            Framing::Close
+            Decoder::close()
         };
         let mut body = H1Body {
             conn: Some(self),
-            framing,
+            decoder: framing,
             keep_alive,
             endpoint: Some(endpoint),
-            exact: if no_body {
-                Some(0)
-            } else if te_chunked {
-                None
-            } else {
-                length
-            },
         };
-        if matches!(body.framing, Framing::Done) {
+        if body.decoder.is_done() {
             body.finish();
         }
         let mut r = Response::new(body);
@@ -317,35 +370,17 @@ impl H1Conn {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Length(u64),
-    Chunked(ChunkState),
-    Close,
-    Done,
-}
-
 /// A response body read straight from the instance's connection.
 pub struct H1Body {
     conn: Option<H1Conn>,
-    framing: Framing,
+    decoder: Decoder,
     keep_alive: bool,
     endpoint: Option<Arc<Endpoint>>,
-    exact: Option<u64>,
 }
 
 impl H1Body {
     /// The body ended: the connection goes back to the pool if it can serve another request.
     fn finish(&mut self) {
-        self.framing = Framing::Done;
         if let (Some(conn), Some(ep)) = (self.conn.take(), self.endpoint.take()) {
             if self.keep_alive && conn.buf.is_empty() {
                 ep.pool.put_own(conn);
@@ -367,19 +402,11 @@ impl H1Body {
         }
     }
 
-    fn protocol(&mut self, m: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&mut self, e: std::io::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.conn = None;
-        self.framing = Framing::Done;
-        Poll::Ready(Some(Err(Box::new(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            m,
-        )))))
+        self.decoder = Decoder::done();
+        Poll::Ready(Some(Err(Box::new(e))))
     }
-}
-
-/// Position of "\r\n" in `b`.
-fn crlf(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\r\n")
 }
 
 impl Body for H1Body {
@@ -391,155 +418,51 @@ impl Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        let mut eof = false;
         loop {
-            let buffered = this.conn.as_ref().map_or(0, |c| c.buf.len());
-            match this.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(left) => {
-                    if buffered > 0 {
-                        let n = (buffered as u64).min(left) as usize;
-                        let Some(conn) = this.conn.as_mut() else {
-                            return Poll::Ready(None);
-                        };
-                        let data = conn.buf.split_to(n).freeze();
-                        let left = left - n as u64;
-                        if left == 0 {
-                            this.finish();
-                        } else {
-                            this.framing = Framing::Length(left);
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.buf, eof) {
+                Ok(Decoded::Data(d)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
                     }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Framing::Close => {
-                    if buffered > 0 {
-                        let Some(conn) = this.conn.as_mut() else {
-                            return Poll::Ready(None);
-                        };
-                        let data = conn.buf.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
+                Ok(Decoded::Trailers(t)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
-                Framing::Chunked(state) => {
-                    let Some(conn) = this.conn.as_mut() else {
-                        return Poll::Ready(None);
-                    };
-                    match state {
-                        ChunkState::Size => {
-                            if let Some(i) = crlf(&conn.buf) {
-                                let line = &conn.buf[..i];
-                                let hex_end =
-                                    line.iter().position(|c| *c == b';').unwrap_or(line.len());
-                                let hex =
-                                    std::str::from_utf8(&line[..hex_end]).unwrap_or("").trim();
-                                let Ok(size) = u64::from_str_radix(hex, 16) else {
-                                    return this.protocol("bad chunk size");
-                                };
-                                conn.buf.advance(i + 2);
-                                this.framing = Framing::Chunked(if size == 0 {
-                                    ChunkState::Trailers
-                                } else {
-                                    ChunkState::Data(size)
-                                });
-                                continue;
-                            }
-                            if buffered > 4096 {
-                                return this.protocol("chunk size line too long");
-                            }
-                        }
-                        ChunkState::Data(left) => {
-                            if buffered > 0 {
-                                let n = (buffered as u64).min(left) as usize;
-                                let data = conn.buf.split_to(n).freeze();
-                                let left = left - n as u64;
-                                this.framing = Framing::Chunked(if left == 0 {
-                                    ChunkState::DataEnd
-                                } else {
-                                    ChunkState::Data(left)
-                                });
-                                return Poll::Ready(Some(Ok(Frame::data(data))));
-                            }
-                        }
-                        ChunkState::DataEnd => {
-                            if buffered >= 2 {
-                                if &conn.buf[..2] != b"\r\n" {
-                                    return this.protocol("chunk not followed by CRLF");
-                                }
-                                conn.buf.advance(2);
-                                this.framing = Framing::Chunked(ChunkState::Size);
-                                continue;
-                            }
-                        }
-                        ChunkState::Trailers => {
-                            if let Some(i) = crlf(&conn.buf) {
-                                if i == 0 {
-                                    conn.buf.advance(2);
-                                    this.finish();
-                                    return Poll::Ready(None);
-                                }
-                                // Trailer fields: pass them on as one trailers frame.
-                                let end = conn.buf.windows(4).position(|w| w == b"\r\n\r\n");
-                                let Some(end) = end else {
-                                    if buffered > MAX_HEAD {
-                                        return this.protocol("trailers too large");
-                                    }
-                                    match ready!(this.poll_fill(cx)) {
-                                        Ok(0) => return this.protocol("closed inside trailers"),
-                                        Ok(_) => continue,
-                                        Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
-                                    }
-                                };
-                                let block = conn.buf.split_to(end + 4);
-                                let mut trailers = HeaderMap::new();
-                                for line in block[..end].split(|c| *c == b'\n') {
-                                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                                    let Some(colon) = line.iter().position(|c| *c == b':') else {
-                                        continue;
-                                    };
-                                    if let (Ok(n), Ok(v)) = (
-                                        HeaderName::from_bytes(&line[..colon]),
-                                        HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-                                    ) {
-                                        trailers.append(n, v);
-                                    }
-                                }
-                                this.finish();
-                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                            }
-                        }
+                Ok(Decoded::End) => {
+                    if eof {
+                        // The end of a close-delimited body: nothing to reuse.
+                        this.conn = None;
                     }
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(m) => {
+                    return this.fail(std::io::Error::new(std::io::ErrorKind::InvalidData, m))
                 }
             }
-            // Need more bytes.
             match ready!(this.poll_fill(cx)) {
-                Ok(0) => {
-                    if this.framing == Framing::Close {
-                        // The end of a close-delimited body.
-                        this.conn = None;
-                        this.framing = Framing::Done;
-                        return Poll::Ready(None);
-                    }
-                    return this.protocol("instance closed the connection inside the body");
-                }
+                Ok(0) => eof = true,
                 Ok(_) => {}
-                Err(e) => {
-                    this.conn = None;
-                    this.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(Box::new(e))));
-                }
+                Err(e) => return this.fail(e),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (self.framing, self.exact) {
-            (Framing::Done, _) => SizeHint::with_exact(0),
-            (Framing::Length(n), Some(_)) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }
@@ -591,10 +514,9 @@ mod tests {
             parts,
             H1Body {
                 conn: None,
-                framing: Framing::Done,
+                decoder: Decoder::done(),
                 keep_alive: false,
                 endpoint: None,
-                exact: None,
             },
         );
         if let Some(t) = trailers {

@@ -16,7 +16,9 @@
 
 mod body;
 mod cache;
+mod codec;
 mod h1;
+mod h1server;
 mod health;
 mod metrics;
 pub mod path;

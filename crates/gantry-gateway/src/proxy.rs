@@ -27,10 +27,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
-use crate::body::{InflightGuard, OnEnd, ReqBody, RespBody, UpBody, UpstreamBody};
+use crate::body::{DownBody, InflightGuard, OnEnd, ReqBody, RespBody, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
 use crate::pool::Conn;
 use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
@@ -89,6 +88,8 @@ pub(crate) enum Reject {
     UpstreamError,
     UpstreamTimeout,
     BadRequest(&'static str),
+    /// Refused by the HTTP/1.1 parser or framing rules (smuggling shapes among them).
+    Malformed(&'static str),
     TooLarge,
     HeadTooLarge,
     RateLimited,
@@ -105,7 +106,7 @@ impl Reject {
             }
             Reject::UpstreamError => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::BadRequest(_) | Reject::Malformed(_) => StatusCode::BAD_REQUEST,
             Reject::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -120,6 +121,7 @@ impl Reject {
             Reject::UpstreamError => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::BadRequest(_) => "bad_request",
+            Reject::Malformed(_) => "malformed_request",
             Reject::TooLarge => "body_too_large",
             Reject::HeadTooLarge => "request_head_too_large",
             Reject::RateLimited => "rate_limited",
@@ -405,7 +407,7 @@ fn access_log(
 impl Gateway {
     pub(crate) async fn handle(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<DownBody>,
         conn: ConnInfo,
     ) -> Response<RespBody> {
         let start = Instant::now();
@@ -445,7 +447,7 @@ impl Gateway {
             return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
         }
         if let Some(why) = smuggling(req.headers()) {
-            return self.finish_reject(&ctx, None, Reject::BadRequest(why), None);
+            return self.finish_reject(&ctx, None, Reject::Malformed(why), None);
         }
         let normalized = match path::normalize(req.uri().path()) {
             Ok(std::borrow::Cow::Borrowed(_)) => None,
@@ -489,6 +491,26 @@ impl Gateway {
                 resp
             }
         }
+    }
+
+    /// A request the HTTP/1.1 server refused before it could be routed (bad framing, a head
+    /// too large): answered as JSON and counted like every other rejection.
+    pub(crate) fn reject_unparsed(
+        &self,
+        why: Reject,
+        peer: SocketAddr,
+        extra: Option<&str>,
+    ) -> Response<RespBody> {
+        let ctx = Ctx {
+            start: Instant::now(),
+            request_id: self.ids.next(),
+            trace_id: [b'0'; 32],
+            method: Method::GET,
+            path: String::new(),
+            client: peer,
+            host: None,
+        };
+        self.finish_reject(&ctx, None, why, extra)
     }
 
     fn finish_reject(
@@ -552,7 +574,7 @@ impl Gateway {
             Reject::UpstreamTimeout => {
                 format!("service {svc} did not answer within the route's timeout")
             }
-            Reject::BadRequest(m) => m.to_string(),
+            Reject::BadRequest(m) | Reject::Malformed(m) => m.to_string(),
             Reject::TooLarge => format!(
                 "request body is larger than the route allows ({} bytes)",
                 extra.unwrap_or("?")
@@ -596,7 +618,7 @@ impl Gateway {
         self: &'a Arc<Self>,
         route: &'a CompiledRoute,
         f: &'a ForwardAction,
-        req: Request<Incoming>,
+        req: Request<DownBody>,
         normalized: Option<String>,
         conn: ConnInfo,
         ctx: &'a mut Ctx,
@@ -609,7 +631,7 @@ impl Gateway {
         self: &Arc<Self>,
         route: &CompiledRoute,
         f: &ForwardAction,
-        mut req: Request<Incoming>,
+        mut req: Request<DownBody>,
         normalized: Option<String>,
         conn: ConnInfo,
         ctx: &mut Ctx,
@@ -975,6 +997,10 @@ impl Gateway {
                         let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
                         match c.send(&p.method, path, &p.headers, b, ep.clone()).await {
                             Ok(resp) => Ok((resp.map(UpBody::Own), None)),
+                            Err(crate::h1::H1Error::Unsent(b, e)) => Err((
+                                format!("connection closed before the request was sent: {e}"),
+                                Some(Request::from_parts(p, *b)),
+                            )),
                             Err(e) => Err((e.to_string(), None)),
                         }
                     }
@@ -1317,7 +1343,7 @@ impl Gateway {
     fn serve_cached(
         &self,
         e: &cache::Entry,
-        req: &Request<Incoming>,
+        req: &Request<DownBody>,
         how: &'static str,
         ctx: &Ctx,
         route: &CompiledRoute,
@@ -1551,7 +1577,7 @@ fn rewrite_path(
 fn redirect(
     r: &gantry_model::Redirect,
     route: &CompiledRoute,
-    req: &Request<Incoming>,
+    req: &Request<DownBody>,
     normalized: Option<&str>,
     tls: bool,
     ctx: &Ctx,

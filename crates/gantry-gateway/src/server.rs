@@ -1,20 +1,78 @@
-//! Listeners: accept connections (plain or TLS), enforce the connection limit, and serve each
-//! with hyper-util's auto builder (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), upgrades
-//! allowed (WebSocket). Shutdown stops accepting and lets open requests finish within the grace.
+//! Listeners: accept connections (plain or TLS), enforce the connection limit, and serve each.
+//! Plain connections start on the in-task HTTP/1.1 server (`h1server.rs`), which hands h2c
+//! (prior knowledge) and upgrades (WebSocket) to hyper; TLS connections are served by
+//! hyper-util's auto builder (HTTP/1.1, or HTTP/2 by ALPN), upgrades allowed. Shutdown stops
+//! accepting and lets open requests finish within the grace.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::body::DownBody;
+use crate::h1server::Outcome;
 use crate::Gateway;
+
+/// A stream with bytes already read from it put back in front (a connection handed from the
+/// in-task server to hyper).
+struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Where the gateway accepts traffic.
 pub enum Listener {
@@ -95,21 +153,27 @@ impl Gateway {
             let svc_gw = gw.clone();
             let tls = tls.clone();
             let handshake_timeout = self.cfg.header_read_timeout;
+            let mut conn_shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _guard = guard;
                 let info = ConnInfo {
                     peer,
                     tls: tls.is_some(),
                 };
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let gw = svc_gw.clone();
-                    async move { Ok::<_, Infallible>(gw.handle(req, info).await) }
+                    async move { Ok::<_, Infallible>(gw.handle(req.map(DownBody::Hyper), info).await) }
                 });
                 let res = match tls {
                     None => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        watcher.watch(conn).await
+                        match crate::h1server::serve(&gw, stream, info, &mut conn_shutdown).await {
+                            Outcome::Closed => Ok(()),
+                            Outcome::Handoff(inner, prefix) => {
+                                let io = TokioIo::new(Prefixed { prefix, inner });
+                                let conn = builder.serve_connection_with_upgrades(io, svc);
+                                watcher.watch(conn).await
+                            }
+                        }
                     }
                     Some(acceptor) => {
                         let tls_stream =

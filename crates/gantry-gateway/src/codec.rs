@@ -1,0 +1,421 @@
+//! HTTP/1.1 pieces shared by the in-task client (`h1.rs`) and server (`h1server.rs`): the body
+//! decoder (RFC 9112 §6 and §7.1: length, chunked with extensions and trailers, or until close),
+//! socket writes on a shared `TcpStream`, and the `Date` header.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::net::TcpStream;
+
+/// Longest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Largest trailer block accepted.
+const MAX_TRAILERS: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Chunked(ChunkState),
+    Close,
+    Done,
+}
+
+/// What the buffer yielded.
+#[derive(Debug)]
+pub enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The body is complete; bytes after it stay in the buffer.
+    End,
+    /// More bytes are needed.
+    NeedMore,
+}
+
+/// Incremental decoder of one message body, reading from a connection's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoder {
+    state: State,
+}
+
+impl Decoder {
+    pub fn length(n: u64) -> Self {
+        Self {
+            state: if n == 0 {
+                State::Done
+            } else {
+                State::Length(n)
+            },
+        }
+    }
+    pub fn chunked() -> Self {
+        Self {
+            state: State::Chunked(ChunkState::Size),
+        }
+    }
+    /// Delimited by the end of the connection (responses only).
+    pub fn close() -> Self {
+        Self {
+            state: State::Close,
+        }
+    }
+    pub fn done() -> Self {
+        Self { state: State::Done }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes left when the framing says so (a `Content-Length` body).
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Take what `buf` holds of the body. `eof`: the peer closed and nothing more will come.
+    pub fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Decoded, &'static str> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::Length(left) => {
+                    if !buf.is_empty() {
+                        let n = (buf.len() as u64).min(left) as usize;
+                        let data = buf.split_to(n).freeze();
+                        let left = left - n as u64;
+                        self.state = if left == 0 {
+                            State::Done
+                        } else {
+                            State::Length(left)
+                        };
+                        return Ok(Decoded::Data(data));
+                    }
+                    if eof {
+                        return Err("connection closed inside the body");
+                    }
+                    return Ok(Decoded::NeedMore);
+                }
+                State::Close => {
+                    if !buf.is_empty() {
+                        return Ok(Decoded::Data(buf.split().freeze()));
+                    }
+                    if eof {
+                        self.state = State::Done;
+                        return Ok(Decoded::End);
+                    }
+                    return Ok(Decoded::NeedMore);
+                }
+                State::Chunked(cs) => {
+                    let progressed = self.chunk_step(cs, buf)?;
+                    match progressed {
+                        Some(Decoded::NeedMore) => {
+                            if eof {
+                                return Err("connection closed inside a chunked body");
+                            }
+                            return Ok(Decoded::NeedMore);
+                        }
+                        Some(d) => return Ok(d),
+                        None => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step of the chunked decoder: `None` = state advanced, go on.
+    fn chunk_step(
+        &mut self,
+        cs: ChunkState,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Decoded>, &'static str> {
+        match cs {
+            ChunkState::Size => {
+                let Some(i) = crlf(buf) else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err("chunk size line too long");
+                    }
+                    return Ok(Some(Decoded::NeedMore));
+                };
+                let line = &buf[..i];
+                let hex_end = line.iter().position(|c| *c == b';').unwrap_or(line.len());
+                let hex = line[..hex_end].trim_ascii();
+                if hex.is_empty() || hex.len() > 16 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return Err("bad chunk size");
+                }
+                let size = hex
+                    .iter()
+                    .fold(0u64, |acc, c| (acc << 4) | u64::from(hex_val(*c)));
+                buf.advance(i + 2);
+                self.state = State::Chunked(if size == 0 {
+                    ChunkState::Trailers
+                } else {
+                    ChunkState::Data(size)
+                });
+                Ok(None)
+            }
+            ChunkState::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Some(Decoded::NeedMore));
+                }
+                let n = (buf.len() as u64).min(left) as usize;
+                let data = buf.split_to(n).freeze();
+                let left = left - n as u64;
+                self.state = State::Chunked(if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left)
+                });
+                Ok(Some(Decoded::Data(data)))
+            }
+            ChunkState::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Some(Decoded::NeedMore));
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err("chunk not followed by CRLF");
+                }
+                buf.advance(2);
+                self.state = State::Chunked(ChunkState::Size);
+                Ok(None)
+            }
+            ChunkState::Trailers => {
+                let Some(i) = crlf(buf) else {
+                    return Ok(Some(Decoded::NeedMore));
+                };
+                if i == 0 {
+                    buf.advance(2);
+                    self.state = State::Done;
+                    return Ok(Some(Decoded::End));
+                }
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if buf.len() > MAX_TRAILERS {
+                        return Err("trailers too large");
+                    }
+                    return Ok(Some(Decoded::NeedMore));
+                };
+                let block = buf.split_to(end + 4);
+                self.state = State::Done;
+                Ok(Some(Decoded::Trailers(parse_fields(&block[..end]))))
+            }
+        }
+    }
+}
+
+fn hex_val(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    }
+}
+
+/// Position of "\r\n" in `b`.
+pub fn crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// Header fields of a trailer block (invalid lines are skipped).
+fn parse_fields(block: &[u8]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for line in block.split(|c| *c == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|c| *c == b':') else {
+            continue;
+        };
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) {
+            out.append(n, v);
+        }
+    }
+    out
+}
+
+/// Trailer fields as an HTTP/1.1 trailer block (after the last chunk's size line).
+pub fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (k, v) in fields {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Write all of `buf` to a stream shared by reference (no `&mut` needed).
+pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Write `a` then `b` with as few syscalls as the kernel allows (one `writev` usually).
+pub async fn write_all2(stream: &TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    while !a.is_empty() {
+        let bufs = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+        match stream.try_write_vectored(&bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) if n >= a.len() => {
+                b = &b[n - a.len()..];
+                a = &[];
+            }
+            Ok(n) => a = &a[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    write_all(stream, b).await
+}
+
+/// The IMF-fixdate of `secs` since the Unix epoch (RFC 9110 §5.6.7).
+pub fn http_date(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem / 60) % 60, rem % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    let two = |o: &mut [u8], v: u64| {
+        o[0] = b'0' + (v / 10) as u8;
+        o[1] = b'0' + (v % 10) as u8;
+    };
+    two(&mut out[5..7], day as u64);
+    out[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
+    let y = year.clamp(0, 9999) as u64;
+    two(&mut out[12..14], y / 100);
+    two(&mut out[14..16], y % 100);
+    two(&mut out[17..19], h);
+    two(&mut out[20..22], m);
+    two(&mut out[23..25], s);
+    out
+}
+
+/// Today's `Date` value, formatted once per second per thread.
+pub fn date_now() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let (at, v) = c.get();
+        if at == secs {
+            v
+        } else {
+            let v = http_date(secs);
+            c.set((secs, v));
+            v
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn all(
+        d: &mut Decoder,
+        input: &[u8],
+    ) -> Result<(Vec<u8>, Option<HeaderMap>, Vec<u8>), &'static str> {
+        // Feed one byte at a time: every split point must work.
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut trailers = None;
+        let mut rest = input;
+        loop {
+            match d.decode(&mut buf, false)? {
+                Decoded::Data(b) => out.extend_from_slice(&b),
+                Decoded::Trailers(t) => trailers = Some(t),
+                Decoded::End => return Ok((out, trailers, buf.to_vec())),
+                Decoded::NeedMore => {
+                    let Some((first, tail)) = rest.split_first() else {
+                        d.decode(&mut buf, true)?;
+                        return Ok((out, trailers, buf.to_vec()));
+                    };
+                    buf.extend_from_slice(&[*first]);
+                    rest = tail;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_with_extensions_trailers_and_what_follows() {
+        let (body, trailers, rest) = all(
+            &mut Decoder::chunked(),
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\nGET /next",
+        )
+        .unwrap();
+        assert_eq!(body, b"hello world");
+        assert_eq!(trailers.unwrap()["x-sum"], "11");
+        assert_eq!(rest, b"");
+        let (body, trailers, _) = all(&mut Decoder::chunked(), b"3\r\nabc\r\n0\r\n\r\n").unwrap();
+        assert_eq!(body, b"abc");
+        assert!(trailers.is_none());
+    }
+
+    #[test]
+    fn bad_chunks_are_errors() {
+        for bad in [
+            &b"zz\r\nhello\r\n"[..],
+            b"5\r\nhelloXX",
+            b"11111111111111111\r\n",
+            b"\r\n",
+        ] {
+            assert!(all(&mut Decoder::chunked(), bad).is_err(), "{bad:?}");
+        }
+        // Truncated: the peer closed inside the body.
+        assert!(all(&mut Decoder::chunked(), b"5\r\nhel").is_err());
+        assert!(all(&mut Decoder::length(10), b"short").is_err());
+    }
+
+    #[test]
+    fn length_and_close_delimited() {
+        let mut buf = BytesMut::from(&b"helloGET"[..]);
+        let mut d = Decoder::length(5);
+        assert!(matches!(d.decode(&mut buf, false).unwrap(), Decoded::Data(b) if b == "hello"));
+        assert!(d.is_done());
+        assert_eq!(&buf[..], b"GET");
+        let (body, _, _) = all(&mut Decoder::close(), b"until the end").unwrap();
+        assert_eq!(body, b"until the end");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&http_date(1_709_210_096), b"Thu, 29 Feb 2024 12:34:56 GMT");
+    }
+}

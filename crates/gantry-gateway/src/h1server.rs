@@ -1,0 +1,937 @@
+//! The in-task HTTP/1.1 server for plain connections: the connection's own task reads and parses
+//! each request head (`httparse`), runs the proxy pipeline, and writes the response itself, with
+//! no dispatcher, channels or per-connection buffers beyond the bytes of the request in hand.
+//!
+//! What it does not serve itself it hands to hyper, with the bytes read so far: a connection that
+//! opens with the HTTP/2 preface (h2c by prior knowledge), and an upgrade request (WebSocket) or
+//! `CONNECT`, from which point hyper serves the rest of that connection. TLS connections are
+//! hyper's from the start.
+//!
+//! Framing rules (RFC 9112): a request with both `Content-Length` and `Transfer-Encoding`, several
+//! `Content-Length` lines, a malformed length, a transfer coding other than `chunked`, obs-fold,
+//! an HTTP/1.1 request without exactly one `Host`: all refused with a JSON 400 and the connection
+//! closed, so nothing after them can be read as another request. Request bodies are read by
+//! whoever polls them (the upstream request), straight from the socket; when the body is done the
+//! bytes after it come back to the connection for the next request. A body the proxy did not read
+//! (a 404, a 429, a cache hit) is drained, within bounds, to keep the connection.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::body::{BoxError, DownBody, RespBody};
+use crate::codec::{self, Decoded, Decoder};
+use crate::proxy::Reject;
+use crate::server::ConnInfo;
+use crate::Gateway;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Read size for request heads (and what an idle connection allocates when bytes arrive).
+const HEAD_CHUNK: usize = 4096;
+/// Read size for request bodies.
+const BODY_CHUNK: usize = 16 * 1024;
+/// Response bodies up to this size are copied behind the head and sent in one write.
+const COALESCE: usize = 32 * 1024;
+/// An unread request body is drained (and discarded) up to this size to keep the connection.
+const MAX_DRAIN: usize = 256 * 1024;
+/// Header slots on the stack; more (up to `max_headers`) go on the heap.
+const STACK_HEADERS: usize = 128;
+
+/// How a connection ended.
+pub(crate) enum Outcome {
+    Closed,
+    /// Hyper takes over: the stream and the bytes already read from it.
+    Handoff(TcpStream, Bytes),
+}
+
+/// What the head says about the rest of the exchange.
+struct Meta {
+    version: Version,
+    head_request: bool,
+    keep_alive: bool,
+    /// The client accepts trailers (`TE: trailers`).
+    te_trailers: bool,
+}
+
+/// A short-lived local, returned once per request: boxing it would cost an allocation for
+/// nothing.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Request(Request<()>, Meta, BodyFraming),
+    /// An upgrade or CONNECT: hyper serves it (and the rest of the connection).
+    Handoff,
+}
+
+#[derive(Clone, Copy)]
+enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Why a head was refused.
+enum HeadError {
+    Malformed(&'static str),
+    TooLarge,
+}
+
+/// Serve one plain connection until it closes or is handed to hyper.
+pub(crate) async fn serve(
+    gw: &Arc<Gateway>,
+    stream: TcpStream,
+    info: ConnInfo,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let stream = Arc::new(stream);
+    let timeout = gw.cfg.header_read_timeout;
+    let mut deadline = Instant::now() + timeout;
+    let sleep = tokio::time::sleep_until(deadline);
+    tokio::pin!(sleep);
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        // A complete request head.
+        let parsed = loop {
+            if !buf.is_empty() {
+                if first && is_h2_preface(&buf) {
+                    if buf.len() >= H2_PREFACE.len() {
+                        return handoff(stream, buf);
+                    }
+                } else {
+                    match parse(&mut buf, gw.cfg.max_headers) {
+                        Ok(Some(p)) => break p,
+                        Ok(None) if buf.len() > gw.cfg.max_header_bytes => {
+                            refuse(gw, &stream, info.peer, HeadError::TooLarge).await;
+                            return Outcome::Closed;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            refuse(gw, &stream, info.peer, e).await;
+                            return Outcome::Closed;
+                        }
+                    }
+                }
+            }
+            let idle = buf.is_empty();
+            match read_more(&stream, &mut buf, sleep.as_mut(), deadline, shutdown, idle).await {
+                Wait::Data => {}
+                Wait::Timeout => {
+                    if !buf.is_empty() {
+                        gw.metrics.reject("header_read_timeout");
+                    }
+                    return Outcome::Closed;
+                }
+                Wait::Closed => return Outcome::Closed,
+            }
+        };
+        first = false;
+        let (req, mut meta, framing) = match parsed {
+            Parsed::Handoff => return handoff(stream, buf),
+            Parsed::Request(r, m, f) => (r, m, f),
+        };
+
+        // The body, if any, reads from the socket and gives the rest of the buffer back.
+        let (body, slot) = match framing {
+            BodyFraming::None => (DownBody::Empty, None),
+            BodyFraming::Length(n) => own_body(&stream, &mut buf, Decoder::length(n), &req),
+            BodyFraming::Chunked => own_body(&stream, &mut buf, Decoder::chunked(), &req),
+        };
+        let resp = gw.handle(req.map(|()| body), info).await;
+        if *shutdown.borrow() {
+            meta.keep_alive = false;
+        }
+        let mut keep = write_response(&stream, resp, &meta).await;
+
+        // Take the buffer back from the body (or drain what the proxy did not read).
+        if let Some(slot) = slot {
+            let returned = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            match returned {
+                Some(r) if keep => {
+                    buf = r.buf;
+                    if !r.decoder.is_done() {
+                        keep = drain(&stream, &mut buf, r.decoder, timeout).await;
+                    }
+                }
+                _ => keep = false,
+            }
+        }
+        if !keep {
+            return Outcome::Closed;
+        }
+        if buf.is_empty() {
+            // An idle connection holds no buffer.
+            buf = BytesMut::new();
+        }
+        deadline = Instant::now() + timeout;
+    }
+}
+
+fn is_h2_preface(buf: &[u8]) -> bool {
+    let n = buf.len().min(H2_PREFACE.len());
+    buf[..n] == H2_PREFACE[..n]
+}
+
+fn handoff(stream: Arc<TcpStream>, buf: BytesMut) -> Outcome {
+    match Arc::try_unwrap(stream) {
+        Ok(s) => Outcome::Handoff(s, buf.freeze()),
+        // A body of an earlier request is still held somewhere: give up the connection.
+        Err(_) => Outcome::Closed,
+    }
+}
+
+enum Wait {
+    Data,
+    Timeout,
+    Closed,
+}
+
+/// Read more bytes of a request head, within the deadline; between requests (`idle`) a
+/// shutdown closes the connection instead.
+async fn read_more(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    mut sleep: Pin<&mut tokio::time::Sleep>,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+    idle: bool,
+) -> Wait {
+    if idle && *shutdown.borrow() {
+        return Wait::Closed;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            r = stream.readable() => {
+                if r.is_err() {
+                    return Wait::Closed;
+                }
+            }
+            () = &mut sleep => {
+                // The timer is re-armed lazily: it was set for an earlier request's deadline.
+                if Instant::now() < deadline {
+                    sleep.as_mut().reset(deadline);
+                    continue;
+                }
+                return Wait::Timeout;
+            }
+            _ = shutdown.changed(), if idle => return Wait::Closed,
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(HEAD_CHUNK);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Wait::Closed,
+            Ok(_) => return Wait::Data,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Wait::Closed,
+        }
+    }
+}
+
+/// Parse a request head from the front of `buf`. `Ok(None)`: incomplete. A complete head is
+/// split off the buffer (its header values share those bytes), except for a hand-off, which
+/// leaves the buffer as it was.
+fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadError> {
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap;
+    let slots: &mut [httparse::Header<'_>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap = vec![httparse::EMPTY_HEADER; max_headers];
+        &mut heap
+    };
+    let mut req = httparse::Request::new(slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::Malformed(
+                "malformed request line, or an HTTP version other than 1.0 and 1.1",
+            ))
+        }
+        Err(httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
+            return Err(HeadError::Malformed(
+                "malformed header line (obs-fold and control bytes are refused)",
+            ))
+        }
+        Err(_) => return Err(HeadError::Malformed("malformed request line")),
+    };
+    let method_s = req.method.unwrap_or("");
+    let target = req.path.unwrap_or("");
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let method = Method::from_bytes(method_s.as_bytes())
+        .map_err(|_| HeadError::Malformed("invalid method"))?;
+    if method == Method::CONNECT {
+        return Ok(Some(Parsed::Handoff));
+    }
+    let base = buf.as_ptr() as usize;
+    let target_at = (target.as_ptr() as usize - base, target.len());
+    // Offsets of every name and value, so the head can be split off before the map is built.
+    let n = req.headers.len();
+    let mut offsets_stack = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
+    let mut offsets_heap;
+    let offsets: &mut [(u32, u32, u32, u32)] = if n <= STACK_HEADERS {
+        &mut offsets_stack[..n]
+    } else {
+        offsets_heap = vec![(0u32, 0u32, 0u32, 0u32); n];
+        &mut offsets_heap
+    };
+    for (o, h) in offsets.iter_mut().zip(req.headers.iter()) {
+        if h.name.eq_ignore_ascii_case("upgrade") {
+            return Ok(Some(Parsed::Handoff));
+        }
+        *o = (
+            (h.name.as_ptr() as usize - base) as u32,
+            h.name.len() as u32,
+            (h.value.as_ptr() as usize - base) as u32,
+            h.value.len() as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+
+    let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
+        .map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(n);
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut hosts = 0;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+    let mut te_trailers = false;
+    for &(no, nl, vo, vl) in offsets.iter() {
+        let (no, nl, vo, vl) = (no as usize, nl as usize, vo as usize, vl as usize);
+        let name = HeaderName::from_bytes(&head[no..no + nl])
+            .map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vo..vo + vl))
+            .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            if content_length.is_some() {
+                return Err(HeadError::Malformed("several Content-Length headers"));
+            }
+            let v = value.as_bytes();
+            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::Malformed("invalid Content-Length"));
+            }
+            content_length = Some(v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0')));
+        } else if name == header::TRANSFER_ENCODING {
+            // Only `chunked`, once: anything else could be framed differently by the instance.
+            if chunked
+                || !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(HeadError::Malformed(
+                    "unsupported Transfer-Encoding (only a single chunked is accepted)",
+                ));
+            }
+            chunked = true;
+        } else if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
+            for t in value.as_bytes().split(|c| *c == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    conn_close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    conn_keep_alive = true;
+                }
+            }
+        } else if name == header::TE {
+            te_trailers |= value
+                .as_bytes()
+                .split(|c| *c == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+        }
+        headers.append(name, value);
+    }
+    if chunked && content_length.is_some() {
+        return Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if chunked && version == Version::HTTP_10 {
+        return Err(HeadError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    if hosts > 1 {
+        return Err(HeadError::Malformed("several Host headers"));
+    }
+    if hosts == 0 && version == Version::HTTP_11 && uri.authority().is_none() {
+        return Err(HeadError::Malformed("HTTP/1.1 request without Host"));
+    }
+    let framing = if chunked {
+        BodyFraming::Chunked
+    } else {
+        match content_length {
+            None | Some(0) => BodyFraming::None,
+            Some(n) => BodyFraming::Length(n),
+        }
+    };
+    let meta = Meta {
+        version,
+        head_request: method == Method::HEAD,
+        keep_alive: if version == Version::HTTP_10 {
+            conn_keep_alive && !conn_close
+        } else {
+            !conn_close
+        },
+        te_trailers,
+    };
+    let mut r = Request::new(());
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.version_mut() = version;
+    *r.headers_mut() = headers;
+    Ok(Some(Parsed::Request(r, meta, framing)))
+}
+
+/// Answer a head that could not be accepted, then the connection closes.
+async fn refuse(gw: &Gateway, stream: &TcpStream, peer: SocketAddr, e: HeadError) {
+    let resp = match e {
+        HeadError::Malformed(m) => gw.reject_unparsed(Reject::Malformed(m), peer, None),
+        HeadError::TooLarge => {
+            let limit = gw.cfg.max_header_bytes.to_string();
+            gw.reject_unparsed(Reject::HeadTooLarge, peer, Some(&limit))
+        }
+    };
+    let meta = Meta {
+        version: Version::HTTP_11,
+        head_request: false,
+        keep_alive: false,
+        te_trailers: false,
+    };
+    write_response(stream, resp, &meta).await;
+}
+
+/// The part of a request body's state that goes back to the connection.
+struct Returned {
+    buf: BytesMut,
+    decoder: Decoder,
+}
+
+type Slot = Arc<Mutex<Option<Returned>>>;
+
+fn own_body(
+    stream: &Arc<TcpStream>,
+    buf: &mut BytesMut,
+    decoder: Decoder,
+    req: &Request<()>,
+) -> (DownBody, Option<Slot>) {
+    let slot: Slot = Arc::new(Mutex::new(None));
+    let expect_continue = req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let body = OwnBody {
+        stream: stream.clone(),
+        buf: std::mem::take(buf),
+        decoder,
+        slot: Some(slot.clone()),
+        continue_sent: if expect_continue { Some(0) } else { None },
+    };
+    (DownBody::Own(body), Some(slot))
+}
+
+/// A request body read straight from the client's connection.
+pub struct OwnBody {
+    stream: Arc<TcpStream>,
+    buf: BytesMut,
+    decoder: Decoder,
+    /// Where the buffer goes when the body is done (or dropped unread); `None` once given back,
+    /// or after a framing error (the connection cannot be reused then).
+    slot: Option<Slot>,
+    /// `Expect: 100-continue`: bytes of the interim response written so far.
+    continue_sent: Option<usize>,
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl OwnBody {
+    fn give_back(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Returned {
+                buf: std::mem::take(&mut self.buf),
+                decoder: self.decoder,
+            });
+        }
+    }
+
+    fn fail(&mut self, e: std::io::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.slot = None;
+        self.decoder = Decoder::done();
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+impl Body for OwnBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.slot.is_none() {
+            return Poll::Ready(None);
+        }
+        // The client waits for a go-ahead before it sends the body.
+        if let Some(mut sent) = this.continue_sent {
+            if this.buf.is_empty() {
+                while sent < CONTINUE.len() {
+                    if let Err(e) = ready!(this.stream.poll_write_ready(cx)) {
+                        return this.fail(e);
+                    }
+                    match this.stream.try_write(&CONTINUE[sent..]) {
+                        Ok(n) => {
+                            sent += n;
+                            this.continue_sent = Some(sent);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
+            this.continue_sent = None;
+        }
+        let mut eof = false;
+        loop {
+            match this.decoder.decode(&mut this.buf, eof) {
+                Ok(Decoded::Data(d)) => {
+                    if this.decoder.is_done() {
+                        this.give_back();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Decoded::Trailers(t)) => {
+                    this.give_back();
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                Ok(Decoded::End) => {
+                    this.give_back();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(m) => {
+                    return this.fail(std::io::Error::new(std::io::ErrorKind::InvalidData, m))
+                }
+            }
+            if this.buf.capacity() - this.buf.len() < 1024 {
+                this.buf.reserve(BODY_CHUNK);
+            }
+            loop {
+                if let Err(e) = ready!(this.stream.poll_read_ready(cx)) {
+                    return this.fail(e);
+                }
+                match this.stream.try_read_buf(&mut this.buf) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return this.fail(e),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for OwnBody {
+    fn drop(&mut self) {
+        // Unread (or partly read): the connection may drain the rest. A client still waiting
+        // for `100 Continue` never got it, so it may not send the body: do not wait for it.
+        if self.continue_sent.is_some() && !self.decoder.is_done() {
+            self.slot = None;
+        }
+        self.give_back();
+    }
+}
+
+/// Read and discard the rest of a request body nobody read, within bounds. `true`: the
+/// connection can serve another request.
+async fn drain(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    mut decoder: Decoder,
+    limit: Duration,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut discarded = 0usize;
+    let mut eof = false;
+    loop {
+        match decoder.decode(buf, eof) {
+            Ok(Decoded::Data(d)) => {
+                discarded += d.len();
+                if discarded > MAX_DRAIN {
+                    return false;
+                }
+            }
+            Ok(Decoded::Trailers(_)) => {}
+            Ok(Decoded::End) => return true,
+            Ok(Decoded::NeedMore) => {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(BODY_CHUNK);
+                }
+                match tokio::time::timeout_at(deadline, stream.readable()).await {
+                    Ok(Ok(())) => {}
+                    _ => return false,
+                }
+                match stream.try_read_buf(buf) {
+                    Ok(0) => eof = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return false,
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// How the response body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// No body (HEAD, 1xx, 204, 304): headers go as they are.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, length unknown).
+    Close,
+}
+
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn push_hex(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Poll the body once, without waiting: `Pending` means the next frame is not there yet.
+async fn frame_now(body: &mut RespBody) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+}
+
+/// Write the response; `true` when the connection can carry another request.
+async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Meta) -> bool {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let mut keep_alive = meta.keep_alive;
+    let no_body = meta.head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Out::None
+    } else if let Some(n) = body.size_hint().exact() {
+        Out::Length(n)
+    } else if let Some(n) = content_length(&parts.headers) {
+        Out::Length(n)
+    } else if meta.version == Version::HTTP_11 {
+        Out::Chunked
+    } else {
+        keep_alive = false;
+        Out::Close
+    };
+
+    let mut out: Vec<u8> = Vec::with_capacity(256 + parts.headers.len() * 40);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    let mut has_length = false;
+    for (k, v) in &parts.headers {
+        if *k == header::CONTENT_LENGTH {
+            if framing != Out::None {
+                continue;
+            }
+            has_length = true;
+        } else if *k == header::TRANSFER_ENCODING || *k == header::CONNECTION {
+            continue;
+        } else if *k == header::DATE {
+            has_date = true;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Out::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            push_u64(&mut out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Out::None if meta.head_request && !has_length => {
+            // HEAD of a response we made ourselves: the length its GET would have.
+            if let Some(n) = body.size_hint().exact() {
+                out.extend_from_slice(b"content-length: ");
+                push_u64(&mut out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Out::None | Out::Close => {}
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if meta.version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&codec::date_now());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if framing == Out::None {
+        drop(body);
+        return codec::write_all(stream, &out).await.is_ok() && keep_alive;
+    }
+
+    let chunked = framing == Out::Chunked;
+    let mut written = 0u64;
+    let mut terminated = false;
+    loop {
+        let next = match frame_now(&mut body).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                // Send what we have while the instance is producing the rest.
+                if !out.is_empty() {
+                    if codec::write_all(stream, &out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        let frame = match next {
+            None => break,
+            Some(Ok(f)) => f,
+            Some(Err(_)) => {
+                // The instance failed mid-body: send what came, then close (never a clean end).
+                let _ = codec::write_all(stream, &out).await;
+                return false;
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    continue;
+                }
+                written += data.len() as u64;
+                if let Out::Length(n) = framing {
+                    if written > n {
+                        let _ = codec::write_all(stream, &out).await;
+                        return false;
+                    }
+                }
+                if chunked {
+                    push_hex(&mut out, data.len());
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() + data.len() <= COALESCE {
+                    out.extend_from_slice(&data);
+                } else {
+                    if codec::write_all2(stream, &out, &data).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            Err(frame) => {
+                if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
+                    out.extend_from_slice(b"0\r\n");
+                    if meta.te_trailers {
+                        codec::encode_fields(&mut out, &trailers);
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    terminated = true;
+                }
+            }
+        }
+    }
+    if chunked && !terminated {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if let Out::Length(n) = framing {
+        if written != n {
+            keep_alive = false;
+        }
+    }
+    if !out.is_empty() && codec::write_all(stream, &out).await.is_err() {
+        return false;
+    }
+    keep_alive && framing != Out::Close
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse_ok(raw: &[u8]) -> (Request<()>, Meta, BodyFraming, BytesMut) {
+        let mut buf = BytesMut::from(raw);
+        match parse(&mut buf, 100) {
+            Ok(Some(Parsed::Request(r, m, f))) => (r, m, f, buf),
+            Ok(Some(Parsed::Handoff)) => panic!("handoff"),
+            Ok(None) => panic!("partial"),
+            Err(HeadError::Malformed(m)) => panic!("malformed: {m}"),
+            Err(HeadError::TooLarge) => panic!("too large"),
+        }
+    }
+
+    fn parse_err(raw: &[u8]) -> &'static str {
+        let mut buf = BytesMut::from(raw);
+        match parse(&mut buf, 100) {
+            Err(HeadError::Malformed(m)) => m,
+            Err(HeadError::TooLarge) => "too large",
+            Ok(Some(Parsed::Handoff)) => "handoff",
+            Ok(Some(Parsed::Request(..))) => "ok",
+            Ok(None) => "partial",
+        }
+    }
+
+    #[test]
+    fn heads_split_off_with_what_follows() {
+        let (r, m, f, rest) = parse_ok(
+            b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nX-Y: z\r\n\r\nabcGET",
+        );
+        assert_eq!(r.method(), Method::POST);
+        assert_eq!(r.uri().path(), "/a");
+        assert_eq!(r.uri().query(), Some("b=1"));
+        assert_eq!(r.headers()["x-y"], "z");
+        assert!(m.keep_alive && !m.head_request);
+        assert!(matches!(f, BodyFraming::Length(3)));
+        assert_eq!(&rest[..], b"abcGET");
+        let (_, m, f, _) = parse_ok(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!m.keep_alive);
+        assert!(matches!(f, BodyFraming::None));
+        let (_, m, _, _) = parse_ok(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(m.keep_alive);
+        let (_, m, f, _) = parse_ok(
+            b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n",
+        );
+        assert!(!m.keep_alive);
+        assert!(matches!(f, BodyFraming::Chunked));
+        let mut partial = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: x\r\n"[..]);
+        assert!(matches!(parse(&mut partial, 100), Ok(None)));
+    }
+
+    #[test]
+    fn smuggling_shapes_and_bad_heads_are_refused() {
+        for (raw, why) in [
+            (&b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..], "both"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", "several Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n\r\n", "invalid Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "HTTP/1.0"),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n", "obs-fold"),
+            (b"GET / HTTP/1.1\r\n\r\n", "without Host"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "several Host"),
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", "HTTP version"),
+            (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", "request line"),
+        ] {
+            let got = parse_err(raw);
+            assert!(got.contains(why), "{}: got {got:?}", String::from_utf8_lossy(raw));
+        }
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..200 {
+            many.push_str(&format!("x-{i}: 1\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(parse_err(many.as_bytes()), "too large");
+    }
+
+    #[test]
+    fn upgrades_and_connect_go_to_hyper_untouched() {
+        for raw in [
+            &b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"[..],
+            b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            assert!(matches!(parse(&mut buf, 100), Ok(Some(Parsed::Handoff))));
+            assert_eq!(&buf[..], raw, "the buffer is left for hyper");
+        }
+        assert!(is_h2_preface(b"PRI * HT"));
+        assert!(!is_h2_preface(b"GET / HTTP/1.1"));
+    }
+
+    #[test]
+    fn numbers() {
+        let mut v = Vec::new();
+        push_u64(&mut v, 0);
+        v.push(b' ');
+        push_u64(&mut v, 18_446_744_073_709_551_615);
+        v.push(b' ');
+        push_hex(&mut v, 0x1f40);
+        assert_eq!(v, b"0 18446744073709551615 1f40");
+    }
+}
