@@ -218,6 +218,39 @@ fn hex_val(c: u8) -> u8 {
     }
 }
 
+/// Where a header line's name and value sit in the buffer it was parsed from: lets the head be
+/// split off (and frozen) before its fields are built, so that values share those bytes.
+#[derive(Clone, Copy, Default)]
+pub struct FieldAt {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl FieldAt {
+    pub fn of(base: &[u8], h: &httparse::Header<'_>) -> Self {
+        let at = |s: &[u8]| {
+            (
+                (s.as_ptr() as usize - base.as_ptr() as usize) as u32,
+                s.len() as u32,
+            )
+        };
+        Self {
+            name: at(h.name.as_bytes()),
+            value: at(h.value),
+        }
+    }
+
+    pub fn name<'a>(&self, head: &'a [u8]) -> &'a [u8] {
+        &head[self.name.0 as usize..(self.name.0 + self.name.1) as usize]
+    }
+
+    /// The value, sharing `head`'s bytes.
+    pub fn value(&self, head: &Bytes) -> Result<HeaderValue, &'static str> {
+        let (at, len) = (self.value.0 as usize, self.value.1 as usize);
+        HeaderValue::from_maybe_shared(head.slice(at..at + len)).map_err(|_| "invalid header value")
+    }
+}
+
 /// Position of "\r\n" in `b`.
 pub fn crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")

@@ -15,8 +15,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::body::{BoxError, ReqBody};
-use crate::codec::{Decoded, Decoder};
+use crate::codec::{Decoded, Decoder, FieldAt};
 use crate::table::Endpoint;
 
 /// Largest response head accepted from an instance.
@@ -209,8 +209,7 @@ impl H1Conn {
         loop {
             let parsed = self.read_head()?;
             match parsed {
-                Some((status, version, resp_headers, n)) => {
-                    self.buf.advance(n);
+                Some((status, version, resp_headers)) => {
                     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                         continue;
                     }
@@ -261,12 +260,18 @@ impl H1Conn {
         Ok(())
     }
 
-    /// Parse a complete head from the buffer, if there is one.
-    #[allow(clippy::type_complexity)]
-    fn read_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap, usize)>, H1Error> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut slots);
-        let n = match resp.parse(&self.buf) {
+    /// Parse a complete head from the buffer, if there is one, and split it off (header values
+    /// share its bytes).
+    fn read_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap)>, H1Error> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut fields = [FieldAt::default(); MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let n = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, &self.buf, &mut slots)
+        {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(H1Error::Protocol("malformed response head")),
@@ -280,15 +285,20 @@ impl H1Conn {
         } else {
             Version::HTTP_11
         };
-        let mut map = HeaderMap::with_capacity(resp.headers.len());
-        for h in resp.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
+        let count = resp.headers.len();
+        for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
+            *f = FieldAt::of(&self.buf, h);
+        }
+        let head = self.buf.split_to(n).freeze();
+        // Room for the headers the proxy adds (request id, cache status).
+        let mut map = HeaderMap::with_capacity(count + 4);
+        for f in &fields[..count] {
+            let name = HeaderName::from_bytes(f.name(&head))
                 .map_err(|_| H1Error::Protocol("bad header name"))?;
-            let value = HeaderValue::from_bytes(h.value)
-                .map_err(|_| H1Error::Protocol("bad header value"))?;
+            let value = f.value(&head).map_err(H1Error::Protocol)?;
             map.append(name, value);
         }
-        Ok(Some((status, version, map, n)))
+        Ok(Some((status, version, map)))
     }
 
     fn response(
@@ -472,6 +482,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::table::tests_support::endpoint;
+    use http::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A one-shot server: reads one request head, answers `reply` bytes, then stays open.

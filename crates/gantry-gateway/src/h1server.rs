@@ -15,6 +15,7 @@
 //! bytes after it come back to the connection for the next request. A body the proxy did not read
 //! (a 404, a 429, a cache hit) is drained, within bounds, to keep the connection.
 
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +23,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
@@ -30,7 +31,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{BoxError, DownBody, RespBody};
-use crate::codec::{self, Decoded, Decoder};
+use crate::codec::{self, Decoded, Decoder, FieldAt};
 use crate::proxy::Reject;
 use crate::server::ConnInfo;
 use crate::Gateway;
@@ -242,16 +243,16 @@ async fn read_more(
 /// split off the buffer (its header values share those bytes), except for a hand-off, which
 /// leaves the buffer as it was.
 fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadError> {
-    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap;
-    let slots: &mut [httparse::Header<'_>] = if max_headers <= STACK_HEADERS {
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_HEADERS {
         &mut stack[..max_headers]
     } else {
-        heap = vec![httparse::EMPTY_HEADER; max_headers];
+        heap = vec![MaybeUninit::uninit(); max_headers];
         &mut heap
     };
-    let mut req = httparse::Request::new(slots);
-    let len = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -279,46 +280,42 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
     if method == Method::CONNECT {
         return Ok(Some(Parsed::Handoff));
     }
-    let base = buf.as_ptr() as usize;
-    let target_at = (target.as_ptr() as usize - base, target.len());
-    // Offsets of every name and value, so the head can be split off before the map is built.
+    let target_at = (
+        target.as_ptr() as usize - buf.as_ptr() as usize,
+        target.len(),
+    );
+    // Where every name and value sits, so the head can be split off before the map is built.
     let n = req.headers.len();
-    let mut offsets_stack = [(0u32, 0u32, 0u32, 0u32); STACK_HEADERS];
-    let mut offsets_heap;
-    let offsets: &mut [(u32, u32, u32, u32)] = if n <= STACK_HEADERS {
-        &mut offsets_stack[..n]
+    let mut fields_stack = [FieldAt::default(); STACK_HEADERS];
+    let mut fields_heap;
+    let fields: &mut [FieldAt] = if n <= STACK_HEADERS {
+        &mut fields_stack[..n]
     } else {
-        offsets_heap = vec![(0u32, 0u32, 0u32, 0u32); n];
-        &mut offsets_heap
+        fields_heap = vec![FieldAt::default(); n];
+        &mut fields_heap
     };
-    for (o, h) in offsets.iter_mut().zip(req.headers.iter()) {
+    for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
         if h.name.eq_ignore_ascii_case("upgrade") {
             return Ok(Some(Parsed::Handoff));
         }
-        *o = (
-            (h.name.as_ptr() as usize - base) as u32,
-            h.name.len() as u32,
-            (h.value.as_ptr() as usize - base) as u32,
-            h.value.len() as u32,
-        );
+        *f = FieldAt::of(buf, h);
     }
     let head = buf.split_to(len).freeze();
 
     let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(n);
+    // Room for the headers the proxy adds (trace context, forwarding, request id).
+    let mut headers = HeaderMap::with_capacity(n + 8);
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut hosts = 0;
     let mut conn_close = false;
     let mut conn_keep_alive = false;
     let mut te_trailers = false;
-    for &(no, nl, vo, vl) in offsets.iter() {
-        let (no, nl, vo, vl) = (no as usize, nl as usize, vo as usize, vl as usize);
-        let name = HeaderName::from_bytes(&head[no..no + nl])
+    for f in fields.iter() {
+        let name = HeaderName::from_bytes(f.name(&head))
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vo..vo + vl))
-            .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        let value = f.value(&head).map_err(HeadError::Malformed)?;
         if name == header::CONTENT_LENGTH {
             if content_length.is_some() {
                 return Err(HeadError::Malformed("several Content-Length headers"));

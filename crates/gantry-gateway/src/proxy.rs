@@ -139,7 +139,31 @@ struct Ctx {
     method: Method,
     path: String,
     client: SocketAddr,
-    host: Option<String>,
+    host: Host,
+}
+
+/// The request's host, lowercased and without port: the header's own bytes when they are
+/// already in that form (no allocation), else a lowercased copy.
+#[derive(Clone, Default)]
+enum Host {
+    #[default]
+    None,
+    Shared(HeaderValue, usize),
+    Owned(String),
+}
+
+impl Host {
+    fn as_deref(&self) -> Option<&str> {
+        match self {
+            Host::None => None,
+            Host::Shared(v, len) => std::str::from_utf8(&v.as_bytes()[..*len]).ok(),
+            Host::Owned(s) => Some(s),
+        }
+    }
+
+    fn take(&mut self) -> Host {
+        std::mem::take(self)
+    }
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -170,18 +194,25 @@ fn smuggling(h: &HeaderMap) -> Option<&'static str> {
 
 /// The request's host, lowercased and without port: from the target's authority (HTTP/2,
 /// absolute form), else `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => strip_port(req.headers().get(header::HOST)?.to_str().ok()?),
+fn request_host<B>(req: &Request<B>) -> Host {
+    let (raw, shared) = match req.uri().host() {
+        Some(h) => (h, None),
+        None => match req.headers().get(header::HOST) {
+            Some(v) => match v.to_str() {
+                Ok(s) => (strip_port(s), Some(v)),
+                Err(_) => return Host::None,
+            },
+            None => return Host::None,
+        },
     };
     if raw.is_empty() {
-        return None;
+        return Host::None;
     }
-    if raw.bytes().any(|c| c.is_ascii_uppercase()) {
-        Some(raw.to_ascii_lowercase())
-    } else {
-        Some(raw.to_string())
+    match shared {
+        Some(v) if !raw.bytes().any(|c| c.is_ascii_uppercase()) => {
+            Host::Shared(v.clone(), raw.len())
+        }
+        _ => Host::Owned(raw.to_ascii_lowercase()),
     }
 }
 
@@ -508,7 +539,7 @@ impl Gateway {
             method: Method::GET,
             path: String::new(),
             client: peer,
-            host: None,
+            host: Host::None,
         };
         self.finish_reject(&ctx, None, why, extra)
     }
@@ -1605,7 +1636,7 @@ fn redirect(
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_string)
                 })
-                .or_else(|| ctx.host.clone())
+                .or_else(|| ctx.host.as_deref().map(str::to_string))
                 .unwrap_or_else(|| "localhost".into());
             match (p, r.port) {
                 (Some(p), _) => format!("{}{p}", strip_port(&given)),
@@ -1743,6 +1774,13 @@ mod tests {
             .header("host", "API.Example.com:80")
             .body(())
             .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "api.example.com:80")
+            .body(())
+            .unwrap();
+        assert!(matches!(request_host(&req), Host::Shared(..)));
         assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
     }
 

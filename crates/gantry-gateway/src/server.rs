@@ -154,7 +154,7 @@ impl Gateway {
             let tls = tls.clone();
             let handshake_timeout = self.cfg.header_read_timeout;
             let mut conn_shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            let task = async move {
                 let _guard = guard;
                 let info = ConnInfo {
                     peer,
@@ -200,7 +200,8 @@ impl Gateway {
                         }
                     }
                 }
-            });
+            };
+            tokio::spawn(task);
         }
         drop(tcp);
         tokio::select! {
