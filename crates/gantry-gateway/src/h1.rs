@@ -122,11 +122,12 @@ impl H1Conn {
 
     /// Send one request and read the response head. `endpoint` gets the connection back when
     /// the response body has been read to its end.
-    pub async fn send(
+    pub(crate) async fn send(
         mut self,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        added: Option<&crate::proxy::Added>,
         body: ReqBody,
         endpoint: Arc<Endpoint>,
     ) -> Result<Response<H1Body>, H1Error> {
@@ -136,11 +137,17 @@ impl H1Conn {
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        for (k, v) in headers {
+        let mut field = |k: &HeaderName, v: &http::HeaderValue| {
             head.extend_from_slice(k.as_str().as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(v.as_bytes());
             head.extend_from_slice(b"\r\n");
+        };
+        for (k, v) in headers {
+            field(k, v);
+        }
+        if let Some(a) = added {
+            a.for_each(field);
         }
         let mut body = body;
         let has_body = !body.is_end_stream();
@@ -515,7 +522,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("x"));
         let resp = conn
-            .send(&method, "/p?q=1", &headers, ReqBody::Empty, endpoint())
+            .send(
+                &method,
+                "/p?q=1",
+                &headers,
+                None,
+                ReqBody::Empty,
+                endpoint(),
+            )
             .await
             .unwrap();
         let (parts, body) = resp.into_parts();
@@ -595,6 +609,7 @@ mod tests {
                 &Method::GET,
                 "/",
                 &HeaderMap::new(),
+                None,
                 ReqBody::Empty,
                 endpoint(),
             )

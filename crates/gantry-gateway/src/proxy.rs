@@ -135,6 +135,8 @@ impl Reject {
 struct Ctx {
     start: Instant,
     request_id: HeaderValue,
+    /// The `traceparent` to send upstream.
+    traceparent: HeaderValue,
     trace_id: [u8; 32],
     method: Method,
     path: String,
@@ -287,9 +289,13 @@ fn push_u8(out: &mut Vec<u8>, n: u8) {
     out.push(b'0' + n % 10);
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+/// `X-Forwarded-For`: the client's chain (if any) with the peer appended.
+fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> HeaderValue {
     use std::io::Write;
-    if let (std::net::IpAddr::V4(ip), None) = (peer.ip(), h.get(&X_FORWARDED_FOR)) {
+    let prev = prev
+        .map(HeaderValue::as_bytes)
+        .filter(|p| !p.iter().all(u8::is_ascii_whitespace));
+    if let (std::net::IpAddr::V4(ip), None) = (peer.ip(), prev) {
         // The common case, without the formatting machinery.
         let mut out = Vec::with_capacity(15);
         for (i, o) in ip.octets().iter().enumerate() {
@@ -299,26 +305,109 @@ fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
             push_u8(&mut out, *o);
         }
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(out)) {
-            h.insert(X_FORWARDED_FOR.clone(), v);
+            return v;
         }
-        return;
     }
     let mut buf = [0u8; 512];
     let mut cur = std::io::Cursor::new(&mut buf[..]);
-    let ok = match h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
-        Some(prev) if !prev.iter().all(|c| c.is_ascii_whitespace()) => {
-            cur.write_all(prev).is_ok() && write!(cur, ", {}", peer.ip()).is_ok()
-        }
-        _ => write!(cur, "{}", peer.ip()).is_ok(),
+    let ok = match prev {
+        Some(prev) => cur.write_all(prev).is_ok() && write!(cur, ", {}", peer.ip()).is_ok(),
+        None => write!(cur, "{}", peer.ip()).is_ok(),
     };
     let n = cur.position() as usize;
     if ok {
         if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
-            h.insert(X_FORWARDED_FOR.clone(), v);
+            return v;
         }
-    } else if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        // An absurdly long incoming chain: start a new one rather than grow it.
-        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    // An absurdly long incoming chain: start a new one rather than grow it.
+    HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// What one pass over a request's header names found.
+#[derive(Default)]
+struct Seen {
+    host: bool,
+    hop_by_hop: bool,
+    forwarded_for: bool,
+    /// One of the other headers the gateway sets itself.
+    ours: bool,
+}
+
+fn scan_names(h: &HeaderMap) -> Seen {
+    let mut s = Seen::default();
+    for k in h.keys() {
+        if *k == header::HOST {
+            s.host = true;
+        } else if *k == header::CONNECTION
+            || *k == header::TE
+            || *k == header::TRAILER
+            || *k == header::TRANSFER_ENCODING
+            || *k == header::UPGRADE
+            || *k == KEEP_ALIVE
+            || *k == PROXY_CONNECTION
+        {
+            s.hop_by_hop = true;
+        } else if *k == X_FORWARDED_FOR {
+            s.forwarded_for = true;
+        } else if *k == X_FORWARDED_PROTO
+            || *k == X_FORWARDED_HOST
+            || *k == X_REQUEST_ID
+            || *k == TRACEPARENT
+        {
+            s.ours = true;
+        }
+    }
+    s
+}
+
+/// The headers the gateway sets on a forwarded request, kept beside the client's map: the
+/// in-task HTTP/1.1 client writes them straight into the request head.
+#[derive(Clone)]
+pub(crate) struct Added {
+    traceparent: HeaderValue,
+    forwarded_for: HeaderValue,
+    forwarded_proto: HeaderValue,
+    forwarded_host: Option<HeaderValue>,
+    request_id: HeaderValue,
+}
+
+impl Added {
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        f(&TRACEPARENT, &self.traceparent);
+        f(&X_FORWARDED_FOR, &self.forwarded_for);
+        f(&X_FORWARDED_PROTO, &self.forwarded_proto);
+        if let Some(h) = &self.forwarded_host {
+            f(&X_FORWARDED_HOST, h);
+        }
+        f(&X_REQUEST_ID, &self.request_id);
+    }
+
+    fn get(&self, name: &str) -> Option<&HeaderValue> {
+        let is = |n: &HeaderName| n.as_str().eq_ignore_ascii_case(name);
+        if is(&TRACEPARENT) {
+            Some(&self.traceparent)
+        } else if is(&X_FORWARDED_FOR) {
+            Some(&self.forwarded_for)
+        } else if is(&X_FORWARDED_PROTO) {
+            Some(&self.forwarded_proto)
+        } else if is(&X_FORWARDED_HOST) {
+            self.forwarded_host.as_ref()
+        } else if is(&X_REQUEST_ID) {
+            Some(&self.request_id)
+        } else {
+            None
+        }
+    }
+
+    fn insert_into(self, h: &mut HeaderMap) {
+        h.insert(TRACEPARENT.clone(), self.traceparent);
+        h.insert(X_FORWARDED_FOR.clone(), self.forwarded_for);
+        h.insert(X_FORWARDED_PROTO.clone(), self.forwarded_proto);
+        if let Some(v) = self.forwarded_host {
+            h.insert(X_FORWARDED_HOST.clone(), v);
+        }
+        h.insert(X_REQUEST_ID.clone(), self.request_id);
     }
 }
 
@@ -438,7 +527,7 @@ fn access_log(
 impl Gateway {
     pub(crate) async fn handle(
         self: &Arc<Self>,
-        mut req: Request<DownBody>,
+        req: Request<DownBody>,
         conn: ConnInfo,
     ) -> Response<RespBody> {
         let start = Instant::now();
@@ -455,6 +544,7 @@ impl Gateway {
         let mut ctx = Ctx {
             start,
             request_id,
+            traceparent: tc.header,
             trace_id: tc.trace_id,
             method: req.method().clone(),
             path: String::new(),
@@ -464,7 +554,6 @@ impl Gateway {
         if self.cfg.access_log {
             ctx.path = req.uri().path().to_string();
         }
-        req.headers_mut().insert(TRACEPARENT.clone(), tc.header);
 
         // 1. hardening
         let head: usize = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
@@ -535,6 +624,7 @@ impl Gateway {
         let ctx = Ctx {
             start: Instant::now(),
             request_id: self.ids.next(),
+            traceparent: HeaderValue::from_static(""),
             trace_id: [b'0'; 32],
             method: Method::GET,
             path: String::new(),
@@ -843,8 +933,8 @@ impl Gateway {
             }
         };
         let client_conditional = cache_key.is_some()
-            && parts.headers.contains_key(header::IF_NONE_MATCH)
-            || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
+            && (parts.headers.contains_key(header::IF_NONE_MATCH)
+                || parts.headers.contains_key(header::IF_MODIFIED_SINCE));
         let authority: Option<HeaderValue> = parts
             .uri
             .authority()
@@ -852,32 +942,69 @@ impl Gateway {
             .or_else(|| parts.headers.get(header::HOST).cloned());
         let mut headers = std::mem::take(&mut parts.headers);
         let client_headers = cache_key.as_ref().map(|_| headers.clone());
-        let upgrade_headers = if upgrade {
-            Some((headers.get(header::UPGRADE).cloned(), ()))
-        } else {
-            None
-        };
-        remove_hop_by_hop(&mut headers, want_h2);
-        if let Some((Some(u), ())) = upgrade_headers {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, u);
-        }
-        append_forwarded_for(&mut headers, conn.peer);
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-        );
-        if let Some(a) = &authority {
-            if !want_h2 && !headers.contains_key(header::HOST) {
-                headers.insert(header::HOST, a.clone());
+        // One pass over the names (no hashing) says which of the slower edits are needed.
+        let seen = scan_names(&headers);
+        if seen.hop_by_hop {
+            let upgrade_value = if upgrade {
+                headers.get(header::UPGRADE).cloned()
+            } else {
+                None
+            };
+            remove_hop_by_hop(&mut headers, want_h2);
+            if let Some(u) = upgrade_value {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, u);
             }
-            headers.insert(X_FORWARDED_HOST.clone(), a.clone());
         }
+        let forwarded_for = forwarded_for(
+            if seen.forwarded_for {
+                headers.get(&X_FORWARDED_FOR)
+            } else {
+                None
+            },
+            conn.peer,
+        );
+        if seen.forwarded_for {
+            headers.remove(&X_FORWARDED_FOR);
+        }
+        if seen.ours {
+            // The client's own values of the headers the gateway sets are replaced.
+            for n in [
+                &X_FORWARDED_PROTO,
+                &X_FORWARDED_HOST,
+                &X_REQUEST_ID,
+                &TRACEPARENT,
+            ] {
+                headers.remove(n);
+            }
+        }
+        let mut has_host = seen.host;
         if want_h2 {
-            headers.remove(header::HOST);
+            if has_host {
+                headers.remove(header::HOST);
+            }
+        } else if !has_host {
+            if let Some(a) = &authority {
+                headers.insert(header::HOST, a.clone());
+                has_host = true;
+            }
         }
-        headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
-        f.request_headers.apply(&mut headers);
+        let mut added = Some(Added {
+            traceparent: std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")),
+            forwarded_for,
+            forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+            forwarded_host: authority.clone(),
+            request_id: ctx.request_id.clone(),
+        });
+        // The in-task HTTP/1.1 client writes `added` behind the map; every other path, and
+        // configured header changes (which may override them), need them in the map.
+        let own_h1 = !want_h2 && !upgrade && service.tls.is_none();
+        if !own_h1 || !f.request_headers.is_empty() {
+            if let Some(a) = added.take() {
+                a.insert_into(&mut headers);
+            }
+            f.request_headers.apply(&mut headers);
+        }
         if let (Some(e), false) = (&revalidating, client_conditional) {
             if let Some(etag) = &e.etag {
                 headers.insert(header::IF_NONE_MATCH, etag.clone());
@@ -913,6 +1040,7 @@ impl Gateway {
                     &method,
                     &uri,
                     &headers,
+                    added.as_ref(),
                     parts.version == Version::HTTP_2,
                 );
             }
@@ -935,9 +1063,10 @@ impl Gateway {
                 gantry_model::HashOn::ClientIp => {
                     Some(hash64(conn.peer.ip().to_string().as_bytes()))
                 }
-                gantry_model::HashOn::Header(h) => {
-                    headers.get(h.as_str()).map(|v| hash64(v.as_bytes()))
-                }
+                gantry_model::HashOn::Header(h) => headers
+                    .get(h.as_str())
+                    .or_else(|| added.as_ref().and_then(|a| a.get(h)))
+                    .map(|v| hash64(v.as_bytes())),
                 gantry_model::HashOn::Cookie(c) => {
                     cookie(&headers, c).map(|v| hash64(v.as_bytes()))
                 }
@@ -988,7 +1117,7 @@ impl Gateway {
                         Version::HTTP_11
                     };
                     *r.headers_mut() = h;
-                    if !want_h2 && !r.headers().contains_key(header::HOST) {
+                    if !want_h2 && !has_host {
                         // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
                         if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
                             r.headers_mut().insert(header::HOST, v);
@@ -1026,7 +1155,10 @@ impl Gateway {
                     Ok(Conn::Own(c)) => {
                         let (p, b) = up_req.into_parts();
                         let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
-                        match c.send(&p.method, path, &p.headers, b, ep.clone()).await {
+                        match c
+                            .send(&p.method, path, &p.headers, added.as_ref(), b, ep.clone())
+                            .await
+                        {
                             Ok(resp) => Ok((resp.map(UpBody::Own), None)),
                             Err(crate::h1::H1Error::Unsent(b, e)) => Err((
                                 format!("connection closed before the request was sent: {e}"),
@@ -1353,6 +1485,7 @@ impl Gateway {
             let c = Ctx {
                 start: ctx.start,
                 request_id: ctx.request_id.clone(),
+                traceparent: HeaderValue::from_static(""),
                 trace_id: ctx.trace_id,
                 method: ctx.method.clone(),
                 path: std::mem::take(&mut ctx.path),
@@ -1424,6 +1557,7 @@ impl Gateway {
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
+        added: Option<&Added>,
         downstream_h2: bool,
     ) {
         let Some(idx) = set.pick(&[], None, clock_ms()) else {
@@ -1437,6 +1571,9 @@ impl Gateway {
             gantry_model::UpstreamProtocol::Http1 => false,
         };
         let mut headers = headers.clone();
+        if let Some(a) = added {
+            a.clone().insert_into(&mut headers);
+        }
         if h2 {
             headers.remove(header::HOST);
         } else if !headers.contains_key(header::HOST) {

@@ -55,7 +55,7 @@ fn routing_rewrites_headers_and_errors() {
     // Forwarding headers set, hop-by-hop removed, request id generated and returned.
     let raw = raw_request(
         g.gateway,
-        "GET /web/h HTTP/1.1\r\nHost: shop.test\r\nConnection: close, x-drop-me\r\nX-Drop-Me: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 10.1.1.1\r\nX-Keep: yes\r\n\r\n",
+        "GET /web/h HTTP/1.1\r\nHost: shop.test\r\nConnection: close, x-drop-me\r\nX-Drop-Me: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 10.1.1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nTraceparent: bogus\r\nX-Keep: yes\r\n\r\n",
     );
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
@@ -63,6 +63,20 @@ fn routing_rewrites_headers_and_errors() {
     assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "shop.test");
+    // What the client claimed is replaced, never sent beside the gateway's own value.
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "traceparent",
+    ] {
+        assert_eq!(
+            body.matches(&format!("\"{name}\"")).count(),
+            1,
+            "{name}: {body}"
+        );
+    }
+    assert!(h["traceparent"].as_str().unwrap().starts_with("00-"), "{h}");
     assert_eq!(h["host"], "shop.test");
     assert_eq!(h["x-keep"], "yes");
     assert!(h.get("x-drop-me").is_none(), "{h}");
