@@ -15,7 +15,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 
+use crate::codec::{RawHead, F_HOP};
 use crate::table::Endpoint;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -195,12 +197,6 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Work to do when a response body is finished (or abandoned).
-pub trait OnEnd: Send + Sync {
-    /// `complete`: the body reached its end; `body`: its bytes if they were captured.
-    fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>);
-}
-
 /// Body sent back to the client.
 pub enum RespBody {
     Upstream(Box<UpstreamBody>),
@@ -213,6 +209,35 @@ impl RespBody {
     }
     pub fn empty() -> Self {
         RespBody::Full(None)
+    }
+
+    /// Response headers that are not in the response's map yet.
+    pub fn take_deferred(&mut self) -> Option<Deferred> {
+        match self {
+            RespBody::Upstream(b) => b.deferred.take(),
+            RespBody::Full(_) => None,
+        }
+    }
+
+    /// Move deferred response headers into `headers` (hop-by-hop fields dropped), for a server
+    /// that writes a map.
+    pub fn materialize(&mut self, headers: &mut HeaderMap) {
+        let Some(d) = self.take_deferred() else {
+            return;
+        };
+        headers.reserve(d.head.len() + 1);
+        for f in d.head.fields() {
+            if f.kind & F_HOP != 0 {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(f.name(d.head.bytes())),
+                f.value(d.head.bytes()),
+            ) {
+                headers.append(n, v);
+            }
+        }
+        headers.insert(crate::proxy::X_REQUEST_ID.clone(), d.request_id);
     }
 }
 
@@ -263,8 +288,18 @@ pub struct UpstreamBody {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     capture: Option<(BytesMut, usize)>,
     bytes: u64,
-    on_end: Option<Box<dyn OnEnd>>,
+    on_end: Option<crate::proxy::RequestEnd>,
     done: bool,
+    /// Response headers not in the response's map yet (see `Deferred`).
+    deferred: Option<Deferred>,
+}
+
+/// Response headers kept out of the response's map: the instance's head as it was received and
+/// the request id. The in-task HTTP/1.1 server writes them as they are (hop-by-hop fields
+/// skipped); a server that needs a map calls `RespBody::materialize` first.
+pub struct Deferred {
+    pub head: Box<RawHead>,
+    pub request_id: HeaderValue,
 }
 
 impl UpstreamBody {
@@ -279,7 +314,12 @@ impl UpstreamBody {
             bytes: 0,
             on_end: None,
             done: false,
+            deferred: None,
         }
+    }
+
+    pub fn defer_head(&mut self, d: Deferred) {
+        self.deferred = Some(d);
     }
 
     /// Return this HTTP/1.1 connection to the instance's pool when the body completes.
@@ -292,7 +332,8 @@ impl UpstreamBody {
         self.capture = Some((BytesMut::new(), limit));
     }
 
-    pub fn on_end(&mut self, f: Box<dyn OnEnd>) {
+    /// Work to do when the body is finished (or abandoned).
+    pub(crate) fn on_end(&mut self, f: crate::proxy::RequestEnd) {
         self.on_end = Some(f);
     }
 

@@ -224,6 +224,31 @@ fn hex_val(c: u8) -> u8 {
 pub struct FieldAt {
     name: (u32, u32),
     value: (u32, u32),
+    /// What the name is, for the few names framing and forwarding care about (`F_*`).
+    pub kind: u8,
+}
+
+/// Hop-by-hop (RFC 9110 §7.6.1): never forwarded.
+pub const F_HOP: u8 = 1;
+pub const F_LENGTH: u8 = 2;
+pub const F_DATE: u8 = 4;
+pub const F_CONNECTION: u8 = 8;
+pub const F_TRANSFER_ENCODING: u8 = 16;
+
+/// The `F_*` kind of a header name (any case).
+pub fn name_kind(n: &[u8]) -> u8 {
+    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
+    match n.len() {
+        2 if is("te") => F_HOP,
+        4 if is("date") => F_DATE,
+        7 if is("trailer") || is("upgrade") => F_HOP,
+        10 if is("connection") => F_HOP | F_CONNECTION,
+        10 if is("keep-alive") => F_HOP,
+        14 if is("content-length") => F_LENGTH,
+        16 if is("proxy-connection") => F_HOP,
+        17 if is("transfer-encoding") => F_HOP | F_TRANSFER_ENCODING,
+        _ => 0,
+    }
 }
 
 impl FieldAt {
@@ -237,7 +262,12 @@ impl FieldAt {
         Self {
             name: at(h.name.as_bytes()),
             value: at(h.value),
+            kind: name_kind(h.name.as_bytes()),
         }
+    }
+
+    pub fn value_bytes<'a>(&self, head: &'a [u8]) -> &'a [u8] {
+        &head[self.value.0 as usize..(self.value.0 + self.value.1) as usize]
     }
 
     pub fn name<'a>(&self, head: &'a [u8]) -> &'a [u8] {
@@ -249,6 +279,124 @@ impl FieldAt {
         let (at, len) = (self.value.0 as usize, self.value.1 as usize);
         HeaderValue::from_maybe_shared(head.slice(at..at + len)).map_err(|_| "invalid header value")
     }
+}
+
+/// Fields kept inline in a `RawHead`; more go on the heap.
+const INLINE_FIELDS: usize = 12;
+
+/// A response head as the instance sent it: its bytes and where each field sits. It is written to
+/// an HTTP/1.1 client as it is (hop-by-hop fields skipped), and turned into a `HeaderMap` only
+/// when something has to read or edit it (a cache, header changes, HTTP/2, hyper).
+pub struct RawHead {
+    bytes: Bytes,
+    inline: [FieldAt; INLINE_FIELDS],
+    len: usize,
+    more: Vec<FieldAt>,
+    /// `Connection` names other fields as hop-by-hop: only the map path removes those.
+    pub needs_map: bool,
+}
+
+impl RawHead {
+    pub fn new() -> Self {
+        Self {
+            bytes: Bytes::new(),
+            inline: [FieldAt::default(); INLINE_FIELDS],
+            len: 0,
+            more: Vec::new(),
+            needs_map: false,
+        }
+    }
+
+    /// The head's bytes, once split off the read buffer (the fields' offsets point into them).
+    pub fn set_bytes(&mut self, bytes: Bytes) {
+        self.bytes = bytes;
+    }
+
+    pub fn push(&mut self, f: FieldAt) {
+        if self.len < INLINE_FIELDS {
+            self.inline[self.len] = f;
+        } else {
+            self.more.push(f);
+        }
+        self.len += 1;
+    }
+
+    pub fn fields(&self) -> impl Iterator<Item = &FieldAt> {
+        self.inline[..self.len.min(INLINE_FIELDS)]
+            .iter()
+            .chain(self.more.iter())
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Append the fields that go to the client as `name: value` lines: not hop-by-hop, and not
+    /// `Content-Length` unless `keep_length` (the writer frames the body itself). Returns which
+    /// `F_*` kinds were written.
+    pub fn write_fields(&self, out: &mut Vec<u8>, keep_length: bool) -> u8 {
+        let mut written = 0;
+        for f in self.fields() {
+            if f.kind & F_HOP != 0 || (f.kind & F_LENGTH != 0 && !keep_length) {
+                continue;
+            }
+            written |= f.kind;
+            out.extend_from_slice(f.name(&self.bytes));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(f.value_bytes(&self.bytes));
+            out.extend_from_slice(b"\r\n");
+        }
+        written
+    }
+
+    /// Every field, in a map (values share the head's bytes).
+    pub fn to_map(&self, extra: usize) -> Result<HeaderMap, &'static str> {
+        let mut map = take_map(self.len + extra);
+        for f in self.fields() {
+            let name =
+                HeaderName::from_bytes(f.name(&self.bytes)).map_err(|_| "bad header name")?;
+            map.append(name, f.value(&self.bytes)?);
+        }
+        Ok(map)
+    }
+}
+
+/// Header maps of finished messages, cleared and kept per thread for the next head: building a
+/// map costs two allocations, and every proxied request builds two.
+pub fn take_map(capacity: usize) -> HeaderMap {
+    let reused = MAPS.with(|m| m.borrow_mut().pop());
+    match reused {
+        Some(mut h) => {
+            h.reserve(capacity);
+            h
+        }
+        None => HeaderMap::with_capacity(capacity),
+    }
+}
+
+/// Give back a map nobody needs any more (its values' bytes are released now).
+pub fn recycle_map(mut h: HeaderMap) {
+    if h.capacity() > MAX_RECYCLED_CAPACITY {
+        return;
+    }
+    h.clear();
+    MAPS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() < MAX_RECYCLED_MAPS {
+            m.push(h);
+        }
+    });
+}
+
+const MAX_RECYCLED_MAPS: usize = 64;
+const MAX_RECYCLED_CAPACITY: usize = 64;
+
+thread_local! {
+    static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Position of "\r\n" in `b`.
@@ -443,6 +591,36 @@ mod tests {
         assert_eq!(&buf[..], b"GET");
         let (body, _, _) = all(&mut Decoder::close(), b"until the end").unwrap();
         assert_eq!(body, b"until the end");
+    }
+
+    #[test]
+    fn raw_heads_skip_hop_by_hop_fields_when_written() {
+        let text = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\nDate: x\r\nX-A: b\r\n\r\n";
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut slots);
+        let n = match resp.parse(text).unwrap() {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => panic!("partial"),
+        };
+        let mut raw = RawHead::new();
+        for h in resp.headers.iter() {
+            raw.push(FieldAt::of(text, h));
+        }
+        raw.set_bytes(Bytes::copy_from_slice(&text[..n]));
+        let mut out = Vec::new();
+        let kinds = raw.write_fields(&mut out, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Content-Type: text/plain\r\nDate: x\r\nX-A: b\r\n"
+        );
+        assert_eq!(kinds & F_DATE, F_DATE);
+        let mut out = Vec::new();
+        assert_eq!(raw.write_fields(&mut out, true) & F_LENGTH, F_LENGTH);
+        let map = raw.to_map(0).unwrap();
+        assert_eq!(map.len(), 7, "the map keeps every field: {map:?}");
+        assert_eq!(map["x-a"], "b");
+        assert_eq!(name_kind(b"Proxy-Connection"), F_HOP);
+        assert_eq!(name_kind(b"x-other"), 0);
     }
 
     #[test]

@@ -24,7 +24,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::body::{BoxError, ReqBody};
-use crate::codec::{Decoded, Decoder, FieldAt};
+use crate::codec::{
+    Decoded, Decoder, FieldAt, RawHead, F_CONNECTION, F_LENGTH, F_TRANSFER_ENCODING,
+};
 use crate::table::Endpoint;
 
 /// Largest response head accepted from an instance.
@@ -92,8 +94,9 @@ impl H1Conn {
     /// Forget the socket's cached readability (no syscall), so that any later readiness means
     /// the instance sent something or closed while the connection was idle.
     pub fn mark_idle(&mut self) {
-        // An idle connection keeps no large buffer (1000 idle connections would hold 16 MiB).
-        if self.buf.capacity() > 2 * HEAD_CHUNK {
+        // An idle connection keeps no buffer (1000 idle connections would hold megabytes); the
+        // next response head gets a fresh one.
+        if self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
         let _ = self.stream.try_io(tokio::io::Interest::READABLE, || {
@@ -267,14 +270,13 @@ impl H1Conn {
         Ok(())
     }
 
-    /// Parse a complete head from the buffer, if there is one, and split it off (header values
-    /// share its bytes).
-    fn read_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap)>, H1Error> {
+    /// Parse a complete head from the buffer, if there is one, and split it off (fields keep
+    /// pointing into its bytes).
+    fn read_head(&mut self) -> Result<Option<(StatusCode, Version, Box<RawHead>)>, H1Error> {
         if self.buf.is_empty() {
             return Ok(None);
         }
         let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut fields = [FieldAt::default(); MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let n = match httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut resp, &self.buf, &mut slots)
@@ -292,20 +294,13 @@ impl H1Conn {
         } else {
             Version::HTTP_11
         };
-        let count = resp.headers.len();
-        for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
-            *f = FieldAt::of(&self.buf, h);
+        // Boxed: it is moved several times on its way to the client's connection.
+        let mut raw = Box::new(RawHead::new());
+        for h in resp.headers.iter() {
+            raw.push(FieldAt::of(&self.buf, h));
         }
-        let head = self.buf.split_to(n).freeze();
-        // Room for the headers the proxy adds (request id, cache status).
-        let mut map = HeaderMap::with_capacity(count + 4);
-        for f in &fields[..count] {
-            let name = HeaderName::from_bytes(f.name(&head))
-                .map_err(|_| H1Error::Protocol("bad header name"))?;
-            let value = f.value(&head).map_err(H1Error::Protocol)?;
-            map.append(name, value);
-        }
-        Ok(Some((status, version, map)))
+        raw.set_bytes(self.buf.split_to(n).freeze());
+        Ok(Some((status, version, raw)))
     }
 
     fn response(
@@ -313,36 +308,58 @@ impl H1Conn {
         method: &Method,
         status: StatusCode,
         version: Version,
-        headers: HeaderMap,
+        mut raw: Box<RawHead>,
         endpoint: Arc<Endpoint>,
     ) -> Response<H1Body> {
         let no_body = *method == Method::HEAD
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let te_chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.rsplit(',')
+        // What framing needs, from the fields picked out by name when the head was parsed.
+        let mut has_te = false;
+        let mut te_chunked = false;
+        let mut length: Option<u64> = None;
+        let mut close = false;
+        let mut keep = false;
+        let mut names_others = false;
+        for f in raw.fields() {
+            let v = f.value_bytes(raw.bytes());
+            if f.kind & F_TRANSFER_ENCODING != 0 {
+                // The last coding of the last line decides.
+                has_te = true;
+                te_chunked = v
+                    .rsplit(|c| *c == b',')
                     .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-            });
-        let length = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if f.kind & F_LENGTH != 0 {
+                if length.is_none() {
+                    length = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok());
+                }
+            } else if f.kind & F_CONNECTION != 0 {
+                for t in v.split(|c| *c == b',') {
+                    let t = t.trim_ascii();
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        keep = true;
+                    } else if !t.is_empty() {
+                        names_others = true;
+                    }
+                }
+            }
+        }
+        raw.needs_map = names_others;
         let mut keep_alive = match version {
-            Version::HTTP_10 => has_token(&headers, "keep-alive"),
-            _ => !has_token(&headers, "close"),
+            Version::HTTP_10 => keep,
+            _ => !close,
         };
         let framing = if no_body {
             Decoder::done()
         } else if te_chunked {
             Decoder::chunked()
-        } else if let Some(n) = length {
+        } else if let (Some(n), false) = (length, has_te) {
             Decoder::length(n)
         } else {
             // No length, or a coding we cannot frame: read to the end, never reuse.
@@ -354,6 +371,7 @@ impl H1Conn {
             decoder: framing,
             keep_alive,
             endpoint: Some(endpoint),
+            head: Some(raw),
         };
         if body.decoder.is_done() {
             body.finish();
@@ -361,17 +379,8 @@ impl H1Conn {
         let mut r = Response::new(body);
         *r.status_mut() = status;
         *r.version_mut() = version;
-        *r.headers_mut() = headers;
         r
     }
-}
-
-fn has_token(h: &HeaderMap, token: &str) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 impl H1Conn {
@@ -387,15 +396,22 @@ impl H1Conn {
     }
 }
 
-/// A response body read straight from the instance's connection.
+/// A response body read straight from the instance's connection. It also carries the response's
+/// head (the `Response` it came in has an empty map), for `proxy.rs` to take.
 pub struct H1Body {
     conn: Option<H1Conn>,
     decoder: Decoder,
     keep_alive: bool,
     endpoint: Option<Arc<Endpoint>>,
+    head: Option<Box<RawHead>>,
 }
 
 impl H1Body {
+    /// The response's head as the instance sent it.
+    pub fn take_head(&mut self) -> Option<Box<RawHead>> {
+        self.head.take()
+    }
+
     /// The body ended: the connection goes back to the pool if it can serve another request.
     fn finish(&mut self) {
         if let (Some(conn), Some(ep)) = (self.conn.take(), self.endpoint.take()) {
@@ -532,7 +548,8 @@ mod tests {
             )
             .await
             .unwrap();
-        let (parts, body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
+        parts.headers = body.take_head().unwrap().to_map(0).unwrap();
         let collected = body.collect().await.unwrap();
         let trailers = collected.trailers().cloned();
         let mut r = Response::from_parts(
@@ -542,6 +559,7 @@ mod tests {
                 decoder: Decoder::done(),
                 keep_alive: false,
                 endpoint: None,
+                head: None,
             },
         );
         if let Some(t) = trailers {

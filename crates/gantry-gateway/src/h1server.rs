@@ -147,7 +147,7 @@ pub(crate) async fn serve(
             BodyFraming::Length(n) => own_body(&stream, &mut buf, Decoder::length(n), &req),
             BodyFraming::Chunked => own_body(&stream, &mut buf, Decoder::chunked(), &req),
         };
-        let resp = gw.handle(req.map(|()| body), info).await;
+        let resp = gw.handle(req.map(|()| body), info.clone()).await;
         if *shutdown.borrow() {
             meta.keep_alive = false;
         }
@@ -305,7 +305,7 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
     let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
     // Room for the headers the proxy adds (trace context, forwarding, request id).
-    let mut headers = HeaderMap::with_capacity(n + 8);
+    let mut headers = codec::take_map(n + 8);
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut hosts = 0;
@@ -671,6 +671,7 @@ async fn frame_now(body: &mut RespBody) -> Poll<Option<Result<Frame<Bytes>, BoxE
 /// Write the response; `true` when the connection can carry another request.
 async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Meta) -> bool {
     let (parts, mut body) = resp.into_parts();
+    let deferred = body.take_deferred();
     let status = parts.status;
     let mut keep_alive = meta.keep_alive;
     let no_body = meta.head_request
@@ -690,7 +691,13 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
         Out::Close
     };
 
-    let mut out: Vec<u8> = Vec::with_capacity(256 + parts.headers.len() * 40);
+    let small_body = body
+        .size_hint()
+        .exact()
+        .filter(|n| *n as usize <= COALESCE)
+        .unwrap_or(0) as usize;
+    let fields = parts.headers.len() + deferred.as_ref().map_or(0, |d| d.head.len());
+    let mut out: Vec<u8> = Vec::with_capacity(256 + fields * 48 + small_body);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -712,6 +719,14 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(d) = &deferred {
+        let kinds = d.head.write_fields(&mut out, framing == Out::None);
+        has_date |= kinds & codec::F_DATE != 0;
+        has_length |= kinds & codec::F_LENGTH != 0;
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(d.request_id.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -742,6 +757,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    codec::recycle_map(parts.headers);
     if framing == Out::None {
         drop(body);
         return codec::write_all(stream, &out).await.is_ok() && keep_alive;

@@ -29,7 +29,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::client::conn::TrySendError;
 
-use crate::body::{DownBody, InflightGuard, OnEnd, ReqBody, RespBody, UpBody, UpstreamBody};
+use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
 use crate::pool::Conn;
 use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
@@ -40,7 +40,7 @@ use crate::table::{
 };
 use crate::{path, trace, Gateway};
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -290,7 +290,7 @@ fn push_u8(out: &mut Vec<u8>, n: u8) {
 }
 
 /// `X-Forwarded-For`: the client's chain (if any) with the peer appended.
-fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> HeaderValue {
+pub(crate) fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> HeaderValue {
     use std::io::Write;
     let prev = prev
         .map(HeaderValue::as_bytes)
@@ -451,15 +451,16 @@ enum Attempt {
 
 /// Work done when a forwarded response's body ends: release the service slot, store the body in
 /// the cache, write the access log.
-struct RequestEnd {
+pub(crate) struct RequestEnd {
     gw: Arc<Gateway>,
     _service_slot: ServiceSlot,
     cache: Option<(CacheKey, HeaderMap, StatusCode, HeaderMap, u64)>,
     log: Option<(Ctx, Arc<str>, String, u16, Duration)>,
 }
 
-impl OnEnd for RequestEnd {
-    fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>) {
+impl RequestEnd {
+    /// `complete`: the body reached its end; `body`: its bytes if they were captured.
+    pub(crate) fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>) {
         if let (Some((key, req_h, status, resp_h, fresh)), Some(body)) = (self.cache.take(), body) {
             if complete {
                 self.gw
@@ -956,14 +957,11 @@ impl Gateway {
                 headers.insert(header::UPGRADE, u);
             }
         }
-        let forwarded_for = forwarded_for(
-            if seen.forwarded_for {
-                headers.get(&X_FORWARDED_FOR)
-            } else {
-                None
-            },
-            conn.peer,
-        );
+        let forwarded_for = if seen.forwarded_for {
+            forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
+        } else {
+            conn.peer_ip.clone()
+        };
         if seen.forwarded_for {
             headers.remove(&X_FORWARDED_FOR);
         }
@@ -1138,7 +1136,7 @@ impl Gateway {
                 timeout: connect_timeout,
                 tls: service.tls.as_ref(),
             };
-            let sent = Box::pin(tokio::time::timeout_at(per_try, async {
+            let sent = tokio::time::timeout_at(per_try, async {
                 let c = if want_h2 {
                     ep.pool.h2(target).await
                 } else if upgrade {
@@ -1159,7 +1157,10 @@ impl Gateway {
                             .send(&p.method, path, &p.headers, added.as_ref(), b, ep.clone())
                             .await
                         {
-                            Ok(resp) => Ok((resp.map(UpBody::Own), None)),
+                            Ok(resp) => {
+                                crate::codec::recycle_map(p.headers);
+                                Ok((resp.map(UpBody::Own), None))
+                            }
                             Err(crate::h1::H1Error::Unsent(b, e)) => Err((
                                 format!("connection closed before the request was sent: {e}"),
                                 Some(Request::from_parts(p, *b)),
@@ -1182,7 +1183,7 @@ impl Gateway {
                         }
                     },
                 }
-            }))
+            })
             .await;
             let outcome = match sent {
                 Ok(Ok((resp, s))) => Attempt::Response(resp, s),
@@ -1419,7 +1420,26 @@ impl Gateway {
                 return Response::from_parts(parts, RespBody::empty());
             }
         }
-        let (mut parts, incoming) = resp.into_parts();
+        let (mut parts, mut incoming) = resp.into_parts();
+        // A head read in-task stays as it came unless something here must read or edit it.
+        let mut raw = match &mut incoming {
+            UpBody::Own(b) => b.take_head(),
+            UpBody::Hyper(_) => None,
+        };
+        let defer = raw.as_ref().is_some_and(|r| !r.needs_map)
+            && f.cache.is_none()
+            && f.response_headers.is_empty()
+            && revalidating.is_none();
+        if !defer {
+            if let Some(r) = raw.take() {
+                match r.to_map(4) {
+                    Ok(h) => parts.headers = h,
+                    Err(_) => {
+                        return self.finish_reject(ctx, Some(route), Reject::UpstreamError, None)
+                    }
+                }
+            }
+        }
         // A revalidated cache entry: serve it.
         if let (Some(entry), Some(key), StatusCode::NOT_MODIFIED, false) =
             (&revalidating, &cache_key, status, client_conditional)
@@ -1452,7 +1472,9 @@ impl Gateway {
             }
             return r;
         }
-        remove_hop_by_hop(&mut parts.headers, false);
+        if raw.is_none() {
+            remove_hop_by_hop(&mut parts.headers, false);
+        }
         let mut body = UpstreamBody::new(incoming, guard, f.idle_timeout);
         if let Some(s) = sender {
             body.return_conn(ep.clone(), s);
@@ -1477,10 +1499,18 @@ impl Gateway {
                 .headers
                 .insert(X_CACHE.clone(), HeaderValue::from_static("MISS"));
         }
-        parts
-            .headers
-            .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
-        f.response_headers.apply(&mut parts.headers);
+        match raw {
+            Some(head) => body.defer_head(crate::body::Deferred {
+                head,
+                request_id: ctx.request_id.clone(),
+            }),
+            None => {
+                parts
+                    .headers
+                    .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+                f.response_headers.apply(&mut parts.headers);
+            }
+        }
         if self.cfg.access_log {
             let c = Ctx {
                 start: ctx.start,
@@ -1500,7 +1530,7 @@ impl Gateway {
                 upstream_time,
             ));
         }
-        body.on_end(Box::new(end));
+        body.on_end(end);
         Response::from_parts(parts, RespBody::Upstream(Box::new(body)))
     }
 

@@ -81,9 +81,11 @@ pub enum Listener {
 }
 
 /// Facts about the client connection a request came on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as an `X-Forwarded-For` value, formatted once per connection.
+    pub peer_ip: http::HeaderValue,
     pub tls: bool,
 }
 
@@ -158,11 +160,21 @@ impl Gateway {
                 let _guard = guard;
                 let info = ConnInfo {
                     peer,
+                    peer_ip: crate::proxy::forwarded_for(None, peer),
                     tls: tls.is_some(),
                 };
+                let svc_info = info.clone();
                 let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let gw = svc_gw.clone();
-                    async move { Ok::<_, Infallible>(gw.handle(req.map(DownBody::Hyper), info).await) }
+                    let info = svc_info.clone();
+                    // Boxed: hyper moves the service future, and the pipeline's is large.
+                    Box::pin(async move {
+                        let resp = gw.handle(req.map(DownBody::Hyper), info).await;
+                        // hyper writes a map: deferred response headers go into it.
+                        let (mut parts, mut body) = resp.into_parts();
+                        body.materialize(&mut parts.headers);
+                        Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
+                    })
                 });
                 let res = match tls {
                     None => {
