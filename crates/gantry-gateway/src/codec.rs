@@ -432,6 +432,34 @@ pub fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     }
 }
 
+/// One read from `stream` into `buf`, without waiting (`WouldBlock` when nothing is there). An
+/// empty `buf` is filled from a per-thread scratch buffer and gets exactly the bytes read (a
+/// small allocation, whatever the head's size, and nothing held by idle connections); a partial
+/// head grows its buffer in place.
+pub fn try_read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if !buf.is_empty() {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        return stream.try_read_buf(buf);
+    }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.is_empty() {
+            s.resize(SCRATCH_BYTES, 0);
+        }
+        let n = stream.try_read(&mut s[..])?;
+        *buf = BytesMut::from(&s[..n]);
+        Ok(n)
+    })
+}
+
+const SCRATCH_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Write all of `buf` to a stream shared by reference (no `&mut` needed).
 pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {

@@ -32,9 +32,8 @@ use crate::table::Endpoint;
 /// Largest response head accepted from an instance.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-/// Reads of a response head (and small bodies) use this much buffer...
-const HEAD_CHUNK: usize = 4 * 1024;
-/// ...larger bodies this much per read.
+/// Bodies are read this much at a time (a response head is read through a per-thread scratch
+/// buffer into an allocation of its own size: `codec::try_read_into`).
 const READ_CHUNK: usize = 16 * 1024;
 /// A request body's first piece up to this size is sent in the same write as the head.
 const COALESCE: usize = 16 * 1024;
@@ -229,7 +228,6 @@ impl H1Conn {
                     if self.buf.len() > MAX_HEAD {
                         return Err(H1Error::Protocol("response head too large"));
                     }
-                    self.buf.reserve(HEAD_CHUNK);
                     match self.read_buf_once().await {
                         Ok(0) => return Err(H1Error::Io(eof())),
                         Ok(_) => {}
@@ -384,11 +382,11 @@ impl H1Conn {
 }
 
 impl H1Conn {
-    /// One read into the spare capacity of the buffer (safe: `try_read_buf`).
+    /// One read into the buffer.
     async fn read_buf_once(&mut self) -> std::io::Result<usize> {
         loop {
             self.stream.readable().await?;
-            match self.stream.try_read_buf(&mut self.buf) {
+            match crate::codec::try_read_into(&self.stream, &mut self.buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 other => return other,
             }

@@ -37,8 +37,6 @@ use crate::server::ConnInfo;
 use crate::Gateway;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Read size for request heads (and what an idle connection allocates when bytes arrive).
-const HEAD_CHUNK: usize = 4096;
 /// Read size for request bodies.
 const BODY_CHUNK: usize = 16 * 1024;
 /// Response bodies up to this size are copied behind the head and sent in one write.
@@ -227,10 +225,7 @@ async fn read_more(
             }
             _ = shutdown.changed(), if idle => return Wait::Closed,
         }
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(HEAD_CHUNK);
-        }
-        match stream.try_read_buf(buf) {
+        match codec::try_read_into(stream, buf) {
             Ok(0) => return Wait::Closed,
             Ok(_) => return Wait::Data,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -35,8 +35,8 @@ use crate::pool::Conn;
 use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
 use crate::server::ConnInfo;
 use crate::table::{
-    clock_ms, hash64, Action, CompiledRoute, EndpointSet, ForwardAction, PathRewrite, RequestView,
-    ServiceState,
+    clock_ms, hash64, ms_at, Action, CompiledRoute, EndpointSet, ForwardAction, PathRewrite,
+    RequestView, ServiceState,
 };
 use crate::{path, trace, Gateway};
 
@@ -758,7 +758,7 @@ impl Gateway {
         conn: ConnInfo,
         ctx: &mut Ctx,
     ) -> Response<RespBody> {
-        let now = clock_ms();
+        let now = ms_at(ctx.start);
         // 4. rate limit and body size
         if let Some((limiter, key)) = &f.limiter {
             let ip;
@@ -906,7 +906,7 @@ impl Gateway {
             if limit > 0 && n >= limit {
                 service.metrics.bulkhead_rejections.inc();
                 if probe {
-                    self.record_breaker(&service, true, true);
+                    self.record_breaker(&service, true, true, now);
                 }
                 return self.finish_reject(ctx, Some(route), Reject::Bulkhead, None);
             }
@@ -1082,8 +1082,11 @@ impl Gateway {
         let mut last_failure = Reject::UpstreamError;
         let mut headers_slot = Some(headers);
         loop {
-            let now = clock_ms();
-            if tokio::time::Instant::now() >= deadline {
+            // One clock read per attempt start and one per attempt end.
+            let attempt_start = Instant::now();
+            let now = ms_at(attempt_start);
+            let attempt_at = tokio::time::Instant::from_std(attempt_start);
+            if attempt_at >= deadline {
                 last_failure = Reject::UpstreamTimeout;
                 break;
             }
@@ -1125,12 +1128,9 @@ impl Gateway {
                 }
             };
             let guard = InflightGuard::new(ep.clone());
-            let attempt_start = Instant::now();
             let per_try = f
                 .per_try_timeout
-                .map_or(deadline, |t| deadline.min(tokio::time::Instant::now() + t));
-            // Boxed: this future is large and only alive during the attempt; keeping it out of
-            // the request's future keeps that small (hyper moves it around).
+                .map_or(deadline, |t| deadline.min(attempt_at + t));
             let target = crate::pool::Target {
                 addr: ep.addr,
                 timeout: connect_timeout,
@@ -1209,18 +1209,20 @@ impl Gateway {
                 tried_buf[n_tried] = idx;
                 n_tried += 1;
             }
-            let elapsed = attempt_start.elapsed();
+            let attempt_end = Instant::now();
+            let elapsed = attempt_end.saturating_duration_since(attempt_start);
+            let end_ms = ms_at(attempt_end);
             match outcome {
                 Attempt::Response(resp, sender) => {
                     let status = resp.status();
-                    ep.observe_latency(clock_ms(), elapsed.as_secs_f64() * 1e6);
+                    ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
                     ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
                     let failed = status.is_server_error();
-                    self.outlier(&service, &ep, !failed);
+                    self.outlier(&service, &ep, !failed, end_ms);
                     let retry_status = retry.on_statuses.contains(&status.as_u16());
                     if retry_status
                         && attempt_no < max_attempts
-                        && f.budget.try_retry(clock_ms())
+                        && f.budget.try_retry(end_ms)
                         && set.endpoints.len() > n_tried
                     {
                         drop(resp);
@@ -1235,7 +1237,7 @@ impl Gateway {
                         .await;
                         continue;
                     }
-                    self.record_breaker(&service, !failed, probe);
+                    self.record_breaker(&service, !failed, probe, end_ms);
                     return self.respond(
                         route,
                         f,
@@ -1259,8 +1261,8 @@ impl Gateway {
                     drop(guard);
                     ep.metrics.errors.inc();
                     service.metrics.upstream_errors.inc();
-                    ep.mark_suspect(clock_ms());
-                    self.outlier(&service, &ep, false);
+                    ep.mark_suspect(end_ms);
+                    self.outlier(&service, &ep, false, end_ms);
                     tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
                     if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
                         return self.finish_reject(
@@ -1273,7 +1275,7 @@ impl Gateway {
                     last_failure = Reject::UpstreamError;
                     if retry.on_connect_failure
                         && attempt_no < max_attempts
-                        && f.budget.try_retry(clock_ms())
+                        && f.budget.try_retry(end_ms)
                     {
                         route.metrics.retries.inc();
                         pause(backoff(
@@ -1290,13 +1292,13 @@ impl Gateway {
                     drop(guard);
                     ep.metrics.errors.inc();
                     service.metrics.upstream_errors.inc();
-                    self.outlier(&service, &ep, false);
+                    self.outlier(&service, &ep, false, end_ms);
                     last_failure = Reject::UpstreamTimeout;
                     pending_req = None;
                     if retry.on_per_try_timeout
                         && attempt_no < max_attempts
-                        && tokio::time::Instant::now() < deadline
-                        && f.budget.try_retry(clock_ms())
+                        && tokio::time::Instant::from_std(attempt_end) < deadline
+                        && f.budget.try_retry(end_ms)
                     {
                         route.metrics.retries.inc();
                         continue;
@@ -1306,7 +1308,7 @@ impl Gateway {
             }
         }
         // Every attempt failed.
-        self.record_breaker(&service, false, probe);
+        self.record_breaker(&service, false, probe, clock_ms());
         drop(slot);
         if n_tried == 0 && !matches!(last_failure, Reject::UpstreamTimeout) {
             last_failure = Reject::NoInstance;
@@ -1314,10 +1316,10 @@ impl Gateway {
         self.finish_reject(ctx, Some(route), last_failure, None)
     }
 
-    fn record_breaker(&self, service: &ServiceState, ok: bool, probe: bool) {
+    fn record_breaker(&self, service: &ServiceState, ok: bool, probe: bool, now: u64) {
         let (change, code) = {
             let mut bc = service.breaker();
-            (bc.record(clock_ms(), ok, probe), bc.code())
+            (bc.record(now, ok, probe), bc.code())
         };
         if let Some(ch) = change {
             self.breaker_changed(service, ch);
@@ -1337,8 +1339,7 @@ impl Gateway {
     }
 
     /// Feed one attempt's result to the instance's outlier detector; eject within the cap.
-    fn outlier(&self, service: &ServiceState, ep: &crate::table::Endpoint, ok: bool) {
-        let now = clock_ms();
+    fn outlier(&self, service: &ServiceState, ep: &crate::table::Endpoint, ok: bool, now: u64) {
         let mut o = ep
             .outlier
             .lock()

@@ -26,10 +26,15 @@ use crate::resilience::{Breaker, Outlier, RetryBudget};
 
 /// Milliseconds since the gateway's first use of the clock (monotonic).
 pub fn clock_ms() -> u64 {
+    ms_at(std::time::Instant::now())
+}
+
+/// `clock_ms` of an instant already read (saves reading the clock again).
+pub fn ms_at(t: std::time::Instant) -> u64 {
     use std::sync::OnceLock;
     static START: OnceLock<std::time::Instant> = OnceLock::new();
     let start = START.get_or_init(std::time::Instant::now);
-    start.elapsed().as_millis() as u64
+    t.saturating_duration_since(*start).as_millis() as u64
 }
 
 /// How long an instance that refused or reset a connection is skipped.
