@@ -180,15 +180,14 @@ fn is_sane_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// Request-smuggling shapes hyper lets through: both `Content-Length` and `Transfer-Encoding`,
-/// or several `Content-Length` headers. (Malformed lengths, bad `Transfer-Encoding` and obs-fold
-/// are already refused by hyper's parser with a 400.)
-fn smuggling(h: &HeaderMap) -> Option<&'static str> {
-    let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if cl > 1 {
+/// Request-smuggling shapes: both `Content-Length` and `Transfer-Encoding`, or several
+/// `Content-Length` headers. (The in-task server refuses these, malformed lengths, bad
+/// `Transfer-Encoding` and obs-fold before routing; hyper's parser refuses the latter three.)
+fn smuggling(s: &Seen) -> Option<&'static str> {
+    if s.content_lengths > 1 {
         return Some("several Content-Length headers");
     }
-    if cl == 1 && h.contains_key(header::TRANSFER_ENCODING) {
+    if s.content_lengths == 1 && s.transfer_encoding {
         return Some("both Content-Length and Transfer-Encoding");
     }
     None
@@ -196,10 +195,10 @@ fn smuggling(h: &HeaderMap) -> Option<&'static str> {
 
 /// The request's host, lowercased and without port: from the target's authority (HTTP/2,
 /// absolute form), else `Host`.
-fn request_host<B>(req: &Request<B>) -> Host {
+fn request_host<B>(req: &Request<B>, host_header: Option<&HeaderValue>) -> Host {
     let (raw, shared) = match req.uri().host() {
         Some(h) => (h, None),
-        None => match req.headers().get(header::HOST) {
+        None => match host_header {
             Some(v) => match v.to_str() {
                 Ok(s) => (strip_port(s), Some(v)),
                 Err(_) => return Host::None,
@@ -324,37 +323,60 @@ pub(crate) fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> Hea
     HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// What one pass over a request's header names found.
+/// What one pass over a request's headers found: the few values the pipeline reads, and which
+/// of its slower edits are needed (no hashing).
 #[derive(Default)]
 struct Seen {
-    host: bool,
+    host: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
+    traceparent: Option<HeaderValue>,
+    content_lengths: u32,
+    transfer_encoding: bool,
+    upgrade: bool,
     hop_by_hop: bool,
     forwarded_for: bool,
     /// One of the other headers the gateway sets itself.
     ours: bool,
+    /// Names and values, with separators: what the head's header lines weigh.
+    head_bytes: usize,
 }
 
-fn scan_names(h: &HeaderMap) -> Seen {
+fn scan(h: &HeaderMap) -> Seen {
     let mut s = Seen::default();
-    for k in h.keys() {
+    for (k, v) in h {
+        s.head_bytes += k.as_str().len() + v.len() + 4;
         if *k == header::HOST {
-            s.host = true;
+            if s.host.is_none() {
+                s.host = Some(v.clone());
+            }
+        } else if *k == header::CONTENT_LENGTH {
+            s.content_lengths += 1;
         } else if *k == header::CONNECTION
             || *k == header::TE
             || *k == header::TRAILER
-            || *k == header::TRANSFER_ENCODING
-            || *k == header::UPGRADE
             || *k == KEEP_ALIVE
             || *k == PROXY_CONNECTION
         {
             s.hop_by_hop = true;
+        } else if *k == header::TRANSFER_ENCODING {
+            s.hop_by_hop = true;
+            s.transfer_encoding = true;
+        } else if *k == header::UPGRADE {
+            s.hop_by_hop = true;
+            s.upgrade = true;
         } else if *k == X_FORWARDED_FOR {
             s.forwarded_for = true;
-        } else if *k == X_FORWARDED_PROTO
-            || *k == X_FORWARDED_HOST
-            || *k == X_REQUEST_ID
-            || *k == TRACEPARENT
-        {
+        } else if *k == X_REQUEST_ID {
+            s.ours = true;
+            if s.request_id.is_none() {
+                s.request_id = Some(v.clone());
+            }
+        } else if *k == TRACEPARENT {
+            s.ours = true;
+            if s.traceparent.is_none() {
+                s.traceparent = Some(v.clone());
+            }
+        } else if *k == X_FORWARDED_PROTO || *k == X_FORWARDED_HOST {
             s.ours = true;
         }
     }
@@ -532,14 +554,16 @@ impl Gateway {
         conn: ConnInfo,
     ) -> Response<RespBody> {
         let start = Instant::now();
+        let mut seen = scan(req.headers());
         // 2. request id and trace context
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(v) if is_sane_request_id(v) => v.clone(),
+        let request_id = match seen.request_id.take() {
+            Some(v) if is_sane_request_id(&v) => v,
             _ => self.ids.next(),
         };
         let tc = trace::propagate(
-            req.headers()
-                .get(&TRACEPARENT)
+            seen.traceparent
+                .take()
+                .as_ref()
                 .and_then(|v| v.to_str().ok()),
         );
         let mut ctx = Ctx {
@@ -550,24 +574,20 @@ impl Gateway {
             method: req.method().clone(),
             path: String::new(),
             client: conn.peer,
-            host: request_host(&req),
+            host: request_host(&req, seen.host.as_ref()),
         };
         if self.cfg.access_log {
             ctx.path = req.uri().path().to_string();
         }
 
         // 1. hardening
-        let head: usize = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
-            + req
-                .headers()
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                .sum::<usize>();
+        let head: usize =
+            req.uri().path_and_query().map_or(0, |p| p.as_str().len()) + seen.head_bytes;
         if head > self.cfg.max_header_bytes {
             let limit = self.cfg.max_header_bytes.to_string();
             return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
         }
-        if let Some(why) = smuggling(req.headers()) {
+        if let Some(why) = smuggling(&seen) {
             return self.finish_reject(&ctx, None, Reject::Malformed(why), None);
         }
         let normalized = match path::normalize(req.uri().path()) {
@@ -604,7 +624,7 @@ impl Gateway {
             }
             Action::Forward(f) => {
                 let resp = self
-                    .forward_boxed(route, f, req, normalized, conn, &mut ctx)
+                    .forward_boxed(route, f, req, seen, normalized, conn, &mut ctx)
                     .await;
                 route
                     .metrics
@@ -736,16 +756,18 @@ impl Gateway {
 
     /// The forwarding future is large; boxing it here keeps the per-request future hyper holds
     /// (and moves) small.
+    #[allow(clippy::too_many_arguments)]
     fn forward_boxed<'a>(
         self: &'a Arc<Self>,
         route: &'a CompiledRoute,
         f: &'a ForwardAction,
         req: Request<DownBody>,
+        seen: Seen,
         normalized: Option<String>,
         conn: ConnInfo,
         ctx: &'a mut Ctx,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<RespBody>> + Send + 'a>> {
-        Box::pin(self.forward(route, f, req, normalized, conn, ctx))
+        Box::pin(self.forward(route, f, req, seen, normalized, conn, ctx))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -754,6 +776,7 @@ impl Gateway {
         route: &CompiledRoute,
         f: &ForwardAction,
         mut req: Request<DownBody>,
+        seen: Seen,
         normalized: Option<String>,
         conn: ConnInfo,
         ctx: &mut Ctx,
@@ -914,7 +937,7 @@ impl Gateway {
         };
 
         // 8. upstream request
-        let upgrade = is_websocket_upgrade(&req);
+        let upgrade = seen.upgrade && is_websocket_upgrade(&req);
         let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let want_h2 = match service.policy.protocol {
@@ -940,11 +963,9 @@ impl Gateway {
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| parts.headers.get(header::HOST).cloned());
+            .or_else(|| seen.host.clone());
         let mut headers = std::mem::take(&mut parts.headers);
         let client_headers = cache_key.as_ref().map(|_| headers.clone());
-        // One pass over the names (no hashing) says which of the slower edits are needed.
-        let seen = scan_names(&headers);
         if seen.hop_by_hop {
             let upgrade_value = if upgrade {
                 headers.get(header::UPGRADE).cloned()
@@ -976,7 +997,7 @@ impl Gateway {
                 headers.remove(n);
             }
         }
-        let mut has_host = seen.host;
+        let mut has_host = seen.host.is_some();
         if want_h2 {
             if has_host {
                 headers.remove(header::HOST);
@@ -1136,9 +1157,11 @@ impl Gateway {
                 timeout: connect_timeout,
                 tls: service.tls.as_ref(),
             };
+            // The hyper paths' futures are boxed: they are large and off the common path, and
+            // the request's future would otherwise carry their size.
             let sent = tokio::time::timeout_at(per_try, async {
                 let c = if want_h2 {
-                    ep.pool.h2(target).await
+                    Box::pin(ep.pool.h2(target)).await
                 } else if upgrade {
                     Box::pin(crate::pool::connect_h1(target))
                         .await
@@ -1146,7 +1169,7 @@ impl Gateway {
                 } else if target.tls.is_none() {
                     ep.pool.own(target).await
                 } else {
-                    ep.pool.h1(target).await
+                    Box::pin(ep.pool.h1(target)).await
                 };
                 match c {
                     Err(e) => Err((e.to_string(), Some(up_req))),
@@ -1168,14 +1191,14 @@ impl Gateway {
                             Err(e) => Err((e.to_string(), None)),
                         }
                     }
-                    Ok(Conn::H1(mut s)) => match s.try_send_request(up_req).await {
+                    Ok(Conn::H1(mut s)) => match Box::pin(s.try_send_request(up_req)).await {
                         Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
                         Err(mut e) => {
                             let msg = e.take_message();
                             Err((e.error().to_string(), msg))
                         }
                     },
-                    Ok(Conn::H2(mut s)) => match s.try_send_request(up_req).await {
+                    Ok(Conn::H2(mut s)) => match Box::pin(s.try_send_request(up_req)).await {
                         Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
                         Err(mut e) => {
                             let msg = e.take_message();
@@ -1921,16 +1944,30 @@ mod tests {
     fn smuggling_shapes() {
         let mut h = HeaderMap::new();
         h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        assert!(smuggling(&h).is_none());
+        assert!(smuggling(&scan(&h)).is_none());
         h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        assert!(smuggling(&h).is_some());
+        assert!(smuggling(&scan(&h)).is_some());
         let mut h = HeaderMap::new();
         h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         h.append(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
-        assert!(smuggling(&h).is_some());
+        assert!(smuggling(&scan(&h)).is_some());
+    }
+
+    #[test]
+    fn one_scan_finds_what_the_pipeline_reads() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("rid"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        let s = scan(&h);
+        assert_eq!(s.host.unwrap(), "a.example");
+        assert_eq!(s.request_id.unwrap(), "rid");
+        assert!(s.upgrade && s.hop_by_hop && s.ours && !s.forwarded_for);
+        assert_eq!(s.head_bytes, (4 + 9) + (12 + 3) + (7 + 9) + (7 + 1) + 4 * 4);
     }
 
     #[test]
@@ -1942,14 +1979,15 @@ mod tests {
             .header("host", "API.Example.com:80")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
+        let host = |r: &Request<()>| request_host(r, r.headers().get(header::HOST));
+        assert_eq!(host(&req).as_deref(), Some("api.example.com"));
         let req = Request::builder()
             .uri("/x")
             .header("host", "api.example.com:80")
             .body(())
             .unwrap();
-        assert!(matches!(request_host(&req), Host::Shared(..)));
-        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
+        assert!(matches!(host(&req), Host::Shared(..)));
+        assert_eq!(host(&req).as_deref(), Some("api.example.com"));
     }
 
     #[test]
