@@ -45,8 +45,9 @@ if [[ ",$PEERS," == *",pingora,"* ]] && [ ! -x "$HARNESS/pingora-peer/target/rel
   echo "building the Pingora peer (several minutes on 2 cores)..." >&2
   (cd "$HARNESS/pingora-peer" && cargo build --release -q)
 fi
-(cd "$ROOT" && cargo build --release -q -p gantry)
-GANTRY="$ROOT/target/release/gantry"
+# The shipping build (`[profile.dist]`: fat LTO, one codegen unit).
+(cd "$ROOT" && cargo build --profile dist -q -p gantry)
+GANTRY="$ROOT/target/dist/gantry"
 
 WORK="$(mktemp -d -t gantry-bench.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
