@@ -96,6 +96,9 @@ pub(crate) async fn serve(
     let mut deadline = Instant::now() + timeout;
     let sleep = tokio::time::sleep_until(deadline);
     tokio::pin!(sleep);
+    // Deadlines of the requests' upstream attempts (see `Gateway::handle`).
+    let attempts = tokio::time::sleep_until(deadline);
+    tokio::pin!(attempts);
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
@@ -145,7 +148,9 @@ pub(crate) async fn serve(
             BodyFraming::Length(n) => own_body(&stream, &mut buf, Decoder::length(n), &req),
             BodyFraming::Chunked => own_body(&stream, &mut buf, Decoder::chunked(), &req),
         };
-        let resp = gw.handle(req.map(|()| body), info.clone()).await;
+        let resp = gw
+            .handle(req.map(|()| body), info.clone(), Some(attempts.as_mut()))
+            .await;
         if *shutdown.borrow() {
             meta.keep_alive = false;
         }
@@ -810,6 +815,9 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
                 }
                 if chunked {
                     out.extend_from_slice(b"\r\n");
+                } else if body.is_end_stream() {
+                    // That was the last of a sized body: no need to poll for its end.
+                    break;
                 }
             }
             Err(frame) => {

@@ -18,6 +18,7 @@
 //!     upgrades are spliced), cached if allowed; metrics and the access log at the end.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::client::conn::TrySendError;
+use tokio::time::Sleep;
 
 use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
@@ -548,10 +550,15 @@ fn access_log(
 }
 
 impl Gateway {
+    /// Run the pipeline for one request. `timer`: a timer the caller keeps for the connection,
+    /// reused for every attempt's deadline (moving a registered timer's deadline later is one
+    /// atomic operation; a new timer per attempt is a wheel insertion and removal); `None` makes
+    /// one per attempt.
     pub(crate) async fn handle(
         self: &Arc<Self>,
         req: Request<DownBody>,
         conn: ConnInfo,
+        timer: Option<Pin<&mut Sleep>>,
     ) -> Response<RespBody> {
         let start = Instant::now();
         let mut seen = scan(req.headers());
@@ -624,7 +631,7 @@ impl Gateway {
             }
             Action::Forward(f) => {
                 let resp = self
-                    .forward_boxed(route, f, req, seen, normalized, conn, &mut ctx)
+                    .forward_boxed(route, f, req, seen, normalized, conn, timer, &mut ctx)
                     .await;
                 route
                     .metrics
@@ -765,9 +772,10 @@ impl Gateway {
         seen: Seen,
         normalized: Option<String>,
         conn: ConnInfo,
+        timer: Option<Pin<&'a mut Sleep>>,
         ctx: &'a mut Ctx,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<RespBody>> + Send + 'a>> {
-        Box::pin(self.forward(route, f, req, seen, normalized, conn, ctx))
+        Box::pin(self.forward(route, f, req, seen, normalized, conn, timer, ctx))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -779,6 +787,7 @@ impl Gateway {
         seen: Seen,
         normalized: Option<String>,
         conn: ConnInfo,
+        mut timer: Option<Pin<&mut Sleep>>,
         ctx: &mut Ctx,
     ) -> Response<RespBody> {
         let now = ms_at(ctx.start);
@@ -1159,7 +1168,18 @@ impl Gateway {
             };
             // The hyper paths' futures are boxed: they are large and off the common path, and
             // the request's future would otherwise carry their size.
-            let sent = tokio::time::timeout_at(per_try, async {
+            let mut own_timer;
+            let attempt_timer: Pin<&mut Sleep> = match timer.as_mut() {
+                Some(t) => {
+                    t.as_mut().reset(per_try);
+                    t.as_mut()
+                }
+                None => {
+                    own_timer = Box::pin(tokio::time::sleep_until(per_try));
+                    own_timer.as_mut()
+                }
+            };
+            let sent = within(attempt_timer, async {
                 let c = if want_h2 {
                     Box::pin(ep.pool.h2(target)).await
                 } else if upgrade {
@@ -1225,7 +1245,7 @@ impl Gateway {
                     }
                     Attempt::Failed(why)
                 }
-                Err(_) => Attempt::TimedOut,
+                Err(()) => Attempt::TimedOut,
             };
             attempt_no += 1;
             if n_tried < tried_buf.len() {
@@ -1708,6 +1728,26 @@ fn cached_response(
     r.headers_mut()
         .insert(X_CACHE.clone(), HeaderValue::from_static(how));
     r
+}
+
+/// `fut`, or `Err` when `timer` fires first.
+async fn within<T>(
+    mut timer: Pin<&mut Sleep>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ()> {
+    use std::future::Future;
+    use std::task::Poll;
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// A boxed sleep: the backoff wait is rare, so its timer stays out of the request's future.
