@@ -6,16 +6,18 @@
 #   full   the full request path: 24 routes to match through (hosts, methods, header and query
 #          conditions, regex paths), P2C-EWMA, circuit breaker and outlier detection, retries
 #          with a budget, metrics, traceparent
-# and prints the harness tables plus the ratios the project tracks.
+# in ROUNDS rounds (each round: the harness once per variant), and prints the harness tables
+# plus the ratios the project tracks, per round and as medians over the rounds.
 #
-#   bench/gateway.sh                              # both variants, all peers, c=50 and c=1000, 3 runs
-#   VARIANTS=plain PEERS=nginx,haproxy RUNS=5 bench/gateway.sh
+#   bench/gateway.sh                              # both variants, all peers, c=50 and c=1000
+#   VARIANTS=plain PEERS=nginx,haproxy ROUNDS=5 bench/gateway.sh
 #   CONNS_LIST=50 DURATION=5 bench/gateway.sh     # quicker
 #
 # Knobs: VARIANTS (plain,full), PEERS (comma list of harness targets besides direct; default
-# nginx,haproxy,caddy,pingora), HARNESS (path), and every knob of the harness (RUNS, DURATION,
-# CONNS_LIST, WARMUP, ...). The machine is shared: compare medians of several runs and read the
-# "other CPU %" column.
+# nginx,haproxy,caddy,pingora), ROUNDS (3), HARNESS (path), and every knob of the harness (RUNS,
+# default 1 per round here; DURATION, CONNS_LIST, WARMUP, ...). The machine is shared and its
+# speed drifts: the ratios are taken within a round, and the "other CPU %" column says whether a
+# run was disturbed from inside the machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
@@ -110,6 +112,12 @@ idle_rss() { # spec -> MiB of a freshly started gantry after 2 s
   awk -v k="$kb" 'BEGIN{printf "%.1f", k/1024}'
 }
 
+# Rounds: each round runs the harness once per variant (the first variant with every peer, the
+# others with nginx only), so that the ratios compare figures measured minutes apart, not half an
+# hour apart on a machine whose speed drifts. The ratios are taken per round; their medians are
+# the result.
+ROUNDS="${ROUNDS:-3}"
+export RUNS="${RUNS:-1}"
 declare -A SUMMARY
 IFS=, read -ra VS <<<"$VARIANTS"
 for v in "${VS[@]}"; do
@@ -119,43 +127,63 @@ for v in "${VS[@]}"; do
   rss=$(idle_rss "$spec")
   echo "== gantry-$v: idle RSS ${rss} MiB" >&2
   echo "$rss" >"$WORK/idle-$v"
-  before=$(ls -1 "$HARNESS/results" 2>/dev/null | sort | tail -1 || true)
-  EXTRA_NAME="gantry-$v" EXTRA_PORT="$GANTRY_PORT" EXTRA_CMD="$GANTRY up -f $spec" \
-    TARGETS="direct,$PEERS,gantry-$v" "$HARNESS/run.sh" >&2
-  after=$(ls -1 "$HARNESS/results" | sort | tail -1)
-  [ "$after" != "$before" ] || { echo "harness produced no results" >&2; exit 1; }
-  SUMMARY[$v]="$HARNESS/results/$after/summary.md"
+done
+for r in $(seq "$ROUNDS"); do
+  for i in "${!VS[@]}"; do
+    v="${VS[$i]}"
+    peers="$PEERS"; [ "$i" -gt 0 ] && peers="nginx"
+    echo "== round $r/$ROUNDS: gantry-$v against direct,$peers" >&2
+    before=$(ls -1 "$HARNESS/results" 2>/dev/null | sort | tail -1 || true)
+    EXTRA_NAME="gantry-$v" EXTRA_PORT="$GANTRY_PORT" EXTRA_CMD="$GANTRY up -f $WORK/$v.toml" \
+      TARGETS="direct,$peers,gantry-$v" "$HARNESS/run.sh" >&2
+    after=$(ls -1 "$HARNESS/results" | sort | tail -1)
+    [ "$after" != "$before" ] || { echo "harness produced no results" >&2; exit 1; }
+    SUMMARY[$v,$r]="$HARNESS/results/$after/summary.md"
+  done
 done
 
-# Ratios from the tables: columns | target | req/s | p50 | p99 | RSS | CPU us/req | vs direct | other |
+# Columns of the harness tables: | target | req/s | p50 | p99 | RSS | CPU us/req | vs direct | other |
 field() { # summary conns target column(1-based after target) -> value
   awk -v c="## c=$2" -v t="$3" -v col="$4" '
     $0==c {on=1; next} /^## c=/ {on=0}
     on && $0 ~ "^\\| "t" \\|" { split($0, a, "|"); v=a[col+2]; gsub(/^ +| +$/, "", v); split(v, w, " "); print w[1]; exit }' "$1"
 }
+median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "nan"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a>0 && b>0) printf "%.3f", a/b; else print "" }'; }
+
 echo
 for v in "${VS[@]}"; do
   echo "### gantry-$v"
-  cat "${SUMMARY[$v]}"
+  for r in $(seq "$ROUNDS"); do
+    echo
+    echo "#### round $r"
+    sed -n '/^## c=/,$p' "${SUMMARY[$v,$r]}"
+  done
   echo
   echo "idle RSS: $(cat "$WORK/idle-$v") MiB"
   for conns in ${CONNS_LIST:-50 1000}; do
-    g_cpu=$(field "${SUMMARY[$v]}" "$conns" "gantry-$v" 5)
-    g_p99=$(field "${SUMMARY[$v]}" "$conns" "gantry-$v" 3)
-    g_rss=$(field "${SUMMARY[$v]}" "$conns" "gantry-$v" 4)
-    n_cpu=$(field "${SUMMARY[$v]}" "$conns" nginx 5)
-    n_p99=$(field "${SUMMARY[$v]}" "$conns" nginx 3)
-    n_rss=$(field "${SUMMARY[$v]}" "$conns" nginx 4)
-    awk -v c="$conns" -v gc="$g_cpu" -v nc="$n_cpu" -v gp="$g_p99" -v np="$n_p99" -v gr="$g_rss" -v nr="$n_rss" 'BEGIN{
-      if (nc > 0 && gc > 0) printf "c=%s: CPU/req gantry/nginx = %.2f (%.2f vs %.2f us); p99 gantry/nginx = %.2f; RSS %s vs %s MiB\n", c, gc/nc, gc, nc, (np>0?gp/np:0), gr, nr;
-      else printf "c=%s: nginx or gantry row missing\n", c }'
+    cpu=(); p99=(); rss=(); gcpu=(); ncpu=(); grss=(); nrss=()
+    for r in $(seq "$ROUNDS"); do
+      f="${SUMMARY[$v,$r]}"
+      g_cpu=$(field "$f" "$conns" "gantry-$v" 5); n_cpu=$(field "$f" "$conns" nginx 5)
+      g_p99=$(field "$f" "$conns" "gantry-$v" 3); n_p99=$(field "$f" "$conns" nginx 3)
+      g_rss=$(field "$f" "$conns" "gantry-$v" 4); n_rss=$(field "$f" "$conns" nginx 4)
+      cpu+=("$(ratio "$g_cpu" "$n_cpu")"); p99+=("$(ratio "$g_p99" "$n_p99")")
+      rss+=("$(ratio "$g_rss" "$n_rss")")
+      gcpu+=("$g_cpu"); ncpu+=("$n_cpu"); grss+=("$g_rss"); nrss+=("$n_rss")
+    done
+    printf 'c=%s gantry-%s / nginx, median of %s rounds: CPU/req %s (rounds: %s; gantry %s vs nginx %s us), p99 %s (rounds: %s), RSS %s (%s vs %s MiB)\n' \
+      "$conns" "$v" "$ROUNDS" "$(median "${cpu[@]}")" "${cpu[*]}" "$(median "${gcpu[@]}")" "$(median "${ncpu[@]}")" \
+      "$(median "${p99[@]}")" "${p99[*]}" "$(median "${rss[@]}")" "$(median "${grss[@]}")" "$(median "${nrss[@]}")"
   done
   echo
 done
-if [ -n "${SUMMARY[plain]:-}" ] && [ -n "${SUMMARY[full]:-}" ]; then
+if [[ ",$VARIANTS," == *",plain,"* && ",$VARIANTS," == *",full,"* ]]; then
   for conns in ${CONNS_LIST:-50 1000}; do
-    p=$(field "${SUMMARY[plain]}" "$conns" gantry-plain 5)
-    f=$(field "${SUMMARY[full]}" "$conns" gantry-full 5)
-    awk -v c="$conns" -v p="$p" -v f="$f" 'BEGIN{ if (p>0) printf "c=%s: full path / plain CPU per request = %.2f\n", c, f/p }'
+    fp=()
+    for r in $(seq "$ROUNDS"); do
+      fp+=("$(ratio "$(field "${SUMMARY[full,$r]}" "$conns" gantry-full 5)" "$(field "${SUMMARY[plain,$r]}" "$conns" gantry-plain 5)")")
+    done
+    printf 'c=%s: full path / plain CPU per request, median of %s rounds: %s (rounds: %s)\n' "$conns" "$ROUNDS" "$(median "${fp[@]}")" "${fp[*]}"
   done
 fi
