@@ -468,6 +468,6 @@ impl Gateway {
         c.services = services;
         c.budgets = budgets;
         c.limiters = limiters;
-        self.table.store(Arc::new(RouteTable { routes }));
+        self.table.store(Arc::new(RouteTable::new(routes)));
     }
 }

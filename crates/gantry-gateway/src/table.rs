@@ -8,6 +8,7 @@
 //! then prefixes, longer first; then routes with methods; then more header conditions; then more
 //! query conditions; then spec order.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -334,7 +335,8 @@ impl HostPattern {
 pub enum PathMatcher {
     Prefix(String),
     Exact(String),
-    Regex(Regex),
+    /// A regex, and the literal every match must start with (checked first: cheap).
+    Regex(Regex, String),
 }
 
 impl PathMatcher {
@@ -342,7 +344,7 @@ impl PathMatcher {
         match self {
             PathMatcher::Prefix(p) => prefix_matches(p, path),
             PathMatcher::Exact(p) => p == path,
-            PathMatcher::Regex(r) => r.is_match(path),
+            PathMatcher::Regex(r, lit) => path.starts_with(lit.as_str()) && r.is_match(path),
         }
     }
 }
@@ -381,6 +383,30 @@ impl ValueMatcher {
     }
 }
 
+/// The literal text every match of an anchored (`^...`) pattern starts with: the characters
+/// after `^` up to the first one with a special meaning, less the last one if a quantifier
+/// follows it. Conservative: "" when unsure (flags, groups, escapes, alternation anywhere).
+pub fn required_prefix(pattern: &str) -> String {
+    let Some(rest) = pattern.strip_prefix('^') else {
+        return String::new();
+    };
+    if pattern.contains('|') {
+        return String::new();
+    }
+    let mut lit = String::new();
+    for c in rest.chars() {
+        match c {
+            '*' | '?' | '{' => {
+                lit.pop();
+                break;
+            }
+            '.' | '[' | ']' | '(' | ')' | '+' | '}' | '\\' | '^' | '$' => break,
+            _ => lit.push(c),
+        }
+    }
+    lit
+}
+
 pub fn compile_regex(r: &str) -> Option<Regex> {
     regex::RegexBuilder::new(r).size_limit(1 << 20).build().ok()
 }
@@ -409,7 +435,7 @@ impl Matcher {
             path: match &m.path {
                 PathMatch::Prefix(p) => PathMatcher::Prefix(p.clone()),
                 PathMatch::Exact(p) => PathMatcher::Exact(p.clone()),
-                PathMatch::Regex(r) => PathMatcher::Regex(compile_regex(r)?),
+                PathMatch::Regex(r) => PathMatcher::Regex(compile_regex(r)?, required_prefix(r)),
             },
             methods: m
                 .methods
@@ -481,7 +507,7 @@ impl Matcher {
             .map_or(0, |r| r + 1);
         let (kind, len) = match &self.path {
             PathMatcher::Exact(p) => (3, p.len()),
-            PathMatcher::Regex(r) => (2, r.as_str().len()),
+            PathMatcher::Regex(r, _) => (2, r.as_str().len()),
             PathMatcher::Prefix(p) => (1, p.len()),
         };
         (
@@ -586,16 +612,97 @@ pub struct CompiledRoute {
 
 /// The whole routing state at one moment.
 pub struct RouteTable {
+    /// In precedence order (every route with hosts before every route without).
     pub routes: Vec<CompiledRoute>,
+    /// Positions of the routes naming each exact host, ascending.
+    by_host: HashMap<String, Vec<u32>>,
+    /// Positions of the routes with a wildcard host, ascending.
+    wildcard: Vec<u32>,
+    /// Positions of the routes for any host, ascending.
+    any_host: Vec<u32>,
 }
 
 impl RouteTable {
     pub fn empty() -> Self {
-        Self { routes: Vec::new() }
+        Self::new(Vec::new())
     }
 
+    /// `routes` in precedence order (`sort_by_precedence`).
+    pub fn new(routes: Vec<CompiledRoute>) -> Self {
+        let mut by_host: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut wildcard = Vec::new();
+        let mut any_host = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            let i = i as u32;
+            if r.matcher.hosts.is_empty() {
+                any_host.push(i);
+            }
+            let mut has_wildcard = false;
+            for h in &r.matcher.hosts {
+                match h {
+                    HostPattern::Exact(h) => {
+                        let v = by_host.entry(h.clone()).or_default();
+                        if v.last() != Some(&i) {
+                            v.push(i);
+                        }
+                    }
+                    HostPattern::Suffix(_) => has_wildcard = true,
+                }
+            }
+            if has_wildcard {
+                wildcard.push(i);
+            }
+        }
+        Self {
+            routes,
+            by_host,
+            wildcard,
+            any_host,
+        }
+    }
+
+    /// The first route, in precedence order, that matches: only the routes that can match the
+    /// request's host are tried (one hash lookup), as in a virtual-host table.
     pub fn find(&self, r: &RequestView<'_>) -> Option<&CompiledRoute> {
-        self.routes.iter().find(|c| c.matcher.matches(r))
+        if let Some(h) = r.host {
+            let exact = if self.by_host.is_empty() {
+                &[][..]
+            } else {
+                self.by_host.get(h).map_or(&[][..], Vec::as_slice)
+            };
+            // Both lists ascend: merge them to keep precedence order.
+            let (mut i, mut j) = (0, 0);
+            loop {
+                let next = match (exact.get(i), self.wildcard.get(j)) {
+                    (Some(&a), Some(&b)) if a == b => {
+                        i += 1;
+                        j += 1;
+                        a
+                    }
+                    (Some(&a), Some(&b)) if a < b => {
+                        i += 1;
+                        a
+                    }
+                    (_, Some(&b)) => {
+                        j += 1;
+                        b
+                    }
+                    (Some(&a), None) => {
+                        i += 1;
+                        a
+                    }
+                    (None, None) => break,
+                };
+                let c = &self.routes[next as usize];
+                if c.matcher.matches(r) {
+                    return Some(c);
+                }
+            }
+        }
+        self.any_host
+            .iter()
+            .map(|&i| &self.routes[i as usize])
+            .find(|c| c.matcher.matches(r))
     }
 }
 
@@ -636,6 +743,36 @@ pub(crate) mod tests_support {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn regex_routes_check_their_literal_prefix_first() {
+        for (pattern, prefix) in [
+            ("^/reports/[0-9]+/v1$", "/reports/"),
+            ("^/api/v2?/x", "/api/v"),
+            ("^/ab+c", "/ab"),
+            ("^/a{2}", "/"),
+            ("/not/anchored", ""),
+            ("^(/api)", ""),
+            ("^/a|/b", ""),
+            ("^/x\\.y", "/x"),
+        ] {
+            assert_eq!(required_prefix(pattern), prefix, "{pattern}");
+            let re = compile_regex(pattern).unwrap();
+            let m = PathMatcher::Regex(re.clone(), required_prefix(pattern));
+            for path in [
+                "/reports/1/v1",
+                "/api/x",
+                "/api/v2/x",
+                "/abbc",
+                "/aa",
+                "/B",
+                "/x.y",
+                "/",
+            ] {
+                assert_eq!(m.matches(path), re.is_match(path), "{pattern} on {path}");
+            }
+        }
+    }
+
     use super::*;
     use gantry_model::{CircuitBreakerPolicy, OutlierPolicy, UpstreamProtocol};
 
@@ -826,5 +963,73 @@ mod tests {
         );
         assert!(ex.rank() > re.rank() && re.rank() > pre.rank());
         assert!(re.matches(&view(None, "/v12/x", None)));
+    }
+
+    #[test]
+    fn the_host_index_finds_what_a_scan_in_precedence_order_finds() {
+        let metrics = gantry_telemetry::Metrics::new();
+        let gm = crate::metrics::GatewayMetrics::new(&metrics);
+        let specs = [
+            (r#"["a.example.com"]"#, "/"),
+            (r#"["*.example.com"]"#, "/api"),
+            (r#"["b.example.com", "*.example.org"]"#, "/"),
+            (r#"["a.example.com"]"#, "/api/v1"),
+            ("[]", "/api"),
+            ("[]", "/"),
+            (r#"["*.b.example.com"]"#, "/"),
+        ];
+        let mut routes: Vec<CompiledRoute> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, (hosts, prefix))| {
+                let json = format!(
+                    r#"{{"hosts":{hosts},"path":{{"type":"prefix","value":"{prefix}"}},"methods":[],"headers":[],"query":[]}}"#
+                );
+                let rm: gantry_model::RouteMatch = serde_json::from_str(&json).unwrap();
+                CompiledRoute {
+                    id: format!("r{i}").into(),
+                    service: "s".into(),
+                    matcher: Matcher::compile(&rm).unwrap(),
+                    action: Action::Redirect(gantry_model::Redirect {
+                        scheme: None,
+                        host: None,
+                        port: None,
+                        path: None,
+                        prefix: None,
+                        status: 302,
+                    }),
+                    metrics: gm.route(&format!("r{i}"), "s"),
+                    order: i,
+                }
+            })
+            .collect();
+        sort_by_precedence(&mut routes);
+        let table = RouteTable::new(routes);
+        let headers = http::HeaderMap::new();
+        for host in [
+            None,
+            Some("a.example.com"),
+            Some("b.example.com"),
+            Some("x.b.example.com"),
+            Some("c.example.com"),
+            Some("x.example.org"),
+            Some("other"),
+        ] {
+            for path in ["/", "/api", "/api/v1/x", "/z"] {
+                let v = RequestView {
+                    host,
+                    path,
+                    method: &Method::GET,
+                    headers: &headers,
+                    query: None,
+                };
+                let scan = table
+                    .routes
+                    .iter()
+                    .find(|c| c.matcher.matches(&v))
+                    .map(|c| &c.id);
+                assert_eq!(table.find(&v).map(|c| &c.id), scan, "{host:?} {path}");
+            }
+        }
     }
 }
