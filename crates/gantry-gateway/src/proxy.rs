@@ -778,585 +778,606 @@ impl Gateway {
         Box::pin(self.forward(route, f, req, seen, normalized, conn, timer, ctx))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
-        self: &Arc<Self>,
-        route: &CompiledRoute,
-        f: &ForwardAction,
+    /// Steps 4 to 11. An `async move` block rather than an `async fn`: the arguments then live in
+    /// the future once, not twice (an `async fn` keeps them and its locals' copies).
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    fn forward<'a>(
+        self: &'a Arc<Self>,
+        route: &'a CompiledRoute,
+        f: &'a ForwardAction,
         mut req: Request<DownBody>,
         seen: Seen,
         normalized: Option<String>,
         conn: ConnInfo,
-        mut timer: Option<Pin<&mut Sleep>>,
-        ctx: &mut Ctx,
-    ) -> Response<RespBody> {
-        let now = ms_at(ctx.start);
-        // 4. rate limit and body size
-        if let Some((limiter, key)) = &f.limiter {
-            let ip;
-            let k: &[u8] = match key {
-                gantry_model::RateLimitKey::ClientIp => {
-                    ip = conn.peer.ip().to_string();
-                    ip.as_bytes()
-                }
-                gantry_model::RateLimitKey::Route => b"",
-                gantry_model::RateLimitKey::Header(h) => req
-                    .headers()
-                    .get(h.as_str())
-                    .map_or(&b""[..], |v| v.as_bytes()),
-            };
-            let d = limiter.check(k, now);
-            if !d.allowed {
-                route.metrics.rate_limited.inc();
-                let mut resp = self.finish_reject(ctx, Some(route), Reject::RateLimited, None);
-                let h = resp.headers_mut();
-                h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
-                h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(d.limit));
-                h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining));
-                h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(d.reset_secs));
-                return resp;
-            }
-        }
-        if let Some(len) = req
-            .body()
-            .size_hint()
-            .exact()
-            .or_else(|| req.body().size_hint().upper())
-        {
-            if len > f.max_body_bytes {
-                return self.finish_reject(
-                    ctx,
-                    Some(route),
-                    Reject::TooLarge,
-                    Some(&f.max_body_bytes.to_string()),
-                );
-            }
-        }
-
-        // 5. target
-        let mut path_for_upstream: Option<String> = normalized;
-        let mut selected: Option<(EndpointSet, String)> = None;
-        if let Some(h) = &f.version_header {
-            if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
-                match semver::VersionReq::parse(v.trim()) {
-                    Ok(r) => {
-                        selected =
-                            Some((filter_versions(&f.all_versions, &r), v.trim().to_string()))
+        mut timer: Option<Pin<&'a mut Sleep>>,
+        ctx: &'a mut Ctx,
+    ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
+        async move {
+            let now = ms_at(ctx.start);
+            // 4. rate limit and body size
+            if let Some((limiter, key)) = &f.limiter {
+                let ip;
+                let k: &[u8] = match key {
+                    gantry_model::RateLimitKey::ClientIp => {
+                        ip = conn.peer.ip().to_string();
+                        ip.as_bytes()
                     }
-                    Err(_) => {
-                        return self.finish_reject(
+                    gantry_model::RateLimitKey::Route => b"",
+                    gantry_model::RateLimitKey::Header(h) => req
+                        .headers()
+                        .get(h.as_str())
+                        .map_or(&b""[..], |v| v.as_bytes()),
+                };
+                let d = limiter.check(k, now);
+                if !d.allowed {
+                    route.metrics.rate_limited.inc();
+                    let mut resp = self.finish_reject(ctx, Some(route), Reject::RateLimited, None);
+                    let h = resp.headers_mut();
+                    h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
+                    h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(d.limit));
+                    h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining));
+                    h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(d.reset_secs));
+                    return resp;
+                }
+            }
+            if let Some(len) = req
+                .body()
+                .size_hint()
+                .exact()
+                .or_else(|| req.body().size_hint().upper())
+            {
+                if len > f.max_body_bytes {
+                    return self.finish_reject(
+                        ctx,
+                        Some(route),
+                        Reject::TooLarge,
+                        Some(&f.max_body_bytes.to_string()),
+                    );
+                }
+            }
+
+            // 5. target
+            let mut path_for_upstream: Option<String> = normalized;
+            let mut selected: Option<(EndpointSet, String)> = None;
+            if let Some(h) = &f.version_header {
+                if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
+                    match semver::VersionReq::parse(v.trim()) {
+                        Ok(r) => {
+                            selected =
+                                Some((filter_versions(&f.all_versions, &r), v.trim().to_string()))
+                        }
+                        Err(_) => return self.finish_reject(
                             ctx,
                             Some(route),
                             Reject::BadRequest(
                                 "the version header is not a semver requirement (e.g. ^2 or 1.4)",
                             ),
                             None,
-                        )
+                        ),
                     }
                 }
             }
-        }
-        if selected.is_none() && f.version_from_path {
-            let cur_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
-            let prefix = match &route.matcher.path {
-                crate::table::PathMatcher::Prefix(p) if p != "/" => p.as_str(),
-                _ => "",
-            };
-            let after = &cur_path[prefix.len().min(cur_path.len())..];
-            let seg = after
-                .trim_start_matches('/')
-                .split('/')
-                .next()
-                .unwrap_or("");
-            if let Some(major) = seg.strip_prefix('v').and_then(|m| m.parse::<u64>().ok()) {
-                if let Ok(r) = semver::VersionReq::parse(&major.to_string()) {
-                    selected = Some((filter_versions(&f.all_versions, &r), format!("v{major}")));
-                    let cut = prefix.len() + 1 + seg.len();
-                    let mut rest = format!("{prefix}{}", &cur_path[cut.min(cur_path.len())..]);
-                    if rest.is_empty() {
-                        rest.push('/');
-                    }
-                    path_for_upstream = Some(rest);
-                }
-            }
-        }
-        let set: &EndpointSet = match &selected {
-            Some((s, _)) => s,
-            None => pick_backend(f),
-        };
-        if set.endpoints.is_empty() {
-            return match &selected {
-                Some((_, v)) => self.finish_reject(ctx, Some(route), Reject::NoVersion, Some(v)),
-                None => self.finish_reject(ctx, Some(route), Reject::NoInstance, None),
-            };
-        }
-        let service = set.service.clone();
-        if service.tls_failed {
-            // Never fall back to clear text when TLS was asked for.
-            return self.finish_reject(ctx, Some(route), Reject::UpstreamError, None);
-        }
-
-        // 6. cache
-        let mut revalidating: Option<Arc<cache::Entry>> = None;
-        let mut cache_key: Option<CacheKey> = None;
-        if f.cache.is_some() {
-            let rest_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
-            let pq = match req.uri().query() {
-                Some(q) => format!("{rest_path}?{q}"),
-                None => rest_path.to_string(),
-            };
-            if let Some(key) = cache::key_for(req.method(), ctx.host.as_deref(), &pq, &route.id) {
-                match self.cache.lookup(&key, req.headers(), now) {
-                    Lookup::Fresh(e) => {
-                        self.metrics.cache("hit");
-                        return self.serve_cached(&e, &req, "HIT", ctx, route, f);
-                    }
-                    Lookup::Stale(e) => revalidating = Some(e),
-                    Lookup::Miss => {}
-                }
-                cache_key = Some(key);
-            }
-        }
-
-        // 7. breaker and bulkhead
-        let admission = service.breaker().admit(now);
-        let probe = match admission {
-            Admission::Allowed { probe } => probe,
-            Admission::Rejected { retry_after_ms } => {
-                let mut r = self.finish_reject(ctx, Some(route), Reject::CircuitOpen, None);
-                r.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)),
-                );
-                return r;
-            }
-        };
-        let limit = service.policy.max_concurrent_requests as usize;
-        let slot = {
-            let n = service.inflight.fetch_add(1, Ordering::Relaxed);
-            let slot = ServiceSlot(service.clone());
-            if limit > 0 && n >= limit {
-                service.metrics.bulkhead_rejections.inc();
-                if probe {
-                    self.record_breaker(&service, true, true, now);
-                }
-                return self.finish_reject(ctx, Some(route), Reject::Bulkhead, None);
-            }
-            slot
-        };
-
-        // 8. upstream request
-        let upgrade = seen.upgrade && is_websocket_upgrade(&req);
-        let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let want_h2 = match service.policy.protocol {
-            gantry_model::UpstreamProtocol::H2c => !upgrade,
-            gantry_model::UpstreamProtocol::Auto => parts.version == Version::HTTP_2 && !upgrade,
-            gantry_model::UpstreamProtocol::Http1 => false,
-        };
-        let pq = match rewrite_path(route, f, path_for_upstream.as_deref(), &parts.uri) {
-            Some(pq) => pq,
-            None => {
-                return self.finish_reject(
-                    ctx,
-                    Some(route),
-                    Reject::BadRequest("the rewritten path is not a valid URI path"),
-                    None,
-                )
-            }
-        };
-        let client_conditional = cache_key.is_some()
-            && (parts.headers.contains_key(header::IF_NONE_MATCH)
-                || parts.headers.contains_key(header::IF_MODIFIED_SINCE));
-        let authority: Option<HeaderValue> = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| seen.host.clone());
-        let mut headers = std::mem::take(&mut parts.headers);
-        let client_headers = cache_key.as_ref().map(|_| headers.clone());
-        if seen.hop_by_hop {
-            let upgrade_value = if upgrade {
-                headers.get(header::UPGRADE).cloned()
-            } else {
-                None
-            };
-            remove_hop_by_hop(&mut headers, want_h2);
-            if let Some(u) = upgrade_value {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                headers.insert(header::UPGRADE, u);
-            }
-        }
-        let forwarded_for = if seen.forwarded_for {
-            forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
-        } else {
-            conn.peer_ip.clone()
-        };
-        if seen.forwarded_for {
-            headers.remove(&X_FORWARDED_FOR);
-        }
-        if seen.ours {
-            // The client's own values of the headers the gateway sets are replaced.
-            for n in [
-                &X_FORWARDED_PROTO,
-                &X_FORWARDED_HOST,
-                &X_REQUEST_ID,
-                &TRACEPARENT,
-            ] {
-                headers.remove(n);
-            }
-        }
-        let mut has_host = seen.host.is_some();
-        if want_h2 {
-            if has_host {
-                headers.remove(header::HOST);
-            }
-        } else if !has_host {
-            if let Some(a) = &authority {
-                headers.insert(header::HOST, a.clone());
-                has_host = true;
-            }
-        }
-        let mut added = Some(Added {
-            traceparent: std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")),
-            forwarded_for,
-            forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-            forwarded_host: authority.clone(),
-            request_id: ctx.request_id.clone(),
-        });
-        // The in-task HTTP/1.1 client writes `added` behind the map; every other path, and
-        // configured header changes (which may override them), need them in the map.
-        let own_h1 = !want_h2 && !upgrade && service.tls.is_none();
-        if !own_h1 || !f.request_headers.is_empty() {
-            if let Some(a) = added.take() {
-                a.insert_into(&mut headers);
-            }
-            f.request_headers.apply(&mut headers);
-        }
-        if let (Some(e), false) = (&revalidating, client_conditional) {
-            if let Some(etag) = &e.etag {
-                headers.insert(header::IF_NONE_MATCH, etag.clone());
-            }
-            if let Some(lm) = &e.last_modified {
-                headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
-            }
-        }
-        let uri = if want_h2 {
-            let auth = authority
-                .as_ref()
-                .and_then(|a| a.to_str().ok())
-                .unwrap_or("localhost");
-            format!("http://{auth}{}", pq.as_str())
-                .parse::<Uri>()
-                .unwrap_or_else(|_| Uri::from(pq.clone()))
-        } else {
-            Uri::from(pq.clone())
-        };
-        let method = parts.method.clone();
-        let replayable = body.is_end_stream();
-        let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
-        let mut body = Some(match &exceeded {
-            None => ReqBody::Empty,
-            Some(flag) => ReqBody::limited(body, f.max_body_bytes, flag.clone()),
-        });
-
-        // 9. mirror
-        if let Some((mset, pct)) = &f.mirror {
-            if replayable && !upgrade && crate::rand::unit() * 100.0 < *pct {
-                self.mirror(
-                    mset,
-                    &method,
-                    &uri,
-                    &headers,
-                    added.as_ref(),
-                    parts.version == Version::HTTP_2,
-                );
-            }
-        }
-
-        // 10. attempts
-        let retry = &f.retry;
-        let can_retry = replayable
-            && !upgrade
-            && (is_idempotent(&method) || retry.non_idempotent)
-            && retry.attempts > 0;
-        let max_attempts = 1 + if can_retry {
-            retry.attempts as usize
-        } else {
-            0
-        };
-        f.budget.record_request(now);
-        let hash_key = match &service.policy.load_balancer {
-            gantry_model::LoadBalancer::Hash(on) => match on {
-                gantry_model::HashOn::ClientIp => {
-                    Some(hash64(conn.peer.ip().to_string().as_bytes()))
-                }
-                gantry_model::HashOn::Header(h) => headers
-                    .get(h.as_str())
-                    .or_else(|| added.as_ref().and_then(|a| a.get(h)))
-                    .map(|v| hash64(v.as_bytes())),
-                gantry_model::HashOn::Cookie(c) => {
-                    cookie(&headers, c).map(|v| hash64(v.as_bytes()))
-                }
-            },
-            _ => None,
-        };
-        let deadline = tokio::time::Instant::from_std(ctx.start) + f.request_timeout;
-        let connect_timeout = Duration::from_millis(service.policy.connect_timeout_ms);
-        let mut tried_buf = [usize::MAX; 12];
-        let mut n_tried = 0usize;
-        let mut attempt_no = 0usize;
-        let mut stale_conns = 0usize;
-        let mut template: Option<(Method, Uri, HeaderMap)> = None;
-        let mut pending_req: Option<Request<ReqBody>> = None;
-        let mut last_failure = Reject::UpstreamError;
-        let mut headers_slot = Some(headers);
-        loop {
-            // One clock read per attempt start and one per attempt end.
-            let attempt_start = Instant::now();
-            let now = ms_at(attempt_start);
-            let attempt_at = tokio::time::Instant::from_std(attempt_start);
-            if attempt_at >= deadline {
-                last_failure = Reject::UpstreamTimeout;
-                break;
-            }
-            let Some(idx) = set.pick(&tried_buf[..n_tried], hash_key, now) else {
-                break;
-            };
-            let ep = set.endpoints[idx].clone();
-            let up_req = match pending_req.take() {
-                Some(r) => r,
-                None => {
-                    let h = match headers_slot.take() {
-                        Some(h) => {
-                            if can_retry && max_attempts > 1 {
-                                template = Some((method.clone(), uri.clone(), h.clone()));
-                            }
-                            h
-                        }
-                        None => match &template {
-                            Some((_, _, h)) => h.clone(),
-                            None => break,
-                        },
-                    };
-                    let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
-                    *r.method_mut() = method.clone();
-                    *r.uri_mut() = uri.clone();
-                    *r.version_mut() = if want_h2 {
-                        Version::HTTP_2
-                    } else {
-                        Version::HTTP_11
-                    };
-                    *r.headers_mut() = h;
-                    if !want_h2 && !has_host {
-                        // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
-                        if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
-                            r.headers_mut().insert(header::HOST, v);
-                        }
-                    }
-                    r
-                }
-            };
-            let guard = InflightGuard::new(ep.clone());
-            let per_try = f
-                .per_try_timeout
-                .map_or(deadline, |t| deadline.min(attempt_at + t));
-            let target = crate::pool::Target {
-                addr: ep.addr,
-                timeout: connect_timeout,
-                tls: service.tls.as_ref(),
-            };
-            // The hyper paths' futures are boxed: they are large and off the common path, and
-            // the request's future would otherwise carry their size.
-            let mut own_timer;
-            let attempt_timer: Pin<&mut Sleep> = match timer.as_mut() {
-                Some(t) => {
-                    t.as_mut().reset(per_try);
-                    t.as_mut()
-                }
-                None => {
-                    own_timer = Box::pin(tokio::time::sleep_until(per_try));
-                    own_timer.as_mut()
-                }
-            };
-            let sent = within(attempt_timer, async {
-                let c = if want_h2 {
-                    Box::pin(ep.pool.h2(target)).await
-                } else if upgrade {
-                    Box::pin(crate::pool::connect_h1(target))
-                        .await
-                        .map(Conn::H1)
-                } else if target.tls.is_none() {
-                    ep.pool.own(target).await
-                } else {
-                    Box::pin(ep.pool.h1(target)).await
+            if selected.is_none() && f.version_from_path {
+                let cur_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
+                let prefix = match &route.matcher.path {
+                    crate::table::PathMatcher::Prefix(p) if p != "/" => p.as_str(),
+                    _ => "",
                 };
-                match c {
-                    Err(e) => Err((e.to_string(), Some(up_req))),
-                    Ok(Conn::Own(c)) => {
-                        let (p, b) = up_req.into_parts();
-                        let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
-                        match c
-                            .send(&p.method, path, &p.headers, added.as_ref(), b, ep.clone())
-                            .await
-                        {
-                            Ok(resp) => {
-                                crate::codec::recycle_map(p.headers);
-                                Ok((resp.map(UpBody::Own), None))
-                            }
-                            Err(crate::h1::H1Error::Unsent(b, e)) => Err((
-                                format!("connection closed before the request was sent: {e}"),
-                                Some(Request::from_parts(p, *b)),
-                            )),
-                            Err(e) => Err((e.to_string(), None)),
+                let after = &cur_path[prefix.len().min(cur_path.len())..];
+                let seg = after
+                    .trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or("");
+                if let Some(major) = seg.strip_prefix('v').and_then(|m| m.parse::<u64>().ok()) {
+                    if let Ok(r) = semver::VersionReq::parse(&major.to_string()) {
+                        selected =
+                            Some((filter_versions(&f.all_versions, &r), format!("v{major}")));
+                        let cut = prefix.len() + 1 + seg.len();
+                        let mut rest = format!("{prefix}{}", &cur_path[cut.min(cur_path.len())..]);
+                        if rest.is_empty() {
+                            rest.push('/');
                         }
+                        path_for_upstream = Some(rest);
                     }
-                    Ok(Conn::H1(mut s)) => match Box::pin(s.try_send_request(up_req)).await {
-                        Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
-                        Err(mut e) => {
-                            let msg = e.take_message();
-                            Err((e.error().to_string(), msg))
-                        }
-                    },
-                    Ok(Conn::H2(mut s)) => match Box::pin(s.try_send_request(up_req)).await {
-                        Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
-                        Err(mut e) => {
-                            let msg = e.take_message();
-                            Err((e.error().to_string(), msg))
-                        }
-                    },
                 }
-            })
-            .await;
-            let outcome = match sent {
-                Ok(Ok((resp, s))) => Attempt::Response(resp, s),
-                Ok(Err((why, returned))) => {
-                    if let Some(r) = returned {
-                        // Never left: a pooled connection the instance had just closed, or a
-                        // failed connect. The same request can go again.
-                        if why.contains("connection was not ready") || why.contains("closed") {
-                            stale_conns += 1;
-                            if stale_conns <= 3 {
-                                pending_req = Some(r);
-                                continue;
-                            }
-                        }
-                        pending_req = Some(r);
-                    }
-                    Attempt::Failed(why)
-                }
-                Err(()) => Attempt::TimedOut,
-            };
-            attempt_no += 1;
-            if n_tried < tried_buf.len() {
-                tried_buf[n_tried] = idx;
-                n_tried += 1;
             }
-            let attempt_end = Instant::now();
-            let elapsed = attempt_end.saturating_duration_since(attempt_start);
-            let end_ms = ms_at(attempt_end);
-            match outcome {
-                Attempt::Response(resp, sender) => {
-                    let status = resp.status();
-                    ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
-                    ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
-                    let failed = status.is_server_error();
-                    self.outlier(&service, &ep, !failed, end_ms);
-                    let retry_status = retry.on_statuses.contains(&status.as_u16());
-                    if retry_status
-                        && attempt_no < max_attempts
-                        && f.budget.try_retry(end_ms)
-                        && set.endpoints.len() > n_tried
-                    {
-                        drop(resp);
-                        drop(guard);
-                        route.metrics.retries.inc();
-                        pending_req = None;
-                        pause(backoff(
-                            attempt_no as u32,
-                            retry.backoff_base_ms,
-                            retry.backoff_max_ms,
-                        ))
-                        .await;
-                        continue;
+            let set: &EndpointSet = match &selected {
+                Some((s, _)) => s,
+                None => pick_backend(f),
+            };
+            if set.endpoints.is_empty() {
+                return match &selected {
+                    Some((_, v)) => {
+                        self.finish_reject(ctx, Some(route), Reject::NoVersion, Some(v))
                     }
-                    self.record_breaker(&service, !failed, probe, end_ms);
-                    return self.respond(
-                        route,
-                        f,
+                    None => self.finish_reject(ctx, Some(route), Reject::NoInstance, None),
+                };
+            }
+            let service = set.service.clone();
+            if service.tls_failed {
+                // Never fall back to clear text when TLS was asked for.
+                return self.finish_reject(ctx, Some(route), Reject::UpstreamError, None);
+            }
+
+            // 6. cache
+            let mut revalidating: Option<Arc<cache::Entry>> = None;
+            let mut cache_key: Option<CacheKey> = None;
+            if f.cache.is_some() {
+                let rest_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
+                let pq = match req.uri().query() {
+                    Some(q) => format!("{rest_path}?{q}"),
+                    None => rest_path.to_string(),
+                };
+                if let Some(key) = cache::key_for(req.method(), ctx.host.as_deref(), &pq, &route.id)
+                {
+                    match self.cache.lookup(&key, req.headers(), now) {
+                        Lookup::Fresh(e) => {
+                            self.metrics.cache("hit");
+                            return self.serve_cached(&e, &req, "HIT", ctx, route, f);
+                        }
+                        Lookup::Stale(e) => revalidating = Some(e),
+                        Lookup::Miss => {}
+                    }
+                    cache_key = Some(key);
+                }
+            }
+
+            // 7. breaker and bulkhead
+            let admission = service.breaker().admit(now);
+            let probe = match admission {
+                Admission::Allowed { probe } => probe,
+                Admission::Rejected { retry_after_ms } => {
+                    let mut r = self.finish_reject(ctx, Some(route), Reject::CircuitOpen, None);
+                    r.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from(retry_after_ms.div_ceil(1000).max(1)),
+                    );
+                    return r;
+                }
+            };
+            let limit = service.policy.max_concurrent_requests as usize;
+            let slot = {
+                let n = service.inflight.fetch_add(1, Ordering::Relaxed);
+                let slot = ServiceSlot(service.clone());
+                if limit > 0 && n >= limit {
+                    service.metrics.bulkhead_rejections.inc();
+                    if probe {
+                        self.record_breaker(&service, true, true, now);
+                    }
+                    return self.finish_reject(ctx, Some(route), Reject::Bulkhead, None);
+                }
+                slot
+            };
+
+            // 8. upstream request
+            let upgrade = seen.upgrade && is_websocket_upgrade(&req);
+            let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            let (mut parts, body) = req.into_parts();
+            let want_h2 = match service.policy.protocol {
+                gantry_model::UpstreamProtocol::H2c => !upgrade,
+                gantry_model::UpstreamProtocol::Auto => {
+                    parts.version == Version::HTTP_2 && !upgrade
+                }
+                gantry_model::UpstreamProtocol::Http1 => false,
+            };
+            let pq = match rewrite_path(route, f, path_for_upstream.as_deref(), &parts.uri) {
+                Some(pq) => pq,
+                None => {
+                    return self.finish_reject(
                         ctx,
-                        &service,
-                        slot,
-                        ep,
-                        guard,
-                        resp,
-                        sender,
-                        elapsed,
-                        cache_key,
-                        revalidating,
-                        client_conditional,
-                        on_client_upgrade,
+                        Some(route),
+                        Reject::BadRequest("the rewritten path is not a valid URI path"),
+                        None,
+                    )
+                }
+            };
+            let client_conditional = cache_key.is_some()
+                && (parts.headers.contains_key(header::IF_NONE_MATCH)
+                    || parts.headers.contains_key(header::IF_MODIFIED_SINCE));
+            let authority: Option<HeaderValue> = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .or_else(|| seen.host.clone());
+            let mut headers = std::mem::take(&mut parts.headers);
+            let client_headers = cache_key.as_ref().map(|_| headers.clone());
+            if seen.hop_by_hop {
+                let upgrade_value = if upgrade {
+                    headers.get(header::UPGRADE).cloned()
+                } else {
+                    None
+                };
+                remove_hop_by_hop(&mut headers, want_h2);
+                if let Some(u) = upgrade_value {
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    headers.insert(header::UPGRADE, u);
+                }
+            }
+            let forwarded_for = if seen.forwarded_for {
+                forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
+            } else {
+                conn.peer_ip.clone()
+            };
+            if seen.forwarded_for {
+                headers.remove(&X_FORWARDED_FOR);
+            }
+            if seen.ours {
+                // The client's own values of the headers the gateway sets are replaced.
+                for n in [
+                    &X_FORWARDED_PROTO,
+                    &X_FORWARDED_HOST,
+                    &X_REQUEST_ID,
+                    &TRACEPARENT,
+                ] {
+                    headers.remove(n);
+                }
+            }
+            let mut has_host = seen.host.is_some();
+            if want_h2 {
+                if has_host {
+                    headers.remove(header::HOST);
+                }
+            } else if !has_host {
+                if let Some(a) = &authority {
+                    headers.insert(header::HOST, a.clone());
+                    has_host = true;
+                }
+            }
+            let mut added = Some(Added {
+                traceparent: std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")),
+                forwarded_for,
+                forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+                forwarded_host: authority.clone(),
+                request_id: ctx.request_id.clone(),
+            });
+            // The in-task HTTP/1.1 client writes `added` behind the map; every other path, and
+            // configured header changes (which may override them), need them in the map.
+            let own_h1 = !want_h2 && !upgrade && service.tls.is_none();
+            if !own_h1 || !f.request_headers.is_empty() {
+                if let Some(a) = added.take() {
+                    a.insert_into(&mut headers);
+                }
+                f.request_headers.apply(&mut headers);
+            }
+            if let (Some(e), false) = (&revalidating, client_conditional) {
+                if let Some(etag) = &e.etag {
+                    headers.insert(header::IF_NONE_MATCH, etag.clone());
+                }
+                if let Some(lm) = &e.last_modified {
+                    headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+                }
+            }
+            let uri = if want_h2 {
+                let auth = authority
+                    .as_ref()
+                    .and_then(|a| a.to_str().ok())
+                    .unwrap_or("localhost");
+                format!("http://{auth}{}", pq.as_str())
+                    .parse::<Uri>()
+                    .unwrap_or_else(|_| Uri::from(pq.clone()))
+            } else {
+                Uri::from(pq.clone())
+            };
+            let method = parts.method.clone();
+            let replayable = body.is_end_stream();
+            let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
+            let mut body = Some(match &exceeded {
+                None => ReqBody::Empty,
+                Some(flag) => ReqBody::limited(body, f.max_body_bytes, flag.clone()),
+            });
+
+            // 9. mirror
+            if let Some((mset, pct)) = &f.mirror {
+                if replayable && !upgrade && crate::rand::unit() * 100.0 < *pct {
+                    self.mirror(
+                        mset,
                         &method,
-                        client_headers,
+                        &uri,
+                        &headers,
+                        added.as_ref(),
+                        parts.version == Version::HTTP_2,
                     );
                 }
-                Attempt::Failed(why) => {
-                    drop(guard);
-                    ep.metrics.errors.inc();
-                    service.metrics.upstream_errors.inc();
-                    ep.mark_suspect(end_ms);
-                    self.outlier(&service, &ep, false, end_ms);
-                    tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
-                    if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
-                        return self.finish_reject(
+            }
+
+            // 10. attempts
+            let retry = &f.retry;
+            let can_retry = replayable
+                && !upgrade
+                && (is_idempotent(&method) || retry.non_idempotent)
+                && retry.attempts > 0;
+            let max_attempts = 1 + if can_retry {
+                retry.attempts as usize
+            } else {
+                0
+            };
+            f.budget.record_request(now);
+            let hash_key = match &service.policy.load_balancer {
+                gantry_model::LoadBalancer::Hash(on) => match on {
+                    gantry_model::HashOn::ClientIp => {
+                        Some(hash64(conn.peer.ip().to_string().as_bytes()))
+                    }
+                    gantry_model::HashOn::Header(h) => headers
+                        .get(h.as_str())
+                        .or_else(|| added.as_ref().and_then(|a| a.get(h)))
+                        .map(|v| hash64(v.as_bytes())),
+                    gantry_model::HashOn::Cookie(c) => {
+                        cookie(&headers, c).map(|v| hash64(v.as_bytes()))
+                    }
+                },
+                _ => None,
+            };
+            let deadline = tokio::time::Instant::from_std(ctx.start) + f.request_timeout;
+            let connect_timeout = Duration::from_millis(service.policy.connect_timeout_ms);
+            let mut tried_buf = [usize::MAX; 12];
+            let mut n_tried = 0usize;
+            let mut attempt_no = 0usize;
+            let mut stale_conns = 0usize;
+            let mut template: Option<(Method, Uri, HeaderMap)> = None;
+            let mut pending_req: Option<Request<ReqBody>> = None;
+            let mut last_failure = Reject::UpstreamError;
+            let mut headers_slot = Some(headers);
+            loop {
+                // One clock read per attempt start and one per attempt end.
+                let attempt_start = Instant::now();
+                let now = ms_at(attempt_start);
+                let attempt_at = tokio::time::Instant::from_std(attempt_start);
+                if attempt_at >= deadline {
+                    last_failure = Reject::UpstreamTimeout;
+                    break;
+                }
+                let Some(idx) = set.pick(&tried_buf[..n_tried], hash_key, now) else {
+                    break;
+                };
+                let ep = set.endpoints[idx].clone();
+                let up_req = match pending_req.take() {
+                    Some(r) => r,
+                    None => {
+                        let h = match headers_slot.take() {
+                            Some(h) => {
+                                if can_retry && max_attempts > 1 {
+                                    template = Some((method.clone(), uri.clone(), h.clone()));
+                                }
+                                h
+                            }
+                            None => match &template {
+                                Some((_, _, h)) => h.clone(),
+                                None => break,
+                            },
+                        };
+                        let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
+                        *r.method_mut() = method.clone();
+                        *r.uri_mut() = uri.clone();
+                        *r.version_mut() = if want_h2 {
+                            Version::HTTP_2
+                        } else {
+                            Version::HTTP_11
+                        };
+                        *r.headers_mut() = h;
+                        if !want_h2 && !has_host {
+                            // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
+                            if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
+                                r.headers_mut().insert(header::HOST, v);
+                            }
+                        }
+                        r
+                    }
+                };
+                let guard = InflightGuard::new(ep.clone());
+                let per_try = f
+                    .per_try_timeout
+                    .map_or(deadline, |t| deadline.min(attempt_at + t));
+                let target = crate::pool::Target {
+                    addr: ep.addr,
+                    timeout: connect_timeout,
+                    tls: service.tls.as_ref(),
+                };
+                // The hyper paths' futures are boxed: they are large and off the common path, and
+                // the request's future would otherwise carry their size.
+                let mut own_timer;
+                let attempt_timer: Pin<&mut Sleep> = match timer.as_mut() {
+                    Some(t) => {
+                        t.as_mut().reset(per_try);
+                        t.as_mut()
+                    }
+                    None => {
+                        own_timer = Box::pin(tokio::time::sleep_until(per_try));
+                        own_timer.as_mut()
+                    }
+                };
+                let sent = {
+                    let attempt = std::pin::pin!(async {
+                        let c = if want_h2 {
+                            Box::pin(ep.pool.h2(target)).await
+                        } else if upgrade {
+                            Box::pin(crate::pool::connect_h1(target))
+                                .await
+                                .map(Conn::H1)
+                        } else if target.tls.is_none() {
+                            ep.pool.own(target).await
+                        } else {
+                            Box::pin(ep.pool.h1(target)).await
+                        };
+                        match c {
+                            Err(e) => Err((e.to_string(), Some(up_req))),
+                            Ok(Conn::Own(c)) => {
+                                let (p, b) = up_req.into_parts();
+                                let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
+                                match c
+                                    .send(
+                                        &p.method,
+                                        path,
+                                        &p.headers,
+                                        added.as_ref(),
+                                        b,
+                                        ep.clone(),
+                                    )
+                                    .await
+                                {
+                                    Ok(resp) => {
+                                        crate::codec::recycle_map(p.headers);
+                                        Ok((resp.map(UpBody::Own), None))
+                                    }
+                                    Err(crate::h1::H1Error::Unsent(b, e)) => Err((
+                                        format!(
+                                            "connection closed before the request was sent: {e}"
+                                        ),
+                                        Some(Request::from_parts(p, *b)),
+                                    )),
+                                    Err(e) => Err((e.to_string(), None)),
+                                }
+                            }
+                            Ok(Conn::H1(mut s)) => match Box::pin(s.try_send_request(up_req)).await
+                            {
+                                Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
+                                Err(mut e) => {
+                                    let msg = e.take_message();
+                                    Err((e.error().to_string(), msg))
+                                }
+                            },
+                            Ok(Conn::H2(mut s)) => match Box::pin(s.try_send_request(up_req)).await
+                            {
+                                Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
+                                Err(mut e) => {
+                                    let msg = e.take_message();
+                                    Err((e.error().to_string(), msg))
+                                }
+                            },
+                        }
+                    });
+                    within(attempt_timer, attempt).await
+                };
+                let outcome = match sent {
+                    Ok(Ok((resp, s))) => Attempt::Response(resp, s),
+                    Ok(Err((why, returned))) => {
+                        if let Some(r) = returned {
+                            // Never left: a pooled connection the instance had just closed, or a
+                            // failed connect. The same request can go again.
+                            if why.contains("connection was not ready") || why.contains("closed") {
+                                stale_conns += 1;
+                                if stale_conns <= 3 {
+                                    pending_req = Some(r);
+                                    continue;
+                                }
+                            }
+                            pending_req = Some(r);
+                        }
+                        Attempt::Failed(why)
+                    }
+                    Err(()) => Attempt::TimedOut,
+                };
+                attempt_no += 1;
+                if n_tried < tried_buf.len() {
+                    tried_buf[n_tried] = idx;
+                    n_tried += 1;
+                }
+                let attempt_end = Instant::now();
+                let elapsed = attempt_end.saturating_duration_since(attempt_start);
+                let end_ms = ms_at(attempt_end);
+                match outcome {
+                    Attempt::Response(resp, sender) => {
+                        let status = resp.status();
+                        ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
+                        ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
+                        let failed = status.is_server_error();
+                        self.outlier(&service, &ep, !failed, end_ms);
+                        let retry_status = retry.on_statuses.contains(&status.as_u16());
+                        if retry_status
+                            && attempt_no < max_attempts
+                            && f.budget.try_retry(end_ms)
+                            && set.endpoints.len() > n_tried
+                        {
+                            drop(resp);
+                            drop(guard);
+                            route.metrics.retries.inc();
+                            pending_req = None;
+                            pause(backoff(
+                                attempt_no as u32,
+                                retry.backoff_base_ms,
+                                retry.backoff_max_ms,
+                            ))
+                            .await;
+                            continue;
+                        }
+                        self.record_breaker(&service, !failed, probe, end_ms);
+                        return self.respond(
+                            route,
+                            f,
                             ctx,
-                            Some(route),
-                            Reject::TooLarge,
-                            Some(&f.max_body_bytes.to_string()),
+                            &service,
+                            slot,
+                            ep,
+                            guard,
+                            resp,
+                            sender,
+                            elapsed,
+                            cache_key,
+                            revalidating,
+                            client_conditional,
+                            on_client_upgrade,
+                            &method,
+                            client_headers,
                         );
                     }
-                    last_failure = Reject::UpstreamError;
-                    if retry.on_connect_failure
-                        && attempt_no < max_attempts
-                        && f.budget.try_retry(end_ms)
-                    {
-                        route.metrics.retries.inc();
-                        pause(backoff(
-                            attempt_no as u32,
-                            retry.backoff_base_ms,
-                            retry.backoff_max_ms,
-                        ))
-                        .await;
-                        continue;
+                    Attempt::Failed(why) => {
+                        drop(guard);
+                        ep.metrics.errors.inc();
+                        service.metrics.upstream_errors.inc();
+                        ep.mark_suspect(end_ms);
+                        self.outlier(&service, &ep, false, end_ms);
+                        tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
+                        if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
+                            return self.finish_reject(
+                                ctx,
+                                Some(route),
+                                Reject::TooLarge,
+                                Some(&f.max_body_bytes.to_string()),
+                            );
+                        }
+                        last_failure = Reject::UpstreamError;
+                        if retry.on_connect_failure
+                            && attempt_no < max_attempts
+                            && f.budget.try_retry(end_ms)
+                        {
+                            route.metrics.retries.inc();
+                            pause(backoff(
+                                attempt_no as u32,
+                                retry.backoff_base_ms,
+                                retry.backoff_max_ms,
+                            ))
+                            .await;
+                            continue;
+                        }
+                        break;
                     }
-                    break;
-                }
-                Attempt::TimedOut => {
-                    drop(guard);
-                    ep.metrics.errors.inc();
-                    service.metrics.upstream_errors.inc();
-                    self.outlier(&service, &ep, false, end_ms);
-                    last_failure = Reject::UpstreamTimeout;
-                    pending_req = None;
-                    if retry.on_per_try_timeout
-                        && attempt_no < max_attempts
-                        && tokio::time::Instant::from_std(attempt_end) < deadline
-                        && f.budget.try_retry(end_ms)
-                    {
-                        route.metrics.retries.inc();
-                        continue;
+                    Attempt::TimedOut => {
+                        drop(guard);
+                        ep.metrics.errors.inc();
+                        service.metrics.upstream_errors.inc();
+                        self.outlier(&service, &ep, false, end_ms);
+                        last_failure = Reject::UpstreamTimeout;
+                        pending_req = None;
+                        if retry.on_per_try_timeout
+                            && attempt_no < max_attempts
+                            && tokio::time::Instant::from_std(attempt_end) < deadline
+                            && f.budget.try_retry(end_ms)
+                        {
+                            route.metrics.retries.inc();
+                            continue;
+                        }
+                        break;
                     }
-                    break;
                 }
             }
+            // Every attempt failed.
+            self.record_breaker(&service, false, probe, clock_ms());
+            drop(slot);
+            if n_tried == 0 && !matches!(last_failure, Reject::UpstreamTimeout) {
+                last_failure = Reject::NoInstance;
+            }
+            self.finish_reject(ctx, Some(route), last_failure, None)
         }
-        // Every attempt failed.
-        self.record_breaker(&service, false, probe, clock_ms());
-        drop(slot);
-        if n_tried == 0 && !matches!(last_failure, Reject::UpstreamTimeout) {
-            last_failure = Reject::NoInstance;
-        }
-        self.finish_reject(ctx, Some(route), last_failure, None)
     }
 
     fn record_breaker(&self, service: &ServiceState, ok: bool, probe: bool, now: u64) {
@@ -1731,13 +1752,12 @@ fn cached_response(
 }
 
 /// `fut`, or `Err` when `timer` fires first.
-async fn within<T>(
+async fn within<F: std::future::Future>(
     mut timer: Pin<&mut Sleep>,
-    fut: impl std::future::Future<Output = T>,
-) -> Result<T, ()> {
+    mut fut: Pin<&mut F>,
+) -> Result<F::Output, ()> {
     use std::future::Future;
     use std::task::Poll;
-    let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
