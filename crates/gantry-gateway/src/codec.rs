@@ -73,6 +73,14 @@ impl Decoder {
         self.state == State::Done
     }
 
+    /// What the body still holds, for `http_body::Body::size_hint`.
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.remaining() {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+
     /// Bytes left when the framing says so (a `Content-Length` body).
     pub fn remaining(&self) -> Option<u64> {
         match self.state {

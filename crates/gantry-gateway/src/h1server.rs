@@ -556,10 +556,7 @@ impl Body for OwnBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder.remaining() {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 

@@ -1292,12 +1292,7 @@ impl Gateway {
                             drop(guard);
                             route.metrics.retries.inc();
                             pending_req = None;
-                            pause(backoff(
-                                attempt_no as u32,
-                                retry.backoff_base_ms,
-                                retry.backoff_max_ms,
-                            ))
-                            .await;
+                            retry_pause(retry, attempt_no).await;
                             continue;
                         }
                         self.record_breaker(&service, !failed, probe, end_ms);
@@ -1341,12 +1336,7 @@ impl Gateway {
                             && f.budget.try_retry(end_ms)
                         {
                             route.metrics.retries.inc();
-                            pause(backoff(
-                                attempt_no as u32,
-                                retry.backoff_base_ms,
-                                retry.backoff_max_ms,
-                            ))
-                            .await;
+                            retry_pause(retry, attempt_no).await;
                             continue;
                         }
                         break;
@@ -1770,9 +1760,17 @@ async fn within<F: std::future::Future>(
     .await
 }
 
-/// A boxed sleep: the backoff wait is rare, so its timer stays out of the request's future.
-fn pause(d: Duration) -> std::pin::Pin<Box<tokio::time::Sleep>> {
-    Box::pin(tokio::time::sleep(d))
+/// The jittered backoff before retry number `attempt_no`, as a boxed sleep: the wait is rare, so
+/// its timer stays out of the request's future.
+fn retry_pause(
+    retry: &gantry_model::RetryPolicy,
+    attempt_no: usize,
+) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+    Box::pin(tokio::time::sleep(backoff(
+        attempt_no as u32,
+        retry.backoff_base_ms,
+        retry.backoff_max_ms,
+    )))
 }
 
 fn filter_versions(all: &EndpointSet, req: &semver::VersionReq) -> EndpointSet {
