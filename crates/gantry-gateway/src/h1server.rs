@@ -114,11 +114,13 @@ pub(crate) async fn serve(
                         Ok(Some(p)) => break p,
                         Ok(None) if buf.len() > gw.cfg.max_header_bytes => {
                             refuse(gw, &stream, info.peer, HeadError::TooLarge).await;
+                            linger(stream).await;
                             return Outcome::Closed;
                         }
                         Ok(None) => {}
                         Err(e) => {
                             refuse(gw, &stream, info.peer, e).await;
+                            linger(stream).await;
                             return Outcome::Closed;
                         }
                     }
@@ -157,6 +159,7 @@ pub(crate) async fn serve(
         let mut keep = write_response(&stream, resp, &meta).await;
 
         // Take the buffer back from the body (or drain what the proxy did not read).
+        let mut unread_body = false;
         if let Some(slot) = slot {
             let returned = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
             match returned {
@@ -164,12 +167,22 @@ pub(crate) async fn serve(
                     buf = r.buf;
                     if !r.decoder.is_done() {
                         keep = drain(&stream, &mut buf, r.decoder, timeout).await;
+                        unread_body = !keep;
                     }
                 }
-                _ => keep = false,
+                Some(r) => unread_body = !r.decoder.is_done(),
+                None => {
+                    unread_body = true;
+                    keep = false;
+                }
             }
         }
         if !keep {
+            if unread_body || !buf.is_empty() {
+                // The client may still be sending: closing now could reset the connection and
+                // take the response with it.
+                linger(stream).await;
+            }
             return Outcome::Closed;
         }
         if buf.is_empty() {
@@ -416,6 +429,38 @@ async fn refuse(gw: &Gateway, stream: &TcpStream, peer: SocketAddr, e: HeadError
     };
     write_response(stream, resp, &meta).await;
 }
+
+/// Close after a response while the client may still be sending (a refused head, an unread
+/// body): half-close first, so the response is delivered, and read what still comes for a
+/// bounded time before closing (a close with unread bytes would reset the connection, and the
+/// client could lose the response).
+async fn linger(stream: Arc<TcpStream>) {
+    // A body still held elsewhere keeps the socket: nothing to do here.
+    let Ok(mut s) = Arc::try_unwrap(stream) else {
+        return;
+    };
+    if tokio::io::AsyncWriteExt::shutdown(&mut s).await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut discarded = 0usize;
+    while discarded <= MAX_DRAIN {
+        match tokio::time::timeout_at(deadline, s.readable()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        match s.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// The part of a request body's state that goes back to the connection.
 struct Returned {

@@ -236,3 +236,59 @@ fn size_limits_slow_clients_and_connection_cap() {
         "{m}"
     );
 }
+
+/// A refused request, or one answered without reading its body, is still answered while the
+/// client keeps sending: the gateway half-closes and reads on for a while (lingering close), so
+/// the client sees the answer and then a clean end of stream, not a connection reset (a close
+/// with unread bytes in the socket resets it, and a reset can take an unread answer with it).
+#[test]
+fn answers_reach_clients_that_are_still_sending() {
+    let g = start();
+    for (head, status) in [
+        // Refused before routing: two lengths.
+        (
+            "POST /public HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\nContent-Length: 2097152\r\n\r\n",
+            400,
+        ),
+        // No route: answered at once, the body never read (too large to drain).
+        (
+            "POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n\r\n",
+            404,
+        ),
+    ] {
+        let mut s = TcpStream::connect(g.gateway).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The head and the first part of the body in one write, so body bytes are in the
+        // gateway's socket before it answers.
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut first = head.as_bytes().to_vec();
+        first.extend_from_slice(&chunk);
+        s.write_all(&first).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            // Slower than the gateway reads, so the client is still sending when it answers.
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(100));
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let started = Instant::now();
+        let end = loop {
+            assert!(started.elapsed() < Duration::from_secs(10), "no end of stream");
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(raw_status(&text), status, "{head:?}: {text}");
+        assert!(json_error(&text)["error"].is_string(), "{text}");
+        assert!(end.is_ok(), "{head:?}: reset instead of a clean close: {end:?}");
+        writer.join().unwrap();
+    }
+}
