@@ -106,13 +106,13 @@ impl H1Conn {
     /// Is this idle connection still usable? Without a syscall when nothing happened on it since
     /// it went idle; otherwise a one-byte peek decides (closed, or unexpected bytes: no).
     pub fn is_reusable(&self) -> bool {
-        let mut ready = std::pin::pin!(self.stream.ready(tokio::io::Interest::READABLE));
+        // `poll_read_ready` rather than a `ready()` future: no waiter is queued and removed
+        // (the connection is idle and owned here: nothing else waits on its reads).
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match std::future::Future::poll(ready.as_mut(), &mut cx) {
+        match self.stream.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(r)) if r.is_read_closed() => false,
-            Poll::Ready(Ok(_)) => {
+            Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
                 match self.stream.try_read(&mut probe) {
                     Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
@@ -385,7 +385,7 @@ impl H1Conn {
     /// One read into the buffer.
     async fn read_buf_once(&mut self) -> std::io::Result<usize> {
         loop {
-            self.stream.readable().await?;
+            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
             match crate::codec::try_read_into(&self.stream, &mut self.buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 other => return other,

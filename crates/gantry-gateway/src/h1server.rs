@@ -99,6 +99,13 @@ pub(crate) async fn serve(
     // Deadlines of the requests' upstream attempts (see `Gateway::handle`).
     let attempts = tokio::time::sleep_until(deadline);
     tokio::pin!(attempts);
+    // Shutdown, waited for by one future for the connection's life: it registers with the
+    // channel once, not once per wait between requests.
+    let mut shut_rx = shutdown.clone();
+    let shut = async move {
+        let _ = shut_rx.wait_for(|v| *v).await;
+    };
+    tokio::pin!(shut);
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
@@ -127,7 +134,17 @@ pub(crate) async fn serve(
                 }
             }
             let idle = buf.is_empty();
-            match read_more(&stream, &mut buf, sleep.as_mut(), deadline, shutdown, idle).await {
+            match read_more(
+                &stream,
+                &mut buf,
+                sleep.as_mut(),
+                deadline,
+                shutdown,
+                shut.as_mut(),
+                idle,
+            )
+            .await
+            {
                 Wait::Data => {}
                 Wait::Timeout => {
                     if !buf.is_empty() {
@@ -219,16 +236,20 @@ async fn read_more(
     buf: &mut BytesMut,
     mut sleep: Pin<&mut tokio::time::Sleep>,
     deadline: Instant,
-    shutdown: &mut watch::Receiver<bool>,
+    shutting: &watch::Receiver<bool>,
+    mut shutdown: Pin<&mut impl std::future::Future<Output = ()>>,
     idle: bool,
 ) -> Wait {
-    if idle && *shutdown.borrow() {
+    // Between requests, shutdown wins over a new request.
+    if idle && *shutting.borrow() {
         return Wait::Closed;
     }
     loop {
         tokio::select! {
             biased;
-            r = stream.readable() => {
+            // The readiness slot, not a `readable()` future: no waiter queued and removed per
+            // wait (nothing else waits on this connection's reads meanwhile).
+            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
                 if r.is_err() {
                     return Wait::Closed;
                 }
@@ -241,7 +262,9 @@ async fn read_more(
                 }
                 return Wait::Timeout;
             }
-            _ = shutdown.changed(), if idle => return Wait::Closed,
+            // Last: polled (the lock of an already registered waiter) only when nothing else
+            // is ready. Done once shutdown began; not polled again (the connection closes).
+            () = shutdown.as_mut(), if idle => return Wait::Closed,
         }
         match codec::try_read_into(stream, buf) {
             Ok(0) => return Wait::Closed,

@@ -70,13 +70,9 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut buf = [0u8; 32];
-        for (i, v) in [self.prefix, n].iter().enumerate() {
-            for j in 0..16 {
-                buf[i * 16 + j] = HEX[((v >> (60 - 4 * j)) & 0xf) as usize];
-            }
-        }
+        crate::trace::hex_into(&mut buf[..16], self.prefix);
+        crate::trace::hex_into(&mut buf[16..], n);
         HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 }

@@ -41,12 +41,22 @@ fn parse(h: &str) -> Option<(&str, &str)> {
     Some((t, f))
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Two lowercase hex digits for each byte value.
+const HEX2: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
-fn hex_into(out: &mut [u8], mut v: u64) {
-    for b in out.iter_mut().rev() {
-        *b = HEX[(v & 0xf) as usize];
-        v >>= 4;
+/// `v` as 16 lowercase hex digits (a byte at a time: ids are made on every request).
+pub(crate) fn hex_into(out: &mut [u8], v: u64) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair.copy_from_slice(&HEX2[b as usize]);
     }
 }
 
@@ -76,6 +86,15 @@ pub fn propagate(incoming: Option<&str>) -> TraceContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_digits() {
+        let mut out = [0u8; 16];
+        hex_into(&mut out, 0x0123_4567_89ab_cdef);
+        assert_eq!(&out, b"0123456789abcdef");
+        hex_into(&mut out, u64::MAX);
+        assert_eq!(&out, b"ffffffffffffffff");
+    }
 
     #[test]
     fn keeps_trace_id_and_replaces_parent() {

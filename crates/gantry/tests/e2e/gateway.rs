@@ -192,3 +192,75 @@ fn http10_clients_without_host_are_served() {
     );
     assert_eq!(v["path"], "/old");
 }
+
+/// On shutdown the gateway lets requests in flight on plain HTTP/1.1 connections finish (and
+/// closes their connection after the answer), closes idle keep-alive connections at once, and
+/// exits as soon as both are done.
+#[test]
+fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
+    use std::io::{Read, Write};
+    let own = OwnSvc::start("ext-1", &[]);
+    let mut g = Gantry::start(&format!(
+        r#"
+[services.ext]
+endpoints = ["{}"]
+[[services.ext.routes]]
+path_prefix = "/"
+timeout_ms = 10000
+"#,
+        own.addr()
+    ));
+    wait_for("route to the endpoint", Duration::from_secs(10), || {
+        (g.get("/health").status == 200).then_some(())
+    });
+
+    // An idle keep-alive connection (one request served on it).
+    let mut idle = std::net::TcpStream::connect(g.gateway).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // A request in flight when shutdown begins.
+    let gw = g.gateway;
+    let slow = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(gw).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = std::time::Instant::now();
+    let stopper = std::thread::spawn(move || g.stop());
+
+    // The idle connection is closed without waiting for the slow request.
+    let closed = idle.read(&mut buf);
+    assert!(
+        matches!(closed, Ok(0)),
+        "idle connection not closed: {closed:?}"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        stopping.elapsed()
+    );
+
+    // The slow request gets its whole answer, and the connection then closes.
+    let answer = slow.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(stopper.join().unwrap(), Some(0));
+}
