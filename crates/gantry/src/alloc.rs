@@ -27,7 +27,7 @@ fn aligned(p: *mut c_void, align: usize) -> bool {
 }
 
 /// A plain allocation when its alignment is ordinary and the block has it; an aligned one
-/// otherwise (`plain` and `aligned` are the same function of mimalloc's, zeroing or not).
+/// otherwise (`plain` and `aligned_alloc` are the same function of mimalloc's, zeroing or not).
 ///
 /// # Safety
 /// `layout.align()` is a power of two (a `Layout` invariant); the functions are mimalloc's.
