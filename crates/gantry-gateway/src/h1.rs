@@ -104,7 +104,7 @@ impl H1Conn {
     }
 
     /// Is this idle connection still usable? Without a syscall when nothing happened on it since
-    /// it went idle; otherwise a one-byte peek decides (closed, or unexpected bytes: no).
+    /// it went idle; otherwise a one-byte read decides (closed, or unexpected bytes: no).
     pub fn is_reusable(&self) -> bool {
         // `poll_read_ready` rather than a `ready()` future: no waiter is queued and removed
         // (the connection is idle and owned here: nothing else waits on its reads).

@@ -743,36 +743,6 @@ pub(crate) mod tests_support {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn regex_routes_check_their_literal_prefix_first() {
-        for (pattern, prefix) in [
-            ("^/reports/[0-9]+/v1$", "/reports/"),
-            ("^/api/v2?/x", "/api/v"),
-            ("^/ab+c", "/ab"),
-            ("^/a{2}", "/"),
-            ("/not/anchored", ""),
-            ("^(/api)", ""),
-            ("^/a|/b", ""),
-            ("^/x\\.y", "/x"),
-        ] {
-            assert_eq!(required_prefix(pattern), prefix, "{pattern}");
-            let re = compile_regex(pattern).unwrap();
-            let m = PathMatcher::Regex(re.clone(), required_prefix(pattern));
-            for path in [
-                "/reports/1/v1",
-                "/api/x",
-                "/api/v2/x",
-                "/abbc",
-                "/aa",
-                "/B",
-                "/x.y",
-                "/",
-            ] {
-                assert_eq!(m.matches(path), re.is_match(path), "{pattern} on {path}");
-            }
-        }
-    }
-
     use super::*;
     use gantry_model::{CircuitBreakerPolicy, OutlierPolicy, UpstreamProtocol};
 
@@ -1029,6 +999,36 @@ mod tests {
                     .find(|c| c.matcher.matches(&v))
                     .map(|c| &c.id);
                 assert_eq!(table.find(&v).map(|c| &c.id), scan, "{host:?} {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn regex_routes_check_their_literal_prefix_first() {
+        for (pattern, prefix) in [
+            ("^/reports/[0-9]+/v1$", "/reports/"),
+            ("^/api/v2?/x", "/api/v"),
+            ("^/ab+c", "/ab"),
+            ("^/a{2}", "/"),
+            ("/not/anchored", ""),
+            ("^(/api)", ""),
+            ("^/a|/b", ""),
+            ("^/x\\.y", "/x"),
+        ] {
+            assert_eq!(required_prefix(pattern), prefix, "{pattern}");
+            let re = compile_regex(pattern).unwrap();
+            let m = PathMatcher::Regex(re.clone(), required_prefix(pattern));
+            for path in [
+                "/reports/1/v1",
+                "/api/x",
+                "/api/v2/x",
+                "/abbc",
+                "/aa",
+                "/B",
+                "/x.y",
+                "/",
+            ] {
+                assert_eq!(m.matches(path), re.is_match(path), "{pattern} on {path}");
             }
         }
     }
