@@ -562,10 +562,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn all(
-        d: &mut Decoder,
-        input: &[u8],
-    ) -> Result<(Vec<u8>, Option<HeaderMap>, Vec<u8>), &'static str> {
+    /// A decoded body: its bytes, its trailers, and what followed it.
+    type Whole = (Vec<u8>, Option<HeaderMap>, Vec<u8>);
+
+    fn all(d: &mut Decoder, input: &[u8]) -> Result<Whole, &'static str> {
         // Feed one byte at a time: every split point must work.
         let mut buf = BytesMut::new();
         let mut out = Vec::new();

@@ -48,10 +48,12 @@ fn start(extra: &[(&str, &str)]) -> Svc {
         .envs(extra.iter().copied())
         .spawn()
         .unwrap();
+    // Owned by `Svc` at once: killed and reaped even if it never becomes healthy.
+    let svc = Svc(child, port);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if get(port, "GET", "/health").is_some() {
-            return Svc(child, port);
+            return svc;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
