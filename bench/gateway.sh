@@ -29,31 +29,6 @@ export BACKEND_PORT
 
 [ -x "$HARNESS/run.sh" ] || { echo "harness not found at $HARNESS (set HARNESS)" >&2; exit 1; }
 
-missing=()
-for t in wrk curl taskset nginx haproxy caddy; do command -v "$t" >/dev/null || missing+=("$t"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing benchmark tools: nginx-light haproxy caddy wrk" >&2
-    apt-get update -qq && apt-get install -y -qq nginx-light haproxy caddy wrk curl procps iproute2 util-linux >/dev/null
-  else
-    echo "missing: ${missing[*]} (apt-get install nginx-light haproxy caddy wrk)" >&2; exit 1
-  fi
-fi
-if [ ! -x "$HARNESS/backend/target/release/bench-backend" ]; then
-  (cd "$HARNESS/backend" && cargo build --release -q)
-fi
-if [[ ",$PEERS," == *",pingora,"* ]] && [ ! -x "$HARNESS/pingora-peer/target/release/pingora-peer" ]; then
-  command -v cmake >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq cmake >/dev/null; }
-  echo "building the Pingora peer (several minutes on 2 cores)..." >&2
-  (cd "$HARNESS/pingora-peer" && cargo build --release -q)
-fi
-# The shipping build (`[profile.dist]`: fat LTO, one codegen unit).
-(cd "$ROOT" && cargo build --profile dist -q -p gantry)
-GANTRY="$ROOT/target/dist/gantry"
-
-WORK="$(mktemp -d -t gantry-bench.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
-
 write_spec() { # variant file
   local v="$1" f="$2"
   cat >"$f" <<EOF
@@ -103,6 +78,41 @@ headers = [{ name = "host" }]
 EOF
   fi
 }
+
+# SPECS_ONLY=DIR: write the variants' specs (DIR/plain.toml, DIR/full.toml) and stop; the
+# instruction-count profile (bench/callgrind.sh) runs Gantry on them.
+if [ -n "${SPECS_ONLY:-}" ]; then
+  mkdir -p "$SPECS_ONLY"
+  WORK="$(cd "$SPECS_ONLY" && pwd)"
+  write_spec plain "$WORK/plain.toml"
+  write_spec full "$WORK/full.toml"
+  exit 0
+fi
+
+missing=()
+for t in wrk curl taskset nginx haproxy caddy; do command -v "$t" >/dev/null || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing benchmark tools: nginx-light haproxy caddy wrk" >&2
+    apt-get update -qq && apt-get install -y -qq nginx-light haproxy caddy wrk curl procps iproute2 util-linux >/dev/null
+  else
+    echo "missing: ${missing[*]} (apt-get install nginx-light haproxy caddy wrk)" >&2; exit 1
+  fi
+fi
+if [ ! -x "$HARNESS/backend/target/release/bench-backend" ]; then
+  (cd "$HARNESS/backend" && cargo build --release -q)
+fi
+if [[ ",$PEERS," == *",pingora,"* ]] && [ ! -x "$HARNESS/pingora-peer/target/release/pingora-peer" ]; then
+  command -v cmake >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq cmake >/dev/null; }
+  echo "building the Pingora peer (several minutes on 2 cores)..." >&2
+  (cd "$HARNESS/pingora-peer" && cargo build --release -q)
+fi
+# The shipping build (`[profile.dist]`: fat LTO, one codegen unit).
+(cd "$ROOT" && cargo build --profile dist -q -p gantry)
+GANTRY="$ROOT/target/dist/gantry"
+
+WORK="$(mktemp -d -t gantry-bench.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
 
 idle_rss() { # spec -> MiB of a freshly started gantry after 2 s
   "$GANTRY" up -f "$1" >/dev/null 2>&1 & local pid=$!
