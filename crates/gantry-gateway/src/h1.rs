@@ -124,114 +124,121 @@ impl H1Conn {
 
     /// Send one request and read the response head. `endpoint` gets the connection back when
     /// the response body has been read to its end.
-    pub(crate) async fn send(
+    ///
+    /// An `async move` block rather than an `async fn`: the arguments then live in the future
+    /// once, not twice.
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn send<'a>(
         mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        added: Option<&crate::proxy::Added>,
-        body: ReqBody,
+        method: &'a Method,
+        target: &'a str,
+        headers: &'a HeaderMap,
+        added: Option<&'a crate::proxy::Added>,
+        mut body: ReqBody,
         endpoint: Arc<Endpoint>,
-    ) -> Result<Response<H1Body>, H1Error> {
-        // Request head.
-        let mut head = Vec::with_capacity(256 + headers.len() * 48);
-        head.extend_from_slice(method.as_str().as_bytes());
-        head.push(b' ');
-        head.extend_from_slice(target.as_bytes());
-        head.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut field = |k: &HeaderName, v: &http::HeaderValue| {
-            head.extend_from_slice(k.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(v.as_bytes());
+    ) -> impl std::future::Future<Output = Result<Response<H1Body>, H1Error>> + Send + 'a {
+        async move {
+            // Request head.
+            let mut head = Vec::with_capacity(256 + headers.len() * 48);
+            head.extend_from_slice(method.as_str().as_bytes());
+            head.push(b' ');
+            head.extend_from_slice(target.as_bytes());
+            head.extend_from_slice(b" HTTP/1.1\r\n");
+            let mut field = |k: &HeaderName, v: &http::HeaderValue| {
+                head.extend_from_slice(k.as_str().as_bytes());
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(v.as_bytes());
+                head.extend_from_slice(b"\r\n");
+            };
+            for (k, v) in headers {
+                field(k, v);
+            }
+            if let Some(a) = added {
+                a.for_each(field);
+            }
+            let has_body = !body.is_end_stream();
+            let chunked = has_body && !headers.contains_key(header::CONTENT_LENGTH);
+            if chunked {
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
             head.extend_from_slice(b"\r\n");
-        };
-        for (k, v) in headers {
-            field(k, v);
-        }
-        if let Some(a) = added {
-            a.for_each(field);
-        }
-        let mut body = body;
-        let has_body = !body.is_end_stream();
-        let chunked = has_body && !headers.contains_key(header::CONTENT_LENGTH);
-        if chunked {
-            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
-        // A first piece of the body that is already here goes out with the head.
-        let mut first: Option<Bytes> = None;
-        let mut body_done = !has_body;
-        if has_body {
-            let polled =
-                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
-            match polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(d) = frame.into_data() {
-                        if d.len() <= COALESCE {
-                            if chunked && !d.is_empty() {
-                                head.extend_from_slice(format!("{:x}\r\n", d.len()).as_bytes());
-                                head.extend_from_slice(&d);
-                                head.extend_from_slice(b"\r\n");
+            // A first piece of the body that is already here goes out with the head.
+            let mut first: Option<Bytes> = None;
+            let mut body_done = !has_body;
+            if has_body {
+                let polled =
+                    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)))
+                        .await;
+                match polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Ok(d) = frame.into_data() {
+                            if d.len() <= COALESCE {
+                                if chunked && !d.is_empty() {
+                                    head.extend_from_slice(format!("{:x}\r\n", d.len()).as_bytes());
+                                    head.extend_from_slice(&d);
+                                    head.extend_from_slice(b"\r\n");
+                                } else {
+                                    head.extend_from_slice(&d);
+                                }
+                                first = Some(d);
                             } else {
-                                head.extend_from_slice(&d);
+                                body.unread(d);
                             }
-                            first = Some(d);
-                        } else {
-                            body.unread(d);
+                        }
+                        if first.is_some() && body.is_end_stream() {
+                            if chunked {
+                                head.extend_from_slice(b"0\r\n\r\n");
+                            }
+                            body_done = true;
                         }
                     }
-                    if first.is_some() && body.is_end_stream() {
+                    Poll::Ready(Some(Err(e))) => return Err(H1Error::Body(e)),
+                    Poll::Ready(None) => {
                         if chunked {
                             head.extend_from_slice(b"0\r\n\r\n");
                         }
                         body_done = true;
                     }
+                    Poll::Pending => {}
                 }
-                Poll::Ready(Some(Err(e))) => return Err(H1Error::Body(e)),
-                Poll::Ready(None) => {
-                    if chunked {
-                        head.extend_from_slice(b"0\r\n\r\n");
-                    }
-                    body_done = true;
-                }
-                Poll::Pending => {}
             }
-        }
-        let mut sent = 0;
-        while sent < head.len() {
-            match self.stream.write(&head[sent..]).await {
-                Ok(0) => return Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => sent += n,
-                Err(e) if sent == 0 => {
-                    if let Some(d) = first {
-                        body.unread(d);
+            let mut sent = 0;
+            while sent < head.len() {
+                match self.stream.write(&head[sent..]).await {
+                    Ok(0) => return Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())),
+                    Ok(n) => sent += n,
+                    Err(e) if sent == 0 => {
+                        if let Some(d) = first {
+                            body.unread(d);
+                        }
+                        return Err(H1Error::Unsent(Box::new(body), e));
                     }
-                    return Err(H1Error::Unsent(Box::new(body), e));
+                    Err(e) => return Err(H1Error::Io(e)),
                 }
-                Err(e) => return Err(H1Error::Io(e)),
             }
-        }
-        if !body_done {
-            self.write_body(body, chunked).await?;
-        }
-        // Response head (skipping 1xx interim responses).
-        loop {
-            let parsed = self.read_head()?;
-            match parsed {
-                Some((status, version, resp_headers)) => {
-                    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                        continue;
+            if !body_done {
+                // Boxed: a body that did not fit in the first write is the rare case.
+                Box::pin(self.write_body(body, chunked)).await?;
+            }
+            // Response head (skipping 1xx interim responses).
+            loop {
+                let parsed = self.read_head()?;
+                match parsed {
+                    Some((status, version, resp_headers)) => {
+                        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                            continue;
+                        }
+                        return Ok(self.response(method, status, version, resp_headers, endpoint));
                     }
-                    return Ok(self.response(method, status, version, resp_headers, endpoint));
-                }
-                None => {
-                    if self.buf.len() > MAX_HEAD {
-                        return Err(H1Error::Protocol("response head too large"));
-                    }
-                    match self.read_buf_once().await {
-                        Ok(0) => return Err(H1Error::Io(eof())),
-                        Ok(_) => {}
-                        Err(e) => return Err(H1Error::Io(e)),
+                    None => {
+                        if self.buf.len() > MAX_HEAD {
+                            return Err(H1Error::Protocol("response head too large"));
+                        }
+                        match self.read_buf_once().await {
+                            Ok(0) => return Err(H1Error::Io(eof())),
+                            Ok(_) => {}
+                            Err(e) => return Err(H1Error::Io(e)),
+                        }
                     }
                 }
             }

@@ -85,13 +85,17 @@ enum HeadError {
 }
 
 /// Serve one plain connection until it closes or is handed to hyper.
+///
+/// The connection's future is what an open connection costs: the steps whose state is large
+/// and rare (refusing a head, lingering before a close) are boxed or keep their buffers on the
+/// heap, and each request's head and parse results are scoped so that they are not kept while
+/// the request is proxied.
 pub(crate) async fn serve(
     gw: &Arc<Gateway>,
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     info: ConnInfo,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Outcome {
-    let stream = Arc::new(stream);
     let timeout = gw.cfg.header_read_timeout;
     let mut deadline = Instant::now() + timeout;
     let sleep = tokio::time::sleep_until(deadline);
@@ -110,7 +114,7 @@ pub(crate) async fn serve(
     let mut first = true;
     loop {
         // A complete request head.
-        let parsed = loop {
+        let refused = 'head: loop {
             if !buf.is_empty() {
                 if first && is_h2_preface(&buf) {
                     if buf.len() >= H2_PREFACE.len() {
@@ -118,18 +122,12 @@ pub(crate) async fn serve(
                     }
                 } else {
                     match parse(&mut buf, gw.cfg.max_headers) {
-                        Ok(Some(p)) => break p,
+                        Ok(Some(p)) => break 'head Ok(p),
                         Ok(None) if buf.len() > gw.cfg.max_header_bytes => {
-                            refuse(gw, &stream, info.peer, HeadError::TooLarge).await;
-                            linger(stream).await;
-                            return Outcome::Closed;
+                            break 'head Err(HeadError::TooLarge)
                         }
                         Ok(None) => {}
-                        Err(e) => {
-                            refuse(gw, &stream, info.peer, e).await;
-                            linger(stream).await;
-                            return Outcome::Closed;
-                        }
+                        Err(e) => break 'head Err(e),
                     }
                 }
             }
@@ -156,20 +154,25 @@ pub(crate) async fn serve(
             }
         };
         first = false;
-        let (req, mut meta, framing) = match parsed {
-            Parsed::Handoff => return handoff(stream, buf),
-            Parsed::Request(r, m, f) => (r, m, f),
+        // The request, its body reading from the socket (it gives the rest of the buffer
+        // back); the parsed head is not kept across the proxying.
+        let (req, mut meta, slot) = match refused {
+            Err(e) => {
+                Box::pin(refuse(gw, &stream, info.peer, e)).await;
+                linger(stream).await;
+                return Outcome::Closed;
+            }
+            Ok(Parsed::Handoff) => return handoff(stream, buf),
+            Ok(Parsed::Request(req, meta, framing)) => {
+                let (body, slot) = match framing {
+                    BodyFraming::None => (DownBody::Empty, None),
+                    BodyFraming::Length(n) => own_body(&stream, &mut buf, Decoder::length(n), &req),
+                    BodyFraming::Chunked => own_body(&stream, &mut buf, Decoder::chunked(), &req),
+                };
+                (req.map(|()| body), meta, slot)
+            }
         };
-
-        // The body, if any, reads from the socket and gives the rest of the buffer back.
-        let (body, slot) = match framing {
-            BodyFraming::None => (DownBody::Empty, None),
-            BodyFraming::Length(n) => own_body(&stream, &mut buf, Decoder::length(n), &req),
-            BodyFraming::Chunked => own_body(&stream, &mut buf, Decoder::chunked(), &req),
-        };
-        let resp = gw
-            .handle(req.map(|()| body), info.clone(), Some(attempts.as_mut()))
-            .await;
+        let resp = gw.handle(req, info.clone(), Some(attempts.as_mut())).await;
         if *shutdown.borrow() {
             meta.keep_alive = false;
         }
@@ -466,7 +469,8 @@ async fn linger(stream: Arc<TcpStream>) {
         return;
     }
     let deadline = Instant::now() + LINGER;
-    let mut sink = [0u8; 4096];
+    // On the heap: the connection's future would otherwise carry it for its whole life.
+    let mut sink = vec![0u8; 4096];
     let mut discarded = 0usize;
     while discarded <= MAX_DRAIN {
         match tokio::time::timeout_at(deadline, s.readable()).await {

@@ -550,89 +550,97 @@ impl Gateway {
     /// reused for every attempt's deadline (moving a registered timer's deadline later is one
     /// atomic operation; a new timer per attempt is a wheel insertion and removal); `None` makes
     /// one per attempt.
-    pub(crate) async fn handle(
-        self: &Arc<Self>,
+    ///
+    /// An `async move` block rather than an `async fn`: the arguments then live in the future
+    /// once, not twice.
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn handle<'a>(
+        self: &'a Arc<Self>,
         req: Request<DownBody>,
         conn: ConnInfo,
-        timer: Option<Pin<&mut Sleep>>,
-    ) -> Response<RespBody> {
-        let start = Instant::now();
-        let mut seen = scan(req.headers());
-        // 2. request id and trace context
-        let request_id = match seen.request_id.take() {
-            Some(v) if is_sane_request_id(&v) => v,
-            _ => self.ids.next(),
-        };
-        let tc = trace::propagate(
-            seen.traceparent
-                .take()
-                .as_ref()
-                .and_then(|v| v.to_str().ok()),
-        );
-        let mut ctx = Ctx {
-            start,
-            request_id,
-            traceparent: tc.header,
-            trace_id: tc.trace_id,
-            method: req.method().clone(),
-            path: String::new(),
-            client: conn.peer,
-            host: request_host(&req, seen.host.as_ref()),
-        };
-        if self.cfg.access_log {
-            ctx.path = req.uri().path().to_string();
-        }
-
-        // 1. hardening
-        let head: usize =
-            req.uri().path_and_query().map_or(0, |p| p.as_str().len()) + seen.head_bytes;
-        if head > self.cfg.max_header_bytes {
-            let limit = self.cfg.max_header_bytes.to_string();
-            return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
-        }
-        if let Some(why) = smuggling(&seen) {
-            return self.finish_reject(&ctx, None, Reject::Malformed(why), None);
-        }
-        let normalized = match path::normalize(req.uri().path()) {
-            Ok(std::borrow::Cow::Borrowed(_)) => None,
-            Ok(std::borrow::Cow::Owned(p)) => Some(p),
-            Err(e) => return self.finish_reject(&ctx, None, Reject::BadRequest(e.message()), None),
-        };
-
-        // 3. route
-        let table = self.table.load_full();
-        let route = {
-            let view = RequestView {
-                host: ctx.host.as_deref(),
-                path: normalized.as_deref().unwrap_or(req.uri().path()),
-                method: req.method(),
-                headers: req.headers(),
-                query: req.uri().query(),
+        timer: Option<Pin<&'a mut Sleep>>,
+    ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
+        async move {
+            let start = Instant::now();
+            let mut seen = scan(req.headers());
+            // 2. request id and trace context
+            let request_id = match seen.request_id.take() {
+                Some(v) if is_sane_request_id(&v) => v,
+                _ => self.ids.next(),
             };
-            table.find(&view)
-        };
-        let Some(route) = route else {
-            return self.finish_reject(&ctx, None, Reject::NoRoute, None);
-        };
-        match &route.action {
-            Action::Redirect(r) => {
-                let resp = redirect(r, route, &req, normalized.as_deref(), conn.tls, &ctx);
-                route
-                    .metrics
-                    .record(resp.status().as_u16(), start.elapsed().as_secs_f64());
-                if self.cfg.access_log {
-                    access_log(&ctx, &route.id, "", resp.status().as_u16(), 0, None, true);
-                }
-                resp
+            let tc = trace::propagate(
+                seen.traceparent
+                    .take()
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let mut ctx = Ctx {
+                start,
+                request_id,
+                traceparent: tc.header,
+                trace_id: tc.trace_id,
+                method: req.method().clone(),
+                path: String::new(),
+                client: conn.peer,
+                host: request_host(&req, seen.host.as_ref()),
+            };
+            if self.cfg.access_log {
+                ctx.path = req.uri().path().to_string();
             }
-            Action::Forward(f) => {
-                let resp = self
-                    .forward_boxed(route, f, req, seen, normalized, conn, timer, &mut ctx)
-                    .await;
-                route
-                    .metrics
-                    .record(resp.status().as_u16(), start.elapsed().as_secs_f64());
-                resp
+
+            // 1. hardening
+            let head: usize =
+                req.uri().path_and_query().map_or(0, |p| p.as_str().len()) + seen.head_bytes;
+            if head > self.cfg.max_header_bytes {
+                let limit = self.cfg.max_header_bytes.to_string();
+                return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
+            }
+            if let Some(why) = smuggling(&seen) {
+                return self.finish_reject(&ctx, None, Reject::Malformed(why), None);
+            }
+            let normalized = match path::normalize(req.uri().path()) {
+                Ok(std::borrow::Cow::Borrowed(_)) => None,
+                Ok(std::borrow::Cow::Owned(p)) => Some(p),
+                Err(e) => {
+                    return self.finish_reject(&ctx, None, Reject::BadRequest(e.message()), None)
+                }
+            };
+
+            // 3. route
+            let table = self.table.load_full();
+            let route = {
+                let view = RequestView {
+                    host: ctx.host.as_deref(),
+                    path: normalized.as_deref().unwrap_or(req.uri().path()),
+                    method: req.method(),
+                    headers: req.headers(),
+                    query: req.uri().query(),
+                };
+                table.find(&view)
+            };
+            let Some(route) = route else {
+                return self.finish_reject(&ctx, None, Reject::NoRoute, None);
+            };
+            match &route.action {
+                Action::Redirect(r) => {
+                    let resp = redirect(r, route, &req, normalized.as_deref(), conn.tls, &ctx);
+                    route
+                        .metrics
+                        .record(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    if self.cfg.access_log {
+                        access_log(&ctx, &route.id, "", resp.status().as_u16(), 0, None, true);
+                    }
+                    resp
+                }
+                Action::Forward(f) => {
+                    let resp = self
+                        .forward_boxed(route, f, req, seen, normalized, conn, timer, &mut ctx)
+                        .await;
+                    route
+                        .metrics
+                        .record(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    resp
+                }
             }
         }
     }
@@ -946,18 +954,17 @@ impl Gateway {
                 slot
             };
 
-            // 8. upstream request
+            // 8. upstream request, built in place: `req` keeps its parts (a future's argument
+            // keeps its storage anyway), and the attempts borrow what they send.
             let upgrade = seen.upgrade && is_websocket_upgrade(&req);
             let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            let (mut parts, body) = req.into_parts();
+            let version = req.version();
             let want_h2 = match service.policy.protocol {
                 gantry_model::UpstreamProtocol::H2c => !upgrade,
-                gantry_model::UpstreamProtocol::Auto => {
-                    parts.version == Version::HTTP_2 && !upgrade
-                }
+                gantry_model::UpstreamProtocol::Auto => version == Version::HTTP_2 && !upgrade,
                 gantry_model::UpstreamProtocol::Http1 => false,
             };
-            let pq = match rewrite_path(route, f, path_for_upstream.as_deref(), &parts.uri) {
+            let pq = match rewrite_path(route, f, path_for_upstream.as_deref(), req.uri()) {
                 Some(pq) => pq,
                 None => {
                     return self.finish_reject(
@@ -969,14 +976,14 @@ impl Gateway {
                 }
             };
             let client_conditional = cache_key.is_some()
-                && (parts.headers.contains_key(header::IF_NONE_MATCH)
-                    || parts.headers.contains_key(header::IF_MODIFIED_SINCE));
-            let authority: Option<HeaderValue> = parts
-                .uri
+                && (req.headers().contains_key(header::IF_NONE_MATCH)
+                    || req.headers().contains_key(header::IF_MODIFIED_SINCE));
+            let authority: Option<HeaderValue> = req
+                .uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
                 .or_else(|| seen.host.clone());
-            let mut headers = std::mem::take(&mut parts.headers);
+            let mut headers = std::mem::take(req.headers_mut());
             let client_headers = cache_key.as_ref().map(|_| headers.clone());
             if seen.hop_by_hop {
                 let upgrade_value = if upgrade {
@@ -1055,12 +1062,14 @@ impl Gateway {
             } else {
                 Uri::from(pq.clone())
             };
-            let method = parts.method.clone();
-            let replayable = body.is_end_stream();
+            let method = req.method().clone();
+            let down_body = std::mem::replace(req.body_mut(), DownBody::Empty);
+            let replayable = down_body.is_end_stream();
             let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
+            // The body until an attempt takes it; an attempt that did not send it puts it back.
             let mut body = Some(match &exceeded {
                 None => ReqBody::Empty,
-                Some(flag) => ReqBody::limited(body, f.max_body_bytes, flag.clone()),
+                Some(flag) => ReqBody::limited(down_body, f.max_body_bytes, flag.clone()),
             });
 
             // 9. mirror
@@ -1072,7 +1081,7 @@ impl Gateway {
                         &uri,
                         &headers,
                         added.as_ref(),
-                        parts.version == Version::HTTP_2,
+                        version == Version::HTTP_2,
                     );
                 }
             }
@@ -1110,11 +1119,14 @@ impl Gateway {
             let mut n_tried = 0usize;
             let mut attempt_no = 0usize;
             let mut stale_conns = 0usize;
-            let mut template: Option<(Method, Uri, HeaderMap)> = None;
-            let mut pending_req: Option<Request<ReqBody>> = None;
             let mut last_failure = Reject::UpstreamError;
-            let mut headers_slot = Some(headers);
+            // A retry waits first (at the loop's top, so that no attempt's state is kept
+            // across the wait).
+            let mut pause = false;
             loop {
+                if std::mem::take(&mut pause) {
+                    retry_pause(retry, attempt_no).await;
+                }
                 // One clock read per attempt start and one per attempt end.
                 let attempt_start = Instant::now();
                 let now = ms_at(attempt_start);
@@ -1127,39 +1139,12 @@ impl Gateway {
                     break;
                 };
                 let ep = set.endpoints[idx].clone();
-                let up_req = match pending_req.take() {
-                    Some(r) => r,
-                    None => {
-                        let h = match headers_slot.take() {
-                            Some(h) => {
-                                if can_retry && max_attempts > 1 {
-                                    template = Some((method.clone(), uri.clone(), h.clone()));
-                                }
-                                h
-                            }
-                            None => match &template {
-                                Some((_, _, h)) => h.clone(),
-                                None => break,
-                            },
-                        };
-                        let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
-                        *r.method_mut() = method.clone();
-                        *r.uri_mut() = uri.clone();
-                        *r.version_mut() = if want_h2 {
-                            Version::HTTP_2
-                        } else {
-                            Version::HTTP_11
-                        };
-                        *r.headers_mut() = h;
-                        if !want_h2 && !has_host {
-                            // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
-                            if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
-                                r.headers_mut().insert(header::HOST, v);
-                            }
-                        }
-                        r
+                if !want_h2 && !has_host {
+                    // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
+                    if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
+                        headers.insert(header::HOST, v);
                     }
-                };
+                }
                 let guard = InflightGuard::new(ep.clone());
                 let per_try = f
                     .per_try_timeout
@@ -1182,6 +1167,9 @@ impl Gateway {
                         own_timer.as_mut()
                     }
                 };
+                // hyper takes the request by value: a copy of the headers when another attempt
+                // may need them.
+                let keep_headers = can_retry && max_attempts > 1;
                 let sent = {
                     let attempt = std::pin::pin!(async {
                         let c = if want_h2 {
@@ -1195,69 +1183,85 @@ impl Gateway {
                         } else {
                             Box::pin(ep.pool.h1(target)).await
                         };
+                        // Err: what went wrong, and whether the request is still whole here.
                         match c {
-                            Err(e) => Err((e.to_string(), Some(up_req))),
+                            Err(e) => Err((e.to_string(), true)),
                             Ok(Conn::Own(c)) => {
-                                let (p, b) = up_req.into_parts();
-                                let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
-                                match c
-                                    .send(
-                                        &p.method,
-                                        path,
-                                        &p.headers,
-                                        added.as_ref(),
-                                        b,
-                                        ep.clone(),
-                                    )
-                                    .await
-                                {
-                                    Ok(resp) => {
-                                        crate::codec::recycle_map(p.headers);
-                                        Ok((resp.map(UpBody::Own), None))
-                                    }
-                                    Err(crate::h1::H1Error::Unsent(b, e)) => Err((
-                                        format!(
+                                let b = body.take().unwrap_or(ReqBody::Empty);
+                                let sent = c.send(
+                                    &method,
+                                    pq.as_str(),
+                                    &headers,
+                                    added.as_ref(),
+                                    b,
+                                    ep.clone(),
+                                );
+                                match sent.await {
+                                    Ok(resp) => Ok((resp.map(UpBody::Own), None)),
+                                    Err(crate::h1::H1Error::Unsent(b, e)) => {
+                                        body = Some(*b);
+                                        Err((
+                                            format!(
                                             "connection closed before the request was sent: {e}"
                                         ),
-                                        Some(Request::from_parts(p, *b)),
-                                    )),
-                                    Err(e) => Err((e.to_string(), None)),
+                                            true,
+                                        ))
+                                    }
+                                    Err(e) => Err((e.to_string(), false)),
                                 }
                             }
-                            Ok(Conn::H1(mut s)) => match Box::pin(s.try_send_request(up_req)).await
-                            {
-                                Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
-                                Err(mut e) => {
-                                    let msg = e.take_message();
-                                    Err((e.error().to_string(), msg))
+                            Ok(Conn::H1(mut s)) => {
+                                let r = hyper_request(
+                                    &method,
+                                    &uri,
+                                    Version::HTTP_11,
+                                    &mut headers,
+                                    keep_headers,
+                                    &mut body,
+                                );
+                                match Box::pin(s.try_send_request(r)).await {
+                                    Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
+                                    Err(mut e) => {
+                                        let unsent =
+                                            give_back(e.take_message(), &mut headers, &mut body);
+                                        Err((e.error().to_string(), unsent))
+                                    }
                                 }
-                            },
-                            Ok(Conn::H2(mut s)) => match Box::pin(s.try_send_request(up_req)).await
-                            {
-                                Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
-                                Err(mut e) => {
-                                    let msg = e.take_message();
-                                    Err((e.error().to_string(), msg))
+                            }
+                            Ok(Conn::H2(mut s)) => {
+                                let r = hyper_request(
+                                    &method,
+                                    &uri,
+                                    Version::HTTP_2,
+                                    &mut headers,
+                                    keep_headers,
+                                    &mut body,
+                                );
+                                match Box::pin(s.try_send_request(r)).await {
+                                    Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
+                                    Err(mut e) => {
+                                        let unsent =
+                                            give_back(e.take_message(), &mut headers, &mut body);
+                                        Err((e.error().to_string(), unsent))
+                                    }
                                 }
-                            },
+                            }
                         }
                     });
                     within(attempt_timer, attempt).await
                 };
                 let outcome = match sent {
                     Ok(Ok((resp, s))) => Attempt::Response(resp, s),
-                    Ok(Err((why, returned))) => {
-                        if let Some(r) = returned {
-                            // Never left: a pooled connection the instance had just closed, or a
-                            // failed connect. The same request can go again.
-                            if why.contains("connection was not ready") || why.contains("closed") {
-                                stale_conns += 1;
-                                if stale_conns <= 3 {
-                                    pending_req = Some(r);
-                                    continue;
-                                }
+                    Ok(Err((why, unsent))) => {
+                        // Never left: a pooled connection the instance had just closed, or a
+                        // failed connect. The same request can go again.
+                        if unsent
+                            && (why.contains("connection was not ready") || why.contains("closed"))
+                        {
+                            stale_conns += 1;
+                            if stale_conns <= 3 {
+                                continue;
                             }
-                            pending_req = Some(r);
                         }
                         Attempt::Failed(why)
                     }
@@ -1287,11 +1291,12 @@ impl Gateway {
                             drop(resp);
                             drop(guard);
                             route.metrics.retries.inc();
-                            pending_req = None;
-                            retry_pause(retry, attempt_no).await;
+                            pause = true;
                             continue;
                         }
                         self.record_breaker(&service, !failed, probe, end_ms);
+                        // The map's table goes back to this thread's pool for the next request.
+                        crate::codec::recycle_map(std::mem::take(&mut headers));
                         return self.respond(
                             route,
                             f,
@@ -1332,7 +1337,7 @@ impl Gateway {
                             && f.budget.try_retry(end_ms)
                         {
                             route.metrics.retries.inc();
-                            retry_pause(retry, attempt_no).await;
+                            pause = true;
                             continue;
                         }
                         break;
@@ -1343,7 +1348,6 @@ impl Gateway {
                         service.metrics.upstream_errors.inc();
                         self.outlier(&service, &ep, false, end_ms);
                         last_failure = Reject::UpstreamTimeout;
-                        pending_req = None;
                         if retry.on_per_try_timeout
                             && attempt_no < max_attempts
                             && tokio::time::Instant::from_std(attempt_end) < deadline
@@ -1738,6 +1742,46 @@ fn cached_response(
 }
 
 /// `fut`, or `Err` when `timer` fires first.
+/// The request hyper sends for one attempt: the headers themselves, or a copy of them when
+/// another attempt may need them.
+fn hyper_request(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &mut HeaderMap,
+    keep_headers: bool,
+    body: &mut Option<ReqBody>,
+) -> Request<ReqBody> {
+    let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
+    *r.method_mut() = method.clone();
+    *r.uri_mut() = uri.clone();
+    *r.version_mut() = version;
+    *r.headers_mut() = if keep_headers {
+        headers.clone()
+    } else {
+        std::mem::take(headers)
+    };
+    r
+}
+
+/// A request hyper gave back unsent: its headers and body are the next attempt's. `true` if
+/// there was one.
+fn give_back(
+    returned: Option<Request<ReqBody>>,
+    headers: &mut HeaderMap,
+    body: &mut Option<ReqBody>,
+) -> bool {
+    let Some(r) = returned else {
+        return false;
+    };
+    let (parts, b) = r.into_parts();
+    if headers.is_empty() {
+        *headers = parts.headers;
+    }
+    *body = Some(b);
+    true
+}
+
 async fn within<F: std::future::Future>(
     mut timer: Pin<&mut Sleep>,
     mut fut: Pin<&mut F>,

@@ -17,6 +17,7 @@ use bytes::{Buf, Bytes};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -89,6 +90,16 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        Self {
+            peer,
+            peer_ip: crate::proxy::forwarded_for(None, peer),
+            tls,
+        }
+    }
+}
+
 /// Decrements the open-connection count when the connection ends.
 struct ConnGuard(Arc<Gateway>);
 
@@ -117,11 +128,42 @@ impl Gateway {
         b
     }
 
+    /// Serve a connection with hyper (TLS, h2c, a connection that asked for an upgrade) until it
+    /// closes; `watcher` lets graceful shutdown close it and wait for it.
+    async fn serve_hyper<I>(
+        self: &Arc<Self>,
+        builder: &auto::Builder<TokioExecutor>,
+        io: I,
+        peer: SocketAddr,
+        tls: bool,
+        watcher: Watcher,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let gw = self.clone();
+        let conn_info = ConnInfo::new(peer, tls);
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let gw = gw.clone();
+            let info = conn_info.clone();
+            // Boxed: hyper moves the service future, and the pipeline's is large.
+            Box::pin(async move {
+                let resp = gw.handle(req.map(DownBody::Hyper), info, None).await;
+                // hyper writes a map: deferred response headers go into it.
+                let (mut parts, mut body) = resp.into_parts();
+                body.materialize(&mut parts.headers);
+                Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
+            })
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        watcher.watch(conn).await
+    }
+
     /// Accept on `listener` until `shutdown` turns true, then wait (up to the shutdown grace)
     /// for open requests to finish.
     pub async fn serve(self: Arc<Self>, listener: Listener, mut shutdown: watch::Receiver<bool>) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let builder = self.http_builder();
+        let builder = Arc::new(self.http_builder());
         let (tcp, tls) = match listener {
             Listener::Plain(l) => (l, None),
             Listener::Tls(l, cfg) => (l, Some(tokio_rustls::TlsAcceptor::from(cfg))),
@@ -152,52 +194,41 @@ impl Gateway {
             let watcher = graceful.watcher();
             let builder = builder.clone();
             let gw = self.clone();
-            let svc_gw = gw.clone();
             let tls = tls.clone();
             let handshake_timeout = self.cfg.header_read_timeout;
             let mut conn_shutdown = shutdown.clone();
+            // The task holds only what a plain connection needs: hyper's connection future
+            // (kilobytes) and the TLS handshake are boxed, off the common path.
             let task = async move {
                 let _guard = guard;
-                let info = ConnInfo {
-                    peer,
-                    peer_ip: crate::proxy::forwarded_for(None, peer),
-                    tls: tls.is_some(),
-                };
-                let svc_info = info.clone();
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let gw = svc_gw.clone();
-                    let info = svc_info.clone();
-                    // Boxed: hyper moves the service future, and the pipeline's is large.
-                    Box::pin(async move {
-                        let resp = gw.handle(req.map(DownBody::Hyper), info, None).await;
-                        // hyper writes a map: deferred response headers go into it.
-                        let (mut parts, mut body) = resp.into_parts();
-                        body.materialize(&mut parts.headers);
-                        Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
-                    })
-                });
                 let res = match tls {
                     None => {
-                        match crate::h1server::serve(&gw, stream, info, &mut conn_shutdown).await {
+                        let info = ConnInfo::new(peer, false);
+                        match crate::h1server::serve(
+                            &gw,
+                            Arc::new(stream),
+                            info,
+                            &mut conn_shutdown,
+                        )
+                        .await
+                        {
                             Outcome::Closed => Ok(()),
                             Outcome::Handoff(inner, prefix) => {
-                                let io = TokioIo::new(Prefixed { prefix, inner });
-                                let conn = builder.serve_connection_with_upgrades(io, svc);
-                                watcher.watch(conn).await
+                                let io = Prefixed { prefix, inner };
+                                Box::pin(gw.serve_hyper(&builder, io, peer, false, watcher)).await
                             }
                         }
                     }
                     Some(acceptor) => {
-                        let tls_stream =
+                        Box::pin(async {
                             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
                                 .await
                             {
-                                Ok(Ok(s)) => s,
-                                _ => return,
-                            };
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-                        watcher.watch(conn).await
+                                Ok(Ok(s)) => gw.serve_hyper(&builder, s, peer, true, watcher).await,
+                                _ => Ok(()),
+                            }
+                        })
+                        .await
                     }
                 };
                 // Requests hyper's parser refused (it answered 400 or 431 itself), slow heads.
