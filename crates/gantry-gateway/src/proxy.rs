@@ -474,14 +474,20 @@ enum Attempt {
 pub(crate) struct RequestEnd {
     gw: Arc<Gateway>,
     _service_slot: ServiceSlot,
-    cache: Option<(CacheKey, HeaderMap, StatusCode, HeaderMap, u64)>,
-    log: Option<(Ctx, Arc<str>, String, u16, Duration)>,
+    /// Boxed, like `log`: both are opt-in, and every response body in flight carries this.
+    cache: Option<Box<CacheFill>>,
+    log: Option<Box<(Ctx, Arc<str>, String, u16, Duration)>>,
 }
+
+/// What a cacheable response's end stores: key, request headers, status, response headers,
+/// freshness lifetime.
+type CacheFill = (CacheKey, HeaderMap, StatusCode, HeaderMap, u64);
 
 impl RequestEnd {
     /// `complete`: the body reached its end; `body`: its bytes if they were captured.
     pub(crate) fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>) {
-        if let (Some((key, req_h, status, resp_h, fresh)), Some(body)) = (self.cache.take(), body) {
+        if let (Some(fill), Some(body)) = (self.cache.take(), body) {
+            let (key, req_h, status, resp_h, fresh) = *fill;
             if complete {
                 self.gw
                     .cache
@@ -489,7 +495,8 @@ impl RequestEnd {
                 self.gw.metrics.cache("stored");
             }
         }
-        if let Some((ctx, route, upstream, status, upstream_time)) = self.log.take() {
+        if let Some(log) = self.log.take() {
+            let (ctx, route, upstream, status, upstream_time) = *log;
             access_log(
                 &ctx,
                 &route,
@@ -1547,7 +1554,13 @@ impl Gateway {
                 cache::Cache::storable(method, &client_headers, status, &parts.headers)
             {
                 body.capture(policy.max_object_bytes as usize);
-                end.cache = Some((key, client_headers, status, parts.headers.clone(), fresh));
+                end.cache = Some(Box::new((
+                    key,
+                    client_headers,
+                    status,
+                    parts.headers.clone(),
+                    fresh,
+                )));
             }
             self.metrics.cache("miss");
             parts
@@ -1577,13 +1590,13 @@ impl Gateway {
                 client: ctx.client,
                 host: ctx.host.take(),
             };
-            end.log = Some((
+            end.log = Some(Box::new((
                 c,
                 route.id.clone(),
                 ep.id.to_string(),
                 status.as_u16(),
                 upstream_time,
-            ));
+            )));
         }
         body.on_end(end);
         Response::from_parts(parts, RespBody::Upstream(Box::new(body)))
