@@ -476,8 +476,12 @@ pub(crate) struct RequestEnd {
     _service_slot: ServiceSlot,
     /// Boxed, like `log`: both are opt-in, and every response body in flight carries this.
     cache: Option<Box<CacheFill>>,
-    log: Option<Box<(Ctx, Arc<str>, String, u16, Duration)>>,
+    log: Option<Box<LogFill>>,
 }
+
+/// What the access-log line at a response's end needs: the request's context, route id,
+/// instance id, status, upstream time.
+type LogFill = (Ctx, Arc<str>, String, u16, Duration);
 
 /// What a cacheable response's end stores: key, request headers, status, response headers,
 /// freshness lifetime.
