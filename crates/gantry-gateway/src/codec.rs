@@ -449,17 +449,51 @@ pub fn try_read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
-        return stream.try_read_buf(buf);
+        return try_read_buf(stream, buf);
     }
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.is_empty() {
             s.resize(SCRATCH_BYTES, 0);
         }
-        let n = stream.try_read(&mut s[..])?;
+        let want = s.len();
+        let n = read_drained(stream, want, || stream.try_read(&mut s[..]))?;
         *buf = BytesMut::from(&s[..n]);
         Ok(n)
     })
+}
+
+/// `TcpStream::try_read_buf` into `buf`'s spare capacity (which must not be zero), forgetting
+/// the socket's readiness after a short read (see `read_drained`).
+pub fn try_read_buf(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let want = buf.capacity() - buf.len();
+    read_drained(stream, want, || stream.try_read_buf(buf))
+}
+
+/// One non-blocking read of up to `want` bytes. A read that got fewer (but some) emptied the
+/// socket's receive queue, so the socket's cached readiness is cleared too: the next wait goes
+/// to epoll, where any later arrival is a new edge, instead of a read that fails with EAGAIN
+/// (one syscall per request saved; nginx's `ngx_unix_recv` does the same). tokio clears
+/// readiness only if no event arrived since the read began, so no wake-up is lost.
+fn read_drained(
+    stream: &TcpStream,
+    want: usize,
+    read: impl FnOnce() -> std::io::Result<usize>,
+) -> std::io::Result<usize> {
+    let mut got = None;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = read()?;
+        got = Some(n);
+        if n > 0 && n < want {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => r,
+    }
 }
 
 const SCRATCH_BYTES: usize = 16 * 1024;

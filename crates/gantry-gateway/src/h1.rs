@@ -433,7 +433,7 @@ impl H1Body {
         conn.buf.reserve(READ_CHUNK);
         loop {
             ready!(conn.stream.poll_read_ready(cx))?;
-            match conn.stream.try_read_buf(&mut conn.buf) {
+            match crate::codec::try_read_buf(&conn.stream, &mut conn.buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
             }

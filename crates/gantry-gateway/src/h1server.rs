@@ -610,7 +610,7 @@ impl Body for OwnBody {
                 if let Err(e) = ready!(this.stream.poll_read_ready(cx)) {
                     return this.fail(e);
                 }
-                match this.stream.try_read_buf(&mut this.buf) {
+                match codec::try_read_buf(&this.stream, &mut this.buf) {
                     Ok(0) => {
                         eof = true;
                         break;
@@ -672,7 +672,7 @@ async fn drain(
                     Ok(Ok(())) => {}
                     _ => return false,
                 }
-                match stream.try_read_buf(buf) {
+                match codec::try_read_buf(stream, buf) {
                     Ok(0) => eof = true,
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
