@@ -114,7 +114,7 @@ pub(crate) async fn serve(
     let mut first = true;
     loop {
         // A complete request head.
-        let refused = 'head: loop {
+        let head = 'head: loop {
             if !buf.is_empty() {
                 if first && is_h2_preface(&buf) {
                     if buf.len() >= H2_PREFACE.len() {
@@ -156,7 +156,7 @@ pub(crate) async fn serve(
         first = false;
         // The request, its body reading from the socket (it gives the rest of the buffer
         // back); the parsed head is not kept across the proxying.
-        let (req, mut meta, slot) = match refused {
+        let (req, mut meta, slot) = match head {
             Err(e) => {
                 Box::pin(refuse(gw, &stream, info.peer, e)).await;
                 linger(stream).await;
