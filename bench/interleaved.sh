@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# CPU per request of Gantry against nginx, measured in interleaved runs: every target runs all
+# the time (each on CPU 0, loaded one at a time), and each round measures them back to back,
+# in an order that alternates between rounds, so the ratios compare runs seconds apart.
+# bench/gateway.sh (the shared harness) measures the targets one after another, minutes apart,
+# and on this shared machine its ratios swing by ±20% between rounds; this script's do not.
+# It complements the harness, and does not replace it: no peers other than nginx, no RSS table.
+#
+#   bench/interleaved.sh                         # plain and full, c=50 and c=1000, 5 rounds
+#   ROUNDS=9 CONNS_LIST=1000 VARIANTS=plain bench/interleaved.sh
+#
+# Knobs: VARIANTS (plain,full: bench/gateway.sh's specs), CONNS_LIST ("50 1000"), ROUNDS (5),
+# DURATION (8 s per run), WARMUP (2 s), GANTRY (binary; default: the dist build), HARNESS.
+# Output: one line per run, then per variant and connection count the median over rounds of
+# gantry/nginx CPU per request (user+sys, from /proc) and of p99 latency.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
+VARIANTS="${VARIANTS:-plain,full}"
+CONNS_LIST="${CONNS_LIST:-50 1000}"
+ROUNDS="${ROUNDS:-5}"
+DURATION="${DURATION:-8}"
+WARMUP="${WARMUP:-2}"
+BACKEND_PORT="${BACKEND_PORT:-18080}"
+NGINX_PORT="${NGINX_PORT:-18081}"
+PORT_BASE="${PORT_BASE:-18090}"
+for t in wrk curl taskset nginx; do
+  command -v "$t" >/dev/null || { echo "missing: $t (apt-get install nginx-light wrk)" >&2; exit 1; }
+done
+BACKEND="$HARNESS/backend/target/release/bench-backend"
+[ -x "$BACKEND" ] || (cd "$HARNESS/backend" && cargo build --release -q)
+GANTRY="${GANTRY:-$ROOT/target/dist/gantry}"
+[ -x "$GANTRY" ] || (cd "$ROOT" && cargo build --profile dist -q -p gantry)
+ulimit -n 20000
+
+WORK="$(mktemp -d -t gantry-interleaved.XXXXXX)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_http() { # port
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
+  echo "nothing answers on port $1" >&2; return 1
+}
+ticks() { # pid -> utime+stime of it and its children (nginx: master and worker)
+  local s=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$s"
+}
+median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000} }'; }
+
+taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
+pids+=($!)
+wait_http "$BACKEND_PORT"
+
+# nginx as the shared harness configures it (run.sh's gen_configs).
+mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log logs/error.log warn;
+pid logs/nginx.pid;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path tmp/client; proxy_temp_path tmp/proxy; fastcgi_temp_path tmp/fcgi;
+  uwsgi_temp_path tmp/uwsgi; scgi_temp_path tmp/scgi;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 1024; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT backlog=4096;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+pids+=($!)
+declare -A PID PORT
+PID[nginx]=$!
+PORT[nginx]=$NGINX_PORT
+wait_http "$NGINX_PORT"
+
+IFS=, read -ra VS <<<"$VARIANTS"
+names=(nginx)
+port=$PORT_BASE
+for v in "${VS[@]}"; do
+  BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/$v" "$ROOT/bench/gateway.sh"
+  [ -f "$WORK/$v/$v.toml" ] || { echo "no variant $v (plain or full)" >&2; exit 1; }
+  taskset -c 0 "$GANTRY" up -f "$WORK/$v/$v.toml" >"$WORK/gantry-$v.log" 2>&1 &
+  pids+=($!)
+  PID[gantry-$v]=$!
+  PORT[gantry-$v]=$port
+  wait_http "$port"
+  names+=("gantry-$v")
+  port=$((port + 1))
+done
+
+declare -A CPU P99
+hz=$(getconf CLK_TCK)
+for r in $(seq "$ROUNDS"); do
+  order=("${names[@]}")
+  if [ $((r % 2)) = 0 ]; then # reversed every other round: drift cancels out in the medians
+    order=()
+    for ((i = ${#names[@]} - 1; i >= 0; i--)); do order+=("${names[$i]}"); done
+  fi
+  for conns in $CONNS_LIST; do
+    for n in "${order[@]}"; do
+      url="http://127.0.0.1:${PORT[$n]}/"
+      timeout $((WARMUP + 20)) taskset -c 1 wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+      t0=$(ticks "${PID[$n]}")
+      timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url" >"$WORK/wrk.txt" 2>&1 || true
+      t1=$(ticks "${PID[$n]}")
+      reqs=$(awk '/requests in/{print $1}' "$WORK/wrk.txt")
+      errs=$(awk '/Non-2xx/{s+=$NF} /Socket errors/{gsub(/[^0-9 ]/," "); s+=$1+$2+$3+$4} END{print s+0}' "$WORK/wrk.txt")
+      CPU[$n,$conns,$r]=$(awk -v d=$((t1 - t0)) -v hz="$hz" -v n="${reqs:-0}" 'BEGIN{ if (n>0) printf "%.2f", d/hz*1e6/n; else print "" }')
+      P99[$n,$conns,$r]=$(to_ms "$(awk '$1=="99%"{print $2}' "$WORK/wrk.txt")")
+      echo "round $r c=$conns $n: ${CPU[$n,$conns,$r]} us/req, p99 ${P99[$n,$conns,$r]} ms, $reqs requests$([ "$errs" -gt 0 ] && echo ", $errs errors")" >&2
+    done
+  done
+done
+
+echo "# interleaved: gantry / nginx, medians of $ROUNDS rounds (wrk -t1 -d${DURATION}s per run; $(date -u +%FT%TZ))"
+for v in "${VS[@]}"; do
+  for conns in $CONNS_LIST; do
+    cr=(); pr=(); gc=(); nc=()
+    for r in $(seq "$ROUNDS"); do
+      g=${CPU[gantry-$v,$conns,$r]}; n=${CPU[nginx,$conns,$r]}
+      cr+=("$(awk -v a="$g" -v b="$n" 'BEGIN{ if (a>0 && b>0) printf "%.3f", a/b }')")
+      pr+=("$(awk -v a="${P99[gantry-$v,$conns,$r]}" -v b="${P99[nginx,$conns,$r]}" 'BEGIN{ if (a>0 && b>0) printf "%.3f", a/b }')")
+      gc+=("$g"); nc+=("$n")
+    done
+    printf 'gantry-%s c=%s: CPU/req %s (rounds: %s; gantry %s vs nginx %s us), p99 %s (rounds: %s)\n' \
+      "$v" "$conns" "$(median "${cr[@]}")" "${cr[*]}" "$(median "${gc[@]}")" "$(median "${nc[@]}")" \
+      "$(median "${pr[@]}")" "${pr[*]}"
+  done
+done
