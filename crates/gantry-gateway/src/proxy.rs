@@ -2032,6 +2032,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hyper_attempts_copy_or_take_the_headers_and_get_them_back_unsent() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        let uri: Uri = "/p?q=1".parse().unwrap();
+        let mut body = Some(ReqBody::Empty);
+        // Another attempt may follow: a copy goes, the headers stay.
+        let r = hyper_request(
+            &Method::GET,
+            &uri,
+            Version::HTTP_11,
+            &mut headers,
+            true,
+            &mut body,
+        );
+        assert_eq!(r.headers()["x-a"], "1");
+        assert_eq!(r.uri(), &uri);
+        assert!(body.is_none());
+        assert_eq!(headers["x-a"], "1");
+        assert!(give_back(Some(r), &mut headers, &mut body));
+        assert!(body.is_some());
+        assert_eq!(headers.len(), 1);
+        // The only attempt: the headers themselves go, and come back if hyper returns them.
+        let r = hyper_request(
+            &Method::POST,
+            &uri,
+            Version::HTTP_2,
+            &mut headers,
+            false,
+            &mut body,
+        );
+        assert_eq!(r.version(), Version::HTTP_2);
+        assert!(headers.is_empty());
+        assert!(give_back(Some(r), &mut headers, &mut body));
+        assert_eq!(headers["x-a"], "1");
+        assert!(body.is_some());
+        // Sent (nothing given back): nothing changes.
+        assert!(!give_back(None, &mut headers, &mut body));
+        assert_eq!(headers["x-a"], "1");
+    }
+
+    #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
