@@ -1232,11 +1232,7 @@ impl Gateway {
                                 );
                                 match Box::pin(s.try_send_request(r)).await {
                                     Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
-                                    Err(mut e) => {
-                                        let unsent =
-                                            give_back(e.take_message(), &mut headers, &mut body);
-                                        Err((e.error().to_string(), unsent))
-                                    }
+                                    Err(e) => Err(hyper_failed(e, &mut headers, &mut body)),
                                 }
                             }
                             Ok(Conn::H2(mut s)) => {
@@ -1250,11 +1246,7 @@ impl Gateway {
                                 );
                                 match Box::pin(s.try_send_request(r)).await {
                                     Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
-                                    Err(mut e) => {
-                                        let unsent =
-                                            give_back(e.take_message(), &mut headers, &mut body);
-                                        Err((e.error().to_string(), unsent))
-                                    }
+                                    Err(e) => Err(hyper_failed(e, &mut headers, &mut body)),
                                 }
                             }
                         }
@@ -1779,6 +1771,16 @@ fn hyper_request(
         std::mem::take(headers)
     };
     r
+}
+
+/// Why a hyper attempt failed, and whether the request came back whole (`give_back`).
+fn hyper_failed(
+    mut e: hyper::client::conn::TrySendError<Request<ReqBody>>,
+    headers: &mut HeaderMap,
+    body: &mut Option<ReqBody>,
+) -> (String, bool) {
+    let unsent = give_back(e.take_message(), headers, body);
+    (e.error().to_string(), unsent)
 }
 
 /// A request hyper gave back unsent: its headers and body are the next attempt's. `true` if
