@@ -1209,16 +1209,17 @@ impl Gateway {
                                 );
                                 match sent.await {
                                     Ok(resp) => Ok((resp.map(UpBody::Own), None)),
-                                    Err(crate::h1::H1Error::Unsent(b, e)) => {
-                                        body = Some(*b);
-                                        Err((
-                                            format!(
-                                            "connection closed before the request was sent: {e}"
-                                        ),
-                                            true,
-                                        ))
+                                    Err(e) => {
+                                        // The error's text says whether it left (`H1Error`).
+                                        let why = e.to_string();
+                                        match e {
+                                            crate::h1::H1Error::Unsent(b, _) => {
+                                                body = Some(*b);
+                                                Err((why, true))
+                                            }
+                                            _ => Err((why, false)),
+                                        }
                                     }
-                                    Err(e) => Err((e.to_string(), false)),
                                 }
                             }
                             Ok(Conn::H1(mut s)) => {
