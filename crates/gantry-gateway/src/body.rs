@@ -1,5 +1,6 @@
 //! Body types of the proxy. Request bodies stream to the instance (empty when the request may be
-//! retried or mirrored), with the route's size limit enforced as bytes pass. Response bodies
+//! retried), with the route's size limit enforced as bytes pass, and a copy of each frame goes
+//! to a mirror when there is one (`Tee`, `MirrorBody`). Response bodies
 //! stream back while holding the instance's in-flight count and its connection; at the end the
 //! connection returns to the pool, a cacheable body is stored, and the access-log line is written.
 
@@ -82,16 +83,21 @@ pub enum ReqBody {
         exceeded: Arc<AtomicBool>,
         /// Bytes taken from `inner` and put back (a send that failed before anything left).
         unread: Option<Bytes>,
+        /// A copy of every frame taken from `inner` goes to the mirror.
+        tee: Option<Tee>,
     },
+    /// The copy of a request body sent to a mirror.
+    Mirror(Box<MirrorBody>),
 }
 
 impl ReqBody {
-    pub fn limited(inner: DownBody, max: u64, exceeded: Arc<AtomicBool>) -> Self {
+    pub fn limited(inner: DownBody, max: u64, exceeded: Arc<AtomicBool>, tee: Option<Tee>) -> Self {
         ReqBody::Stream {
             inner,
             remaining: max,
             exceeded,
             unread: None,
+            tee,
         }
     }
 
@@ -130,28 +136,51 @@ impl Body for ReqBody {
                 remaining,
                 exceeded,
                 unread,
+                tee,
             } => {
                 if let Some(d) = unread.take() {
                     *remaining -= d.len() as u64;
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                match Pin::new(inner).poll_frame(cx) {
+                match Pin::new(&mut *inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(d) = frame.data_ref() {
                             let n = d.len() as u64;
                             if n > *remaining {
                                 exceeded.store(true, Ordering::Relaxed);
+                                // The mirror's copy fails too (`tee` dropped unfinished).
+                                *tee = None;
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                             }
                             *remaining -= n;
                         }
+                        if let Some(t) = tee.take() {
+                            // Ended now if that was the last frame: a reader that knows the
+                            // length stops without polling for the end.
+                            if t.copy(&frame) {
+                                if inner.is_end_stream() {
+                                    t.end();
+                                } else {
+                                    *tee = Some(t);
+                                }
+                            }
+                        }
                         Poll::Ready(Some(Ok(frame)))
                     }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Ready(Some(Err(e))) => {
+                        *tee = None;
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(t) = tee.take() {
+                            t.end();
+                        }
+                        Poll::Ready(None)
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
+            ReqBody::Mirror(m) => m.poll(cx),
         }
     }
 
@@ -159,6 +188,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => true,
             ReqBody::Stream { inner, unread, .. } => unread.is_none() && inner.is_end_stream(),
+            ReqBody::Mirror(m) => m.done,
         }
     }
 
@@ -174,6 +204,104 @@ impl Body for ReqBody {
                     out.set_upper(u + extra);
                 }
                 out
+            }
+            ReqBody::Mirror(m) if m.done => SizeHint::with_exact(0),
+            ReqBody::Mirror(m) => m.hint,
+        }
+    }
+}
+
+/// Frames a mirror may fall behind the primary before it is abandoned: the memory a mirrored
+/// body may hold (frames are at most a read's worth, 16 KiB on the gateway's own HTTP/1.1
+/// server and HTTP/2's default frame size).
+pub const TEE_FRAMES: usize = 32;
+
+enum TeeMsg {
+    Frame(Frame<Bytes>),
+    /// The body ended cleanly (without it, a closed channel means the copy was abandoned).
+    End,
+}
+
+/// The primary's side of a mirrored request body: each frame the primary takes is copied to the
+/// mirror without waiting (a `Bytes` copy shares the buffer). When the mirror is `TEE_FRAMES`
+/// behind, or the primary's body fails or is dropped unfinished, the copy is abandoned: the
+/// mirror's body fails, so the shadow never takes a truncated body for a whole one, and the
+/// primary never waits for the shadow.
+pub struct Tee {
+    tx: tokio::sync::mpsc::Sender<TeeMsg>,
+}
+
+impl Tee {
+    /// A tee and the mirror's body it feeds; `hint` is the original body's size hint.
+    pub fn new(hint: SizeHint) -> (Tee, MirrorBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(TEE_FRAMES);
+        let body = MirrorBody {
+            rx,
+            hint,
+            done: false,
+            abandoned: Arc::new(AtomicBool::new(false)),
+        };
+        (Tee { tx }, body)
+    }
+
+    /// Copy a frame to the mirror; `false`: the mirror fell behind (or is gone) and is dropped.
+    fn copy(&self, frame: &Frame<Bytes>) -> bool {
+        // One slot always stays free for `End`.
+        if self.tx.capacity() < 2 {
+            return false;
+        }
+        let copy = if let Some(d) = frame.data_ref() {
+            Frame::data(d.clone())
+        } else if let Some(t) = frame.trailers_ref() {
+            Frame::trailers(t.clone())
+        } else {
+            return true;
+        };
+        self.tx.try_send(TeeMsg::Frame(copy)).is_ok()
+    }
+
+    fn end(self) {
+        let _ = self.tx.try_send(TeeMsg::End);
+    }
+}
+
+#[derive(Debug)]
+pub struct MirrorAbandoned;
+
+impl std::fmt::Display for MirrorAbandoned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the mirror fell behind the request body and was abandoned"
+        )
+    }
+}
+impl std::error::Error for MirrorAbandoned {}
+
+/// The mirror's copy of a request body, fed by a `Tee`.
+pub struct MirrorBody {
+    rx: tokio::sync::mpsc::Receiver<TeeMsg>,
+    hint: SizeHint,
+    done: bool,
+    /// Set when the copy failed because the tee gave up (read by whoever sent the mirror).
+    pub abandoned: Arc<AtomicBool>,
+}
+
+impl MirrorBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(TeeMsg::Frame(f)) => Poll::Ready(Some(Ok(f))),
+            Some(TeeMsg::End) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            None => {
+                self.done = true;
+                self.abandoned.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(Box::new(MirrorAbandoned))))
             }
         }
     }
@@ -456,5 +584,66 @@ impl Body for RespBody {
             RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RespBody::Full(None) => SizeHint::with_exact(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn mirror_of(tee_frames: &[&'static [u8]], end: bool) -> (ReqBody, Arc<AtomicBool>, bool) {
+        let (tee, copy) = Tee::new(SizeHint::new());
+        let abandoned = copy.abandoned.clone();
+        let mut kept = true;
+        for f in tee_frames {
+            kept &= tee.copy(&Frame::data(Bytes::from_static(f)));
+        }
+        if end {
+            tee.end();
+        }
+        (ReqBody::Mirror(Box::new(copy)), abandoned, kept)
+    }
+
+    #[tokio::test]
+    async fn a_mirror_gets_every_frame_and_a_clean_end() {
+        let (body, abandoned, kept) = mirror_of(&[b"hello", b" ", b"world"], true);
+        assert!(kept);
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello world");
+        assert!(!abandoned.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_tee_dropped_before_the_end_fails_the_copy() {
+        let (body, abandoned, _) = mirror_of(&[b"part"], false);
+        assert!(
+            body.collect().await.is_err(),
+            "a truncated copy must not end cleanly"
+        );
+        assert!(abandoned.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn a_mirror_that_falls_behind_is_given_up_with_room_left_for_the_end() {
+        let (tee, copy) = Tee::new(SizeHint::new());
+        // Nobody reads the copy: all but one slot fill, then the tee gives up.
+        for i in 0..TEE_FRAMES - 1 {
+            assert!(
+                tee.copy(&Frame::data(Bytes::from_static(b"x"))),
+                "frame {i}"
+            );
+        }
+        assert!(!tee.copy(&Frame::data(Bytes::from_static(b"x"))));
+        // The slot kept free always takes the end of a body that did fit.
+        let (tee2, copy2) = Tee::new(SizeHint::new());
+        for _ in 0..TEE_FRAMES - 1 {
+            assert!(tee2.copy(&Frame::data(Bytes::from_static(b"y"))));
+        }
+        tee2.end();
+        let got = ReqBody::Mirror(Box::new(copy2)).collect().await.unwrap();
+        assert_eq!(got.to_bytes().len(), TEE_FRAMES - 1);
+        drop(tee);
+        assert!(ReqBody::Mirror(Box::new(copy)).collect().await.is_err());
     }
 }

@@ -438,7 +438,11 @@ impl Gateway {
                             .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
                         version_from_path: f.version_from_path,
                         mirror: f.mirror.as_ref().and_then(|m| {
-                            Some((set_for(&m.service, m.version.as_deref())?, m.percent))
+                            Some(table::Mirror {
+                                set: set_for(&m.service, m.version.as_deref())?,
+                                percent: m.percent,
+                                metrics: self.metrics.mirror(&r.id, &r.service),
+                            })
                         }),
                         rewrite,
                         request_headers: CompiledHeaderOps::compile(&f.request_headers),

@@ -23,6 +23,13 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub route: String,
+    pub service: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: String,
 }
@@ -67,6 +74,7 @@ pub struct GatewayMetrics {
     duration: HistogramFamily<RouteLabels>,
     retries: Family<RouteLabels, Counter>,
     rate_limited: Family<RouteLabels, Counter>,
+    mirrored: Family<MirrorLabels, Counter>,
     upstream_errors: Family<ServiceLabels, Counter>,
     circuit_state: Family<ServiceLabels, Gauge>,
     bulkhead_rejections: Family<ServiceLabels, Counter>,
@@ -87,6 +95,7 @@ impl GatewayMetrics {
             duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             retries: Family::default(),
             rate_limited: Family::default(),
+            mirrored: Family::default(),
             upstream_errors: Family::default(),
             circuit_state: Family::default(),
             bulkhead_rejections: Family::default(),
@@ -119,6 +128,12 @@ impl GatewayMetrics {
                 "rate_limited",
                 "Requests refused with 429, by route",
                 m.rate_limited.clone(),
+            );
+            r.register(
+                "mirrored_requests",
+                "Copies sent to a route's mirror, by outcome: answered, failed (no answer), \
+                 abandoned (the mirror fell behind the request body)",
+                m.mirrored.clone(),
             );
             r.register(
                 "upstream_errors",
@@ -200,6 +215,24 @@ impl GatewayMetrics {
         }
     }
 
+    /// Handles for a route that has a mirror (routes without one get no series).
+    pub fn mirror(&self, route: &str, service: &str) -> MirrorMetrics {
+        let c = |outcome: &'static str| {
+            self.mirrored
+                .get_or_create(&MirrorLabels {
+                    route: route.into(),
+                    service: service.into(),
+                    outcome,
+                })
+                .clone()
+        };
+        MirrorMetrics {
+            answered: c("answered"),
+            failed: c("failed"),
+            abandoned: c("abandoned"),
+        }
+    }
+
     pub fn service(&self, service: &str) -> ServiceMetrics {
         let l = ServiceLabels {
             service: service.into(),
@@ -258,6 +291,13 @@ impl RouteMetrics {
         self.by_class[class_index(status)].inc();
         self.duration.observe(seconds);
     }
+}
+
+#[derive(Clone)]
+pub struct MirrorMetrics {
+    pub answered: Counter,
+    pub failed: Counter,
+    pub abandoned: Counter,
 }
 
 #[derive(Clone)]

@@ -10,7 +10,8 @@
 //!  7. service circuit breaker (503 while open) and bulkhead (503 when full);
 //!  8. upstream request: path rewrite, hop-by-hop headers dropped (RFC 9110 §7.6.1),
 //!     `X-Forwarded-*`, request id, `traceparent`, configured header changes;
-//!  9. mirror: a copy to the shadow target, not awaited;
+//!  9. mirror: a copy to the shadow target, not awaited (a body is copied as it is sent, and
+//!     the copy is abandoned rather than ever slowing the primary);
 //! 10. attempts: pick an instance (P2C-EWMA, round robin or hash; local first), connect from the
 //!     pool, send with the per-try timeout; on failure retry where safe, within the retry budget,
 //!     with jittered backoff; outlier ejection and EWMA learn from every attempt;
@@ -31,7 +32,7 @@ use http_body::Body as _;
 use hyper::client::conn::TrySendError;
 use tokio::time::Sleep;
 
-use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, UpBody, UpstreamBody};
+use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, Tee, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
 use crate::pool::Conn;
 use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
@@ -1076,26 +1077,36 @@ impl Gateway {
             let method = req.method().clone();
             let down_body = std::mem::replace(req.body_mut(), DownBody::Empty);
             let replayable = down_body.is_end_stream();
-            let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
-            // The body until an attempt takes it; an attempt that did not send it puts it back.
-            let mut body = Some(match &exceeded {
-                None => ReqBody::Empty,
-                Some(flag) => ReqBody::limited(down_body, f.max_body_bytes, flag.clone()),
-            });
 
-            // 9. mirror
-            if let Some((mset, pct)) = &f.mirror {
-                if replayable && !upgrade && crate::rand::unit() * 100.0 < *pct {
+            // 9. mirror: a body is copied frame by frame as the primary sends it (`Tee`)
+            let mut tee = None;
+            if let Some(m) = &f.mirror {
+                if !upgrade && crate::rand::unit() * 100.0 < m.percent {
+                    let copy = if replayable {
+                        ReqBody::Empty
+                    } else {
+                        let (t, copy) = Tee::new(down_body.size_hint());
+                        tee = Some(t);
+                        ReqBody::Mirror(Box::new(copy))
+                    };
                     self.mirror(
-                        mset,
+                        m,
                         &method,
                         &uri,
                         &headers,
                         added.as_ref(),
                         version == Version::HTTP_2,
+                        copy,
                     );
                 }
             }
+
+            let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
+            // The body until an attempt takes it; an attempt that did not send it puts it back.
+            let mut body = Some(match &exceeded {
+                None => ReqBody::Empty,
+                Some(flag) => ReqBody::limited(down_body, f.max_body_bytes, flag.clone(), tee),
+            });
 
             // 10. attempts
             let retry = &f.retry;
@@ -1646,16 +1657,21 @@ impl Gateway {
     }
 
     /// Send a copy to the shadow target; its answer is read and dropped, and never awaited here.
+    /// `body` is empty, or the copy a `Tee` feeds as the primary sends the request's body.
+    #[allow(clippy::too_many_arguments)]
     fn mirror(
         &self,
-        set: &EndpointSet,
+        m: &crate::table::Mirror,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         added: Option<&Added>,
         downstream_h2: bool,
+        body: ReqBody,
     ) {
+        let set = &m.set;
         let Some(idx) = set.pick(&[], None, clock_ms()) else {
+            m.metrics.failed.inc();
             return;
         };
         let ep = set.endpoints[idx].clone();
@@ -1685,7 +1701,12 @@ impl Gateway {
             uri.path_and_query()
                 .map_or_else(|| uri.clone(), |pq| Uri::from(pq.clone()))
         };
-        let mut r = Request::new(ReqBody::Empty);
+        let abandoned = match &body {
+            ReqBody::Mirror(b) => Some(b.abandoned.clone()),
+            _ => None,
+        };
+        let metrics = m.metrics.clone();
+        let mut r = Request::new(body);
         *r.method_mut() = method.clone();
         *r.uri_mut() = uri;
         *r.version_mut() = if h2 {
@@ -1718,13 +1739,23 @@ impl Gateway {
                         .try_send_request(r)
                         .await
                         .map_err(TrySendError::into_error),
-                    Ok(Conn::Own(_)) | Err(_) => return,
+                    Ok(Conn::Own(_)) | Err(_) => return false,
                 };
-                if let Ok(resp) = resp {
-                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                match resp {
+                    Ok(resp) => http_body_util::BodyExt::collect(resp.into_body())
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
                 }
             };
-            let _ = tokio::time::timeout(timeout, fut).await;
+            let answered = matches!(tokio::time::timeout(timeout, fut).await, Ok(true));
+            if answered {
+                metrics.answered.inc();
+            } else if abandoned.is_some_and(|a| a.load(Ordering::Relaxed)) {
+                metrics.abandoned.inc();
+            } else {
+                metrics.failed.inc();
+            }
         });
     }
 }

@@ -582,7 +582,7 @@ pub struct ForwardAction {
     pub all_versions: Arc<EndpointSet>,
     pub version_header: Option<HeaderName>,
     pub version_from_path: bool,
-    pub mirror: Option<(EndpointSet, f64)>,
+    pub mirror: Option<Mirror>,
     pub rewrite: PathRewrite,
     pub request_headers: CompiledHeaderOps,
     pub response_headers: CompiledHeaderOps,
@@ -594,6 +594,14 @@ pub struct ForwardAction {
     pub limiter: Option<(Arc<Limiter>, gantry_model::RateLimitKey)>,
     pub cache: Option<gantry_model::CachePolicy>,
     pub max_body_bytes: u64,
+}
+
+/// Where a route's shadow copies go.
+pub struct Mirror {
+    pub set: EndpointSet,
+    /// Share of requests copied, 0-100.
+    pub percent: f64,
+    pub metrics: crate::metrics::MirrorMetrics,
 }
 
 pub enum Action {

@@ -10,7 +10,10 @@
 //! - `POST /admin/fail-health`  health answers 500 from now on
 //! - `POST /admin/fail`      every other request answers 500 from now on (health stays fine)
 //! - `POST /admin/recover`   undo fail, fail-health and hang
-//! - `GET /admin/stats`      `{"requests": N, "revalidations": N}` (admin and health excluded)
+//! - `GET /admin/stats`      `{"requests": N, "revalidations": N, "bodies": N, "body_bytes": N,
+//!   "last_digest": "H"}` (admin and health excluded; bodies: whole bodies read by `/digest`)
+//! - `POST /digest`          reads the whole body; `{"instance", "bytes": N, "digest": "H"}` (H:
+//!   FNV-1a 64 of the body, hex)
 //! - `GET /status/CODE`      answers with that status
 //! - `GET /cacheable?max_age=N&etag=E`  `Cache-Control: max-age=N`, `ETag: "E"`, body
 //!   `count=<n>`; a matching `If-None-Match` gets 304
@@ -44,6 +47,9 @@ struct Flags {
     fail_all: AtomicBool,
     requests: AtomicU64,
     revalidations: AtomicU64,
+    bodies: AtomicU64,
+    body_bytes: AtomicU64,
+    last_digest: AtomicU64,
     delay_ms: u64,
 }
 
@@ -73,6 +79,12 @@ fn json_escape(s: &str) -> String {
     }
     o.push('"');
     o
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 async fn handle(
@@ -134,11 +146,35 @@ async fn handle(
         (_, "/admin/stats") => text(
             StatusCode::OK,
             format!(
-                "{{\"requests\":{},\"revalidations\":{}}}",
+                "{{\"requests\":{},\"revalidations\":{},\"bodies\":{},\"body_bytes\":{},\
+                 \"last_digest\":\"{:016x}\"}}",
                 flags.requests.load(Ordering::SeqCst),
-                flags.revalidations.load(Ordering::SeqCst)
+                flags.revalidations.load(Ordering::SeqCst),
+                flags.bodies.load(Ordering::SeqCst),
+                flags.body_bytes.load(Ordering::SeqCst),
+                flags.last_digest.load(Ordering::SeqCst)
             ),
         ),
+        ("POST", "/digest") => {
+            let body = match http_body_util::BodyExt::collect(req.into_body()).await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("body: {e}\n"))),
+            };
+            let digest = fnv1a(&body);
+            flags.bodies.fetch_add(1, Ordering::SeqCst);
+            flags
+                .body_bytes
+                .fetch_add(body.len() as u64, Ordering::SeqCst);
+            flags.last_digest.store(digest, Ordering::SeqCst);
+            text(
+                StatusCode::OK,
+                format!(
+                    "{{\"instance\":{},\"bytes\":{},\"digest\":\"{digest:016x}\"}}\n",
+                    json_escape(&instance),
+                    body.len()
+                ),
+            )
+        }
         (_, p) if p.starts_with("/status/") => {
             let code = p[8..]
                 .parse()

@@ -224,6 +224,118 @@ endpoints = ["127.0.0.1:{}"]
     assert_eq!(primary.stats()["requests"], 5);
 }
 
+fn fnv1a(b: &[u8]) -> String {
+    let h = b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+#[test]
+fn mirroring_copies_request_bodies_and_abandons_a_shadow_that_falls_behind() {
+    use std::io::{Read, Write};
+    // The shadow waits 1.5 s before it reads anything.
+    let shadow = OwnSvc::start("shadow", &[("TESTSVC_DELAY_ALL_MS", "1500")]);
+    let primary = OwnSvc::start("primary", &[]);
+    let g = Gantry::start(&format!(
+        r#"
+[services.api]
+endpoints = ["127.0.0.1:{}"]
+[[services.api.routes]]
+path_prefix = "/"
+mirror = {{ service = "shadow", percent = 100 }}
+max_body_bytes = 67108864
+[services.shadow]
+endpoints = ["127.0.0.1:{}"]
+"#,
+        primary.port, shadow.port
+    ));
+    // Bodies with a length: the primary answers at once, the shadow gets the same bytes.
+    let body: String = (0..100_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let t = Instant::now();
+    for _ in 0..3 {
+        let r = http(
+            g.gateway,
+            "POST",
+            "/digest",
+            &[],
+            Some(&body),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["instance"], "primary");
+        assert_eq!(r.json()["digest"], fnv1a(body.as_bytes()));
+    }
+    // A chunked body (the copy is re-framed for the shadow).
+    let mut s = std::net::TcpStream::connect(g.gateway).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"POST /digest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(&fnv1a(b"hello world")), "{out}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1400),
+        "the slow shadow delayed the primary: {:?}",
+        t.elapsed()
+    );
+    wait_for("shadow read the copies", Duration::from_secs(15), || {
+        (shadow.stats()["bodies"] == 4).then_some(())
+    });
+    let st = shadow.stats();
+    assert_eq!(st["body_bytes"], 3 * 100_000 + 11, "{st}");
+    assert_eq!(st["last_digest"], fnv1a(b"hello world"), "{st}");
+
+    // A body far larger than what the shadow's socket and the copy's buffer hold while the
+    // shadow is not reading: the primary still gets all of it at its own pace, and the copy is
+    // abandoned (the shadow never sees a truncated body as a whole one).
+    let big: String = "x".repeat(32 << 20);
+    let t = Instant::now();
+    let r = http(
+        g.gateway,
+        "POST",
+        "/digest",
+        &[],
+        Some(&big),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["bytes"], 32 << 20);
+    assert!(
+        took < Duration::from_millis(1400),
+        "the shadow held the primary back: {took:?}"
+    );
+    wait_for(
+        "the copy counted as abandoned",
+        Duration::from_secs(40),
+        || {
+            g.metrics()
+            .contains(r#"gantry_gateway_mirrored_requests_total{route="api/0",service="api",outcome="abandoned"} 1"#)
+            .then_some(())
+        },
+    );
+    let m = g.metrics();
+    assert!(
+        m.contains(r#"gantry_gateway_mirrored_requests_total{route="api/0",service="api",outcome="answered"} 4"#),
+        "{m}"
+    );
+    let st = shadow.stats();
+    assert_eq!(
+        st["bodies"], 4,
+        "no truncated body reached the shadow: {st}"
+    );
+    assert_eq!(primary.stats()["bodies"], 5);
+}
+
 #[test]
 fn sticky_hashing_keeps_users_on_their_instance() {
     let g = Gantry::start(
