@@ -451,15 +451,22 @@ pub fn try_read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<
         }
         return try_read_buf(stream, buf);
     }
+    with_scratch(|s| {
+        let want = s.len();
+        let n = read_drained(stream, want, || stream.try_read(&mut s[..]))?;
+        *buf = BytesMut::from(&s[..n]);
+        Ok(n)
+    })
+}
+
+/// Run `f` with this thread's read scratch buffer (16 KiB, initialized once).
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.is_empty() {
             s.resize(SCRATCH_BYTES, 0);
         }
-        let want = s.len();
-        let n = read_drained(stream, want, || stream.try_read(&mut s[..]))?;
-        *buf = BytesMut::from(&s[..n]);
-        Ok(n)
+        f(&mut s[..])
     })
 }
 

@@ -202,33 +202,39 @@ impl H1Conn {
                     Poll::Pending => {}
                 }
             }
-            let mut sent = 0;
-            while sent < head.len() {
-                match self.stream.write(&head[sent..]).await {
-                    Ok(0) => return Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())),
-                    Ok(n) => sent += n,
-                    Err(e) if sent == 0 => {
-                        if let Some(d) = first {
-                            body.unread(d);
-                        }
-                        return Err(H1Error::Unsent(Box::new(body), e));
+            // One write, usually all of it. One that fails before anything went found a pooled
+            // connection the instance had closed: the request may go again, body included.
+            let sent = match self.stream.write(&head).await {
+                Ok(0) => return Err(H1Error::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => n,
+                Err(e) => {
+                    if let Some(d) = first {
+                        body.unread(d);
                     }
-                    Err(e) => return Err(H1Error::Io(e)),
+                    return Err(H1Error::Unsent(Box::new(body), e));
                 }
-            }
-            if !body_done {
-                // Boxed: a body that did not fit in the first write is the rare case.
-                Box::pin(self.write_body(body, chunked)).await?;
+            };
+            if sent < head.len() || !body_done {
+                // Boxed: what did not fit in the first write is the rare case.
+                let body = (!body_done).then_some(body);
+                let early = Box::pin(self.write_rest(&head[sent..], body, chunked)).await?;
+                if let Some((status, version, resp_headers)) = early {
+                    // Answered before the whole request went: the connection is not reused.
+                    let r = self.response(method, status, version, resp_headers, endpoint, false);
+                    return Ok(r);
+                }
             }
             // Response head (skipping 1xx interim responses).
             loop {
-                let parsed = self.read_head()?;
+                let parsed = read_head(&mut self.buf)?;
                 match parsed {
                     Some((status, version, resp_headers)) => {
                         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                             continue;
                         }
-                        return Ok(self.response(method, status, version, resp_headers, endpoint));
+                        let r =
+                            self.response(method, status, version, resp_headers, endpoint, true);
+                        return Ok(r);
                     }
                     None => {
                         if self.buf.len() > MAX_HEAD {
@@ -245,67 +251,54 @@ impl H1Conn {
         }
     }
 
-    async fn write_body(&mut self, mut body: ReqBody, chunked: bool) -> Result<(), H1Error> {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(H1Error::Body)?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if data.is_empty() {
-                continue;
+    /// Send the rest of the request: `head` (what the first write left of the head and the
+    /// body's first piece), then the body. An instance may answer before it has read all of it
+    /// (a 413, a 401) and then stop reading or close: a final response head that arrives
+    /// meanwhile ends the sending and is returned, and so is one already received when a
+    /// write fails (as Envoy and hyper do; otherwise the client would get a 502 for the
+    /// instance's answer). The rest of the body is not sent then.
+    async fn write_rest(
+        &mut self,
+        head: &[u8],
+        body: Option<ReqBody>,
+        chunked: bool,
+    ) -> Result<Option<Head>, H1Error> {
+        let H1Conn { stream, buf } = self;
+        let stream = &*stream;
+        let send = send_rest(stream, head, body, chunked);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut send => {
+                    return match r {
+                        Ok(()) => Ok(None),
+                        Err(H1Error::Io(e)) => {
+                            // Whatever the instance said before the failure is still readable.
+                            read_to_close(stream, buf).await;
+                            final_head(buf)?.map(Some).ok_or(H1Error::Io(e))
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
+                r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
+                    r.map_err(H1Error::Io)?;
+                    match crate::codec::try_read_into(stream, buf) {
+                        Ok(0) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(eof())),
+                        Ok(_) => {
+                            if let Some(h) = final_head(buf)? {
+                                return Ok(Some(h));
+                            }
+                            if buf.len() > MAX_HEAD {
+                                return Err(H1Error::Protocol("response head too large"));
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(e)),
+                    }
+                }
             }
-            if chunked {
-                let size = format!("{:x}\r\n", data.len());
-                self.stream
-                    .write_all(size.as_bytes())
-                    .await
-                    .map_err(H1Error::Io)?;
-                self.stream.write_all(&data).await.map_err(H1Error::Io)?;
-                self.stream.write_all(b"\r\n").await.map_err(H1Error::Io)?;
-            } else {
-                self.stream.write_all(&data).await.map_err(H1Error::Io)?;
-            }
         }
-        if chunked {
-            self.stream
-                .write_all(b"0\r\n\r\n")
-                .await
-                .map_err(H1Error::Io)?;
-        }
-        Ok(())
-    }
-
-    /// Parse a complete head from the buffer, if there is one, and split it off (fields keep
-    /// pointing into its bytes).
-    fn read_head(&mut self) -> Result<Option<(StatusCode, Version, Box<RawHead>)>, H1Error> {
-        if self.buf.is_empty() {
-            return Ok(None);
-        }
-        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut []);
-        let n = match httparse::ParserConfig::default()
-            .parse_response_with_uninit_headers(&mut resp, &self.buf, &mut slots)
-        {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(_) => return Err(H1Error::Protocol("malformed response head")),
-        };
-        let status = resp
-            .code
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or(H1Error::Protocol("bad status code"))?;
-        let version = if resp.version == Some(0) {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        // Boxed: it is moved several times on its way to the client's connection.
-        let mut raw = Box::new(RawHead::new());
-        for h in resp.headers.iter() {
-            raw.push(FieldAt::of(&self.buf, h));
-        }
-        raw.set_bytes(self.buf.split_to(n).freeze());
-        Ok(Some((status, version, raw)))
     }
 
     fn response(
@@ -315,6 +308,7 @@ impl H1Conn {
         version: Version,
         mut raw: Box<RawHead>,
         endpoint: Arc<Endpoint>,
+        reusable: bool,
     ) -> Response<H1Body> {
         let no_body = *method == Method::HEAD
             || status.is_informational()
@@ -356,10 +350,11 @@ impl H1Conn {
             }
         }
         raw.needs_map = names_others;
-        let mut keep_alive = match version {
-            Version::HTTP_10 => keep,
-            _ => !close,
-        };
+        let mut keep_alive = reusable
+            && match version {
+                Version::HTTP_10 => keep,
+                _ => !close,
+            };
         let framing = if no_body {
             Decoder::done()
         } else if te_chunked {
@@ -386,6 +381,112 @@ impl H1Conn {
         *r.version_mut() = version;
         r
     }
+}
+
+/// A response head: status, version and the fields as received.
+type Head = (StatusCode, Version, Box<RawHead>);
+
+/// Parse a complete head from the buffer, if there is one, and split it off (fields keep
+/// pointing into its bytes).
+fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(H1Error::Protocol("malformed response head")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Protocol("bad status code"))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Boxed: it is moved several times on its way to the client's connection.
+    let mut raw = Box::new(RawHead::new());
+    for h in resp.headers.iter() {
+        raw.push(FieldAt::of(buf, h));
+    }
+    raw.set_bytes(buf.split_to(n).freeze());
+    Ok(Some((status, version, raw)))
+}
+
+/// The first final (not 1xx, 101 included) head in the buffer, skipping interim responses.
+fn final_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+    while let Some(h) = read_head(buf)? {
+        if !h.0.is_informational() || h.0 == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(Some(h));
+        }
+    }
+    Ok(None)
+}
+
+/// After a write failed (the instance closed or reset the connection), read what it sent
+/// before that: a closed socket is readable at once; bounded in time and size all the same.
+async fn read_to_close(stream: &TcpStream, buf: &mut BytesMut) {
+    let limit = tokio::time::sleep(std::time::Duration::from_secs(1));
+    tokio::pin!(limit);
+    while buf.len() <= MAX_HEAD {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            () = &mut limit => return,
+        }
+        match crate::codec::try_read_into(stream, buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Write the rest of a request head, then its body (if any), chunk-framed if `chunked`.
+async fn send_rest(
+    stream: &TcpStream,
+    head: &[u8],
+    body: Option<ReqBody>,
+    chunked: bool,
+) -> Result<(), H1Error> {
+    use crate::codec::write_all;
+    write_all(stream, head).await.map_err(H1Error::Io)?;
+    let Some(mut body) = body else {
+        return Ok(());
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(H1Error::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            write_all(stream, size.as_bytes())
+                .await
+                .map_err(H1Error::Io)?;
+            write_all(stream, &data).await.map_err(H1Error::Io)?;
+            write_all(stream, b"\r\n").await.map_err(H1Error::Io)?;
+        } else {
+            write_all(stream, &data).await.map_err(H1Error::Io)?;
+        }
+    }
+    if chunked {
+        write_all(stream, b"0\r\n\r\n").await.map_err(H1Error::Io)?;
+    }
+    Ok(())
 }
 
 impl H1Conn {

@@ -1,11 +1,12 @@
-//! The in-task HTTP/1.1 server for plain connections: the connection's own task reads and parses
-//! each request head (`httparse`), runs the proxy pipeline, and writes the response itself, with
-//! no dispatcher, channels or per-connection buffers beyond the bytes of the request in hand.
+//! The in-task HTTP/1.1 server for client connections, plain or TLS (`wire.rs`): the
+//! connection's own task reads and parses each request head (`httparse`), runs the proxy
+//! pipeline, and writes the response itself, with no dispatcher, channels or per-connection
+//! buffers beyond the bytes of the request in hand.
 //!
 //! What it does not serve itself it hands to hyper, with the bytes read so far: a connection that
 //! opens with the HTTP/2 preface (h2c by prior knowledge), and an upgrade request (WebSocket) or
-//! `CONNECT`, from which point hyper serves the rest of that connection. TLS connections are
-//! hyper's from the start.
+//! `CONNECT`, from which point hyper serves the rest of that connection. TLS connections that
+//! chose HTTP/2 by ALPN are hyper's from the start.
 //!
 //! Framing rules (RFC 9112): a request with both `Content-Length` and `Transfer-Encoding`, several
 //! `Content-Length` lines, a malformed length, a transfer coding other than `chunked`, obs-fold,
@@ -26,7 +27,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -34,6 +34,7 @@ use crate::body::{BoxError, DownBody, RespBody};
 use crate::codec::{self, Decoded, Decoder, FieldAt};
 use crate::proxy::Reject;
 use crate::server::ConnInfo;
+use crate::wire::Wire;
 use crate::Gateway;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -50,7 +51,7 @@ const STACK_HEADERS: usize = 128;
 pub(crate) enum Outcome {
     Closed,
     /// Hyper takes over: the stream and the bytes already read from it.
-    Handoff(TcpStream, Bytes),
+    Handoff(Wire, Bytes),
 }
 
 /// What the head says about the rest of the exchange.
@@ -84,7 +85,7 @@ enum HeadError {
     TooLarge,
 }
 
-/// Serve one plain connection until it closes or is handed to hyper.
+/// Serve one connection until it closes or is handed to hyper.
 ///
 /// The connection's future is what an open connection costs: the steps whose state is large
 /// and rare (refusing a head, lingering before a close) are boxed or keep their buffers on the
@@ -92,7 +93,7 @@ enum HeadError {
 /// the request is proxied.
 pub(crate) async fn serve(
     gw: &Arc<Gateway>,
-    stream: Arc<TcpStream>,
+    stream: Arc<Wire>,
     info: ConnInfo,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Outcome {
@@ -218,7 +219,7 @@ fn is_h2_preface(buf: &[u8]) -> bool {
     buf[..n] == H2_PREFACE[..n]
 }
 
-fn handoff(stream: Arc<TcpStream>, buf: BytesMut) -> Outcome {
+fn handoff(stream: Arc<Wire>, buf: BytesMut) -> Outcome {
     match Arc::try_unwrap(stream) {
         Ok(s) => Outcome::Handoff(s, buf.freeze()),
         // A body of an earlier request is still held somewhere: give up the connection.
@@ -235,7 +236,7 @@ enum Wait {
 /// Read more bytes of a request head, within the deadline; between requests (`idle`) a
 /// shutdown closes the connection instead.
 async fn read_more(
-    stream: &TcpStream,
+    stream: &Wire,
     buf: &mut BytesMut,
     mut sleep: Pin<&mut tokio::time::Sleep>,
     deadline: Instant,
@@ -250,12 +251,13 @@ async fn read_more(
     loop {
         tokio::select! {
             biased;
-            // The readiness slot, not a `readable()` future: no waiter queued and removed per
-            // wait (nothing else waits on this connection's reads meanwhile).
-            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
-                if r.is_err() {
-                    return Wait::Closed;
-                }
+            // A plain socket's readiness slot, not a `readable()` future: no waiter queued and
+            // removed per wait (nothing else waits on this connection's reads meanwhile).
+            r = std::future::poll_fn(|cx| stream.poll_read_head(cx, buf)) => {
+                return match r {
+                    Ok(0) | Err(_) => Wait::Closed,
+                    Ok(_) => Wait::Data,
+                };
             }
             () = &mut sleep => {
                 // The timer is re-armed lazily: it was set for an earlier request's deadline.
@@ -268,12 +270,6 @@ async fn read_more(
             // Last: polled (the lock of an already registered waiter) only when nothing else
             // is ready. Done once shutdown began; not polled again (the connection closes).
             () = shutdown.as_mut(), if idle => return Wait::Closed,
-        }
-        match codec::try_read_into(stream, buf) {
-            Ok(0) => return Wait::Closed,
-            Ok(_) => return Wait::Data,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Wait::Closed,
         }
     }
 }
@@ -439,7 +435,7 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
 }
 
 /// Answer a head that could not be accepted, then the connection closes.
-async fn refuse(gw: &Gateway, stream: &TcpStream, peer: SocketAddr, e: HeadError) {
+async fn refuse(gw: &Gateway, stream: &Wire, peer: SocketAddr, e: HeadError) {
     let resp = match e {
         HeadError::Malformed(m) => gw.reject_unparsed(Reject::Malformed(m), peer, None),
         HeadError::TooLarge => {
@@ -457,37 +453,40 @@ async fn refuse(gw: &Gateway, stream: &TcpStream, peer: SocketAddr, e: HeadError
 }
 
 /// Close after a response while the client may still be sending (a refused head, an unread
-/// body): half-close first, so the response is delivered, and read what still comes for a
-/// bounded time before closing (a close with unread bytes would reset the connection, and the
-/// client could lose the response).
-async fn linger(stream: Arc<TcpStream>) {
+/// body, an instance that answered before reading the whole upload): half-close first, so the
+/// response is delivered, and read and discard what still comes, for a bounded time and size,
+/// before closing (a close with unread bytes would reset the connection, and a client still
+/// sending could lose the response). nginx's `lingering_close` does the same.
+async fn linger(stream: Arc<Wire>) {
     // A body still held elsewhere keeps the socket: nothing to do here.
     let Ok(mut s) = Arc::try_unwrap(stream) else {
         return;
     };
-    if tokio::io::AsyncWriteExt::shutdown(&mut s).await.is_err() {
+    if s.shutdown().await.is_err() {
         return;
     }
-    let deadline = Instant::now() + LINGER;
+    let end = Instant::now() + LINGER_TIME;
     // On the heap: the connection's future would otherwise carry it for its whole life.
-    let mut sink = vec![0u8; 4096];
+    let mut sink = BytesMut::with_capacity(BODY_CHUNK);
     let mut discarded = 0usize;
-    while discarded <= MAX_DRAIN {
-        match tokio::time::timeout_at(deadline, s.readable()).await {
-            Ok(Ok(())) => {}
-            _ => return,
-        }
-        match s.try_read(&mut sink) {
-            Ok(0) => return,
-            Ok(n) => discarded += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+    while discarded <= LINGER_MAX_BYTES {
+        sink.clear();
+        let read = std::future::poll_fn(|cx| s.poll_read_buf(cx, &mut sink));
+        let deadline = end.min(Instant::now() + LINGER_GAP);
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => discarded += n,
         }
     }
 }
 
-/// How long a closing connection keeps reading what the client still sends.
-const LINGER: Duration = Duration::from_secs(2);
+/// A closing connection reads what the client still sends for at most this long in all...
+const LINGER_TIME: Duration = Duration::from_secs(10);
+/// ...stops after this long without a byte (nginx: `lingering_time` 30 s,
+/// `lingering_timeout` 5 s)...
+const LINGER_GAP: Duration = Duration::from_secs(2);
+/// ...and after this many bytes.
+const LINGER_MAX_BYTES: usize = 64 << 20;
 
 /// The part of a request body's state that goes back to the connection.
 struct Returned {
@@ -498,7 +497,7 @@ struct Returned {
 type Slot = Arc<Mutex<Option<Returned>>>;
 
 fn own_body(
-    stream: &Arc<TcpStream>,
+    stream: &Arc<Wire>,
     buf: &mut BytesMut,
     decoder: Decoder,
     req: &Request<()>,
@@ -521,7 +520,7 @@ fn own_body(
 
 /// A request body read straight from the client's connection.
 pub struct OwnBody {
-    stream: Arc<TcpStream>,
+    stream: Arc<Wire>,
     buf: BytesMut,
     decoder: Decoder,
     /// Where the buffer goes when the body is done (or dropped unread); `None` once given back,
@@ -565,18 +564,10 @@ impl Body for OwnBody {
         // The client waits for a go-ahead before it sends the body.
         if let Some(mut sent) = this.continue_sent {
             if this.buf.is_empty() {
-                while sent < CONTINUE.len() {
-                    if let Err(e) = ready!(this.stream.poll_write_ready(cx)) {
-                        return this.fail(e);
-                    }
-                    match this.stream.try_write(&CONTINUE[sent..]) {
-                        Ok(n) => {
-                            sent += n;
-                            this.continue_sent = Some(sent);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return this.fail(e),
-                    }
+                let r = this.stream.poll_write_all(cx, CONTINUE, &mut sent);
+                this.continue_sent = Some(sent);
+                if let Err(e) = ready!(r) {
+                    return this.fail(e);
                 }
             }
             this.continue_sent = None;
@@ -606,19 +597,10 @@ impl Body for OwnBody {
             if this.buf.capacity() - this.buf.len() < 1024 {
                 this.buf.reserve(BODY_CHUNK);
             }
-            loop {
-                if let Err(e) = ready!(this.stream.poll_read_ready(cx)) {
-                    return this.fail(e);
-                }
-                match codec::try_read_buf(&this.stream, &mut this.buf) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(_) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return this.fail(e),
-                }
+            match ready!(this.stream.poll_read_buf(cx, &mut this.buf)) {
+                Ok(0) => eof = true,
+                Ok(_) => {}
+                Err(e) => return this.fail(e),
             }
         }
     }
@@ -645,12 +627,7 @@ impl Drop for OwnBody {
 
 /// Read and discard the rest of a request body nobody read, within bounds. `true`: the
 /// connection can serve another request.
-async fn drain(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    mut decoder: Decoder,
-    limit: Duration,
-) -> bool {
+async fn drain(stream: &Wire, buf: &mut BytesMut, mut decoder: Decoder, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     let mut discarded = 0usize;
     let mut eof = false;
@@ -668,15 +645,11 @@ async fn drain(
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(BODY_CHUNK);
                 }
-                match tokio::time::timeout_at(deadline, stream.readable()).await {
-                    Ok(Ok(())) => {}
-                    _ => return false,
-                }
-                match codec::try_read_buf(stream, buf) {
-                    Ok(0) => eof = true,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return false,
+                let read = std::future::poll_fn(|cx| stream.poll_read_buf(cx, buf));
+                match tokio::time::timeout_at(deadline, read).await {
+                    Ok(Ok(0)) => eof = true,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => return false,
                 }
             }
             Err(_) => return false,
@@ -738,7 +711,7 @@ async fn frame_now(body: &mut RespBody) -> Poll<Option<Result<Frame<Bytes>, BoxE
 }
 
 /// Write the response; `true` when the connection can carry another request.
-async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Meta) -> bool {
+async fn write_response(stream: &Wire, resp: Response<RespBody>, meta: &Meta) -> bool {
     let (parts, mut body) = resp.into_parts();
     let deferred = body.take_deferred();
     let status = parts.status;
@@ -829,7 +802,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
     codec::recycle_map(parts.headers);
     if framing == Out::None {
         drop(body);
-        return codec::write_all(stream, &out).await.is_ok() && keep_alive;
+        return stream.write_all(&out).await.is_ok() && keep_alive;
     }
 
     let chunked = framing == Out::Chunked;
@@ -841,7 +814,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
             Poll::Pending => {
                 // Send what we have while the instance is producing the rest.
                 if !out.is_empty() {
-                    if codec::write_all(stream, &out).await.is_err() {
+                    if stream.write_all(&out).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -854,7 +827,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
             Some(Ok(f)) => f,
             Some(Err(_)) => {
                 // The instance failed mid-body: send what came, then close (never a clean end).
-                let _ = codec::write_all(stream, &out).await;
+                let _ = stream.write_all(&out).await;
                 return false;
             }
         };
@@ -866,7 +839,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
                 written += data.len() as u64;
                 if let Out::Length(n) = framing {
                     if written > n {
-                        let _ = codec::write_all(stream, &out).await;
+                        let _ = stream.write_all(&out).await;
                         return false;
                     }
                 }
@@ -877,7 +850,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
                 if out.len() + data.len() <= COALESCE {
                     out.extend_from_slice(&data);
                 } else {
-                    if codec::write_all2(stream, &out, &data).await.is_err() {
+                    if stream.write_all2(&out, &data).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -909,7 +882,7 @@ async fn write_response(stream: &TcpStream, resp: Response<RespBody>, meta: &Met
             keep_alive = false;
         }
     }
-    if !out.is_empty() && codec::write_all(stream, &out).await.is_err() {
+    if !out.is_empty() && stream.write_all(&out).await.is_err() {
         return false;
     }
     keep_alive && framing != Out::Close

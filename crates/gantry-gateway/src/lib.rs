@@ -31,6 +31,7 @@ mod server;
 pub mod table;
 pub mod tls;
 mod trace;
+mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

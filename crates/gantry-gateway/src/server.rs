@@ -1,15 +1,15 @@
 //! Listeners: accept connections (plain or TLS), enforce the connection limit, and serve each.
-//! Plain connections start on the in-task HTTP/1.1 server (`h1server.rs`), which hands h2c
-//! (prior knowledge) and upgrades (WebSocket) to hyper; TLS connections are served by
-//! hyper-util's auto builder (HTTP/1.1, or HTTP/2 by ALPN), upgrades allowed. Shutdown stops
-//! accepting and lets open requests finish within the grace.
+//! Connections start on the in-task HTTP/1.1 server (`h1server.rs`), plain or TLS, which hands
+//! h2c (prior knowledge) and upgrades (WebSocket) to hyper; TLS connections that chose HTTP/2 by
+//! ALPN go to hyper-util's auto builder at once. Shutdown stops accepting and lets open
+//! requests finish within the grace.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,21 +19,22 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::DownBody;
 use crate::h1server::Outcome;
+use crate::wire::Wire;
 use crate::Gateway;
 
 /// A stream with bytes already read from it put back in front (a connection handed from the
 /// in-task server to hyper).
-struct Prefixed {
+struct Prefixed<I> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: I,
 }
 
-impl AsyncRead for Prefixed {
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -49,7 +50,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -72,6 +73,22 @@ impl AsyncWrite for Prefixed {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Count what hyper refused on a connection it served (it answered 400 or 431 itself), and
+/// slow heads.
+fn count_refusals(gw: &Gateway, res: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = res {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                gw.metrics.reject("request_head_too_large");
+            } else if h.is_parse() {
+                gw.metrics.reject("malformed_request");
+            } else if h.is_timeout() {
+                gw.metrics.reject("header_read_timeout");
+            }
+        }
     }
 }
 
@@ -201,48 +218,46 @@ impl Gateway {
             // (kilobytes) and the TLS handshake are boxed, off the common path.
             let task = async move {
                 let _guard = guard;
-                let res = match tls {
-                    None => {
-                        let info = ConnInfo::new(peer, false);
-                        match crate::h1server::serve(
-                            &gw,
-                            Arc::new(stream),
-                            info,
-                            &mut conn_shutdown,
-                        )
-                        .await
-                        {
-                            Outcome::Closed => Ok(()),
-                            Outcome::Handoff(inner, prefix) => {
-                                let io = Prefixed { prefix, inner };
-                                Box::pin(gw.serve_hyper(&builder, io, peer, false, watcher)).await
-                            }
-                        }
-                    }
+                let (wire, watcher) = match tls {
+                    None => (Wire::Plain(stream), watcher),
                     Some(acceptor) => {
-                        Box::pin(async {
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                                .await
-                            {
-                                Ok(Ok(s)) => gw.serve_hyper(&builder, s, peer, true, watcher).await,
-                                _ => Ok(()),
+                        let tls = Box::pin(async {
+                            let accept = acceptor.accept(stream);
+                            match tokio::time::timeout(handshake_timeout, accept).await {
+                                // HTTP/2 chosen by ALPN: hyper's from the start.
+                                Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                    let res = gw.serve_hyper(&builder, s, peer, true, watcher);
+                                    count_refusals(&gw, res.await);
+                                    None
+                                }
+                                Ok(Ok(s)) => Some((Wire::tls(s), watcher)),
+                                _ => None,
                             }
-                        })
-                        .await
+                        });
+                        match tls.await {
+                            Some(w) => w,
+                            None => return,
+                        }
                     }
                 };
-                // Requests hyper's parser refused (it answered 400 or 431 itself), slow heads.
-                if let Err(e) = res {
-                    if let Some(h) = e.downcast_ref::<hyper::Error>() {
-                        if h.is_parse_too_large() {
-                            gw.metrics.reject("request_head_too_large");
-                        } else if h.is_parse() {
-                            gw.metrics.reject("malformed_request");
-                        } else if h.is_timeout() {
-                            gw.metrics.reject("header_read_timeout");
+                let tls = matches!(wire, Wire::Tls(_));
+                let info = ConnInfo::new(peer, tls);
+                let res =
+                    match crate::h1server::serve(&gw, Arc::new(wire), info, &mut conn_shutdown)
+                        .await
+                    {
+                        Outcome::Closed => Ok(()),
+                        Outcome::Handoff(Wire::Plain(inner), prefix) => {
+                            let io = Prefixed { prefix, inner };
+                            Box::pin(gw.serve_hyper(&builder, io, peer, false, watcher)).await
                         }
-                    }
-                }
+                        Outcome::Handoff(Wire::Tls(t), prefix) => {
+                            let inner = t.into_inner().unwrap_or_else(PoisonError::into_inner);
+                            let io = Prefixed { prefix, inner };
+                            Box::pin(gw.serve_hyper(&builder, io, peer, true, watcher)).await
+                        }
+                    };
+                count_refusals(&gw, res);
             };
             tokio::spawn(task);
         }

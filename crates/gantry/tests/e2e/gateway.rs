@@ -264,3 +264,60 @@ timeout_ms = 10000
     );
     assert_eq!(stopper.join().unwrap(), Some(0));
 }
+
+#[test]
+fn an_instance_that_answers_before_reading_the_body_is_heard() {
+    // The test service answers these paths without reading the request body, then closes the
+    // connection (hyper does with an unread body): the client must get the instance's answer,
+    // not a 502, on the plain port (Gantry's own HTTP/1.1 client) whatever the body's size.
+    let g = Gantry::start(
+        r#"
+[services.up]
+command = ["{TESTSVC}"]
+[[services.up.routes]]
+path_prefix = "/"
+"#,
+    );
+    g.wait_healthy("up", 1, Duration::from_secs(20));
+    for size in [200_000usize, 4 << 20] {
+        let body = "b".repeat(size);
+        let r = http(
+            g.gateway,
+            "POST",
+            "/status/413",
+            &[],
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(r.status, 413, "{size} bytes: {}", r.body);
+        assert_eq!(r.body, "413\n");
+        let r = http(
+            g.gateway,
+            "POST",
+            "/echo",
+            &[],
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{size} bytes: {}", r.body);
+        assert_eq!(r.json()["path"], "/echo");
+        // And a body the instance does read still arrives whole.
+        let r = http(
+            g.gateway,
+            "POST",
+            "/digest",
+            &[],
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(r.json()["bytes"], size);
+    }
+    let m = g.metrics();
+    assert!(
+        m.contains("gantry_gateway_requests_total{route=\"up/0\",service=\"up\",status=\"5xx\"} 0"),
+        "no 5xx answered: {m}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Protocols with clients we did not write: grpcio (gRPC over h2c, streaming, trailers),
-//! websockets (a socket held open across route reloads), curl over HTTP/2 (prior knowledge and
-//! TLS with ALPN), SNI certificate choice and certificate reload.
+//! websockets (a socket held open across route reloads; over TLS), curl over HTTP/2 (prior
+//! knowledge and TLS with ALPN), SNI certificate choice and certificate reload, HTTP/1.1 over TLS
+//! with the plain port's framing rules (openssl s_client).
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -289,6 +290,125 @@ path_prefix = "/"
         &format!("https://a.test:{tls_port}/z"),
     ]);
     assert!(ok, "after reload: {err}");
+}
+
+/// Raw bytes to the TLS listener (`openssl s_client`); what came back before the server closed.
+fn tls_raw(port: u16, bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-quiet", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-servername", "localhost", "-alpn", "http/1.1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(bytes).unwrap();
+    let o = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn http1_over_tls_gets_the_same_framing_rules_pipelining_and_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    cert(dir.path(), "local", &["localhost"]);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = dir.path().join("gantry.toml");
+    let services = format!(
+        "[services.web]\ncommand = [\"{{TESTSVC}}\"]\n[[services.web.routes]]\npath_prefix = \"/web\"\n{}",
+        WS.replace("WS_ECHO", &fixture("ws_echo.py"))
+    );
+    let text = spec_text(&services).replace(
+        "[admin]",
+        &format!(
+            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [{{ cert = \"local.pem\", key = \"local.key\", hosts = [\"localhost\"] }}]\n\n[admin]"
+        ),
+    );
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    g.wait_healthy("ws", 1, Duration::from_secs(30));
+    let ca = g.dir.path().join("local.pem").display().to_string();
+
+    // Ambiguous framing is refused over TLS exactly as on the plain port: a JSON 400, and the
+    // request smuggled behind it never runs.
+    for (bad, why) in [
+        (
+            &b"POST /web HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /web/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            "both Content-Length and Transfer-Encoding",
+        ),
+        (
+            b"POST /web HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n\r\nhello",
+            "invalid Content-Length",
+        ),
+        (b"GET /web HTTP/1.1\r\n\r\n", "without Host"),
+        (b"GET /web HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  b\r\n\r\n", "fold"),
+    ] {
+        let r = tls_raw(tls_port, bad);
+        assert_eq!(raw_status(&r), 400, "{}: {r}", String::from_utf8_lossy(bad));
+        assert!(!r.contains("\nHTTP/1.1 "), "one response only: {r}");
+        assert!(r.contains("\"error\":\"malformed_request\""), "{r}");
+        assert!(r.contains(why), "{why}: {r}");
+    }
+    let m = g.metrics();
+    assert!(
+        m.contains("gantry_gateway_rejected_requests_total{reason=\"malformed_request\"} 4"),
+        "{m}"
+    );
+    // Pipelined requests on one TLS connection, answered in order, with https forwarding.
+    let r = tls_raw(
+        tls_port,
+        b"GET /web/a HTTP/1.1\r\nHost: x\r\n\r\nGET /web/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 2, "{r}");
+    let (a, b) = (
+        r.find("\"path\":\"/web/a\"").unwrap(),
+        r.find("\"path\":\"/web/b\"").unwrap(),
+    );
+    assert!(a < b, "{r}");
+    assert!(r.contains("\"x-forwarded-proto\":\"https\""), "{r}");
+    // A body behind `Expect: 100-continue` (curl waits for the go-ahead).
+    let body = g.dir.path().join("upload.bin");
+    std::fs::write(&body, "z".repeat(200_000)).unwrap();
+    let (ok, out, err) = curl(&[
+        "--http1.1",
+        "--cacert",
+        &ca,
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("https://localhost:{tls_port}/web/upload"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"content-length\":\"200000\""), "{out}");
+    // A WebSocket over TLS: the upgrade is handed to hyper with the TLS session.
+    let o = Command::new("python3")
+        .args([
+            &fixture("ws_client.py"),
+            &format!("wss://localhost:{tls_port}/ws/chat"),
+            "5",
+            "0.05",
+        ])
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ws-1:m")).count(),
+        5,
+        "{stdout}"
+    );
 }
 
 /// A CA (`ca.pem`) and a leaf for `name` signed by it (`leaf.pem`, `leaf.key`).
