@@ -10,7 +10,8 @@
 #   ROUNDS=9 CONNS_LIST=1000 VARIANTS=plain bench/interleaved.sh
 #
 # Knobs: VARIANTS (plain,full: bench/gateway.sh's specs), CONNS_LIST ("50 1000"), ROUNDS (5),
-# DURATION (8 s per run), WARMUP (2 s), GANTRY (binary; default: the dist build), HARNESS.
+# DURATION (8 s per run), WARMUP (2 s; 0: none, e.g. for many short rounds), GANTRY (binary;
+# default: the dist build), HARNESS.
 # Output: one line per run, then per variant and connection count the median over rounds of
 # gantry/nginx CPU per request (user+sys, from /proc) and of p99 latency.
 set -euo pipefail
@@ -114,7 +115,9 @@ for r in $(seq "$ROUNDS"); do
   for conns in $CONNS_LIST; do
     for n in "${order[@]}"; do
       url="http://127.0.0.1:${PORT[$n]}/"
-      timeout $((WARMUP + 20)) taskset -c 1 wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+      if [ "$WARMUP" != 0 ]; then
+        timeout $((WARMUP + 20)) taskset -c 1 wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+      fi
       t0=$(ticks "${PID[$n]}")
       timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url" >"$WORK/wrk.txt" 2>&1 || true
       t1=$(ticks "${PID[$n]}")

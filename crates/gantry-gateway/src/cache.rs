@@ -102,17 +102,23 @@ pub struct CacheKey {
     pub primary: String,
 }
 
+/// The key of a cacheable request: its route, the target it went to (a version asked for, or a
+/// split's `service@version`: versions never share entries), host, path and query.
 pub fn key_for(
     method: &Method,
     host: Option<&str>,
     path_and_query: &str,
     route: &str,
+    target: &str,
 ) -> Option<CacheKey> {
     if *method != Method::GET && *method != Method::HEAD {
         return None;
     }
     Some(CacheKey {
-        primary: format!("{route}\u{0}{}\u{0}{path_and_query}", host.unwrap_or("")),
+        primary: format!(
+            "{route}\u{0}{target}\u{0}{}\u{0}{path_and_query}",
+            host.unwrap_or("")
+        ),
     })
 }
 
@@ -120,8 +126,10 @@ struct Inner {
     /// Full key (primary + vary values) → (LRU sequence, entry).
     entries: HashMap<String, (u64, Arc<Entry>)>,
     lru: BTreeMap<u64, String>,
-    /// Primary key → the request headers its response varies on.
-    vary: HashMap<String, Vec<String>>,
+    /// Primary key → the request headers its response varies on, and how many entries it has
+    /// (the record goes with its last entry).
+    vary: HashMap<String, (Vec<String>, usize)>,
+    /// What entries, keys and vary records take, held within `max_bytes`.
     bytes: usize,
     seq: u64,
 }
@@ -129,6 +137,11 @@ struct Inner {
 pub struct Cache {
     max_bytes: usize,
     inner: Mutex<Inner>,
+}
+
+/// What a vary record takes: its key, its names, and a map slot.
+fn vary_cost(primary: &str, names: &[String]) -> usize {
+    64 + primary.len() + names.iter().map(|n| n.len() + 24).sum::<usize>()
 }
 
 fn full_key(primary: &str, vary: &[String], req: &HeaderMap) -> String {
@@ -172,7 +185,11 @@ impl Cache {
             return Lookup::Miss;
         }
         let mut g = self.lock();
-        let vary = g.vary.get(&key.primary).cloned().unwrap_or_default();
+        let vary = g
+            .vary
+            .get(&key.primary)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default();
         let k = full_key(&key.primary, &vary, req);
         let Some((old_seq, entry)) = g.entries.get(&k).map(|(s, e)| (*s, e.clone())) else {
             return Lookup::Miss;
@@ -269,23 +286,58 @@ impl Cache {
         }
         let k = full_key(&key.primary, &vary, req_headers);
         let mut g = self.lock();
-        g.vary.insert(key.primary.clone(), vary);
+        let g = &mut *g;
+        let new_cost = vary_cost(&key.primary, &vary);
+        match g.vary.get_mut(&key.primary) {
+            Some((names, _)) => {
+                g.bytes = g.bytes + new_cost - vary_cost(&key.primary, names);
+                *names = vary;
+            }
+            None => {
+                g.vary.insert(key.primary.clone(), (vary, 0));
+                g.bytes += new_cost;
+            }
+        }
         g.seq += 1;
         let seq = g.seq;
-        if let Some((old_seq, old)) = g.entries.insert(k.clone(), (seq, entry)) {
-            g.lru.remove(&old_seq);
-            g.bytes -= old.size();
+        let charge = size + 2 * k.len();
+        match g.entries.insert(k.clone(), (seq, entry)) {
+            Some((old_seq, old)) => {
+                g.lru.remove(&old_seq);
+                g.bytes -= old.size() + 2 * k.len();
+            }
+            None => {
+                if let Some((_, n)) = g.vary.get_mut(&key.primary) {
+                    *n += 1;
+                }
+            }
         }
         g.lru.insert(seq, k);
-        g.bytes += size;
+        g.bytes += charge;
         while g.bytes > self.max_bytes {
             let Some((_, victim)) = g.lru.pop_first() else {
                 break;
             };
             if let Some((_, e)) = g.entries.remove(&victim) {
-                g.bytes -= e.size();
+                g.bytes -= e.size() + 2 * victim.len();
+            }
+            // The vary record goes with the last entry of its primary key.
+            let primary = victim.split('\u{1}').next().unwrap_or("");
+            if let Some((names, n)) = g.vary.get_mut(primary) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    let cost = vary_cost(primary, names);
+                    g.vary.remove(primary);
+                    g.bytes -= cost;
+                }
             }
         }
+    }
+
+    #[cfg(test)]
+    fn records(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.entries.len(), g.vary.len())
     }
 
     /// A 304 confirmed a stale entry: make it fresh again with the new lifetime.
@@ -474,7 +526,8 @@ mod tests {
     #[test]
     fn vary_keeps_variants_apart_and_lru_bounds_memory() {
         let c = Cache::new(4096);
-        let key = key_for(&Method::GET, Some("h"), "/x", "r").unwrap_or_else(|| unreachable!());
+        let key =
+            key_for(&Method::GET, Some("h"), "/x", "r", "t").unwrap_or_else(|| unreachable!());
         let en = h(&[("accept-language", "en")]);
         let de = h(&[("accept-language", "de")]);
         c.insert(
@@ -494,7 +547,7 @@ mod tests {
         );
         // Fill beyond the budget: memory stays bounded.
         for i in 0..100 {
-            let k = key_for(&Method::GET, Some("h"), &format!("/big{i}"), "r")
+            let k = key_for(&Method::GET, Some("h"), &format!("/big{i}"), "r", "t")
                 .unwrap_or_else(|| unreachable!());
             c.insert(
                 &k,
@@ -507,12 +560,18 @@ mod tests {
             );
         }
         assert!(c.bytes() <= 4096);
+        // Evicted entries take their vary records with them: a stream of distinct URLs
+        // (cache-busting query strings) cannot grow what the cache holds.
+        let (entries, records) = c.records();
+        assert!(entries <= 8, "{entries} entries");
+        assert_eq!(records, entries, "one vary record per live primary key");
+        assert!(matches!(c.lookup(&key, &en, 5), Lookup::Miss), "evicted");
     }
 
     #[test]
     fn stale_with_validators_needs_revalidation() {
         let c = Cache::new(1 << 20);
-        let key = key_for(&Method::GET, None, "/x", "r").unwrap_or_else(|| unreachable!());
+        let key = key_for(&Method::GET, None, "/x", "r", "t").unwrap_or_else(|| unreachable!());
         let req = HeaderMap::new();
         c.insert(
             &key,

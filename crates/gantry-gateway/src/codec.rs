@@ -242,14 +242,19 @@ pub const F_LENGTH: u8 = 2;
 pub const F_DATE: u8 = 4;
 pub const F_CONNECTION: u8 = 8;
 pub const F_TRANSFER_ENCODING: u8 = 16;
+pub const F_HOST: u8 = 32;
+pub const F_UPGRADE: u8 = 64;
+pub const F_TE: u8 = 128;
 
 /// The `F_*` kind of a header name (any case).
 pub fn name_kind(n: &[u8]) -> u8 {
     let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
     match n.len() {
-        2 if is("te") => F_HOP,
+        2 if is("te") => F_HOP | F_TE,
         4 if is("date") => F_DATE,
-        7 if is("trailer") || is("upgrade") => F_HOP,
+        4 if is("host") => F_HOST,
+        7 if is("upgrade") => F_HOP | F_UPGRADE,
+        7 if is("trailer") => F_HOP,
         10 if is("connection") => F_HOP | F_CONNECTION,
         10 if is("keep-alive") => F_HOP,
         14 if is("content-length") => F_LENGTH,

@@ -83,6 +83,7 @@ enum BodyFraming {
 enum HeadError {
     Malformed(&'static str),
     TooLarge,
+    Timeout,
 }
 
 /// Serve one connection until it closes or is handed to hyper.
@@ -146,8 +147,10 @@ pub(crate) async fn serve(
             {
                 Wait::Data => {}
                 Wait::Timeout => {
+                    // A head begun and not finished (slowloris) gets a 408; an idle
+                    // keep-alive connection is just closed.
                     if !buf.is_empty() {
-                        gw.metrics.reject("header_read_timeout");
+                        Box::pin(refuse(gw, &stream, info.peer, HeadError::Timeout)).await;
                     }
                     return Outcome::Closed;
                 }
@@ -319,7 +322,9 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
         target.as_ptr() as usize - buf.as_ptr() as usize,
         target.len(),
     );
-    // Where every name and value sits, so the head can be split off before the map is built.
+    // Where every name and value sits, so the head can be split off before the map is built;
+    // and the framing rules, checked on the raw fields before anything else (a WebSocket
+    // upgrade handed to hyper included).
     let n = req.headers.len();
     let mut fields_stack = [FieldAt::default(); STACK_HEADERS];
     let mut fields_heap;
@@ -329,68 +334,62 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
         fields_heap = vec![FieldAt::default(); n];
         &mut fields_heap
     };
-    for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
-        if h.name.eq_ignore_ascii_case("upgrade") {
-            return Ok(Some(Parsed::Handoff));
-        }
-        *f = FieldAt::of(buf, h);
-    }
-    let head = buf.split_to(len).freeze();
-
-    let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
-        .map_err(|_| HeadError::Malformed("invalid request target"))?;
-    // Room for the headers the proxy adds (trace context, forwarding, request id).
-    let mut headers = codec::take_map(n + 8);
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut hosts = 0;
     let mut conn_close = false;
     let mut conn_keep_alive = false;
+    let mut conn_upgrade = false;
+    let mut websocket = false;
     let mut te_trailers = false;
-    for f in fields.iter() {
-        let name = HeaderName::from_bytes(f.name(&head))
-            .map_err(|_| HeadError::Malformed("invalid header name"))?;
-        let value = f.value(&head).map_err(HeadError::Malformed)?;
-        if name == header::CONTENT_LENGTH {
+    const FRAMING: u8 = codec::F_LENGTH
+        | codec::F_TRANSFER_ENCODING
+        | codec::F_CONNECTION
+        | codec::F_HOST
+        | codec::F_UPGRADE
+        | codec::F_TE;
+    for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
+        *f = FieldAt::of(buf, h);
+        if f.kind & FRAMING == 0 {
+            continue;
+        }
+        let v = h.value;
+        if f.kind & codec::F_LENGTH != 0 {
             if content_length.is_some() {
                 return Err(HeadError::Malformed("several Content-Length headers"));
             }
-            let v = value.as_bytes();
             if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
                 return Err(HeadError::Malformed("invalid Content-Length"));
             }
             content_length = Some(v.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0')));
-        } else if name == header::TRANSFER_ENCODING {
+        } else if f.kind & codec::F_TRANSFER_ENCODING != 0 {
             // Only `chunked`, once: anything else could be framed differently by the instance.
-            if chunked
-                || !value
-                    .as_bytes()
-                    .trim_ascii()
-                    .eq_ignore_ascii_case(b"chunked")
-            {
+            if chunked || !v.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 return Err(HeadError::Malformed(
                     "unsupported Transfer-Encoding (only a single chunked is accepted)",
                 ));
             }
             chunked = true;
-        } else if name == header::HOST {
+        } else if f.kind & codec::F_HOST != 0 {
             hosts += 1;
-        } else if name == header::CONNECTION {
-            for t in value.as_bytes().split(|c| *c == b',') {
+        } else if f.kind & codec::F_CONNECTION != 0 {
+            for t in v.split(|c| *c == b',') {
                 let t = t.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
                     conn_close = true;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     conn_keep_alive = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    conn_upgrade = true;
                 }
             }
-        } else if name == header::TE {
-            te_trailers |= value
-                .as_bytes()
+        } else if f.kind & codec::F_UPGRADE != 0 {
+            websocket = v.trim_ascii().eq_ignore_ascii_case(b"websocket");
+        } else if f.kind & codec::F_TE != 0 {
+            te_trailers |= v
                 .split(|c| *c == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         }
-        headers.append(name, value);
     }
     if chunked && content_length.is_some() {
         return Err(HeadError::Malformed(
@@ -405,8 +404,28 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
     if hosts > 1 {
         return Err(HeadError::Malformed("several Host headers"));
     }
-    if hosts == 0 && version == Version::HTTP_11 && uri.authority().is_none() {
+    // Origin form (`/path`) and `*` carry no authority; the absolute form does.
+    let has_authority = !target.starts_with('/') && target != "*";
+    if hosts == 0 && version == Version::HTTP_11 && !has_authority {
         return Err(HeadError::Malformed("HTTP/1.1 request without Host"));
+    }
+    // A WebSocket upgrade (RFC 6455: HTTP/1.1, `Upgrade: websocket`, `Connection: upgrade`)
+    // is hyper's, head and all. Any other `Upgrade` (`h2c`, RFC 9113 §3.1 no longer has it) is
+    // a hop-by-hop header the request is served without.
+    if websocket && conn_upgrade && version == Version::HTTP_11 {
+        return Ok(Some(Parsed::Handoff));
+    }
+    let head = buf.split_to(len).freeze();
+
+    let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
+        .map_err(|_| HeadError::Malformed("invalid request target"))?;
+    // Room for the headers the proxy adds (trace context, forwarding, request id).
+    let mut headers = codec::take_map(n + 8);
+    for f in fields.iter() {
+        let name = HeaderName::from_bytes(f.name(&head))
+            .map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let value = f.value(&head).map_err(HeadError::Malformed)?;
+        headers.append(name, value);
     }
     let framing = if chunked {
         BodyFraming::Chunked
@@ -441,6 +460,10 @@ async fn refuse(gw: &Gateway, stream: &Wire, peer: SocketAddr, e: HeadError) {
         HeadError::TooLarge => {
             let limit = gw.cfg.max_header_bytes.to_string();
             gw.reject_unparsed(Reject::HeadTooLarge, peer, Some(&limit))
+        }
+        HeadError::Timeout => {
+            let ms = gw.cfg.header_read_timeout.as_millis().to_string();
+            gw.reject_unparsed(Reject::HeadTimeout, peer, Some(&ms))
         }
     };
     let meta = Meta {
@@ -901,6 +924,7 @@ mod tests {
             Ok(None) => panic!("partial"),
             Err(HeadError::Malformed(m)) => panic!("malformed: {m}"),
             Err(HeadError::TooLarge) => panic!("too large"),
+            Err(HeadError::Timeout) => panic!("timeout"),
         }
     }
 
@@ -909,6 +933,7 @@ mod tests {
         match parse(&mut buf, 100) {
             Err(HeadError::Malformed(m)) => m,
             Err(HeadError::TooLarge) => "too large",
+            Err(HeadError::Timeout) => "timeout",
             Ok(Some(Parsed::Handoff)) => "handoff",
             Ok(Some(Parsed::Request(..))) => "ok",
             Ok(None) => "partial",
@@ -980,6 +1005,38 @@ mod tests {
         }
         assert!(is_h2_preface(b"PRI * HT"));
         assert!(!is_h2_preface(b"GET / HTTP/1.1"));
+    }
+
+    #[test]
+    fn only_a_well_framed_websocket_upgrade_is_handed_over() {
+        // The framing rules come first: an upgrade is no way around them.
+        for (raw, why) in [
+            (
+                &b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+                "both Content-Length and Transfer-Encoding",
+            ),
+            (
+                b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                "HTTP/1.1 request without Host",
+            ),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                "several Host headers",
+            ),
+        ] {
+            assert_eq!(parse_err(raw), why);
+        }
+        // Any other Upgrade (curl --http2 on http:// asks for h2c), or one that Connection does
+        // not name, is served here as plain HTTP/1.1.
+        for raw in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ] {
+            let (req, _, _, rest) = parse_ok(raw);
+            assert!(rest.is_empty());
+            assert!(req.headers().contains_key(header::UPGRADE));
+        }
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl Gateway {
                         let mut seen = std::collections::BTreeSet::new();
                         f.backends
                             .iter()
-                            .flat_map(|(set, _)| set.endpoints.iter())
+                            .flat_map(|(set, _, _)| set.endpoints.iter())
                             .filter(|e| seen.insert(e.id.clone()))
                             .map(|e| EndpointView {
                                 instance: e.id.to_string(),
@@ -290,13 +290,19 @@ impl Gateway {
             services.insert(name.clone(), st);
         }
 
-        // Endpoints: keep state by instance id while address and version stay the same.
+        // Endpoints: keep state by instance id while address, version and the service's policy
+        // stay the same (an endpoint holds what the policy sets: outlier thresholds, pool size,
+        // connections made under its TLS settings).
         let mut live: HashMap<Arc<str>, Arc<Endpoint>> = HashMap::new();
         let mut by_service: HashMap<String, Vec<Arc<Endpoint>>> = HashMap::new();
         for (service, instances) in &c.registry.services {
             let Some(st) = services.get(service) else {
                 continue;
             };
+            let same_policy = c
+                .services
+                .get(service)
+                .is_some_and(|old| Arc::ptr_eq(old, st));
             for inst in instances.iter() {
                 if inst.health != gantry_model::Health::Passing {
                     continue;
@@ -304,7 +310,8 @@ impl Gateway {
                 let addr = SocketAddr::new(inst.address, inst.port);
                 let external = !matches!(inst.source, gantry_model::InstanceSource::Supervised);
                 let reuse = c.endpoints.get(inst.id.as_str()).filter(|e| {
-                    e.addr == addr
+                    same_policy
+                        && e.addr == addr
                         && e.version == inst.version
                         && *e.service == *service
                         && e.external == external
@@ -384,11 +391,14 @@ impl Gateway {
             let action = match &r.action {
                 RouteAction::Redirect(red) => Action::Redirect(red.clone()),
                 RouteAction::Forward(f) => {
-                    let backends: Vec<(EndpointSet, u32)> = f
+                    let backends: Vec<(EndpointSet, u32, Box<str>)> = f
                         .backends
                         .iter()
                         .filter_map(|b| {
-                            Some((set_for(&b.service, b.version.as_deref())?, b.weight))
+                            let set = set_for(&b.service, b.version.as_deref())?;
+                            let key =
+                                format!("{}@{}", b.service, b.version.as_deref().unwrap_or("*"));
+                            Some((set, b.weight, key.into_boxed_str()))
                         })
                         .collect();
                     let Some(first) = f.backends.first() else {
@@ -430,7 +440,7 @@ impl Gateway {
                         PathRewrite::None
                     };
                     Action::Forward(Box::new(ForwardAction {
-                        total_weight: backends.iter().map(|(_, w)| *w).sum(),
+                        total_weight: backends.iter().map(|(_, w, _)| *w).sum(),
                         backends,
                         all_versions: Arc::new(all_versions),
                         version_header: f

@@ -75,6 +75,7 @@ pub struct GatewayMetrics {
     retries: Family<RouteLabels, Counter>,
     rate_limited: Family<RouteLabels, Counter>,
     mirrored: Family<MirrorLabels, Counter>,
+    mirrors_in_flight: Family<RouteLabels, Gauge>,
     upstream_errors: Family<ServiceLabels, Counter>,
     circuit_state: Family<ServiceLabels, Gauge>,
     bulkhead_rejections: Family<ServiceLabels, Counter>,
@@ -96,6 +97,7 @@ impl GatewayMetrics {
             retries: Family::default(),
             rate_limited: Family::default(),
             mirrored: Family::default(),
+            mirrors_in_flight: Family::default(),
             upstream_errors: Family::default(),
             circuit_state: Family::default(),
             bulkhead_rejections: Family::default(),
@@ -131,9 +133,15 @@ impl GatewayMetrics {
             );
             r.register(
                 "mirrored_requests",
-                "Copies sent to a route's mirror, by outcome: answered, failed (no answer), \
-                 abandoned (the mirror fell behind the request body)",
+                "Copies for a route's mirror, by outcome: answered, failed (no answer), \
+                 abandoned (the mirror fell behind the request body), skipped (too many copies \
+                 in flight)",
                 m.mirrored.clone(),
+            );
+            r.register(
+                "mirrors_in_flight",
+                "Copies sent to a route's mirror and not answered yet",
+                m.mirrors_in_flight.clone(),
             );
             r.register(
                 "upstream_errors",
@@ -230,6 +238,14 @@ impl GatewayMetrics {
             answered: c("answered"),
             failed: c("failed"),
             abandoned: c("abandoned"),
+            skipped: c("skipped"),
+            in_flight: self
+                .mirrors_in_flight
+                .get_or_create(&RouteLabels {
+                    route: route.into(),
+                    service: service.into(),
+                })
+                .clone(),
         }
     }
 
@@ -298,6 +314,10 @@ pub struct MirrorMetrics {
     pub answered: Counter,
     pub failed: Counter,
     pub abandoned: Counter,
+    pub skipped: Counter,
+    /// Shared by every build of the route table: the bound on copies in flight holds across
+    /// reloads.
+    pub in_flight: Gauge,
 }
 
 #[derive(Clone)]

@@ -34,15 +34,18 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// How to set up TLS to a service's instances.
+/// How to set up TLS to a service's instances: one connector per protocol, each offering
+/// exactly that protocol by ALPN (HTTP/2 connections ask for `h2`; HTTP/1.1 ones, upgrades
+/// included, for `http/1.1`), so `auto` and WebSocket upgrades work over TLS too.
 pub struct UpstreamTls {
-    pub connector: tokio_rustls::TlsConnector,
+    pub h1: tokio_rustls::TlsConnector,
+    pub h2: tokio_rustls::TlsConnector,
     pub server_name: Option<ServerName<'static>>,
 }
 
 impl UpstreamTls {
-    /// From the model: trust `ca_file` (or the system's CAs), offer ALPN for the protocol.
-    pub fn new(t: &gantry_model::UpstreamTls, h2: bool) -> Result<Self, String> {
+    /// From the model: trust `ca_file` (or the system's CAs).
+    pub fn new(t: &gantry_model::UpstreamTls) -> Result<Self, String> {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::CertificateDer;
         let file = t
@@ -59,15 +62,15 @@ impl UpstreamTls {
             return Err(format!("{file}: no CA certificates"));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        cfg.alpn_protocols = if h2 {
-            vec![b"h2".to_vec()]
-        } else {
-            vec![b"http/1.1".to_vec()]
+        let connector = |alpn: &[u8]| {
+            let mut c = cfg.clone();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(c))
         };
         let server_name = match &t.server_name {
             Some(n) => Some(
@@ -76,7 +79,8 @@ impl UpstreamTls {
             None => None,
         };
         Ok(Self {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            h1: connector(b"http/1.1"),
+            h2: connector(b"h2"),
             server_name,
         })
     }
@@ -118,12 +122,14 @@ async fn tls(
     t: Target<'_>,
     tls: &UpstreamTls,
     stream: TcpStream,
+    h2: bool,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
     let name = tls
         .server_name
         .clone()
         .unwrap_or_else(|| ServerName::IpAddress(t.addr.ip().into()));
-    tokio::time::timeout(t.timeout, tls.connector.connect(name, stream))
+    let connector = if h2 { &tls.h2 } else { &tls.h1 };
+    tokio::time::timeout(t.timeout, connector.connect(name, stream))
         .await
         .map_err(|_| ConnectError::Timeout)?
         .map_err(ConnectError::Tls)
@@ -144,7 +150,7 @@ pub async fn connect_h1(t: Target<'_>) -> Result<http1::SendRequest<ReqBody>, Co
             Ok(sender)
         }
         Some(cfg) => {
-            let s = tls(t, cfg, stream).await?;
+            let s = tls(t, cfg, stream, false).await?;
             let (sender, conn) = http1::Builder::new()
                 .handshake(TokioIo::new(s))
                 .await
@@ -175,7 +181,7 @@ async fn connect_h2(t: Target<'_>) -> Result<http2::SendRequest<ReqBody>, Connec
             Ok(sender)
         }
         Some(cfg) => {
-            let s = tls(t, cfg, stream).await?;
+            let s = tls(t, cfg, stream, true).await?;
             let (sender, conn) = b
                 .handshake(TokioIo::new(s))
                 .await

@@ -55,6 +55,10 @@ static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
+/// Copies a route's mirror may have in flight; more are skipped (and counted). Bounds the
+/// sockets and tasks a hung shadow can hold (each copy waits at most connect + 30 s).
+const MIRROR_MAX_IN_FLIGHT: i64 = 256;
+
 /// Request ids: a random per-process prefix and a counter, 32 hex digits.
 pub(crate) struct RequestIds {
     prefix: u64,
@@ -91,6 +95,10 @@ pub(crate) enum Reject {
     Malformed(&'static str),
     TooLarge,
     HeadTooLarge,
+    /// The request head did not arrive within `header_read_timeout_ms`.
+    HeadTimeout,
+    /// `max_connections` client connections are open.
+    TooManyConnections,
     RateLimited,
     CircuitOpen,
     Bulkhead,
@@ -100,9 +108,12 @@ impl Reject {
     fn status(self) -> StatusCode {
         match self {
             Reject::NoRoute => StatusCode::NOT_FOUND,
-            Reject::NoInstance | Reject::NoVersion | Reject::CircuitOpen | Reject::Bulkhead => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Reject::NoInstance
+            | Reject::NoVersion
+            | Reject::CircuitOpen
+            | Reject::Bulkhead
+            | Reject::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             Reject::UpstreamError => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::BadRequest(_) | Reject::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -123,6 +134,8 @@ impl Reject {
             Reject::Malformed(_) => "malformed_request",
             Reject::TooLarge => "body_too_large",
             Reject::HeadTooLarge => "request_head_too_large",
+            Reject::HeadTimeout => "header_read_timeout",
+            Reject::TooManyConnections => "max_connections",
             Reject::RateLimited => "rate_limited",
             Reject::CircuitOpen => "circuit_open",
             Reject::Bulkhead => "concurrency_limit",
@@ -138,6 +151,8 @@ struct Ctx {
     traceparent: HeaderValue,
     trace_id: [u8; 32],
     method: Method,
+    /// The client's HTTP version (the access log's `protocol`).
+    version: Version,
     path: String,
     client: SocketAddr,
     host: Host,
@@ -465,8 +480,9 @@ enum Attempt {
         Response<UpBody>,
         Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
     ),
-    /// No response: refused, reset, or the connection died.
-    Failed(String),
+    /// No response: refused, reset, or the connection died; `true` when the request (body
+    /// included) never left, so it can go again even with a body.
+    Failed(String, bool),
     TimedOut,
 }
 
@@ -541,6 +557,7 @@ fn access_log(
         "request_id": ctx.request_id.to_str().unwrap_or(""),
         "trace_id": std::str::from_utf8(&ctx.trace_id).unwrap_or(""),
         "method": ctx.method.as_str(),
+        "protocol": format!("{:?}", ctx.version),
         "host": ctx.host.as_deref().unwrap_or(""),
         "path": ctx.path,
         "route": route,
@@ -592,6 +609,7 @@ impl Gateway {
                 traceparent: tc.header,
                 trace_id: tc.trace_id,
                 method: req.method().clone(),
+                version: req.version(),
                 path: String::new(),
                 client: conn.peer,
                 host: request_host(&req, seen.host.as_ref()),
@@ -671,6 +689,7 @@ impl Gateway {
             traceparent: HeaderValue::from_static(""),
             trace_id: [b'0'; 32],
             method: Method::GET,
+            version: Version::HTTP_11,
             path: String::new(),
             client: peer,
             host: Host::None,
@@ -748,6 +767,13 @@ impl Gateway {
                 "request line and headers are larger than the gateway allows ({} bytes)",
                 extra.unwrap_or("?")
             ),
+            Reject::HeadTimeout => format!(
+                "the request head did not arrive within {} ms",
+                extra.unwrap_or("?")
+            ),
+            Reject::TooManyConnections => {
+                "the gateway has as many connections open as it allows; retry shortly".into()
+            }
             Reject::RateLimited => {
                 "rate limit exceeded; retry after the time in Retry-After".into()
             }
@@ -819,10 +845,17 @@ impl Gateway {
                         ip.as_bytes()
                     }
                     gantry_model::RateLimitKey::Route => b"",
-                    gantry_model::RateLimitKey::Header(h) => req
-                        .headers()
-                        .get(h.as_str())
-                        .map_or(&b""[..], |v| v.as_bytes()),
+                    gantry_model::RateLimitKey::Header(h) => match req.headers().get(h.as_str()) {
+                        Some(v) => v.as_bytes(),
+                        // Without the header, the client's address is the key (as Kong falls
+                        // back to the IP): clients that omit it do not share one bucket, and
+                        // cannot drain the bucket of those that send it. A leading NUL keeps
+                        // the two kinds of keys apart.
+                        None => {
+                            ip = format!("\0{}", conn.peer.ip());
+                            ip.as_bytes()
+                        }
+                    },
                 };
                 let d = limiter.check(k, now);
                 if !d.allowed {
@@ -898,8 +931,8 @@ impl Gateway {
                     }
                 }
             }
-            let set: &EndpointSet = match &selected {
-                Some((s, _)) => s,
+            let (set, target): (&EndpointSet, &str) = match &selected {
+                Some((s, v)) => (s, v),
                 None => pick_backend(f),
             };
             if set.endpoints.is_empty() {
@@ -925,8 +958,8 @@ impl Gateway {
                     Some(q) => format!("{rest_path}?{q}"),
                     None => rest_path.to_string(),
                 };
-                if let Some(key) = cache::key_for(req.method(), ctx.host.as_deref(), &pq, &route.id)
-                {
+                let key = cache::key_for(req.method(), ctx.host.as_deref(), &pq, &route.id, target);
+                if let Some(key) = key {
                     match self.cache.lookup(&key, req.headers(), now) {
                         Lookup::Fresh(e) => {
                             self.metrics.cache("hit");
@@ -1081,7 +1114,11 @@ impl Gateway {
             // 9. mirror: a body is copied frame by frame as the primary sends it (`Tee`)
             let mut tee = None;
             if let Some(m) = &f.mirror {
-                if !upgrade && crate::rand::unit() * 100.0 < m.percent {
+                let sampled = !upgrade && crate::rand::unit() * 100.0 < m.percent;
+                if sampled && m.metrics.in_flight.get() >= MIRROR_MAX_IN_FLIGHT {
+                    // A slow or hung shadow must not pile up sockets and tasks.
+                    m.metrics.skipped.inc();
+                } else if sampled {
                     let copy = if replayable {
                         ReqBody::Empty
                     } else {
@@ -1110,10 +1147,11 @@ impl Gateway {
 
             // 10. attempts
             let retry = &f.retry;
-            let can_retry = replayable
-                && !upgrade
-                && (is_idempotent(&method) || retry.non_idempotent)
-                && retry.attempts > 0;
+            // A request with a body can go again only if it never left (a refused connect,
+            // a pooled connection found closed): the body is still whole then. A response or
+            // a timeout means the instance may have consumed it.
+            let can_retry =
+                !upgrade && (is_idempotent(&method) || retry.non_idempotent) && retry.attempts > 0;
             let max_attempts = 1 + if can_retry {
                 retry.attempts as usize
             } else {
@@ -1142,6 +1180,10 @@ impl Gateway {
             let mut attempt_no = 0usize;
             let mut stale_conns = 0usize;
             let mut last_failure = Reject::UpstreamError;
+            // After a status or timeout retry, an instance already tried may be tried again
+            // when no other is left (a single instance can have a transient failure); never
+            // after a failed connect.
+            let mut may_repeat = false;
             // A retry waits first (at the loop's top, so that no attempt's state is kept
             // across the wait).
             let mut pause = false;
@@ -1157,7 +1199,10 @@ impl Gateway {
                     last_failure = Reject::UpstreamTimeout;
                     break;
                 }
-                let Some(idx) = set.pick(&tried_buf[..n_tried], hash_key, now) else {
+                let picked = set.pick(&tried_buf[..n_tried], hash_key, now);
+                let Some(idx) =
+                    picked.or_else(|| may_repeat.then(|| set.pick(&[], hash_key, now)).flatten())
+                else {
                     break;
                 };
                 let ep = set.endpoints[idx].clone();
@@ -1278,7 +1323,7 @@ impl Gateway {
                                 continue;
                             }
                         }
-                        Attempt::Failed(why)
+                        Attempt::Failed(why, unsent)
                     }
                     Err(()) => Attempt::TimedOut,
                 };
@@ -1299,13 +1344,14 @@ impl Gateway {
                         self.outlier(&service, &ep, !failed, end_ms);
                         let retry_status = retry.on_statuses.contains(&status.as_u16());
                         if retry_status
+                            && replayable
                             && attempt_no < max_attempts
                             && f.budget.try_retry(end_ms)
-                            && set.endpoints.len() > n_tried
                         {
                             drop(resp);
                             drop(guard);
                             route.metrics.retries.inc();
+                            may_repeat = true;
                             pause = true;
                             continue;
                         }
@@ -1331,7 +1377,7 @@ impl Gateway {
                             client_headers,
                         );
                     }
-                    Attempt::Failed(why) => {
+                    Attempt::Failed(why, unsent) => {
                         drop(guard);
                         ep.metrics.errors.inc();
                         service.metrics.upstream_errors.inc();
@@ -1348,6 +1394,7 @@ impl Gateway {
                         }
                         last_failure = Reject::UpstreamError;
                         if retry.on_connect_failure
+                            && (replayable || unsent)
                             && attempt_no < max_attempts
                             && f.budget.try_retry(end_ms)
                         {
@@ -1364,11 +1411,13 @@ impl Gateway {
                         self.outlier(&service, &ep, false, end_ms);
                         last_failure = Reject::UpstreamTimeout;
                         if retry.on_per_try_timeout
+                            && replayable
                             && attempt_no < max_attempts
                             && tokio::time::Instant::from_std(attempt_end) < deadline
                             && f.budget.try_retry(end_ms)
                         {
                             route.metrics.retries.inc();
+                            may_repeat = true;
                             continue;
                         }
                         break;
@@ -1594,6 +1643,7 @@ impl Gateway {
                 traceparent: HeaderValue::from_static(""),
                 trace_id: ctx.trace_id,
                 method: ctx.method.clone(),
+                version: ctx.version,
                 path: std::mem::take(&mut ctx.path),
                 client: ctx.client,
                 host: ctx.host.take(),
@@ -1706,6 +1756,7 @@ impl Gateway {
             _ => None,
         };
         let metrics = m.metrics.clone();
+        metrics.in_flight.inc();
         let mut r = Request::new(body);
         *r.method_mut() = method.clone();
         *r.uri_mut() = uri;
@@ -1749,6 +1800,7 @@ impl Gateway {
                 }
             };
             let answered = matches!(tokio::time::timeout(timeout, fut).await, Ok(true));
+            metrics.in_flight.dec();
             if answered {
                 metrics.answered.inc();
             } else if abandoned.is_some_and(|a| a.load(Ordering::Relaxed)) {
@@ -1875,18 +1927,40 @@ fn filter_versions(all: &EndpointSet, req: &semver::VersionReq) -> EndpointSet {
     )
 }
 
-fn pick_backend(f: &ForwardAction) -> &EndpointSet {
-    if f.backends.len() == 1 || f.total_weight == 0 {
-        return &f.backends[0].0;
-    }
-    let mut x = crate::rand::below(u64::from(f.total_weight)) as u32;
-    for (set, w) in &f.backends {
-        if x < *w {
-            return set;
+/// A backend by weight, and its cache label. A share whose target has no instance (a canary
+/// not started yet, a version that is down) goes to the others, by their weights.
+fn pick_backend(f: &ForwardAction) -> (&EndpointSet, &str) {
+    let by_weight = |usable: &dyn Fn(&EndpointSet) -> bool, total: u32| {
+        let mut x = crate::rand::below(u64::from(total)) as u32;
+        for (set, w, key) in &f.backends {
+            if !usable(set) {
+                continue;
+            }
+            if x < *w {
+                return Some((set, &**key));
+            }
+            x -= w;
         }
-        x -= w;
+        None
+    };
+    let first = (&f.backends[0].0, &*f.backends[0].2);
+    if f.backends.len() == 1 || f.total_weight == 0 {
+        return first;
     }
-    &f.backends[0].0
+    let picked = by_weight(&|_| true, f.total_weight).unwrap_or(first);
+    if !picked.0.endpoints.is_empty() {
+        return picked;
+    }
+    let live: u32 = f
+        .backends
+        .iter()
+        .filter(|(s, _, _)| !s.endpoints.is_empty())
+        .map(|(_, w, _)| *w)
+        .sum();
+    if live == 0 {
+        return picked;
+    }
+    by_weight(&|s| !s.endpoints.is_empty(), live).unwrap_or(picked)
 }
 
 /// Path and query to send upstream after the route's rewrite.

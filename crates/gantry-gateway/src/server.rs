@@ -176,6 +176,34 @@ impl Gateway {
         watcher.watch(conn).await
     }
 
+    /// Over `max_connections` on the plain port: a 503 JSON answer with `Retry-After` if the
+    /// socket takes it at once (a new socket's buffer is empty: it does), then it closes. Nothing
+    /// waits on it, so a flood of connections costs a write and a close each.
+    fn refuse_connection(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let resp = self.reject_unparsed(crate::proxy::Reject::TooManyConnections, peer, None);
+        let (parts, body) = resp.into_parts();
+        let body = match body {
+            crate::body::RespBody::Full(Some(b)) => b,
+            _ => Bytes::new(),
+        };
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(b"HTTP/1.1 503 Service Unavailable\r\n");
+        for (k, v) in &parts.headers {
+            out.extend_from_slice(k.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"retry-after: 1\r\nconnection: close\r\ncontent-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(&body);
+        let _ = stream.try_write(&out);
+        if let Ok(s) = stream.into_std() {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
     /// Accept on `listener` until `shutdown` turns true, then wait (up to the shutdown grace)
     /// for open requests to finish.
     pub async fn serve(self: Arc<Self>, listener: Listener, mut shutdown: watch::Receiver<bool>) {
@@ -199,8 +227,12 @@ impl Gateway {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
             };
             if self.connections.load(Ordering::Relaxed) >= self.cfg.max_connections {
-                self.metrics.reject("max_connections");
-                drop(stream);
+                if tls.is_some() {
+                    // No TLS session to answer in: closed.
+                    self.metrics.reject("max_connections");
+                } else {
+                    self.refuse_connection(stream, peer);
+                }
                 continue;
             }
             self.connections.fetch_add(1, Ordering::Relaxed);

@@ -163,8 +163,7 @@ pub struct ServiceState {
 impl ServiceState {
     pub fn new(name: &str, policy: UpstreamPolicy, metrics: ServiceMetrics) -> Self {
         let tls = policy.tls.as_ref().and_then(|t| {
-            let h2 = policy.protocol == gantry_model::UpstreamProtocol::H2c;
-            match crate::pool::UpstreamTls::new(t, h2) {
+            match crate::pool::UpstreamTls::new(t) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::error!(service = name, error = %e, "upstream TLS unusable; connections to this service will fail");
@@ -435,7 +434,11 @@ impl Matcher {
             path: match &m.path {
                 PathMatch::Prefix(p) => PathMatcher::Prefix(p.clone()),
                 PathMatch::Exact(p) => PathMatcher::Exact(p.clone()),
-                PathMatch::Regex(r) => PathMatcher::Regex(compile_regex(r)?, required_prefix(r)),
+                // On the whole path, anchored or not (as documented; Envoy's `safe_regex`
+                // matches the whole path too).
+                PathMatch::Regex(r) => {
+                    PathMatcher::Regex(compile_regex(&format!("^(?:{r})$"))?, required_prefix(r))
+                }
             },
             methods: m
                 .methods
@@ -576,7 +579,8 @@ pub enum PathRewrite {
 
 /// Where and how a forwarding route sends requests.
 pub struct ForwardAction {
-    pub backends: Vec<(EndpointSet, u32)>,
+    /// Weighted targets: instances, weight, and `service@version` (what the cache keys on).
+    pub backends: Vec<(EndpointSet, u32, Box<str>)>,
     pub total_weight: u32,
     /// Every instance of the first backend's service, for header-selected versions.
     pub all_versions: Arc<EndpointSet>,
@@ -1008,6 +1012,24 @@ mod tests {
                     .map(|c| &c.id);
                 assert_eq!(table.find(&v).map(|c| &c.id), scan, "{host:?} {path}");
             }
+        }
+    }
+
+    #[test]
+    fn path_regexes_match_the_whole_path() {
+        for pattern in ["/v[0-9]+/items", "^/v[0-9]+/items$", "^/v[0-9]+/items"] {
+            let m = Matcher::compile(&gantry_model::RouteMatch {
+                hosts: vec![],
+                path: PathMatch::Regex(pattern.into()),
+                methods: vec![],
+                headers: vec![],
+                query: vec![],
+            })
+            .unwrap();
+            assert!(m.path.matches("/v1/items"), "{pattern}");
+            assert!(m.path.matches("/v22/items"), "{pattern}");
+            assert!(!m.path.matches("/x/v1/items"), "{pattern}");
+            assert!(!m.path.matches("/v1/items/y"), "{pattern}");
         }
     }
 

@@ -760,12 +760,6 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
                 p.push((at("tls.server_name"), format!("invalid server name {n:?}")));
             }
         }
-        if u.protocol == "auto" {
-            p.push((
-                at("tls"),
-                "with TLS, choose protocol http1 or h2c (meaning HTTP/2 over TLS)".into(),
-            ));
-        }
     }
     if let Some(h) = &u.active_health {
         if !h.path.starts_with('/') {

@@ -9,12 +9,15 @@
 //! - `POST /admin/crash`     exits at once with status 3
 //! - `POST /admin/fail-health`  health answers 500 from now on
 //! - `POST /admin/fail`      every other request answers 500 from now on (health stays fine)
-//! - `POST /admin/recover`   undo fail, fail-health and hang
+//! - `POST /admin/fail-next?n=N`  the next N requests (health excluded) answer 503
+//! - `POST /admin/recover`   undo fail, fail-health, fail-next and hang
 //! - `GET /admin/stats`      `{"requests": N, "revalidations": N, "bodies": N, "body_bytes": N,
 //!   "last_digest": "H"}` (admin and health excluded; bodies: whole bodies read by `/digest`)
 //! - `POST /digest`          reads the whole body; `{"instance", "bytes": N, "digest": "H"}` (H:
 //!   FNV-1a 64 of the body, hex)
 //! - `GET /status/CODE`      answers with that status
+//! - `GET /stream?n=N&ms=M`  a Server-Sent Events stream: N events (`data: i`), one every M ms,
+//!   chunked
 //! - `GET /cacheable?max_age=N&etag=E`  `Cache-Control: max-age=N`, `ETag: "E"`, body
 //!   `count=<n>`; a matching `If-None-Match` gets 304
 //! - anything else           200 with JSON: instance, method, path, query, headers
@@ -28,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +49,7 @@ struct Flags {
     hang: AtomicBool,
     fail_health: AtomicBool,
     fail_all: AtomicBool,
+    fail_next: AtomicU64,
     requests: AtomicU64,
     revalidations: AtomicU64,
     bodies: AtomicU64,
@@ -87,7 +92,69 @@ fn fnv1a(b: &[u8]) -> u64 {
     })
 }
 
+/// An event stream: `left` events, one every `every`, the first at once.
+struct Ticks {
+    sent: u32,
+    left: u32,
+    every: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for Ticks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        if let Some(s) = self.sleep.as_mut() {
+            std::task::ready!(s.as_mut().poll(cx));
+        }
+        let every = self.every;
+        self.sleep = Some(Box::pin(tokio::time::sleep(every)));
+        self.left -= 1;
+        self.sent += 1;
+        let event = format!("data: {}\n\n", self.sent);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(event)))))
+    }
+}
+
+type Body = http_body_util::Either<Full<Bytes>, Ticks>;
+
 async fn handle(
+    req: Request<Incoming>,
+    flags: Arc<Flags>,
+    instance: Arc<str>,
+) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/stream" {
+        let q = req.uri().query();
+        let n = query_param(q, "n")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let ms = query_param(q, "ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        let mut r = Response::new(http_body_util::Either::Right(Ticks {
+            sent: 0,
+            left: n,
+            every: Duration::from_millis(ms),
+            sleep: None,
+        }));
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/event-stream"),
+        );
+        return Ok(r);
+    }
+    let r = handle_full(req, flags, instance).await?;
+    Ok(r.map(http_body_util::Either::Left))
+}
+
+async fn handle_full(
     req: Request<Incoming>,
     flags: Arc<Flags>,
     instance: Arc<str>,
@@ -108,6 +175,15 @@ async fn handle(
                 return Ok(text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "failing on purpose\n".into(),
+                ));
+            }
+            let next = flags
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if next.is_ok() {
+                return Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "failing this once\n".into(),
                 ));
             }
         }
@@ -137,7 +213,15 @@ async fn handle(
             flags.fail_all.store(true, Ordering::SeqCst);
             text(StatusCode::OK, "failing from now on\n".into())
         }
+        ("POST", "/admin/fail-next") => {
+            let n = query_param(query, "n")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            flags.fail_next.store(n, Ordering::SeqCst);
+            text(StatusCode::OK, format!("the next {n} requests fail\n"))
+        }
         ("POST", "/admin/recover") => {
+            flags.fail_next.store(0, Ordering::SeqCst);
             flags.fail_all.store(false, Ordering::SeqCst);
             flags.fail_health.store(false, Ordering::SeqCst);
             flags.hang.store(false, Ordering::SeqCst);

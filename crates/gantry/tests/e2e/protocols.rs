@@ -545,3 +545,167 @@ strip_prefix = true
     let r = g.get("/secure/");
     assert_eq!(r.status, 502, "{}", r.body);
 }
+
+#[test]
+fn event_streams_are_forwarded_as_they_come_and_idle_ones_are_cut() {
+    use std::io::{Read, Write};
+    let g = Gantry::start(
+        r#"
+[services.events]
+command = ["{TESTSVC}"]
+[[services.events.routes]]
+path_prefix = "/"
+[[services.events.routes]]
+path_prefix = "/quiet"
+strip_prefix = true
+idle_timeout_ms = 300
+"#,
+    );
+    g.wait_healthy("events", 1, Duration::from_secs(20));
+    // Read a response, noting when each event arrived.
+    let read_events = |path: &str| {
+        let mut s = std::net::TcpStream::connect(g.gateway).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t = std::time::Instant::now();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut seen = String::new();
+        let mut at = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    while at.len() < seen.matches("data: ").count() {
+                        at.push(t.elapsed());
+                    }
+                }
+            }
+        }
+        (seen, at, t.elapsed())
+    };
+    // Four events 400 ms apart: each reaches the client when it is sent, not at the end.
+    let (seen, at, _) = read_events("/stream?n=4&ms=400");
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{seen}"
+    );
+    assert_eq!(at.len(), 4, "{seen}");
+    assert!(
+        at[0] < Duration::from_millis(300),
+        "first event after {:?}",
+        at[0]
+    );
+    for w in at.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(250),
+            "events bunched: {at:?}"
+        );
+    }
+    assert!(
+        seen.ends_with("0\r\n\r\n"),
+        "a complete chunked stream: {seen:?}"
+    );
+    // A stream quiet for longer than the route's idle timeout is cut: the client sees it end
+    // without the final chunk (so it knows it is incomplete).
+    let (seen, at, took) = read_events("/quiet/stream?n=3&ms=1000");
+    assert_eq!(at.len(), 1, "{seen}");
+    assert!(took < Duration::from_millis(900), "cut after {took:?}");
+    assert!(!seen.ends_with("0\r\n\r\n"), "{seen:?}");
+}
+
+#[test]
+fn auto_protocol_over_tls_speaks_to_the_instance_what_the_client_spoke() {
+    // The instance side: another gantry's TLS listener (HTTP/1.1 and HTTP/2 by ALPN) in front of
+    // a test service, logging each request's protocol.
+    let dir = tempfile::tempdir().unwrap();
+    ca_and_leaf(dir.path(), "upstream.test");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(
+        "[services.web]\ncommand = [\"{TESTSVC}\"]\n[[services.web.routes]]\npath_prefix = \"/\"\n",
+    )
+    .replace("workers = 2", "workers = 2\naccess_log = true")
+    .replace(
+        "[admin]",
+        &format!(
+            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [{{ cert = \"leaf.pem\", key = \"leaf.key\", hosts = [\"upstream.test\"] }}]\n\n[admin]"
+        ),
+    );
+    assert!(text.contains("access_log = true"), "{text}");
+    std::fs::write(&spec, text).unwrap();
+    let b = Gantry::start_at(dir, spec);
+    b.wait_healthy("web", 1, Duration::from_secs(20));
+    let ca = b.dir.path().join("ca.pem").display().to_string();
+    // The gateway under test: that listener as a self-registered instance, `auto`, TLS
+    // verified.
+    let up = |name: &str| {
+        format!(
+            r#"
+[services.up]
+command = ["{{TESTSVC}}"]
+replicas = 0
+upstream = {{ protocol = "auto", tls = {{ ca_file = "{ca}", server_name = "{name}" }} }}
+[[services.up.routes]]
+path_prefix = "/"
+"#
+        )
+    };
+    let a = Gantry::start(&up("upstream.test"));
+    let r = a.admin_call(
+        "POST",
+        "/v1/registry/instances",
+        Some(&serde_json::json!({"service": "up", "id": "up-tls", "port": tls_port, "ttl_ms": 60000})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = a.get("/over-h1");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["headers"]["x-forwarded-proto"], "https");
+    let (ok, body, err) = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version}",
+        &format!("http://{}/over-h2", a.gateway),
+    ]);
+    assert!(ok, "{err}");
+    assert!(body.ends_with("\n2"), "{body}");
+    let protocol_of = |path: &str| {
+        let out = b.output();
+        out.lines()
+            .filter(|l| l.contains("\"type\":\"access\"") && l.contains(path))
+            .find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                Some(v["protocol"].as_str()?.to_string())
+            })
+    };
+    let h1 = wait_for("access log of /over-h1", Duration::from_secs(5), || {
+        protocol_of("/over-h1")
+    });
+    let h2 = wait_for("access log of /over-h2", Duration::from_secs(5), || {
+        protocol_of("/over-h2")
+    });
+    assert_eq!(h1, "HTTP/1.1");
+    assert_eq!(h2, "HTTP/2.0");
+
+    // A reloaded policy applies to the instances at once, pooled connections included: with a
+    // server name the certificate does not carry, nothing more goes out.
+    assert_eq!(a.get("/pooled").status, 200);
+    a.rewrite_and_reload(&up("wrong.test"));
+    let r = a.get("/after-reload");
+    assert_eq!(
+        r.status, 502,
+        "a connection made under the old policy was used: {}",
+        r.body
+    );
+    a.rewrite_and_reload(&up("upstream.test"));
+    assert_eq!(a.get("/fixed").status, 200);
+}

@@ -362,3 +362,148 @@ path_prefix = "/"
             .then_some(())
     });
 }
+
+#[test]
+fn bodies_go_again_when_nothing_left_and_a_single_instance_gets_a_second_try() {
+    // An endpoint nobody listens on, next to a live one: a POST with a body that meets the
+    // refused connect still reaches the live instance, whole (it never left).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let live = OwnSvc::start("live", &[]);
+    let single = OwnSvc::start("single", &[]);
+    let g = Gantry::start(&format!(
+        r#"
+[services.pair]
+endpoints = ["127.0.0.1:{dead}", "127.0.0.1:{}"]
+upstream = {{ load_balancer = "round_robin" }}
+[[services.pair.routes]]
+path_prefix = "/digest"
+retries = {{ attempts = 2, on = ["connect-failure"], allow_non_idempotent = true }}
+[services.single]
+endpoints = ["127.0.0.1:{}"]
+[[services.single.routes]]
+path_prefix = "/single"
+retries = {{ attempts = 2, on = ["5xx"], backoff_base_ms = 5 }}
+"#,
+        live.port, single.port
+    ));
+    let body = "p".repeat(50_000);
+    let refused = || {
+        let m = g.metrics();
+        m.lines()
+            .find(|l| l.starts_with("gantry_gateway_upstream_errors_total{service=\"pair\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut sent = 0;
+    // Round robin sends one of every two requests to the dead endpoint, until it is suspect
+    // (2 s); a second batch after that makes sure the refused path was taken.
+    for batch in 0..2 {
+        if batch == 1 {
+            if refused() > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2100));
+        }
+        for _ in 0..4 {
+            let r = http(
+                g.gateway,
+                "POST",
+                "/digest",
+                &[],
+                Some(&body),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.json()["bytes"], 50_000, "{}", r.body);
+            sent += 1;
+        }
+    }
+    assert!(refused() > 0, "the dead endpoint was tried");
+    assert_eq!(live.stats()["bodies"], sent);
+
+    // One instance with a transient failure: the retry goes to it again.
+    for _ in 0..3 {
+        let a = single.addr();
+        http(
+            a,
+            "POST",
+            "/admin/fail-next?n=1",
+            &[],
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let r = http(
+            g.gateway,
+            "GET",
+            "/single/x",
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(
+        g.metrics()
+            .contains("gantry_gateway_retries_total{route=\"single/0\",service=\"single\"} 3"),
+        "{}",
+        g.metrics()
+    );
+}
+
+#[test]
+fn a_per_try_timeout_moves_a_slow_attempt_to_another_instance() {
+    let slow = OwnSvc::start("slow", &[("TESTSVC_DELAY_ALL_MS", "2000")]);
+    let fast = OwnSvc::start("fast", &[]);
+    let g = Gantry::start(&format!(
+        r#"
+[services.two]
+endpoints = ["127.0.0.1:{}", "127.0.0.1:{}"]
+upstream = {{ load_balancer = "round_robin" }}
+[[services.two.routes]]
+path_prefix = "/"
+per_try_timeout_ms = 200
+retries = {{ attempts = 1, on = ["per-try-timeout"], backoff_base_ms = 5 }}
+"#,
+        slow.port, fast.port
+    ));
+    for _ in 0..6 {
+        let t = Instant::now();
+        let r = g.get("/x");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["instance"], "fast");
+        assert!(
+            t.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert!(
+        slow.stats()["requests"].as_u64().unwrap() >= 1,
+        "the slow one was tried"
+    );
+    // Without a retry, the per-try timeout is the answer: 504 at once, not 2 s later.
+    let g2 = Gantry::start(&format!(
+        r#"
+[services.one]
+endpoints = ["127.0.0.1:{}"]
+[[services.one.routes]]
+path_prefix = "/"
+per_try_timeout_ms = 200
+"#,
+        slow.port
+    ));
+    let t = Instant::now();
+    assert_eq!(g2.get("/y").status, 504);
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+}

@@ -193,6 +193,54 @@ version = "~1.4"
 }
 
 #[test]
+fn cached_answers_stay_with_their_version_and_a_split_skips_a_version_that_is_down() {
+    let g = Gantry::start(
+        r#"
+[services.api]
+command = ["{TESTSVC}"]
+replicas = 0
+[[services.api.routes]]
+path_prefix = "/api"
+strip_prefix = true
+version_header = "accept-version"
+version_from_path = true
+cache = {}
+[[services.api.routes]]
+path_prefix = "/canary"
+strip_prefix = true
+split = [{ version = "^1", weight = 50 }, { version = "^3", weight = 50 }]
+"#,
+    );
+    let (_v1, _v2) = two_versions(&g);
+    let x_cache = |r: &Resp| r.header("x-cache").unwrap_or("").to_string();
+    // The same path for two versions: two cache entries, never one version's answer for the
+    // other's clients.
+    assert_eq!(x_cache(&g.get("/api/v1/cacheable")), "MISS");
+    assert_eq!(x_cache(&g.get("/api/v1/cacheable")), "HIT");
+    assert_eq!(x_cache(&g.get("/api/v2/cacheable")), "MISS");
+    assert_eq!(x_cache(&g.get("/api/v2/cacheable")), "HIT");
+    let by_header = |v: &str| {
+        http(
+            g.gateway,
+            "GET",
+            "/api/cacheable",
+            &[("accept-version", v)],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    assert_eq!(x_cache(&by_header("^2")), "MISS");
+    assert_eq!(x_cache(&by_header("^2")), "HIT");
+    // A canary share whose version has no instance goes to the live one instead of failing.
+    for _ in 0..40 {
+        let r = g.get("/canary/x");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["instance"], "v1");
+    }
+}
+
+#[test]
 fn mirroring_copies_traffic_without_delaying_the_primary() {
     let shadow = OwnSvc::start("shadow", &[("TESTSVC_DELAY_ALL_MS", "1500")]);
     let primary = OwnSvc::start("primary", &[]);
