@@ -1,4 +1,5 @@
-//! Protocols with clients we did not write: grpcio (gRPC over h2c, streaming, trailers),
+//! Protocols with clients we did not write: grpcio (gRPC over h2c: unary, server, client and
+//! bidirectional streaming, trailers),
 //! websockets (a socket held open across route reloads; over TLS), curl over HTTP/2 (prior
 //! knowledge and TLS with ALPN), SNI certificate choice and certificate reload, HTTP/1.1 over TLS
 //! with the plain port's framing rules (openssl s_client).
@@ -39,6 +40,9 @@ path_prefix = "/test.Echo"
     assert_eq!(v["trailers"]["x-count"], "5");
     // A method the service lacks: the gRPC status (in trailers) reaches the client.
     assert_eq!(v["missing"], "UNIMPLEMENTED");
+    // Client streaming, and a bidirectional stream whose answers come while it is open.
+    assert_eq!(v["sum"], "10");
+    assert_eq!(v["chat"], serde_json::json!(["re:a", "re:b", "re:c"]));
 }
 
 const WS: &str = r#"

@@ -523,26 +523,79 @@ cache = {}
 
 #[test]
 fn hundred_route_changes_under_load_drop_nothing() {
-    let base = r#"
+    let base = format!(
+        r#"
 [services.web]
-command = ["{TESTSVC}"]
+command = ["{{TESTSVC}}"]
 replicas = 2
 [[services.web.routes]]
 path_prefix = "/live"
 strip_prefix = true
-"#;
-    let g = Gantry::start(base);
+[services.ws]
+command = ["python3", "-u", "{}"]
+health = {{ type = "http", path = "/health" }}
+[[services.ws.routes]]
+path_prefix = "/ws"
+strip_prefix = true
+"#,
+        fixture("ws_echo.py")
+    );
+    let g = Gantry::start(&base);
     g.wait_healthy("web", 2, Duration::from_secs(20));
-    let load = Load::start(g.gateway, "/live/x", 3, 20_000);
+    g.wait_healthy("ws", 1, Duration::from_secs(30));
+    // Load on new connections, requests on one kept-alive connection, and a WebSocket, all
+    // across the 100 changes.
+    let load = Load::start(g.gateway, "/live/x", 3, 1_000_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keepalive = {
+        let (gw, stop) = (g.gateway, stop.clone());
+        std::thread::spawn(move || keepalive_gets(gw, "/live/k", &stop, 100_000))
+    };
+    let mut ws = std::process::Command::new("python3")
+        .args([
+            &fixture("ws_client.py"),
+            &format!("ws://{}/ws/chat", g.gateway),
+            "400",
+            "0.02",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     for i in 0..100 {
         let spec = format!("{base}[[services.web.routes]]\npath_prefix = \"/extra{i}\"\nheaders = [{{ name = \"x-n\", value = \"{i}\" }}]\n");
         let report = g.rewrite_and_reload(&spec);
-        assert_eq!(report["routes"], 2);
+        assert_eq!(report["routes"], 3);
         assert!(
             report["needs_restart"].as_array().unwrap().is_empty(),
             "{report}"
         );
     }
+    assert!(
+        ws.try_wait().unwrap().is_none(),
+        "the WebSocket client must still be running after the 100 changes"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kept = keepalive.join().unwrap();
+    let ws_out = ws.wait_with_output().unwrap();
+    let ws_stdout = String::from_utf8_lossy(&ws_out.stdout);
+    assert!(
+        ws_out.status.success(),
+        "{ws_stdout}{}",
+        String::from_utf8_lossy(&ws_out.stderr)
+    );
+    assert_eq!(
+        ws_stdout
+            .lines()
+            .filter(|l| l.starts_with("ws-1:m"))
+            .count(),
+        400,
+        "every message on the one WebSocket"
+    );
+    let kept = kept.unwrap_or_else(|e| panic!("the kept-alive connection failed: {e}"));
+    println!("hot reload: {kept} requests on one kept-alive connection");
+    assert!(kept > 50, "{kept}");
     let (ok, failed) = load.finish();
     println!(
         "hot reload: 100 route changes, {ok} requests ok, {} failed",

@@ -565,3 +565,55 @@ impl Load {
         (self.ok.load(Ordering::Relaxed), f)
     }
 }
+
+/// GETs of `path` on one kept-alive connection until `stop` (or `max`): how many got a 200.
+/// Any error, other status or closed connection is an error.
+pub fn keepalive_gets(
+    addr: SocketAddr,
+    path: &str,
+    stop: &AtomicBool,
+    max: usize,
+) -> Result<usize, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut buf: Vec<u8> = Vec::new();
+    let mut n = 0;
+    while n < max && !stop.load(Ordering::Relaxed) {
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("after {n}: {e}"))?;
+        // One response: the head, then Content-Length bytes.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let got = s.read(&mut chunk).map_err(|e| format!("after {n}: {e}"))?;
+            if got == 0 {
+                return Err(format!("closed after {n} responses"));
+            }
+            buf.extend_from_slice(&chunk[..got]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            return Err(format!("after {n}: {head}"));
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("no content-length: {head}"))?;
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 4096];
+            let got = s.read(&mut chunk).map_err(|e| format!("after {n}: {e}"))?;
+            if got == 0 {
+                return Err(format!("closed mid-body after {n} responses"));
+            }
+            buf.extend_from_slice(&chunk[..got]);
+        }
+        buf.drain(..head_end + len);
+        n += 1;
+    }
+    Ok(n)
+}
