@@ -458,7 +458,10 @@ async fn refuse(gw: &Gateway, stream: &Wire, peer: SocketAddr, e: HeadError) {
     let resp = match e {
         HeadError::Malformed(m) => gw.reject_unparsed(Reject::Malformed(m), peer, None),
         HeadError::TooLarge => {
-            let limit = gw.cfg.max_header_bytes.to_string();
+            let limit = format!(
+                "{} bytes, {} header fields",
+                gw.cfg.max_header_bytes, gw.cfg.max_headers
+            );
             gw.reject_unparsed(Reject::HeadTooLarge, peer, Some(&limit))
         }
         HeadError::Timeout => {

@@ -622,7 +622,12 @@ impl Gateway {
             let head: usize =
                 req.uri().path_and_query().map_or(0, |p| p.as_str().len()) + seen.head_bytes;
             if head > self.cfg.max_header_bytes {
-                let limit = self.cfg.max_header_bytes.to_string();
+                let limit = format!("{} bytes", self.cfg.max_header_bytes);
+                return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
+            }
+            // The header count (the HTTP/1.1 parsers stop at it; HTTP/2 frames are checked here).
+            if req.headers().len() > self.cfg.max_headers {
+                let limit = format!("{} header fields", self.cfg.max_headers);
                 return self.finish_reject(&ctx, None, Reject::HeadTooLarge, Some(&limit));
             }
             if let Some(why) = smuggling(&seen) {
@@ -764,7 +769,7 @@ impl Gateway {
                 extra.unwrap_or("?")
             ),
             Reject::HeadTooLarge => format!(
-                "request line and headers are larger than the gateway allows ({} bytes)",
+                "request line and headers are larger than the gateway allows ({})",
                 extra.unwrap_or("?")
             ),
             Reject::HeadTimeout => format!(

@@ -225,10 +225,13 @@ pub struct Outlier {
     policy: OutlierPolicy,
     consecutive: u32,
     window: Window,
-    /// Times ejected; the ejection time grows with it.
+    /// Times ejected, less one for every window spent back in rotation without an ejection
+    /// (Envoy's ejection multiplier); the ejection time grows with it.
     pub ejections: u32,
     /// `Some(until)` while ejected or being probed after the ejection ended.
     ejected_until: Option<u64>,
+    /// Since when the multiplier has been decaying (the last restore, or the last decrement).
+    calm_since: u64,
 }
 
 impl Outlier {
@@ -239,6 +242,7 @@ impl Outlier {
             consecutive: 0,
             ejections: 0,
             ejected_until: None,
+            calm_since: 0,
         }
     }
 
@@ -253,10 +257,17 @@ impl Outlier {
                 self.ejected_until = None;
                 self.consecutive = 0;
                 self.window.clear();
+                self.calm_since = now;
                 OutlierVerdict::Restore
             } else {
                 OutlierVerdict::Eject
             });
+        }
+        // A whole window back in rotation without an ejection: the next one is shorter.
+        let calm = self.policy.window_ms.max(1);
+        while self.ejections > 0 && now >= self.calm_since.saturating_add(calm) {
+            self.ejections -= 1;
+            self.calm_since += calm;
         }
         self.window.add(now, ok);
         self.consecutive = if ok { 0 } else { self.consecutive + 1 };
@@ -494,6 +505,35 @@ mod tests {
         assert_eq!(o.record(5505, true), Some(OutlierVerdict::Restore));
         assert!(!o.is_ejected());
         assert_eq!(o.record(5506, true), None);
+    }
+
+    #[test]
+    fn the_ejection_multiplier_decays_while_an_instance_behaves() {
+        let p = op();
+        let window = p.window_ms;
+        let mut o = Outlier::new(p);
+        let fail3 = |o: &mut Outlier, at: u64| {
+            o.record(at, false);
+            o.record(at + 1, false);
+            o.record(at + 2, false)
+        };
+        assert_eq!(fail3(&mut o, 0), Some(OutlierVerdict::Eject));
+        let until = o.eject(2);
+        assert_eq!(o.record(until + 1, false), Some(OutlierVerdict::Eject));
+        let until = o.eject(until + 1);
+        assert_eq!(o.ejections, 2);
+        let back = until + 1;
+        assert_eq!(o.record(back, true), Some(OutlierVerdict::Restore));
+        // Less than a window later: still remembered.
+        o.record(back + window - 1, true);
+        assert_eq!(o.ejections, 2);
+        // Two whole windows back in rotation: forgotten, step by step.
+        o.record(back + 2 * window, true);
+        assert_eq!(o.ejections, 0);
+        // So the next ejection is the base time again, not three times it.
+        let at = back + 2 * window + 10;
+        assert_eq!(fail3(&mut o, at), Some(OutlierVerdict::Eject));
+        assert_eq!(o.eject(at + 2), at + 2 + 1000);
     }
 
     #[test]

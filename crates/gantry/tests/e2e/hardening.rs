@@ -160,6 +160,18 @@ fn size_limits_slow_clients_and_connection_cap() {
     let r = raw(gw, big.as_bytes());
     assert_eq!(raw_status(&r), 431, "{r}");
     assert_eq!(json_error(&r)["error"], "request_head_too_large");
+    // The same count over HTTP/2 (curl, prior knowledge).
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sS", "--max-time", "10", "--http2-prior-knowledge"]);
+    for i in 0..30 {
+        curl.args(["-H", &format!("x-h{i}: v")]);
+    }
+    let o = curl.arg(format!("http://{gw}/public")).output().unwrap();
+    let body = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        body.contains("\"error\":\"request_head_too_large\""),
+        "{body}"
+    );
     // Body over the route's limit: 413, announced or streamed.
     let r = http(
         gw,
