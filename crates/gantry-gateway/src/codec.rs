@@ -582,15 +582,29 @@ pub fn http_date(secs: u64) -> [u8; 29] {
     out
 }
 
-/// Today's `Date` value, formatted once per second per thread.
-pub fn date_now() -> [u8; 29] {
+/// The `Date` value at `now` (a clock read the caller made anyway), formatted once per second
+/// per thread. The wall clock is read once a minute per thread: `now` is placed against the
+/// last reading, so a response costs no clock read of its own.
+pub fn date_at(now: std::time::Instant) -> [u8; 29] {
     use std::cell::Cell;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
     thread_local! {
+        static BASE: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
         static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
     }
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = BASE.with(|b| {
+        let (at, unix_ms) = match b.get() {
+            Some((at, ms)) if now >= at && now - at < Duration::from_secs(60) => (at, ms),
+            _ => {
+                let ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                b.set(Some((now, ms)));
+                (now, ms)
+            }
+        };
+        (unix_ms + (now - at).as_millis() as u64) / 1000
+    });
     CACHED.with(|c| {
         let (at, v) = c.get();
         if at == secs {
@@ -710,5 +724,24 @@ mod tests {
         assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(&http_date(1_709_210_096), b"Thu, 29 Feb 2024 12:34:56 GMT");
+    }
+
+    #[test]
+    fn dates_follow_the_monotonic_clock_between_wall_clock_readings() {
+        use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+        let now = Instant::now();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let d = date_at(now);
+        assert!(d == http_date(wall) || d == http_date(wall + 1), "{:?}", d);
+        // Ten seconds later by the monotonic clock is ten seconds later on the page.
+        let later = date_at(now + Duration::from_secs(10));
+        assert!(
+            later == http_date(wall + 10) || later == http_date(wall + 11),
+            "{:?}",
+            later
+        );
     }
 }

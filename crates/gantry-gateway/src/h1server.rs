@@ -180,7 +180,9 @@ pub(crate) async fn serve(
         if *shutdown.borrow() {
             meta.keep_alive = false;
         }
-        let mut keep = write_response(&stream, resp, &meta).await;
+        // One clock read for the response's `Date` and the next head's deadline.
+        let now = Instant::now();
+        let mut keep = write_response(&stream, resp, &meta, now.into_std()).await;
 
         // Take the buffer back from the body (or drain what the proxy did not read).
         let mut unread_body = false;
@@ -213,7 +215,7 @@ pub(crate) async fn serve(
             // An idle connection holds no buffer.
             buf = BytesMut::new();
         }
-        deadline = Instant::now() + timeout;
+        deadline = now + timeout;
     }
 }
 
@@ -475,7 +477,7 @@ async fn refuse(gw: &Gateway, stream: &Wire, peer: SocketAddr, e: HeadError) {
         keep_alive: false,
         te_trailers: false,
     };
-    write_response(stream, resp, &meta).await;
+    write_response(stream, resp, &meta, std::time::Instant::now()).await;
 }
 
 /// Close after a response while the client may still be sending (a refused head, an unread
@@ -736,8 +738,13 @@ async fn frame_now(body: &mut RespBody) -> Poll<Option<Result<Frame<Bytes>, BoxE
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 
-/// Write the response; `true` when the connection can carry another request.
-async fn write_response(stream: &Wire, resp: Response<RespBody>, meta: &Meta) -> bool {
+/// Write the response; `true` when the connection can carry another request. `now` dates it.
+async fn write_response(
+    stream: &Wire,
+    resp: Response<RespBody>,
+    meta: &Meta,
+    now: std::time::Instant,
+) -> bool {
     let (parts, mut body) = resp.into_parts();
     let deferred = body.take_deferred();
     let status = parts.status;
@@ -821,7 +828,7 @@ async fn write_response(stream: &Wire, resp: Response<RespBody>, meta: &Meta) ->
     }
     if !has_date {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(&codec::date_now());
+        out.extend_from_slice(&codec::date_at(now));
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
