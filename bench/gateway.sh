@@ -2,10 +2,12 @@
 # Gateway benchmark: Gantry next to nginx, HAProxy, Caddy and Pingora, same backend, same wrk
 # load, proxy pinned alone on one core. Drives the shared harness (../shared/bench/gateway/run.sh)
 # with Gantry as its EXTRA target, once per variant:
-#   plain  one prefix route to the backend (static endpoint), one gateway worker, no access log
+#   plain  one prefix route to the backend (static endpoint), one gateway worker, no access log,
+#          no headers added (request_id, trace_context, forwarded_headers off: like the harness's
+#          nginx); metrics stay on
 #   full   the full request path: 24 routes to match through (hosts, methods, header and query
 #          conditions, regex paths), P2C-EWMA, circuit breaker and outlier detection, retries
-#          with a budget, metrics, traceparent
+#          with a budget, metrics, traceparent, X-Request-Id, X-Forwarded-*
 # in ROUNDS rounds (each round: the harness once per variant), and prints the harness tables
 # plus the ratios the project tracks, per round and as medians over the rounds.
 #
@@ -31,11 +33,18 @@ export BACKEND_PORT
 
 write_spec() { # variant file
   local v="$1" f="$2"
+  # plain: what a plain reverse proxy does (the harness's nginx adds no header either); full:
+  # request ids, W3C trace context and X-Forwarded-* on top (the issue's "tracing header").
+  local added=true
+  [ "$v" = plain ] && added=false
   cat >"$f" <<EOF
 [gateway]
 listen = "127.0.0.1:$GANTRY_PORT"
 workers = 1
 access_log = false
+request_id = $added
+trace_context = $added
+forwarded_headers = $added
 
 [admin]
 listen = "127.0.0.1:0"

@@ -365,7 +365,9 @@ impl RespBody {
                 headers.append(n, v);
             }
         }
-        headers.insert(crate::proxy::X_REQUEST_ID.clone(), d.request_id);
+        if !d.request_id.is_empty() {
+            headers.insert(crate::proxy::X_REQUEST_ID.clone(), d.request_id);
+        }
     }
 }
 

@@ -800,9 +800,11 @@ async fn write_response(
         let kinds = d.head.write_fields(&mut out, framing == Out::None);
         has_date |= kinds & codec::F_DATE != 0;
         has_length |= kinds & codec::F_LENGTH != 0;
-        out.extend_from_slice(b"x-request-id: ");
-        out.extend_from_slice(d.request_id.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        if !d.request_id.is_empty() {
+            out.extend_from_slice(b"x-request-id: ");
+            out.extend_from_slice(d.request_id.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     match framing {
         Out::Length(n) => {

@@ -58,6 +58,12 @@ pub use server::Listener;
 pub struct GatewayConfig {
     /// Log one JSON line per request (target `gantry::access`).
     pub access_log: bool,
+    /// Generate `X-Request-Id` (a client's sane one is kept either way).
+    pub request_id: bool,
+    /// Propagate or start W3C `traceparent`.
+    pub trace_context: bool,
+    /// Set `X-Forwarded-For/-Proto/-Host`.
+    pub forwarded_headers: bool,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -74,6 +80,9 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             access_log: false,
+            request_id: true,
+            trace_context: true,
+            forwarded_headers: true,
             max_connections: 10_000,
             max_header_bytes: 16 * 1024,
             max_headers: 100,

@@ -401,52 +401,69 @@ fn scan(h: &HeaderMap) -> Seen {
 }
 
 /// The headers the gateway sets on a forwarded request, kept beside the client's map: the
-/// in-task HTTP/1.1 client writes them straight into the request head.
+/// in-task HTTP/1.1 client writes them straight into the request head. A field is `None` when its feature is off (`[gateway] trace_context`, `forwarded_headers`,
+/// `request_id`).
 #[derive(Clone)]
 pub(crate) struct Added {
-    traceparent: HeaderValue,
-    forwarded_for: HeaderValue,
-    forwarded_proto: HeaderValue,
+    traceparent: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    forwarded_proto: Option<HeaderValue>,
     forwarded_host: Option<HeaderValue>,
-    request_id: HeaderValue,
+    request_id: Option<HeaderValue>,
 }
 
 impl Added {
+    fn fields(&self) -> [(&'static HeaderName, Option<&HeaderValue>); 5] {
+        [
+            (&TRACEPARENT, self.traceparent.as_ref()),
+            (&X_FORWARDED_FOR, self.forwarded_for.as_ref()),
+            (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
+            (&X_FORWARDED_HOST, self.forwarded_host.as_ref()),
+            (&X_REQUEST_ID, self.request_id.as_ref()),
+        ]
+    }
+
     pub(crate) fn for_each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
-        f(&TRACEPARENT, &self.traceparent);
-        f(&X_FORWARDED_FOR, &self.forwarded_for);
-        f(&X_FORWARDED_PROTO, &self.forwarded_proto);
-        if let Some(h) = &self.forwarded_host {
-            f(&X_FORWARDED_HOST, h);
+        for (n, v) in self.fields() {
+            if let Some(v) = v {
+                f(n, v);
+            }
         }
-        f(&X_REQUEST_ID, &self.request_id);
     }
 
     fn get(&self, name: &str) -> Option<&HeaderValue> {
-        let is = |n: &HeaderName| n.as_str().eq_ignore_ascii_case(name);
-        if is(&TRACEPARENT) {
-            Some(&self.traceparent)
-        } else if is(&X_FORWARDED_FOR) {
-            Some(&self.forwarded_for)
-        } else if is(&X_FORWARDED_PROTO) {
-            Some(&self.forwarded_proto)
-        } else if is(&X_FORWARDED_HOST) {
-            self.forwarded_host.as_ref()
-        } else if is(&X_REQUEST_ID) {
-            Some(&self.request_id)
-        } else {
-            None
-        }
+        self.fields()
+            .into_iter()
+            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v)
     }
 
     fn insert_into(self, h: &mut HeaderMap) {
-        h.insert(TRACEPARENT.clone(), self.traceparent);
-        h.insert(X_FORWARDED_FOR.clone(), self.forwarded_for);
-        h.insert(X_FORWARDED_PROTO.clone(), self.forwarded_proto);
-        if let Some(v) = self.forwarded_host {
-            h.insert(X_FORWARDED_HOST.clone(), v);
+        let (a, b, c, d, e) = (
+            self.traceparent,
+            self.forwarded_for,
+            self.forwarded_proto,
+            self.forwarded_host,
+            self.request_id,
+        );
+        for (n, v) in [
+            (&TRACEPARENT, a),
+            (&X_FORWARDED_FOR, b),
+            (&X_FORWARDED_PROTO, c),
+            (&X_FORWARDED_HOST, d),
+            (&X_REQUEST_ID, e),
+        ] {
+            if let Some(v) = v {
+                h.insert(n.clone(), v);
+            }
         }
-        h.insert(X_REQUEST_ID.clone(), self.request_id);
+    }
+}
+
+/// The response's `X-Request-Id`, unless there is none (`request_id` off, none from the client).
+fn set_request_id(h: &mut HeaderMap, id: &HeaderValue) {
+    if !id.is_empty() {
+        h.insert(X_REQUEST_ID.clone(), id.clone());
     }
 }
 
@@ -596,16 +613,22 @@ impl Gateway {
             let start = Instant::now();
             let mut seen = scan(req.headers());
             // 2. request id and trace context
+            // An empty value: none (`request_id` off and the client sent none).
             let request_id = match seen.request_id.take() {
                 Some(v) if is_sane_request_id(&v) => v,
-                _ => self.ids.next(),
+                _ if self.cfg.request_id => self.ids.next(),
+                _ => HeaderValue::from_static(""),
             };
-            let tc = trace::propagate(
-                seen.traceparent
-                    .take()
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok()),
-            );
+            let tc = if self.cfg.trace_context {
+                trace::propagate(
+                    seen.traceparent
+                        .take()
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok()),
+                )
+            } else {
+                trace::TraceContext::none()
+            };
             let mut ctx = Ctx {
                 start,
                 request_id,
@@ -792,11 +815,17 @@ impl Gateway {
             Reject::CircuitOpen => format!("service {svc} is failing; its circuit breaker is open"),
             Reject::Bulkhead => format!("service {svc} has too many requests in flight"),
         };
+        // Answers of the gateway's own always carry an id, `request_id` off or not.
+        let rid = if ctx.request_id.is_empty() {
+            self.ids.next()
+        } else {
+            ctx.request_id.clone()
+        };
         let body = serde_json::json!({
             "error": why.code(),
             "message": message,
             "service": service,
-            "request_id": ctx.request_id.to_str().unwrap_or(""),
+            "request_id": rid.to_str().unwrap_or(""),
         });
         let mut resp = Response::new(RespBody::full(body.to_string()));
         *resp.status_mut() = why.status();
@@ -805,7 +834,7 @@ impl Gateway {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        h.insert(X_REQUEST_ID.clone(), rid);
         if matches!(
             why,
             Reject::NoInstance | Reject::NoVersion | Reject::CircuitOpen | Reject::Bulkhead
@@ -1054,23 +1083,34 @@ impl Gateway {
                     headers.insert(header::UPGRADE, u);
                 }
             }
-            let forwarded_for = if seen.forwarded_for {
-                forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
-            } else {
-                conn.peer_ip.clone()
-            };
-            if seen.forwarded_for {
+            let forwarding = self.cfg.forwarded_headers;
+            let forwarded_for = forwarding.then(|| {
+                if seen.forwarded_for {
+                    forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
+                } else {
+                    conn.peer_ip.clone()
+                }
+            });
+            if forwarding && seen.forwarded_for {
                 headers.remove(&X_FORWARDED_FOR);
             }
+            let request_id = (!ctx.request_id.is_empty()).then(|| ctx.request_id.clone());
+            let traceparent = self
+                .cfg
+                .trace_context
+                .then(|| std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")));
             if seen.ours {
-                // The client's own values of the headers the gateway sets are replaced.
-                for n in [
-                    &X_FORWARDED_PROTO,
-                    &X_FORWARDED_HOST,
-                    &X_REQUEST_ID,
-                    &TRACEPARENT,
+                // The client's own values of the headers the gateway sets are replaced (those
+                // it does not set pass as they are).
+                for (n, ours) in [
+                    (&X_FORWARDED_PROTO, forwarding),
+                    (&X_FORWARDED_HOST, forwarding),
+                    (&X_REQUEST_ID, request_id.is_some()),
+                    (&TRACEPARENT, traceparent.is_some()),
                 ] {
-                    headers.remove(n);
+                    if ours {
+                        headers.remove(n);
+                    }
                 }
             }
             let mut has_host = seen.host.is_some();
@@ -1085,11 +1125,12 @@ impl Gateway {
                 }
             }
             let mut added = Some(Added {
-                traceparent: std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")),
+                traceparent,
                 forwarded_for,
-                forwarded_proto: HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-                forwarded_host: authority.clone(),
-                request_id: ctx.request_id.clone(),
+                forwarded_proto: forwarding
+                    .then(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" })),
+                forwarded_host: authority.clone().filter(|_| forwarding),
+                request_id,
             });
             // The in-task HTTP/1.1 client writes `added` behind the map; every other path, and
             // configured header changes (which may override them), need them in the map.
@@ -1549,9 +1590,7 @@ impl Gateway {
                     };
                     splice(c, u, idle).await;
                 });
-                parts
-                    .headers
-                    .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+                set_request_id(&mut parts.headers, &ctx.request_id);
                 f.response_headers.apply(&mut parts.headers);
                 if self.cfg.access_log {
                     access_log(ctx, &route.id, &ep.id, 101, 0, Some(upstream_time), true);
@@ -1595,8 +1634,7 @@ impl Gateway {
             drop(guard);
             drop(slot);
             let mut r = cached_response(&fresh, method, "REVALIDATED", clock_ms());
-            r.headers_mut()
-                .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            set_request_id(r.headers_mut(), &ctx.request_id);
             f.response_headers.apply(r.headers_mut());
             if self.cfg.access_log {
                 access_log(
@@ -1650,9 +1688,7 @@ impl Gateway {
                 request_id: ctx.request_id.clone(),
             }),
             None => {
-                parts
-                    .headers
-                    .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+                set_request_id(&mut parts.headers, &ctx.request_id);
                 f.response_headers.apply(&mut parts.headers);
             }
         }
@@ -1710,8 +1746,7 @@ impl Gateway {
         } else {
             cached_response(e, req.method(), how, now)
         };
-        r.headers_mut()
-            .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        set_request_id(r.headers_mut(), &ctx.request_id);
         f.response_headers.apply(r.headers_mut());
         if self.cfg.access_log {
             access_log(
@@ -2110,8 +2145,7 @@ fn redirect(
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
-    resp.headers_mut()
-        .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+    set_request_id(resp.headers_mut(), &ctx.request_id);
     resp
 }
 

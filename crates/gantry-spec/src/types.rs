@@ -38,6 +38,18 @@ pub struct GatewaySpec {
     /// request; benchmarks run without it).
     #[serde(default)]
     pub access_log: bool,
+    /// Give every request an `X-Request-Id` (kept when the client sent a sane one), sent to the
+    /// instance and returned to the client. Default on.
+    #[serde(default = "default_true")]
+    pub request_id: bool,
+    /// W3C trace context: continue the client's `traceparent` with the gateway as the new
+    /// parent, or start a trace. Default on.
+    #[serde(default = "default_true")]
+    pub trace_context: bool,
+    /// Set `X-Forwarded-For/-Proto/-Host` (the client's `X-Forwarded-For` is appended to).
+    /// Default on. Off: these headers pass as the client sent them.
+    #[serde(default = "default_true")]
+    pub forwarded_headers: bool,
     /// Memory for cached responses (routes opt in with `cache`). Default 64 MiB.
     #[serde(default = "default_cache_bytes")]
     pub cache_max_bytes: u64,
@@ -46,6 +58,10 @@ pub struct GatewaySpec {
     /// HTTPS listener; absent: plain HTTP only.
     #[serde(default)]
     pub tls: Option<TlsSpec>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_cache_bytes() -> u64 {
@@ -58,6 +74,9 @@ impl Default for GatewaySpec {
             listen: default_gateway_listen(),
             workers: 0,
             access_log: false,
+            request_id: true,
+            trace_context: true,
+            forwarded_headers: true,
             cache_max_bytes: default_cache_bytes(),
             limits: GatewayLimitsSpec::default(),
             tls: None,

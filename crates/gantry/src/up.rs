@@ -216,6 +216,9 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let gateway = Gateway::new(
         GatewayConfig {
             access_log: spec.spec.gateway.access_log,
+            request_id: spec.spec.gateway.request_id,
+            trace_context: spec.spec.gateway.trace_context,
+            forwarded_headers: spec.spec.gateway.forwarded_headers,
             max_connections: limits.max_connections as usize,
             max_header_bytes: limits.max_header_bytes as usize,
             max_headers: limits.max_headers as usize,

@@ -773,3 +773,70 @@ path_prefix = "/web"
     assert_eq!(g.get("/beta/x").status, 404);
     assert_eq!(g.admin_call("DELETE", "/v1/routes/beta", None).status, 404);
 }
+
+#[test]
+fn request_ids_trace_context_and_forwarding_headers_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(
+        "[services.web]\ncommand = [\"{TESTSVC}\"]\n[[services.web.routes]]\npath_prefix = \"/\"\n",
+    )
+    .replace(
+        "workers = 2",
+        "workers = 2\nrequest_id = false\ntrace_context = false\nforwarded_headers = false",
+    );
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    // Nothing added: the instance sees the client's headers only, the client gets no id.
+    let r = g.get("/plain");
+    assert_eq!(r.status, 200);
+    let seen = &r.json()["headers"];
+    for h in [
+        "x-request-id",
+        "traceparent",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ] {
+        assert!(seen.get(h).is_none(), "{h} was added: {seen}");
+    }
+    assert!(r.header("x-request-id").is_none());
+    // What the client sent passes as it was (a sane request id is still echoed back).
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = http(
+        g.gateway,
+        "GET",
+        "/sent",
+        &[
+            ("x-forwarded-for", "10.1.2.3"),
+            ("traceparent", tp),
+            ("x-request-id", "client-id-1"),
+        ],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["x-forwarded-for"], "10.1.2.3");
+    assert_eq!(seen["traceparent"], tp);
+    assert_eq!(seen["x-request-id"], "client-id-1");
+    assert_eq!(r.header("x-request-id"), Some("client-id-1"));
+    // The gateway's own answers still carry an id.
+    let r = http(
+        g.gateway,
+        "GET",
+        "/web/../../x",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        !r.json()["request_id"].as_str().unwrap().is_empty(),
+        "{}",
+        r.body
+    );
+    assert!(r.header("x-request-id").is_some());
+}
