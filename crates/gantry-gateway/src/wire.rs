@@ -40,16 +40,7 @@ impl Wire {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        match self {
-            Wire::Plain(s) => loop {
-                ready!(s.poll_read_ready(cx))?;
-                match codec::try_read_into(s, buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    r => return Poll::Ready(r),
-                }
-            },
-            Wire::Tls(t) => tls_read(&mut lock(t), cx, buf),
-        }
+        self.poll_read(cx, buf, codec::try_read_into)
     }
 
     /// Read what is there into `buf`'s spare capacity (which the caller made room for).
@@ -58,10 +49,21 @@ impl Wire {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
+        self.poll_read(cx, buf, codec::try_read_buf)
+    }
+
+    /// A plain socket: wait for readiness, then `read` (which forgets readiness on `WouldBlock`
+    /// or a short read); TLS: through the session.
+    fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        read: fn(&TcpStream, &mut BytesMut) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         match self {
             Wire::Plain(s) => loop {
                 ready!(s.poll_read_ready(cx))?;
-                match codec::try_read_buf(s, buf) {
+                match read(s, buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     r => return Poll::Ready(r),
                 }

@@ -12,7 +12,8 @@
 //! - `POST /admin/fail-next?n=N`  the next N requests (health excluded) answer 503
 //! - `POST /admin/recover`   undo fail, fail-health, fail-next and hang
 //! - `GET /admin/stats`      `{"requests": N, "revalidations": N, "bodies": N, "body_bytes": N,
-//!   "last_digest": "H"}` (admin and health excluded; bodies: whole bodies read by `/digest`)
+//!   "digest_sum": "H"}` (admin and health excluded; bodies: whole bodies read by `/digest`;
+//!   digest_sum: their digests added, wrapping, so the order they came in does not matter)
 //! - `POST /digest`          reads the whole body; `{"instance", "bytes": N, "digest": "H"}` (H:
 //!   FNV-1a 64 of the body, hex)
 //! - `GET /status/CODE`      answers with that status
@@ -54,7 +55,7 @@ struct Flags {
     revalidations: AtomicU64,
     bodies: AtomicU64,
     body_bytes: AtomicU64,
-    last_digest: AtomicU64,
+    digest_sum: AtomicU64,
     delay_ms: u64,
 }
 
@@ -231,12 +232,12 @@ async fn handle_full(
             StatusCode::OK,
             format!(
                 "{{\"requests\":{},\"revalidations\":{},\"bodies\":{},\"body_bytes\":{},\
-                 \"last_digest\":\"{:016x}\"}}",
+                 \"digest_sum\":\"{:016x}\"}}",
                 flags.requests.load(Ordering::SeqCst),
                 flags.revalidations.load(Ordering::SeqCst),
                 flags.bodies.load(Ordering::SeqCst),
                 flags.body_bytes.load(Ordering::SeqCst),
-                flags.last_digest.load(Ordering::SeqCst)
+                flags.digest_sum.load(Ordering::SeqCst)
             ),
         ),
         ("POST", "/digest") => {
@@ -249,7 +250,7 @@ async fn handle_full(
             flags
                 .body_bytes
                 .fetch_add(body.len() as u64, Ordering::SeqCst);
-            flags.last_digest.store(digest, Ordering::SeqCst);
+            flags.digest_sum.fetch_add(digest, Ordering::SeqCst);
             text(
                 StatusCode::OK,
                 format!(

@@ -197,33 +197,39 @@ fn served_cn(port: u16, sni: &str) -> String {
         .unwrap_or_else(|| panic!("no certificate in: {out}"))
 }
 
+/// Start gantry on `services` with a TLS listener as well, serving `certificates` (a TOML array's
+/// items, files in `dir`); `gateway` adds lines to `[gateway]`. Returns it and the TLS port.
+fn start_with_tls(
+    dir: tempfile::TempDir,
+    services: &str,
+    certificates: &str,
+    gateway: &str,
+) -> (Gantry, u16) {
+    let tls_port = free_port();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(services)
+        .replace("workers = 2", &format!("workers = 2\n{gateway}"))
+        .replace(
+            "[admin]",
+            &format!(
+                "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [{certificates}]\n\n[admin]"
+            ),
+        );
+    std::fs::write(&spec, text).unwrap();
+    (Gantry::start_at(dir, spec), tls_port)
+}
+
 #[test]
 fn tls_with_sni_alpn_h2_and_certificate_reload() {
     let dir = tempfile::tempdir().unwrap();
     cert(dir.path(), "a", &["a.test"]);
     cert(dir.path(), "wild", &["*.b.test"]);
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let spec = dir.path().join("gantry.toml");
-    let text = spec_text(
-        r#"
-[services.web]
-command = ["{TESTSVC}"]
-[[services.web.routes]]
-path_prefix = "/"
-"#,
-    )
-    .replace(
-        "[admin]",
-        &format!(
-            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [\n  {{ cert = \"a.pem\", key = \"a.key\", hosts = [\"a.test\"] }},\n  {{ cert = \"wild.pem\", key = \"wild.key\", hosts = [\"*.b.test\"] }},\n]\n\n[admin]"
-        ),
+    let (g, tls_port) = start_with_tls(
+        dir,
+        "[services.web]\ncommand = [\"{TESTSVC}\"]\n[[services.web.routes]]\npath_prefix = \"/\"\n",
+        "\n  { cert = \"a.pem\", key = \"a.key\", hosts = [\"a.test\"] },\n  { cert = \"wild.pem\", key = \"wild.key\", hosts = [\"*.b.test\"] },\n",
+        "",
     );
-    std::fs::write(&spec, text).unwrap();
-    let g = Gantry::start_at(dir, spec);
     g.wait_healthy("web", 1, Duration::from_secs(20));
     let cafile = |stem: &str| {
         g.dir
@@ -317,24 +323,16 @@ fn tls_raw(port: u16, bytes: &[u8]) -> String {
 fn http1_over_tls_gets_the_same_framing_rules_pipelining_and_upgrades() {
     let dir = tempfile::tempdir().unwrap();
     cert(dir.path(), "local", &["localhost"]);
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let spec = dir.path().join("gantry.toml");
     let services = format!(
         "[services.web]\ncommand = [\"{{TESTSVC}}\"]\n[[services.web.routes]]\npath_prefix = \"/web\"\n{}",
         WS.replace("WS_ECHO", &fixture("ws_echo.py"))
     );
-    let text = spec_text(&services).replace(
-        "[admin]",
-        &format!(
-            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [{{ cert = \"local.pem\", key = \"local.key\", hosts = [\"localhost\"] }}]\n\n[admin]"
-        ),
+    let (g, tls_port) = start_with_tls(
+        dir,
+        &services,
+        "{ cert = \"local.pem\", key = \"local.key\", hosts = [\"localhost\"] }",
+        "",
     );
-    std::fs::write(&spec, text).unwrap();
-    let g = Gantry::start_at(dir, spec);
     g.wait_healthy("web", 1, Duration::from_secs(20));
     g.wait_healthy("ws", 1, Duration::from_secs(30));
     let ca = g.dir.path().join("local.pem").display().to_string();
@@ -488,11 +486,7 @@ fn ca_and_leaf(dir: &std::path::Path, name: &str) {
 fn tls_to_upstream_instances() {
     let certs = tempfile::tempdir().unwrap();
     ca_and_leaf(certs.path(), "backend.test");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     struct Kill(std::process::Child);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -629,25 +623,12 @@ fn auto_protocol_over_tls_speaks_to_the_instance_what_the_client_spoke() {
     // a test service, logging each request's protocol.
     let dir = tempfile::tempdir().unwrap();
     ca_and_leaf(dir.path(), "upstream.test");
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let spec = dir.path().join("gantry.toml");
-    let text = spec_text(
+    let (b, tls_port) = start_with_tls(
+        dir,
         "[services.web]\ncommand = [\"{TESTSVC}\"]\n[[services.web.routes]]\npath_prefix = \"/\"\n",
-    )
-    .replace("workers = 2", "workers = 2\naccess_log = true")
-    .replace(
-        "[admin]",
-        &format!(
-            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [{{ cert = \"leaf.pem\", key = \"leaf.key\", hosts = [\"upstream.test\"] }}]\n\n[admin]"
-        ),
+        "{ cert = \"leaf.pem\", key = \"leaf.key\", hosts = [\"upstream.test\"] }",
+        "access_log = true",
     );
-    assert!(text.contains("access_log = true"), "{text}");
-    std::fs::write(&spec, text).unwrap();
-    let b = Gantry::start_at(dir, spec);
     b.wait_healthy("web", 1, Duration::from_secs(20));
     let ca = b.dir.path().join("ca.pem").display().to_string();
     // The gateway under test: that listener as a self-registered instance, `auto`, TLS

@@ -25,11 +25,7 @@ impl Drop for Own {
 
 /// A test service this test starts itself (not supervised by gantry).
 fn external_service() -> (Own, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let child = Command::new(testsvc_bin())
         .env("PORT", port.to_string())
         .env("GANTRY_INSTANCE", "outside")

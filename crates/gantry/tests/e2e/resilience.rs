@@ -367,11 +367,7 @@ path_prefix = "/"
 fn bodies_go_again_when_nothing_left_and_a_single_instance_gets_a_second_try() {
     // An endpoint nobody listens on, next to a live one: a POST with a body that meets the
     // refused connect still reaches the live instance, whole (it never left).
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = free_port();
     let live = OwnSvc::start("live", &[]);
     let single = OwnSvc::start("single", &[]);
     let g = Gantry::start(&format!(

@@ -134,7 +134,7 @@ fn two_versions(g: &Gantry) -> (OwnSvc, OwnSvc) {
 }
 
 #[test]
-fn versions_by_header_path_and_weighted_split() {
+fn versions_by_header_path_and_weighted_split_and_their_cache_entries() {
     let g = Gantry::start(
         r#"
 [services.api]
@@ -146,10 +146,15 @@ strip_prefix = true
 version_header = "accept-version"
 version_from_path = true
 split = [{ version = "^1", weight = 80 }, { version = "^2", weight = 20 }]
+cache = {}
 [[services.api.routes]]
 path_prefix = "/stable"
 strip_prefix = true
 version = "~1.4"
+[[services.api.routes]]
+path_prefix = "/canary"
+strip_prefix = true
+split = [{ version = "^1", weight = 50 }, { version = "^3", weight = 50 }]
 "#,
     );
     let (_v1, _v2) = two_versions(&g);
@@ -190,28 +195,7 @@ version = "~1.4"
     println!("split 80/20 over {n}: {count:?}");
     // sd = sqrt(0.2*0.8/1000) = 1.3%: 5 sd either way.
     assert!((v2 - 0.2).abs() < 0.065, "v2 share {v2}");
-}
 
-#[test]
-fn cached_answers_stay_with_their_version_and_a_split_skips_a_version_that_is_down() {
-    let g = Gantry::start(
-        r#"
-[services.api]
-command = ["{TESTSVC}"]
-replicas = 0
-[[services.api.routes]]
-path_prefix = "/api"
-strip_prefix = true
-version_header = "accept-version"
-version_from_path = true
-cache = {}
-[[services.api.routes]]
-path_prefix = "/canary"
-strip_prefix = true
-split = [{ version = "^1", weight = 50 }, { version = "^3", weight = 50 }]
-"#,
-    );
-    let (_v1, _v2) = two_versions(&g);
     let x_cache = |r: &Resp| r.header("x-cache").unwrap_or("").to_string();
     // The same path for two versions: two cache entries, never one version's answer for the
     // other's clients.
@@ -240,47 +224,19 @@ split = [{ version = "^1", weight = 50 }, { version = "^3", weight = 50 }]
     }
 }
 
-#[test]
-fn mirroring_copies_traffic_without_delaying_the_primary() {
-    let shadow = OwnSvc::start("shadow", &[("TESTSVC_DELAY_ALL_MS", "1500")]);
-    let primary = OwnSvc::start("primary", &[]);
-    let g = Gantry::start(&format!(
-        r#"
-[services.api]
-endpoints = ["127.0.0.1:{}"]
-[[services.api.routes]]
-path_prefix = "/"
-mirror = {{ service = "shadow", percent = 100 }}
-[services.shadow]
-endpoints = ["127.0.0.1:{}"]
-"#,
-        primary.port, shadow.port
-    ));
-    let t = Instant::now();
-    for _ in 0..5 {
-        let r = g.get("/m");
-        assert_eq!(r.json()["instance"], "primary");
-    }
-    let took = t.elapsed();
-    assert!(
-        took < Duration::from_millis(1000),
-        "the slow shadow delayed the primary: {took:?}"
-    );
-    wait_for("shadow got the copies", Duration::from_secs(10), || {
-        (shadow.stats()["requests"] == 5).then_some(())
-    });
-    assert_eq!(primary.stats()["requests"], 5);
-}
-
+/// FNV-1a 64 of `b`, hex: what the test service's `/digest` answers.
 fn fnv1a(b: &[u8]) -> String {
-    let h = b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+    format!("{:016x}", fnv1a_u64(b))
+}
+
+fn fnv1a_u64(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
         (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{h:016x}")
+    })
 }
 
 #[test]
-fn mirroring_copies_request_bodies_and_abandons_a_shadow_that_falls_behind() {
+fn mirroring_copies_traffic_and_bodies_and_abandons_a_shadow_that_falls_behind() {
     use std::io::{Read, Write};
     // The shadow waits 1.5 s before it reads anything.
     let shadow = OwnSvc::start("shadow", &[("TESTSVC_DELAY_ALL_MS", "1500")]);
@@ -298,6 +254,20 @@ endpoints = ["127.0.0.1:{}"]
 "#,
         primary.port, shadow.port
     ));
+    // Requests without a body: copied, and the slow shadow delays nothing.
+    let t = Instant::now();
+    for _ in 0..5 {
+        let r = g.get("/m");
+        assert_eq!(r.json()["instance"], "primary");
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "the slow shadow delayed the primary: {:?}",
+        t.elapsed()
+    );
+    wait_for("shadow got the copies", Duration::from_secs(10), || {
+        (shadow.stats()["requests"] == 5).then_some(())
+    });
     // Bodies with a length: the primary answers at once, the shadow gets the same bytes.
     let body: String = (0..100_000)
         .map(|i| (b'a' + (i % 26) as u8) as char)
@@ -339,7 +309,11 @@ endpoints = ["127.0.0.1:{}"]
     });
     let st = shadow.stats();
     assert_eq!(st["body_bytes"], 3 * 100_000 + 11, "{st}");
-    assert_eq!(st["last_digest"], fnv1a(b"hello world"), "{st}");
+    // The same bytes, not only as many: the digests of the four copies, added.
+    let sum = (0..3).fold(fnv1a_u64(b"hello world"), |acc, _| {
+        acc.wrapping_add(fnv1a_u64(body.as_bytes()))
+    });
+    assert_eq!(st["digest_sum"], format!("{sum:016x}"), "{st}");
 
     // A body far larger than what the shadow's socket and the copy's buffer hold while the
     // shadow is not reading: the primary still gets all of it at its own pace, and the copy is
@@ -373,7 +347,7 @@ endpoints = ["127.0.0.1:{}"]
     );
     let m = g.metrics();
     assert!(
-        m.contains(r#"gantry_gateway_mirrored_requests_total{route="api/0",service="api",outcome="answered"} 4"#),
+        m.contains(r#"gantry_gateway_mirrored_requests_total{route="api/0",service="api",outcome="answered"} 9"#),
         "{m}"
     );
     let st = shadow.stats();

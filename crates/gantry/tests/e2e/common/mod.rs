@@ -448,6 +448,15 @@ impl Gantry {
     }
 }
 
+/// A port nothing listens on right now (bound on 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A test service this test starts itself (not supervised by gantry), on a free port.
 pub struct OwnSvc {
     pub child: Child,
@@ -456,11 +465,7 @@ pub struct OwnSvc {
 
 impl OwnSvc {
     pub fn start(name: &str, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new(testsvc_bin())
             .env("PORT", port.to_string())
             .env("GANTRY_INSTANCE", name)
