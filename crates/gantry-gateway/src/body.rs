@@ -1,8 +1,9 @@
-//! Body types of the proxy. Request bodies stream to the instance (empty when the request may be
-//! retried), with the route's size limit enforced as bytes pass, and a copy of each frame goes
-//! to a mirror when there is one (`Tee`, `MirrorBody`). Response bodies
-//! stream back while holding the instance's in-flight count and its connection; at the end the
-//! connection returns to the pool, a cacheable body is stored, and the access-log line is written.
+//! Body types of the proxy. Request bodies stream to the instance (never buffered: one goes
+//! again on a retry only if none of it left), with the route's size limit enforced as bytes
+//! pass, and a copy of each frame goes to a mirror when there is one (`Tee`, `MirrorBody`).
+//! Response bodies stream back while holding the instance's in-flight count and its connection;
+//! at the end the connection returns to the pool, a cacheable body is stored, and the access-log
+//! line is written.
 
 use std::future::Future;
 use std::pin::Pin;
