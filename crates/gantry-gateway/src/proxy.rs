@@ -740,13 +740,11 @@ impl Gateway {
         extra: Option<&str>,
     ) -> Response<RespBody> {
         let resp = self.reject(why, route.map(|r| &*r.service), ctx, extra);
-        match route {
-            Some(r) => r
-                .metrics
-                .record(resp.status().as_u16(), ctx.start.elapsed().as_secs_f64()),
-            None => self
-                .no_route
-                .record(resp.status().as_u16(), ctx.start.elapsed().as_secs_f64()),
+        // A route's answers, its rejections included, are counted once, where `handle` gets
+        // them back from `forward`; only those that never reached a route are counted here.
+        if route.is_none() {
+            self.no_route
+                .record(resp.status().as_u16(), ctx.start.elapsed().as_secs_f64());
         }
         if self.cfg.access_log {
             access_log(

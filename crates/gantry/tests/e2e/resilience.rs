@@ -287,6 +287,12 @@ rate_limit = { requests_per_second = 2, burst = 3 }
         last = Some(r);
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    // Each refusal counted once.
+    let m = g.metrics();
+    assert!(
+        m.contains("gantry_gateway_requests_total{route=\"slow/2\",service=\"slow\",status=\"4xx\"} 2"),
+        "{m}"
+    );
     let r = last.unwrap();
     assert_eq!(r.json()["error"], "rate_limited");
     assert_eq!(r.header("ratelimit-limit"), Some("3"));
