@@ -281,22 +281,18 @@ impl H1Conn {
                         Err(e) => Err(e),
                     };
                 }
-                r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
-                    r.map_err(H1Error::Io)?;
-                    match crate::codec::try_read_into(stream, buf) {
-                        Ok(0) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(eof())),
-                        Ok(_) => {
-                            if let Some(h) = final_head(buf)? {
-                                return Ok(Some(h));
-                            }
-                            if buf.len() > MAX_HEAD {
-                                return Err(H1Error::Protocol("response head too large"));
-                            }
+                r = read_once(stream, buf) => match r {
+                    Ok(0) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(eof())),
+                    Ok(_) => {
+                        if let Some(h) = final_head(buf)? {
+                            return Ok(Some(h));
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(e)),
+                        if buf.len() > MAX_HEAD {
+                            return Err(H1Error::Protocol("response head too large"));
+                        }
                     }
-                }
+                    Err(e) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(e)),
+                },
             }
         }
     }
@@ -432,22 +428,22 @@ fn final_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
 /// After a write failed (the instance closed or reset the connection), read what it sent
 /// before that: a closed socket is readable at once; bounded in time and size all the same.
 async fn read_to_close(stream: &TcpStream, buf: &mut BytesMut) {
-    let limit = tokio::time::sleep(std::time::Duration::from_secs(1));
-    tokio::pin!(limit);
+    let limit = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
     while buf.len() <= MAX_HEAD {
-        tokio::select! {
-            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
-                if r.is_err() {
-                    return;
-                }
-            }
-            () = &mut limit => return,
+        match tokio::time::timeout_at(limit, read_once(stream, buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
         }
+    }
+}
+
+/// One read into `buf`, waiting for the socket to be readable.
+async fn read_once(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
         match crate::codec::try_read_into(stream, buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
         }
     }
 }
@@ -492,13 +488,7 @@ async fn send_rest(
 impl H1Conn {
     /// One read into the buffer.
     async fn read_buf_once(&mut self) -> std::io::Result<usize> {
-        loop {
-            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
-            match crate::codec::try_read_into(&self.stream, &mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        }
+        read_once(&self.stream, &mut self.buf).await
     }
 }
 

@@ -738,15 +738,15 @@ async fn frame_now(body: &mut RespBody) -> Poll<Option<Result<Frame<Bytes>, BoxE
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 
-/// Write the response; `true` when the connection can carry another request. `now` dates it.
-async fn write_response(
-    stream: &Wire,
-    resp: Response<RespBody>,
+/// The status line and headers of a response as they go on the wire (room left for a small
+/// body behind them), how its body is framed, and whether the connection stays open.
+fn encode_head(
+    parts: http::response::Parts,
+    body: &RespBody,
+    deferred: Option<crate::body::Deferred>,
     meta: &Meta,
     now: std::time::Instant,
-) -> bool {
-    let (parts, mut body) = resp.into_parts();
-    let deferred = body.take_deferred();
+) -> (Vec<u8>, Out, bool) {
     let status = parts.status;
     let mut keep_alive = meta.keep_alive;
     let no_body = meta.head_request
@@ -835,6 +835,36 @@ async fn write_response(
     }
     out.extend_from_slice(b"\r\n");
     codec::recycle_map(parts.headers);
+    (out, framing, keep_alive)
+}
+
+/// A response the gateway made itself (a whole body in hand), as bytes to send before closing
+/// the connection: what a connection refused at accept gets.
+pub(crate) fn encode_closing(resp: Response<RespBody>) -> Vec<u8> {
+    let meta = Meta {
+        version: Version::HTTP_11,
+        head_request: false,
+        keep_alive: false,
+        te_trailers: false,
+    };
+    let (parts, body) = resp.into_parts();
+    let (mut out, _, _) = encode_head(parts, &body, None, &meta, std::time::Instant::now());
+    if let RespBody::Full(Some(b)) = body {
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+/// Write the response; `true` when the connection can carry another request. `now` dates it.
+async fn write_response(
+    stream: &Wire,
+    resp: Response<RespBody>,
+    meta: &Meta,
+    now: std::time::Instant,
+) -> bool {
+    let (parts, mut body) = resp.into_parts();
+    let deferred = body.take_deferred();
+    let (mut out, framing, mut keep_alive) = encode_head(parts, &body, deferred, meta, now);
     if framing == Out::None {
         drop(body);
         return stream.write_all(&out).await.is_ok() && keep_alive;

@@ -401,8 +401,8 @@ fn scan(h: &HeaderMap) -> Seen {
 }
 
 /// The headers the gateway sets on a forwarded request, kept beside the client's map: the
-/// in-task HTTP/1.1 client writes them straight into the request head. A field is `None` when its feature is off (`[gateway] trace_context`, `forwarded_headers`,
-/// `request_id`).
+/// in-task HTTP/1.1 client writes them straight into the request head. A field is `None` when
+/// its feature is off (`[gateway] trace_context`, `forwarded_headers`, `request_id`).
 #[derive(Clone)]
 pub(crate) struct Added {
     traceparent: Option<HeaderValue>,
@@ -439,24 +439,9 @@ impl Added {
     }
 
     fn insert_into(self, h: &mut HeaderMap) {
-        let (a, b, c, d, e) = (
-            self.traceparent,
-            self.forwarded_for,
-            self.forwarded_proto,
-            self.forwarded_host,
-            self.request_id,
-        );
-        for (n, v) in [
-            (&TRACEPARENT, a),
-            (&X_FORWARDED_FOR, b),
-            (&X_FORWARDED_PROTO, c),
-            (&X_FORWARDED_HOST, d),
-            (&X_REQUEST_ID, e),
-        ] {
-            if let Some(v) = v {
-                h.insert(n.clone(), v);
-            }
-        }
+        self.for_each(|n, v| {
+            h.insert(n.clone(), v.clone());
+        });
     }
 }
 
@@ -835,7 +820,11 @@ impl Gateway {
         h.insert(X_REQUEST_ID.clone(), rid);
         if matches!(
             why,
-            Reject::NoInstance | Reject::NoVersion | Reject::CircuitOpen | Reject::Bulkhead
+            Reject::NoInstance
+                | Reject::NoVersion
+                | Reject::CircuitOpen
+                | Reject::Bulkhead
+                | Reject::TooManyConnections
         ) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

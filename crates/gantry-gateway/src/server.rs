@@ -181,23 +181,7 @@ impl Gateway {
     /// waits on it, so a flood of connections costs a write and a close each.
     fn refuse_connection(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let resp = self.reject_unparsed(crate::proxy::Reject::TooManyConnections, peer, None);
-        let (parts, body) = resp.into_parts();
-        let body = match body {
-            crate::body::RespBody::Full(Some(b)) => b,
-            _ => Bytes::new(),
-        };
-        let mut out = Vec::with_capacity(256 + body.len());
-        out.extend_from_slice(b"HTTP/1.1 503 Service Unavailable\r\n");
-        for (k, v) in &parts.headers {
-            out.extend_from_slice(k.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"retry-after: 1\r\nconnection: close\r\ncontent-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(&body);
+        let out = crate::h1server::encode_closing(resp);
         let _ = stream.try_write(&out);
         if let Ok(s) = stream.into_std() {
             let _ = s.shutdown(std::net::Shutdown::Write);

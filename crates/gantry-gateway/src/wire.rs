@@ -93,15 +93,10 @@ impl Wire {
                 Poll::Ready(Ok(()))
             }
             Wire::Tls(t) => {
-                let mut g = lock(t);
-                let mut s = Pin::new(&mut *g);
-                while *sent < buf.len() {
-                    match ready!(s.as_mut().poll_write(cx, &buf[*sent..]))? {
-                        0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                        n => *sent += n,
-                    }
-                }
-                s.poll_flush(cx)
+                let mut rest = [&buf[*sent..]];
+                let r = poll_tls_write(t, cx, &mut rest);
+                *sent = buf.len() - rest[0].len();
+                r
             }
         }
     }
@@ -122,21 +117,8 @@ impl Wire {
         match self {
             Wire::Plain(s) => codec::write_all2(s, a, b).await,
             Wire::Tls(t) => {
-                let (mut a, mut b) = (a, b);
-                std::future::poll_fn(|cx| {
-                    let mut g = lock(t);
-                    let mut s = Pin::new(&mut *g);
-                    for part in [&mut a, &mut b] {
-                        while !part.is_empty() {
-                            match ready!(s.as_mut().poll_write(cx, part))? {
-                                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                                n => *part = &part[n..],
-                            }
-                        }
-                    }
-                    s.poll_flush(cx)
-                })
-                .await
+                let mut parts = [a, b];
+                std::future::poll_fn(|cx| poll_tls_write(t, cx, &mut parts)).await
             }
         }
     }
@@ -152,6 +134,25 @@ impl Wire {
             }
         }
     }
+}
+
+/// Write `parts` in order into the TLS session (each advanced past what went), then flush it.
+fn poll_tls_write(
+    t: &Mutex<TlsStream>,
+    cx: &mut Context<'_>,
+    parts: &mut [&[u8]],
+) -> Poll<io::Result<()>> {
+    let mut g = lock(t);
+    let mut s = Pin::new(&mut *g);
+    for part in parts.iter_mut() {
+        while !part.is_empty() {
+            match ready!(s.as_mut().poll_write(cx, part))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => *part = &part[n..],
+            }
+        }
+    }
+    s.poll_flush(cx)
 }
 
 /// One read of decrypted bytes, through the per-thread scratch buffer (no uninitialized

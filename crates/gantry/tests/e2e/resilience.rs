@@ -290,7 +290,9 @@ rate_limit = { requests_per_second = 2, burst = 3 }
     // Each refusal counted once.
     let m = g.metrics();
     assert!(
-        m.contains("gantry_gateway_requests_total{route=\"slow/2\",service=\"slow\",status=\"4xx\"} 2"),
+        m.contains(
+            "gantry_gateway_requests_total{route=\"slow/2\",service=\"slow\",status=\"4xx\"} 2"
+        ),
         "{m}"
     );
     let r = last.unwrap();
