@@ -6,16 +6,33 @@
 #
 #   bench/callgrind.sh            # plain variant, c=50
 #   VARIANT=full CONNS=50 bench/callgrind.sh
+#   TARGET=nginx CONNS=1000 CACHE_SIM=1 bench/callgrind.sh   # the harness's nginx, same count
 #
 # Knobs: VARIANT (plain|full), CONNS (50), DURATION (10 s), GANTRY (binary; default: the dist
 # build, built if missing), HARNESS. Output: one line, and the profile (callgrind_annotate it)
 # in the printed directory. Needs valgrind and wrk (apt-get install valgrind wrk).
+# CACHE_SIM=1 also simulates the caches and prints data-cache misses per request: at c=1000 the
+# CPU per request is set by cache misses more than by instructions. The simulated last level is
+# this machine's per-core L2 (read from /sys; CACHE_LL="size,ways,line" to set it), so DLmr and
+# DLmw count what misses L2 and goes to the shared L3 or memory: the expensive misses.
+# TARGET=nginx counts the harness's nginx configuration (one process, master_process off).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 VARIANT="${VARIANT:-plain}"
 CONNS="${CONNS:-50}"
 DURATION="${DURATION:-10}"
+CACHE_SIM="${CACHE_SIM:-0}"
+TARGET="${TARGET:-gantry}"
+sim=()
+if [ "$CACHE_SIM" = 1 ]; then
+  if [ -z "${CACHE_LL:-}" ]; then
+    l2=/sys/devices/system/cpu/cpu0/cache/index2
+    kb=$(tr -d K <"$l2/size" 2>/dev/null || echo 2048)
+    CACHE_LL="$((kb * 1024)),$(cat "$l2/ways_of_associativity" 2>/dev/null || echo 16),$(cat "$l2/coherency_line_size" 2>/dev/null || echo 64)"
+  fi
+  sim=(--cache-sim=yes "--LL=$CACHE_LL")
+fi
 BACKEND_PORT="${BACKEND_PORT:-18080}"
 GANTRY_PORT="${GANTRY_PORT:-18090}"
 for t in valgrind callgrind_control callgrind_annotate wrk curl taskset; do
@@ -35,8 +52,39 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$OUT/backend.log" 2>&1 &
 pids+=($!)
-taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.%p" \
-  "$GANTRY" up -f "$SPEC" >"$OUT/gantry.log" 2>&1 &
+case "$TARGET" in
+  gantry) cmd=("$GANTRY" up -f "$SPEC") ;;
+  nginx)
+    # The harness's nginx configuration (../shared/bench/gateway/run.sh), in one process.
+    mkdir -p "$OUT/nginx/logs" "$OUT/nginx/tmp"
+    cat >"$OUT/nginx/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log logs/error.log warn;
+pid logs/nginx.pid;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path tmp/client; proxy_temp_path tmp/proxy; fastcgi_temp_path tmp/fcgi;
+  uwsgi_temp_path tmp/uwsgi; scgi_temp_path tmp/scgi;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 1024; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$GANTRY_PORT backlog=4096;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+    cmd=(nginx -p "$OUT/nginx/" -e logs/error.log -c nginx.conf)
+    VARIANT=plain
+    ;;
+  *) echo "TARGET is gantry or nginx" >&2; exit 1 ;;
+esac
+ulimit -n 20000 2>/dev/null || true
+taskset -c 0 valgrind --tool=callgrind "${sim[@]}" --instr-atstart=no --callgrind-out-file="$OUT/callgrind.%p" \
+  "${cmd[@]}" >"$OUT/gantry.log" 2>&1 &
 gp=$!
 pids+=("$gp")
 url="http://127.0.0.1:$GANTRY_PORT/"
@@ -52,4 +100,11 @@ requests=$(awk '/requests in/{print $1}' "$OUT/wrk.txt")
 profile=$(ls "$OUT"/callgrind.*.1 2>/dev/null | head -1)
 [ -n "$profile" ] || { echo "no profile was dumped; see $OUT/gantry.log" >&2; exit 1; }
 instr=$(callgrind_annotate "$profile" 2>/dev/null | awk '/PROGRAM TOTALS/ && !n {gsub(",","",$1); print $1; n=1}')
-echo "gantry-$VARIANT c=$CONNS: $((instr / requests)) instructions per request ($instr over $requests requests); profile $profile"
+echo "$TARGET-$VARIANT c=$CONNS: $((instr / requests)) instructions per request ($instr over $requests requests); profile $profile"
+if [ "$CACHE_SIM" = 1 ]; then
+  # The totals line gives each event (with its share in parentheses) in "Events shown" order.
+  callgrind_annotate "$profile" 2>/dev/null | awk -v n="$requests" '
+    /^Events shown/ && !e { for (i = 3; i <= NF; i++) name[++k] = $i; e = 1 }
+    /PROGRAM TOTALS/ && !t { j = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9,]+$/) { gsub(",", "", $i); v[++j] = $i }; t = 1 }
+    END { for (i = 1; i <= k; i++) if (name[i] ~ /^(D1mr|D1mw|DLmr|DLmw)$/) printf "%s %.1f/req  ", name[i], v[i] / n; print "" }'
+fi

@@ -400,6 +400,9 @@ fn scan(h: &HeaderMap) -> Seen {
     s
 }
 
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
+
 /// The headers the gateway sets on a forwarded request, kept beside the client's map: the
 /// in-task HTTP/1.1 client writes them straight into the request head. A field is `None` when
 /// its feature is off (`[gateway] trace_context`, `forwarded_headers`, `request_id`).
@@ -407,7 +410,7 @@ fn scan(h: &HeaderMap) -> Seen {
 pub(crate) struct Added {
     traceparent: Option<HeaderValue>,
     forwarded_for: Option<HeaderValue>,
-    forwarded_proto: Option<HeaderValue>,
+    forwarded_proto: Option<&'static HeaderValue>,
     forwarded_host: Option<HeaderValue>,
     request_id: Option<HeaderValue>,
 }
@@ -417,7 +420,7 @@ impl Added {
         [
             (&TRACEPARENT, self.traceparent.as_ref()),
             (&X_FORWARDED_FOR, self.forwarded_for.as_ref()),
-            (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
+            (&X_FORWARDED_PROTO, self.forwarded_proto),
             (&X_FORWARDED_HOST, self.forwarded_host.as_ref()),
             (&X_REQUEST_ID, self.request_id.as_ref()),
         ]
@@ -590,7 +593,7 @@ impl Gateway {
     #[allow(clippy::manual_async_fn)]
     pub(crate) fn handle<'a>(
         self: &'a Arc<Self>,
-        req: Request<DownBody>,
+        mut req: Request<DownBody>,
         conn: ConnInfo,
         timer: Option<Pin<&'a mut Sleep>>,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
@@ -681,7 +684,7 @@ impl Gateway {
                 }
                 Action::Forward(f) => {
                     let resp = self
-                        .forward_boxed(route, f, req, seen, normalized, conn, timer, &mut ctx)
+                        .forward_boxed(route, f, &mut req, seen, normalized, conn, timer, &mut ctx)
                         .await;
                     let end = ctx.end.unwrap_or_else(Instant::now);
                     let took = end.saturating_duration_since(start);
@@ -838,7 +841,7 @@ impl Gateway {
         self: &'a Arc<Self>,
         route: &'a CompiledRoute,
         f: &'a ForwardAction,
-        req: Request<DownBody>,
+        req: &'a mut Request<DownBody>,
         seen: Seen,
         normalized: Option<String>,
         conn: ConnInfo,
@@ -855,9 +858,9 @@ impl Gateway {
         self: &'a Arc<Self>,
         route: &'a CompiledRoute,
         f: &'a ForwardAction,
-        mut req: Request<DownBody>,
+        req: &'a mut Request<DownBody>,
         seen: Seen,
-        normalized: Option<String>,
+        mut normalized: Option<String>,
         conn: ConnInfo,
         mut timer: Option<Pin<&'a mut Sleep>>,
         ctx: &'a mut Ctx,
@@ -914,14 +917,18 @@ impl Gateway {
             }
 
             // 5. target
-            let mut path_for_upstream: Option<String> = normalized;
-            let mut selected: Option<(EndpointSet, String)> = None;
+            // `normalized` becomes the path that goes upstream (less a version segment).
+            // Boxed: version selection is off the common path, and what the request's future
+            // holds across its awaits is copied into it and read back cold (ARCHITECTURE.md).
+            let mut selected: Option<Box<(EndpointSet, String)>> = None;
             if let Some(h) = &f.version_header {
                 if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
                     match semver::VersionReq::parse(v.trim()) {
                         Ok(r) => {
-                            selected =
-                                Some((filter_versions(&f.all_versions, &r), v.trim().to_string()))
+                            selected = Some(Box::new((
+                                filter_versions(&f.all_versions, &r),
+                                v.trim().to_string(),
+                            )))
                         }
                         Err(_) => return self.finish_reject(
                             ctx,
@@ -935,7 +942,7 @@ impl Gateway {
                 }
             }
             if selected.is_none() && f.version_from_path {
-                let cur_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
+                let cur_path = normalized.as_deref().unwrap_or(req.uri().path());
                 let prefix = match &route.matcher.path {
                     crate::table::PathMatcher::Prefix(p) if p != "/" => p.as_str(),
                     _ => "",
@@ -948,23 +955,25 @@ impl Gateway {
                     .unwrap_or("");
                 if let Some(major) = seg.strip_prefix('v').and_then(|m| m.parse::<u64>().ok()) {
                     if let Ok(r) = semver::VersionReq::parse(&major.to_string()) {
-                        selected =
-                            Some((filter_versions(&f.all_versions, &r), format!("v{major}")));
+                        selected = Some(Box::new((
+                            filter_versions(&f.all_versions, &r),
+                            format!("v{major}"),
+                        )));
                         let cut = prefix.len() + 1 + seg.len();
                         let mut rest = format!("{prefix}{}", &cur_path[cut.min(cur_path.len())..]);
                         if rest.is_empty() {
                             rest.push('/');
                         }
-                        path_for_upstream = Some(rest);
+                        normalized = Some(rest);
                     }
                 }
             }
-            let (set, target): (&EndpointSet, &str) = match &selected {
+            let (set, target): (&EndpointSet, &str) = match selected.as_deref() {
                 Some((s, v)) => (s, v),
                 None => pick_backend(f),
             };
             if set.endpoints.is_empty() {
-                return match &selected {
+                return match selected.as_deref() {
                     Some((_, v)) => {
                         self.finish_reject(ctx, Some(route), Reject::NoVersion, Some(v))
                     }
@@ -981,7 +990,7 @@ impl Gateway {
             let mut revalidating: Option<Arc<cache::Entry>> = None;
             let mut cache_key: Option<CacheKey> = None;
             if f.cache.is_some() {
-                let rest_path = path_for_upstream.as_deref().unwrap_or(req.uri().path());
+                let rest_path = normalized.as_deref().unwrap_or(req.uri().path());
                 let pq = match req.uri().query() {
                     Some(q) => format!("{rest_path}?{q}"),
                     None => rest_path.to_string(),
@@ -991,7 +1000,7 @@ impl Gateway {
                     match self.cache.lookup(&key, req.headers(), now) {
                         Lookup::Fresh(e) => {
                             self.metrics.cache("hit");
-                            return self.serve_cached(&e, &req, "HIT", ctx, route, f);
+                            return self.serve_cached(&e, req, "HIT", ctx, route, f);
                         }
                         Lookup::Stale(e) => revalidating = Some(e),
                         Lookup::Miss => {}
@@ -1029,15 +1038,15 @@ impl Gateway {
 
             // 8. upstream request, built in place: `req` keeps its parts (a future's argument
             // keeps its storage anyway), and the attempts borrow what they send.
-            let upgrade = seen.upgrade && is_websocket_upgrade(&req);
-            let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            let upgrade = seen.upgrade && is_websocket_upgrade(req);
+            let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
             let version = req.version();
             let want_h2 = match service.policy.protocol {
                 gantry_model::UpstreamProtocol::H2c => !upgrade,
                 gantry_model::UpstreamProtocol::Auto => version == Version::HTTP_2 && !upgrade,
                 gantry_model::UpstreamProtocol::Http1 => false,
             };
-            let pq = match rewrite_path(route, f, path_for_upstream.as_deref(), req.uri()) {
+            let pq = match rewrite_path(route, f, normalized.as_deref(), req.uri()) {
                 Some(pq) => pq,
                 None => {
                     return self.finish_reject(
@@ -1057,7 +1066,7 @@ impl Gateway {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
                 .or_else(|| seen.host.clone());
             let mut headers = std::mem::take(req.headers_mut());
-            let client_headers = cache_key.as_ref().map(|_| headers.clone());
+            let client_headers = cache_key.as_ref().map(|_| Box::new(headers.clone()));
             if seen.hop_by_hop {
                 let upgrade_value = if upgrade {
                     headers.get(header::UPGRADE).cloned()
@@ -1070,36 +1079,47 @@ impl Gateway {
                     headers.insert(header::UPGRADE, u);
                 }
             }
+            // Built in a block: the values it moves in do not keep slots of their own in the
+            // request's future.
             let forwarding = self.cfg.forwarded_headers;
-            let forwarded_for = forwarding.then(|| {
-                if seen.forwarded_for {
-                    forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
-                } else {
-                    conn.peer_ip.clone()
+            let mut added = Some({
+                let forwarded_for = forwarding.then(|| {
+                    if seen.forwarded_for {
+                        forwarded_for(headers.get(&X_FORWARDED_FOR), conn.peer)
+                    } else {
+                        conn.peer_ip.clone()
+                    }
+                });
+                if forwarding && seen.forwarded_for {
+                    headers.remove(&X_FORWARDED_FOR);
                 }
-            });
-            if forwarding && seen.forwarded_for {
-                headers.remove(&X_FORWARDED_FOR);
-            }
-            let request_id = (!ctx.request_id.is_empty()).then(|| ctx.request_id.clone());
-            let traceparent = self
-                .cfg
-                .trace_context
-                .then(|| std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")));
-            if seen.ours {
-                // The client's own values of the headers the gateway sets are replaced (those
-                // it does not set pass as they are).
-                for (n, ours) in [
-                    (&X_FORWARDED_PROTO, forwarding),
-                    (&X_FORWARDED_HOST, forwarding),
-                    (&X_REQUEST_ID, request_id.is_some()),
-                    (&TRACEPARENT, traceparent.is_some()),
-                ] {
-                    if ours {
-                        headers.remove(n);
+                let request_id = (!ctx.request_id.is_empty()).then(|| ctx.request_id.clone());
+                let traceparent = self
+                    .cfg
+                    .trace_context
+                    .then(|| std::mem::replace(&mut ctx.traceparent, HeaderValue::from_static("")));
+                if seen.ours {
+                    // The client's own values of the headers the gateway sets are replaced
+                    // (those it does not set pass as they are).
+                    for (n, ours) in [
+                        (&X_FORWARDED_PROTO, forwarding),
+                        (&X_FORWARDED_HOST, forwarding),
+                        (&X_REQUEST_ID, request_id.is_some()),
+                        (&TRACEPARENT, traceparent.is_some()),
+                    ] {
+                        if ours {
+                            headers.remove(n);
+                        }
                     }
                 }
-            }
+                Added {
+                    traceparent,
+                    forwarded_for,
+                    forwarded_proto: forwarding.then_some(if conn.tls { &HTTPS } else { &HTTP }),
+                    forwarded_host: authority.clone().filter(|_| forwarding),
+                    request_id,
+                }
+            });
             let mut has_host = seen.host.is_some();
             if want_h2 {
                 if has_host {
@@ -1111,14 +1131,6 @@ impl Gateway {
                     has_host = true;
                 }
             }
-            let mut added = Some(Added {
-                traceparent,
-                forwarded_for,
-                forwarded_proto: forwarding
-                    .then(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" })),
-                forwarded_host: authority.clone().filter(|_| forwarding),
-                request_id,
-            });
             // The in-task HTTP/1.1 client writes `added` behind the map; every other path, and
             // configured header changes (which may override them), need them in the map.
             let own_h1 = !want_h2 && !upgrade && service.tls.is_none();
@@ -1136,54 +1148,44 @@ impl Gateway {
                     headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
                 }
             }
-            let uri = if want_h2 {
-                let auth = authority
-                    .as_ref()
-                    .and_then(|a| a.to_str().ok())
-                    .unwrap_or("localhost");
-                format!("http://{auth}{}", pq.as_str())
-                    .parse::<Uri>()
-                    .unwrap_or_else(|_| Uri::from(pq.clone()))
-            } else {
-                Uri::from(pq.clone())
-            };
-            let method = req.method().clone();
-            let down_body = std::mem::replace(req.body_mut(), DownBody::Empty);
-            let replayable = down_body.is_end_stream();
-
-            // 9. mirror: a body is copied frame by frame as the primary sends it (`Tee`)
-            let mut tee = None;
-            if let Some(m) = &f.mirror {
-                let sampled = !upgrade && crate::rand::unit() * 100.0 < m.percent;
-                if sampled && m.metrics.in_flight.get() >= MIRROR_MAX_IN_FLIGHT {
-                    // A slow or hung shadow must not pile up sockets and tasks.
-                    m.metrics.skipped.inc();
-                } else if sampled {
-                    let copy = if replayable {
-                        ReqBody::Empty
-                    } else {
-                        let (t, copy) = Tee::new(down_body.size_hint());
-                        tee = Some(t);
-                        ReqBody::Mirror(Box::new(copy))
-                    };
-                    self.mirror(
-                        m,
-                        &method,
-                        &uri,
-                        &headers,
-                        added.as_ref(),
-                        version == Version::HTTP_2,
-                        copy,
-                    );
-                }
-            }
-
+            let replayable = req.body().is_end_stream();
             let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
             // The body until an attempt takes it; an attempt that did not send it puts it back.
-            let mut body = Some(match &exceeded {
-                None => ReqBody::Empty,
-                Some(flag) => ReqBody::limited(down_body, f.max_body_bytes, flag.clone(), tee),
+            let mut body = Some({
+                let down_body = std::mem::replace(req.body_mut(), DownBody::Empty);
+                // 9. mirror: a body is copied frame by frame as the primary sends it (`Tee`)
+                let mut tee = None;
+                if let Some(m) = &f.mirror {
+                    let sampled = !upgrade && crate::rand::unit() * 100.0 < m.percent;
+                    if sampled && m.metrics.in_flight.get() >= MIRROR_MAX_IN_FLIGHT {
+                        // A slow or hung shadow must not pile up sockets and tasks.
+                        m.metrics.skipped.inc();
+                    } else if sampled {
+                        let copy = if replayable {
+                            ReqBody::Empty
+                        } else {
+                            let (t, copy) = Tee::new(down_body.size_hint());
+                            tee = Some(t);
+                            ReqBody::Mirror(Box::new(copy))
+                        };
+                        self.mirror(
+                            m,
+                            req.method(),
+                            upstream_uri(want_h2, authority.as_ref(), &pq),
+                            &headers,
+                            added.as_ref(),
+                            version == Version::HTTP_2,
+                            copy,
+                        );
+                    }
+                }
+                match &exceeded {
+                    None => ReqBody::Empty,
+                    Some(flag) => ReqBody::limited(down_body, f.max_body_bytes, flag.clone(), tee),
+                }
             });
+            let req: &Request<DownBody> = req;
+            let method = req.method();
 
             // 10. attempts
             let retry = &f.retry;
@@ -1191,7 +1193,7 @@ impl Gateway {
             // a pooled connection found closed): the body is still whole then. A response or
             // a timeout means the instance may have consumed it.
             let can_retry =
-                !upgrade && (is_idempotent(&method) || retry.non_idempotent) && retry.attempts > 0;
+                !upgrade && (is_idempotent(method) || retry.non_idempotent) && retry.attempts > 0;
             let max_attempts = 1 + if can_retry {
                 retry.attempts as usize
             } else {
@@ -1215,7 +1217,7 @@ impl Gateway {
             };
             let deadline = tokio::time::Instant::from_std(ctx.start) + f.request_timeout;
             let connect_timeout = Duration::from_millis(service.policy.connect_timeout_ms);
-            let mut tried_buf = [usize::MAX; 12];
+            let mut tried_buf = [u32::MAX; 12];
             let mut n_tried = 0usize;
             let mut attempt_no = 0usize;
             let mut stale_conns = 0usize;
@@ -1303,7 +1305,7 @@ impl Gateway {
                             Ok(Conn::Own(c)) => {
                                 let b = body.take().unwrap_or(ReqBody::Empty);
                                 let sent = c.send(
-                                    &method,
+                                    method,
                                     pq.as_str(),
                                     &headers,
                                     added.as_ref(),
@@ -1327,8 +1329,8 @@ impl Gateway {
                             }
                             Ok(Conn::H1(mut s)) => {
                                 let r = hyper_request(
-                                    &method,
-                                    &uri,
+                                    method,
+                                    upstream_uri(false, None, &pq),
                                     Version::HTTP_11,
                                     &mut headers,
                                     keep_headers,
@@ -1341,8 +1343,8 @@ impl Gateway {
                             }
                             Ok(Conn::H2(mut s)) => {
                                 let r = hyper_request(
-                                    &method,
-                                    &uri,
+                                    method,
+                                    upstream_uri(true, authority.as_ref(), &pq),
                                     Version::HTTP_2,
                                     &mut headers,
                                     keep_headers,
@@ -1376,7 +1378,7 @@ impl Gateway {
                 };
                 attempt_no += 1;
                 if n_tried < tried_buf.len() {
-                    tried_buf[n_tried] = idx;
+                    tried_buf[n_tried] = idx as u32;
                     n_tried += 1;
                 }
                 let attempt_end = Instant::now();
@@ -1421,8 +1423,8 @@ impl Gateway {
                             revalidating,
                             client_conditional,
                             on_client_upgrade,
-                            &method,
-                            client_headers,
+                            method,
+                            client_headers.map(|h| *h),
                         );
                     }
                     Attempt::Failed(why, unsent) => {
@@ -1756,7 +1758,7 @@ impl Gateway {
         &self,
         m: &crate::table::Mirror,
         method: &Method,
-        uri: &Uri,
+        uri: Uri,
         headers: &HeaderMap,
         added: Option<&Added>,
         downstream_h2: bool,
@@ -1882,7 +1884,7 @@ fn cached_response(
 /// another attempt may need them.
 fn hyper_request(
     method: &Method,
-    uri: &Uri,
+    uri: Uri,
     version: Version,
     headers: &mut HeaderMap,
     keep_headers: bool,
@@ -1890,7 +1892,7 @@ fn hyper_request(
 ) -> Request<ReqBody> {
     let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
     *r.method_mut() = method.clone();
-    *r.uri_mut() = uri.clone();
+    *r.uri_mut() = uri;
     *r.version_mut() = version;
     *r.headers_mut() = if keep_headers {
         headers.clone()
@@ -2007,6 +2009,21 @@ fn pick_backend(f: &ForwardAction) -> (&EndpointSet, &str) {
 }
 
 /// Path and query to send upstream after the route's rewrite.
+/// The URI a request goes upstream with: origin form, or for HTTP/2 the absolute form its
+/// `:authority` and `:scheme` come from.
+fn upstream_uri(h2: bool, authority: Option<&HeaderValue>, pq: &PathAndQuery) -> Uri {
+    if h2 {
+        let auth = authority
+            .and_then(|a| a.to_str().ok())
+            .unwrap_or("localhost");
+        format!("http://{auth}{}", pq.as_str())
+            .parse::<Uri>()
+            .unwrap_or_else(|_| Uri::from(pq.clone()))
+    } else {
+        Uri::from(pq.clone())
+    }
+}
+
 fn rewrite_path(
     route: &CompiledRoute,
     f: &ForwardAction,
@@ -2190,7 +2207,7 @@ mod tests {
         // Another attempt may follow: a copy goes, the headers stay.
         let r = hyper_request(
             &Method::GET,
-            &uri,
+            uri.clone(),
             Version::HTTP_11,
             &mut headers,
             true,
@@ -2206,7 +2223,7 @@ mod tests {
         // The only attempt: the headers themselves go, and come back if hyper returns them.
         let r = hyper_request(
             &Method::POST,
-            &uri,
+            uri.clone(),
             Version::HTTP_2,
             &mut headers,
             false,

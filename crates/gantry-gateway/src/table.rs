@@ -246,12 +246,12 @@ impl EndpointSet {
     /// Choose an instance not in `tried`, by the service's policy; `hash_key` for hash
     /// balancing. Falls back to unavailable (suspect, ejected) instances rather than failing
     /// when nothing else is left.
-    pub fn pick(&self, tried: &[usize], hash_key: Option<u64>, now: u64) -> Option<usize> {
+    pub fn pick(&self, tried: &[u32], hash_key: Option<u64>, now: u64) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 || tried.len() >= n {
             return None;
         }
-        let ok = |i: usize| !tried.contains(&i) && self.endpoints[i].available(now);
+        let ok = |i: usize| !tried.contains(&(i as u32)) && self.endpoints[i].available(now);
         // Locality: only local instances while any of them is available.
         let m = if self.service.policy.prefer_local && (0..self.local_count).any(ok) {
             self.local_count
@@ -299,7 +299,7 @@ impl EndpointSet {
                 }
             },
         };
-        chosen.or_else(|| (0..n).find(|i| !tried.contains(i)))
+        chosen.or_else(|| (0..n).find(|&i| !tried.contains(&(i as u32))))
     }
 }
 
