@@ -8,10 +8,13 @@
 #
 #   bench/interleaved.sh                         # plain and full, c=50 and c=1000, 5 rounds
 #   ROUNDS=9 CONNS_LIST=1000 VARIANTS=plain bench/interleaved.sh
+#   BASE=/tmp/gantry-before bench/interleaved.sh  # also a baseline build: gantry/base ratios
 #
 # Knobs: VARIANTS (plain,full: bench/gateway.sh's specs), CONNS_LIST ("50 1000"), ROUNDS (5),
 # DURATION (8 s per run), WARMUP (2 s; 0: none, e.g. for many short rounds), GANTRY (binary;
-# default: the dist build), HARNESS.
+# default: the dist build), HARNESS, BASE (a second Gantry binary, run beside the first with
+# the same specs, to A/B a change: also prints gantry/base), BASE_ENV (environment assignments
+# for the baseline, e.g. "RUST_LOG=info").
 # Output: one line per run, then per variant and connection count the median over rounds of
 # gantry/nginx CPU per request (user+sys, from /proc) and of p99 latency.
 set -euo pipefail
@@ -102,6 +105,17 @@ for v in "${VS[@]}"; do
   wait_http "$port"
   names+=("gantry-$v")
   port=$((port + 1))
+  if [ -n "${BASE:-}" ]; then
+    BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/base-$v" "$ROOT/bench/gateway.sh"
+    # shellcheck disable=SC2086 # BASE_ENV is a list of assignments
+    env ${BASE_ENV:-} taskset -c 0 "$BASE" up -f "$WORK/base-$v/$v.toml" >"$WORK/base-$v.log" 2>&1 &
+    pids+=($!)
+    PID[base-$v]=$!
+    PORT[base-$v]=$port
+    wait_http "$port"
+    names+=("base-$v")
+    port=$((port + 1))
+  fi
 done
 
 declare -A CPU P99
@@ -143,5 +157,14 @@ for v in "${VS[@]}"; do
     printf 'gantry-%s c=%s: CPU/req %s (rounds: %s; gantry %s vs nginx %s us), p99 %s (rounds: %s)\n' \
       "$v" "$conns" "$(median "${cr[@]}")" "${cr[*]}" "$(median "${gc[@]}")" "$(median "${nc[@]}")" \
       "$(median "${pr[@]}")" "${pr[*]}"
+    if [ -n "${BASE:-}" ]; then
+      br=(); bn=()
+      for r in $(seq "$ROUNDS"); do
+        br+=("$(awk -v a="${CPU[gantry-$v,$conns,$r]}" -v b="${CPU[base-$v,$conns,$r]}" 'BEGIN{ if (a>0 && b>0) printf "%.3f", a/b }')")
+        bn+=("$(awk -v a="${CPU[base-$v,$conns,$r]}" -v b="${CPU[nginx,$conns,$r]}" 'BEGIN{ if (a>0 && b>0) printf "%.3f", a/b }')")
+      done
+      printf '  base-%s c=%s: CPU/req vs nginx %s; gantry/base %s (rounds: %s)\n' \
+        "$v" "$conns" "$(median "${bn[@]}")" "$(median "${br[@]}")" "${br[*]}"
+    fi
   done
 done

@@ -150,12 +150,15 @@ fn spawn_gateway(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("gantry-gateway")
+            .on_thread_start(crate::alloc::reuse_hot_blocks)
+            .on_thread_stop(crate::alloc::release_hot_blocks)
             .enable_all()
             .build()?
     };
     let handle = std::thread::Builder::new()
         .name("gantry-gateway".into())
         .spawn(move || {
+            crate::alloc::reuse_hot_blocks();
             rt.block_on(async move {
                 let plain = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
@@ -188,6 +191,9 @@ fn spawn_gateway(
                 }
                 health.abort();
             });
+            // The runtime's tasks free their memory as it drops, into the kept blocks.
+            drop(rt);
+            crate::alloc::release_hot_blocks();
         })?;
     Ok(handle)
 }
