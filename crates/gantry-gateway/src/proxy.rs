@@ -980,7 +980,7 @@ impl Gateway {
                     None => self.finish_reject(ctx, Some(route), Reject::NoInstance, None),
                 };
             }
-            let service = set.service.clone();
+            let service = &set.service;
             if service.tls_failed {
                 // Never fall back to clear text when TLS was asked for.
                 return self.finish_reject(ctx, Some(route), Reject::UpstreamError, None);
@@ -1029,7 +1029,7 @@ impl Gateway {
                 if limit > 0 && n >= limit {
                     service.metrics.bulkhead_rejections.inc();
                     if probe {
-                        self.record_breaker(&service, true, true, now);
+                        self.record_breaker(service, true, true, now);
                     }
                     return self.finish_reject(ctx, Some(route), Reject::Bulkhead, None);
                 }
@@ -1391,7 +1391,7 @@ impl Gateway {
                         ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
                         ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
                         let failed = status.is_server_error();
-                        self.outlier(&service, &ep, !failed, end_ms);
+                        self.outlier(service, &ep, !failed, end_ms);
                         let retry_status = retry.on_statuses.contains(&status.as_u16());
                         if retry_status
                             && replayable
@@ -1405,14 +1405,14 @@ impl Gateway {
                             pause = true;
                             continue;
                         }
-                        self.record_breaker(&service, !failed, probe, end_ms);
+                        self.record_breaker(service, !failed, probe, end_ms);
                         // The map's table goes back to this thread's pool for the next request.
                         crate::codec::recycle_map(std::mem::take(&mut headers));
                         return self.respond(
                             route,
                             f,
                             ctx,
-                            &service,
+                            service,
                             slot,
                             ep,
                             guard,
@@ -1432,7 +1432,7 @@ impl Gateway {
                         ep.metrics.errors.inc();
                         service.metrics.upstream_errors.inc();
                         ep.mark_suspect(end_ms);
-                        self.outlier(&service, &ep, false, end_ms);
+                        self.outlier(service, &ep, false, end_ms);
                         tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
                         if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
                             return self.finish_reject(
@@ -1458,7 +1458,7 @@ impl Gateway {
                         drop(guard);
                         ep.metrics.errors.inc();
                         service.metrics.upstream_errors.inc();
-                        self.outlier(&service, &ep, false, end_ms);
+                        self.outlier(service, &ep, false, end_ms);
                         last_failure = Reject::UpstreamTimeout;
                         if retry.on_per_try_timeout
                             && replayable
@@ -1475,7 +1475,7 @@ impl Gateway {
                 }
             }
             // Every attempt failed.
-            self.record_breaker(&service, false, probe, clock_ms());
+            self.record_breaker(service, false, probe, clock_ms());
             drop(slot);
             if n_tried == 0 && !matches!(last_failure, Reject::UpstreamTimeout) {
                 last_failure = Reject::NoInstance;
