@@ -918,6 +918,7 @@ impl Gateway {
 
             // 5. target
             // `normalized` becomes the path that goes upstream (less a version segment).
+
             // Boxed: version selection is off the common path, and what the request's future
             // holds across its awaits is copied into it and read back cold (ARCHITECTURE.md).
             let mut selected: Option<Box<(EndpointSet, String)>> = None;
@@ -1036,8 +1037,8 @@ impl Gateway {
                 slot
             };
 
-            // 8. upstream request, built in place: `req` keeps its parts (a future's argument
-            // keeps its storage anyway), and the attempts borrow what they send.
+            // 8. upstream request, built in place: `req` (borrowed from `handle`, which owns it)
+            // keeps its parts, and the attempts borrow what they send.
             let upgrade = seen.upgrade && is_websocket_upgrade(req);
             let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
             let version = req.version();
