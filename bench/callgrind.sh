@@ -18,6 +18,8 @@
 # TARGET=nginx counts the harness's nginx configuration (one process, master_process off).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/nginx.sh
+. "$ROOT/bench/nginx.sh"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 VARIANT="${VARIANT:-plain}"
 CONNS="${CONNS:-50}"
@@ -55,28 +57,8 @@ pids+=($!)
 case "$TARGET" in
   gantry) cmd=("$GANTRY" up -f "$SPEC") ;;
   nginx)
-    # The harness's nginx configuration (../shared/bench/gateway/run.sh), in one process.
-    mkdir -p "$OUT/nginx/logs" "$OUT/nginx/tmp"
-    cat >"$OUT/nginx/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-error_log logs/error.log warn;
-pid logs/nginx.pid;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path tmp/client; proxy_temp_path tmp/proxy; fastcgi_temp_path tmp/fcgi;
-  uwsgi_temp_path tmp/uwsgi; scgi_temp_path tmp/scgi;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 1024; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$GANTRY_PORT backlog=4096;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-EOF
+    # The harness's nginx configuration, in one process.
+    nginx_prefix "$OUT/nginx" "$GANTRY_PORT" "$BACKEND_PORT" "master_process off;"
     cmd=(nginx -p "$OUT/nginx/" -e logs/error.log -c nginx.conf)
     VARIANT=plain
     ;;

@@ -19,6 +19,8 @@
 # gantry/nginx CPU per request (user+sys, from /proc) and of p99 latency.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/nginx.sh
+. "$ROOT/bench/nginx.sh"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 VARIANTS="${VARIANTS:-plain,full}"
 CONNS_LIST="${CONNS_LIST:-50 1000}"
@@ -64,27 +66,7 @@ taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
 pids+=($!)
 wait_http "$BACKEND_PORT"
 
-# nginx as the shared harness configures it (run.sh's gen_configs).
-mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-error_log logs/error.log warn;
-pid logs/nginx.pid;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path tmp/client; proxy_temp_path tmp/proxy; fastcgi_temp_path tmp/fcgi;
-  uwsgi_temp_path tmp/uwsgi; scgi_temp_path tmp/scgi;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 1024; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT backlog=4096;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-EOF
+nginx_prefix "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT"
 taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
 pids+=($!)
 declare -A PID PORT
@@ -95,26 +77,24 @@ wait_http "$NGINX_PORT"
 IFS=, read -ra VS <<<"$VARIANTS"
 names=(nginx)
 port=$PORT_BASE
-for v in "${VS[@]}"; do
-  BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/$v" "$ROOT/bench/gateway.sh"
-  [ -f "$WORK/$v/$v.toml" ] || { echo "no variant $v (plain or full)" >&2; exit 1; }
-  taskset -c 0 "$GANTRY" up -f "$WORK/$v/$v.toml" >"$WORK/gantry-$v.log" 2>&1 &
+start_gantry() { # name binary variant [env assignments...]: on the next port, with that variant's spec
+  local name="$1" bin="$2" v="$3"
+  shift 3
+  BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/$name" "$ROOT/bench/gateway.sh"
+  [ -f "$WORK/$name/$v.toml" ] || { echo "no variant $v (plain or full)" >&2; exit 1; }
+  env "$@" taskset -c 0 "$bin" up -f "$WORK/$name/$v.toml" >"$WORK/$name.log" 2>&1 &
   pids+=($!)
-  PID[gantry-$v]=$!
-  PORT[gantry-$v]=$port
+  PID[$name]=$!
+  PORT[$name]=$port
   wait_http "$port"
-  names+=("gantry-$v")
+  names+=("$name")
   port=$((port + 1))
+}
+for v in "${VS[@]}"; do
+  start_gantry "gantry-$v" "$GANTRY" "$v"
   if [ -n "${BASE:-}" ]; then
-    BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/base-$v" "$ROOT/bench/gateway.sh"
     # shellcheck disable=SC2086 # BASE_ENV is a list of assignments
-    env ${BASE_ENV:-} taskset -c 0 "$BASE" up -f "$WORK/base-$v/$v.toml" >"$WORK/base-$v.log" 2>&1 &
-    pids+=($!)
-    PID[base-$v]=$!
-    PORT[base-$v]=$port
-    wait_http "$port"
-    names+=("base-$v")
-    port=$((port + 1))
+    start_gantry "base-$v" "$BASE" "$v" ${BASE_ENV:-}
   fi
 done
 
