@@ -115,15 +115,7 @@ fn routing_rewrites_headers_and_errors() {
     assert_eq!(r.json()["error"], "upstream_timeout");
 
     // POST bodies stream through.
-    let r = http(
-        g.gateway,
-        "POST",
-        "/web/post",
-        &[],
-        Some("hello"),
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let r = post(g.gateway, "/web/post", "hello", Duration::from_secs(5));
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["method"], "POST");
 
@@ -281,38 +273,14 @@ path_prefix = "/"
     g.wait_healthy("up", 1, Duration::from_secs(20));
     for size in [200_000usize, 4 << 20] {
         let body = "b".repeat(size);
-        let r = http(
-            g.gateway,
-            "POST",
-            "/status/413",
-            &[],
-            Some(&body),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let r = post(g.gateway, "/status/413", &body, Duration::from_secs(10));
         assert_eq!(r.status, 413, "{size} bytes: {}", r.body);
         assert_eq!(r.body, "413\n");
-        let r = http(
-            g.gateway,
-            "POST",
-            "/echo",
-            &[],
-            Some(&body),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let r = post(g.gateway, "/echo", &body, Duration::from_secs(10));
         assert_eq!(r.status, 200, "{size} bytes: {}", r.body);
         assert_eq!(r.json()["path"], "/echo");
         // And a body the instance does read still arrives whole.
-        let r = http(
-            g.gateway,
-            "POST",
-            "/digest",
-            &[],
-            Some(&body),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let r = post(g.gateway, "/digest", &body, Duration::from_secs(10));
         assert_eq!(r.json()["bytes"], size);
     }
     let m = g.metrics();

@@ -187,16 +187,7 @@ fn size_limits_slow_clients_and_connection_cap() {
     let chunked = format!("POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n80\r\n{}\r\n0\r\n\r\n", "y".repeat(128));
     assert_eq!(raw_status(&raw(gw, chunked.as_bytes())), 413);
     assert_eq!(
-        http(
-            gw,
-            "POST",
-            "/upload",
-            &[],
-            Some("small"),
-            Duration::from_secs(5)
-        )
-        .unwrap()
-        .status,
+        post(gw, "/upload", "small", Duration::from_secs(5)).status,
         200
     );
 

@@ -157,15 +157,12 @@ fn registrations_survive_restart_and_deregister() {
 #[test]
 fn bad_registrations_get_clear_errors() {
     let g = Gantry::start(SPEC);
-    let no_token = http(
+    let no_token = post(
         g.admin,
-        "POST",
         "/v1/registry/instances",
-        &[],
-        Some("{}"),
+        "{}",
         Duration::from_secs(2),
-    )
-    .unwrap();
+    );
     assert_eq!(no_token.status, 401);
     assert!(no_token.json()["message"]
         .as_str()

@@ -413,15 +413,7 @@ retries = {{ attempts = 2, on = ["5xx"], backoff_base_ms = 5 }}
             std::thread::sleep(Duration::from_millis(2100));
         }
         for _ in 0..4 {
-            let r = http(
-                g.gateway,
-                "POST",
-                "/digest",
-                &[],
-                Some(&body),
-                Duration::from_secs(5),
-            )
-            .unwrap();
+            let r = post(g.gateway, "/digest", &body, Duration::from_secs(5));
             assert_eq!(r.status, 200, "{}", r.body);
             assert_eq!(r.json()["bytes"], 50_000, "{}", r.body);
             sent += 1;

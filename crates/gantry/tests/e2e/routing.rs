@@ -76,16 +76,8 @@ query = [{ name = "beta", regex = "^(1|true)$" }]
         .headers
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("cache-control") && v == "no-store"));
-    let post = http(
-        g.gateway,
-        "POST",
-        "/api/users",
-        &[],
-        Some("{}"),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    assert_eq!(inst(&post), "b-1");
+    let posted = post(g.gateway, "/api/users", "{}", Duration::from_secs(5));
+    assert_eq!(inst(&posted), "b-1");
     assert_eq!(inst(&get_h("/api/users", &[("x-canary", "1")])), "b-1");
     assert_eq!(inst(&get_h("/api/users", &[("x-canary", "2")])), "a-1");
     assert_eq!(inst(&get_h("/api/users?beta=true", &[])), "b-1");
@@ -274,15 +266,7 @@ endpoints = ["127.0.0.1:{}"]
         .collect();
     let t = Instant::now();
     for _ in 0..3 {
-        let r = http(
-            g.gateway,
-            "POST",
-            "/digest",
-            &[],
-            Some(&body),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let r = post(g.gateway, "/digest", &body, Duration::from_secs(5));
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.json()["instance"], "primary");
         assert_eq!(r.json()["digest"], fnv1a(body.as_bytes()));
@@ -320,15 +304,7 @@ endpoints = ["127.0.0.1:{}"]
     // abandoned (the shadow never sees a truncated body as a whole one).
     let big: String = "x".repeat(32 << 20);
     let t = Instant::now();
-    let r = http(
-        g.gateway,
-        "POST",
-        "/digest",
-        &[],
-        Some(&big),
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let r = post(g.gateway, "/digest", &big, Duration::from_secs(10));
     let took = t.elapsed();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["bytes"], 32 << 20);

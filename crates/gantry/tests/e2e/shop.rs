@@ -58,15 +58,12 @@ fn example_shop_answers_through_the_gateway() {
     .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(g.get("/inventory/stock/teapot").json()["available"], 5);
-    let r = http(
+    let r = post(
         g.gateway,
-        "POST",
         "/orders",
-        &[],
-        Some(r#"{"item":"teapot","qty":30}"#),
+        r#"{"item":"teapot","qty":30}"#,
         Duration::from_secs(10),
-    )
-    .unwrap();
+    );
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(g.get("/catalog/items/mug").json()["price"], 12.5);
 }

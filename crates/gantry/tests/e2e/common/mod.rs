@@ -95,6 +95,12 @@ pub fn http(
     })
 }
 
+/// A POST without extra headers that must get an answer (any status).
+pub fn post(addr: SocketAddr, path: &str, body: &str, timeout: Duration) -> Resp {
+    http(addr, "POST", path, &[], Some(body), timeout)
+        .unwrap_or_else(|e| panic!("POST {path} ({} bytes): {e}", body.len()))
+}
+
 fn parse_response(raw: &[u8]) -> Option<Resp> {
     let text = String::from_utf8_lossy(raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n")?;
