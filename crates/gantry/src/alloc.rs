@@ -9,6 +9,9 @@
 //! blocks aligned to a word always and usually to 16 bytes; the result's alignment is checked, and
 //! a block that misses it is given back for an aligned one, so no layout is ever served wrong
 //! (`realloc` goes the plain way only for word alignment, which cannot miss).
+//!
+//! The gateway's threads also keep their most recently freed small blocks and hand them out
+//! first ([`HotBlocks`]), so that a request's new objects land in memory still in the cache.
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::UnsafeCell;
 use std::ffi::c_void;
