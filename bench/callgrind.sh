@@ -16,6 +16,9 @@
 # this machine's per-core L2 (read from /sys; CACHE_LL="size,ways,line" to set it), so DLmr and
 # DLmw count what misses L2 and goes to the shared L3 or memory: the expensive misses.
 # TARGET=nginx counts the harness's nginx configuration (one process, master_process off).
+# LOCKS=1 also counts locked (atomic read-modify-write) instructions per request, by function and
+# by call site (bench/locked.py): each waits for earlier stores to drain, and at c=1000 often
+# for a cold line; nginx, single-threaded, makes almost none.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=bench/nginx.sh
@@ -35,6 +38,8 @@ if [ "$CACHE_SIM" = 1 ]; then
   fi
   sim=(--cache-sim=yes "--LL=$CACHE_LL")
 fi
+LOCKS="${LOCKS:-0}"
+[ "$LOCKS" = 1 ] && sim+=(--dump-instr=yes)
 BACKEND_PORT="${BACKEND_PORT:-18080}"
 GANTRY_PORT="${GANTRY_PORT:-18090}"
 for t in valgrind callgrind_control callgrind_annotate wrk curl taskset; do
@@ -89,4 +94,7 @@ if [ "$CACHE_SIM" = 1 ]; then
     /^Events shown/ && !e { for (i = 3; i <= NF; i++) name[++k] = $i; e = 1 }
     /PROGRAM TOTALS/ && !t { j = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9,]+$/) { gsub(",", "", $i); v[++j] = $i }; t = 1 }
     END { for (i = 1; i <= k; i++) if (name[i] ~ /^(D1mr|D1mw|DLmr|DLmw)$/) printf "%s %.1f/req  ", name[i], v[i] / n; print "" }'
+fi
+if [ "$LOCKS" = 1 ]; then
+  python3 "$ROOT/bench/locked.py" "$profile" "$requests" "${TOP:-40}"
 fi
