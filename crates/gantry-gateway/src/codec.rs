@@ -4,6 +4,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Longest chunk-size line (with extensions) accepted.
@@ -98,7 +99,7 @@ impl Decoder {
                 State::Length(left) => {
                     if !buf.is_empty() {
                         let n = (buf.len() as u64).min(left) as usize;
-                        let data = buf.split_to(n).freeze();
+                        let data = take_front(buf, n);
                         let left = left - n as u64;
                         self.state = if left == 0 {
                             State::Done
@@ -114,7 +115,7 @@ impl Decoder {
                 }
                 State::Close => {
                     if !buf.is_empty() {
-                        return Ok(Decoded::Data(buf.split().freeze()));
+                        return Ok(Decoded::Data(take_front(buf, buf.len())));
                     }
                     if eof {
                         self.state = State::Done;
@@ -175,7 +176,7 @@ impl Decoder {
                     return Ok(Some(Decoded::NeedMore));
                 }
                 let n = (buf.len() as u64).min(left) as usize;
-                let data = buf.split_to(n).freeze();
+                let data = take_front(buf, n);
                 let left = left - n as u64;
                 self.state = State::Chunked(if left == 0 {
                     ChunkState::DataEnd
@@ -291,6 +292,24 @@ impl FieldAt {
     pub fn value(&self, head: &Bytes) -> Result<HeaderValue, &'static str> {
         let (at, len) = (self.value.0 as usize, self.value.1 as usize);
         HeaderValue::from_maybe_shared(head.slice(at..at + len)).map_err(|_| "invalid header value")
+    }
+}
+
+/// Largest piece of a buffer that `take_front` copies rather than shares.
+const COPY_MAX: usize = 1024;
+
+/// The first `n` bytes of `buf`, taken off it. Small pieces are copied: splitting would turn
+/// the buffer into a shared one, with an atomic reference count that every piece increments
+/// and decrements (on memory gone cold by the time the piece is dropped, at many connections),
+/// while a small copy costs an allocation and leaves the buffer to be reused as it is. Large
+/// pieces are shared, not copied.
+pub fn take_front(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n <= COPY_MAX {
+        let piece = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        piece
+    } else {
+        buf.split_to(n).freeze()
     }
 }
 
@@ -458,7 +477,7 @@ pub fn try_read_into(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<
     }
     with_scratch(|s| {
         let want = s.len();
-        let n = read_drained(stream, want, || stream.try_read(&mut s[..]))?;
+        let n = read_drained(stream, want, || crate::sys::recv(stream, &mut s[..]))?;
         *buf = BytesMut::from(&s[..n]);
         Ok(n)
     })
@@ -479,7 +498,7 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// the socket's readiness after a short read (see `read_drained`).
 pub fn try_read_buf(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     let want = buf.capacity() - buf.len();
-    read_drained(stream, want, || stream.try_read_buf(buf))
+    read_drained(stream, want, || crate::sys::recv_buf(stream, buf))
 }
 
 /// One non-blocking read of up to `want` bytes. A read that got fewer (but some) emptied the
@@ -493,7 +512,7 @@ fn read_drained(
     read: impl FnOnce() -> std::io::Result<usize>,
 ) -> std::io::Result<usize> {
     let mut got = None;
-    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+    let r = stream.try_io(Interest::READABLE, || {
         let n = read()?;
         got = Some(n);
         if n > 0 && n < want {
@@ -517,7 +536,7 @@ thread_local! {
 /// Write all of `buf` to a stream shared by reference (no `&mut` needed).
 pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
-        match stream.try_write(buf) {
+        match stream.try_io(Interest::WRITABLE, || crate::sys::send(stream, buf)) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
@@ -531,7 +550,9 @@ pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()
 pub async fn write_all2(stream: &TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() {
         let bufs = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
-        match stream.try_write_vectored(&bufs) {
+        match stream.try_io(Interest::WRITABLE, || {
+            crate::sys::send_vectored(stream, &bufs)
+        }) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) if n >= a.len() => {
                 b = &b[n - a.len()..];

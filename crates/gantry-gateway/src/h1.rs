@@ -411,7 +411,7 @@ fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     for h in resp.headers.iter() {
         raw.push(FieldAt::of(buf, h));
     }
-    raw.set_bytes(buf.split_to(n).freeze());
+    raw.set_bytes(crate::codec::take_front(buf, n));
     Ok(Some((status, version, raw)))
 }
 

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
@@ -176,8 +176,8 @@ pub(crate) async fn serve(
                 (req.map(|()| body), meta, slot)
             }
         };
-        let resp = gw.handle(req, info.clone(), Some(attempts.as_mut())).await;
-        if *shutdown.borrow() {
+        let resp = gw.handle(req, &info, Some(attempts.as_mut())).await;
+        if shutting_down(shutdown) {
             meta.keep_alive = false;
         }
         // One clock read for the response's `Date` and the next head's deadline.
@@ -219,6 +219,18 @@ pub(crate) async fn serve(
     }
 }
 
+/// Has shutdown begun? The channel's version is read first (a plain atomic load); the value is
+/// read, under the channel's lock (two atomic read-modify-writes), only once the version moved
+/// past what this receiver saw when it was cloned at accept, or the channel closed. (A
+/// connection accepted after shutdown began has seen that version: its idle wait's shutdown
+/// future, which looks at the value first, closes it.)
+fn shutting_down(rx: &watch::Receiver<bool>) -> bool {
+    match rx.has_changed() {
+        Ok(false) => false,
+        _ => *rx.borrow(),
+    }
+}
+
 fn is_h2_preface(buf: &[u8]) -> bool {
     let n = buf.len().min(H2_PREFACE.len());
     buf[..n] == H2_PREFACE[..n]
@@ -250,7 +262,7 @@ async fn read_more(
     idle: bool,
 ) -> Wait {
     // Between requests, shutdown wins over a new request.
-    if idle && *shutting.borrow() {
+    if idle && shutting_down(shutting) {
         return Wait::Closed;
     }
     loop {
@@ -417,18 +429,27 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
     if websocket && conn_upgrade && version == Version::HTTP_11 {
         return Ok(Some(Parsed::Handoff));
     }
-    let head = buf.split_to(len).freeze();
-
-    let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
-        .map_err(|_| HeadError::Malformed("invalid request target"))?;
+    // The target and the values are copied out of the buffer, which stays the connection's
+    // own: sharing it (`split_to` + `freeze`) would put a reference count on it that every value
+    // increments and decrements, an atomic operation each on memory gone cold by the time the
+    // request ends. A small allocation is cheaper, and the buffer is reused as it is.
+    let head = &buf[..len];
+    let target = &head[target_at.0..target_at.0 + target_at.1];
+    let uri = if target == b"/" {
+        Uri::from_static("/")
+    } else {
+        Uri::try_from(target).map_err(|_| HeadError::Malformed("invalid request target"))?
+    };
     // Room for the headers the proxy adds (trace context, forwarding, request id).
     let mut headers = codec::take_map(n + 8);
     for f in fields.iter() {
-        let name = HeaderName::from_bytes(f.name(&head))
+        let name = HeaderName::from_bytes(f.name(head))
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
-        let value = f.value(&head).map_err(HeadError::Malformed)?;
+        let value = HeaderValue::from_bytes(f.value_bytes(head))
+            .map_err(|_| HeadError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
+    buf.advance(len);
     let framing = if chunked {
         BodyFraming::Chunked
     } else {

@@ -161,21 +161,43 @@ struct Ctx {
     host: Host,
 }
 
-/// The request's host, lowercased and without port: the header's own bytes when they are
-/// already in that form (no allocation), else a lowercased copy.
+/// The request's host, lowercased and without port: in place when it is short (no allocation,
+/// and no reference to the header's shared bytes, whose count is an atomic), else a String.
 #[derive(Clone, Default)]
 enum Host {
     #[default]
     None,
-    Shared(HeaderValue, usize),
+    Inline {
+        len: u8,
+        bytes: [u8; HOST_INLINE],
+    },
     Owned(String),
 }
 
+/// Hosts up to this long are kept in place (the enum stays as large as a `String` variant
+/// with its tag would make a `HeaderValue` one: 56 bytes).
+const HOST_INLINE: usize = 54;
+
 impl Host {
+    fn lowercase(raw: &str) -> Host {
+        if raw.len() <= HOST_INLINE {
+            let mut bytes = [0u8; HOST_INLINE];
+            bytes[..raw.len()].copy_from_slice(raw.as_bytes());
+            bytes[..raw.len()].make_ascii_lowercase();
+            Host::Inline {
+                len: raw.len() as u8,
+                bytes,
+            }
+        } else {
+            Host::Owned(raw.to_ascii_lowercase())
+        }
+    }
+
     fn as_deref(&self) -> Option<&str> {
         match self {
             Host::None => None,
-            Host::Shared(v, len) => std::str::from_utf8(&v.as_bytes()[..*len]).ok(),
+            // ASCII lowercasing of a `str` leaves valid UTF-8.
+            Host::Inline { len, bytes } => std::str::from_utf8(&bytes[..*len as usize]).ok(),
             Host::Owned(s) => Some(s),
         }
     }
@@ -212,26 +234,18 @@ fn smuggling(s: &Seen) -> Option<&'static str> {
 
 /// The request's host, lowercased and without port: from the target's authority (HTTP/2,
 /// absolute form), else `Host`.
-fn request_host<B>(req: &Request<B>, host_header: Option<&HeaderValue>) -> Host {
-    let (raw, shared) = match req.uri().host() {
-        Some(h) => (h, None),
-        None => match host_header {
-            Some(v) => match v.to_str() {
-                Ok(s) => (strip_port(s), Some(v)),
-                Err(_) => return Host::None,
-            },
-            None => return Host::None,
+fn request_host<B>(req: &Request<B>) -> Host {
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => match req.headers().get(header::HOST).map(HeaderValue::to_str) {
+            Some(Ok(s)) => strip_port(s),
+            _ => return Host::None,
         },
     };
     if raw.is_empty() {
         return Host::None;
     }
-    match shared {
-        Some(v) if !raw.bytes().any(|c| c.is_ascii_uppercase()) => {
-            Host::Shared(v.clone(), raw.len())
-        }
-        _ => Host::Owned(raw.to_ascii_lowercase()),
-    }
+    Host::lowercase(raw)
 }
 
 fn strip_port(h: &str) -> &str {
@@ -344,7 +358,9 @@ pub(crate) fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> Hea
 /// of its slower edits are needed (no hashing).
 #[derive(Default)]
 struct Seen {
-    host: Option<HeaderValue>,
+    /// A `Host` header came (its value is read from the map where needed: a copy of the value
+    /// would be a reference-count increment and decrement).
+    host: bool,
     request_id: Option<HeaderValue>,
     traceparent: Option<HeaderValue>,
     content_lengths: u32,
@@ -363,9 +379,7 @@ fn scan(h: &HeaderMap) -> Seen {
     for (k, v) in h {
         s.head_bytes += k.as_str().len() + v.len() + 4;
         if *k == header::HOST {
-            if s.host.is_none() {
-                s.host = Some(v.clone());
-            }
+            s.host = true;
         } else if *k == header::CONTENT_LENGTH {
             s.content_lengths += 1;
         } else if *k == header::CONNECTION
@@ -594,7 +608,7 @@ impl Gateway {
     pub(crate) fn handle<'a>(
         self: &'a Arc<Self>,
         mut req: Request<DownBody>,
-        conn: ConnInfo,
+        conn: &'a ConnInfo,
         timer: Option<Pin<&'a mut Sleep>>,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
         async move {
@@ -627,7 +641,7 @@ impl Gateway {
                 end: None,
                 path: String::new(),
                 client: conn.peer,
-                host: request_host(&req, seen.host.as_ref()),
+                host: request_host(&req),
             };
             if self.cfg.access_log {
                 ctx.path = req.uri().path().to_string();
@@ -844,7 +858,7 @@ impl Gateway {
         req: &'a mut Request<DownBody>,
         seen: Seen,
         normalized: Option<String>,
-        conn: ConnInfo,
+        conn: &'a ConnInfo,
         timer: Option<Pin<&'a mut Sleep>>,
         ctx: &'a mut Ctx,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<RespBody>> + Send + 'a>> {
@@ -861,7 +875,7 @@ impl Gateway {
         req: &'a mut Request<DownBody>,
         seen: Seen,
         mut normalized: Option<String>,
-        conn: ConnInfo,
+        conn: &'a ConnInfo,
         mut timer: Option<Pin<&'a mut Sleep>>,
         ctx: &'a mut Ctx,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
@@ -1061,11 +1075,19 @@ impl Gateway {
             let client_conditional = cache_key.is_some()
                 && (req.headers().contains_key(header::IF_NONE_MATCH)
                     || req.headers().contains_key(header::IF_MODIFIED_SINCE));
-            let authority: Option<HeaderValue> = req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                .or_else(|| seen.host.clone());
+            // The client's authority, where something sends it on: HTTP/2's `:authority`,
+            // `X-Forwarded-Host`, a `Host` for an HTTP/1.1 instance when the client sent none,
+            // the mirror's copy.
+            let forwarding = self.cfg.forwarded_headers;
+            let authority: Option<HeaderValue> =
+                if want_h2 || forwarding || !seen.host || f.mirror.is_some() {
+                    req.uri()
+                        .authority()
+                        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                        .or_else(|| req.headers().get(header::HOST).cloned())
+                } else {
+                    None
+                };
             let mut headers = std::mem::take(req.headers_mut());
             let client_headers = cache_key.as_ref().map(|_| Box::new(headers.clone()));
             if seen.hop_by_hop {
@@ -1082,7 +1104,6 @@ impl Gateway {
             }
             // Built in a block: the values it moves in do not keep slots of their own in the
             // request's future.
-            let forwarding = self.cfg.forwarded_headers;
             let mut added = Some({
                 let forwarded_for = forwarding.then(|| {
                     if seen.forwarded_for {
@@ -1121,7 +1142,7 @@ impl Gateway {
                     request_id,
                 }
             });
-            let mut has_host = seen.host.is_some();
+            let mut has_host = seen.host;
             if want_h2 {
                 if has_host {
                     headers.remove(header::HOST);
@@ -2288,7 +2309,7 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-other", HeaderValue::from_static("1"));
         let s = scan(&h);
-        assert_eq!(s.host.unwrap(), "a.example");
+        assert!(s.host);
         assert_eq!(s.request_id.unwrap(), "rid");
         assert!(s.upgrade && s.hop_by_hop && s.ours && !s.forwarded_for);
         assert_eq!(s.head_bytes, (4 + 9) + (12 + 3) + (7 + 9) + (7 + 1) + 4 * 4);
@@ -2303,15 +2324,33 @@ mod tests {
             .header("host", "API.Example.com:80")
             .body(())
             .unwrap();
-        let host = |r: &Request<()>| request_host(r, r.headers().get(header::HOST));
-        assert_eq!(host(&req).as_deref(), Some("api.example.com"));
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
         let req = Request::builder()
             .uri("/x")
             .header("host", "api.example.com:80")
             .body(())
             .unwrap();
-        assert!(matches!(host(&req), Host::Shared(..)));
-        assert_eq!(host(&req).as_deref(), Some("api.example.com"));
+        assert!(matches!(request_host(&req), Host::Inline { .. }));
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
+        // Past the inline room: a String, lowercased all the same.
+        let long = format!("{}.Example.com", "a".repeat(60));
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", format!("{long}:8443"))
+            .body(())
+            .unwrap();
+        assert!(matches!(request_host(&req), Host::Owned(_)));
+        assert_eq!(
+            request_host(&req).as_deref(),
+            Some(long.to_ascii_lowercase().as_str())
+        );
+        // The absolute form's authority wins over `Host`.
+        let req = Request::builder()
+            .uri("http://Other.example:81/x")
+            .header("host", "api.example.com")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("other.example"));
     }
 
     #[test]

@@ -165,7 +165,7 @@ impl Gateway {
             let info = conn_info.clone();
             // Boxed: hyper moves the service future, and the pipeline's is large.
             Box::pin(async move {
-                let resp = gw.handle(req.map(DownBody::Hyper), info, None).await;
+                let resp = gw.handle(req.map(DownBody::Hyper), &info, None).await;
                 // hyper writes a map: deferred response headers go into it.
                 let (mut parts, mut body) = resp.into_parts();
                 body.materialize(&mut parts.headers);
