@@ -106,19 +106,14 @@ impl H1Conn {
     /// Is this idle connection still usable? Without a syscall when nothing happened on it since
     /// it went idle; otherwise a one-byte read decides (closed, or unexpected bytes: no).
     pub fn is_reusable(&self) -> bool {
-        // `poll_read_ready` rather than a `ready()` future: no waiter is queued and removed
-        // (the connection is idle and owned here: nothing else waits on its reads).
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                match self.stream.try_read(&mut probe) {
-                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-                    Ok(_) => false,
-                }
-            }
+        // `try_io` looks at the cached readiness (a plain load) and reads only if an event
+        // came; `poll_read_ready` would take the socket's waiter lock to park a waker.
+        let mut probe = [0u8; 1];
+        match self.stream.try_io(tokio::io::Interest::READABLE, || {
+            crate::sys::recv(&self.stream, &mut probe)
+        }) {
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
         }
     }
 
@@ -664,6 +659,35 @@ mod tests {
         out.extend_from_slice(b"|");
         out.extend_from_slice(&sent);
         (r, out)
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_checked_before_reuse() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let pause = || tokio::time::sleep(std::time::Duration::from_millis(50));
+
+        // Nothing happened while idle: reusable, and still so after a look.
+        let mut conn = H1Conn::new(TcpStream::connect(addr).await.unwrap());
+        let (mut peer, _) = l.accept().await.unwrap();
+        conn.mark_idle();
+        pause().await;
+        assert!(conn.is_reusable());
+        assert!(conn.is_reusable());
+        // Bytes nobody asked for: not reusable.
+        peer.write_all(b"x").await.unwrap();
+        pause().await;
+        assert!(!conn.is_reusable());
+
+        // The instance closed it while idle: not reusable.
+        let mut conn = H1Conn::new(TcpStream::connect(addr).await.unwrap());
+        let (peer, _) = l.accept().await.unwrap();
+        conn.mark_idle();
+        pause().await;
+        assert!(conn.is_reusable());
+        drop(peer);
+        pause().await;
+        assert!(!conn.is_reusable());
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, DownBody, RespBody};
 use crate::codec::{self, Decoded, Decoder, FieldAt};
+use crate::nudge::Nudge;
 use crate::proxy::Reject;
 use crate::server::ConnInfo;
 use crate::wire::Wire;
@@ -105,6 +106,9 @@ pub(crate) async fn serve(
     // Deadlines of the requests' upstream attempts (see `Gateway::handle`).
     let attempts = tokio::time::sleep_until(deadline);
     tokio::pin!(attempts);
+    // Background futures (see `nudge.rs`): the head deadline and shutdown; the attempt deadline.
+    let waits = Nudge::here().await;
+    let attempt_waits = Nudge::here().await;
     // Shutdown, waited for by one future for the connection's life: it registers with the
     // channel once, not once per wait between requests.
     let mut shut_rx = shutdown.clone();
@@ -142,6 +146,7 @@ pub(crate) async fn serve(
                 shutdown,
                 shut.as_mut(),
                 idle,
+                &waits,
             )
             .await
             {
@@ -176,7 +181,11 @@ pub(crate) async fn serve(
                 (req.map(|()| body), meta, slot)
             }
         };
-        let resp = gw.handle(req, &info, Some(attempts.as_mut())).await;
+        let timer = crate::proxy::ConnTimer {
+            sleep: attempts.as_mut(),
+            waits: &attempt_waits,
+        };
+        let resp = gw.handle(req, &info, Some(timer)).await;
         if shutting_down(shutdown) {
             meta.keep_alive = false;
         }
@@ -251,7 +260,9 @@ enum Wait {
 }
 
 /// Read more bytes of a request head, within the deadline; between requests (`idle`) a
-/// shutdown closes the connection instead.
+/// shutdown closes the connection instead. The deadline timer and the shutdown future are the
+/// connection's background futures (`waits`): polled only after one of them woke the task.
+#[allow(clippy::too_many_arguments)]
 async fn read_more(
     stream: &Wire,
     buf: &mut BytesMut,
@@ -260,35 +271,43 @@ async fn read_more(
     shutting: &watch::Receiver<bool>,
     mut shutdown: Pin<&mut impl std::future::Future<Output = ()>>,
     idle: bool,
+    waits: &Nudge,
 ) -> Wait {
+    use std::future::Future;
     // Between requests, shutdown wins over a new request.
     if idle && shutting_down(shutting) {
         return Wait::Closed;
     }
-    loop {
-        tokio::select! {
-            biased;
-            // A plain socket's readiness slot, not a `readable()` future: no waiter queued and
-            // removed per wait (nothing else waits on this connection's reads meanwhile).
-            r = std::future::poll_fn(|cx| stream.poll_read_head(cx, buf)) => {
-                return match r {
-                    Ok(0) | Err(_) => Wait::Closed,
-                    Ok(_) => Wait::Data,
-                };
-            }
-            () = &mut sleep => {
-                // The timer is re-armed lazily: it was set for an earlier request's deadline.
-                if Instant::now() < deadline {
-                    sleep.as_mut().reset(deadline);
-                    continue;
-                }
-                return Wait::Timeout;
-            }
-            // Last: polled (the lock of an already registered waiter) only when nothing else
-            // is ready. Done once shutdown began; not polled again (the connection closes).
-            () = shutdown.as_mut(), if idle => return Wait::Closed,
+    std::future::poll_fn(|cx| {
+        // A plain socket's readiness slot, not a `readable()` future: no waiter queued and
+        // removed per wait (nothing else waits on this connection's reads meanwhile).
+        match stream.poll_read_head(cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Wait::Closed),
+            Poll::Ready(Ok(_)) => return Poll::Ready(Wait::Data),
+            Poll::Pending => {}
         }
-    }
+        // Both background futures are polled only between requests: in a head, the flag stays
+        // up for the shutdown future's sake, and the timer alone is polled.
+        let Some(w) = waits.due(cx, idle) else {
+            return Poll::Pending;
+        };
+        let mut bcx = Context::from_waker(w);
+        loop {
+            match sleep.as_mut().poll(&mut bcx) {
+                // The timer is re-armed lazily: it was set for an earlier request's deadline.
+                // Polled again at once, so that it holds the waker.
+                Poll::Ready(()) if Instant::now() < deadline => sleep.as_mut().reset(deadline),
+                Poll::Ready(()) => return Poll::Ready(Wait::Timeout),
+                Poll::Pending => break,
+            }
+        }
+        // Done once shutdown began; not polled again (the connection closes).
+        if idle && shutdown.as_mut().poll(&mut bcx).is_ready() {
+            return Poll::Ready(Wait::Closed);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Parse a request head from the front of `buf`. `Ok(None)`: incomplete. A complete head is

@@ -22,6 +22,7 @@ mod h1;
 mod h1server;
 mod health;
 mod metrics;
+mod nudge;
 pub mod path;
 mod pool;
 mod proxy;

@@ -32,6 +32,8 @@ use http_body::Body as _;
 use hyper::client::conn::TrySendError;
 use tokio::time::Sleep;
 
+use crate::nudge::Nudge;
+
 use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, Tee, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
 use crate::pool::Conn;
@@ -511,10 +513,10 @@ enum Attempt {
 /// Work done when a forwarded response's body ends: release the service slot, store the body in
 /// the cache, write the access log.
 pub(crate) struct RequestEnd {
-    gw: Arc<Gateway>,
     _service_slot: ServiceSlot,
     /// Boxed, like `log`: both are opt-in, and every response body in flight carries this.
-    cache: Option<Box<CacheFill>>,
+    /// With the gateway, which stores the body in its cache.
+    cache: Option<Box<(Arc<Gateway>, CacheFill)>>,
     log: Option<Box<LogFill>>,
 }
 
@@ -530,12 +532,11 @@ impl RequestEnd {
     /// `complete`: the body reached its end; `body`: its bytes if they were captured.
     pub(crate) fn on_end(&mut self, complete: bool, bytes: u64, body: Option<Bytes>) {
         if let (Some(fill), Some(body)) = (self.cache.take(), body) {
-            let (key, req_h, status, resp_h, fresh) = *fill;
+            let (gw, (key, req_h, status, resp_h, fresh)) = *fill;
             if complete {
-                self.gw
-                    .cache
+                gw.cache
                     .insert(&key, &req_h, status, resp_h, body, fresh, clock_ms());
-                self.gw.metrics.cache("stored");
+                gw.metrics.cache("stored");
             }
         }
         if let Some(log) = self.log.take() {
@@ -598,9 +599,8 @@ fn access_log(
 
 impl Gateway {
     /// Run the pipeline for one request. `timer`: a timer the caller keeps for the connection,
-    /// reused for every attempt's deadline (moving a registered timer's deadline later is one
-    /// atomic operation; a new timer per attempt is a wheel insertion and removal); `None` makes
-    /// one per attempt.
+    /// reused for every attempt's deadline and moved lazily (see `within`; a new timer per
+    /// attempt is a wheel insertion and removal); `None` makes one per attempt.
     ///
     /// An `async move` block rather than an `async fn`: the arguments then live in the future
     /// once, not twice.
@@ -609,7 +609,7 @@ impl Gateway {
         self: &'a Arc<Self>,
         mut req: Request<DownBody>,
         conn: &'a ConnInfo,
-        timer: Option<Pin<&'a mut Sleep>>,
+        timer: Option<ConnTimer<'a>>,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
         async move {
             let start = Instant::now();
@@ -859,7 +859,7 @@ impl Gateway {
         seen: Seen,
         normalized: Option<String>,
         conn: &'a ConnInfo,
-        timer: Option<Pin<&'a mut Sleep>>,
+        timer: Option<ConnTimer<'a>>,
         ctx: &'a mut Ctx,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<RespBody>> + Send + 'a>> {
         Box::pin(self.forward(route, f, req, seen, normalized, conn, timer, ctx))
@@ -876,7 +876,7 @@ impl Gateway {
         seen: Seen,
         mut normalized: Option<String>,
         conn: &'a ConnInfo,
-        mut timer: Option<Pin<&'a mut Sleep>>,
+        mut timer: Option<ConnTimer<'a>>,
         ctx: &'a mut Ctx,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
         async move {
@@ -1276,7 +1276,7 @@ impl Gateway {
                 else {
                     break;
                 };
-                let ep = set.endpoints[idx].clone();
+                let ep = &set.endpoints[idx];
                 if !want_h2 && !has_host {
                     // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
                     if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
@@ -1295,14 +1295,12 @@ impl Gateway {
                 // The hyper paths' futures are boxed: they are large and off the common path, and
                 // the request's future would otherwise carry their size.
                 let mut own_timer;
-                let attempt_timer: Pin<&mut Sleep> = match timer.as_mut() {
-                    Some(t) => {
-                        t.as_mut().reset(per_try);
-                        t.as_mut()
-                    }
+                let (attempt_timer, waits): (Pin<&mut Sleep>, _) = match timer.as_mut() {
+                    // Re-armed lazily (see `within`).
+                    Some(t) => (t.sleep.as_mut(), Some(t.waits)),
                     None => {
                         own_timer = Box::pin(tokio::time::sleep_until(per_try));
-                        own_timer.as_mut()
+                        (own_timer.as_mut(), None)
                     }
                 };
                 // hyper takes the request by value: a copy of the headers when another attempt
@@ -1379,7 +1377,7 @@ impl Gateway {
                             }
                         }
                     });
-                    within(attempt_timer, attempt).await
+                    within(attempt_timer, waits, per_try, attempt).await
                 };
                 let outcome = match sent {
                     Ok(Ok((resp, s))) => Attempt::Response(resp, s),
@@ -1413,7 +1411,7 @@ impl Gateway {
                         ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
                         ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
                         let failed = status.is_server_error();
-                        self.outlier(service, &ep, !failed, end_ms);
+                        self.outlier(service, ep, !failed, end_ms);
                         let retry_status = retry.on_statuses.contains(&status.as_u16());
                         if retry_status
                             && replayable
@@ -1454,7 +1452,7 @@ impl Gateway {
                         ep.metrics.errors.inc();
                         service.metrics.upstream_errors.inc();
                         ep.mark_suspect(end_ms);
-                        self.outlier(service, &ep, false, end_ms);
+                        self.outlier(service, ep, false, end_ms);
                         tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
                         if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
                             return self.finish_reject(
@@ -1480,7 +1478,7 @@ impl Gateway {
                         drop(guard);
                         ep.metrics.errors.inc();
                         service.metrics.upstream_errors.inc();
-                        self.outlier(service, &ep, false, end_ms);
+                        self.outlier(service, ep, false, end_ms);
                         last_failure = Reject::UpstreamTimeout;
                         if retry.on_per_try_timeout
                             && replayable
@@ -1572,7 +1570,7 @@ impl Gateway {
         ctx: &mut Ctx,
         service: &Arc<ServiceState>,
         slot: ServiceSlot,
-        ep: Arc<crate::table::Endpoint>,
+        ep: &Arc<crate::table::Endpoint>,
         guard: InflightGuard,
         resp: Response<UpBody>,
         sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
@@ -1668,7 +1666,6 @@ impl Gateway {
             body.return_conn(ep.clone(), s);
         }
         let mut end = RequestEnd {
-            gw: self.clone(),
             _service_slot: slot,
             cache: None,
             log: None,
@@ -1681,11 +1678,8 @@ impl Gateway {
             {
                 body.capture(policy.max_object_bytes as usize);
                 end.cache = Some(Box::new((
-                    key,
-                    client_headers,
-                    status,
-                    parts.headers.clone(),
-                    fresh,
+                    self.clone(),
+                    (key, client_headers, status, parts.headers.clone(), fresh),
                 )));
             }
             self.metrics.cache("miss");
@@ -1901,7 +1895,6 @@ fn cached_response(
     r
 }
 
-/// `fut`, or `Err` when `timer` fires first.
 /// The request hyper sends for one attempt: the headers themselves, or a copy of them when
 /// another attempt may need them.
 fn hyper_request(
@@ -1952,22 +1945,63 @@ fn give_back(
     true
 }
 
+/// `fut`, or `Err` once `deadline` passed first. A connection's timer keeps an earlier
+/// request's deadline: it is moved to this one at once only if it would fire late, else when it
+/// fires early. Moving it on every request would be three atomic operations each; this way it
+/// moves about once per timeout period. With `waits` (the connection's timer), the timer is
+/// polled only after it woke the task (`nudge.rs`).
 async fn within<F: std::future::Future>(
     mut timer: Pin<&mut Sleep>,
+    waits: Option<&Nudge>,
+    deadline: tokio::time::Instant,
     mut fut: Pin<&mut F>,
 ) -> Result<F::Output, ()> {
     use std::future::Future;
-    use std::task::Poll;
+    use std::task::{Context, Poll};
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+        // Re-armed: polled at its next turn, whatever it did before.
+        if let Some(n) = waits {
+            n.raise();
+        }
+    }
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(())),
-            Poll::Pending => Poll::Pending,
+        let w = match waits {
+            Some(n) => match n.due(cx, true) {
+                Some(w) => w,
+                None => return Poll::Pending,
+            },
+            None => cx.waker(),
+        };
+        let mut tcx = Context::from_waker(w);
+        loop {
+            match timer.as_mut().poll(&mut tcx) {
+                Poll::Ready(()) if tokio::time::Instant::now() < deadline => {
+                    timer.as_mut().reset(deadline)
+                }
+                Poll::Ready(()) => {
+                    // Fired, holding no waker: the next attempt on this connection polls it
+                    // (and re-arms it).
+                    if let Some(n) = waits {
+                        n.raise();
+                    }
+                    return Poll::Ready(Err(()));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     })
     .await
+}
+
+/// A connection's attempt timer, lent to each of its requests, and the waker group it is
+/// polled in (see `within`).
+pub(crate) struct ConnTimer<'a> {
+    pub sleep: Pin<&'a mut Sleep>,
+    pub waits: &'a Nudge,
 }
 
 /// The jittered backoff before retry number `attempt_no`, as a boxed sleep: the wait is rare, so
@@ -2313,6 +2347,43 @@ mod tests {
         assert_eq!(s.request_id.unwrap(), "rid");
         assert!(s.upgrade && s.hop_by_hop && s.ours && !s.forwarded_for);
         assert_eq!(s.head_bytes, (4 + 9) + (12 + 3) + (7 + 9) + (7 + 1) + 4 * 4);
+    }
+
+    #[tokio::test]
+    async fn within_keeps_the_deadline_whatever_the_timer_was_set_to() {
+        use tokio::time::{sleep, sleep_until, Instant};
+        let ms = Duration::from_millis;
+        let nudge = Nudge::here().await;
+        // The timer is set earlier than the deadline (an earlier request's), even already
+        // fired: the future is given until the deadline, and no longer. With the connection's
+        // waker group and without.
+        for waits in [None, Some(&nudge)] {
+            for timer_at in [ms(0), ms(20)] {
+                let start = Instant::now();
+                let mut timer = std::pin::pin!(sleep_until(start + timer_at));
+                if timer_at.is_zero() {
+                    timer.as_mut().await;
+                }
+                let slow = std::pin::pin!(sleep(ms(2000)));
+                let r = within(timer.as_mut(), waits, start + ms(150), slow).await;
+                let took = start.elapsed();
+                assert!(r.is_err());
+                assert!(took >= ms(150) && took < ms(800), "{took:?}");
+                // The same timer, reused: a future that finishes in time is not cut, and one
+                // that does not is cut at the new deadline.
+                let quick = std::pin::pin!(async {
+                    sleep(ms(10)).await;
+                    7
+                });
+                let deadline = Instant::now() + ms(1000);
+                assert_eq!(within(timer.as_mut(), waits, deadline, quick).await, Ok(7));
+                let start = Instant::now();
+                let slow = std::pin::pin!(sleep(ms(2000)));
+                let r = within(timer.as_mut(), waits, start + ms(100), slow).await;
+                let took = start.elapsed();
+                assert!(r.is_err() && took >= ms(100) && took < ms(800), "{took:?}");
+            }
+        }
     }
 
     #[test]
