@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Two proxies measured at the same time: both on CPU 0, each loaded by its own wrk on CPU 1
+# (with the harness backend), so whatever the shared machine does in a round, it does to
+# both. Prints each round's CPU per request (user+sys, from /proc) and the median ratio A/B.
+# On this machine sequential runs (bench/interleaved.sh) swing ±20% between rounds; an A/A run
+# of this script stays within ±1.5%. The two share a core and its caches, so absolute figures
+# are higher than a proxy's alone, and cache effects weigh more; the ratio is what it is for.
+#
+#   bench/ab.sh NEW_BINARY OLD_BINARY      # Gantry against an earlier build of itself
+#   bench/ab.sh target/dist/gantry nginx   # Gantry against the harness's nginx
+#   CONNS=50 ROUNDS=9 VARIANT=full bench/ab.sh A B
+#
+# A and B: a Gantry binary (run with bench/gateway.sh's VARIANT spec) or `nginx`.
+# Knobs: CONNS (1000, per target), DURATION (5 s per round), ROUNDS (7), VARIANT (plain|full).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/nginx.sh
+. "$ROOT/bench/nginx.sh"
+[ $# = 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
+CONNS="${CONNS:-1000}"
+DURATION="${DURATION:-5}"
+ROUNDS="${ROUNDS:-7}"
+VARIANT="${VARIANT:-plain}"
+BACKEND_PORT="${BACKEND_PORT:-18080}"
+for t in wrk curl taskset; do
+  command -v "$t" >/dev/null || { echo "missing: $t (apt-get install wrk)" >&2; exit 1; }
+done
+BACKEND="$HARNESS/backend/target/release/bench-backend"
+[ -x "$BACKEND" ] || (cd "$HARNESS/backend" && cargo build --release -q)
+ulimit -n 20000
+
+WORK="$(mktemp -d -t gantry-ab.XXXXXX)"
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"' EXIT
+wait_http() {
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
+  echo "nothing answers on port $1" >&2; exit 1
+}
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
+pids+=($!)
+wait_http "$BACKEND_PORT"
+declare -A PID PORT
+start() { # name what port
+  local name="$1" what="$2" port="$3"
+  if [ "$what" = nginx ]; then
+    command -v nginx >/dev/null || { echo "missing: nginx (apt-get install nginx-light)" >&2; exit 1; }
+    nginx_prefix "$WORK/$name" "$port" "$BACKEND_PORT" "master_process off;"
+    taskset -c 0 nginx -p "$WORK/$name" -c "$WORK/$name/nginx.conf" >"$WORK/$name.log" 2>&1 &
+  else
+    BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/$name" "$ROOT/bench/gateway.sh"
+    [ -f "$WORK/$name/$VARIANT.toml" ] || { echo "no variant $VARIANT (plain or full)" >&2; exit 1; }
+    taskset -c 0 "$what" up -f "$WORK/$name/$VARIANT.toml" >"$WORK/$name.log" 2>&1 &
+  fi
+  pids+=($!)
+  PID[$name]=$!
+  PORT[$name]=$port
+  wait_http "$port"
+}
+start a "$1" 18091
+start b "$2" 18092
+
+ratios=()
+for r in $(seq "$ROUNDS"); do
+  a0=$(ticks "${PID[a]}"); b0=$(ticks "${PID[b]}")
+  timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:${PORT[a]}/" >"$WORK/wa.txt" 2>&1 &
+  wa=$!
+  timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:${PORT[b]}/" >"$WORK/wb.txt" 2>&1 &
+  wb=$!
+  wait "$wa" "$wb" || true
+  a1=$(ticks "${PID[a]}"); b1=$(ticks "${PID[b]}")
+  na=$(awk '/requests in/{print $1}' "$WORK/wa.txt"); nb=$(awk '/requests in/{print $1}' "$WORK/wb.txt")
+  [ -n "$na" ] && [ -n "$nb" ] || { echo "a wrk run failed" >&2; cat "$WORK/wa.txt" "$WORK/wb.txt" >&2; exit 1; }
+  line=$(awk -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v na="$na" -v nb="$nb" -v hz="$(getconf CLK_TCK)" 'BEGIN{
+    ua = a / hz * 1e6 / na; ub = b / hz * 1e6 / nb; printf "%.2f %.2f %.3f", ua, ub, ua / ub }')
+  read -r ua ub x <<<"$line"
+  echo "round $r: A $ua us/req ($na requests), B $ub us/req ($nb requests), A/B $x" >&2
+  ratios+=("$x")
+done
+printf '%s\n' "${ratios[@]}" | sort -g | awk -v c="$CONNS" -v v="$VARIANT" -v a="$1" -v b="$2" '{x[NR] = $1}
+  END { printf "A/B CPU per request, c=%s, %s: median %s (range %s to %s, %d rounds); A = %s, B = %s\n", c, v, x[int((NR + 1) / 2)], x[1], x[NR], NR, a, b }'
