@@ -1025,7 +1025,7 @@ impl Gateway {
             }
 
             // 7. breaker and bulkhead
-            let admission = service.breaker().admit(now);
+            let admission = service.admit(now);
             let probe = match admission {
                 Admission::Allowed { probe } => probe,
                 Admission::Rejected { retry_after_ms } => {
@@ -1505,14 +1505,14 @@ impl Gateway {
     }
 
     fn record_breaker(&self, service: &ServiceState, ok: bool, probe: bool, now: u64) {
-        let (change, code) = {
-            let mut bc = service.breaker();
-            (bc.record(now, ok, probe), bc.code())
-        };
+        let (change, code) = service.record(now, ok, probe);
         if let Some(ch) = change {
             self.breaker_changed(service, ch);
         }
-        service.metrics.circuit_state.set(code);
+        // Set only when it moved: a gauge's `set` is an atomic swap.
+        if service.metrics.circuit_state.get() != code {
+            service.metrics.circuit_state.set(code);
+        }
     }
 
     fn breaker_changed(&self, service: &ServiceState, ch: BreakerChange) {

@@ -23,7 +23,7 @@ use regex::Regex;
 use crate::metrics::{InstanceMetrics, RouteMetrics, ServiceMetrics};
 use crate::pool::Pool;
 use crate::ratelimit::Limiter;
-use crate::resilience::{Breaker, Outlier, RetryBudget};
+use crate::resilience::{Admission, Breaker, BreakerChange, BreakerState, Outlier, RetryBudget};
 
 /// Milliseconds since the gateway's first use of the clock (monotonic).
 pub fn clock_ms() -> u64 {
@@ -147,6 +147,8 @@ pub struct ServiceState {
     pub name: Arc<str>,
     pub policy: UpstreamPolicy,
     pub breaker: Mutex<Breaker>,
+    /// The breaker is closed (as of its last change): `admit` reads this without the lock.
+    breaker_closed: AtomicBool,
     /// Requests in flight (bulkhead).
     pub inflight: AtomicUsize,
     pub ejected: AtomicUsize,
@@ -177,6 +179,7 @@ impl ServiceState {
             tls,
             name: name.into(),
             breaker: Mutex::new(Breaker::new(policy.circuit_breaker.clone())),
+            breaker_closed: AtomicBool::new(true),
             policy,
             inflight: AtomicUsize::new(0),
             ejected: AtomicUsize::new(0),
@@ -186,8 +189,36 @@ impl ServiceState {
         }
     }
 
+    /// The breaker, to read (its changes go through `admit` and `record`).
     pub fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
         self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// May a request go to the service now? A closed breaker admits without its lock (two
+    /// atomic operations a request otherwise).
+    pub fn admit(&self, now: u64) -> Admission {
+        if self.breaker_closed.load(Ordering::Relaxed) {
+            return Admission::Allowed { probe: false };
+        }
+        let mut b = self.breaker();
+        let admission = b.admit(now);
+        self.note_breaker(&b);
+        admission
+    }
+
+    /// A request's outcome, for the breaker: what changed, and the state's metric value.
+    pub fn record(&self, now: u64, ok: bool, probe: bool) -> (Option<BreakerChange>, i64) {
+        let mut b = self.breaker();
+        let change = b.record(now, ok, probe);
+        self.note_breaker(&b);
+        (change, b.code())
+    }
+
+    fn note_breaker(&self, b: &Breaker) {
+        let closed = b.state() == BreakerState::Closed;
+        if self.breaker_closed.load(Ordering::Relaxed) != closed {
+            self.breaker_closed.store(closed, Ordering::Relaxed);
+        }
     }
 }
 
@@ -813,6 +844,39 @@ mod tests {
             })
             .collect();
         EndpointSet::new(svc, eps)
+    }
+
+    #[test]
+    fn the_service_breaker_admits_without_its_lock_only_while_closed() {
+        let m = gantry_telemetry::Metrics::new();
+        let gm = crate::metrics::GatewayMetrics::new(&m);
+        let mut p = policy(LoadBalancer::RoundRobin);
+        p.circuit_breaker.consecutive_failures = 2;
+        let svc = ServiceState::new("s", p, gm.service("s"));
+        let allowed = |a: Admission| matches!(a, Admission::Allowed { probe: false });
+        assert!(allowed(svc.admit(0)));
+        assert_eq!(svc.record(1, false, false), (None, 0));
+        assert!(allowed(svc.admit(2)));
+        // The second failure in a row opens it: refused until open_ms (1000) passed.
+        assert_eq!(
+            svc.record(3, false, false),
+            (Some(BreakerChange::Opened), 1)
+        );
+        assert!(matches!(svc.admit(4), Admission::Rejected { .. }));
+        assert!(matches!(svc.admit(500), Admission::Rejected { .. }));
+        // Then one probe (half-open), and no other request while it is out.
+        assert!(matches!(
+            svc.admit(1004),
+            Admission::Allowed { probe: true }
+        ));
+        assert!(matches!(svc.admit(1005), Admission::Rejected { .. }));
+        // Its success closes the breaker: admitted again, by the lock-free path.
+        assert_eq!(
+            svc.record(1006, true, true),
+            (Some(BreakerChange::Closed), 0)
+        );
+        assert!(allowed(svc.admit(1007)));
+        assert!(svc.breaker_closed.load(Ordering::Relaxed));
     }
 
     #[test]
