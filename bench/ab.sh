@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two proxies measured at the same time: both on CPU 0, each loaded by its own wrk on CPU 1
 # (with the harness backend), so whatever the shared machine does in a round, it does to
-# both. Prints each round's CPU per request (user+sys, from /proc) and the median ratio A/B.
+# both. Prints each round's CPU per request (user+sys, from /proc) and p99 latency, and the
+# median ratios A/B.
 # On this machine sequential runs (bench/interleaved.sh) swing ±20% between rounds; an A/A run
 # of this script stays within ±1.5%. The two share a core and its caches, so absolute figures
 # are higher than a proxy's alone, and cache effects weigh more; the ratio is what it is for.
@@ -62,12 +63,14 @@ start() { # name what port
 start a "$1" 18091
 start b "$2" 18092
 
+to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} }'; }
 ratios=()
+p99s=()
 for r in $(seq "$ROUNDS"); do
   a0=$(ticks "${PID[a]}"); b0=$(ticks "${PID[b]}")
-  timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:${PORT[a]}/" >"$WORK/wa.txt" 2>&1 &
+  timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[a]}/" >"$WORK/wa.txt" 2>&1 &
   wa=$!
-  timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:${PORT[b]}/" >"$WORK/wb.txt" 2>&1 &
+  timeout $((DURATION + 30)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[b]}/" >"$WORK/wb.txt" 2>&1 &
   wb=$!
   wait "$wa" "$wb" || true
   a1=$(ticks "${PID[a]}"); b1=$(ticks "${PID[b]}")
@@ -76,8 +79,16 @@ for r in $(seq "$ROUNDS"); do
   line=$(awk -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v na="$na" -v nb="$nb" -v hz="$(getconf CLK_TCK)" 'BEGIN{
     ua = a / hz * 1e6 / na; ub = b / hz * 1e6 / nb; printf "%.2f %.2f %.3f", ua, ub, ua / ub }')
   read -r ua ub x <<<"$line"
-  echo "round $r: A $ua us/req ($na requests), B $ub us/req ($nb requests), A/B $x" >&2
+  pa=$(to_ms "$(awk '$1=="99%"{print $2}' "$WORK/wa.txt")"); pb=$(to_ms "$(awk '$1=="99%"{print $2}' "$WORK/wb.txt")")
+  px=$(awk -v a="$pa" -v b="$pb" 'BEGIN{ if (a > 0 && b > 0) printf "%.3f", a / b }')
+  echo "round $r: A $ua us/req, p99 $pa ms ($na requests); B $ub us/req, p99 $pb ms ($nb requests); A/B CPU $x, p99 $px" >&2
   ratios+=("$x")
+  p99s+=("$px")
 done
-printf '%s\n' "${ratios[@]}" | sort -g | awk -v c="$CONNS" -v v="$VARIANT" -v a="$1" -v b="$2" '{x[NR] = $1}
-  END { printf "A/B CPU per request, c=%s, %s: median %s (range %s to %s, %d rounds); A = %s, B = %s\n", c, v, x[int((NR + 1) / 2)], x[1], x[NR], NR, a, b }'
+summary() { # what values...
+  local what="$1"
+  shift
+  printf '%s\n' "$@" | grep -v '^$' | sort -g | awk -v w="$what" '{x[NR] = $1}
+    END { printf "%s median %s (range %s to %s, %d rounds)", w, x[int((NR + 1) / 2)], x[1], x[NR], NR }'
+}
+echo "A/B at c=$CONNS, $VARIANT: $(summary "CPU per request" "${ratios[@]}"); $(summary "p99" "${p99s[@]}"); A = $1, B = $2"

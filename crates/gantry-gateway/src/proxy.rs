@@ -176,8 +176,8 @@ enum Host {
     Owned(String),
 }
 
-/// Hosts up to this long are kept in place (the enum stays as large as a `String` variant
-/// with its tag would make a `HeaderValue` one: 56 bytes).
+/// Hosts up to this long are kept in place (the enum is then 56 bytes, what a `HeaderValue`
+/// and a length take).
 const HOST_INLINE: usize = 54;
 
 impl Host {
