@@ -12,6 +12,9 @@
 # (3 s), TOP (30 symbols), GANTRY (binary; default: the dist build), HARNESS.
 # Output: total, user and kernel µs/req, then the TOP symbols by µs/req; the profile stays in
 # the printed directory (perf report -i DIR/perf.data). Needs linux-perf and wrk.
+# Compare shares between targets rather than totals: the totals move with the machine's speed
+# from run to run (bench/ab.sh gives the ratio), and under perf a multi-threaded target may
+# not saturate its core (fewer samples than nginx in the same time).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=bench/nginx.sh
