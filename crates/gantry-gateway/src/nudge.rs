@@ -109,17 +109,15 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(30));
         // Once to register, once after it fired.
         assert_eq!(polls, 2);
+        // Another task's waker: always due (polled with that waker).
+        assert!(nudge
+            .due(&Context::from_waker(Waker::noop()), true)
+            .is_some());
         // Completed: without `raise`, the group is not due.
-        let w = futures_task_waker();
-        assert!(nudge.due(&Context::from_waker(&w), true).is_some()); // another task's waker
         let again = std::future::poll_fn(|cx| Poll::Ready(nudge.due(cx, false).is_some())).await;
         assert!(!again);
         nudge.raise();
         let again = std::future::poll_fn(|cx| Poll::Ready(nudge.due(cx, false).is_some())).await;
         assert!(again);
-    }
-
-    fn futures_task_waker() -> Waker {
-        Waker::noop().clone()
     }
 }
