@@ -536,7 +536,7 @@ thread_local! {
 /// Write all of `buf` to a stream shared by reference (no `&mut` needed).
 pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
-        match stream.try_io(Interest::WRITABLE, || crate::sys::send(stream, buf)) {
+        match crate::sys::try_send(stream, buf) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
@@ -550,9 +550,7 @@ pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()
 pub async fn write_all2(stream: &TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
     while !a.is_empty() {
         let bufs = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
-        match stream.try_io(Interest::WRITABLE, || {
-            crate::sys::send_vectored(stream, &bufs)
-        }) {
+        match crate::sys::try_send_vectored(stream, &bufs) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) if n >= a.len() => {
                 b = &b[n - a.len()..];

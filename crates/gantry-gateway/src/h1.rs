@@ -109,9 +109,7 @@ impl H1Conn {
         // `try_io` looks at the cached readiness (a plain load) and reads only if an event
         // came; `poll_read_ready` would take the socket's waiter lock to park a waker.
         let mut probe = [0u8; 1];
-        match self.stream.try_io(tokio::io::Interest::READABLE, || {
-            crate::sys::recv(&self.stream, &mut probe)
-        }) {
+        match crate::sys::try_recv(&self.stream, &mut probe) {
             Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
             Ok(_) => false,
         }

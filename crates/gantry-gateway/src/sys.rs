@@ -7,7 +7,8 @@
 //! read-modify-write instructions. A proxied request makes four such calls; at a thousand
 //! connections those atomics wait on stores to memory gone cold. nginx, one thread per worker,
 //! pays none (glibc skips the dance in single-threaded processes). Readiness stays tokio's: the
-//! callers run these inside `TcpStream::try_io`, which forgets readiness on `WouldBlock`.
+//! `try_*` calls run inside `TcpStream::try_io`, which forgets readiness on `WouldBlock`, as
+//! `codec::read_drained` does with the plain ones.
 //!
 //! The crate's only `unsafe`: telling a `BytesMut` how many bytes the kernel wrote into its
 //! spare capacity, as tokio's own `try_read_buf` does.
@@ -18,6 +19,8 @@ use std::os::fd::AsFd;
 
 use bytes::BytesMut;
 use rustix::net::{RecvFlags, SendFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 /// `recv(2)` into `buf`.
 pub fn recv(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -46,6 +49,22 @@ pub fn send_vectored(fd: impl AsFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         &mut rustix::net::SendAncillaryBuffer::default(),
         SendFlags::NOSIGNAL,
     )?)
+}
+
+/// `TcpStream::try_read`, by `recv`: `WouldBlock` without a syscall unless the socket is
+/// readable, and its readiness forgotten on `WouldBlock`.
+pub fn try_recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    s.try_io(Interest::READABLE, || recv(s, buf))
+}
+
+/// `TcpStream::try_write`, by `send`.
+pub fn try_send(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    s.try_io(Interest::WRITABLE, || send(s, buf))
+}
+
+/// `TcpStream::try_write_vectored`, by `sendmsg`.
+pub fn try_send_vectored(s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    s.try_io(Interest::WRITABLE, || send_vectored(s, bufs))
 }
 
 #[cfg(test)]

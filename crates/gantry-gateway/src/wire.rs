@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::codec;
@@ -83,7 +83,7 @@ impl Wire {
             Wire::Plain(s) => {
                 while *sent < buf.len() {
                     ready!(s.poll_write_ready(cx))?;
-                    match s.try_io(Interest::WRITABLE, || crate::sys::send(s, &buf[*sent..])) {
+                    match crate::sys::try_send(s, &buf[*sent..]) {
                         Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                         Ok(n) => *sent += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
