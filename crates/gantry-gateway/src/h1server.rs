@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::body::{BoxError, DownBody, RespBody};
 use crate::codec::{self, Decoded, Decoder, FieldAt};
-use crate::nudge::Nudge;
+use crate::nudge::{poll_deadline, Nudge};
 use crate::proxy::Reject;
 use crate::server::ConnInfo;
 use crate::wire::Wire;
@@ -273,7 +273,6 @@ async fn read_more(
     idle: bool,
     waits: &Nudge,
 ) -> Wait {
-    use std::future::Future;
     // Between requests, shutdown wins over a new request.
     if idle && shutting_down(shutting) {
         return Wait::Closed;
@@ -292,14 +291,9 @@ async fn read_more(
             return Poll::Pending;
         };
         let mut bcx = Context::from_waker(w);
-        loop {
-            match sleep.as_mut().poll(&mut bcx) {
-                // The timer is re-armed lazily: it was set for an earlier request's deadline.
-                // Polled again at once, so that it holds the waker.
-                Poll::Ready(()) if Instant::now() < deadline => sleep.as_mut().reset(deadline),
-                Poll::Ready(()) => return Poll::Ready(Wait::Timeout),
-                Poll::Pending => break,
-            }
+        // The timer is re-armed lazily: it may hold an earlier request's deadline.
+        if poll_deadline(sleep.as_mut(), deadline, &mut bcx).is_ready() {
+            return Poll::Ready(Wait::Timeout);
         }
         // Done once shutdown began; not polled again (the connection closes).
         if idle && shutdown.as_mut().poll(&mut bcx).is_ready() {

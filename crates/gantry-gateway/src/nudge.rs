@@ -13,9 +13,13 @@
 //! pending) or the flag is up. A future that completes and is then re-armed (a timer reset
 //! after it fired) must be polled again at once, or the flag raised with [`Nudge::raise`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Wake, Waker};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::time::{Instant, Sleep};
 
 struct Flag {
     raised: AtomicBool,
@@ -54,7 +58,7 @@ impl Nudge {
 
     /// Made in the current task (an `await` point).
     pub async fn here() -> Self {
-        std::future::poll_fn(|cx| std::task::Poll::Ready(Self::new(cx))).await
+        std::future::poll_fn(|cx| Poll::Ready(Self::new(cx))).await
     }
 
     /// The waker to poll the group's futures with, if they may have something to say: the flag
@@ -80,12 +84,26 @@ impl Nudge {
     }
 }
 
+/// Poll a timer kept for a connection, which may be set earlier than `deadline` (an earlier
+/// request's, moved lazily): fired early, it is moved to `deadline` and polled again at once,
+/// so that it holds the waker again. Ready once `deadline` passed.
+pub fn poll_deadline(
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) if Instant::now() < deadline => timer.as_mut().reset(deadline),
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future;
     use std::pin::pin;
-    use std::task::Poll;
     use std::time::Duration;
 
     #[tokio::test]

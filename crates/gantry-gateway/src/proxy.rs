@@ -32,7 +32,7 @@ use http_body::Body as _;
 use hyper::client::conn::TrySendError;
 use tokio::time::Sleep;
 
-use crate::nudge::Nudge;
+use crate::nudge::{poll_deadline, Nudge};
 
 use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, Tee, UpBody, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
@@ -1956,8 +1956,7 @@ async fn within<F: std::future::Future>(
     deadline: tokio::time::Instant,
     mut fut: Pin<&mut F>,
 ) -> Result<F::Output, ()> {
-    use std::future::Future;
-    use std::task::{Context, Poll};
+    use std::task::{ready, Context, Poll};
     if timer.deadline() > deadline {
         timer.as_mut().reset(deadline);
         // Re-armed: polled at its next turn, whatever it did before.
@@ -1976,23 +1975,16 @@ async fn within<F: std::future::Future>(
             },
             None => cx.waker(),
         };
-        let mut tcx = Context::from_waker(w);
-        loop {
-            match timer.as_mut().poll(&mut tcx) {
-                Poll::Ready(()) if tokio::time::Instant::now() < deadline => {
-                    timer.as_mut().reset(deadline)
-                }
-                Poll::Ready(()) => {
-                    // Fired, holding no waker: the next attempt on this connection polls it
-                    // (and re-arms it).
-                    if let Some(n) = waits {
-                        n.raise();
-                    }
-                    return Poll::Ready(Err(()));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
+        ready!(poll_deadline(
+            timer.as_mut(),
+            deadline,
+            &mut Context::from_waker(w)
+        ));
+        // Fired, holding no waker: the next attempt on this connection polls it (and re-arms it).
+        if let Some(n) = waits {
+            n.raise();
         }
+        Poll::Ready(Err(()))
     })
     .await
 }
@@ -2390,38 +2382,39 @@ mod tests {
     fn hosts_lose_port_and_case() {
         assert_eq!(strip_port("Example.com:8080"), "Example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
-        let req = Request::builder()
-            .uri("/x")
-            .header("host", "API.Example.com:80")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
-        let req = Request::builder()
-            .uri("/x")
-            .header("host", "api.example.com:80")
-            .body(())
-            .unwrap();
-        assert!(matches!(request_host(&req), Host::Inline { .. }));
-        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
+        let req = |uri: &str, host: &str| {
+            Request::builder()
+                .uri(uri)
+                .header("host", host)
+                .body(())
+                .unwrap()
+        };
+        let host = |uri: &str, host: &str| request_host(&req(uri, host));
+        assert_eq!(
+            host("/x", "API.Example.com:80").as_deref(),
+            Some("api.example.com")
+        );
+        assert!(matches!(
+            host("/x", "api.example.com:80"),
+            Host::Inline { .. }
+        ));
+        assert_eq!(
+            host("/x", "api.example.com:80").as_deref(),
+            Some("api.example.com")
+        );
         // Past the inline room: a String, lowercased all the same.
         let long = format!("{}.Example.com", "a".repeat(60));
-        let req = Request::builder()
-            .uri("/x")
-            .header("host", format!("{long}:8443"))
-            .body(())
-            .unwrap();
-        assert!(matches!(request_host(&req), Host::Owned(_)));
+        let with_port = format!("{long}:8443");
+        assert!(matches!(host("/x", &with_port), Host::Owned(_)));
         assert_eq!(
-            request_host(&req).as_deref(),
+            host("/x", &with_port).as_deref(),
             Some(long.to_ascii_lowercase().as_str())
         );
         // The absolute form's authority wins over `Host`.
-        let req = Request::builder()
-            .uri("http://Other.example:81/x")
-            .header("host", "api.example.com")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("other.example"));
+        assert_eq!(
+            host("http://Other.example:81/x", "api.example.com").as_deref(),
+            Some("other.example")
+        );
     }
 
     #[test]
