@@ -15,8 +15,8 @@
 # Knobs: CONNS (1000, per target), DURATION (5 s per round), ROUNDS (7), VARIANT (plain|full).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=bench/nginx.sh
-. "$ROOT/bench/nginx.sh"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 [ $# = 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 CONNS="${CONNS:-1000}"
@@ -27,43 +27,24 @@ BACKEND_PORT="${BACKEND_PORT:-18080}"
 for t in wrk curl taskset; do
   command -v "$t" >/dev/null || { echo "missing: $t (apt-get install wrk)" >&2; exit 1; }
 done
-BACKEND="$HARNESS/backend/target/release/bench-backend"
-[ -x "$BACKEND" ] || (cd "$HARNESS/backend" && cargo build --release -q)
+bench_backend
 ulimit -n 20000
 
 WORK="$(mktemp -d -t gantry-ab.XXXXXX)"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"' EXIT
-wait_http() {
-  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
-  echo "nothing answers on port $1" >&2; exit 1
-}
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
 taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
 pids+=($!)
 wait_http "$BACKEND_PORT"
 declare -A PID PORT
 start() { # name what port
-  local name="$1" what="$2" port="$3"
-  if [ "$what" = nginx ]; then
-    command -v nginx >/dev/null || { echo "missing: nginx (apt-get install nginx-light)" >&2; exit 1; }
-    nginx_prefix "$WORK/$name" "$port" "$BACKEND_PORT" "master_process off;"
-    taskset -c 0 nginx -p "$WORK/$name" -c "$WORK/$name/nginx.conf" >"$WORK/$name.log" 2>&1 &
-  else
-    BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/$name" "$ROOT/bench/gateway.sh"
-    [ -f "$WORK/$name/$VARIANT.toml" ] || { echo "no variant $VARIANT (plain or full)" >&2; exit 1; }
-    taskset -c 0 "$what" up -f "$WORK/$name/$VARIANT.toml" >"$WORK/$name.log" 2>&1 &
-  fi
-  pids+=($!)
-  PID[$name]=$!
-  PORT[$name]=$port
-  wait_http "$port"
+  start_proxy "$WORK/$1" "$2" "$3"
+  PID[$1]=$PROXY_PID
+  PORT[$1]=$3
 }
 start a "$1" 18091
 start b "$2" 18092
 
-to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} }'; }
 ratios=()
 p99s=()
 for r in $(seq "$ROUNDS"); do

@@ -21,8 +21,8 @@
 # for a cold line; nginx, single-threaded, makes almost none.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=bench/nginx.sh
-. "$ROOT/bench/nginx.sh"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 VARIANT="${VARIANT:-plain}"
 CONNS="${CONNS:-50}"
@@ -45,8 +45,7 @@ GANTRY_PORT="${GANTRY_PORT:-18090}"
 for t in valgrind callgrind_control callgrind_annotate wrk curl taskset; do
   command -v "$t" >/dev/null || { echo "missing: $t (apt-get install valgrind wrk)" >&2; exit 1; }
 done
-BACKEND="$HARNESS/backend/target/release/bench-backend"
-[ -x "$BACKEND" ] || (cd "$HARNESS/backend" && cargo build --release -q)
+bench_backend
 GANTRY="${GANTRY:-$ROOT/target/dist/gantry}"
 [ -x "$GANTRY" ] || (cd "$ROOT" && cargo build --profile dist -q -p gantry)
 

@@ -22,6 +22,8 @@
 # run was disturbed from inside the machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 VARIANTS="${VARIANTS:-plain,full}"
 PEERS="${PEERS:-nginx,haproxy,caddy,pingora}"
@@ -108,9 +110,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "missing: ${missing[*]} (apt-get install nginx-light haproxy caddy wrk)" >&2; exit 1
   fi
 fi
-if [ ! -x "$HARNESS/backend/target/release/bench-backend" ]; then
-  (cd "$HARNESS/backend" && cargo build --release -q)
-fi
+bench_backend
 if [[ ",$PEERS," == *",pingora,"* ]] && [ ! -x "$HARNESS/pingora-peer/target/release/pingora-peer" ]; then
   command -v cmake >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq cmake >/dev/null; }
   echo "building the Pingora peer (several minutes on 2 cores)..." >&2
@@ -167,7 +167,6 @@ field() { # summary conns target column(1-based after target) -> value
     $0==c {on=1; next} /^## c=/ {on=0}
     on && $0 ~ "^\\| "t" \\|" { split($0, a, "|"); v=a[col+2]; gsub(/^ +| +$/, "", v); split(v, w, " "); print w[1]; exit }' "$1"
 }
-median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR==0) print "nan"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a>0 && b>0) printf "%.3f", a/b; else print "" }'; }
 
 echo

@@ -19,8 +19,8 @@
 # gantry/nginx CPU per request (user+sys, from /proc) and of p99 latency.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=bench/nginx.sh
-. "$ROOT/bench/nginx.sh"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 VARIANTS="${VARIANTS:-plain,full}"
 CONNS_LIST="${CONNS_LIST:-50 1000}"
@@ -33,8 +33,7 @@ PORT_BASE="${PORT_BASE:-18090}"
 for t in wrk curl taskset nginx; do
   command -v "$t" >/dev/null || { echo "missing: $t (apt-get install nginx-light wrk)" >&2; exit 1; }
 done
-BACKEND="$HARNESS/backend/target/release/bench-backend"
-[ -x "$BACKEND" ] || (cd "$HARNESS/backend" && cargo build --release -q)
+bench_backend
 GANTRY="${GANTRY:-$ROOT/target/dist/gantry}"
 [ -x "$GANTRY" ] || (cd "$ROOT" && cargo build --profile dist -q -p gantry)
 ulimit -n 20000
@@ -48,45 +47,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_http() { # port
-  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
-  echo "nothing answers on port $1" >&2; return 1
-}
-ticks() { # pid -> utime+stime of it and its children (nginx: master and worker)
-  local s=0 p
-  for p in "$1" $(pgrep -P "$1" || true); do
-    s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$s"
-}
-median() { printf '%s\n' "$@" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
-to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000} }'; }
-
 taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$WORK/backend.log" 2>&1 &
 pids+=($!)
 wait_http "$BACKEND_PORT"
 
-nginx_prefix "$WORK/nginx" "$NGINX_PORT" "$BACKEND_PORT"
-taskset -c 0 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
-pids+=($!)
 declare -A PID PORT
-PID[nginx]=$!
+start_proxy "$WORK/nginx" nginx "$NGINX_PORT"
+PID[nginx]=$PROXY_PID
 PORT[nginx]=$NGINX_PORT
-wait_http "$NGINX_PORT"
 
 IFS=, read -ra VS <<<"$VARIANTS"
 names=(nginx)
 port=$PORT_BASE
 start_gantry() { # name binary variant [env assignments...]: on the next port, with that variant's spec
-  local name="$1" bin="$2" v="$3"
+  local name="$1" bin="$2"
+  VARIANT="$3"
   shift 3
-  BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$WORK/$name" "$ROOT/bench/gateway.sh"
-  [ -f "$WORK/$name/$v.toml" ] || { echo "no variant $v (plain or full)" >&2; exit 1; }
-  env "$@" taskset -c 0 "$bin" up -f "$WORK/$name/$v.toml" >"$WORK/$name.log" 2>&1 &
-  pids+=($!)
-  PID[$name]=$!
+  start_proxy "$WORK/$name" "$bin" "$port" "$@"
+  PID[$name]=$PROXY_PID
   PORT[$name]=$port
-  wait_http "$port"
   names+=("$name")
   port=$((port + 1))
 }

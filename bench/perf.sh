@@ -17,8 +17,8 @@
 # not saturate its core (fewer samples than nginx in the same time).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-# shellcheck source=bench/nginx.sh
-. "$ROOT/bench/nginx.sh"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 HARNESS="${HARNESS:-$ROOT/../shared/bench/gateway}"
 TARGET="${TARGET:-gantry}"
 VARIANT="${VARIANT:-plain}"
@@ -31,8 +31,7 @@ PORT="${PORT:-18090}"
 for t in perf wrk curl taskset; do
   command -v "$t" >/dev/null || { echo "missing: $t (apt-get install linux-perf wrk)" >&2; exit 1; }
 done
-BACKEND="$HARNESS/backend/target/release/bench-backend"
-[ -x "$BACKEND" ] || (cd "$HARNESS/backend" && cargo build --release -q)
+bench_backend
 GANTRY="${GANTRY:-$ROOT/target/dist/gantry}"
 [ -x "$GANTRY" ] || (cd "$ROOT" && cargo build --profile dist -q -p gantry)
 ulimit -n 20000
@@ -40,28 +39,15 @@ ulimit -n 20000
 OUT="$(mktemp -d -t gantry-perf.XXXXXX)"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-wait_http() {
-  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
-  echo "nothing answers on port $1" >&2; exit 1
-}
 taskset -c 1 "$BACKEND" "127.0.0.1:$BACKEND_PORT" >"$OUT/backend.log" 2>&1 &
 pids+=($!)
 wait_http "$BACKEND_PORT"
 case "$TARGET" in
-  gantry)
-    BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$PORT" SPECS_ONLY="$OUT" "$ROOT/bench/gateway.sh"
-    [ -f "$OUT/$VARIANT.toml" ] || { echo "no variant $VARIANT (plain or full)" >&2; exit 1; }
-    taskset -c 0 "$GANTRY" up -f "$OUT/$VARIANT.toml" >"$OUT/target.log" 2>&1 &
-    ;;
-  nginx)
-    nginx_prefix "$OUT/nginx" "$PORT" "$BACKEND_PORT" "master_process off;"
-    taskset -c 0 nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" >"$OUT/target.log" 2>&1 &
-    ;;
+  gantry) start_proxy "$OUT/target" "$GANTRY" "$PORT" ;;
+  nginx) start_proxy "$OUT/target" nginx "$PORT" ;;
   *) echo "TARGET is gantry or nginx" >&2; exit 1 ;;
 esac
-pid=$!
-pids+=("$pid")
-wait_http "$PORT"
+pid=$PROXY_PID
 url="http://127.0.0.1:$PORT/"
 [ "$WARMUP" = 0 ] || timeout $((WARMUP + 20)) taskset -c 1 wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
 
