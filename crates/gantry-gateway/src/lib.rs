@@ -452,7 +452,7 @@ impl Gateway {
                         PathRewrite::None
                     };
                     Action::Forward(Box::new(ForwardAction {
-                        total_weight: backends.iter().map(|(_, w, _)| *w).sum(),
+                        total_weight: backends.iter().map(|(_, w, _)| u64::from(*w)).sum(),
                         backends,
                         all_versions: Arc::new(all_versions),
                         version_header: f

@@ -6,6 +6,10 @@
 //! a raw `\` or control character is rejected; `//` collapses to `/`; `.` segments go and `..`
 //! removes the previous segment, and climbing above the root is rejected. The normalized path is
 //! also what is forwarded, so the instance sees exactly what was matched.
+//!
+//! Hosts are checked here too: a `Host` (or HTTP/2 `:authority`) is `uri-host [":" port]`
+//! (RFC 9110 §7.2, RFC 3986 §3.2.2), and anything else is refused before routing, as RFC 9112
+//! §3.2 asks (nginx: "client sent invalid host header").
 
 use std::borrow::Cow;
 
@@ -41,6 +45,57 @@ fn hex(c: u8) -> Option<u8> {
 
 fn is_unreserved(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Is `a` a valid `Host` value: a registered name (unreserved, sub-delims and percent-escapes),
+/// an IPv4 address or a bracketed IPv6 literal, with an optional port of 1-5 digits up to 65535?
+/// Empty values, spaces, userinfo (`@`) and unclosed brackets are not.
+pub fn valid_host(a: &[u8]) -> bool {
+    let (host_ok, port) = if a.first() == Some(&b'[') {
+        let Some(end) = a.iter().position(|c| *c == b']') else {
+            return false;
+        };
+        let literal = std::str::from_utf8(&a[1..end])
+            .ok()
+            .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok());
+        let port = match &a[end + 1..] {
+            [] => None,
+            [b':', p @ ..] => Some(p),
+            _ => return false,
+        };
+        (literal.is_some(), port)
+    } else {
+        let (host, port) = match a.iter().rposition(|c| *c == b':') {
+            Some(i) => (&a[..i], Some(&a[i + 1..])),
+            None => (a, None),
+        };
+        let name_ok = !host.is_empty()
+            && host.iter().all(|c| {
+                is_unreserved(*c)
+                    || matches!(
+                        c,
+                        b'%' | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            });
+        (name_ok, port)
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && p.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65_535
+    });
+    host_ok && port_ok
 }
 
 /// Normalize a request path (without query). Borrowed when nothing changes (the common case).
@@ -149,6 +204,42 @@ mod tests {
         assert!(matches!(normalize("/api/v1/items"), Ok(Cow::Borrowed(_))));
         assert!(matches!(normalize("/"), Ok(Cow::Borrowed(_))));
         assert!(matches!(normalize("/a.b/c"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "example.com",
+            "Example.COM:8080",
+            "127.0.0.1",
+            "127.0.0.1:65535",
+            "[::1]",
+            "[::1]:80",
+            "[2001:db8::7]:443",
+            "a-b_c~d.e",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a:99999",
+            "a:65536",
+            "a:",
+            ":80",
+            "[::1",
+            "[::1]x",
+            "[nope]",
+            "[::1]:",
+            "user@host",
+            "a/b",
+            "a\tb",
+            "a:8o",
+            "a:123456",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
     }
 
     #[test]

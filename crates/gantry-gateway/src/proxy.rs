@@ -235,19 +235,53 @@ fn smuggling(s: &Seen) -> Option<&'static str> {
 }
 
 /// The request's host, lowercased and without port: from the target's authority (HTTP/2,
-/// absolute form), else `Host`.
-fn request_host<B>(req: &Request<B>) -> Host {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => match req.headers().get(header::HOST).map(HeaderValue::to_str) {
+/// absolute form), else `Host`. A host that is not `uri-host [":" port]` is refused (400), in
+/// the authority and in `Host` alike (the latter goes upstream as it came).
+fn request_host<B>(req: &Request<B>) -> Result<Host, &'static str> {
+    let host = req.headers().get(header::HOST);
+    if let Some(h) = host {
+        if !path::valid_host(h.as_bytes()) {
+            return Err("invalid Host header");
+        }
+    }
+    let raw = match req.uri().authority() {
+        Some(a) => {
+            if !path::valid_host(a.as_str().as_bytes()) {
+                return Err("invalid host in the request target");
+            }
+            a.host()
+        }
+        None => match host.map(HeaderValue::to_str) {
             Some(Ok(s)) => strip_port(s),
-            _ => return Host::None,
+            _ => return Ok(Host::None),
         },
     };
-    if raw.is_empty() {
-        return Host::None;
+    Ok(Host::lowercase(raw))
+}
+
+/// The host and port the client asked for, as sent (the authority, else `Host`), for messages.
+fn asked_authority<B>(req: &Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("(none)")
+}
+
+/// At most `max` bytes of `s` (cut at a character boundary), for messages that echo input.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
-    Host::lowercase(raw)
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn strip_port(h: &str) -> &str {
@@ -631,6 +665,7 @@ impl Gateway {
             } else {
                 trace::TraceContext::none()
             };
+            let host = request_host(&req);
             let mut ctx = Ctx {
                 start,
                 request_id,
@@ -641,10 +676,16 @@ impl Gateway {
                 end: None,
                 path: String::new(),
                 client: conn.peer,
-                host: request_host(&req),
+                host: Host::None,
             };
             if self.cfg.access_log {
                 ctx.path = req.uri().path().to_string();
+            }
+            match host {
+                Ok(h) => ctx.host = h,
+                Err(why) => {
+                    return self.finish_reject(&ctx, None, Reject::BadRequest(why), None);
+                }
             }
 
             // 1. hardening
@@ -683,7 +724,13 @@ impl Gateway {
                 table.find(&view)
             };
             let Some(route) = route else {
-                return self.finish_reject(&ctx, None, Reject::NoRoute, None);
+                let asked = format!(
+                    "{} {} on host {}",
+                    req.method(),
+                    truncate(normalized.as_deref().unwrap_or(req.uri().path()), 512),
+                    truncate(asked_authority(&req), 256),
+                );
+                return self.finish_reject(&ctx, None, Reject::NoRoute, Some(&asked));
             };
             match &route.action {
                 Action::Redirect(r) => {
@@ -772,16 +819,7 @@ impl Gateway {
         self.metrics.reject(why.code());
         let svc = service.unwrap_or("?");
         let message = match why {
-            Reject::NoRoute => format!(
-                "no route matches {} {} on host {}",
-                ctx.method,
-                if ctx.path.is_empty() {
-                    "this path"
-                } else {
-                    &ctx.path
-                },
-                ctx.host.as_deref().unwrap_or("(none)")
-            ),
+            Reject::NoRoute => format!("no route matches {}", extra.unwrap_or("the request")),
             Reject::NoInstance => format!("service {svc} has no healthy instance"),
             Reject::NoVersion => format!(
                 "service {svc} has no healthy instance matching version {}",
@@ -2023,13 +2061,14 @@ fn filter_versions(all: &EndpointSet, req: &semver::VersionReq) -> EndpointSet {
 /// A backend by weight, and its cache label. A share whose target has no instance (a canary
 /// not started yet, a version that is down) goes to the others, by their weights.
 fn pick_backend(f: &ForwardAction) -> (&EndpointSet, &str) {
-    let by_weight = |usable: &dyn Fn(&EndpointSet) -> bool, total: u32| {
-        let mut x = crate::rand::below(u64::from(total)) as u32;
+    let by_weight = |usable: &dyn Fn(&EndpointSet) -> bool, total: u64| {
+        let mut x = crate::rand::below(total);
         for (set, w, key) in &f.backends {
             if !usable(set) {
                 continue;
             }
-            if x < *w {
+            let w = u64::from(*w);
+            if x < w {
                 return Some((set, &**key));
             }
             x -= w;
@@ -2044,11 +2083,11 @@ fn pick_backend(f: &ForwardAction) -> (&EndpointSet, &str) {
     if !picked.0.endpoints.is_empty() {
         return picked;
     }
-    let live: u32 = f
+    let live: u64 = f
         .backends
         .iter()
         .filter(|(s, _, _)| !s.endpoints.is_empty())
-        .map(|(_, w, _)| *w)
+        .map(|(_, w, _)| u64::from(*w))
         .sum();
     if live == 0 {
         return picked;
@@ -2389,7 +2428,7 @@ mod tests {
                 .body(())
                 .unwrap()
         };
-        let host = |uri: &str, host: &str| request_host(&req(uri, host));
+        let host = |uri: &str, host: &str| request_host(&req(uri, host)).unwrap();
         assert_eq!(
             host("/x", "API.Example.com:80").as_deref(),
             Some("api.example.com")

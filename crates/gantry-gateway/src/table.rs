@@ -612,7 +612,8 @@ pub enum PathRewrite {
 pub struct ForwardAction {
     /// Weighted targets: instances, weight, and `service@version` (what the cache keys on).
     pub backends: Vec<(EndpointSet, u32, Box<str>)>,
-    pub total_weight: u32,
+    /// In u64: the weights' sum may pass `u32::MAX` (the spec refuses that; the API may not).
+    pub total_weight: u64,
     /// Every instance of the first backend's service, for header-selected versions.
     pub all_versions: Arc<EndpointSet>,
     pub version_header: Option<HeaderName>,

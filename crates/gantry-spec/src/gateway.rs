@@ -965,6 +965,13 @@ pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize
     if !r.split.is_empty() && total == 0 {
         p.push((rf("split"), "weights must not all be 0".into()));
     }
+    if total > u64::from(u32::MAX) {
+        // The gateway draws a share below the total: a sum that wraps would misroute silently.
+        p.push((
+            rf("split"),
+            format!("weights add up to {total}; at most {} in all", u32::MAX),
+        ));
+    }
     if let Some(mi) = &r.mirror {
         if let Some(svc) = &mi.service {
             if !spec.services.contains_key(svc) {

@@ -295,3 +295,25 @@ redirect = { status = 200 }
         );
     }
 }
+
+#[test]
+fn split_weights_must_not_wrap_the_total() {
+    let text = |a: u64, b: u64| {
+        format!(
+            r#"
+[services.api]
+command = ["x"]
+[[services.api.routes]]
+split = [{{ version = "^1", weight = {a} }}, {{ version = "^2", weight = {b} }}]
+"#
+        )
+    };
+    let e = errs(&text(1, 4_294_967_295));
+    assert!(
+        e.iter()
+            .any(|e| e.field == "services.api.routes[0].split" && e.message.contains("at most")),
+        "{e:?}"
+    );
+    let fits = text(1, 4_294_967_294);
+    assert!(parse(&fits, Path::new("g.toml")).is_ok());
+}

@@ -198,7 +198,56 @@ fn spawn_gateway(
     Ok(handle)
 }
 
+/// Raise the open-file soft limit to the hard limit (nginx's `worker_rlimit_nofile`): every
+/// client connection, upstream connection and instance pipe is a descriptor, and the common
+/// default soft limit (1024) runs out long before `max_connections`. Returns the limit now in
+/// force and what it was, if it was raised.
+fn raise_open_file_limit() -> (Option<u64>, Option<u64>) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let (Some(cur), hard) = (lim.current, lim.maximum) else {
+        return (None, None);
+    };
+    // No hard limit: ask for what the kernel allows a process (`nr_open`).
+    let want = hard.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(cur)
+    });
+    if want <= cur {
+        return (Some(cur), None);
+    }
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: hard,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => (Some(want), Some(cur)),
+        Err(_) => (Some(cur), None),
+    }
+}
+
 async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
+    let (files, was) = raise_open_file_limit();
+    match (files, was) {
+        (Some(now), Some(before)) => {
+            tracing::info!(open_files = now, was = before, "open-file limit raised")
+        }
+        (Some(now), None) => tracing::info!(open_files = now, "open-file limit"),
+        _ => {}
+    }
+    // Each client connection is a descriptor; instances, the store and pooled upstream
+    // connections need some more.
+    let wanted = u64::from(spec.spec.gateway.limits.max_connections) + 256;
+    if let Some(now) = files.filter(|n| *n < wanted) {
+        tracing::warn!(
+            open_files = now,
+            max_connections = spec.spec.gateway.limits.max_connections,
+            "the open-file limit is below what gateway.limits.max_connections needs; raise the hard \
+             limit (ulimit -Hn) or lower max_connections"
+        );
+    }
     let data_dir = spec.data_dir();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;

@@ -215,3 +215,35 @@ strip_prefix = true
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("since"));
 }
+
+#[test]
+fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
+    // Started with a soft limit of 256 (a client and an upstream connection each cost one):
+    // gantry raises it to the hard limit at once, as nginx's worker_rlimit_nofile does, and
+    // says so.
+    let g = Gantry::start_with_soft_nofile("", 256);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", g.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        nums[0], nums[1],
+        "soft limit raised to the hard one: {line}"
+    );
+    assert_ne!(nums[0], "256", "{line}");
+    let out = wait_for(
+        "the start-up log line",
+        std::time::Duration::from_secs(5),
+        || {
+            let o = g.output();
+            o.contains("open-file limit raised").then_some(o)
+        },
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("open-file limit raised"))
+        .unwrap();
+    assert!(line.contains("256") && line.contains(nums[0]), "{line}");
+}

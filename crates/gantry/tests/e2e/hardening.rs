@@ -94,6 +94,48 @@ fn smuggling_shapes_are_refused() {
 }
 
 #[test]
+fn invalid_hosts_are_refused_and_a_404_names_the_request() {
+    let g = start();
+    let gw = g.gateway;
+    // RFC 9112 §3.2: a Host that is not `uri-host [":" port]` gets a 400, never forwarded.
+    for host in ["", "a b", "a:99999", "[::1", "user@host", "a:"] {
+        let r = raw(
+            gw,
+            format!("GET /public HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(raw_status(&r), 400, "Host {host:?}: {r}");
+        let e = json_error(&r);
+        assert_eq!(e["error"], "bad_request", "{r}");
+        assert!(e["message"].as_str().unwrap().contains("Host"), "{r}");
+    }
+    // The absolute form's authority is checked the same way.
+    let r = raw(
+        gw,
+        b"GET http://a:99999/public HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&r), 400, "{r}");
+    // Good ones pass: a port, an IPv6 literal, a name.
+    for host in ["127.0.0.1:80", "[::1]:8080", "api.example.com"] {
+        let r = raw(
+            gw,
+            format!("GET /public HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(raw_status(&r), 200, "Host {host:?}: {r}");
+    }
+    // No route: the message names the method, the path and the host as asked (port kept).
+    let r = raw(
+        gw,
+        b"GET /nowhere/x?q=1 HTTP/1.1\r\nHost: example.com:8080\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(raw_status(&r), 404, "{r}");
+    assert_eq!(
+        json_error(&r)["message"],
+        "no route matches GET /nowhere/x on host example.com:8080",
+        "{r}"
+    );
+}
+
+#[test]
 fn paths_cannot_escape_a_route_prefix() {
     let g = start();
     let inst = |path: &str| -> (u16, String, String) {

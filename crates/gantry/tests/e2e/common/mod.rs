@@ -148,6 +148,8 @@ pub struct Gantry {
     pub admin: SocketAddr,
     pub gateway: SocketAddr,
     pub token: String,
+    /// Started with this open-file soft limit (through `sh -c 'ulimit -Sn N; exec ...'`).
+    pub soft_nofile: Option<u64>,
 }
 
 /// Spec text with `{TESTSVC}` replaced; the harness adds port-0 listeners unless the text
@@ -178,6 +180,25 @@ impl Gantry {
             admin: "127.0.0.1:1".parse().unwrap(),
             gateway: "127.0.0.1:1".parse().unwrap(),
             token: String::new(),
+            soft_nofile: None,
+        };
+        g.launch();
+        g
+    }
+
+    /// Start gantry on `services` with a lower open-file soft limit than the test's own.
+    pub fn start_with_soft_nofile(services: &str, soft: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("gantry.toml");
+        std::fs::write(&spec, spec_text(services)).unwrap();
+        let mut g = Self {
+            dir,
+            spec,
+            child: None,
+            admin: "127.0.0.1:1".parse().unwrap(),
+            gateway: "127.0.0.1:1".parse().unwrap(),
+            token: String::new(),
+            soft_nofile: Some(soft),
         };
         g.launch();
         g
@@ -192,7 +213,17 @@ impl Gantry {
             .append(true)
             .open(self.dir.path().join("gantry.out"))
             .unwrap();
-        let child = Command::new(gantry_bin())
+        let mut cmd = match self.soft_nofile {
+            None => Command::new(gantry_bin()),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -Sn {n} && exec \"$0\" \"$@\""))
+                    .arg(gantry_bin());
+                c
+            }
+        };
+        let child = cmd
             .args(["up", "-f"])
             .arg(&self.spec)
             .env("RUST_LOG", "info")
