@@ -1,9 +1,9 @@
 //! Body types of the proxy. Request bodies stream to the instance (never buffered: one goes
 //! again on a retry only if none of it left), with the route's size limit enforced as bytes
 //! pass, and a copy of each frame goes to a mirror when there is one (`Tee`, `MirrorBody`).
-//! Response bodies stream back while holding the instance's in-flight count and its connection;
-//! at the end the connection returns to the pool, a cacheable body is stored, and the access-log
-//! line is written.
+//! Response bodies stream back while holding the instance's in-flight count; at the end a
+//! cacheable body is stored and the request's end work runs (the access-log line). How bodies
+//! are read and written on the wire is the engine's (`gantry-http`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,15 +13,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use gantry_http::{BoxError, ClientBody, Deferred, RequestBody, ResponseBody, SendBody};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
 
-use crate::codec::{RawHead, F_HOP};
 use crate::table::Endpoint;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
 pub struct BodyTooLarge;
@@ -33,53 +28,13 @@ impl std::fmt::Display for BodyTooLarge {
 }
 impl std::error::Error for BodyTooLarge {}
 
-/// A request body as it arrives from the client: read by hyper (HTTP/2, TLS, upgrades) or
-/// in-task from a plain HTTP/1.1 connection (`h1server.rs`).
-pub enum DownBody {
-    Empty,
-    Hyper(Incoming),
-    Own(crate::h1server::OwnBody),
-}
-
-impl Body for DownBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            DownBody::Empty => Poll::Ready(None),
-            DownBody::Hyper(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-            DownBody::Own(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            DownBody::Empty => true,
-            DownBody::Hyper(b) => b.is_end_stream(),
-            DownBody::Own(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            DownBody::Empty => SizeHint::with_exact(0),
-            DownBody::Hyper(b) => b.size_hint(),
-            DownBody::Own(b) => b.size_hint(),
-        }
-    }
-}
-
 /// Body sent to an instance.
+#[derive(Default)]
 pub enum ReqBody {
+    #[default]
     Empty,
     Stream {
-        inner: DownBody,
+        inner: RequestBody,
         remaining: u64,
         exceeded: Arc<AtomicBool>,
         /// Bytes taken from `inner` and put back (a send that failed before anything left).
@@ -92,7 +47,12 @@ pub enum ReqBody {
 }
 
 impl ReqBody {
-    pub fn limited(inner: DownBody, max: u64, exceeded: Arc<AtomicBool>, tee: Option<Tee>) -> Self {
+    pub fn limited(
+        inner: RequestBody,
+        max: u64,
+        exceeded: Arc<AtomicBool>,
+        tee: Option<Tee>,
+    ) -> Self {
         ReqBody::Stream {
             inner,
             remaining: max,
@@ -101,9 +61,11 @@ impl ReqBody {
             tee,
         }
     }
+}
 
+impl SendBody for ReqBody {
     /// Put back data taken from this body; the next frame yields it again.
-    pub fn unread(&mut self, data: Bytes) {
+    fn unread(&mut self, data: Bytes) {
         if let ReqBody::Stream {
             remaining, unread, ..
         } = self
@@ -339,106 +301,37 @@ impl RespBody {
     pub fn empty() -> Self {
         RespBody::Full(None)
     }
+}
 
-    /// Response headers that are not in the response's map yet.
-    pub fn take_deferred(&mut self) -> Option<Deferred> {
+impl ResponseBody for RespBody {
+    fn take_deferred(&mut self) -> Option<Deferred> {
         match self {
             RespBody::Upstream(b) => b.deferred.take(),
             RespBody::Full(_) => None,
-        }
-    }
-
-    /// Move deferred response headers into `headers` (hop-by-hop fields dropped), for a server
-    /// that writes a map.
-    pub fn materialize(&mut self, headers: &mut HeaderMap) {
-        let Some(d) = self.take_deferred() else {
-            return;
-        };
-        headers.reserve(d.head.len() + 1);
-        for f in d.head.fields() {
-            if f.kind & F_HOP != 0 {
-                continue;
-            }
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(f.name(d.head.bytes())),
-                f.value(d.head.bytes()),
-            ) {
-                headers.append(n, v);
-            }
-        }
-        if !d.request_id.is_empty() {
-            headers.insert(crate::proxy::X_REQUEST_ID.clone(), d.request_id);
-        }
-    }
-}
-
-/// An instance's response body: from a hyper connection (HTTP/2, TLS, upgrades) or read
-/// in-task from a plain HTTP/1.1 connection (`h1.rs`).
-pub enum UpBody {
-    Hyper(Incoming),
-    Own(crate::h1::H1Body),
-}
-
-impl Body for UpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpBody::Hyper(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-            UpBody::Own(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Hyper(b) => b.is_end_stream(),
-            UpBody::Own(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Hyper(b) => b.size_hint(),
-            UpBody::Own(b) => b.size_hint(),
         }
     }
 }
 
 /// An instance's streamed response.
 pub struct UpstreamBody {
-    inner: UpBody,
+    inner: ClientBody,
     _guard: Option<InflightGuard>,
-    conn: Option<(Arc<Endpoint>, http1::SendRequest<ReqBody>)>,
     idle: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     capture: Option<(BytesMut, usize)>,
     bytes: u64,
     on_end: Option<crate::proxy::RequestEnd>,
     done: bool,
-    /// Response headers not in the response's map yet (see `Deferred`).
+    /// Response headers not in the response's map yet: the instance's head as it was received
+    /// and the request id, written as they are by the in-task server.
     deferred: Option<Deferred>,
 }
 
-/// Response headers kept out of the response's map: the instance's head as it was received and
-/// the request id. The in-task HTTP/1.1 server writes them as they are (hop-by-hop fields
-/// skipped); a server that needs a map calls `RespBody::materialize` first.
-pub struct Deferred {
-    pub head: Box<RawHead>,
-    pub request_id: HeaderValue,
-}
-
 impl UpstreamBody {
-    pub fn new(inner: UpBody, guard: InflightGuard, idle: Duration) -> Self {
+    pub fn new(inner: ClientBody, guard: InflightGuard, idle: Duration) -> Self {
         Self {
             inner,
             _guard: Some(guard),
-            conn: None,
             idle,
             sleep: None,
             capture: None,
@@ -451,11 +344,6 @@ impl UpstreamBody {
 
     pub fn defer_head(&mut self, d: Deferred) {
         self.deferred = Some(d);
-    }
-
-    /// Return this HTTP/1.1 connection to the instance's pool when the body completes.
-    pub fn return_conn(&mut self, ep: Arc<Endpoint>, s: http1::SendRequest<ReqBody>) {
-        self.conn = Some((ep, s));
     }
 
     /// Keep a copy of up to `limit` bytes of the body for `on_end`.
@@ -473,11 +361,6 @@ impl UpstreamBody {
             return;
         }
         self.done = true;
-        if complete {
-            if let Some((ep, s)) = self.conn.take() {
-                ep.pool.put_h1(s);
-            }
-        }
         self._guard = None;
         let captured = self.capture.take().map(|(b, _)| b.freeze());
         if let Some(mut f) = self.on_end.take() {

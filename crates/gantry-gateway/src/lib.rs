@@ -7,8 +7,8 @@
 //! - the control side ([`Gateway::apply_model`], [`Gateway::apply_registry`]) rebuilds the whole
 //!   [`table::RouteTable`] and swaps it in atomically; state that must survive a rebuild
 //!   (connections, breakers, budgets, limiters) is carried over by identity;
-//! - the request side (`proxy.rs`, served by `server.rs`) loads the current table once per
-//!   request and never takes a lock it could wait on.
+//! - the request side (`proxy.rs`, served by the `gantry-http` engine through its `Handler`
+//!   trait) loads the current table once per request and never takes a lock it could wait on.
 //!
 //! Architecture invariant: this crate depends on `gantry-model` (and `gantry-telemetry` for metric
 //! handles) only, never on control-plane crates. Every filter a request passes is in `proxy.rs`.
@@ -17,28 +17,20 @@
 
 mod body;
 mod cache;
-mod codec;
-mod h1;
-mod h1server;
 mod health;
 mod metrics;
-mod nudge;
 pub mod path;
-mod pool;
 mod proxy;
 mod rand;
 mod ratelimit;
 pub mod resilience;
-mod server;
-mod sys;
 pub mod table;
 pub mod tls;
 mod trace;
-mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -46,6 +38,7 @@ use arc_swap::ArcSwap;
 use gantry_model::{GatewayModel, RegistrySnapshot, RouteAction};
 use gantry_telemetry::Metrics;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::metrics::{GatewayMetrics, RouteMetrics};
 use crate::table::{
@@ -54,7 +47,7 @@ use crate::table::{
 };
 
 pub use body::{ReqBody, RespBody};
-pub use server::Listener;
+pub use gantry_http::Listener;
 
 /// Runtime options of the gateway (from `[gateway]` in the spec).
 #[derive(Clone, Debug)]
@@ -120,7 +113,8 @@ pub struct Gateway {
     cfg: GatewayConfig,
     ids: proxy::RequestIds,
     cache: cache::Cache,
-    connections: AtomicUsize,
+    /// The engine's server side: limits, and the connections open over every listener.
+    server: Arc<gantry_http::Server>,
 }
 
 /// A route as the admin API shows it: the rule, resolved, and where it sends traffic now.
@@ -176,10 +170,23 @@ impl Gateway {
             cache: cache::Cache::new(cfg.cache_max_bytes),
             metrics,
             no_route,
+            server: gantry_http::Server::new(gantry_http::ServerConfig {
+                max_connections: cfg.max_connections,
+                max_header_bytes: cfg.max_header_bytes,
+                max_headers: cfg.max_headers,
+                header_read_timeout: cfg.header_read_timeout,
+                shutdown_grace: cfg.shutdown_grace,
+            }),
             cfg,
             ids: proxy::RequestIds::new(),
-            connections: AtomicUsize::new(0),
         })
+    }
+
+    /// Accept on `listener` until `shutdown` turns true, then wait (up to the shutdown grace)
+    /// for open requests to finish.
+    pub async fn serve(self: Arc<Self>, listener: Listener, shutdown: watch::Receiver<bool>) {
+        let server = self.server.clone();
+        server.serve(self, listener, shutdown).await
     }
 
     /// Replace the routes and upstream policies (spec load or reload). Open connections and

@@ -19,26 +19,22 @@
 //!     upgrades are spliced), cached if allowed; metrics and the access log at the end.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gantry_http::client::{self, ErrorKind, ExtraFields, Mode, Outgoing, SendError};
+use gantry_http::pool::Target;
+use gantry_http::{timer, tunnel, ClientBody, ConnInfo, ConnTimer, Deferred, RequestBody};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::client::conn::TrySendError;
-use tokio::time::Sleep;
 
-use crate::nudge::{poll_deadline, Nudge};
-
-use crate::body::{DownBody, InflightGuard, ReqBody, RespBody, Tee, UpBody, UpstreamBody};
+use crate::body::{InflightGuard, ReqBody, RespBody, Tee, UpstreamBody};
 use crate::cache::{self, CacheKey, Lookup};
-use crate::pool::Conn;
 use crate::resilience::{backoff, ejection_allowed, Admission, BreakerChange, OutlierVerdict};
-use crate::server::ConnInfo;
 use crate::table::{
     clock_ms, hash64, ms_at, Action, CompiledRoute, EndpointSet, ForwardAction, PathRewrite,
     RequestView, ServiceState,
@@ -344,42 +340,18 @@ fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-/// Decimal digits of a byte, appended.
-fn push_u8(out: &mut Vec<u8>, n: u8) {
-    if n >= 100 {
-        out.push(b'0' + n / 100);
-    }
-    if n >= 10 {
-        out.push(b'0' + (n / 10) % 10);
-    }
-    out.push(b'0' + n % 10);
-}
-
 /// `X-Forwarded-For`: the client's chain (if any) with the peer appended.
 pub(crate) fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> HeaderValue {
     use std::io::Write;
     let prev = prev
         .map(HeaderValue::as_bytes)
         .filter(|p| !p.iter().all(u8::is_ascii_whitespace));
-    if let (std::net::IpAddr::V4(ip), None) = (peer.ip(), prev) {
-        // The common case, without the formatting machinery.
-        let mut out = Vec::with_capacity(15);
-        for (i, o) in ip.octets().iter().enumerate() {
-            if i > 0 {
-                out.push(b'.');
-            }
-            push_u8(&mut out, *o);
-        }
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(out)) {
-            return v;
-        }
-    }
+    let Some(prev) = prev else {
+        return gantry_http::ip_value(peer.ip());
+    };
     let mut buf = [0u8; 512];
     let mut cur = std::io::Cursor::new(&mut buf[..]);
-    let ok = match prev {
-        Some(prev) => cur.write_all(prev).is_ok() && write!(cur, ", {}", peer.ip()).is_ok(),
-        None => write!(cur, "{}", peer.ip()).is_ok(),
-    };
+    let ok = cur.write_all(prev).is_ok() && write!(cur, ", {}", peer.ip()).is_ok();
     let n = cur.position() as usize;
     if ok {
         if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
@@ -387,7 +359,7 @@ pub(crate) fn forwarded_for(prev: Option<&HeaderValue>, peer: SocketAddr) -> Hea
         }
     }
     // An absurdly long incoming chain: start a new one rather than grow it.
-    HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+    gantry_http::ip_value(peer.ip())
 }
 
 /// What one pass over a request's headers found: the few values the pipeline reads, and which
@@ -476,14 +448,6 @@ impl Added {
         ]
     }
 
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
-        for (n, v) in self.fields() {
-            if let Some(v) = v {
-                f(n, v);
-            }
-        }
-    }
-
     fn get(&self, name: &str) -> Option<&HeaderValue> {
         self.fields()
             .into_iter()
@@ -495,6 +459,16 @@ impl Added {
         self.for_each(|n, v| {
             h.insert(n.clone(), v.clone());
         });
+    }
+}
+
+impl ExtraFields for Added {
+    fn for_each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        for (n, v) in self.fields() {
+            if let Some(v) = v {
+                f(n, v);
+            }
+        }
     }
 }
 
@@ -534,13 +508,9 @@ fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// boxing the large variant would cost an allocation per request for nothing.)
 #[allow(clippy::large_enum_variant)]
 enum Attempt {
-    Response(
-        Response<UpBody>,
-        Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
-    ),
-    /// No response: refused, reset, or the connection died; `true` when the request (body
-    /// included) never left, so it can go again even with a body.
-    Failed(String, bool),
+    Response(Response<ClientBody>),
+    /// No response: refused, reset, or the connection died (and whether any of it left).
+    Failed(SendError),
     TimedOut,
 }
 
@@ -631,6 +601,57 @@ fn access_log(
     let _ = err.write_all(b"\n");
 }
 
+/// The engine's way in: every request, whichever stack served it, and every refusal.
+impl gantry_http::Handler for Gateway {
+    type Body = RespBody;
+
+    fn handle<'a>(
+        self: &'a Arc<Self>,
+        req: Request<RequestBody>,
+        conn: &'a ConnInfo,
+        timer: Option<ConnTimer<'a>>,
+    ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
+        self.handle_request(req, conn, timer)
+    }
+
+    fn refuse(&self, why: gantry_http::Refusal, conn: &ConnInfo) -> Response<RespBody> {
+        let (reject, extra) = refusal(why);
+        self.reject_unparsed(reject, conn.peer, extra.as_deref())
+    }
+
+    fn refused_by_hyper(&self, why: gantry_http::Refusal) {
+        self.metrics.reject(refusal(why).0.code());
+    }
+
+    fn connection(&self, open: bool) {
+        if open {
+            self.metrics.open_connections.inc();
+            self.metrics.connections.inc();
+        } else {
+            self.metrics.open_connections.dec();
+        }
+    }
+}
+
+/// A refusal of the engine's as the gateway's rejection, with what its message names.
+fn refusal(why: gantry_http::Refusal) -> (Reject, Option<String>) {
+    use gantry_http::Refusal as R;
+    match why {
+        R::Malformed(m) => (Reject::Malformed(m), None),
+        R::HeadTooLarge {
+            max_header_bytes,
+            max_headers,
+        } => (
+            Reject::HeadTooLarge,
+            Some(format!(
+                "{max_header_bytes} bytes, {max_headers} header fields"
+            )),
+        ),
+        R::HeadTimeout { after_ms } => (Reject::HeadTimeout, Some(after_ms.to_string())),
+        R::TooManyConnections => (Reject::TooManyConnections, None),
+    }
+}
+
 impl Gateway {
     /// Run the pipeline for one request. `timer`: a timer the caller keeps for the connection,
     /// reused for every attempt's deadline and moved lazily (see `within`; a new timer per
@@ -639,9 +660,9 @@ impl Gateway {
     /// An `async move` block rather than an `async fn`: the arguments then live in the future
     /// once, not twice.
     #[allow(clippy::manual_async_fn)]
-    pub(crate) fn handle<'a>(
+    pub(crate) fn handle_request<'a>(
         self: &'a Arc<Self>,
-        mut req: Request<DownBody>,
+        mut req: Request<RequestBody>,
         conn: &'a ConnInfo,
         timer: Option<ConnTimer<'a>>,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
@@ -893,7 +914,7 @@ impl Gateway {
         self: &'a Arc<Self>,
         route: &'a CompiledRoute,
         f: &'a ForwardAction,
-        req: &'a mut Request<DownBody>,
+        req: &'a mut Request<RequestBody>,
         seen: Seen,
         normalized: Option<String>,
         conn: &'a ConnInfo,
@@ -910,7 +931,7 @@ impl Gateway {
         self: &'a Arc<Self>,
         route: &'a CompiledRoute,
         f: &'a ForwardAction,
-        req: &'a mut Request<DownBody>,
+        req: &'a mut Request<RequestBody>,
         seen: Seen,
         mut normalized: Option<String>,
         conn: &'a ConnInfo,
@@ -1092,13 +1113,15 @@ impl Gateway {
             // 8. upstream request, built in place: `req` (borrowed from `handle`, which owns it)
             // keeps its parts, and the attempts borrow what they send.
             let upgrade = seen.upgrade && is_websocket_upgrade(req);
-            let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
+            let on_client_upgrade = upgrade.then(|| tunnel::client_upgrade(&mut *req));
             let version = req.version();
-            let want_h2 = match service.policy.protocol {
-                gantry_model::UpstreamProtocol::H2c => !upgrade,
-                gantry_model::UpstreamProtocol::Auto => version == Version::HTTP_2 && !upgrade,
-                gantry_model::UpstreamProtocol::Http1 => false,
+            let mode = match service.policy.protocol {
+                _ if upgrade => Mode::Upgrade,
+                gantry_model::UpstreamProtocol::H2c => Mode::Http2,
+                gantry_model::UpstreamProtocol::Auto if version == Version::HTTP_2 => Mode::Http2,
+                _ => Mode::Http1,
             };
+            let want_h2 = mode == Mode::Http2;
             let pq = match rewrite_path(route, f, normalized.as_deref(), req.uri()) {
                 Some(pq) => pq,
                 None => {
@@ -1181,24 +1204,14 @@ impl Gateway {
                 }
             });
             let mut has_host = seen.host;
-            if want_h2 {
-                if has_host {
-                    headers.remove(header::HOST);
-                }
-            } else if !has_host {
-                if let Some(a) = &authority {
-                    headers.insert(header::HOST, a.clone());
-                    has_host = true;
-                }
-            }
-            // The in-task HTTP/1.1 client writes `added` behind the map; every other path, and
-            // configured header changes (which may override them), need them in the map.
-            let own_h1 = !want_h2 && !upgrade && service.tls.is_none();
-            if !own_h1 || !f.request_headers.is_empty() {
+            // The engine writes `added` behind the map (or into it, on hyper's paths);
+            // configured header changes, which may override them, need them in the map.
+            if !f.request_headers.is_empty() {
                 if let Some(a) = added.take() {
                     a.insert_into(&mut headers);
                 }
                 f.request_headers.apply(&mut headers);
+                has_host = headers.contains_key(header::HOST);
             }
             if let (Some(e), false) = (&revalidating, client_conditional) {
                 if let Some(etag) = &e.etag {
@@ -1212,7 +1225,7 @@ impl Gateway {
             let exceeded = (!replayable).then(|| Arc::new(AtomicBool::new(false)));
             // The body until an attempt takes it; an attempt that did not send it puts it back.
             let mut body = Some({
-                let down_body = std::mem::replace(req.body_mut(), DownBody::Empty);
+                let down_body = std::mem::replace(req.body_mut(), RequestBody::Empty);
                 // 9. mirror: a body is copied frame by frame as the primary sends it (`Tee`)
                 let mut tee = None;
                 if let Some(m) = &f.mirror {
@@ -1231,7 +1244,8 @@ impl Gateway {
                         self.mirror(
                             m,
                             req.method(),
-                            upstream_uri(want_h2, authority.as_ref(), &pq),
+                            &pq,
+                            authority.as_ref(),
                             &headers,
                             added.as_ref(),
                             version == Version::HTTP_2,
@@ -1244,7 +1258,7 @@ impl Gateway {
                     Some(flag) => ReqBody::limited(down_body, f.max_body_bytes, flag.clone(), tee),
                 }
             });
-            let req: &Request<DownBody> = req;
+            let req: &Request<RequestBody> = req;
             let method = req.method();
 
             // 10. attempts
@@ -1315,124 +1329,54 @@ impl Gateway {
                     break;
                 };
                 let ep = &set.endpoints[idx];
-                if !want_h2 && !has_host {
-                    // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one.
-                    if let Ok(v) = HeaderValue::from_str(ep.authority.as_str()) {
-                        headers.insert(header::HOST, v);
-                    }
-                }
                 let guard = InflightGuard::new(ep.clone());
                 let per_try = f
                     .per_try_timeout
                     .map_or(deadline, |t| deadline.min(attempt_at + t));
-                let target = crate::pool::Target {
+                let target = Target {
                     addr: ep.addr,
-                    timeout: connect_timeout,
+                    connect_timeout,
                     tls: service.tls.as_ref(),
                 };
-                // The hyper paths' futures are boxed: they are large and off the common path, and
-                // the request's future would otherwise carry their size.
-                let mut own_timer;
-                let (attempt_timer, waits): (Pin<&mut Sleep>, _) = match timer.as_mut() {
-                    // Re-armed lazily (see `within`).
-                    Some(t) => (t.sleep.as_mut(), Some(t.waits)),
-                    None => {
-                        own_timer = Box::pin(tokio::time::sleep_until(per_try));
-                        (own_timer.as_mut(), None)
+                let outgoing = Outgoing {
+                    method,
+                    target: &pq,
+                    authority: authority.as_ref(),
+                    host_in_map: has_host,
+                    headers: &mut headers,
+                    extra: added.as_ref(),
+                    // hyper takes the request by value: a copy of the headers when another
+                    // attempt may need them.
+                    keep_headers: can_retry && max_attempts > 1,
+                };
+                let sent = {
+                    let attempt =
+                        std::pin::pin!(client::send(&ep.pool, target, mode, outgoing, &mut body));
+                    match timer.as_mut() {
+                        Some(t) => timer::within(t, per_try, attempt).await,
+                        None => {
+                            // hyper's stacks lend no timer: the attempt makes its own (boxed:
+                            // the request's future does not carry it).
+                            let mut own = Box::pin(tokio::time::sleep_until(per_try));
+                            let mut t = ConnTimer::new(own.as_mut());
+                            timer::within(&mut t, per_try, attempt).await
+                        }
                     }
                 };
-                // hyper takes the request by value: a copy of the headers when another attempt
-                // may need them.
-                let keep_headers = can_retry && max_attempts > 1;
-                let sent = {
-                    let attempt = std::pin::pin!(async {
-                        let c = if want_h2 {
-                            Box::pin(ep.pool.h2(target)).await
-                        } else if upgrade {
-                            Box::pin(crate::pool::connect_h1(target))
-                                .await
-                                .map(Conn::H1)
-                        } else if target.tls.is_none() {
-                            ep.pool.own(target).await
-                        } else {
-                            Box::pin(ep.pool.h1(target)).await
-                        };
-                        // Err: what went wrong, and whether the request is still whole here.
-                        match c {
-                            Err(e) => Err((e.to_string(), true)),
-                            Ok(Conn::Own(c)) => {
-                                let b = body.take().unwrap_or(ReqBody::Empty);
-                                let sent = c.send(
-                                    method,
-                                    pq.as_str(),
-                                    &headers,
-                                    added.as_ref(),
-                                    b,
-                                    ep.clone(),
-                                );
-                                match sent.await {
-                                    Ok(resp) => Ok((resp.map(UpBody::Own), None)),
-                                    Err(e) => {
-                                        // The error's text says whether it left (`H1Error`).
-                                        let why = e.to_string();
-                                        match e {
-                                            crate::h1::H1Error::Unsent(b, _) => {
-                                                body = Some(*b);
-                                                Err((why, true))
-                                            }
-                                            _ => Err((why, false)),
-                                        }
-                                    }
-                                }
-                            }
-                            Ok(Conn::H1(mut s)) => {
-                                let r = hyper_request(
-                                    method,
-                                    upstream_uri(false, None, &pq),
-                                    Version::HTTP_11,
-                                    &mut headers,
-                                    keep_headers,
-                                    &mut body,
-                                );
-                                match Box::pin(s.try_send_request(r)).await {
-                                    Ok(resp) => Ok((resp.map(UpBody::Hyper), Some(s))),
-                                    Err(e) => Err(hyper_failed(e, &mut headers, &mut body)),
-                                }
-                            }
-                            Ok(Conn::H2(mut s)) => {
-                                let r = hyper_request(
-                                    method,
-                                    upstream_uri(true, authority.as_ref(), &pq),
-                                    Version::HTTP_2,
-                                    &mut headers,
-                                    keep_headers,
-                                    &mut body,
-                                );
-                                match Box::pin(s.try_send_request(r)).await {
-                                    Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
-                                    Err(e) => Err(hyper_failed(e, &mut headers, &mut body)),
-                                }
-                            }
-                        }
-                    });
-                    within(attempt_timer, waits, per_try, attempt).await
-                };
                 let outcome = match sent {
-                    Ok(Ok((resp, s))) => Attempt::Response(resp, s),
-                    Ok(Err((why, unsent))) => {
-                        // Never left: a pooled connection the instance had just closed, or a
-                        // failed connect. The same request can go again.
-                        if unsent
-                            && (why.contains("connection was not ready") || why.contains("closed"))
-                        {
+                    Ok(Ok(resp)) => Attempt::Response(resp),
+                    Ok(Err(e)) => {
+                        // Never left: a pooled connection the instance had just closed. The
+                        // same request goes again on a fresh one.
+                        if e.kind == ErrorKind::Stale {
                             stale_conns += 1;
                             if stale_conns <= 3 {
                                 continue;
                             }
                         }
-                        Attempt::Failed(why, unsent)
+                        Attempt::Failed(e)
                     }
-                    Err(()) => Attempt::TimedOut,
+                    Err(_) => Attempt::TimedOut,
                 };
                 attempt_no += 1;
                 if n_tried < tried_buf.len() {
@@ -1444,7 +1388,7 @@ impl Gateway {
                 let elapsed = attempt_end.saturating_duration_since(attempt_start);
                 let end_ms = ms_at(attempt_end);
                 match outcome {
-                    Attempt::Response(resp, sender) => {
+                    Attempt::Response(resp) => {
                         let status = resp.status();
                         ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
                         ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
@@ -1465,7 +1409,7 @@ impl Gateway {
                         }
                         self.record_breaker(service, !failed, probe, end_ms);
                         // The map's table goes back to this thread's pool for the next request.
-                        crate::codec::recycle_map(std::mem::take(&mut headers));
+                        gantry_http::codec::recycle_map(std::mem::take(&mut headers));
                         return self.respond(
                             route,
                             f,
@@ -1475,7 +1419,6 @@ impl Gateway {
                             ep,
                             guard,
                             resp,
-                            sender,
                             elapsed,
                             cache_key,
                             revalidating,
@@ -1485,13 +1428,14 @@ impl Gateway {
                             client_headers.map(|h| *h),
                         );
                     }
-                    Attempt::Failed(why, unsent) => {
+                    Attempt::Failed(e) => {
                         drop(guard);
                         ep.metrics.errors.inc();
                         service.metrics.upstream_errors.inc();
                         ep.mark_suspect(end_ms);
                         self.outlier(service, ep, false, end_ms);
-                        tracing::debug!(instance = %ep.id, error = %why, "upstream attempt failed");
+                        tracing::debug!(instance = %ep.id, error = %e, "upstream attempt failed");
+                        let unsent = !e.sent;
                         if exceeded.as_ref().is_some_and(|e| e.load(Ordering::Relaxed)) {
                             return self.finish_reject(
                                 ctx,
@@ -1610,13 +1554,12 @@ impl Gateway {
         slot: ServiceSlot,
         ep: &Arc<crate::table::Endpoint>,
         guard: InflightGuard,
-        resp: Response<UpBody>,
-        sender: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
+        resp: Response<ClientBody>,
         upstream_time: Duration,
         cache_key: Option<CacheKey>,
         revalidating: Option<Arc<cache::Entry>>,
         client_conditional: bool,
-        on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        on_client_upgrade: Option<tunnel::Upgrade>,
         method: &Method,
         client_headers: Option<HeaderMap>,
     ) -> Response<RespBody> {
@@ -1626,17 +1569,9 @@ impl Gateway {
         let mut resp = resp;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client) = on_client_upgrade {
-                let upstream = hyper::upgrade::on(&mut resp);
+                let upstream = tunnel::upstream_upgrade(&mut resp);
                 let (mut parts, _body) = resp.into_parts();
-                let idle = f.idle_timeout;
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    let _slot = slot;
-                    let (Ok(c), Ok(u)) = (client.await, upstream.await) else {
-                        return;
-                    };
-                    splice(c, u, idle).await;
-                });
+                tunnel::spawn_splice(client, upstream, f.idle_timeout, (guard, slot));
                 set_request_id(&mut parts.headers, &ctx.request_id);
                 f.response_headers.apply(&mut parts.headers);
                 if self.cfg.access_log {
@@ -1647,10 +1582,7 @@ impl Gateway {
         }
         let (mut parts, mut incoming) = resp.into_parts();
         // A head read in-task stays as it came unless something here must read or edit it.
-        let mut raw = match &mut incoming {
-            UpBody::Own(b) => b.take_head(),
-            UpBody::Hyper(_) => None,
-        };
+        let mut raw = incoming.take_head();
         let defer = raw.as_ref().is_some_and(|r| !r.needs_map)
             && f.cache.is_none()
             && f.response_headers.is_empty()
@@ -1669,10 +1601,8 @@ impl Gateway {
         if let (Some(entry), Some(key), StatusCode::NOT_MODIFIED, false) =
             (&revalidating, &cache_key, status, client_conditional)
         {
+            // A 304 has no body: dropped, its connection goes back to the pool.
             drop(incoming);
-            if let Some(s) = sender {
-                ep.pool.put_h1(s);
-            }
             let req_headers = client_headers.unwrap_or_default();
             let fresh = self
                 .cache
@@ -1700,9 +1630,6 @@ impl Gateway {
             remove_hop_by_hop(&mut parts.headers, false);
         }
         let mut body = UpstreamBody::new(incoming, guard, f.idle_timeout);
-        if let Some(s) = sender {
-            body.return_conn(ep.clone(), s);
-        }
         let mut end = RequestEnd {
             _service_slot: slot,
             cache: None,
@@ -1726,9 +1653,9 @@ impl Gateway {
                 .insert(X_CACHE.clone(), HeaderValue::from_static("MISS"));
         }
         match raw {
-            Some(head) => body.defer_head(crate::body::Deferred {
+            Some(head) => body.defer_head(Deferred {
                 head,
-                request_id: ctx.request_id.clone(),
+                extra: Some((&X_REQUEST_ID, ctx.request_id.clone())),
             }),
             None => {
                 set_request_id(&mut parts.headers, &ctx.request_id);
@@ -1763,7 +1690,7 @@ impl Gateway {
     fn serve_cached(
         &self,
         e: &cache::Entry,
-        req: &Request<DownBody>,
+        req: &Request<RequestBody>,
         how: &'static str,
         ctx: &Ctx,
         route: &CompiledRoute,
@@ -1812,7 +1739,8 @@ impl Gateway {
         &self,
         m: &crate::table::Mirror,
         method: &Method,
-        uri: Uri,
+        pq: &PathAndQuery,
+        authority: Option<&HeaderValue>,
         headers: &HeaderMap,
         added: Option<&Added>,
         downstream_h2: bool,
@@ -1825,73 +1753,45 @@ impl Gateway {
         };
         let ep = set.endpoints[idx].clone();
         let service = set.service.clone();
-        let h2 = match service.policy.protocol {
-            gantry_model::UpstreamProtocol::H2c => true,
-            gantry_model::UpstreamProtocol::Auto => downstream_h2,
-            gantry_model::UpstreamProtocol::Http1 => false,
+        let mode = match service.policy.protocol {
+            gantry_model::UpstreamProtocol::H2c => Mode::Http2,
+            gantry_model::UpstreamProtocol::Auto if downstream_h2 => Mode::Http2,
+            _ => Mode::Http1,
         };
         let mut headers = headers.clone();
         if let Some(a) = added {
             a.clone().insert_into(&mut headers);
         }
-        if h2 {
-            headers.remove(header::HOST);
-        } else if !headers.contains_key(header::HOST) {
-            if let Some(a) = uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                headers.insert(header::HOST, a);
-            }
-        }
-        let uri = if h2 || uri.scheme().is_none() {
-            uri.clone()
-        } else {
-            uri.path_and_query()
-                .map_or_else(|| uri.clone(), |pq| Uri::from(pq.clone()))
-        };
         let abandoned = match &body {
             ReqBody::Mirror(b) => Some(b.abandoned.clone()),
             _ => None,
         };
         let metrics = m.metrics.clone();
         metrics.in_flight.inc();
-        let mut r = Request::new(body);
-        *r.method_mut() = method.clone();
-        *r.uri_mut() = uri;
-        *r.version_mut() = if h2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-        *r.headers_mut() = headers;
+        let method = method.clone();
+        let pq = pq.clone();
+        let authority = authority.cloned();
         let connect = Duration::from_millis(service.policy.connect_timeout_ms);
         let timeout = connect + Duration::from_secs(30);
         tokio::spawn(async move {
             let _guard = InflightGuard::new(ep.clone());
-            let target = crate::pool::Target {
+            let target = Target {
                 addr: ep.addr,
-                timeout: connect,
+                connect_timeout: connect,
                 tls: service.tls.as_ref(),
             };
+            let mut body = Some(body);
             let fut = async {
-                let c = if h2 {
-                    ep.pool.h2(target).await
-                } else {
-                    ep.pool.h1(target).await
+                let outgoing = Outgoing {
+                    method: &method,
+                    target: &pq,
+                    authority: authority.as_ref(),
+                    host_in_map: headers.contains_key(header::HOST),
+                    headers: &mut headers,
+                    extra: None::<&Added>,
+                    keep_headers: false,
                 };
-                let resp = match c {
-                    Ok(Conn::H1(mut s)) => s
-                        .try_send_request(r)
-                        .await
-                        .map_err(TrySendError::into_error),
-                    Ok(Conn::H2(mut s)) => s
-                        .try_send_request(r)
-                        .await
-                        .map_err(TrySendError::into_error),
-                    Ok(Conn::Own(_)) | Err(_) => return false,
-                };
-                match resp {
+                match client::send(&ep.pool, target, mode, outgoing, &mut body).await {
                     Ok(resp) => http_body_util::BodyExt::collect(resp.into_body())
                         .await
                         .is_ok(),
@@ -1931,107 +1831,6 @@ fn cached_response(
     r.headers_mut()
         .insert(X_CACHE.clone(), HeaderValue::from_static(how));
     r
-}
-
-/// The request hyper sends for one attempt: the headers themselves, or a copy of them when
-/// another attempt may need them.
-fn hyper_request(
-    method: &Method,
-    uri: Uri,
-    version: Version,
-    headers: &mut HeaderMap,
-    keep_headers: bool,
-    body: &mut Option<ReqBody>,
-) -> Request<ReqBody> {
-    let mut r = Request::new(body.take().unwrap_or(ReqBody::Empty));
-    *r.method_mut() = method.clone();
-    *r.uri_mut() = uri;
-    *r.version_mut() = version;
-    *r.headers_mut() = if keep_headers {
-        headers.clone()
-    } else {
-        std::mem::take(headers)
-    };
-    r
-}
-
-/// Why a hyper attempt failed, and whether the request came back whole (`give_back`).
-fn hyper_failed(
-    mut e: hyper::client::conn::TrySendError<Request<ReqBody>>,
-    headers: &mut HeaderMap,
-    body: &mut Option<ReqBody>,
-) -> (String, bool) {
-    let unsent = give_back(e.take_message(), headers, body);
-    (e.error().to_string(), unsent)
-}
-
-/// A request hyper gave back unsent: its headers and body are the next attempt's. `true` if
-/// there was one.
-fn give_back(
-    returned: Option<Request<ReqBody>>,
-    headers: &mut HeaderMap,
-    body: &mut Option<ReqBody>,
-) -> bool {
-    let Some(r) = returned else {
-        return false;
-    };
-    let (parts, b) = r.into_parts();
-    if headers.is_empty() {
-        *headers = parts.headers;
-    }
-    *body = Some(b);
-    true
-}
-
-/// `fut`, or `Err` once `deadline` passed first. A connection's timer keeps an earlier
-/// request's deadline: it is moved to this one at once only if it would fire late, else when it
-/// fires early. Moving it on every request would be three atomic operations each; this way it
-/// moves about once per timeout period. With `waits` (the connection's timer), the timer is
-/// polled only after it woke the task (`nudge.rs`).
-async fn within<F: std::future::Future>(
-    mut timer: Pin<&mut Sleep>,
-    waits: Option<&Nudge>,
-    deadline: tokio::time::Instant,
-    mut fut: Pin<&mut F>,
-) -> Result<F::Output, ()> {
-    use std::task::{ready, Context, Poll};
-    if timer.deadline() > deadline {
-        timer.as_mut().reset(deadline);
-        // Re-armed: polled at its next turn, whatever it did before.
-        if let Some(n) = waits {
-            n.raise();
-        }
-    }
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        let w = match waits {
-            Some(n) => match n.due(cx, true) {
-                Some(w) => w,
-                None => return Poll::Pending,
-            },
-            None => cx.waker(),
-        };
-        ready!(poll_deadline(
-            timer.as_mut(),
-            deadline,
-            &mut Context::from_waker(w)
-        ));
-        // Fired, holding no waker: the next attempt on this connection polls it (and re-arms it).
-        if let Some(n) = waits {
-            n.raise();
-        }
-        Poll::Ready(Err(()))
-    })
-    .await
-}
-
-/// A connection's attempt timer, lent to each of its requests, and the waker group it is
-/// polled in (see `within`).
-pub(crate) struct ConnTimer<'a> {
-    pub sleep: Pin<&'a mut Sleep>,
-    pub waits: &'a Nudge,
 }
 
 /// The jittered backoff before retry number `attempt_no`, as a boxed sleep: the wait is rare, so
@@ -2096,21 +1895,6 @@ fn pick_backend(f: &ForwardAction) -> (&EndpointSet, &str) {
 }
 
 /// Path and query to send upstream after the route's rewrite.
-/// The URI a request goes upstream with: origin form, or for HTTP/2 the absolute form its
-/// `:authority` and `:scheme` come from.
-fn upstream_uri(h2: bool, authority: Option<&HeaderValue>, pq: &PathAndQuery) -> Uri {
-    if h2 {
-        let auth = authority
-            .and_then(|a| a.to_str().ok())
-            .unwrap_or("localhost");
-        format!("http://{auth}{}", pq.as_str())
-            .parse::<Uri>()
-            .unwrap_or_else(|_| Uri::from(pq.clone()))
-    } else {
-        Uri::from(pq.clone())
-    }
-}
-
 fn rewrite_path(
     route: &CompiledRoute,
     f: &ForwardAction,
@@ -2169,7 +1953,7 @@ fn rewrite_path(
 fn redirect(
     r: &gantry_model::Redirect,
     route: &CompiledRoute,
-    req: &Request<DownBody>,
+    req: &Request<RequestBody>,
     normalized: Option<&str>,
     tls: bool,
     ctx: &Ctx,
@@ -2240,91 +2024,10 @@ fn redirect(
     resp
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, last: &AtomicU64)
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if w.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-        last.store(clock_ms(), Ordering::Relaxed);
-    }
-    let _ = w.shutdown().await;
-}
-
-/// Copy both ways between two upgraded connections until both sides close, or nothing moves
-/// for `idle`.
-async fn splice(a: hyper::upgrade::Upgraded, b: hyper::upgrade::Upgraded, idle: Duration) {
-    let (ar, aw) = tokio::io::split(hyper_util::rt::TokioIo::new(a));
-    let (br, bw) = tokio::io::split(hyper_util::rt::TokioIo::new(b));
-    let last = AtomicU64::new(clock_ms());
-    let watchdog = async {
-        loop {
-            tokio::time::sleep(idle / 4 + Duration::from_millis(1)).await;
-            if clock_ms().saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
-                break;
-            }
-        }
-    };
-    tokio::select! {
-        _ = async { tokio::join!(pump(ar, bw, &last), pump(br, aw, &last)) } => {}
-        _ = watchdog => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn hyper_attempts_copy_or_take_the_headers_and_get_them_back_unsent() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-a", HeaderValue::from_static("1"));
-        let uri: Uri = "/p?q=1".parse().unwrap();
-        let mut body = Some(ReqBody::Empty);
-        // Another attempt may follow: a copy goes, the headers stay.
-        let r = hyper_request(
-            &Method::GET,
-            uri.clone(),
-            Version::HTTP_11,
-            &mut headers,
-            true,
-            &mut body,
-        );
-        assert_eq!(r.headers()["x-a"], "1");
-        assert_eq!(r.uri(), &uri);
-        assert!(body.is_none());
-        assert_eq!(headers["x-a"], "1");
-        assert!(give_back(Some(r), &mut headers, &mut body));
-        assert!(body.is_some());
-        assert_eq!(headers.len(), 1);
-        // The only attempt: the headers themselves go, and come back if hyper returns them.
-        let r = hyper_request(
-            &Method::POST,
-            uri.clone(),
-            Version::HTTP_2,
-            &mut headers,
-            false,
-            &mut body,
-        );
-        assert_eq!(r.version(), Version::HTTP_2);
-        assert!(headers.is_empty());
-        assert!(give_back(Some(r), &mut headers, &mut body));
-        assert_eq!(headers["x-a"], "1");
-        assert!(body.is_some());
-        // Sent (nothing given back): nothing changes.
-        assert!(!give_back(None, &mut headers, &mut body));
-        assert_eq!(headers["x-a"], "1");
-    }
 
     #[test]
     fn hop_by_hop_headers_go() {
@@ -2378,43 +2081,6 @@ mod tests {
         assert_eq!(s.request_id.unwrap(), "rid");
         assert!(s.upgrade && s.hop_by_hop && s.ours && !s.forwarded_for);
         assert_eq!(s.head_bytes, (4 + 9) + (12 + 3) + (7 + 9) + (7 + 1) + 4 * 4);
-    }
-
-    #[tokio::test]
-    async fn within_keeps_the_deadline_whatever_the_timer_was_set_to() {
-        use tokio::time::{sleep, sleep_until, Instant};
-        let ms = Duration::from_millis;
-        let nudge = Nudge::here().await;
-        // The timer is set earlier than the deadline (an earlier request's), even already
-        // fired: the future is given until the deadline, and no longer. With the connection's
-        // waker group and without.
-        for waits in [None, Some(&nudge)] {
-            for timer_at in [ms(0), ms(20)] {
-                let start = Instant::now();
-                let mut timer = std::pin::pin!(sleep_until(start + timer_at));
-                if timer_at.is_zero() {
-                    timer.as_mut().await;
-                }
-                let slow = std::pin::pin!(sleep(ms(2000)));
-                let r = within(timer.as_mut(), waits, start + ms(150), slow).await;
-                let took = start.elapsed();
-                assert!(r.is_err());
-                assert!(took >= ms(150) && took < ms(800), "{took:?}");
-                // The same timer, reused: a future that finishes in time is not cut, and one
-                // that does not is cut at the new deadline.
-                let quick = std::pin::pin!(async {
-                    sleep(ms(10)).await;
-                    7
-                });
-                let deadline = Instant::now() + ms(1000);
-                assert_eq!(within(timer.as_mut(), waits, deadline, quick).await, Ok(7));
-                let start = Instant::now();
-                let slow = std::pin::pin!(sleep(ms(2000)));
-                let r = within(timer.as_mut(), waits, start + ms(100), slow).await;
-                let took = start.elapsed();
-                assert!(r.is_err() && took >= ms(100) && took < ms(800), "{took:?}");
-            }
-        }
     }
 
     #[test]

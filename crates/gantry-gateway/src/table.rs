@@ -20,10 +20,11 @@ use http::uri::Authority;
 use http::Method;
 use regex::Regex;
 
+use crate::body::ReqBody;
 use crate::metrics::{InstanceMetrics, RouteMetrics, ServiceMetrics};
-use crate::pool::Pool;
 use crate::ratelimit::Limiter;
 use crate::resilience::{Admission, Breaker, BreakerChange, BreakerState, Outlier, RetryBudget};
+use gantry_http::pool::Pool;
 
 /// Milliseconds since the gateway's first use of the clock (monotonic).
 pub fn clock_ms() -> u64 {
@@ -66,7 +67,8 @@ pub struct Endpoint {
     pub probe_streak: AtomicU64,
     ewma_us: AtomicU64,
     ewma_stamp_ms: AtomicU64,
-    pub pool: Pool,
+    /// Connections to the instance (shared with the response bodies that give them back).
+    pub pool: Arc<Pool<ReqBody>>,
     pub metrics: InstanceMetrics,
 }
 
@@ -100,7 +102,10 @@ impl Endpoint {
             probe_streak: AtomicU64::new(0),
             ewma_us: AtomicU64::new(EWMA_DEFAULT_US.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
-            pool: Pool::new(policy.max_idle_connections_per_instance as usize),
+            pool: Arc::new(Pool::new(
+                policy.max_idle_connections_per_instance as usize,
+                Duration::from_millis(policy.idle_connection_timeout_ms),
+            )),
             metrics,
         })
     }
@@ -157,7 +162,7 @@ pub struct ServiceState {
     pub rr: AtomicUsize,
     pub metrics: ServiceMetrics,
     /// TLS to the instances, when the policy asks for it.
-    pub tls: Option<crate::pool::UpstreamTls>,
+    pub tls: Option<gantry_http::pool::UpstreamTls>,
     /// TLS was asked for but could not be set up: refuse to send in clear text.
     pub tls_failed: bool,
 }
@@ -165,7 +170,7 @@ pub struct ServiceState {
 impl ServiceState {
     pub fn new(name: &str, policy: UpstreamPolicy, metrics: ServiceMetrics) -> Self {
         let tls = policy.tls.as_ref().and_then(|t| {
-            match crate::pool::UpstreamTls::new(t) {
+            match gantry_http::pool::UpstreamTls::new(t.ca_file.as_deref(), t.server_name.as_deref()) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::error!(service = name, error = %e, "upstream TLS unusable; connections to this service will fail");
@@ -761,31 +766,6 @@ pub fn sort_by_precedence(routes: &mut [CompiledRoute]) {
 }
 
 #[cfg(test)]
-pub(crate) mod tests_support {
-    use super::*;
-
-    /// An endpoint for unit tests (127.0.0.1:1, default-ish policy).
-    pub fn endpoint() -> Arc<Endpoint> {
-        let m = gantry_telemetry::Metrics::new();
-        let gm = crate::metrics::GatewayMetrics::new(&m);
-        let p = super::tests::policy(LoadBalancer::RoundRobin);
-        Arc::new(
-            Endpoint::new(
-                "t-1",
-                "t",
-                SocketAddr::from(([127, 0, 0, 1], 1)),
-                semver::Version::new(1, 0, 0),
-                true,
-                false,
-                &p,
-                gm.instance("t", "t-1"),
-            )
-            .unwrap_or_else(|| unreachable!()),
-        )
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
     use gantry_model::{CircuitBreakerPolicy, OutlierPolicy, UpstreamProtocol};
@@ -798,6 +778,7 @@ mod tests {
             connect_timeout_ms: 1000,
             max_concurrent_requests: 0,
             max_idle_connections_per_instance: 8,
+            idle_connection_timeout_ms: 60_000,
             circuit_breaker: CircuitBreakerPolicy {
                 consecutive_failures: 0,
                 failure_rate: 0.0,

@@ -209,6 +209,8 @@ pub struct UpstreamPolicy {
     /// In-flight requests to the service above which new ones get 503 (bulkhead); 0: no limit.
     pub max_concurrent_requests: u32,
     pub max_idle_connections_per_instance: u32,
+    /// Idle keep-alive connections are closed after this long.
+    pub idle_connection_timeout_ms: u64,
     pub circuit_breaker: CircuitBreakerPolicy,
     pub outlier: OutlierPolicy,
     /// Active probes for instances gantry does not supervise (self-registered ones).

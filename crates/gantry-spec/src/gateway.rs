@@ -402,6 +402,13 @@ pub struct UpstreamSpec {
     /// Envoy keeps all): fewer makes a busy gateway close and reopen connections under load.
     #[serde(default = "d_max_idle")]
     pub max_idle_connections_per_instance: u32,
+    /// An idle keep-alive connection is closed after this long. Default 60000 (nginx's
+    /// upstream `keepalive_timeout`): long enough to carry a steady trickle of requests, short
+    /// enough that a burst's connections do not stay open (and hold the instance's threads or
+    /// sockets) for the rest of the day. Instances that close sooner are fine: a connection
+    /// found closed is replaced without failing the request.
+    #[serde(default = "d_idle_connection_timeout_ms")]
+    pub idle_connection_timeout_ms: u64,
     #[serde(default)]
     pub circuit_breaker: BreakerSpec,
     #[serde(default)]
@@ -443,6 +450,9 @@ fn d_max_concurrent() -> u32 {
 fn d_max_idle() -> u32 {
     1024
 }
+fn d_idle_connection_timeout_ms() -> u64 {
+    60_000
+}
 
 impl Default for UpstreamSpec {
     fn default() -> Self {
@@ -454,6 +464,7 @@ impl Default for UpstreamSpec {
             connect_timeout_ms: d_connect_timeout_ms(),
             max_concurrent_requests: d_max_concurrent(),
             max_idle_connections_per_instance: d_max_idle(),
+            idle_connection_timeout_ms: d_idle_connection_timeout_ms(),
             circuit_breaker: BreakerSpec::default(),
             outlier: OutlierSpec::default(),
             active_health: None,
@@ -718,6 +729,12 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
     }
     if u.connect_timeout_ms == 0 {
         p.push((at("connect_timeout_ms"), "expected at least 1".into()));
+    }
+    if u.idle_connection_timeout_ms == 0 {
+        p.push((
+            at("idle_connection_timeout_ms"),
+            "expected at least 1".into(),
+        ));
     }
     let b = &u.circuit_breaker;
     if !(0.0..=1.0).contains(&b.failure_rate) {
@@ -1310,6 +1327,7 @@ impl UpstreamSpec {
             connect_timeout_ms: self.connect_timeout_ms,
             max_concurrent_requests: self.max_concurrent_requests,
             max_idle_connections_per_instance: self.max_idle_connections_per_instance,
+            idle_connection_timeout_ms: self.idle_connection_timeout_ms,
             circuit_breaker: m::CircuitBreakerPolicy {
                 consecutive_failures: self.circuit_breaker.consecutive_failures,
                 failure_rate: self.circuit_breaker.failure_rate,

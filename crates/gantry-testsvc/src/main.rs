@@ -12,8 +12,10 @@
 //! - `POST /admin/fail-next?n=N`  the next N requests (health excluded) answer 503
 //! - `POST /admin/recover`   undo fail, fail-health, fail-next and hang
 //! - `GET /admin/stats`      `{"requests": N, "revalidations": N, "bodies": N, "body_bytes": N,
-//!   "digest_sum": "H"}` (admin and health excluded; bodies: whole bodies read by `/digest`;
-//!   digest_sum: their digests added, wrapping, so the order they came in does not matter)
+//!   "digest_sum": "H", "connections_open": N, "connections_total": N}` (admin and health
+//!   excluded from requests; bodies: whole bodies read by `/digest`; digest_sum: their digests
+//!   added, wrapping, so the order they came in does not matter; connections: accepted, and
+//!   still open, this one included)
 //! - `POST /digest`          reads the whole body; `{"instance", "bytes": N, "digest": "H"}` (H:
 //!   FNV-1a 64 of the body, hex)
 //! - `GET /status/CODE`      answers with that status
@@ -56,6 +58,8 @@ struct Flags {
     bodies: AtomicU64,
     body_bytes: AtomicU64,
     digest_sum: AtomicU64,
+    connections_open: AtomicU64,
+    connections_total: AtomicU64,
     delay_ms: u64,
 }
 
@@ -232,12 +236,14 @@ async fn handle_full(
             StatusCode::OK,
             format!(
                 "{{\"requests\":{},\"revalidations\":{},\"bodies\":{},\"body_bytes\":{},\
-                 \"digest_sum\":\"{:016x}\"}}",
+                 \"digest_sum\":\"{:016x}\",\"connections_open\":{},\"connections_total\":{}}}",
                 flags.requests.load(Ordering::SeqCst),
                 flags.revalidations.load(Ordering::SeqCst),
                 flags.bodies.load(Ordering::SeqCst),
                 flags.body_bytes.load(Ordering::SeqCst),
-                flags.digest_sum.load(Ordering::SeqCst)
+                flags.digest_sum.load(Ordering::SeqCst),
+                flags.connections_open.load(Ordering::SeqCst),
+                flags.connections_total.load(Ordering::SeqCst)
             ),
         ),
         ("POST", "/digest") => {
@@ -406,9 +412,13 @@ async fn main() {
                 let Ok((stream, _)) = acc else { continue };
                 let flags = flags.clone();
                 let instance = instance.clone();
+                flags.connections_open.fetch_add(1, Ordering::SeqCst);
+                flags.connections_total.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, flags.clone(), instance.clone()));
+                    let f = flags.clone();
+                    let svc = service_fn(move |req| handle(req, f.clone(), instance.clone()));
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    flags.connections_open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             _ = term.recv() => {

@@ -167,7 +167,7 @@ fn spawn_gateway(
                         return;
                     }
                 };
-                let health = tokio::spawn(gateway.clone().run_active_health(shutdown.clone()));
+                let background = tokio::spawn(gateway.clone().run_background(shutdown.clone()));
                 let mut tasks = vec![tokio::spawn(
                     gateway
                         .clone()
@@ -189,7 +189,7 @@ fn spawn_gateway(
                 for t in tasks {
                     let _ = t.await;
                 }
-                health.abort();
+                background.abort();
             });
             // The runtime's tasks free their memory as it drops, into the kept blocks.
             drop(rt);

@@ -289,3 +289,83 @@ path_prefix = "/"
         "no 5xx answered: {m}"
     );
 }
+
+#[test]
+fn idle_upstream_connections_close_and_declined_upgrades_are_never_pooled() {
+    let g = Gantry::start(
+        r#"
+[services.plain]
+command = ["{TESTSVC}"]
+[services.plain.upstream]
+idle_connection_timeout_ms = 1000
+[[services.plain.routes]]
+path_prefix = "/p"
+"#,
+    );
+    g.wait_healthy("plain", 1, Duration::from_secs(20));
+    let inst = g.instance_addr("plain", "plain-1");
+    // Connections the instance has open (its own stats call is one of them).
+    let open = || {
+        http(
+            inst,
+            "GET",
+            "/admin/stats",
+            &[],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .json()["connections_open"]
+            .as_u64()
+            .unwrap()
+    };
+    // WebSocket upgrades the instance declines (a plain 200): each upstream connection is
+    // closed with its response, never left in a pool nobody takes from.
+    for i in 0..40 {
+        let r = raw(
+            g.gateway,
+            b"GET /p/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        );
+        assert_eq!(raw_status(&r), 200, "upgrade {i}: {r}");
+    }
+    wait_for(
+        "declined upgrades' connections to close",
+        Duration::from_secs(5),
+        || (open() <= 1).then_some(()),
+    );
+    // Kept-alive connections: eight requests at once open several, which stay pooled...
+    let gw = g.gateway;
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http(
+                    gw,
+                    "GET",
+                    "/p/slow?ms=300",
+                    &[],
+                    None,
+                    Duration::from_secs(10),
+                )
+                .unwrap()
+                .status
+            })
+        })
+        .collect();
+    for t in slow {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    let pooled = open();
+    assert!(
+        pooled >= 3,
+        "{pooled} connections open after 8 concurrent requests"
+    );
+    // ...until they have been idle for the service's idle_connection_timeout_ms (1 s; swept
+    // each second).
+    wait_for(
+        "idle pooled connections to close",
+        Duration::from_secs(6),
+        || (open() <= 1).then_some(()),
+    );
+    // And the pool starts again from nothing when traffic comes back.
+    assert_eq!(g.get("/p/again").status, 200);
+}

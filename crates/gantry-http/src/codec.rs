@@ -328,6 +328,12 @@ pub struct RawHead {
     pub needs_map: bool,
 }
 
+impl Default for RawHead {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RawHead {
     pub fn new() -> Self {
         Self {
@@ -365,6 +371,10 @@ impl RawHead {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Append the fields that go to the client as `name: value` lines: not hop-by-hop, and not

@@ -23,11 +23,12 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::body::{BoxError, ReqBody};
+use crate::body::{BoxError, SendBody};
+use crate::client::ExtraFields;
 use crate::codec::{
     Decoded, Decoder, FieldAt, RawHead, F_CONNECTION, F_LENGTH, F_TRANSFER_ENCODING,
 };
-use crate::table::Endpoint;
+use crate::pool::Idle;
 
 /// Largest response head accepted from an instance.
 const MAX_HEAD: usize = 64 * 1024;
@@ -44,25 +45,20 @@ pub struct H1Conn {
     buf: BytesMut,
 }
 
-pub enum H1Error {
+/// Why a send on an in-task connection failed.
+pub(crate) enum H1Error<B> {
     /// The request may have reached the instance; no (complete) response head came back.
     Io(std::io::Error),
     /// The instance answered something that is not HTTP/1.x.
     Protocol(&'static str),
-    /// The request body failed (client went away, or it exceeded the route's limit).
+    /// The request body failed (the client's side, or the route's size limit).
     Body(BoxError),
     /// Nothing reached the instance (a pooled connection it had closed): the request may be
     /// sent again, with this body.
-    Unsent(Box<ReqBody>, std::io::Error),
+    Unsent(Box<B>, std::io::Error),
 }
 
-impl std::fmt::Debug for H1Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
-    }
-}
-
-impl std::fmt::Display for H1Error {
+impl<B> std::fmt::Debug for H1Error<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             H1Error::Io(e) => write!(f, "connection error: {e}"),
@@ -115,21 +111,21 @@ impl H1Conn {
         }
     }
 
-    /// Send one request and read the response head. `endpoint` gets the connection back when
-    /// the response body has been read to its end.
+    /// Send one request and read the response head. `home` gets the connection back when the
+    /// response body has been read to its end. `extra` fields are written after the map's.
     ///
     /// An `async move` block rather than an `async fn`: the arguments then live in the future
     /// once, not twice.
     #[allow(clippy::manual_async_fn)]
-    pub(crate) fn send<'a>(
+    pub(crate) fn send<'a, B: SendBody, X: ExtraFields + Sync>(
         mut self,
         method: &'a Method,
         target: &'a str,
         headers: &'a HeaderMap,
-        added: Option<&'a crate::proxy::Added>,
-        mut body: ReqBody,
-        endpoint: Arc<Endpoint>,
-    ) -> impl std::future::Future<Output = Result<Response<H1Body>, H1Error>> + Send + 'a {
+        extra: Option<&'a X>,
+        mut body: B,
+        home: Arc<Idle<H1Conn>>,
+    ) -> impl std::future::Future<Output = Result<Response<H1Body>, H1Error<B>>> + Send + 'a {
         async move {
             // Request head.
             let mut head = Vec::with_capacity(256 + headers.len() * 48);
@@ -146,8 +142,8 @@ impl H1Conn {
             for (k, v) in headers {
                 field(k, v);
             }
-            if let Some(a) = added {
-                a.for_each(field);
+            if let Some(x) = extra {
+                x.for_each(field);
             }
             let has_body = !body.is_end_stream();
             let chunked = has_body && !headers.contains_key(header::CONTENT_LENGTH);
@@ -213,20 +209,19 @@ impl H1Conn {
                 let early = Box::pin(self.write_rest(&head[sent..], body, chunked)).await?;
                 if let Some((status, version, resp_headers)) = early {
                     // Answered before the whole request went: the connection is not reused.
-                    let r = self.response(method, status, version, resp_headers, endpoint, false);
+                    let r = self.response(method, status, version, resp_headers, home, false);
                     return Ok(r);
                 }
             }
             // Response head (skipping 1xx interim responses).
             loop {
-                let parsed = read_head(&mut self.buf)?;
+                let parsed = read_head(&mut self.buf).map_err(H1Error::Protocol)?;
                 match parsed {
                     Some((status, version, resp_headers)) => {
                         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                             continue;
                         }
-                        let r =
-                            self.response(method, status, version, resp_headers, endpoint, true);
+                        let r = self.response(method, status, version, resp_headers, home, true);
                         return Ok(r);
                     }
                     None => {
@@ -250,12 +245,12 @@ impl H1Conn {
     /// meanwhile ends the sending and is returned, and so is one already received when a
     /// write fails (as Envoy and hyper do; otherwise the client would get a 502 for the
     /// instance's answer). The rest of the body is not sent then.
-    async fn write_rest(
+    async fn write_rest<B: SendBody>(
         &mut self,
         head: &[u8],
-        body: Option<ReqBody>,
+        body: Option<B>,
         chunked: bool,
-    ) -> Result<Option<Head>, H1Error> {
+    ) -> Result<Option<Head>, H1Error<B>> {
         let H1Conn { stream, buf } = self;
         let stream = &*stream;
         let send = send_rest(stream, head, body, chunked);
@@ -269,22 +264,35 @@ impl H1Conn {
                         Err(H1Error::Io(e)) => {
                             // Whatever the instance said before the failure is still readable.
                             read_to_close(stream, buf).await;
-                            final_head(buf)?.map(Some).ok_or(H1Error::Io(e))
+                            final_head(buf)
+                                .map_err(H1Error::Protocol)?
+                                .map(Some)
+                                .ok_or(H1Error::Io(e))
                         }
                         Err(e) => Err(e),
                     };
                 }
                 r = read_once(stream, buf) => match r {
-                    Ok(0) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(eof())),
+                    Ok(0) => {
+                        return final_head(buf)
+                            .map_err(H1Error::Protocol)?
+                            .map(Some)
+                            .ok_or(H1Error::Io(eof()))
+                    }
                     Ok(_) => {
-                        if let Some(h) = final_head(buf)? {
+                        if let Some(h) = final_head(buf).map_err(H1Error::Protocol)? {
                             return Ok(Some(h));
                         }
                         if buf.len() > MAX_HEAD {
                             return Err(H1Error::Protocol("response head too large"));
                         }
                     }
-                    Err(e) => return final_head(buf)?.map(Some).ok_or(H1Error::Io(e)),
+                    Err(e) => {
+                        return final_head(buf)
+                            .map_err(H1Error::Protocol)?
+                            .map(Some)
+                            .ok_or(H1Error::Io(e))
+                    }
                 },
             }
         }
@@ -296,7 +304,7 @@ impl H1Conn {
         status: StatusCode,
         version: Version,
         mut raw: Box<RawHead>,
-        endpoint: Arc<Endpoint>,
+        home: Arc<Idle<H1Conn>>,
         reusable: bool,
     ) -> Response<H1Body> {
         let no_body = *method == Method::HEAD
@@ -359,7 +367,7 @@ impl H1Conn {
             conn: Some(self),
             decoder: framing,
             keep_alive,
-            endpoint: Some(endpoint),
+            home: Some(home),
             head: Some(raw),
         };
         if body.decoder.is_done() {
@@ -377,7 +385,7 @@ type Head = (StatusCode, Version, Box<RawHead>);
 
 /// Parse a complete head from the buffer, if there is one, and split it off (fields keep
 /// pointing into its bytes).
-fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -388,12 +396,12 @@ fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(H1Error::Protocol("malformed response head")),
+        Err(_) => return Err("malformed response head"),
     };
     let status = resp
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or(H1Error::Protocol("bad status code"))?;
+        .ok_or("bad status code")?;
     let version = if resp.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -409,7 +417,7 @@ fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
 }
 
 /// The first final (not 1xx, 101 included) head in the buffer, skipping interim responses.
-fn final_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+fn final_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
     while let Some(h) = read_head(buf)? {
         if !h.0.is_informational() || h.0 == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(Some(h));
@@ -442,12 +450,12 @@ async fn read_once(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<us
 }
 
 /// Write the rest of a request head, then its body (if any), chunk-framed if `chunked`.
-async fn send_rest(
+async fn send_rest<B: SendBody>(
     stream: &TcpStream,
     head: &[u8],
-    body: Option<ReqBody>,
+    body: Option<B>,
     chunked: bool,
-) -> Result<(), H1Error> {
+) -> Result<(), H1Error<B>> {
     use crate::codec::write_all;
     write_all(stream, head).await.map_err(H1Error::Io)?;
     let Some(mut body) = body else {
@@ -486,12 +494,13 @@ impl H1Conn {
 }
 
 /// A response body read straight from the instance's connection. It also carries the response's
-/// head (the `Response` it came in has an empty map), for `proxy.rs` to take.
+/// head (the `Response` it came in has an empty map), for the caller to take.
 pub struct H1Body {
     conn: Option<H1Conn>,
     decoder: Decoder,
     keep_alive: bool,
-    endpoint: Option<Arc<Endpoint>>,
+    /// Where the connection goes back to when the body is read to its end.
+    home: Option<Arc<Idle<H1Conn>>>,
     head: Option<Box<RawHead>>,
 }
 
@@ -503,9 +512,11 @@ impl H1Body {
 
     /// The body ended: the connection goes back to the pool if it can serve another request.
     fn finish(&mut self) {
-        if let (Some(conn), Some(ep)) = (self.conn.take(), self.endpoint.take()) {
+        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) {
             if self.keep_alive && conn.buf.is_empty() {
-                ep.pool.put_own(conn);
+                let mut conn = conn;
+                conn.mark_idle();
+                home.put(conn);
             }
         }
     }
@@ -590,9 +601,33 @@ impl Body for H1Body {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::table::tests_support::endpoint;
     use http::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An empty request body.
+    struct Nothing;
+
+    impl Body for Nothing {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(None)
+        }
+        fn is_end_stream(&self) -> bool {
+            true
+        }
+    }
+
+    impl SendBody for Nothing {
+        fn unread(&mut self, _: Bytes) {}
+    }
+
+    fn home() -> Arc<Idle<H1Conn>> {
+        Arc::new(Idle::new(8, std::time::Duration::from_secs(60)))
+    }
 
     /// A one-shot server: reads one request head, answers `reply` bytes, then stays open.
     async fn server(
@@ -624,14 +659,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("x"));
         let resp = conn
-            .send(
-                &method,
-                "/p?q=1",
-                &headers,
-                None,
-                ReqBody::Empty,
-                endpoint(),
-            )
+            .send(&method, "/p?q=1", &headers, None::<&()>, Nothing, home())
             .await
             .unwrap();
         let (mut parts, mut body) = resp.into_parts();
@@ -644,7 +672,7 @@ mod tests {
                 conn: None,
                 decoder: Decoder::done(),
                 keep_alive: false,
-                endpoint: None,
+                home: None,
                 head: None,
             },
         );
@@ -742,9 +770,9 @@ mod tests {
                 &Method::GET,
                 "/",
                 &HeaderMap::new(),
-                None,
-                ReqBody::Empty,
-                endpoint(),
+                None::<&()>,
+                Nothing,
+                home(),
             )
             .await;
         assert!(matches!(r, Err(H1Error::Protocol(_))));

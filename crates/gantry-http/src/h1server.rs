@@ -17,7 +17,6 @@
 //! (a 404, a 429, a cache hit) is drained, within bounds, to keep the connection.
 
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -30,13 +29,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::{BoxError, DownBody, RespBody};
+use crate::body::{BoxError, ClientBodyError, RequestBody, ResponseBody};
 use crate::codec::{self, Decoded, Decoder, FieldAt};
 use crate::nudge::{poll_deadline, Nudge};
-use crate::proxy::Reject;
-use crate::server::ConnInfo;
 use crate::wire::Wire;
-use crate::Gateway;
+use crate::{ConnInfo, Handler, Refusal, ServerConfig};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Read size for request bodies.
@@ -93,17 +90,18 @@ enum HeadError {
 /// and rare (refusing a head, lingering before a close) are boxed or keep their buffers on the
 /// heap, and each request's head and parse results are scoped so that they are not kept while
 /// the request is proxied.
-pub(crate) async fn serve(
-    gw: &Arc<Gateway>,
+pub(crate) async fn serve<H: Handler>(
+    h: &Arc<H>,
+    cfg: &ServerConfig,
     stream: Arc<Wire>,
     info: ConnInfo,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Outcome {
-    let timeout = gw.cfg.header_read_timeout;
+    let timeout = cfg.header_read_timeout;
     let mut deadline = Instant::now() + timeout;
     let sleep = tokio::time::sleep_until(deadline);
     tokio::pin!(sleep);
-    // Deadlines of the requests' upstream attempts (see `Gateway::handle`).
+    // Deadlines of the requests' upstream attempts (lent to the handler: `timer.rs`).
     let attempts = tokio::time::sleep_until(deadline);
     tokio::pin!(attempts);
     // Background futures (see `nudge.rs`): the head deadline and shutdown; the attempt deadline.
@@ -127,9 +125,9 @@ pub(crate) async fn serve(
                         return handoff(stream, buf);
                     }
                 } else {
-                    match parse(&mut buf, gw.cfg.max_headers) {
+                    match parse(&mut buf, cfg.max_headers) {
                         Ok(Some(p)) => break 'head Ok(p),
-                        Ok(None) if buf.len() > gw.cfg.max_header_bytes => {
+                        Ok(None) if buf.len() > cfg.max_header_bytes => {
                             break 'head Err(HeadError::TooLarge)
                         }
                         Ok(None) => {}
@@ -155,7 +153,7 @@ pub(crate) async fn serve(
                     // A head begun and not finished (slowloris) gets a 408; an idle
                     // keep-alive connection is just closed.
                     if !buf.is_empty() {
-                        Box::pin(refuse(gw, &stream, info.peer, HeadError::Timeout)).await;
+                        Box::pin(refuse(&**h, cfg, &stream, &info, HeadError::Timeout)).await;
                     }
                     return Outcome::Closed;
                 }
@@ -167,25 +165,25 @@ pub(crate) async fn serve(
         // back); the parsed head is not kept across the proxying.
         let (req, mut meta, slot) = match head {
             Err(e) => {
-                Box::pin(refuse(gw, &stream, info.peer, e)).await;
+                Box::pin(refuse(&**h, cfg, &stream, &info, e)).await;
                 linger(stream).await;
                 return Outcome::Closed;
             }
             Ok(Parsed::Handoff) => return handoff(stream, buf),
             Ok(Parsed::Request(req, meta, framing)) => {
                 let (body, slot) = match framing {
-                    BodyFraming::None => (DownBody::Empty, None),
+                    BodyFraming::None => (RequestBody::Empty, None),
                     BodyFraming::Length(n) => own_body(&stream, &mut buf, Decoder::length(n), &req),
                     BodyFraming::Chunked => own_body(&stream, &mut buf, Decoder::chunked(), &req),
                 };
                 (req.map(|()| body), meta, slot)
             }
         };
-        let timer = crate::proxy::ConnTimer {
+        let timer = crate::timer::ConnTimer {
             sleep: attempts.as_mut(),
-            waits: &attempt_waits,
+            waits: Some(&attempt_waits),
         };
-        let resp = gw.handle(req, &info, Some(timer)).await;
+        let resp = h.handle(req, &info, Some(timer)).await;
         if shutting_down(shutdown) {
             meta.keep_alive = false;
         }
@@ -490,21 +488,24 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadE
 }
 
 /// Answer a head that could not be accepted, then the connection closes.
-async fn refuse(gw: &Gateway, stream: &Wire, peer: SocketAddr, e: HeadError) {
-    let resp = match e {
-        HeadError::Malformed(m) => gw.reject_unparsed(Reject::Malformed(m), peer, None),
-        HeadError::TooLarge => {
-            let limit = format!(
-                "{} bytes, {} header fields",
-                gw.cfg.max_header_bytes, gw.cfg.max_headers
-            );
-            gw.reject_unparsed(Reject::HeadTooLarge, peer, Some(&limit))
-        }
-        HeadError::Timeout => {
-            let ms = gw.cfg.header_read_timeout.as_millis().to_string();
-            gw.reject_unparsed(Reject::HeadTimeout, peer, Some(&ms))
-        }
+async fn refuse<H: Handler>(
+    h: &H,
+    cfg: &ServerConfig,
+    stream: &Wire,
+    info: &ConnInfo,
+    e: HeadError,
+) {
+    let why = match e {
+        HeadError::Malformed(m) => Refusal::Malformed(m),
+        HeadError::TooLarge => Refusal::HeadTooLarge {
+            max_header_bytes: cfg.max_header_bytes,
+            max_headers: cfg.max_headers,
+        },
+        HeadError::Timeout => Refusal::HeadTimeout {
+            after_ms: cfg.header_read_timeout.as_millis() as u64,
+        },
     };
+    let resp = h.refuse(why, info);
     let meta = Meta {
         version: Version::HTTP_11,
         head_request: false,
@@ -563,7 +564,7 @@ fn own_body(
     buf: &mut BytesMut,
     decoder: Decoder,
     req: &Request<()>,
-) -> (DownBody, Option<Slot>) {
+) -> (RequestBody, Option<Slot>) {
     let slot: Slot = Arc::new(Mutex::new(None));
     let expect_continue = req.version() == Version::HTTP_11
         && req
@@ -577,7 +578,7 @@ fn own_body(
         slot: Some(slot.clone()),
         continue_sent: if expect_continue { Some(0) } else { None },
     };
-    (DownBody::Own(body), Some(slot))
+    (RequestBody::Own(body), Some(slot))
 }
 
 /// A request body read straight from the client's connection.
@@ -604,7 +605,8 @@ impl OwnBody {
         }
     }
 
-    fn fail(&mut self, e: std::io::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// The body failed: the client's fault (bad framing, or it went away), never an instance's.
+    fn fail(&mut self, e: ClientBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.slot = None;
         self.decoder = Decoder::done();
         Poll::Ready(Some(Err(Box::new(e))))
@@ -628,8 +630,8 @@ impl Body for OwnBody {
             if this.buf.is_empty() {
                 let r = this.stream.poll_write_all(cx, CONTINUE, &mut sent);
                 this.continue_sent = Some(sent);
-                if let Err(e) = ready!(r) {
-                    return this.fail(e);
+                if ready!(r).is_err() {
+                    return this.fail(ClientBodyError::Closed);
                 }
             }
             this.continue_sent = None;
@@ -652,9 +654,9 @@ impl Body for OwnBody {
                     return Poll::Ready(None);
                 }
                 Ok(Decoded::NeedMore) => {}
-                Err(m) => {
-                    return this.fail(std::io::Error::new(std::io::ErrorKind::InvalidData, m))
-                }
+                // At the end of the input, the body was cut short; before it, its framing is bad.
+                Err(_) if eof => return this.fail(ClientBodyError::Closed),
+                Err(_) => return this.fail(ClientBodyError::Malformed),
             }
             if this.buf.capacity() - this.buf.len() < 1024 {
                 this.buf.reserve(BODY_CHUNK);
@@ -662,7 +664,7 @@ impl Body for OwnBody {
             match ready!(this.stream.poll_read_buf(cx, &mut this.buf)) {
                 Ok(0) => eof = true,
                 Ok(_) => {}
-                Err(e) => return this.fail(e),
+                Err(_) => return this.fail(ClientBodyError::Closed),
             }
         }
     }
@@ -768,15 +770,15 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// Poll the body once, without waiting: `Pending` means the next frame is not there yet.
-async fn frame_now(body: &mut RespBody) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+async fn frame_now<B: ResponseBody>(body: &mut B) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 
 /// The status line and headers of a response as they go on the wire (room left for a small
 /// body behind them), how its body is framed, and whether the connection stays open.
-fn encode_head(
+fn encode_head<B: ResponseBody>(
     parts: http::response::Parts,
-    body: &RespBody,
+    body: &B,
     deferred: Option<crate::body::Deferred>,
     meta: &Meta,
     now: std::time::Instant,
@@ -834,10 +836,13 @@ fn encode_head(
         let kinds = d.head.write_fields(&mut out, framing == Out::None);
         has_date |= kinds & codec::F_DATE != 0;
         has_length |= kinds & codec::F_LENGTH != 0;
-        if !d.request_id.is_empty() {
-            out.extend_from_slice(b"x-request-id: ");
-            out.extend_from_slice(d.request_id.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        if let Some((n, v)) = &d.extra {
+            if !v.is_empty() {
+                out.extend_from_slice(n.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(v.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
         }
     }
     match framing {
@@ -872,27 +877,31 @@ fn encode_head(
     (out, framing, keep_alive)
 }
 
-/// A response the gateway made itself (a whole body in hand), as bytes to send before closing
-/// the connection: what a connection refused at accept gets.
-pub(crate) fn encode_closing(resp: Response<RespBody>) -> Vec<u8> {
+/// A response with its whole body in hand, as bytes to send before closing the connection:
+/// what a connection refused at accept gets. (A body whose first frame is not ready at once
+/// is left out.)
+pub fn encode_closing<B: ResponseBody>(resp: Response<B>) -> Vec<u8> {
     let meta = Meta {
         version: Version::HTTP_11,
         head_request: false,
         keep_alive: false,
         te_trailers: false,
     };
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let (mut out, _, _) = encode_head(parts, &body, None, &meta, std::time::Instant::now());
-    if let RespBody::Full(Some(b)) = body {
-        out.extend_from_slice(&b);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) {
+        if let Ok(d) = frame.into_data() {
+            out.extend_from_slice(&d);
+        }
     }
     out
 }
 
 /// Write the response; `true` when the connection can carry another request. `now` dates it.
-async fn write_response(
+async fn write_response<B: ResponseBody>(
     stream: &Wire,
-    resp: Response<RespBody>,
+    resp: Response<B>,
     meta: &Meta,
     now: std::time::Instant,
 ) -> bool {
