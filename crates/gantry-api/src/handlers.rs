@@ -155,8 +155,8 @@ pub async fn list_upstreams(State(s): State<ApiState>) -> impl IntoResponse {
 
 pub async fn registry_services(State(s): State<ApiState>) -> impl IntoResponse {
     let snap = s.registry.snapshot();
-    let out: BTreeMap<&String, &[Instance]> =
-        snap.services.iter().map(|(k, v)| (k, &v[..])).collect();
+    let out: BTreeMap<&str, &[Instance]> =
+        snap.services.iter().map(|(k, v)| (&**k, &v[..])).collect();
     Json(serde_json::json!({ "revision": snap.revision, "services": out }))
 }
 

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use gantry_http::{BoxError, ClientBody, Deferred, RequestBody, ResponseBody, SendBody};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::table::Endpoint;
+use crate::endpoints::Endpoint;
 
 #[derive(Debug)]
 pub struct BodyTooLarge;
@@ -28,6 +28,65 @@ impl std::fmt::Display for BodyTooLarge {
 }
 impl std::error::Error for BodyTooLarge {}
 
+/// What went wrong with a request body on the client's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// Its framing was bad (a chunk size that is not hex, a chunk without its CRLF...).
+    Malformed,
+    /// The client closed or reset the connection before the body's end.
+    Closed,
+    /// The client was still to send more when the request's time ran out.
+    Slow,
+}
+
+/// What a request body's reader found that ends the request: the body passed the route's size
+/// limit, or the client failed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    TooLarge,
+    Client(ClientFault),
+}
+
+/// What the upstream call needs to know about a request body it is sending: its faults, and
+/// whether its reader is waiting on the client (so that a timeout then is the client's). Written
+/// by the body's reader only (plain loads and stores: no atomic read-modify-write).
+#[derive(Debug, Default)]
+pub struct BodyWatch(AtomicU8);
+
+const W_TOO_LARGE: u8 = 1;
+const W_MALFORMED: u8 = 2;
+const W_CLOSED: u8 = 4;
+const W_WAITING: u8 = 8;
+
+impl BodyWatch {
+    fn set(&self, bit: u8, on: bool) {
+        let v = self.0.load(Ordering::Relaxed);
+        let next = if on { v | bit } else { v & !bit };
+        if next != v {
+            self.0.store(next, Ordering::Relaxed);
+        }
+    }
+
+    /// The fault the body ended with, if any.
+    pub fn fault(&self) -> Option<BodyFault> {
+        let v = self.0.load(Ordering::Relaxed);
+        if v & W_TOO_LARGE != 0 {
+            Some(BodyFault::TooLarge)
+        } else if v & W_MALFORMED != 0 {
+            Some(BodyFault::Client(ClientFault::Malformed))
+        } else if v & W_CLOSED != 0 {
+            Some(BodyFault::Client(ClientFault::Closed))
+        } else {
+            None
+        }
+    }
+
+    /// The body's last read found nothing from the client yet (and it has not ended).
+    pub fn waiting_on_client(&self) -> bool {
+        self.0.load(Ordering::Relaxed) & W_WAITING != 0
+    }
+}
+
 /// Body sent to an instance.
 #[derive(Default)]
 pub enum ReqBody {
@@ -36,7 +95,7 @@ pub enum ReqBody {
     Stream {
         inner: RequestBody,
         remaining: u64,
-        exceeded: Arc<AtomicBool>,
+        watch: Arc<BodyWatch>,
         /// Bytes taken from `inner` and put back (a send that failed before anything left).
         unread: Option<Bytes>,
         /// A copy of every frame taken from `inner` goes to the mirror.
@@ -44,19 +103,17 @@ pub enum ReqBody {
     },
     /// The copy of a request body sent to a mirror.
     Mirror(Box<MirrorBody>),
+    /// A whole body in hand (an in-process caller's), sent as one frame.
+    Full(Bytes),
 }
 
 impl ReqBody {
-    pub fn limited(
-        inner: RequestBody,
-        max: u64,
-        exceeded: Arc<AtomicBool>,
-        tee: Option<Tee>,
-    ) -> Self {
+    /// A client's body, failed once more than `max` bytes came; `watch` hears of its faults.
+    pub fn limited(inner: RequestBody, max: u64, watch: Arc<BodyWatch>, tee: Option<Tee>) -> Self {
         ReqBody::Stream {
             inner,
             remaining: max,
-            exceeded,
+            watch,
             unread: None,
             tee,
         }
@@ -97,7 +154,7 @@ impl Body for ReqBody {
             ReqBody::Stream {
                 inner,
                 remaining,
-                exceeded,
+                watch,
                 unread,
                 tee,
             } => {
@@ -105,12 +162,14 @@ impl Body for ReqBody {
                     *remaining -= d.len() as u64;
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                match Pin::new(&mut *inner).poll_frame(cx) {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                watch.set(W_WAITING, polled.is_pending());
+                match polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(d) = frame.data_ref() {
                             let n = d.len() as u64;
                             if n > *remaining {
-                                exceeded.store(true, Ordering::Relaxed);
+                                watch.set(W_TOO_LARGE, true);
                                 // The mirror's copy fails too (`tee` dropped unfinished).
                                 *tee = None;
                                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
@@ -132,6 +191,11 @@ impl Body for ReqBody {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         *tee = None;
+                        let bit = match RequestBody::classify(&e) {
+                            gantry_http::body::ClientBodyError::Malformed => W_MALFORMED,
+                            gantry_http::body::ClientBodyError::Closed => W_CLOSED,
+                        };
+                        watch.set(bit, true);
                         Poll::Ready(Some(Err(e)))
                     }
                     Poll::Ready(None) => {
@@ -144,6 +208,13 @@ impl Body for ReqBody {
                 }
             }
             ReqBody::Mirror(m) => m.poll(cx),
+            ReqBody::Full(b) => {
+                if b.is_empty() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(std::mem::take(b)))))
+                }
+            }
         }
     }
 
@@ -152,6 +223,7 @@ impl Body for ReqBody {
             ReqBody::Empty => true,
             ReqBody::Stream { inner, unread, .. } => unread.is_none() && inner.is_end_stream(),
             ReqBody::Mirror(m) => m.done,
+            ReqBody::Full(b) => b.is_empty(),
         }
     }
 
@@ -170,6 +242,7 @@ impl Body for ReqBody {
             }
             ReqBody::Mirror(m) if m.done => SizeHint::with_exact(0),
             ReqBody::Mirror(m) => m.hint,
+            ReqBody::Full(b) => SizeHint::with_exact(b.len() as u64),
         }
     }
 }
@@ -300,6 +373,15 @@ impl RespBody {
     }
     pub fn empty() -> Self {
         RespBody::Full(None)
+    }
+}
+
+impl std::fmt::Debug for RespBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RespBody::Upstream(b) => write!(f, "RespBody::Upstream({} bytes so far)", b.bytes),
+            RespBody::Full(b) => write!(f, "RespBody::Full({:?})", b.as_ref().map(Bytes::len)),
+        }
     }
 }
 

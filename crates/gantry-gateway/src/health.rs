@@ -7,15 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_http::client::{self, Mode, Outgoing};
-use gantry_http::pool::Target;
+use gantry_http::client::Mode;
 use gantry_model::ActiveHealth;
 use http::header::{HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::Method;
 use tokio::sync::watch;
 
-use crate::table::{clock_ms, Endpoint, ServiceState};
+use crate::endpoints::{clock_ms, Endpoint, EndpointSet, ServiceState};
+use crate::upstream::{Call, Policy};
 use crate::Gateway;
 
 impl Gateway {
@@ -51,45 +51,59 @@ impl Gateway {
                 }
                 ep.next_probe_ms
                     .store(now + policy.interval_ms, Ordering::Relaxed);
-                tokio::spawn(probe(ep, policy, service));
+                tokio::spawn(probe(self.clone(), ep, policy, service));
             }
         }
     }
 }
 
+/// One probe of one instance, through the upstream call (pinned to it: a one-instance set; no
+/// retries, no breaker, no concurrency slot, and nothing fed to outlier detection).
 async fn get(
-    ep: &Endpoint,
+    gw: &Gateway,
+    ep: &Arc<Endpoint>,
     path: &str,
-    service: &ServiceState,
+    service: &Arc<ServiceState>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let target = Target {
-        addr: ep.addr,
-        connect_timeout: timeout,
-        tls: service.tls.as_ref(),
-    };
     let pq = PathAndQuery::try_from(path).map_err(|e| e.to_string())?;
+    let set = EndpointSet::new(service.clone(), vec![ep.clone()]);
     let mut headers = HeaderMap::new();
     headers.insert(
         http::header::USER_AGENT,
         HeaderValue::from_static("gantry-gateway-health/1"),
     );
-    let outgoing = Outgoing {
+    let no_retries = gantry_model::RetryPolicy::none();
+    let mut call = Call {
+        set: &set,
+        mode: Mode::Http1,
         method: &Method::GET,
         target: &pq,
         authority: None,
         host_in_map: false,
         headers: &mut headers,
-        extra: None::<&()>,
-        keep_headers: false,
+        extra: None,
+        body: None,
+        watch: None,
+        hash_key: None,
     };
-    let mut body = None;
-    let resp = client::send(&ep.pool, target, Mode::Http1, outgoing, &mut body)
+    let policy = Policy {
+        retry: &no_retries,
+        budget: None,
+        retries: None,
+        start: std::time::Instant::now(),
+        request_timeout: timeout,
+        per_try_timeout: None,
+        failure_statuses: &[],
+        passive_health: false,
+    };
+    let answer = gw
+        .call(&mut call, &policy, None, None)
         .await
-        .map_err(|e| e.to_string())?;
-    let status = resp.status();
+        .map_err(|e| e.failure.as_str().to_string())?;
+    let status = answer.resp.status();
     // Read to the end, so the connection goes back to the pool.
-    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    let _ = http_body_util::BodyExt::collect(answer.resp.into_body()).await;
     if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
@@ -97,12 +111,18 @@ async fn get(
     }
 }
 
-async fn probe(ep: Arc<Endpoint>, policy: ActiveHealth, service: Arc<ServiceState>) {
+async fn probe(
+    gw: Arc<Gateway>,
+    ep: Arc<Endpoint>,
+    policy: ActiveHealth,
+    service: Arc<ServiceState>,
+) {
     let timeout = Duration::from_millis(policy.timeout_ms);
-    let res = match tokio::time::timeout(timeout, get(&ep, &policy.path, &service, timeout)).await {
-        Ok(r) => r,
-        Err(_) => Err("timed out".into()),
-    };
+    let res =
+        match tokio::time::timeout(timeout, get(&gw, &ep, &policy.path, &service, timeout)).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out".into()),
+        };
     // probe_streak: high bit set = a run of failures, else a run of successes.
     const FAIL: u64 = 1 << 63;
     let prev = ep.probe_streak.load(Ordering::Relaxed);

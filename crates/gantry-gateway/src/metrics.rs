@@ -77,7 +77,7 @@ pub struct GatewayMetrics {
     mirrored: Family<MirrorLabels, Counter>,
     mirrors_in_flight: Family<RouteLabels, Gauge>,
     upstream_errors: Family<ServiceLabels, Counter>,
-    circuit_state: Family<ServiceLabels, Gauge>,
+    circuit_state: Family<RouteLabels, Gauge>,
     bulkhead_rejections: Family<ServiceLabels, Counter>,
     instance_requests: Family<InstanceStatusLabels, Counter>,
     instance_duration: HistogramFamily<InstanceLabels>,
@@ -150,7 +150,8 @@ impl GatewayMetrics {
             );
             r.register(
                 "circuit_state",
-                "Service circuit breaker: 0 closed, 1 open, 2 half-open",
+                "Circuit breaker of the requests a route sends to a service: 0 closed, 1 open, \
+                 2 half-open",
                 m.circuit_state.clone(),
             );
             r.register(
@@ -255,9 +256,71 @@ impl GatewayMetrics {
         };
         ServiceMetrics {
             upstream_errors: self.upstream_errors.get_or_create(&l).clone(),
-            circuit_state: self.circuit_state.get_or_create(&l).clone(),
             bulkhead_rejections: self.bulkhead_rejections.get_or_create(&l).clone(),
         }
+    }
+
+    /// The state gauge of a route's breaker for a service.
+    pub fn circuit(&self, route: &str, service: &str) -> Gauge {
+        self.circuit_state
+            .get_or_create(&RouteLabels {
+                route: route.into(),
+                service: service.into(),
+            })
+            .clone()
+    }
+
+    /// Forget a breaker's series (the route or its target is gone).
+    pub fn remove_circuit(&self, route: &str, service: &str) {
+        self.circuit_state.remove(&RouteLabels {
+            route: route.into(),
+            service: service.into(),
+        });
+    }
+
+    /// Forget a route's series (the route is gone): they would otherwise stay in every scrape.
+    pub fn remove_route(&self, route: &str, service: &str) {
+        let labels = RouteLabels {
+            route: route.into(),
+            service: service.into(),
+        };
+        for status in CLASSES {
+            self.requests.remove(&RequestLabels {
+                route: route.into(),
+                service: service.into(),
+                status,
+            });
+        }
+        self.duration.remove(&labels);
+        self.retries.remove(&labels);
+        self.rate_limited.remove(&labels);
+        for outcome in ["answered", "failed", "abandoned", "skipped"] {
+            self.mirrored.remove(&MirrorLabels {
+                route: route.into(),
+                service: service.into(),
+                outcome,
+            });
+        }
+        self.mirrors_in_flight.remove(&labels);
+    }
+
+    /// Forget an instance's series (it left): instances come and go by the thousand over a
+    /// gateway's life, and their series would otherwise grow without end.
+    pub fn remove_instance(&self, service: &str, instance: &str) {
+        let l = InstanceLabels {
+            service: service.into(),
+            instance: instance.into(),
+        };
+        for status in CLASSES.into_iter().chain(["error"]) {
+            self.instance_requests.remove(&InstanceStatusLabels {
+                service: service.into(),
+                instance: instance.into(),
+                status,
+            });
+        }
+        self.instance_duration.remove(&l);
+        self.ejections.remove(&l);
+        self.ejected.remove(&l);
     }
 
     pub fn instance(&self, service: &str, instance: &str) -> InstanceMetrics {
@@ -323,7 +386,6 @@ pub struct MirrorMetrics {
 #[derive(Clone)]
 pub struct ServiceMetrics {
     pub upstream_errors: Counter,
-    pub circuit_state: Gauge,
     pub bulkhead_rejections: Counter,
 }
 

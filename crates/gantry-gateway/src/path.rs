@@ -84,7 +84,8 @@ static HOST_CHARS: [bool; 256] = host_chars();
 /// Empty values, spaces, userinfo (`@`) and unclosed brackets are not. (One pass, a table
 /// lookup a byte: every request's host goes through it.)
 pub fn valid_host(a: &[u8]) -> bool {
-    let rest = if a.first() == Some(&b'[') {
+    let mut i = 0;
+    if a.first() == Some(&b'[') {
         let Some(end) = a.iter().position(|c| *c == b']') else {
             return false;
         };
@@ -94,27 +95,39 @@ pub fn valid_host(a: &[u8]) -> bool {
         if literal.is_none() {
             return false;
         }
-        &a[end + 1..]
+        i = end + 1;
     } else {
-        let name = a
-            .iter()
-            .take_while(|c| HOST_CHARS[usize::from(**c)])
-            .count();
-        if name == 0 {
+        while i < a.len() && HOST_CHARS[a[i] as usize] {
+            i += 1;
+        }
+        if i == 0 {
             return false;
         }
-        &a[name..]
-    };
-    match rest {
-        [] => true,
-        [b':', port @ ..] => {
-            !port.is_empty()
-                && port.len() <= 5
-                && port.iter().all(u8::is_ascii_digit)
-                && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65_535
-        }
-        _ => false,
     }
+    if i == a.len() {
+        return true;
+    }
+    a[i] == b':' && valid_port(&a[i + 1..])
+}
+
+/// A byte of a registered name (or an IPv4 address).
+pub fn is_host_char(c: u8) -> bool {
+    HOST_CHARS[c as usize]
+}
+
+/// A port: 1 to 5 digits, at most 65535.
+pub fn valid_port(port: &[u8]) -> bool {
+    if port.is_empty() || port.len() > 5 {
+        return false;
+    }
+    let mut n = 0u32;
+    for d in port {
+        if !d.is_ascii_digit() {
+            return false;
+        }
+        n = n * 10 + u32::from(d - b'0');
+    }
+    n <= 65_535
 }
 
 /// Normalize a request path (without query). Borrowed when nothing changes (the common case).

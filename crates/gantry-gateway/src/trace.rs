@@ -60,16 +60,6 @@ pub(crate) fn hex_into(out: &mut [u8], v: u64) {
     }
 }
 
-impl TraceContext {
-    /// No trace context (`[gateway] trace_context = false`): nothing to send, a zero trace id.
-    pub fn none() -> Self {
-        TraceContext {
-            header: http::HeaderValue::from_static(""),
-            trace_id: [b'0'; 32],
-        }
-    }
-}
-
 pub fn propagate(incoming: Option<&str>) -> TraceContext {
     // 00-<32 trace>-<16 parent>-<2 flags>
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";

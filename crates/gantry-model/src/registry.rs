@@ -53,8 +53,12 @@ pub enum InstanceSource {
 #[derive(Clone, Debug, Default)]
 pub struct RegistrySnapshot {
     pub revision: u64,
-    /// Instances by service name, sorted by instance id.
-    pub services: BTreeMap<String, Arc<[Instance]>>,
+    /// Instances by service name, sorted by instance id. A service whose instances did not
+    /// change keeps the very same list (pointer-equal) from one snapshot to the next, so a
+    /// reader can tell what changed without comparing instances.
+    pub services: BTreeMap<Arc<str>, Arc<[Instance]>>,
+    /// The services whose instance lists changed at this revision (from the one before).
+    pub changed: Vec<Arc<str>>,
 }
 
 impl RegistrySnapshot {

@@ -102,6 +102,10 @@ pub struct Forward {
     pub cache: Option<CachePolicy>,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: u64,
+    /// Statuses from an instance that count as failures for the route's circuit breakers,
+    /// besides connection failures, resets, timeouts, 502, 503 and 504.
+    #[serde(default)]
+    pub failure_statuses: Vec<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,7 +125,7 @@ pub struct Mirror {
     pub percent: f64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rewrite {
     /// Remove the matched prefix (prefix routes).
     pub strip_prefix: bool,
@@ -129,6 +133,25 @@ pub struct Rewrite {
     pub replace_prefix: Option<String>,
     /// Regex rewrite of the path: (pattern, replacement with `$1`-style groups).
     pub regex: Option<(String, String)>,
+    /// With a stripped or replaced prefix: point the instance's redirects (`Location`) back
+    /// under the route's prefix, and send `X-Forwarded-Prefix`.
+    #[serde(default = "yes")]
+    pub redirects: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Rewrite {
+    fn default() -> Self {
+        Self {
+            strip_prefix: false,
+            replace_prefix: None,
+            regex: None,
+            redirects: true,
+        }
+    }
 }
 
 /// Header changes, applied in order: remove, set (replace), add (append).
@@ -165,7 +188,9 @@ pub struct RetryPolicy {
     pub on_statuses: Vec<u16>,
     /// Retry after a per-try timeout.
     pub on_per_try_timeout: bool,
-    /// Also retry methods that are not idempotent (only if the request has no body).
+    /// Also retry methods that are not idempotent once the request may have reached an
+    /// instance (only if it has no body). A request that never left is retried whatever its
+    /// method.
     pub non_idempotent: bool,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
@@ -173,6 +198,23 @@ pub struct RetryPolicy {
     pub budget_ratio: f64,
     /// ...plus this many retries per second.
     pub budget_min_per_second: u32,
+}
+
+impl RetryPolicy {
+    /// One attempt, never another (mirrored copies, health checks).
+    pub fn none() -> Self {
+        Self {
+            attempts: 0,
+            on_connect_failure: false,
+            on_statuses: Vec::new(),
+            on_per_try_timeout: false,
+            non_idempotent: false,
+            backoff_base_ms: 0,
+            backoff_max_ms: 0,
+            budget_ratio: 0.0,
+            budget_min_per_second: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

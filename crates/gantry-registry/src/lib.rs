@@ -84,7 +84,10 @@ struct KindLabel {
 
 struct State {
     revision: u64,
+    /// By instance id.
     instances: BTreeMap<String, Instance>,
+    /// Instance ids by service, to rebuild one service's list without a scan of all.
+    ids: BTreeMap<Arc<str>, std::collections::BTreeSet<String>>,
     snapshot: Arc<RegistrySnapshot>,
 }
 
@@ -125,6 +128,7 @@ impl Registry {
             state: Mutex::new(State {
                 revision: 0,
                 instances: BTreeMap::new(),
+                ids: BTreeMap::new(),
                 snapshot: Arc::new(RegistrySnapshot::default()),
             }),
             listeners: Mutex::new(Vec::new()),
@@ -382,34 +386,64 @@ impl Registry {
     fn remove(&self, id: &str, kind: RegistryEventKind) -> Option<u64> {
         let mut st = self.lock();
         let inst = st.instances.remove(id)?;
+        if let Some(ids) = st.ids.get_mut(inst.service.as_str()) {
+            ids.remove(id);
+            if ids.is_empty() {
+                st.ids.remove(inst.service.as_str());
+            }
+        }
         Some(self.publish(&mut st, kind, inst))
     }
 
     fn apply(&self, kind: RegistryEventKind, inst: Instance) -> u64 {
         let mut st = self.lock();
-        st.instances.insert(inst.id.clone(), inst.clone());
+        if let Some(old) = st.instances.insert(inst.id.clone(), inst.clone()) {
+            // Re-registered under another service (self-registrations keep theirs; checked).
+            if old.service != inst.service {
+                if let Some(ids) = st.ids.get_mut(old.service.as_str()) {
+                    ids.remove(&old.id);
+                }
+            }
+        }
+        st.ids
+            .entry(inst.service.as_str().into())
+            .or_default()
+            .insert(inst.id.clone());
         self.publish(&mut st, kind, inst)
     }
 
-    /// Called with the state lock held: bump revision, rebuild the snapshot, notify.
+    /// Called with the state lock held: bump revision, publish a snapshot in which only the
+    /// changed service's list is new (the others are shared with the last one), notify.
     fn publish(&self, st: &mut State, kind: RegistryEventKind, inst: Instance) -> u64 {
         st.revision += 1;
-        let mut services: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
-        for i in st.instances.values() {
-            services
-                .entry(i.service.clone())
-                .or_default()
-                .push(i.clone());
-        }
-        let label = ServiceLabel {
-            service: inst.service.clone(),
+        let name: Arc<str> = match st.ids.get_key_value(inst.service.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => inst.service.as_str().into(),
         };
+        let list: Vec<Instance> = st
+            .ids
+            .get(&name)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| st.instances.get(id).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
         self.instances_gauge
-            .get_or_create(&label)
-            .set(services.get(&inst.service).map_or(0, |v| v.len()) as i64);
+            .get_or_create(&ServiceLabel {
+                service: inst.service.clone(),
+            })
+            .set(list.len() as i64);
+        let mut services = st.snapshot.services.clone();
+        if list.is_empty() {
+            services.remove(&name);
+        } else {
+            services.insert(name.clone(), list.into());
+        }
         st.snapshot = Arc::new(RegistrySnapshot {
             revision: st.revision,
-            services: services.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            services,
+            changed: vec![name],
         });
         for l in self
             .listeners

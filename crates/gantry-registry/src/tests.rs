@@ -189,3 +189,24 @@ async fn bad_registrations_are_refused() {
         Err(RegistryError::NotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn snapshots_name_the_changed_service_and_share_the_others_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    r.register_supervised(supervised("a-1", "a", 2001));
+    r.register_supervised(supervised("b-1", "b", 2002));
+    let before = r.snapshot();
+    r.register_supervised(supervised("b-2", "b", 2003));
+    let after = r.snapshot();
+    assert_eq!(after.revision, before.revision + 1);
+    assert_eq!(after.changed, vec![Arc::<str>::from("b")]);
+    assert!(Arc::ptr_eq(&before.services["a"], &after.services["a"]));
+    assert_eq!(after.services["b"].len(), 2);
+    // The last instance of a service gone: the service is gone, and named.
+    r.deregister_supervised("a-1");
+    let gone = r.snapshot();
+    assert!(!gone.services.contains_key("a"));
+    assert_eq!(gone.changed, vec![Arc::<str>::from("a")]);
+    assert!(Arc::ptr_eq(&after.services["b"], &gone.services["b"]));
+}

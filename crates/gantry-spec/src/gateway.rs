@@ -129,6 +129,12 @@ pub struct RouteSpec {
     /// Rewrite the path with a regex: `{ pattern = "^/old/(.*)", replacement = "/new/$1" }`.
     #[serde(default)]
     pub rewrite_regex: Option<RegexRewriteSpec>,
+    /// With `strip_prefix` or `rewrite_prefix`: point the instance's redirects back under the
+    /// route's prefix (a `Location: /next` from behind `/hb` becomes `/hb/next`, as nginx's
+    /// `proxy_redirect default` does) and send `X-Forwarded-Prefix`. Default true: without it an
+    /// application behind a stripped prefix sends its clients where no route leads.
+    #[serde(default = "d_true")]
+    pub rewrite_redirects: bool,
     /// Answer with a redirect instead of forwarding.
     #[serde(default)]
     pub redirect: Option<RedirectSpec>,
@@ -178,6 +184,14 @@ pub struct RouteSpec {
     /// not memory.
     #[serde(default = "d_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// Statuses from an instance that count as failures for this route's circuit breaker,
+    /// besides what always counts: no connection, a reset, a timeout, 502, 503 and 504.
+    /// Default none: a deliberate 500 from one endpoint (a bug, a test) must not cut the route
+    /// off; list 500 here when it means the service is down. (Resilience4j counts every
+    /// exception its caller records; Envoy's outlier detection counts 5xx per host, and its
+    /// gateway-failure detector exactly these.)
+    #[serde(default)]
+    pub failure_statuses: Vec<u16>,
 }
 
 fn d_timeout_ms() -> u64 {
@@ -281,7 +295,8 @@ pub struct RetrySpec {
     pub on: Vec<String>,
     #[serde(default)]
     pub statuses: Vec<u16>,
-    /// Retry POST and PATCH too (still only without a body). Default false.
+    /// Retry POST and PATCH too once they may have reached an instance (still only without a
+    /// body). Default false: a request that never left is retried whatever its method.
     #[serde(default)]
     pub allow_non_idempotent: bool,
     /// Exponential backoff with full jitter between attempts. Defaults 25 and 250 (Envoy's).
@@ -1007,6 +1022,14 @@ pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize
     if r.timeout_ms == 0 {
         p.push((rf("timeout_ms"), "expected at least 1".into()));
     }
+    for (j, st) in r.failure_statuses.iter().enumerate() {
+        if !(100..=599).contains(st) {
+            p.push((
+                rf(&format!("failure_statuses[{j}]")),
+                format!("{st} is not an HTTP status (100-599)"),
+            ));
+        }
+    }
     if r.per_try_timeout_ms == Some(0) {
         p.push((rf("per_try_timeout_ms"), "expected at least 1".into()));
     }
@@ -1260,6 +1283,7 @@ impl RouteSpec {
                             .rewrite_regex
                             .as_ref()
                             .map(|r| (r.pattern.clone(), r.replacement.clone())),
+                        redirects: self.rewrite_redirects,
                     },
                     request_headers: header_ops(&self.request_headers),
                     response_headers: header_ops(&self.response_headers),
@@ -1292,6 +1316,7 @@ impl RouteSpec {
                         max_object_bytes: c.max_object_bytes,
                     }),
                     max_body_bytes: self.max_body_bytes,
+                    failure_statuses: self.failure_statuses.clone(),
                 }))
             }
         };

@@ -19,6 +19,8 @@
 //! - `POST /digest`          reads the whole body; `{"instance", "bytes": N, "digest": "H"}` (H:
 //!   FNV-1a 64 of the body, hex)
 //! - `GET /status/CODE`      answers with that status
+//! - `GET [P]/hop/N`         302 to `[P]/hop/N-1` (`?absolute=1`: an absolute URL on the
+//!   request's Host; `?self=1`: on the instance's own address); `[P]/hop/0` answers 200
 //! - `GET /stream?n=N&ms=M`  a Server-Sent Events stream: N events (`data: i`), one every M ms,
 //!   chunked
 //! - `GET /cacheable?max_age=N&etag=E`  `Cache-Control: max-age=N`, `ETag: "E"`, body
@@ -301,6 +303,40 @@ async fn handle_full(
                 h.insert("etag", v);
             }
             r
+        }
+        (_, p) if p.contains("/hop/") => {
+            // Redirect chains: [PREFIX]/hop/N answers 302 to [PREFIX]/hop/N-1 ([PREFIX]/hop/0
+            // answers 200 with the path it was asked for); `absolute=1` makes the Location an
+            // absolute URL on the Host the request came with, `self=1` on the instance's own
+            // address.
+            let at = p.find("/hop/").unwrap_or(0);
+            let n: u32 = p[at + 5..].parse().unwrap_or(0);
+            if n == 0 {
+                text(
+                    StatusCode::OK,
+                    format!("{{\"arrived\":{}}}\n", json_escape(p)),
+                )
+            } else {
+                let next = format!("{}/hop/{}", &p[..at], n - 1);
+                let location = if query_param(query, "absolute") == Some("1") {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("localhost");
+                    format!("http://{host}{next}?absolute=1")
+                } else if query_param(query, "self") == Some("1") {
+                    let port = std::env::var("PORT").unwrap_or_default();
+                    format!("http://127.0.0.1:{port}{next}?self=1")
+                } else {
+                    next
+                };
+                let mut r = text(StatusCode::FOUND, String::new());
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&location) {
+                    r.headers_mut().insert("location", v);
+                }
+                r
+            }
         }
         (_, "/slow") => {
             let ms = query_param(query, "ms")

@@ -87,6 +87,7 @@ outlier = { consecutive_failures = 3, base_ejection_ms = 60000, max_ejected_perc
 [[services.web.routes]]
 path_prefix = "/"
 retries = { attempts = 0 }
+failure_statuses = [500]
 "#,
     );
     let list = g.wait_healthy("web", 3, Duration::from_secs(20));
@@ -501,5 +502,169 @@ per_try_timeout_ms = 200
         t.elapsed() < Duration::from_millis(900),
         "{:?}",
         t.elapsed()
+    );
+}
+
+#[test]
+fn a_failing_call_site_opens_its_own_circuit_only_and_500_is_not_a_failure_by_default() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 2
+[services.web.upstream]
+circuit_breaker = { failure_rate = 0.5, min_requests = 10, window_ms = 10000, open_ms = 5000, half_open_requests = 1 }
+outlier = { consecutive_failures = 0, failure_rate = 0.0 }
+[[services.web.routes]]
+path_prefix = "/good"
+strip_prefix = true
+retries = { attempts = 0 }
+[[services.web.routes]]
+path_prefix = "/bad"
+strip_prefix = true
+retries = { attempts = 0 }
+"#,
+    );
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    // A burst of 500s from one path: the application's answer, not a failure of the service.
+    for i in 0..40 {
+        assert_eq!(g.get("/bad/status/500").status, 500, "request {i}");
+    }
+    assert_eq!(g.get("/good/x").status, 200);
+    // 503s are the service failing: the route that gets them opens its circuit...
+    // (The 40 answers of 500 count as successes in the breaker's window: 503s open it once
+    // they are half of the window, at about the 40th.)
+    let mut open = Vec::new();
+    for _ in 0..60 {
+        let r = g.get("/bad/status/503");
+        assert_eq!(r.status, 503);
+        open.push(r.body.contains("circuit_open"));
+    }
+    let first = open.iter().position(|o| *o);
+    assert!(first.is_some_and(|i| i >= 10), "{open:?}");
+    assert!(open[first.unwrap_or(0)..].iter().all(|o| *o), "{open:?}");
+    let r = g.get("/bad/status/200");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "circuit_open", "{}", r.body);
+    // ...and only that route: the other call site to the same service is untouched.
+    for i in 0..20 {
+        let r = g.get(&format!("/good/{i}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let up = &g.admin_get("/v1/upstreams")[0];
+    assert_eq!(up["circuit"], "open", "{up}");
+    let states: Vec<(String, String)> = up["circuits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["route"].as_str().unwrap().to_string(),
+                c["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("web/0".to_string(), "closed".to_string()),
+            ("web/1".to_string(), "open".to_string())
+        ]
+    );
+    let m = g.metrics();
+    assert!(
+        m.contains("gantry_gateway_circuit_state{route=\"web/1\",service=\"web\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_clients_broken_or_slow_upload_is_the_clients_fault() {
+    use std::io::{Read, Write};
+    let g = Gantry::start(
+        r#"
+[services.up]
+command = ["{TESTSVC}"]
+replicas = 2
+[services.up.upstream]
+circuit_breaker = { consecutive_failures = 2, failure_rate = 0.0 }
+outlier = { consecutive_failures = 2, base_ejection_ms = 60000 }
+[[services.up.routes]]
+path_prefix = "/up"
+strip_prefix = true
+timeout_ms = 1500
+"#,
+    );
+    g.wait_healthy("up", 2, Duration::from_secs(20));
+    let gw = g.gateway;
+    // Bad chunk framing: 400, the client's.
+    for _ in 0..10 {
+        let r = raw(
+            gw,
+            b"POST /up/digest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",
+        );
+        assert_eq!(raw_status(&r), 400, "{r}");
+        assert!(r.contains("malformed_request_body"), "{r}");
+    }
+    // Hang up in the middle of the body.
+    for _ in 0..10 {
+        let mut s = std::net::TcpStream::connect(gw).unwrap();
+        s.write_all(
+            b"POST /up/digest HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        drop(s);
+    }
+    // Too slow to send: a byte every 400 ms against a 1.5 s timeout, three at once.
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(gw).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(b"POST /up/digest HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+                    .unwrap();
+                for _ in 0..20 {
+                    std::thread::sleep(Duration::from_millis(400));
+                    if s.write_all(b"x").is_err() {
+                        break;
+                    }
+                }
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                String::from_utf8_lossy(&out).into_owned()
+            })
+        })
+        .collect();
+    for t in slow {
+        let r = t.join().unwrap();
+        assert_eq!(raw_status(&r), 408, "{r}");
+        assert!(r.contains("request_body_timeout"), "{r}");
+    }
+    // None of it counted against an instance or the service: everyone else is served.
+    for i in 0..20 {
+        let r = g.get(&format!("/up/after/{i}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let routes = g.admin_get("/v1/routes");
+    for e in routes[0]["endpoints"].as_array().unwrap() {
+        assert_eq!(e["ejected"], false, "{e}");
+        assert_eq!(e["suspect"], false, "{e}");
+    }
+    assert_eq!(g.admin_get("/v1/upstreams")[0]["circuit"], "closed");
+    let m = g.metrics();
+    let upstream_errors = m
+        .lines()
+        .find(|l| l.starts_with("gantry_gateway_upstream_errors_total{service=\"up\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("0");
+    assert_eq!(upstream_errors, "0", "{m}");
+    assert!(
+        m.contains("gantry_gateway_rejected_requests_total{reason=\"request_body_timeout\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gantry_gateway_rejected_requests_total{reason=\"malformed_request_body\"} 10"),
+        "{m}"
     );
 }

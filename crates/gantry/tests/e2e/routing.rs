@@ -790,3 +790,71 @@ fn request_ids_trace_context_and_forwarding_headers_can_be_turned_off() {
     );
     assert!(r.header("x-request-id").is_some());
 }
+
+#[test]
+fn redirects_from_behind_a_stripped_prefix_lead_back_under_it() {
+    let g = Gantry::start(
+        r#"
+[services.hb]
+command = ["{TESTSVC}"]
+[[services.hb.routes]]
+path_prefix = "/hb"
+strip_prefix = true
+[[services.hb.routes]]
+path_prefix = "/api"
+rewrite_prefix = "/v2"
+[[services.hb.routes]]
+path_prefix = "/raw"
+strip_prefix = true
+rewrite_redirects = false
+"#,
+    );
+    g.wait_healthy("hb", 1, Duration::from_secs(20));
+    let location = |path: &str, host: &str| {
+        let r = raw(
+            g.gateway,
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(raw_status(&r), 302, "{path}: {r}");
+        r.lines()
+            .find_map(|l| {
+                l.strip_prefix("location: ")
+                    .or(l.strip_prefix("Location: "))
+            })
+            .unwrap_or_else(|| panic!("no Location: {r}"))
+            .trim()
+            .to_string()
+    };
+    // A path: back under the prefix the route stripped.
+    assert_eq!(location("/hb/hop/1", "shop.test"), "/hb/hop/0");
+    // An absolute URL on the host the client asked for (the instance saw it in Host).
+    assert_eq!(
+        location("/hb/hop/1?absolute=1", "shop.test:8080"),
+        "http://shop.test:8080/hb/hop/0?absolute=1"
+    );
+    // The instance's own address means nothing to the client: the client's host instead.
+    assert_eq!(
+        location("/hb/hop/1?self=1", "shop.test:8080"),
+        "http://shop.test:8080/hb/hop/0?self=1"
+    );
+    // A replaced prefix: what is under the replacement goes back under the route's prefix.
+    assert_eq!(location("/api/hop/1", "shop.test"), "/api/hop/0");
+    // Switched off: as the instance sent it.
+    assert_eq!(location("/raw/hop/1", "shop.test"), "/hop/0");
+    // A client that follows: three hops, each through the gateway, and it arrives.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-L", "--max-time", "10", "--max-redirs", "5"])
+        .arg(format!("http://{}/hb/hop/3?absolute=1", g.gateway))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{body}");
+    assert!(body.contains("\"arrived\":\"/hop/0\""), "{body}");
+    // The instance learns the prefix it is served under.
+    let echo = g.get("/hb/echo").json();
+    assert_eq!(echo["headers"]["x-forwarded-prefix"], "/hb", "{echo}");
+    assert_eq!(echo["path"], "/echo");
+    let echo = g.get("/api/echo").json();
+    assert_eq!(echo["headers"]["x-forwarded-prefix"], "/api", "{echo}");
+    assert_eq!(echo["path"], "/v2/echo");
+}
