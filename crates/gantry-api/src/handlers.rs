@@ -153,6 +153,11 @@ pub async fn list_upstreams(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.gateway.upstreams())
 }
 
+/// The gateway's rolling window (the last minute) per route, service and version.
+pub async fn traffic(State(s): State<ApiState>) -> impl IntoResponse {
+    Json(s.gateway.traffic())
+}
+
 pub async fn registry_services(State(s): State<ApiState>) -> impl IntoResponse {
     let snap = s.registry.snapshot();
     let out: BTreeMap<&str, &[Instance]> =
@@ -351,7 +356,8 @@ pub async fn logs(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     if let Some(svc) = &q.service {
-        if !s.supervisor.has_service(svc) {
+        // `gateway`: the gateway's access log (instance `access`), when it is on.
+        if svc != "gateway" && !s.supervisor.has_service(svc) {
             return Err(ApiError::not_found(format!("unknown service {svc:?}")));
         }
     }

@@ -81,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/instances", get(list_instances))
         .route("/v1/routes", get(list_routes))
         .route("/v1/upstreams", get(list_upstreams))
+        .route("/v1/traffic", get(traffic))
         .route("/v1/reload", post(reload))
         .route(
             "/v1/routes/{name}",

@@ -65,6 +65,9 @@ pub(crate) struct Ctx {
     /// The `traceparent` to send upstream (empty when `trace_context` is off).
     pub traceparent: HeaderValue,
     pub trace_id: [u8; 32],
+    /// The gateway's span in the trace: the parent id the instance gets (zeros when trace
+    /// context is off).
+    pub span_id: [u8; 16],
     pub method: Method,
     /// The client's HTTP version (the access log's `protocol`).
     pub version: Version,
@@ -72,7 +75,8 @@ pub(crate) struct Ctx {
     /// The normalized path, when normalizing changed it, then the path the target phase left
     /// (less a version segment); `None`: the request's own.
     pub normalized: Option<String>,
-    /// The request's path as it came, for the access log (empty unless the log is on).
+    /// The request's path as it came, for the request's summary (empty unless someone
+    /// observes summaries).
     pub path: String,
     pub client: SocketAddr,
     /// When the response head arrived from the instance (the end of the last attempt): the
@@ -86,14 +90,15 @@ impl Ctx {
         self.normalized.as_deref().unwrap_or(req.uri().path())
     }
 
-    /// The facts the access log needs, moved out for the end of the response body.
-    pub(crate) fn take_for_log(&mut self) -> Ctx {
+    /// The facts a request's summary needs, moved out for the end of the response body.
+    pub(crate) fn take_for_summary(&mut self) -> Ctx {
         Ctx {
             start: self.start,
             seen: Seen::default(),
             request_id: self.request_id.clone(),
             traceparent: HeaderValue::from_static(""),
             trace_id: self.trace_id,
+            span_id: self.span_id,
             method: self.method.clone(),
             version: self.version,
             host: self.host.take(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use gantry_http::pool::Pool;
 use gantry_model::{LoadBalancer, UpstreamPolicy};
+use gantry_telemetry::stats::{Outcome, RequestStats};
 use http::uri::Authority;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -63,6 +64,9 @@ pub struct Endpoint {
     /// Connections to the instance (shared with the response bodies that give them back).
     pub pool: Arc<Pool<ReqBody>>,
     pub metrics: InstanceMetrics,
+    /// Shared by every instance of this version of the service (its window is what canary
+    /// analysis compares).
+    pub version_stats: Arc<RequestStats>,
 }
 
 impl Endpoint {
@@ -76,6 +80,7 @@ impl Endpoint {
         external: bool,
         policy: &UpstreamPolicy,
         metrics: InstanceMetrics,
+        version_stats: Arc<RequestStats>,
     ) -> Option<Self> {
         let authority = Authority::try_from(addr.to_string()).ok()?;
         Some(Self {
@@ -100,7 +105,16 @@ impl Endpoint {
                 Duration::from_millis(policy.idle_connection_timeout_ms),
             )),
             metrics,
+            version_stats,
         })
+    }
+
+    /// One attempt's outcome, at monotonic `now_ms`, in the instance's and its version's
+    /// statistics.
+    pub fn record(&self, now_ms: u64, outcome: Outcome, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros() as u64;
+        self.metrics.stats.record(now_ms, outcome, us);
+        self.version_stats.record(now_ms, outcome, us);
     }
 
     /// Eligible for new requests: not suspect, not ejected (an ejection that ran out lets the
@@ -419,6 +433,7 @@ mod tests {
                         false,
                         &p,
                         gm.instance("s", "x"),
+                        gm.version("s", &semver::Version::new(1, 0, 0)),
                     )
                     .unwrap_or_else(|| unreachable!()),
                 )

@@ -40,6 +40,15 @@ impl Gateway {
                     tracing::debug!(closed, "idle upstream connections closed");
                 }
             }
+            if ticks.is_multiple_of(100) {
+                // Versions no instance runs any more leave the figures once their window is
+                // empty.
+                let live = endpoints
+                    .iter()
+                    .map(|(ep, _)| (ep.service.to_string(), ep.version.to_string()))
+                    .collect();
+                self.metrics.prune_versions(&live, clock_ms());
+            }
             let now = clock_ms();
             for (ep, policy) in endpoints {
                 let Some((policy, service)) = policy.filter(|_| ep.external) else {

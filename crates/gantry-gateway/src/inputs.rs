@@ -71,6 +71,8 @@ pub(crate) struct Endpoints {
     pub splits: Vec<Option<Arc<Split>>>,
     /// Every routable instance of each service (for in-process callers and views).
     pub services: HashMap<Arc<str>, Arc<EndpointSet>>,
+    /// The release weights' split of each service that has weights (in-process callers).
+    pub service_splits: HashMap<Arc<str>, Arc<Split>>,
 }
 
 impl Endpoints {
@@ -164,6 +166,7 @@ impl Control {
                 sets: Vec::new(),
                 splits: Vec::new(),
                 services: HashMap::new(),
+                service_splits: HashMap::new(),
             }),
             weights: Arc::default(),
             auth: Arc::default(),
@@ -353,6 +356,7 @@ impl Control {
                         external,
                         &entry.state.policy,
                         metrics.instance(name, &inst.id),
+                        metrics.version(name, &inst.version),
                     ) {
                         Some(e) => Arc::new(e),
                         None => continue,
@@ -454,10 +458,16 @@ impl Control {
             .iter()
             .map(|(k, e)| (k.clone(), Arc::new(narrowed(e, None))))
             .collect();
+        let service_splits = self
+            .services
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.service_split(k)?)))
+            .collect();
         self.endpoints = Arc::new(Endpoints {
             sets,
             splits,
             services,
+            service_splits,
         });
     }
 
@@ -466,7 +476,12 @@ impl Control {
         let mut sets = self.endpoints.sets.clone();
         let mut splits = self.endpoints.splits.clone();
         let mut services = self.endpoints.services.clone();
+        let mut service_splits = self.endpoints.service_splits.clone();
         for name in changed {
+            match self.service_split(name) {
+                Some(s) => service_splits.insert(name.clone(), s),
+                None => service_splits.remove(name),
+            };
             if let Some(idx) = self.targets_of.get(name) {
                 for &i in idx {
                     let key = &self.routes.targets[i as usize];
@@ -483,7 +498,15 @@ impl Control {
             sets,
             splits,
             services,
+            service_splits,
         });
+    }
+
+    fn service_split(&self, service: &Arc<str>) -> Option<Arc<Split>> {
+        self.target_split(&TargetKey {
+            service: service.clone(),
+            version: None,
+        })
     }
 
     // -----------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@
 // No `unsafe` here; the workspace denies it.
 #![forbid(unsafe_code)]
 
-mod accesslog;
 mod body;
 mod cache;
 mod context;
@@ -34,6 +33,7 @@ mod rand;
 mod ratelimit;
 mod reject;
 pub mod resilience;
+mod summary;
 mod table;
 pub mod tls;
 mod trace;
@@ -58,12 +58,13 @@ use crate::table::Action;
 pub use body::{ReqBody, RespBody};
 pub use gantry_http::Listener;
 pub use inputs::{AuthMaterial, TrafficWeights, VersionWeight};
+pub use summary::{AccessLog, Observer, RequestSummary};
 pub use upstream::{CallError, CallOptions, Caller, Failure};
 
 /// Runtime options of the gateway (from `[gateway]` in the spec).
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// Log one JSON line per request (target `gantry::access`).
+    /// One JSON line per request, on stderr and in the log store (`start_access_log`).
     pub access_log: bool,
     /// Generate `X-Request-Id` (a client's sane one is kept either way).
     pub request_id: bool,
@@ -119,6 +120,8 @@ pub struct Gateway {
     /// Circuit breakers of in-process callers, by (caller, service).
     caller_breakers:
         Mutex<std::collections::HashMap<(String, String), Arc<endpoints::BreakerScope>>>,
+    /// Who hears of every request's summary (the access log, span export).
+    observers: summary::Observers,
 }
 
 /// A route as the admin API shows it: the rule, resolved, and where it sends traffic now.
@@ -167,6 +170,61 @@ pub struct CircuitView {
     pub state: &'static str,
 }
 
+/// Rolling-window figures of the gateway's traffic (the last minute): what canary analysis,
+/// autoscaling and alert rules read.
+#[derive(Debug, Clone, Serialize)]
+pub struct Traffic {
+    /// The window's length, seconds.
+    pub window_seconds: f64,
+    pub routes: Vec<TrafficRow>,
+    /// Each service, all its versions together.
+    pub services: Vec<TrafficRow>,
+    /// Each version of each service.
+    pub versions: Vec<TrafficRow>,
+}
+
+/// One route's, service's or version's figures over the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficRow {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    pub service: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub requests: u64,
+    /// 5xx answers and attempts without an answer.
+    pub errors: u64,
+    pub error_rate: Option<f64>,
+    pub requests_per_second: f64,
+    pub mean_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl TrafficRow {
+    fn of(
+        route: Option<&str>,
+        service: &str,
+        version: Option<&str>,
+        w: &gantry_telemetry::stats::Window,
+    ) -> Self {
+        Self {
+            route: route.map(str::to_string),
+            service: service.to_string(),
+            version: version.map(str::to_string),
+            requests: w.requests,
+            errors: w.errors,
+            error_rate: w.error_rate(),
+            requests_per_second: (w.rate() * 100.0).round() / 100.0,
+            mean_ms: w.mean_ms(),
+            p50_ms: w.quantile_ms(0.5),
+            p90_ms: w.quantile_ms(0.9),
+            p99_ms: w.quantile_ms(0.99),
+        }
+    }
+}
+
 fn circuit_name(code: i64) -> &'static str {
     match code {
         0 => "closed",
@@ -196,7 +254,28 @@ impl Gateway {
             cfg,
             ids: context::RequestIds::new(),
             caller_breakers: Mutex::new(std::collections::HashMap::new()),
+            observers: summary::Observers::new(),
         })
+    }
+
+    /// Tell `o` of every request's summary from now on.
+    pub fn add_observer(&self, o: Arc<dyn Observer>) {
+        self.observers.add(o);
+    }
+
+    /// The access log, when `[gateway] access_log` asks for it: registers its observer and
+    /// returns its writer, for the caller to run on the control plane's runtime (the gateway's
+    /// threads only hand lines over).
+    pub fn start_access_log(
+        &self,
+        logs: gantry_telemetry::LogStore,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if !self.cfg.access_log {
+            return None;
+        }
+        let (log, writer) = AccessLog::new(logs, self.metrics.access_log_dropped.clone());
+        self.add_observer(log);
+        Some(writer)
     }
 
     /// Accept on `listener` until `shutdown` turns true, then wait (up to the shutdown grace)
@@ -253,6 +332,17 @@ impl Gateway {
         let mut c = self.lock();
         c.auth = Arc::new(auth);
         self.publish(&c);
+    }
+
+    /// The instances a request to `service` may go to now (as the request path sees them).
+    pub fn routable(&self, service: &str) -> Vec<String> {
+        self.inputs
+            .load()
+            .endpoints
+            .services
+            .get(service)
+            .map(|s| s.endpoints.iter().map(|e| e.id.to_string()).collect())
+            .unwrap_or_default()
     }
 
     /// Requests in flight to one instance (0 when unknown).
@@ -341,6 +431,40 @@ impl Gateway {
             .collect();
         out.sort_by(|a, b| a.service.cmp(&b.service));
         out
+    }
+
+    /// The rolling window's figures (the last minute) per route, service and version.
+    pub fn traffic(&self) -> Traffic {
+        let now = clock_ms();
+        let stats = &self.metrics.stats;
+        let lock = |m| metrics::lock(m);
+        let routes: Vec<TrafficRow> = lock(&stats.routes)
+            .iter()
+            .filter(|((route, _), _)| route != "none")
+            .map(|((route, service), st)| {
+                TrafficRow::of(Some(route), service, None, &st.window(now))
+            })
+            .collect();
+        let mut services: std::collections::BTreeMap<String, gantry_telemetry::stats::Window> =
+            std::collections::BTreeMap::new();
+        let versions: Vec<TrafficRow> = lock(&stats.versions)
+            .iter()
+            .map(|((service, version), st)| {
+                let w = st.window(now);
+                services.entry(service.clone()).or_default().merge(&w);
+                TrafficRow::of(None, service, Some(version), &w)
+            })
+            .collect();
+        let window_seconds = (gantry_telemetry::stats::WINDOW_MS as f64) / 1000.0;
+        Traffic {
+            window_seconds,
+            routes,
+            services: services
+                .iter()
+                .map(|(service, w)| TrafficRow::of(None, service, None, w))
+                .collect(),
+            versions,
+        }
     }
 
     /// Every instance the gateway knows, with its service's active health policy when there is

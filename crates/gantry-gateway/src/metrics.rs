@@ -1,12 +1,21 @@
 //! Gateway metrics. Handles per route, service and instance are resolved when the table is built,
-//! so the request path only touches atomics (and one histogram) it already holds.
+//! so the request path only touches what it already holds. A request's figures (status class,
+//! latency) go into per-thread statistics (`gantry_telemetry::stats`: no atomic
+//! read-modify-write, no lock) per route, per instance and per service version; a collector
+//! turns them into the Prometheus families at scrape time, and the same statistics give the
+//! rolling windows canary analysis, autoscaling and alerts read (`Gateway::traffic`).
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 
+use gantry_telemetry::stats::{Outcome, RequestStats, BUCKETS_US, CLASSES};
 use gantry_telemetry::Metrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,26 +61,147 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 100 µs .. ~26 s
-    Histogram::new([
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0, 25.0,
-    ])
+/// The live statistics, by what their series are labelled with: what the collector encodes, and
+/// what `Gateway::traffic` reads.
+#[derive(Default)]
+pub struct StatsRegistry {
+    pub routes: Mutex<BTreeMap<(String, String), Arc<RequestStats>>>,
+    pub instances: Mutex<BTreeMap<(String, String), Arc<RequestStats>>>,
+    /// By service and version (instances of one version share theirs).
+    pub versions: Mutex<BTreeMap<(String, String), Arc<RequestStats>>>,
 }
 
-pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
-pub fn class_index(status: u16) -> usize {
-    (status / 100).clamp(1, 5) as usize - 1
+impl std::fmt::Debug for StatsRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StatsRegistry")
+    }
+}
+
+/// The histogram's buckets as Prometheus wants them: upper bounds in seconds, the last +Inf.
+fn histogram_buckets(counts: &[u64]) -> Vec<(f64, u64)> {
+    BUCKETS_US
+        .iter()
+        .map(|b| *b as f64 / 1e6)
+        .chain([f64::MAX])
+        .zip(counts.iter().copied())
+        .collect()
+}
+
+/// A counter value for the collector.
+struct ConstCounter(u64);
+
+impl EncodeMetric for ConstCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&self.0, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+impl Collector for StatsRegistry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let routes: Vec<_> = lock(&self.routes)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.totals()))
+            .collect();
+        let instances: Vec<_> = lock(&self.instances)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.totals()))
+            .collect();
+        {
+            let mut m = encoder.encode_descriptor(
+                "requests",
+                "Requests answered, by route, service and status class",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((route, service), t) in &routes {
+                for (i, status) in CLASSES[..5].iter().enumerate() {
+                    let labels = RequestLabels {
+                        route: route.clone(),
+                        service: service.clone(),
+                        status,
+                    };
+                    ConstCounter(t.classes[i]).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "request_duration_seconds",
+                "Time from request received to response headers sent, by route",
+                None,
+                MetricType::Histogram,
+            )?;
+            for ((route, service), t) in &routes {
+                let labels = RouteLabels {
+                    route: route.clone(),
+                    service: service.clone(),
+                };
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        t.sum_us as f64 / 1e6,
+                        t.count(),
+                        &histogram_buckets(&t.buckets),
+                        None,
+                    )?;
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "instance_requests",
+                "Attempts per instance by status class (error: no response)",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((service, instance), t) in &instances {
+                for (i, status) in CLASSES.iter().enumerate() {
+                    let labels = InstanceStatusLabels {
+                        service: service.clone(),
+                        instance: instance.clone(),
+                        status,
+                    };
+                    ConstCounter(t.classes[i]).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "instance_duration_seconds",
+                "Time to response headers per instance (attempts that got a response)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for ((service, instance), t) in &instances {
+                let labels = InstanceLabels {
+                    service: service.clone(),
+                    instance: instance.clone(),
+                };
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        t.sum_us as f64 / 1e6,
+                        t.count(),
+                        &histogram_buckets(&t.buckets),
+                        None,
+                    )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
 pub struct GatewayMetrics {
-    requests: Family<RequestLabels, Counter>,
-    duration: HistogramFamily<RouteLabels>,
+    /// Per-thread statistics of routes, instances and versions.
+    pub stats: Arc<StatsRegistry>,
     retries: Family<RouteLabels, Counter>,
     rate_limited: Family<RouteLabels, Counter>,
     mirrored: Family<MirrorLabels, Counter>,
@@ -79,21 +209,20 @@ pub struct GatewayMetrics {
     upstream_errors: Family<ServiceLabels, Counter>,
     circuit_state: Family<RouteLabels, Gauge>,
     bulkhead_rejections: Family<ServiceLabels, Counter>,
-    instance_requests: Family<InstanceStatusLabels, Counter>,
-    instance_duration: HistogramFamily<InstanceLabels>,
     ejections: Family<InstanceLabels, Counter>,
     ejected: Family<InstanceLabels, Gauge>,
     cache: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
     pub open_connections: Gauge,
     pub connections: Counter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 impl GatewayMetrics {
     pub fn new(metrics: &Metrics) -> Self {
         let m = Self {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            stats: Arc::new(StatsRegistry::default()),
             retries: Family::default(),
             rate_limited: Family::default(),
             mirrored: Family::default(),
@@ -101,26 +230,16 @@ impl GatewayMetrics {
             upstream_errors: Family::default(),
             circuit_state: Family::default(),
             bulkhead_rejections: Family::default(),
-            instance_requests: Family::default(),
-            instance_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             ejections: Family::default(),
             ejected: Family::default(),
             cache: Family::default(),
             rejected: Family::default(),
             open_connections: Gauge::default(),
             connections: Counter::default(),
+            access_log_dropped: Counter::default(),
         };
         metrics.register("gateway", |r| {
-            r.register(
-                "requests",
-                "Requests answered, by route, service and status class",
-                m.requests.clone(),
-            );
-            r.register(
-                "request_duration_seconds",
-                "Time from request received to response headers sent, by route",
-                m.duration.clone(),
-            );
+            r.register_collector(Box::new(m.stats.clone()));
             r.register(
                 "retries",
                 "Attempts sent again after a failure, by route",
@@ -160,16 +279,6 @@ impl GatewayMetrics {
                 m.bulkhead_rejections.clone(),
             );
             r.register(
-                "instance_requests",
-                "Attempts per instance by status class (error: no response)",
-                m.instance_requests.clone(),
-            );
-            r.register(
-                "instance_duration_seconds",
-                "Time to response headers per instance",
-                m.instance_duration.clone(),
-            );
-            r.register(
                 "ejections",
                 "Times an instance was ejected by outlier detection",
                 m.ejections.clone(),
@@ -199,6 +308,11 @@ impl GatewayMetrics {
                 "Client connections accepted",
                 m.connections.clone(),
             );
+            r.register(
+                "access_log_dropped",
+                "Access-log lines dropped because the writer fell behind",
+                m.access_log_dropped.clone(),
+            );
         });
         m
     }
@@ -208,17 +322,12 @@ impl GatewayMetrics {
             route: route.into(),
             service: service.into(),
         };
+        let stats = lock(&self.stats.routes)
+            .entry((route.into(), service.into()))
+            .or_default()
+            .clone();
         RouteMetrics {
-            by_class: CLASSES.map(|status| {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        route: route.into(),
-                        service: service.into(),
-                        status,
-                    })
-                    .clone()
-            }),
-            duration: self.duration.get_or_create(&labels).clone(),
+            stats,
             retries: self.retries.get_or_create(&labels).clone(),
             rate_limited: self.rate_limited.get_or_create(&labels).clone(),
         }
@@ -284,14 +393,7 @@ impl GatewayMetrics {
             route: route.into(),
             service: service.into(),
         };
-        for status in CLASSES {
-            self.requests.remove(&RequestLabels {
-                route: route.into(),
-                service: service.into(),
-                status,
-            });
-        }
-        self.duration.remove(&labels);
+        lock(&self.stats.routes).remove(&(route.to_string(), service.to_string()));
         self.retries.remove(&labels);
         self.rate_limited.remove(&labels);
         for outcome in ["answered", "failed", "abandoned", "skipped"] {
@@ -311,14 +413,7 @@ impl GatewayMetrics {
             service: service.into(),
             instance: instance.into(),
         };
-        for status in CLASSES.into_iter().chain(["error"]) {
-            self.instance_requests.remove(&InstanceStatusLabels {
-                service: service.into(),
-                instance: instance.into(),
-                status,
-            });
-        }
-        self.instance_duration.remove(&l);
+        lock(&self.stats.instances).remove(&(service.to_string(), instance.to_string()));
         self.ejections.remove(&l);
         self.ejected.remove(&l);
     }
@@ -328,22 +423,28 @@ impl GatewayMetrics {
             service: service.into(),
             instance: instance.into(),
         };
-        let class = |status: &'static str| {
-            self.instance_requests
-                .get_or_create(&InstanceStatusLabels {
-                    service: service.into(),
-                    instance: instance.into(),
-                    status,
-                })
-                .clone()
-        };
+        let stats = lock(&self.stats.instances)
+            .entry((service.into(), instance.into()))
+            .or_default()
+            .clone();
         InstanceMetrics {
-            by_class: CLASSES.map(class),
-            errors: class("error"),
-            duration: self.instance_duration.get_or_create(&l).clone(),
+            stats,
             ejections: self.ejections.get_or_create(&l).clone(),
             ejected: self.ejected.get_or_create(&l).clone(),
         }
+    }
+
+    /// The statistics every instance of one version of a service shares.
+    pub fn version(&self, service: &str, version: &semver::Version) -> Arc<RequestStats> {
+        lock(&self.stats.versions)
+            .entry((service.into(), version.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Forget the versions that have no instance any more and whose window has emptied.
+    pub fn prune_versions(&self, live: &std::collections::HashSet<(String, String)>, now_ms: u64) {
+        lock(&self.stats.versions).retain(|k, v| live.contains(k) || v.window(now_ms).requests > 0);
     }
 
     pub fn reject(&self, reason: &'static str) {
@@ -359,16 +460,17 @@ impl GatewayMetrics {
 
 #[derive(Clone)]
 pub struct RouteMetrics {
-    by_class: [Counter; 5],
-    pub duration: Histogram,
+    /// Requests and their latency to the response head.
+    pub stats: Arc<RequestStats>,
     pub retries: Counter,
     pub rate_limited: Counter,
 }
 
 impl RouteMetrics {
-    pub fn record(&self, status: u16, seconds: f64) {
-        self.by_class[class_index(status)].inc();
-        self.duration.observe(seconds);
+    /// A request answered with `status`, `seconds` after it arrived, at monotonic `now_ms`.
+    pub fn record(&self, now_ms: u64, status: u16, seconds: f64) {
+        self.stats
+            .record(now_ms, Outcome::Status(status), (seconds * 1e6) as u64);
     }
 }
 
@@ -391,16 +493,8 @@ pub struct ServiceMetrics {
 
 #[derive(Clone)]
 pub struct InstanceMetrics {
-    by_class: [Counter; 5],
-    pub errors: Counter,
-    pub duration: Histogram,
+    /// Attempts and their time to the response head.
+    pub stats: Arc<RequestStats>,
     pub ejections: Counter,
     pub ejected: Gauge,
-}
-
-impl InstanceMetrics {
-    pub fn record(&self, status: u16, seconds: f64) {
-        self.by_class[class_index(status)].inc();
-        self.duration.observe(seconds);
-    }
 }

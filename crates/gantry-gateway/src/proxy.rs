@@ -46,6 +46,7 @@ use crate::endpoints::{clock_ms, hash64, ms_at, EndpointSet};
 use crate::filters::{self, Filter, PathRewrite, Phase, Selected};
 use crate::inputs::Snapshot;
 use crate::reject::Reject;
+use crate::summary::{summarize, Detail};
 use crate::table::{Action, CompiledRoute, ForwardAction, RequestView};
 use crate::upstream::{Admitted, Answer, Call, Failure, Policy, ServiceSlot, UpstreamError};
 use crate::{path, trace, Gateway};
@@ -106,18 +107,15 @@ fn refusal(why: gantry_http::Refusal) -> (Reject, Option<String>) {
 }
 
 /// Work done when a forwarded response's body ends: release the service slot, store the body in
-/// the cache, write the access log.
+/// the cache, tell the observers the request's summary.
 pub(crate) struct RequestEnd {
     _service_slot: ServiceSlot,
-    /// Boxed, like `log`: both are opt-in, and every response body in flight carries this.
+    /// Boxed, like `detail`: both are opt-in, and every response body in flight carries this.
     /// With the gateway, which stores the body in its cache.
     cache: Option<Box<(Arc<Gateway>, CacheFill)>>,
-    log: Option<Box<LogFill>>,
+    /// With the gateway, whose observers hear of the request.
+    detail: Option<Box<(Arc<Gateway>, Detail)>>,
 }
-
-/// What the access-log line at a response's end needs: the request's context, route id,
-/// instance id, status, upstream time.
-type LogFill = (Ctx, Arc<str>, String, u16, Duration);
 
 /// What a cacheable response's end stores: key, request headers, status, response headers,
 /// freshness lifetime.
@@ -125,11 +123,11 @@ type CacheFill = (CacheKey, HeaderMap, StatusCode, HeaderMap, u64);
 
 impl RequestEnd {
     /// Work that only holds the service's concurrency slot until the body ends.
-    pub(crate) fn holding(slot: ServiceSlot) -> Self {
+    pub(crate) fn holding(slot: ServiceSlot, detail: Option<Box<(Arc<Gateway>, Detail)>>) -> Self {
         Self {
             _service_slot: slot,
             cache: None,
-            log: None,
+            detail,
         }
     }
 
@@ -143,17 +141,9 @@ impl RequestEnd {
                 gw.metrics.cache("stored");
             }
         }
-        if let Some(log) = self.log.take() {
-            let (ctx, route, upstream, status, upstream_time) = *log;
-            crate::accesslog::write(
-                &ctx,
-                &route,
-                &upstream,
-                status,
-                bytes,
-                Some(upstream_time),
-                complete,
-            );
+        if let Some(d) = self.detail.take() {
+            let (gw, detail) = *d;
+            detail.summary(complete, bytes, |s| gw.observers.tell(s));
         }
     }
 }
@@ -218,6 +208,7 @@ impl Gateway {
                 request_id: HeaderValue::from_static(""),
                 traceparent: HeaderValue::from_static(""),
                 trace_id: [b'0'; 32],
+                span_id: [b'0'; 16],
                 method: req.method().clone(),
                 version: req.version(),
                 host: Host::None,
@@ -254,10 +245,8 @@ impl Gateway {
             let resp = match &route.action {
                 Action::Redirect(r) => {
                     let resp = filters::redirect(r, route, &req, conn.tls, &cx);
-                    if self.cfg.access_log {
-                        let status = resp.status().as_u16();
-                        crate::accesslog::write(&cx, &route.id, "", status, 0, None, true);
-                    }
+                    let status = resp.status().as_u16();
+                    self.observe_now(&cx, Some(route), "", None, status, None, 0, None);
                     resp
                 }
                 Action::Forward(f) => {
@@ -269,7 +258,7 @@ impl Gateway {
             let took = end.saturating_duration_since(cx.start);
             route
                 .metrics
-                .record(resp.status().as_u16(), took.as_secs_f64());
+                .record(ms_at(end), resp.status().as_u16(), took.as_secs_f64());
             resp
         }
     }
@@ -296,10 +285,11 @@ impl Gateway {
                     .as_ref()
                     .and_then(|v| v.to_str().ok()),
             );
+            cx.span_id.copy_from_slice(&tc.header.as_bytes()[36..52]);
             cx.traceparent = tc.header;
             cx.trace_id = tc.trace_id;
         }
-        if self.cfg.access_log {
+        if self.observers.any() {
             cx.path = req.uri().path().to_string();
         }
         cx.host = request_host(req).map_err(|why| (Reject::BadRequest(why), None))?;
@@ -769,6 +759,7 @@ impl Gateway {
             ep,
             guard,
             elapsed: upstream_time,
+            attempts,
             ..
         } = answer;
         let slot = admitted.slot;
@@ -782,17 +773,8 @@ impl Gateway {
                 tunnel::spawn_splice(client, upstream, f.idle_timeout, (guard, slot));
                 set_request_id(&mut parts.headers, &cx.request_id);
                 self.respond_filters(f, &mut parts.headers, cx, authority, &ep.authority);
-                if self.cfg.access_log {
-                    crate::accesslog::write(
-                        cx,
-                        &route.id,
-                        &ep.id,
-                        101,
-                        0,
-                        Some(upstream_time),
-                        true,
-                    );
-                }
+                let (version, took) = (Some(&ep.version), Some(upstream_time));
+                self.observe_now(cx, Some(route), &ep.id, version, 101, None, 0, took);
                 return Response::from_parts(parts, RespBody::empty());
             }
         }
@@ -831,17 +813,9 @@ impl Gateway {
             let mut r = cached_response(&fresh, method, "REVALIDATED", clock_ms());
             set_request_id(r.headers_mut(), &cx.request_id);
             self.respond_filters(f, r.headers_mut(), cx, authority, &ep.authority);
-            if self.cfg.access_log {
-                crate::accesslog::write(
-                    cx,
-                    &route.id,
-                    &ep.id,
-                    r.status().as_u16(),
-                    fresh.body.len() as u64,
-                    Some(upstream_time),
-                    true,
-                );
-            }
+            let (status, bytes) = (r.status().as_u16(), fresh.body.len() as u64);
+            let (version, took) = (Some(&ep.version), Some(upstream_time));
+            self.observe_now(cx, Some(route), &ep.id, version, status, None, bytes, took);
             return r;
         }
         if raw.is_none() {
@@ -851,7 +825,7 @@ impl Gateway {
         let mut end = RequestEnd {
             _service_slot: slot,
             cache: None,
-            log: None,
+            detail: None,
         };
         if let (Some(key), Some(policy)) = (cache.key, &f.filters.cache) {
             // The request headers that matter for Vary are the ones the client sent.
@@ -880,13 +854,20 @@ impl Gateway {
                 self.respond_filters(f, &mut parts.headers, cx, authority, &ep.authority);
             }
         }
-        if self.cfg.access_log {
-            end.log = Some(Box::new((
-                cx.take_for_log(),
-                route.id.clone(),
-                ep.id.to_string(),
-                status.as_u16(),
-                upstream_time,
+        if self.observers.any() {
+            end.detail = Some(Box::new((
+                self.clone(),
+                Detail {
+                    cx: cx.take_for_summary(),
+                    route: route.id.clone(),
+                    service: ep.service.clone(),
+                    version: Some(ep.version.clone()),
+                    instance: ep.id.clone(),
+                    caller: None,
+                    status: status.as_u16(),
+                    upstream: Some(upstream_time),
+                    attempts,
+                },
             )));
         }
         body.on_end(end);
@@ -959,18 +940,42 @@ impl Gateway {
                 ops.apply(r.headers_mut());
             }
         }
-        if self.cfg.access_log {
-            crate::accesslog::write(
-                cx,
-                &route.id,
-                "cache",
-                r.status().as_u16(),
-                e.body.len() as u64,
-                None,
-                true,
-            );
-        }
+        let (status, bytes) = (r.status().as_u16(), e.body.len() as u64);
+        self.observe_now(cx, Some(route), "cache", None, status, None, bytes, None);
         r
+    }
+
+    /// Tell the observers (if any) of a request that ends now.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn observe_now(
+        &self,
+        cx: &Ctx,
+        route: Option<&CompiledRoute>,
+        instance: &str,
+        version: Option<&semver::Version>,
+        status: u16,
+        reason: Option<&'static str>,
+        bytes: u64,
+        upstream: Option<Duration>,
+    ) {
+        if !self.observers.any() {
+            return;
+        }
+        summarize(
+            cx,
+            route.map(|r| &*r.id),
+            route.map_or("", |r| &*r.service),
+            version,
+            instance,
+            None,
+            status,
+            reason,
+            true,
+            bytes,
+            upstream,
+            u32::from(upstream.is_some()),
+            |s| self.observers.tell(s),
+        );
     }
 
     /// Send a copy to the shadow target through the upstream call (no retries, no breaker);
@@ -1131,19 +1136,28 @@ fn pick_backend<'s>(
             .or_else(|| f.backends.first())?
     };
     if let Some(split) = eps.split(backend.target) {
-        let parts = &split.parts;
-        let live = |p: &&(Arc<EndpointSet>, u32, Box<str>)| !p.0.endpoints.is_empty();
-        let part = weighted(parts, |p| p.1, &|_| true, split.total)
-            .filter(live)
-            .or_else(|| {
-                let total = parts.iter().filter(live).map(|p| u64::from(p.1)).sum();
-                weighted(parts, |p| p.1, &live, total)
-            });
-        if let Some(p) = part {
+        if let Some(p) = pick_part(split) {
             return Some((&p.0, &p.2, backend));
         }
     }
     Some((eps.set(backend.target)?, &backend.label, backend))
+}
+
+/// A version's part of a release split, by weight, among the parts with instances.
+fn pick_part(split: &crate::inputs::Split) -> Option<&(Arc<EndpointSet>, u32, Box<str>)> {
+    let parts = &split.parts;
+    let live = |p: &&(Arc<EndpointSet>, u32, Box<str>)| !p.0.endpoints.is_empty();
+    weighted(parts, |p| p.1, &|_| true, split.total)
+        .filter(live)
+        .or_else(|| {
+            let total = parts.iter().filter(live).map(|p| u64::from(p.1)).sum();
+            weighted(parts, |p| p.1, &live, total)
+        })
+}
+
+/// The instances a release split sends one request to.
+pub(crate) fn pick_split(split: &crate::inputs::Split) -> Option<&EndpointSet> {
+    pick_part(split).map(|p| &*p.0)
 }
 
 /// One of `items`, drawn by weight among those `usable` keeps (`total`: their weights' sum).

@@ -9,6 +9,7 @@ use http::{Method, Response, StatusCode, Version};
 
 use crate::body::{ClientFault, RespBody};
 use crate::context::{Ctx, Host, Seen, X_REQUEST_ID};
+use crate::endpoints::clock_ms;
 use crate::table::CompiledRoute;
 use crate::Gateway;
 
@@ -98,6 +99,7 @@ impl Gateway {
             request_id: self.ids.next(),
             traceparent: HeaderValue::from_static(""),
             trace_id: [b'0'; 32],
+            span_id: [b'0'; 16],
             method: Method::GET,
             version: Version::HTTP_11,
             end: None,
@@ -121,20 +123,22 @@ impl Gateway {
         // A route's answers, its rejections included, are counted once, where `handle` gets
         // them back from `forward`; only those that never reached a route are counted here.
         if route.is_none() {
-            self.no_route
-                .record(resp.status().as_u16(), ctx.start.elapsed().as_secs_f64());
-        }
-        if self.cfg.access_log {
-            crate::accesslog::write(
-                ctx,
-                route.map_or("none", |r| &r.id),
-                "",
+            self.no_route.record(
+                clock_ms(),
                 resp.status().as_u16(),
-                0,
-                None,
-                true,
+                ctx.start.elapsed().as_secs_f64(),
             );
         }
+        self.observe_now(
+            ctx,
+            route,
+            "",
+            None,
+            resp.status().as_u16(),
+            Some(why.code()),
+            0,
+            None,
+        );
         resp
     }
 

@@ -22,6 +22,7 @@ use gantry_http::client::{self, ErrorKind, Mode, Outgoing};
 use gantry_http::pool::Target;
 use gantry_http::{timer, ClientBody, ConnTimer};
 use gantry_model::RetryPolicy;
+use gantry_telemetry::stats::Outcome;
 use http::header::{HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Response};
@@ -394,7 +395,7 @@ impl Gateway {
                         let status = resp.status();
                         if policy.passive_health {
                             ep.observe_latency(end_ms, elapsed.as_secs_f64() * 1e6);
-                            ep.metrics.record(status.as_u16(), elapsed.as_secs_f64());
+                            ep.record(end_ms, Outcome::Status(status.as_u16()), elapsed);
                             self.outlier(service, ep, !status.is_server_error(), end_ms);
                         }
                         if retry.on_statuses.contains(&status.as_u16())
@@ -442,7 +443,7 @@ impl Gateway {
                             }
                         }
                         if policy.passive_health {
-                            ep.metrics.errors.inc();
+                            ep.record(end_ms, Outcome::NoResponse, elapsed);
                             service.metrics.upstream_errors.inc();
                             ep.mark_suspect(end_ms);
                             self.outlier(service, ep, false, end_ms);
@@ -476,7 +477,7 @@ impl Gateway {
                             break;
                         }
                         if policy.passive_health {
-                            ep.metrics.errors.inc();
+                            ep.record(end_ms, Outcome::NoResponse, elapsed);
                             service.metrics.upstream_errors.inc();
                             self.outlier(service, ep, false, end_ms);
                         }
@@ -673,7 +674,11 @@ impl Gateway {
                 narrowed = crate::filters::filter_versions(all, r);
                 &narrowed
             }
-            None => all,
+            // A release in progress: its weights split the caller's traffic too.
+            None => match snap.endpoints.service_splits.get(service) {
+                Some(split) => crate::proxy::pick_split(split).unwrap_or(all),
+                None => all,
+            },
         };
         let breaker = self.caller_breaker(&caller.name, &set.service);
         let start = Instant::now();
@@ -691,7 +696,11 @@ impl Gateway {
                 .get(&crate::context::TRACEPARENT)
                 .and_then(|v| v.to_str().ok()),
         );
+        let tc_trace = tc.trace_id;
+        let mut tc_span = [b'0'; 16];
+        tc_span.copy_from_slice(&tc.header.as_bytes()[36..52]);
         headers.insert(crate::context::TRACEPARENT.clone(), tc.header);
+        let request_id_out = request_id.clone();
         headers.insert(crate::context::X_REQUEST_ID.clone(), request_id);
         if let Ok(v) = HeaderValue::from_str(&caller.name) {
             headers.insert(GANTRY_CALLER.clone(), v);
@@ -737,10 +746,12 @@ impl Gateway {
             failure_statuses: &options.failure_statuses,
             passive_health: true,
         };
+        let parts_method = parts.method.clone();
         let answer = self
             .call(&mut call, &policy, Some((&breaker, admitted.probe)), None)
             .await
             .map_err(|e| err(e.failure, e.sent, e.retry_safe, e.attempts))?;
+        drop(call);
         tracing::debug!(service, caller = %caller.name, instance = %answer.ep.id, status = answer.resp.status().as_u16(), attempts = answer.attempts, "in-process call answered");
         let (mut parts, mut incoming) = answer.resp.into_parts();
         if let Some(head) = incoming.take_head() {
@@ -751,8 +762,40 @@ impl Gateway {
             }
         }
         crate::context::remove_hop_by_hop(&mut parts.headers, false);
+        let status = parts.status.as_u16();
+        let detail = self.observers.any().then(|| {
+            let cx = crate::context::Ctx {
+                start,
+                seen: crate::context::Seen::default(),
+                request_id: request_id_out,
+                traceparent: HeaderValue::from_static(""),
+                trace_id: tc_trace,
+                span_id: tc_span,
+                method: parts_method,
+                version: http::Version::HTTP_11,
+                host: crate::context::Host::None,
+                normalized: None,
+                path: pq.path().to_string(),
+                client: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                end: Some(answer.end),
+            };
+            Box::new((
+                self.clone(),
+                crate::summary::Detail {
+                    cx,
+                    route: "none".into(),
+                    service: answer.ep.service.clone(),
+                    version: Some(answer.ep.version.clone()),
+                    instance: answer.ep.id.clone(),
+                    caller: Some(caller.name.clone()),
+                    status,
+                    upstream: Some(answer.elapsed),
+                    attempts: answer.attempts,
+                },
+            ))
+        });
         let mut body = UpstreamBody::new(incoming, answer.guard, options.timeout);
-        body.on_end(crate::proxy::RequestEnd::holding(admitted.slot));
+        body.on_end(crate::proxy::RequestEnd::holding(admitted.slot, detail));
         Ok(Response::from_parts(
             parts,
             crate::RespBody::Upstream(Box::new(body)),

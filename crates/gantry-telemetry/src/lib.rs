@@ -1,5 +1,6 @@
-//! Telemetry shared by every component: the Prometheus metrics registry, the store of instance
-//! output (logs), and the set-up of Gantry's own structured logs (tracing).
+//! Telemetry shared by every component: the Prometheus metrics registry, per-thread request
+//! statistics with rolling windows (`stats`), the store of instance output (logs), and the
+//! set-up of Gantry's own structured logs (tracing).
 //!
 //! Architecture invariant: components create their metric handles once, at build time, through
 //! [`Metrics::register`]; the request path only touches those handles (atomics), never the
@@ -7,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod logs;
+pub mod stats;
 
 use std::sync::{Arc, Mutex, PoisonError};
 

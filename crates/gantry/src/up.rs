@@ -284,6 +284,9 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         },
         &metrics,
     );
+    if let Some(writer) = gateway.start_access_log(logs.clone()) {
+        tokio::spawn(writer);
+    }
     {
         let gw = gateway.clone();
         registry.on_change(move |snap| gw.apply_registry(snap));

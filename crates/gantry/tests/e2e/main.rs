@@ -7,6 +7,7 @@ mod cli_and_spec;
 mod config;
 mod gateway;
 mod hardening;
+mod observability;
 mod protocols;
 mod registry;
 mod resilience;

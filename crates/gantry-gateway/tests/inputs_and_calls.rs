@@ -1,6 +1,8 @@
-//! In-process calls (`Gateway::call_service`) through the one upstream call, against real
-//! sockets: balancing over the registry's instances, version narrowing, retries past a refusing
-//! instance, typed failures, and the headers every call carries.
+//! The gateway's inputs and its one upstream call, against real sockets: in-process calls
+//! (`Gateway::call_service`: balancing over the registry's instances, version narrowing,
+//! retries past a refusing instance, typed failures, the headers every call carries), release
+//! weights splitting a route's and a caller's traffic between versions, and registry changes
+//! that rebuild one service's instances without touching the routes.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -121,6 +123,10 @@ fn instance(id: &str, addr: SocketAddr, version: &str) -> Instance {
 }
 
 fn gateway(instances: Vec<Instance>) -> Arc<Gateway> {
+    gateway_with(GatewayModel::default(), instances)
+}
+
+fn gateway_with(mut model: GatewayModel, instances: Vec<Instance>) -> Arc<Gateway> {
     let gw = Gateway::new(
         GatewayConfig {
             node: "n".into(),
@@ -128,7 +134,6 @@ fn gateway(instances: Vec<Instance>) -> Arc<Gateway> {
         },
         &gantry_telemetry::Metrics::new(),
     );
-    let mut model = GatewayModel::default();
     model.upstreams.insert("svc".into(), policy());
     gw.apply_model(model);
     let mut services = BTreeMap::new();
@@ -241,4 +246,175 @@ async fn a_refusing_instance_is_retried_past_and_failures_are_typed() {
         .await
         .unwrap_err();
     assert_eq!(e.failure, Failure::NoInstance);
+}
+
+/// A route to `svc` on `path`, any version (or `version`).
+fn route(id: &str, path: &str, version: Option<&str>) -> gantry_model::Route {
+    let json = serde_json::json!({
+        "id": id,
+        "service": "svc",
+        "match": { "hosts": [], "path": { "type": "prefix", "value": path }, "methods": [], "headers": [], "query": [] },
+        "action": { "type": "forward",
+            "backends": [{ "service": "svc", "version": version, "weight": 1 }],
+            "version_header": null, "version_from_path": false, "mirror": null,
+            "rewrite": { "strip_prefix": false, "replace_prefix": null, "regex": null },
+            "request_headers": { "remove": [], "set": {}, "add": {} },
+            "response_headers": { "remove": [], "set": {}, "add": {} },
+            "timeouts": { "request_ms": 5000, "per_try_ms": null, "idle_ms": 5000 },
+            "retry": { "attempts": 0, "on_connect_failure": false, "on_statuses": [], "on_per_try_timeout": false, "non_idempotent": false, "backoff_base_ms": 1, "backoff_max_ms": 1, "budget_ratio": 0.2, "budget_min_per_second": 10 },
+            "rate_limit": null, "cache": null, "max_body_bytes": 1024 }
+    });
+    serde_json::from_value(json).unwrap()
+}
+
+/// Serve `gw` on a port of its own; GET `path` `n` times, one connection each; which
+/// instance answered, counted.
+async fn served_by(
+    gw: &Arc<Gateway>,
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let _ = gw;
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let by = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-served-by: "))
+            .unwrap_or("none")
+            .trim()
+            .to_string();
+        *counts.entry(by).or_default() += 1;
+    }
+    counts
+}
+
+async fn listen(gw: &Arc<Gateway>) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(gw.clone().serve(gantry_gateway::Listener::Plain(l), rx));
+    (addr, tx)
+}
+
+#[tokio::test]
+async fn release_weights_split_a_services_traffic_between_versions() {
+    let (a, _) = server("v1").await;
+    let (b, _) = server("v2").await;
+    let model = GatewayModel {
+        routes: vec![
+            route("svc/0", "/", None),
+            route("svc/1", "/pinned", Some("^2")),
+        ],
+        ..GatewayModel::default()
+    };
+    let gw = gateway_with(
+        model,
+        vec![instance("svc-1", a, "1.0.0"), instance("svc-2", b, "2.0.0")],
+    );
+    let (addr, _stop) = listen(&gw).await;
+    // No weights: the route's balancer over both.
+    let even = served_by(&gw, addr, "/x", 40).await;
+    assert_eq!(even.get("v1"), Some(&20), "{even:?}");
+    // A canary at 10%: about 40 of 400.
+    let weights = gantry_gateway::TrafficWeights {
+        services: BTreeMap::from([(
+            "svc".to_string(),
+            vec![
+                gantry_gateway::VersionWeight {
+                    version: "^1".into(),
+                    weight: 90,
+                },
+                gantry_gateway::VersionWeight {
+                    version: "^2".into(),
+                    weight: 10,
+                },
+            ],
+        )]),
+    };
+    gw.apply_weights(weights.clone());
+    assert_eq!(gw.weights(), weights);
+    let canary = served_by(&gw, addr, "/x", 400).await;
+    let v2 = canary.get("v2").copied().unwrap_or(0);
+    assert!((15..=75).contains(&v2), "{canary:?}");
+    // A route pinned to a version is not split.
+    let pinned = served_by(&gw, addr, "/pinned", 20).await;
+    assert_eq!(pinned.get("v2"), Some(&20), "{pinned:?}");
+    // In-process callers are split the same way.
+    let mut by_caller = 0;
+    for i in 0..200 {
+        if call(&gw, None, &format!("c{i}"))
+            .await
+            .unwrap()
+            .starts_with("v2:")
+        {
+            by_caller += 1;
+        }
+    }
+    assert!((5..=45).contains(&by_caller), "{by_caller} of 200 to v2");
+    // The switch: all to v2 at once (blue/green). A share whose version has no instance goes
+    // to the others.
+    gw.apply_weights(gantry_gateway::TrafficWeights {
+        services: BTreeMap::from([(
+            "svc".to_string(),
+            vec![
+                gantry_gateway::VersionWeight {
+                    version: "^2".into(),
+                    weight: 1,
+                },
+                gantry_gateway::VersionWeight {
+                    version: "^3".into(),
+                    weight: 1,
+                },
+            ],
+        )]),
+    });
+    let switched = served_by(&gw, addr, "/x", 30).await;
+    assert_eq!(switched.get("v2"), Some(&30), "{switched:?}");
+}
+
+#[tokio::test]
+async fn a_registry_change_rebuilds_only_its_service_and_takes_effect_before_it_returns() {
+    let (a, _) = server("a").await;
+    let (b, _) = server("b").await;
+    let model = GatewayModel {
+        routes: vec![route("svc/0", "/", None)],
+        ..GatewayModel::default()
+    };
+    let gw = gateway_with(model, vec![instance("svc-1", a, "1.0.0")]);
+    let (addr, _stop) = listen(&gw).await;
+    let routes_before = gw.routes();
+    assert_eq!(served_by(&gw, addr, "/", 4).await.get("a"), Some(&4));
+    // Revision 2 adds an instance; revision 3 takes the first away: each is in force as soon
+    // as apply_registry returns.
+    let snap = |rev: u64, list: Vec<Instance>| {
+        let mut services = BTreeMap::new();
+        services.insert(Arc::<str>::from("svc"), list.into());
+        Arc::new(RegistrySnapshot {
+            revision: rev,
+            services,
+            changed: vec!["svc".into()],
+        })
+    };
+    gw.apply_registry(&snap(
+        2,
+        vec![instance("svc-1", a, "1.0.0"), instance("svc-2", b, "1.0.0")],
+    ));
+    let both = served_by(&gw, addr, "/", 10).await;
+    assert_eq!(both.len(), 2, "{both:?}");
+    gw.apply_registry(&snap(3, vec![instance("svc-2", b, "1.0.0")]));
+    assert_eq!(served_by(&gw, addr, "/", 10).await.get("b"), Some(&10));
+    // A snapshot that skips revisions (a listener that missed one) is diffed by its lists.
+    gw.apply_registry(&snap(9, vec![instance("svc-1", a, "1.0.0")]));
+    assert_eq!(served_by(&gw, addr, "/", 10).await.get("a"), Some(&10));
+    // The routes were not rebuilt: same route, same position.
+    let after = gw.routes();
+    assert_eq!(after.len(), routes_before.len());
+    assert_eq!(after[0].route, routes_before[0].route);
 }
