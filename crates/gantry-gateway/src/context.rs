@@ -57,6 +57,8 @@ pub(crate) struct Ctx {
     /// When the request's head was parsed: durations run from here, and the first attempt
     /// starts here (no clock read of its own).
     pub start: Instant,
+    /// `start` on the gateway's millisecond clock (`endpoints::ms_at`), read once.
+    pub start_ms: u64,
     /// What one pass over the request's headers found.
     pub seen: Seen,
     /// The request id: the client's when sane, else a new one; empty when `request_id` is off
@@ -82,6 +84,8 @@ pub(crate) struct Ctx {
     /// When the response head arrived from the instance (the end of the last attempt): the
     /// route's duration ends there, without another clock read.
     pub end: Option<Instant>,
+    /// `end` on the millisecond clock.
+    pub end_ms: u64,
 }
 
 impl Ctx {
@@ -94,6 +98,8 @@ impl Ctx {
     pub(crate) fn take_for_summary(&mut self) -> Ctx {
         Ctx {
             start: self.start,
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
             seen: Seen::default(),
             request_id: self.request_id.clone(),
             traceparent: HeaderValue::from_static(""),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use gantry_http::pool::Pool;
 use gantry_model::{LoadBalancer, UpstreamPolicy};
-use gantry_telemetry::stats::{Outcome, RequestStats};
+use gantry_telemetry::stats::Outcome;
 use http::uri::Authority;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -64,9 +64,6 @@ pub struct Endpoint {
     /// Connections to the instance (shared with the response bodies that give them back).
     pub pool: Arc<Pool<ReqBody>>,
     pub metrics: InstanceMetrics,
-    /// Shared by every instance of this version of the service (its window is what canary
-    /// analysis compares).
-    pub version_stats: Arc<RequestStats>,
 }
 
 impl Endpoint {
@@ -80,7 +77,6 @@ impl Endpoint {
         external: bool,
         policy: &UpstreamPolicy,
         metrics: InstanceMetrics,
-        version_stats: Arc<RequestStats>,
     ) -> Option<Self> {
         let authority = Authority::try_from(addr.to_string()).ok()?;
         Some(Self {
@@ -105,16 +101,15 @@ impl Endpoint {
                 Duration::from_millis(policy.idle_connection_timeout_ms),
             )),
             metrics,
-            version_stats,
         })
     }
 
-    /// One attempt's outcome, at monotonic `now_ms`, in the instance's and its version's
-    /// statistics.
+    /// One attempt's outcome, at monotonic `now_ms`, in the instance's statistics (its
+    /// version's figures are its instances' added up).
     pub fn record(&self, now_ms: u64, outcome: Outcome, elapsed: std::time::Duration) {
-        let us = elapsed.as_micros() as u64;
-        self.metrics.stats.record(now_ms, outcome, us);
-        self.version_stats.record(now_ms, outcome, us);
+        self.metrics
+            .stats
+            .record(now_ms, outcome, elapsed.as_micros() as u64);
     }
 
     /// Eligible for new requests: not suspect, not ejected (an ejection that ran out lets the
@@ -432,8 +427,7 @@ mod tests {
                         *l,
                         false,
                         &p,
-                        gm.instance("s", "x"),
-                        gm.version("s", &semver::Version::new(1, 0, 0)),
+                        gm.instance("s", "x", &semver::Version::new(1, 0, 0)),
                     )
                     .unwrap_or_else(|| unreachable!()),
                 )

@@ -41,13 +41,8 @@ impl Gateway {
                 }
             }
             if ticks.is_multiple_of(100) {
-                // Versions no instance runs any more leave the figures once their window is
-                // empty.
-                let live = endpoints
-                    .iter()
-                    .map(|(ep, _)| (ep.service.to_string(), ep.version.to_string()))
-                    .collect();
-                self.metrics.prune_versions(&live, clock_ms());
+                // Instances gone for longer than the window leave their version's figures.
+                self.metrics.prune_retired(clock_ms());
             }
             let now = clock_ms();
             for (ep, policy) in endpoints {
@@ -96,11 +91,13 @@ async fn get(
         watch: None,
         hash_key: None,
     };
+    let start = std::time::Instant::now();
     let policy = Policy {
         retry: &no_retries,
         budget: None,
         retries: None,
-        start: std::time::Instant::now(),
+        start,
+        start_ms: crate::endpoints::ms_at(start),
         request_timeout: timeout,
         per_try_timeout: None,
         failure_statuses: &[],

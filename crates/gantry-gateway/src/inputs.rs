@@ -355,8 +355,7 @@ impl Control {
                         inst.node == node,
                         external,
                         &entry.state.policy,
-                        metrics.instance(name, &inst.id),
-                        metrics.version(name, &inst.version),
+                        metrics.instance(name, &inst.id, &inst.version),
                     ) {
                         Some(e) => Arc::new(e),
                         None => continue,
@@ -397,7 +396,7 @@ impl Control {
             .get(&*ep.service)
             .is_some_and(|s| s.endpoints.contains_key(&*ep.id));
         if !still_routed {
-            metrics.remove_instance(&ep.service, &ep.id);
+            metrics.remove_instance(&ep.service, &ep.id, crate::endpoints::clock_ms());
         } else {
             ep.metrics.ejected.set(0);
         }

@@ -447,12 +447,12 @@ impl Gateway {
             .collect();
         let mut services: std::collections::BTreeMap<String, gantry_telemetry::stats::Window> =
             std::collections::BTreeMap::new();
-        let versions: Vec<TrafficRow> = lock(&stats.versions)
+        let versions: Vec<TrafficRow> = stats
+            .versions(now)
             .iter()
-            .map(|((service, version), st)| {
-                let w = st.window(now);
-                services.entry(service.clone()).or_default().merge(&w);
-                TrafficRow::of(None, service, Some(version), &w)
+            .map(|((service, version), w)| {
+                services.entry(service.clone()).or_default().merge(w);
+                TrafficRow::of(None, service, Some(version), w)
             })
             .collect();
         let window_seconds = (gantry_telemetry::stats::WINDOW_MS as f64) / 1000.0;

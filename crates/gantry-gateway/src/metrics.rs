@@ -63,12 +63,40 @@ pub struct ReasonLabels {
 
 /// The live statistics, by what their series are labelled with: what the collector encodes, and
 /// what `Gateway::traffic` reads.
+/// An instance's statistics, with its version.
+pub type InstanceStats = (String, Arc<RequestStats>);
+/// A gone instance's statistics: when it left (ms clock), service, version.
+pub type RetiredStats = (u64, String, String, Arc<RequestStats>);
+
 #[derive(Default)]
 pub struct StatsRegistry {
     pub routes: Mutex<BTreeMap<(String, String), Arc<RequestStats>>>,
-    pub instances: Mutex<BTreeMap<(String, String), Arc<RequestStats>>>,
-    /// By service and version (instances of one version share theirs).
-    pub versions: Mutex<BTreeMap<(String, String), Arc<RequestStats>>>,
+    /// By service and instance, with the instance's version.
+    pub instances: Mutex<BTreeMap<(String, String), InstanceStats>>,
+    /// Instances gone from routing, kept (with when they left, service and version) while
+    /// their last minute still counts in their version's window.
+    pub retired: Mutex<Vec<RetiredStats>>,
+}
+
+impl StatsRegistry {
+    /// Each version's window (its instances', live and recently gone, added up).
+    pub fn versions(
+        &self,
+        now_ms: u64,
+    ) -> BTreeMap<(String, String), gantry_telemetry::stats::Window> {
+        let mut out: BTreeMap<(String, String), gantry_telemetry::stats::Window> = BTreeMap::new();
+        for ((service, _), (version, st)) in lock(&self.instances).iter() {
+            out.entry((service.clone(), version.clone()))
+                .or_default()
+                .merge(&st.window(now_ms));
+        }
+        for (_, service, version, st) in lock(&self.retired).iter() {
+            out.entry((service.clone(), version.clone()))
+                .or_default()
+                .merge(&st.window(now_ms));
+        }
+        out
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,7 +142,7 @@ impl Collector for StatsRegistry {
             .collect();
         let instances: Vec<_> = lock(&self.instances)
             .iter()
-            .map(|(k, v)| (k.clone(), v.totals()))
+            .map(|(k, (_, v))| (k.clone(), v.totals()))
             .collect();
         {
             let mut m = encoder.encode_descriptor(
@@ -407,26 +435,42 @@ impl GatewayMetrics {
     }
 
     /// Forget an instance's series (it left): instances come and go by the thousand over a
-    /// gateway's life, and their series would otherwise grow without end.
-    pub fn remove_instance(&self, service: &str, instance: &str) {
+    /// gateway's life, and their series would otherwise grow without end. Its figures stay in
+    /// its version's window until they age out.
+    pub fn remove_instance(&self, service: &str, instance: &str, now_ms: u64) {
         let l = InstanceLabels {
             service: service.into(),
             instance: instance.into(),
         };
-        lock(&self.stats.instances).remove(&(service.to_string(), instance.to_string()));
+        let gone = lock(&self.stats.instances).remove(&(service.to_string(), instance.to_string()));
+        if let Some((version, st)) = gone {
+            lock(&self.stats.retired).push((now_ms, service.to_string(), version, st));
+        }
         self.ejections.remove(&l);
         self.ejected.remove(&l);
     }
 
-    pub fn instance(&self, service: &str, instance: &str) -> InstanceMetrics {
+    pub fn instance(
+        &self,
+        service: &str,
+        instance: &str,
+        version: &semver::Version,
+    ) -> InstanceMetrics {
         let l = InstanceLabels {
             service: service.into(),
             instance: instance.into(),
         };
-        let stats = lock(&self.stats.instances)
-            .entry((service.into(), instance.into()))
-            .or_default()
-            .clone();
+        let stats = {
+            let mut m = lock(&self.stats.instances);
+            let e = m
+                .entry((service.into(), instance.into()))
+                .or_insert_with(|| (version.to_string(), Arc::default()));
+            // Same id, another version (a redeploy): figures of their own.
+            if e.0 != version.to_string() {
+                *e = (version.to_string(), Arc::default());
+            }
+            e.1.clone()
+        };
         InstanceMetrics {
             stats,
             ejections: self.ejections.get_or_create(&l).clone(),
@@ -434,17 +478,12 @@ impl GatewayMetrics {
         }
     }
 
-    /// The statistics every instance of one version of a service shares.
-    pub fn version(&self, service: &str, version: &semver::Version) -> Arc<RequestStats> {
-        lock(&self.stats.versions)
-            .entry((service.into(), version.to_string()))
-            .or_default()
-            .clone()
-    }
-
-    /// Forget the versions that have no instance any more and whose window has emptied.
-    pub fn prune_versions(&self, live: &std::collections::HashSet<(String, String)>, now_ms: u64) {
-        lock(&self.stats.versions).retain(|k, v| live.contains(k) || v.window(now_ms).requests > 0);
+    /// Forget gone instances whose last minute has passed.
+    pub fn prune_retired(&self, now_ms: u64) {
+        lock(&self.stats.retired).retain(|(at, ..)| {
+            now_ms.saturating_sub(*at)
+                <= gantry_telemetry::stats::WINDOW_MS + gantry_telemetry::stats::SLOT_MS
+        });
     }
 
     pub fn reject(&self, reason: &'static str) {

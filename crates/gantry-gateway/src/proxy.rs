@@ -202,8 +202,11 @@ impl Gateway {
         async move {
             // ── 1. admit ──────────────────────────────────────────────────────────────────
             // The context is built in place (returned from a function it would be copied).
+            let start = Instant::now();
             let mut cx = Ctx {
-                start: Instant::now(),
+                start,
+                start_ms: ms_at(start),
+                end_ms: 0,
                 seen: scan(req.headers()),
                 request_id: HeaderValue::from_static(""),
                 traceparent: HeaderValue::from_static(""),
@@ -254,11 +257,19 @@ impl Gateway {
                         .await
                 }
             };
-            let end = cx.end.unwrap_or_else(Instant::now);
+            // The route's figures end at the response head (the last attempt's end: no clock
+            // read of their own).
+            let (end, end_ms) = match cx.end {
+                Some(e) => (e, cx.end_ms),
+                None => {
+                    let e = Instant::now();
+                    (e, ms_at(e))
+                }
+            };
             let took = end.saturating_duration_since(cx.start);
             route
                 .metrics
-                .record(ms_at(end), resp.status().as_u16(), took.as_secs_f64());
+                .record(end_ms, resp.status().as_u16(), took.as_secs_f64());
             resp
         }
     }
@@ -345,7 +356,7 @@ impl Gateway {
         cx: &'a mut Ctx,
     ) -> impl std::future::Future<Output = Response<RespBody>> + Send + 'a {
         async move {
-            let now = ms_at(cx.start);
+            let now = cx.start_ms;
 
             // ── 3. policy ─────────────────────────────────────────────────────────────────
             for filter in f.filters.phase(Phase::Policy) {
@@ -662,6 +673,7 @@ impl Gateway {
                 budget: Some(&f.budget),
                 retries: Some(&route.metrics.retries),
                 start: cx.start,
+                start_ms: cx.start_ms,
                 request_timeout: f.request_timeout,
                 per_try_timeout: f.per_try_timeout,
                 failure_statuses: &f.failure_statuses,
@@ -675,11 +687,14 @@ impl Gateway {
             let answer = match answer {
                 Ok(a) => a,
                 Err(e) => {
-                    cx.end = Some(Instant::now());
+                    let end = Instant::now();
+                    cx.end = Some(end);
+                    cx.end_ms = ms_at(end);
                     return self.upstream_failed(cx, route, f, e);
                 }
             };
             cx.end = Some(answer.end);
+            cx.end_ms = answer.end_ms;
 
             // ── 7. respond ────────────────────────────────────────────────────────────────
             self.respond(
@@ -1044,11 +1059,13 @@ impl Gateway {
                         watch: None,
                         hash_key: None,
                     };
+                    let start = Instant::now();
                     let policy = Policy {
                         retry: &no_retries,
                         budget: None,
                         retries: None,
-                        start: Instant::now(),
+                        start,
+                        start_ms: ms_at(start),
                         request_timeout: timeout,
                         per_try_timeout: None,
                         failure_statuses: &[],

@@ -94,8 +94,11 @@ impl Gateway {
         peer: SocketAddr,
         extra: Option<&str>,
     ) -> Response<RespBody> {
+        let start = Instant::now();
         let ctx = Ctx {
-            start: Instant::now(),
+            start,
+            start_ms: crate::endpoints::ms_at(start),
+            end_ms: 0,
             request_id: self.ids.next(),
             traceparent: HeaderValue::from_static(""),
             trace_id: [b'0'; 32],

@@ -130,6 +130,8 @@ pub(crate) struct Policy<'a> {
     /// When the request arrived: the first attempt starts then (no clock read of its own), and
     /// the request timeout runs from it.
     pub start: Instant,
+    /// `start` on the millisecond clock.
+    pub start_ms: u64,
     pub request_timeout: Duration,
     pub per_try_timeout: Option<Duration>,
     /// Statuses that count as failures for the breaker, besides 502, 503 and 504.
@@ -165,6 +167,8 @@ pub(crate) struct Answer<'s> {
     pub elapsed: Duration,
     /// When the response head arrived.
     pub end: Instant,
+    /// `end` on the millisecond clock.
+    pub end_ms: u64,
     pub attempts: u32,
 }
 
@@ -282,7 +286,7 @@ impl Gateway {
             let can_retry = call.mode != Mode::Upgrade && retry.attempts > 0;
             let max_attempts = 1 + if can_retry { retry.attempts } else { 0 };
             if let Some(b) = policy.budget {
-                b.record_request(ms_at(policy.start));
+                b.record_request(policy.start_ms);
             }
             let deadline = tokio::time::Instant::from_std(policy.start) + policy.request_timeout;
             let connect_timeout = Duration::from_millis(service.policy.connect_timeout_ms);
@@ -305,12 +309,12 @@ impl Gateway {
                     retry_pause(retry, attempt_no).await;
                 }
                 // One clock read per attempt start (but the first) and one per attempt end.
-                let attempt_start = if std::mem::take(&mut first_attempt) {
-                    policy.start
+                let (attempt_start, now) = if std::mem::take(&mut first_attempt) {
+                    (policy.start, policy.start_ms)
                 } else {
-                    Instant::now()
+                    let t = Instant::now();
+                    (t, ms_at(t))
                 };
-                let now = ms_at(attempt_start);
                 let attempt_at = tokio::time::Instant::from_std(attempt_start);
                 if attempt_at >= deadline {
                     last = Failure::Timeout;
@@ -423,6 +427,7 @@ impl Gateway {
                             guard,
                             elapsed,
                             end: attempt_end,
+                            end_ms,
                             attempts: attempt_no,
                         });
                     }
@@ -741,6 +746,7 @@ impl Gateway {
             budget: None,
             retries: None,
             start,
+            start_ms: ms_at(start),
             request_timeout: options.timeout,
             per_try_timeout: options.per_try_timeout,
             failure_statuses: &options.failure_statuses,
@@ -766,6 +772,8 @@ impl Gateway {
         let detail = self.observers.any().then(|| {
             let cx = crate::context::Ctx {
                 start,
+                start_ms: ms_at(start),
+                end_ms: answer.end_ms,
                 seen: crate::context::Seen::default(),
                 request_id: request_id_out,
                 traceparent: HeaderValue::from_static(""),
