@@ -24,6 +24,8 @@ mod cache;
 mod context;
 mod endpoints;
 mod filters;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod inputs;
 mod metrics;

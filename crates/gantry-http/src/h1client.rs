@@ -417,7 +417,7 @@ fn read_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
 }
 
 /// The first final (not 1xx, 101 included) head in the buffer, skipping interim responses.
-fn final_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
+pub(crate) fn final_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
     while let Some(h) = read_head(buf)? {
         if !h.0.is_informational() || h.0 == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(Some(h));

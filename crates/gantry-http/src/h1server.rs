@@ -53,7 +53,7 @@ pub(crate) enum Outcome {
 }
 
 /// What the head says about the rest of the exchange.
-struct Meta {
+pub(crate) struct Meta {
     version: Version,
     head_request: bool,
     keep_alive: bool,
@@ -64,21 +64,21 @@ struct Meta {
 /// A short-lived local, returned once per request: boxing it would cost an allocation for
 /// nothing.
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub(crate) enum Parsed {
     Request(Request<()>, Meta, BodyFraming),
     /// An upgrade or CONNECT: hyper serves it (and the rest of the connection).
     Handoff,
 }
 
 #[derive(Clone, Copy)]
-enum BodyFraming {
+pub(crate) enum BodyFraming {
     None,
     Length(u64),
     Chunked,
 }
 
 /// Why a head was refused.
-enum HeadError {
+pub(crate) enum HeadError {
     Malformed(&'static str),
     TooLarge,
     Timeout,
@@ -305,7 +305,7 @@ async fn read_more(
 /// Parse a request head from the front of `buf`. `Ok(None)`: incomplete. A complete head is
 /// split off the buffer (its header values share those bytes), except for a hand-off, which
 /// leaves the buffer as it was.
-fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadError> {
+pub(crate) fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Parsed>, HeadError> {
     let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap;
     let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_HEADERS {

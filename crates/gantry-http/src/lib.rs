@@ -27,6 +27,8 @@ mod accept;
 pub mod body;
 pub mod client;
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1client;
 mod h1server;
 mod nudge;

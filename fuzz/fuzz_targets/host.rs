@@ -1,0 +1,5 @@
+#![no_main]
+//! `gantry_gateway::fuzzing::host`: see its properties there.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = gantry_gateway::fuzzing::host(data);
+});
