@@ -12,7 +12,7 @@
 #   CONNS=50 ROUNDS=9 VARIANT=full bench/ab.sh A B
 #
 # A and B: a Gantry binary (run with bench/gateway.sh's VARIANT spec) or `nginx`.
-# Knobs: CONNS (1000, per target), DURATION (5 s per round), ROUNDS (7), VARIANT (plain|full).
+# Knobs: CONNS (1000, per target), DURATION (5 s per round), ROUNDS (7), VARIANT (plain|full|default).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=bench/lib.sh

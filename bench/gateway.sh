@@ -8,6 +8,9 @@
 #   full   the full request path: 24 routes to match through (hosts, methods, header and query
 #          conditions, regex paths), P2C-EWMA, circuit breaker and outlier detection, retries
 #          with a budget, metrics, traceparent, X-Request-Id, X-Forwarded-*
+#   default what a user gets without tuning: one prefix route and every default (P2C-EWMA,
+#          breaker, outlier detection, retries, request id, trace context, forwarding headers),
+#          one gateway worker (the peers get one core too); not run unless named in VARIANTS
 # in ROUNDS rounds (each round: the harness once per variant), and prints the harness tables
 # plus the ratios the project tracks, per round and as medians over the rounds.
 #
@@ -15,7 +18,7 @@
 #   VARIANTS=plain PEERS=nginx,haproxy ROUNDS=5 bench/gateway.sh
 #   CONNS_LIST=50 DURATION=5 bench/gateway.sh     # quicker
 #
-# Knobs: VARIANTS (plain,full), PEERS (comma list of harness targets besides direct; default
+# Knobs: VARIANTS (plain,full; or default), PEERS (comma list of harness targets besides direct; default
 # nginx,haproxy,caddy,pingora), ROUNDS (3), HARNESS (path), and every knob of the harness (RUNS,
 # default 1 per round here; DURATION, CONNS_LIST, WARMUP, ...). The machine is shared and its
 # speed drifts: the ratios are taken within a round, and the "other CPU %" column says whether a
@@ -35,6 +38,25 @@ export BACKEND_PORT
 
 write_spec() { # variant file
   local v="$1" f="$2"
+  if [ "$v" = default ]; then
+    cat >"$f" <<EOF
+[gateway]
+listen = "127.0.0.1:$GANTRY_PORT"
+workers = 1
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+data_dir = "$WORK/data-$v"
+
+[services.backend]
+endpoints = ["127.0.0.1:$BACKEND_PORT"]
+[[services.backend.routes]]
+path_prefix = "/"
+EOF
+    return
+  fi
   # plain: what a plain reverse proxy does (the harness's nginx adds no header either); full:
   # request ids, W3C trace context and X-Forwarded-* on top (the issue's "tracing header").
   local added=true
@@ -90,13 +112,14 @@ EOF
   fi
 }
 
-# SPECS_ONLY=DIR: write the variants' specs (DIR/plain.toml, DIR/full.toml) and stop; the
+# SPECS_ONLY=DIR: write the variants' specs (DIR/{plain,full,default}.toml) and stop; the
 # instruction-count profile (bench/callgrind.sh) runs Gantry on them.
 if [ -n "${SPECS_ONLY:-}" ]; then
   mkdir -p "$SPECS_ONLY"
   WORK="$(cd "$SPECS_ONLY" && pwd)"
   write_spec plain "$WORK/plain.toml"
   write_spec full "$WORK/full.toml"
+  write_spec default "$WORK/default.toml"
   exit 0
 fi
 

@@ -75,7 +75,7 @@ start_proxy() {
     taskset -c 0 nginx -p "$dir" -c "$dir/nginx.conf" >"$dir.log" 2>&1 &
   else
     BACKEND_PORT="$BACKEND_PORT" GANTRY_PORT="$port" SPECS_ONLY="$dir" "$ROOT/bench/gateway.sh"
-    [ -f "$dir/$VARIANT.toml" ] || { echo "no variant $VARIANT (plain or full)" >&2; exit 1; }
+    [ -f "$dir/$VARIANT.toml" ] || { echo "no variant $VARIANT (plain, full or default)" >&2; exit 1; }
     env "$@" taskset -c 0 "$what" up -f "$dir/$VARIANT.toml" >"$dir.log" 2>&1 &
   fi
   PROXY_PID=$!

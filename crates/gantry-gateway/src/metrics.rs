@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 
-use gantry_telemetry::stats::{Outcome, RequestStats, BUCKETS_US, CLASSES};
+use gantry_telemetry::stats::{Outcome, RequestStats, Totals, BUCKETS_US, CLASSES};
 use gantry_telemetry::Metrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +134,40 @@ impl EncodeMetric for ConstCounter {
     }
 }
 
+/// One counter family, a series per row.
+fn counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in rows {
+        ConstCounter(value).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// One histogram family (seconds), a series per row.
+fn histograms<'a, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (L, &'a Totals)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, t) in rows {
+        m.encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                t.sum_us as f64 / 1e6,
+                t.count(),
+                &histogram_buckets(&t.buckets),
+                None,
+            )?;
+    }
+    Ok(())
+}
+
 impl Collector for StatsRegistry {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let routes: Vec<_> = lock(&self.routes)
@@ -144,84 +178,60 @@ impl Collector for StatsRegistry {
             .iter()
             .map(|(k, (_, v))| (k.clone(), v.totals()))
             .collect();
-        {
-            let mut m = encoder.encode_descriptor(
-                "requests",
-                "Requests answered, by route, service and status class",
-                None,
-                MetricType::Counter,
-            )?;
-            for ((route, service), t) in &routes {
-                for (i, status) in CLASSES[..5].iter().enumerate() {
+        counters(
+            &mut encoder,
+            "requests",
+            "Requests answered, by route, service and status class",
+            routes.iter().flat_map(|((route, service), t)| {
+                CLASSES[..5].iter().enumerate().map(|(i, status)| {
                     let labels = RequestLabels {
                         route: route.clone(),
                         service: service.clone(),
                         status,
                     };
-                    ConstCounter(t.classes[i]).encode(m.encode_family(&labels)?)?;
-                }
-            }
-        }
-        {
-            let mut m = encoder.encode_descriptor(
-                "request_duration_seconds",
-                "Time from request received to response headers sent, by route",
-                None,
-                MetricType::Histogram,
-            )?;
-            for ((route, service), t) in &routes {
+                    (labels, t.classes[i])
+                })
+            }),
+        )?;
+        histograms(
+            &mut encoder,
+            "request_duration_seconds",
+            "Time from request received to response headers sent, by route",
+            routes.iter().map(|((route, service), t)| {
                 let labels = RouteLabels {
                     route: route.clone(),
                     service: service.clone(),
                 };
-                m.encode_family(&labels)?
-                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                        t.sum_us as f64 / 1e6,
-                        t.count(),
-                        &histogram_buckets(&t.buckets),
-                        None,
-                    )?;
-            }
-        }
-        {
-            let mut m = encoder.encode_descriptor(
-                "instance_requests",
-                "Attempts per instance by status class (error: no response)",
-                None,
-                MetricType::Counter,
-            )?;
-            for ((service, instance), t) in &instances {
-                for (i, status) in CLASSES.iter().enumerate() {
+                (labels, t)
+            }),
+        )?;
+        counters(
+            &mut encoder,
+            "instance_requests",
+            "Attempts per instance by status class (error: no response)",
+            instances.iter().flat_map(|((service, instance), t)| {
+                CLASSES.iter().enumerate().map(|(i, status)| {
                     let labels = InstanceStatusLabels {
                         service: service.clone(),
                         instance: instance.clone(),
                         status,
                     };
-                    ConstCounter(t.classes[i]).encode(m.encode_family(&labels)?)?;
-                }
-            }
-        }
-        {
-            let mut m = encoder.encode_descriptor(
-                "instance_duration_seconds",
-                "Time to response headers per instance (attempts that got a response)",
-                None,
-                MetricType::Histogram,
-            )?;
-            for ((service, instance), t) in &instances {
+                    (labels, t.classes[i])
+                })
+            }),
+        )?;
+        histograms(
+            &mut encoder,
+            "instance_duration_seconds",
+            "Time to response headers per instance (attempts that got a response)",
+            instances.iter().map(|((service, instance), t)| {
                 let labels = InstanceLabels {
                     service: service.clone(),
                     instance: instance.clone(),
                 };
-                m.encode_family(&labels)?
-                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                        t.sum_us as f64 / 1e6,
-                        t.count(),
-                        &histogram_buckets(&t.buckets),
-                        None,
-                    )?;
-            }
-        }
+                (labels, t)
+            }),
+        )?;
         Ok(())
     }
 }
