@@ -123,21 +123,33 @@ impl ReqBody {
 impl SendBody for ReqBody {
     /// Put back data taken from this body; the next frame yields it again.
     fn unread(&mut self, data: Bytes) {
-        if let ReqBody::Stream {
-            remaining, unread, ..
-        } = self
-        {
-            *remaining += data.len() as u64;
-            *unread = Some(match unread.take() {
-                None => data,
-                Some(later) => {
-                    let mut b = BytesMut::with_capacity(data.len() + later.len());
-                    b.extend_from_slice(&data);
-                    b.extend_from_slice(&later);
-                    b.freeze()
-                }
-            });
+        if data.is_empty() {
+            return;
         }
+        match self {
+            ReqBody::Stream {
+                remaining, unread, ..
+            } => {
+                *remaining += data.len() as u64;
+                *unread = Some(prepend(data, unread.take()));
+            }
+            ReqBody::Mirror(m) => m.unread = Some(prepend(data, m.unread.take())),
+            ReqBody::Full(rest) => *rest = prepend(data, Some(std::mem::take(rest))),
+            ReqBody::Empty => *self = ReqBody::Full(data),
+        }
+    }
+}
+
+/// `data`, then `later`.
+fn prepend(data: Bytes, later: Option<Bytes>) -> Bytes {
+    match later {
+        Some(later) if !later.is_empty() => {
+            let mut b = BytesMut::with_capacity(data.len() + later.len());
+            b.extend_from_slice(&data);
+            b.extend_from_slice(&later);
+            b.freeze()
+        }
+        _ => data,
     }
 }
 
@@ -222,7 +234,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => true,
             ReqBody::Stream { inner, unread, .. } => unread.is_none() && inner.is_end_stream(),
-            ReqBody::Mirror(m) => m.done,
+            ReqBody::Mirror(m) => m.done && m.unread.is_none(),
             ReqBody::Full(b) => b.is_empty(),
         }
     }
@@ -240,7 +252,7 @@ impl Body for ReqBody {
                 }
                 out
             }
-            ReqBody::Mirror(m) if m.done => SizeHint::with_exact(0),
+            ReqBody::Mirror(m) if m.done && m.unread.is_none() => SizeHint::with_exact(0),
             ReqBody::Mirror(m) => m.hint,
             ReqBody::Full(b) => SizeHint::with_exact(b.len() as u64),
         }
@@ -275,6 +287,7 @@ impl Tee {
             rx,
             hint,
             done: false,
+            unread: None,
             abandoned: Arc::new(AtomicBool::new(false)),
         };
         (Tee { tx }, body)
@@ -319,12 +332,17 @@ pub struct MirrorBody {
     rx: tokio::sync::mpsc::Receiver<TeeMsg>,
     hint: SizeHint,
     done: bool,
+    /// Bytes taken and put back (a send that failed before anything left).
+    unread: Option<Bytes>,
     /// Set when the copy failed because the tee gave up (read by whoever sent the mirror).
     pub abandoned: Arc<AtomicBool>,
 }
 
 impl MirrorBody {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(d) = self.unread.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
         if self.done {
             return Poll::Ready(None);
         }

@@ -81,6 +81,8 @@ pub(crate) struct Ctx {
     /// observes summaries).
     pub path: String,
     pub client: SocketAddr,
+    /// The client's connection is TLS (its scheme is `https`).
+    pub tls: bool,
     /// When the response head arrived from the instance (the end of the last attempt): the
     /// route's duration ends there, without another clock read.
     pub end: Option<Instant>,
@@ -111,6 +113,7 @@ impl Ctx {
             normalized: None,
             path: std::mem::take(&mut self.path),
             client: self.client,
+            tls: self.tls,
             end: self.end,
         }
     }
@@ -394,7 +397,7 @@ pub(crate) fn scan(h: &HeaderMap) -> Seen {
             if s.traceparent.is_none() {
                 s.traceparent = Some(v.clone());
             }
-        } else if *k == X_FORWARDED_PROTO || *k == X_FORWARDED_HOST {
+        } else if *k == X_FORWARDED_PROTO || *k == X_FORWARDED_HOST || *k == X_FORWARDED_PREFIX {
             s.ours = true;
         }
     }

@@ -57,6 +57,9 @@ pub struct Endpoint {
     pub outlier: Mutex<Outlier>,
     /// Active health verdict (true unless a probe says otherwise).
     pub healthy: AtomicBool,
+    /// Gone from the registry (set before the snapshot without it is published): no attempt
+    /// picks it any more, not even a retry or a mirror copy of a request admitted before.
+    pub retired: AtomicBool,
     pub next_probe_ms: AtomicU64,
     pub probe_streak: AtomicU64,
     ewma_us: AtomicU64,
@@ -92,6 +95,7 @@ impl Endpoint {
             ejected_until_ms: AtomicU64::new(0),
             outlier: Mutex::new(Outlier::new(policy.outlier.clone())),
             healthy: AtomicBool::new(true),
+            retired: AtomicBool::new(false),
             next_probe_ms: AtomicU64::new(0),
             probe_streak: AtomicU64::new(0),
             ewma_us: AtomicU64::new(EWMA_DEFAULT_US.to_bits()),
@@ -119,6 +123,11 @@ impl Endpoint {
         self.suspect_until_ms.load(Ordering::Relaxed) <= now
             && (ej == 0 || ej <= now)
             && self.healthy.load(Ordering::Relaxed)
+            && !self.is_retired()
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     pub fn mark_suspect(&self, now: u64) {
@@ -245,6 +254,13 @@ impl BreakerScope {
         admission
     }
 
+    /// A probe that ended without an outcome: its half-open slot is free again.
+    pub fn release_probe(&self) {
+        let mut b = self.breaker();
+        b.release();
+        self.note(&b);
+    }
+
     /// A request's outcome: what changed, and the state's metric value.
     pub fn record(&self, now: u64, ok: bool, probe: bool) -> (Option<BreakerChange>, i64) {
         let mut b = self.breaker();
@@ -369,7 +385,11 @@ impl EndpointSet {
                 }
             },
         };
-        chosen.or_else(|| (0..n).find(|&i| !tried.contains(&(i as u32))))
+        // None available: any not tried yet (ejection and suspicion are guesses; a retired
+        // instance is gone for certain).
+        chosen.or_else(|| {
+            (0..n).find(|&i| !tried.contains(&(i as u32)) && !self.endpoints[i].is_retired())
+        })
     }
 }
 
@@ -473,6 +493,12 @@ mod tests {
             "fallback to a suspect one"
         );
         assert_eq!(s.pick(&[0, 1, 2], None, 100), None);
+        // A retired instance is never picked, not even as the last resort.
+        s.endpoints[1].retired.store(true, Ordering::Relaxed);
+        assert!((0..6)
+            .filter_map(|_| s.pick(&[], None, 200))
+            .all(|i| i != 1));
+        assert_eq!(s.pick(&[0, 2], None, 200), None);
     }
 
     #[test]

@@ -401,13 +401,15 @@ pub(crate) struct LocationRewrite {
 impl LocationRewrite {
     /// The `Location` an instance sent, as the client must follow it; `None` to leave it.
     /// Rewritten: a path (`/next`), or an absolute URL whose authority is the one the client
-    /// asked for or the instance's own address. Left alone: relative references (they resolve
-    /// under the client's URL already), other hosts, paths outside the replaced prefix, and
-    /// paths already under the route's prefix (an application that honours
-    /// `X-Forwarded-Prefix`).
+    /// asked for or the instance's own address (which means nothing to the client, and is not
+    /// for it to see: the client's scheme and authority take its place, whatever the path).
+    /// Left alone: relative references (they resolve under the client's URL already), other
+    /// hosts, paths outside the replaced prefix, and paths already under the route's prefix
+    /// (an application that honours `X-Forwarded-Prefix`). `client_scheme`: `http` or `https`.
     pub(crate) fn rewrite(
         &self,
         location: &str,
+        client_scheme: &str,
         client_authority: Option<&str>,
         instance_authority: &str,
     ) -> Option<String> {
@@ -427,15 +429,14 @@ impl LocationRewrite {
             }
             let origin_len = location.len() - after_scheme.len() + slash;
             let origin = if authority == instance_authority {
-                // The instance's own address means nothing to the client: the client's
-                // authority goes in its place, with the scheme the client used.
-                let scheme = &location[..location.len() - after_scheme.len()];
-                return self
-                    .path_under(&after_scheme[slash..])
-                    .map(|p| match client_authority {
-                        Some(c) => format!("{scheme}{c}{p}"),
-                        None => p,
-                    });
+                let path = &after_scheme[slash..];
+                let p = self
+                    .path_under(path)
+                    .unwrap_or_else(|| if path.is_empty() { "/" } else { path }.to_string());
+                return Some(match client_authority {
+                    Some(c) => format!("{client_scheme}://{c}{p}"),
+                    None => p,
+                });
             } else {
                 &location[..origin_len]
             };
@@ -601,11 +602,17 @@ mod tests {
                 Some("https://GW.example:8080/hb/n"),
             ),
             ("http://gw.example:8080", Some("http://gw.example:8080/hb/")),
-            // The instance's own address: the client's authority takes its place.
+            // The instance's own address: the client's scheme and authority take its place,
+            // even where the path stays as it is.
             (
                 "http://127.0.0.1:4001/next",
-                Some("http://gw.example:8080/hb/next"),
+                Some("https://gw.example:8080/hb/next"),
             ),
+            (
+                "http://127.0.0.1:4001/hb/x?y=1",
+                Some("https://gw.example:8080/hb/x?y=1"),
+            ),
+            ("http://127.0.0.1:4001", Some("https://gw.example:8080/hb/")),
             // Left alone: other hosts, relative references, paths already under the prefix.
             ("http://other.example/next", None),
             ("next", None),
@@ -613,7 +620,11 @@ mod tests {
             ("/hb/already", None),
             ("/hb", None),
         ] {
-            assert_eq!(strip.rewrite(loc, gw, inst).as_deref(), want, "{loc}");
+            assert_eq!(
+                strip.rewrite(loc, "https", gw, inst).as_deref(),
+                want,
+                "{loc}"
+            );
         }
         // A replaced prefix: only what is under the replacement moves back.
         let replace = LocationRewrite {
@@ -621,12 +632,18 @@ mod tests {
             upstream: "/v2".into(),
         };
         assert_eq!(
-            replace.rewrite("/v2/items/7", gw, inst).as_deref(),
+            replace.rewrite("/v2/items/7", "http", gw, inst).as_deref(),
             Some("/api/items/7")
         );
-        assert_eq!(replace.rewrite("/v2", gw, inst).as_deref(), Some("/api/"));
-        assert_eq!(replace.rewrite("/v20/x", gw, inst), None);
-        assert_eq!(replace.rewrite("/elsewhere", gw, inst), None);
+        let r = |loc| replace.rewrite(loc, "http", gw, inst);
+        assert_eq!(r("/v2").as_deref(), Some("/api/"));
+        assert_eq!(r("/v20/x"), None);
+        assert_eq!(r("/elsewhere"), None);
+        // Outside the replaced prefix, but on the instance's address: not left to leak.
+        assert_eq!(
+            r("http://127.0.0.1:4001/elsewhere").as_deref(),
+            Some("http://gw.example:8080/elsewhere")
+        );
     }
 
     #[test]

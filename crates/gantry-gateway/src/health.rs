@@ -34,6 +34,7 @@ impl Gateway {
             ticks += 1;
             let endpoints = self.endpoints_snapshot();
             if ticks.is_multiple_of(10) {
+                self.lock().sweep_draining(&self.metrics);
                 gantry_http::pool::tick();
                 let closed: usize = endpoints.iter().map(|(ep, _)| ep.pool.sweep()).sum();
                 if closed > 0 {

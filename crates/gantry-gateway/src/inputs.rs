@@ -245,9 +245,12 @@ impl Control {
             };
             services.insert(name.as_str().into(), entry);
         }
-        // Services no longer in the model.
+        // Services no longer in the model: their instances are gone for good.
         for (_, e) in old {
-            retired.extend(e.endpoints.into_values());
+            for ep in e.endpoints.into_values() {
+                ep.retired.store(true, Ordering::Relaxed);
+                retired.push(ep);
+            }
         }
         self.services = services;
         self.retire(retired.into_iter(), metrics);
@@ -373,7 +376,13 @@ impl Control {
             Ordering::Relaxed,
         );
         entry.endpoints = live;
+        // Gone from the registry (or back at another address or version): marked before the
+        // snapshot without them is published, so that no attempt of a request admitted earlier
+        // (a retry, a mirror copy) picks them either.
         let gone: Vec<Arc<Endpoint>> = old.into_values().collect();
+        for ep in &gone {
+            ep.retired.store(true, Ordering::Relaxed);
+        }
         self.retire(gone.into_iter(), metrics);
     }
 
@@ -402,7 +411,9 @@ impl Control {
         }
     }
 
-    fn sweep_draining(&mut self, metrics: &GatewayMetrics) {
+    /// Close the draining instances whose last request ended (each registry change, and every
+    /// second from the background task: a quiet registry must not keep them).
+    pub(crate) fn sweep_draining(&mut self, metrics: &GatewayMetrics) {
         let draining = std::mem::take(&mut self.draining);
         for ep in draining {
             if ep.inflight.load(Ordering::Relaxed) > 0 {

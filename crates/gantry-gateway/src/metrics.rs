@@ -475,11 +475,21 @@ impl GatewayMetrics {
             let e = m
                 .entry((service.into(), instance.into()))
                 .or_insert_with(|| (version.to_string(), Arc::default()));
-            // Same id, another version (a redeploy): figures of their own.
-            if e.0 != version.to_string() {
-                *e = (version.to_string(), Arc::default());
+            // Same id, another version (a redeploy): figures of their own; the old version's
+            // stay in its window until they age out.
+            let old = (e.0 != version.to_string())
+                .then(|| std::mem::replace(e, (version.to_string(), Arc::default())));
+            let stats = e.1.clone();
+            drop(m);
+            if let Some((old_version, old_stats)) = old {
+                lock(&self.stats.retired).push((
+                    crate::endpoints::clock_ms(),
+                    service.to_string(),
+                    old_version,
+                    old_stats,
+                ));
             }
-            e.1.clone()
+            stats
         };
         InstanceMetrics {
             stats,

@@ -39,8 +39,8 @@ use crate::cache::{self, CacheKey, Lookup};
 use crate::context::{
     asked_authority, cookie, forwarded_for, is_sane_request_id, is_websocket_upgrade,
     remove_hop_by_hop, request_host, scan, set_request_id, smuggling, truncate, Added, Ctx, Host,
-    HTTP, HTTPS, TRACEPARENT, X_CACHE, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
-    X_REQUEST_ID,
+    HTTP, HTTPS, TRACEPARENT, X_CACHE, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PREFIX,
+    X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use crate::endpoints::{clock_ms, hash64, ms_at, EndpointSet};
 use crate::filters::{self, Filter, PathRewrite, Phase, Selected};
@@ -218,6 +218,7 @@ impl Gateway {
                 normalized: None,
                 path: String::new(),
                 client: conn.peer,
+                tls: conn.tls,
                 end: None,
             };
             if let Err((why, extra)) = self.admit_request(&mut cx, &req) {
@@ -469,7 +470,7 @@ impl Gateway {
             }
 
             // ── 6. upstream ───────────────────────────────────────────────────────────────
-            let admitted = match self.admit(service, Some(&*backend.breaker), now) {
+            let mut admitted = match self.admit(service, Some(&*backend.breaker), now) {
                 Ok(a) => a,
                 Err(failure) => return self.failed(cx, route, f, failure),
             };
@@ -552,6 +553,7 @@ impl Gateway {
                     for (n, ours) in [
                         (&X_FORWARDED_PROTO, forwarding),
                         (&X_FORWARDED_HOST, forwarding),
+                        (&X_FORWARDED_PREFIX, forwarding),
                         (&X_REQUEST_ID, request_id.is_some()),
                         (&TRACEPARENT, traceparent.is_some()),
                     ] {
@@ -679,7 +681,7 @@ impl Gateway {
                 failure_statuses: &f.failure_statuses,
                 passive_health: true,
             };
-            let breaker = admitted.breaker.map(|b| (b, admitted.probe));
+            let breaker = admitted.breaker.map(|b| (b, &mut admitted.probe));
             let answer = self.call(&mut call, &policy, breaker, timer.as_mut()).await;
             drop(call);
             // The map's table goes back to this thread's pool for the next request.
@@ -747,7 +749,8 @@ impl Gateway {
             Failure::TlsUnavailable
             | Failure::Connect(_)
             | Failure::Reset(_)
-            | Failure::Status(_) => (Reject::UpstreamError, None),
+            | Failure::Status(_)
+            | Failure::BodyFailed => (Reject::UpstreamError, None),
             Failure::Timeout => (Reject::UpstreamTimeout, None),
             Failure::Client(c) => (Reject::Client(c), None),
             Failure::BodyTooLarge => (Reject::TooLarge, Some(f.max_body_bytes.to_string())),
@@ -908,8 +911,9 @@ impl Gateway {
                     let asked = authority
                         .and_then(|a| a.to_str().ok())
                         .or(cx.host.as_deref());
+                    let scheme = if cx.tls { "https" } else { "http" };
                     if let Some(v) = lr
-                        .rewrite(loc, asked, instance.as_str())
+                        .rewrite(loc, scheme, asked, instance.as_str())
                         .and_then(|l| HeaderValue::from_str(&l).ok())
                     {
                         h.insert(header::LOCATION, v);

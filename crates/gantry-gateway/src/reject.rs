@@ -110,6 +110,7 @@ impl Gateway {
             normalized: None,
             seen: Seen::default(),
             client: peer,
+            tls: false,
             host: Host::None,
         };
         self.finish_reject(&ctx, None, why, extra)

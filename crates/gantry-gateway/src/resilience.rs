@@ -209,6 +209,15 @@ impl Breaker {
             _ => None,
         }
     }
+
+    /// A half-open probe that ended without an outcome (the client's fault, a cancelled
+    /// request, a limit that turned it away): its slot is free again, and it says nothing
+    /// about the service either way.
+    pub fn release(&mut self) {
+        if let BreakerState::HalfOpen { in_flight, .. } = &mut self.state {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +326,9 @@ pub fn ejection_allowed(ejected: usize, total: usize, max_percent: u32) -> bool 
     if total == 0 {
         return false;
     }
-    ejected == 0 || (ejected + 1) * 100 <= total * max_percent as usize
+    ejected == 0
+        || ejected.saturating_add(1).saturating_mul(100)
+            <= total.saturating_mul(max_percent as usize)
 }
 
 /// Linkerd-style retry budget: retries within the window may be at most
@@ -475,6 +486,24 @@ mod tests {
         assert!(matches!(b.admit(2002), Admission::Allowed { probe: true }));
     }
 
+    #[test]
+    fn a_released_probe_frees_its_slot_and_decides_nothing() {
+        let mut b = Breaker::new(cb(1, 0.0));
+        b.record(0, false, false);
+        assert!(matches!(b.admit(1000), Admission::Allowed { probe: true }));
+        assert!(matches!(b.admit(1000), Admission::Allowed { probe: true }));
+        assert!(matches!(b.admit(1000), Admission::Rejected { .. }));
+        b.release();
+        assert!(matches!(b.state(), BreakerState::HalfOpen { .. }));
+        assert!(matches!(b.admit(1001), Admission::Allowed { probe: true }));
+        // Closed, a release changes nothing.
+        b.record(1002, true, true);
+        b.record(1002, true, true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.release();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
     fn op() -> OutlierPolicy {
         OutlierPolicy {
             consecutive_failures: 3,
@@ -544,6 +573,9 @@ mod tests {
         assert!(ejection_allowed(1, 4, 50));
         assert!(!ejection_allowed(2, 4, 50));
         assert!(!ejection_allowed(0, 0, 50));
+        // A count gone wrong never overflows.
+        assert!(!ejection_allowed(usize::MAX, 4, 50));
+        assert!(ejection_allowed(1, usize::MAX, 100));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum Failure {
     Client(ClientFault),
     /// The request body is larger than the route allows.
     BodyTooLarge,
+    /// The request body's own source failed (a mirror's copy that fell behind its primary, an
+    /// in-process caller's body): not the instance's doing.
+    BodyFailed,
 }
 
 impl Failure {
@@ -85,6 +88,7 @@ impl Failure {
             Failure::Client(ClientFault::Closed) => "client_closed",
             Failure::Client(ClientFault::Slow) => "client_body_timeout",
             Failure::BodyTooLarge => "body_too_large",
+            Failure::BodyFailed => "request_body_failed",
         }
     }
 }
@@ -141,11 +145,33 @@ pub(crate) struct Policy<'a> {
     pub passive_health: bool,
 }
 
-/// An admitted call: its breaker probe flag and its place under the service's limit.
+/// An admitted call: its breaker, its probe slot (when the breaker is half-open) and its place
+/// under the service's limit.
 pub(crate) struct Admitted<'a> {
     pub breaker: Option<&'a BreakerScope>,
-    pub probe: bool,
+    pub probe: Probe<'a>,
     pub slot: ServiceSlot,
+}
+
+/// A half-open breaker's probe slot, held by the call it admitted. The call's outcome reports
+/// it ([`Probe::take`]); a call that ends without one (the client's fault, a request cancelled
+/// or turned away by the concurrency limit, nothing to send to) frees the slot when dropped, so
+/// a lost probe never keeps a circuit shut and never counts as a success.
+pub(crate) struct Probe<'a>(Option<&'a BreakerScope>);
+
+impl Probe<'_> {
+    /// Whether this call is the probe (still unreported); it reports now.
+    fn take(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.release_probe();
+        }
+    }
 }
 
 /// A request counted against its service's concurrency limit until dropped.
@@ -193,14 +219,17 @@ fn breaker_failure(status: u16, extra: &[u16]) -> bool {
     matches!(status, 502..=504) || extra.contains(&status)
 }
 
-/// The jittered backoff before retry number `attempt_no`, as a boxed sleep: the wait is rare, so
-/// its timer stays out of the request's future.
-fn retry_pause(retry: &RetryPolicy, attempt_no: u32) -> std::pin::Pin<Box<tokio::time::Sleep>> {
-    Box::pin(tokio::time::sleep(backoff(
-        attempt_no,
-        retry.backoff_base_ms,
-        retry.backoff_max_ms,
-    )))
+/// The jittered backoff before retry number `attempt_no`, ending at the deadline at the latest,
+/// as a boxed sleep: the wait is rare, so its timer stays out of the request's future.
+fn retry_pause(
+    retry: &RetryPolicy,
+    attempt_no: u32,
+    deadline: tokio::time::Instant,
+) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+    let wait = backoff(attempt_no, retry.backoff_base_ms, retry.backoff_max_ms);
+    Box::pin(tokio::time::sleep_until(
+        (tokio::time::Instant::now() + wait).min(deadline),
+    ))
 }
 
 impl Gateway {
@@ -215,10 +244,10 @@ impl Gateway {
         if service.tls_failed {
             return Err(Failure::TlsUnavailable);
         }
-        let probe = match breaker.map(|b| b.admit(now)) {
-            None | Some(Admission::Allowed { probe: false }) => false,
-            Some(Admission::Allowed { probe: true }) => true,
-            Some(Admission::Rejected { retry_after_ms }) => {
+        let probe = match breaker.map(|b| (b, b.admit(now))) {
+            None | Some((_, Admission::Allowed { probe: false })) => Probe(None),
+            Some((b, Admission::Allowed { probe: true })) => Probe(Some(b)),
+            Some((_, Admission::Rejected { retry_after_ms })) => {
                 return Err(Failure::CircuitOpen { retry_after_ms })
             }
         };
@@ -227,10 +256,7 @@ impl Gateway {
         let slot = ServiceSlot(service.clone());
         if limit > 0 && n >= limit {
             service.metrics.bulkhead_rejections.inc();
-            if let (Some(b), true) = (breaker, probe) {
-                // The probe never went: it says nothing against the service.
-                self.record_breaker(b, true, true, now);
-            }
+            // A probe turned away never went: its slot is freed (dropped), nothing recorded.
             return Err(Failure::Bulkhead);
         }
         Ok(Admitted {
@@ -241,7 +267,7 @@ impl Gateway {
     }
 
     /// Send `call`, with retries as `policy` allows. `breaker`: the call site's breaker, and
-    /// whether this call is its half-open probe (from `admit`). `timer`: the connection's
+    /// the call's probe slot (from `admit`), which the outcome reports. `timer`: the connection's
     /// attempt timer, when the request came on the in-task server (else one is made per
     /// attempt).
     ///
@@ -252,7 +278,7 @@ impl Gateway {
         &'c self,
         call: &'c mut Call<'s, 'a>,
         policy: &'c Policy<'p>,
-        breaker: Option<(&'s BreakerScope, bool)>,
+        mut breaker: Option<(&'s BreakerScope, &'c mut Probe<'s>)>,
         mut timer: Option<&'c mut ConnTimer<'t>>,
     ) -> impl std::future::Future<Output = Result<Answer<'s>, UpstreamError>>
            + Send
@@ -306,7 +332,7 @@ impl Gateway {
             let mut first_attempt = true;
             loop {
                 if std::mem::take(&mut pause) {
-                    retry_pause(retry, attempt_no).await;
+                    retry_pause(retry, attempt_no, deadline).await;
                 }
                 // One clock read per attempt start (but the first) and one per attempt end.
                 let (attempt_start, now) = if std::mem::take(&mut first_attempt) {
@@ -417,9 +443,9 @@ impl Gateway {
                             pause = true;
                             continue;
                         }
-                        if let Some((b, probe)) = breaker {
+                        if let Some((b, probe)) = &mut breaker {
                             let failed = breaker_failure(status.as_u16(), policy.failure_statuses);
-                            self.record_breaker(b, !failed, probe, end_ms);
+                            self.record_breaker(b, !failed, probe.take(), end_ms);
                         }
                         return Ok(Answer {
                             resp,
@@ -434,18 +460,17 @@ impl Gateway {
                     Attempt::Failed(e) => {
                         drop(guard);
                         sent_any |= e.sent;
-                        // The request's body failed while it went: the client's doing (or the
-                        // route's size limit), not the instance's.
+                        // The request's body failed while it went: the client's doing, the
+                        // route's size limit, or the body's own source (a mirror's copy), never
+                        // the instance's; and the body is gone, so nothing goes again.
                         let fault = call.watch.and_then(BodyWatch::fault);
                         if e.kind == ErrorKind::RequestBody || fault.is_some() {
-                            match fault {
-                                Some(BodyFault::TooLarge) => last = Failure::BodyTooLarge,
-                                Some(BodyFault::Client(f)) => last = Failure::Client(f),
-                                None => last = Failure::Reset(e.kind),
-                            }
-                            if last != Failure::Reset(e.kind) {
-                                break;
-                            }
+                            last = match fault {
+                                Some(BodyFault::TooLarge) => Failure::BodyTooLarge,
+                                Some(BodyFault::Client(f)) => Failure::Client(f),
+                                None => Failure::BodyFailed,
+                            };
+                            break;
                         }
                         if policy.passive_health {
                             ep.record(end_ms, Outcome::NoResponse, elapsed);
@@ -504,10 +529,11 @@ impl Gateway {
                     }
                 }
             }
-            // Every attempt failed (or none could be made).
-            if let Some((b, probe)) = breaker {
+            // Every attempt failed (or none could be made). Anything else than the service's
+            // failure says nothing about it: a probe's slot is freed when its `Probe` drops.
+            if let Some((b, probe)) = &mut breaker {
                 if last.is_upstream() {
-                    self.record_breaker(b, false, probe, clock_ms());
+                    self.record_breaker(b, false, probe.take(), clock_ms());
                 }
             }
             Err(UpstreamError {
@@ -545,7 +571,12 @@ impl Gateway {
         match o.record(now, ok) {
             Some(OutlierVerdict::Restore) => {
                 ep.ejected_until_ms.store(0, Ordering::Relaxed);
-                service.ejected.fetch_sub(1, Ordering::Relaxed);
+                // Saturating: a rebuild of the service may have recounted it meanwhile.
+                let _ = service
+                    .ejected
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(1))
+                    });
                 ep.metrics.ejected.set(0);
                 tracing::info!(instance = %ep.id, "instance back in rotation after ejection");
             }
@@ -687,7 +718,7 @@ impl Gateway {
         };
         let breaker = self.caller_breaker(&caller.name, &set.service);
         let start = Instant::now();
-        let admitted = self
+        let mut admitted = self
             .admit(&set.service, Some(&breaker), ms_at(start))
             .map_err(|f| err(f, false, true, 0))?;
         let (parts, body) = request.into_parts();
@@ -754,7 +785,12 @@ impl Gateway {
         };
         let parts_method = parts.method.clone();
         let answer = self
-            .call(&mut call, &policy, Some((&breaker, admitted.probe)), None)
+            .call(
+                &mut call,
+                &policy,
+                Some((&breaker, &mut admitted.probe)),
+                None,
+            )
             .await
             .map_err(|e| err(e.failure, e.sent, e.retry_safe, e.attempts))?;
         drop(call);
@@ -784,6 +820,7 @@ impl Gateway {
                 host: crate::context::Host::None,
                 normalized: None,
                 path: pq.path().to_string(),
+                tls: false,
                 client: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
                 end: Some(answer.end),
             };

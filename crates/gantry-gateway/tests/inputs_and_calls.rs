@@ -418,3 +418,90 @@ async fn a_registry_change_rebuilds_only_its_service_and_takes_effect_before_it_
     assert_eq!(after.len(), routes_before.len());
     assert_eq!(after[0].route, routes_before[0].route);
 }
+
+#[tokio::test]
+async fn large_in_process_bodies_arrive_whole() {
+    let (a, _) = server("a").await;
+    let gw = gateway(vec![instance("svc-1", a, "1.0.0")]);
+    // Over the size that goes out with the request head: the rest follows it.
+    for size in [40_000usize, 300_000] {
+        let body = "b".repeat(size);
+        let out = call(&gw, None, &body).await.unwrap();
+        assert_eq!(out.len(), "a:".len() + size, "{size} bytes sent");
+    }
+}
+
+/// A server that reads requests and never answers.
+async fn silent_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_probe_that_ends_without_an_outcome_frees_its_slot() {
+    let silent = silent_server().await;
+    let gw = Gateway::new(
+        GatewayConfig {
+            node: "n".into(),
+            ..GatewayConfig::default()
+        },
+        &gantry_telemetry::Metrics::new(),
+    );
+    let mut model = GatewayModel::default();
+    let mut p = policy();
+    p.circuit_breaker.consecutive_failures = 1;
+    p.circuit_breaker.open_ms = 300;
+    model.upstreams.insert("svc".into(), p);
+    gw.apply_model(model);
+    let mut services = BTreeMap::new();
+    services.insert(
+        Arc::<str>::from("svc"),
+        vec![instance("svc-1", silent, "1.0.0")].into(),
+    );
+    gw.apply_registry(&Arc::new(RegistrySnapshot {
+        revision: 1,
+        services,
+        changed: vec!["svc".into()],
+    }));
+    let caller = Caller { name: "t".into() };
+    let within = |ms| CallOptions {
+        timeout: Duration::from_millis(ms),
+        ..CallOptions::default()
+    };
+    let get = || http::Request::get("/").body(Bytes::new()).unwrap();
+    // A timeout opens the caller's breaker; calls then fail fast.
+    let e = gw
+        .call_service("svc", None, get(), &caller, &within(100))
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure, Failure::Timeout);
+    let e = gw
+        .call_service("svc", None, get(), &caller, &within(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(e.failure, Failure::CircuitOpen { .. }), "{e:?}");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The half-open probe is cancelled by its caller: no outcome.
+    let opts = within(5_000);
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        gw.call_service("svc", None, get(), &caller, &opts),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the probe was still waiting");
+    // Its slot is free at once: the next call is the probe (and times out), not refused.
+    let e = gw
+        .call_service("svc", None, get(), &caller, &within(200))
+        .await
+        .unwrap_err();
+    assert_eq!(e.failure, Failure::Timeout, "{e:?}");
+}

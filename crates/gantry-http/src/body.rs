@@ -134,8 +134,9 @@ impl Deferred {
 
 /// An outgoing request body.
 pub trait SendBody: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static {
-    /// Put back data taken from this body (a send that failed before anything left): the next
-    /// frame yields it again.
+    /// Put back data taken from this body (a send that failed before anything left, or a piece
+    /// too large to go with the head): the next frame yields it again. Every body must keep
+    /// what it is given, whatever its kind.
     fn unread(&mut self, data: Bytes);
 }
 

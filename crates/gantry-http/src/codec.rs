@@ -17,7 +17,8 @@ enum ChunkState {
     Size,
     Data(u64),
     DataEnd,
-    Trailers,
+    /// After the last chunk; how far the trailer block was already searched for its end.
+    Trailers(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,24 +149,18 @@ impl Decoder {
     ) -> Result<Option<Decoded>, &'static str> {
         match cs {
             ChunkState::Size => {
-                let Some(i) = crlf(buf) else {
+                // The limit holds however the line arrives (whole, or in pieces).
+                let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+                let Some(i) = crlf(window) else {
                     if buf.len() > MAX_CHUNK_LINE {
                         return Err("chunk size line too long");
                     }
                     return Ok(Some(Decoded::NeedMore));
                 };
-                let line = &buf[..i];
-                let hex_end = line.iter().position(|c| *c == b';').unwrap_or(line.len());
-                let hex = line[..hex_end].trim_ascii();
-                if hex.is_empty() || hex.len() > 16 || !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return Err("bad chunk size");
-                }
-                let size = hex
-                    .iter()
-                    .fold(0u64, |acc, c| (acc << 4) | u64::from(hex_val(*c)));
+                let size = chunk_size(&buf[..i]).ok_or("bad chunk size")?;
                 buf.advance(i + 2);
                 self.state = State::Chunked(if size == 0 {
-                    ChunkState::Trailers
+                    ChunkState::Trailers(0)
                 } else {
                     ChunkState::Data(size)
                 });
@@ -196,19 +191,29 @@ impl Decoder {
                 self.state = State::Chunked(ChunkState::Size);
                 Ok(None)
             }
-            ChunkState::Trailers => {
-                let Some(i) = crlf(buf) else {
+            ChunkState::Trailers(scanned) => {
+                if buf.len() < 2 {
                     return Ok(Some(Decoded::NeedMore));
-                };
-                if i == 0 {
+                }
+                if &buf[..2] == b"\r\n" {
                     buf.advance(2);
                     self.state = State::Done;
                     return Ok(Some(Decoded::End));
                 }
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                // Searched from where the last search stopped (a block arriving a byte at a
+                // time is not searched again from its start each time), within the limit
+                // however the block arrives.
+                let from = (scanned as usize).saturating_sub(3);
+                let window = &buf[from..buf.len().min(MAX_TRAILERS + 4)];
+                let Some(end) = window
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|p| from + p)
+                else {
                     if buf.len() > MAX_TRAILERS {
                         return Err("trailers too large");
                     }
+                    self.state = State::Chunked(ChunkState::Trailers(buf.len() as u32));
                     return Ok(Some(Decoded::NeedMore));
                 };
                 let block = buf.split_to(end + 4);
@@ -217,6 +222,35 @@ impl Decoder {
             }
         }
     }
+}
+
+/// The size of a chunk-size line (RFC 9112 §7.1: `chunk-size [ BWS ";" chunk-ext ]`): hex
+/// digits from its first byte (at most 16), optional spaces or tabs, then nothing or extensions
+/// without control bytes. Anything looser (a leading space, a bare LF, a CR inside) is refused:
+/// a proxy that reads such a line another way would frame the body differently.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|c| c.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let ws = rest
+        .iter()
+        .take_while(|c| matches!(c, b' ' | b'\t'))
+        .count();
+    let rest = &rest[ws..];
+    let ext_ok = |ext: &[u8]| {
+        ext.iter()
+            .all(|c| *c == b'\t' || (*c >= 0x20 && *c != 0x7f))
+    };
+    if !(rest.is_empty() || (rest[0] == b';' && ext_ok(&rest[1..]))) {
+        return None;
+    }
+    Some(
+        line[..digits]
+            .iter()
+            .fold(0u64, |acc, c| (acc << 4) | u64::from(hex_val(*c))),
+    )
 }
 
 fn hex_val(c: u8) -> u8 {

@@ -19,7 +19,9 @@ pub enum HeadOutcome {
 /// The in-task server's request head parser on `data`. Properties: no panic; a head accepted
 /// whole is reported incomplete on any strict prefix of it (a request is never acted on before
 /// its head ends); an accepted request has at most one `Host`, never both `Content-Length` and
-/// `Transfer-Encoding`, and its fields come out as they came in (each name's values in order).
+/// `Transfer-Encoding`, a `Transfer-Encoding` only as a single `chunked` on HTTP/1.1, is never
+/// a WebSocket upgrade as the pipeline tells one (those go to hyper, whole), and its fields
+/// come out as they came in (each name's values in order).
 pub fn request_head(data: &[u8]) -> HeadOutcome {
     let max_headers = 100;
     let mut buf = BytesMut::from(data);
@@ -46,8 +48,27 @@ pub fn request_head(data: &[u8]) -> HeadOutcome {
                     !h.contains_key(http::header::TRANSFER_ENCODING) && length.unwrap_or(0) == 0
                 ),
                 BodyFraming::Length(n) => assert_eq!(length, Some(n)),
-                BodyFraming::Chunked => assert!(length.is_none()),
+                BodyFraming::Chunked => {
+                    assert!(length.is_none());
+                    assert_eq!(req.version(), http::Version::HTTP_11);
+                    let te: Vec<_> = h.get_all(http::header::TRANSFER_ENCODING).iter().collect();
+                    assert_eq!(te.len(), 1);
+                    assert!(te[0]
+                        .as_bytes()
+                        .trim_ascii()
+                        .eq_ignore_ascii_case(b"chunked"));
+                }
             }
+            // The pipeline's test (gantry-gateway `is_websocket_upgrade`): never true here.
+            let websocket = req.version() == http::Version::HTTP_11
+                && h.get(http::header::UPGRADE)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+                && h.get_all(http::header::CONNECTION).iter().any(|v| {
+                    v.as_bytes()
+                        .split(|c| *c == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+                });
+            assert!(!websocket, "an upgrade kept by the in-task server");
             assert!(h.get_all(http::header::HOST).iter().count() <= 1);
             assert!(
                 !(h.contains_key(http::header::CONTENT_LENGTH)

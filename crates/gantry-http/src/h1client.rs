@@ -315,6 +315,7 @@ impl H1Conn {
         let mut has_te = false;
         let mut te_chunked = false;
         let mut length: Option<u64> = None;
+        let mut lengths_differ = false;
         let mut close = false;
         let mut keep = false;
         let mut names_others = false;
@@ -328,10 +329,12 @@ impl H1Conn {
                     .next()
                     .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if f.kind & F_LENGTH != 0 {
-                if length.is_none() {
-                    length = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u64>().ok());
+                let n = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                match length {
+                    None => length = n,
+                    Some(l) => lengths_differ |= n != Some(l),
                 }
             } else if f.kind & F_CONNECTION != 0 {
                 for t in v.split(|c| *c == b',') {
@@ -347,7 +350,9 @@ impl H1Conn {
             }
         }
         raw.needs_map = names_others;
+        // A 101 switched the connection to another protocol: it is never reused as HTTP.
         let mut keep_alive = reusable
+            && status != StatusCode::SWITCHING_PROTOCOLS
             && match version {
                 Version::HTTP_10 => keep,
                 _ => !close,
@@ -356,7 +361,7 @@ impl H1Conn {
             Decoder::done()
         } else if te_chunked {
             Decoder::chunked()
-        } else if let (Some(n), false) = (length, has_te) {
+        } else if let (Some(n), false, false) = (length, has_te, lengths_differ) {
             Decoder::length(n)
         } else {
             // No length, or a coding we cannot frame: read to the end, never reuse.

@@ -366,6 +366,7 @@ pub(crate) fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Par
     let mut conn_keep_alive = false;
     let mut conn_upgrade = false;
     let mut websocket = false;
+    let mut upgrades = 0u8;
     let mut te_trailers = false;
     const FRAMING: u8 = codec::F_LENGTH
         | codec::F_TRANSFER_ENCODING
@@ -409,6 +410,12 @@ pub(crate) fn parse(buf: &mut BytesMut, max_headers: usize) -> Result<Option<Par
                 }
             }
         } else if f.kind & codec::F_UPGRADE != 0 {
+            // One `Upgrade` line: with several, this server and the pipeline could disagree
+            // on whether the request is an upgrade (a desync for a proxy in front).
+            if upgrades > 0 {
+                return Err(HeadError::Malformed("several Upgrade headers"));
+            }
+            upgrades += 1;
             websocket = v.trim_ascii().eq_ignore_ascii_case(b"websocket");
         } else if f.kind & codec::F_TE != 0 {
             te_trailers |= v
@@ -784,7 +791,10 @@ fn encode_head<B: ResponseBody>(
     now: std::time::Instant,
 ) -> (Vec<u8>, Out, bool) {
     let status = parts.status;
-    let mut keep_alive = meta.keep_alive;
+    // A 101 here (the request was not handed to hyper as an upgrade) switches nothing: the
+    // connection closes after it, so nobody in front takes what follows for a tunnel while
+    // this server parses it as requests.
+    let mut keep_alive = meta.keep_alive && status != StatusCode::SWITCHING_PROTOCOLS;
     let no_body = meta.head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT

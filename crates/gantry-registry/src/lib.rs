@@ -392,58 +392,75 @@ impl Registry {
                 st.ids.remove(inst.service.as_str());
             }
         }
-        Some(self.publish(&mut st, kind, inst))
+        Some(self.publish(&mut st, kind, inst, None))
     }
 
     fn apply(&self, kind: RegistryEventKind, inst: Instance) -> u64 {
         let mut st = self.lock();
+        let mut moved_from = None;
         if let Some(old) = st.instances.insert(inst.id.clone(), inst.clone()) {
-            // Re-registered under another service (self-registrations keep theirs; checked).
+            // Re-registered under another service (self-registrations keep theirs; checked):
+            // it leaves the old service's list in the same snapshot.
             if old.service != inst.service {
                 if let Some(ids) = st.ids.get_mut(old.service.as_str()) {
                     ids.remove(&old.id);
+                    if ids.is_empty() {
+                        st.ids.remove(old.service.as_str());
+                    }
                 }
+                moved_from = Some(old.service);
             }
         }
         st.ids
             .entry(inst.service.as_str().into())
             .or_default()
             .insert(inst.id.clone());
-        self.publish(&mut st, kind, inst)
+        self.publish(&mut st, kind, inst, moved_from)
     }
 
     /// Called with the state lock held: bump revision, publish a snapshot in which only the
-    /// changed service's list is new (the others are shared with the last one), notify.
-    fn publish(&self, st: &mut State, kind: RegistryEventKind, inst: Instance) -> u64 {
+    /// changed services' lists are new (the instance's, and the one it moved from, if any; the
+    /// others are shared with the last one), notify.
+    fn publish(
+        &self,
+        st: &mut State,
+        kind: RegistryEventKind,
+        inst: Instance,
+        moved_from: Option<String>,
+    ) -> u64 {
         st.revision += 1;
-        let name: Arc<str> = match st.ids.get_key_value(inst.service.as_str()) {
-            Some((k, _)) => k.clone(),
-            None => inst.service.as_str().into(),
-        };
-        let list: Vec<Instance> = st
-            .ids
-            .get(&name)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| st.instances.get(id).cloned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.instances_gauge
-            .get_or_create(&ServiceLabel {
-                service: inst.service.clone(),
-            })
-            .set(list.len() as i64);
         let mut services = st.snapshot.services.clone();
-        if list.is_empty() {
-            services.remove(&name);
-        } else {
-            services.insert(name.clone(), list.into());
+        let mut changed = Vec::with_capacity(2);
+        for service in std::iter::once(inst.service.as_str()).chain(moved_from.as_deref()) {
+            let name: Arc<str> = match st.ids.get_key_value(service) {
+                Some((k, _)) => k.clone(),
+                None => service.into(),
+            };
+            let list: Vec<Instance> = st
+                .ids
+                .get(&name)
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|id| st.instances.get(id).cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.instances_gauge
+                .get_or_create(&ServiceLabel {
+                    service: service.to_string(),
+                })
+                .set(list.len() as i64);
+            if list.is_empty() {
+                services.remove(&name);
+            } else {
+                services.insert(name.clone(), list.into());
+            }
+            changed.push(name);
         }
         st.snapshot = Arc::new(RegistrySnapshot {
             revision: st.revision,
             services,
-            changed: vec![name],
+            changed,
         });
         for l in self
             .listeners

@@ -210,3 +210,24 @@ async fn snapshots_name_the_changed_service_and_share_the_others_lists() {
     assert_eq!(gone.changed, vec![Arc::<str>::from("a")]);
     assert!(Arc::ptr_eq(&after.services["b"], &gone.services["b"]));
 }
+
+#[tokio::test]
+async fn an_instance_moved_to_another_service_leaves_the_old_list_in_the_same_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    r.register_supervised(supervised("x-1", "a", 1001));
+    r.register_supervised(supervised("keep", "a", 1002));
+    r.register_supervised(supervised("x-1", "b", 1001));
+    let snap = r.snapshot();
+    let ids = |s: &str| -> Vec<String> { snap.instances(s).iter().map(|i| i.id.clone()).collect() };
+    assert_eq!(ids("a"), ["keep"]);
+    assert_eq!(ids("b"), ["x-1"]);
+    let mut changed: Vec<&str> = snap.changed.iter().map(|s| &**s).collect();
+    changed.sort_unstable();
+    assert_eq!(changed, ["a", "b"]);
+    // The last one of its old service: that service's list goes.
+    r.register_supervised(supervised("keep", "c", 1002));
+    let snap = r.snapshot();
+    assert!(snap.instances("a").is_empty());
+    assert!(!snap.services.contains_key("a"));
+}

@@ -857,4 +857,13 @@ rewrite_redirects = false
     let echo = g.get("/api/echo").json();
     assert_eq!(echo["headers"]["x-forwarded-prefix"], "/api", "{echo}");
     assert_eq!(echo["path"], "/v2/echo");
+    // A client's own X-Forwarded-Prefix is replaced, never passed beside the gateway's.
+    let resp = raw(
+        g.gateway,
+        b"GET /hb/echo HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-Prefix: /evil\r\nConnection: close\r\n\r\n",
+    );
+    let body = resp.split_once("\r\n\r\n").unwrap().1;
+    assert!(!body.contains("/evil"), "{body}");
+    let echo: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-prefix"], "/hb", "{echo}");
 }
