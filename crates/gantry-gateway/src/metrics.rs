@@ -79,6 +79,11 @@ pub struct StatsRegistry {
 }
 
 impl StatsRegistry {
+    /// An instance's figures leave routing: kept in its version's window until they age out.
+    fn retire(&self, now_ms: u64, service: &str, (version, stats): InstanceStats) {
+        lock(&self.retired).push((now_ms, service.to_string(), version, stats));
+    }
+
     /// Each version's window (its instances', live and recently gone, added up).
     pub fn versions(
         &self,
@@ -453,8 +458,8 @@ impl GatewayMetrics {
             instance: instance.into(),
         };
         let gone = lock(&self.stats.instances).remove(&(service.to_string(), instance.to_string()));
-        if let Some((version, st)) = gone {
-            lock(&self.stats.retired).push((now_ms, service.to_string(), version, st));
+        if let Some(gone) = gone {
+            self.stats.retire(now_ms, service, gone);
         }
         self.ejections.remove(&l);
         self.ejected.remove(&l);
@@ -481,13 +486,9 @@ impl GatewayMetrics {
                 .then(|| std::mem::replace(e, (version.to_string(), Arc::default())));
             let stats = e.1.clone();
             drop(m);
-            if let Some((old_version, old_stats)) = old {
-                lock(&self.stats.retired).push((
-                    crate::endpoints::clock_ms(),
-                    service.to_string(),
-                    old_version,
-                    old_stats,
-                ));
+            if let Some(old) = old {
+                self.stats
+                    .retire(crate::endpoints::clock_ms(), service, old);
             }
             stats
         };
