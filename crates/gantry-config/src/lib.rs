@@ -1,12 +1,15 @@
 //! Versioned configuration per service.
 //!
 //! Every change (set, unset, rollback) is a new immutable version holding the full set of values,
-//! the time, a message and which keys changed. Versions are stored as `config/<service>/<version>`
-//! with create-if-absent, so two writers (later: two nodes) can never both claim a version.
-//! Values reach instances as environment variables when they start.
+//! the time, a message and which keys changed. In the store's `config` bucket, `<service>.head`
+//! holds the current version (one read) and `<service>.<version, 12 digits>` each version.
+//! A commit is a compare-and-set of the head, so two writers (later: two nodes) can never both
+//! claim a version; the version's own key is written after it, and a commit first repairs the
+//! record of the version before it if a crash came between the two. Values reach instances as
+//! environment variables when they start.
 //!
-//! Architecture invariant: a version is returned to the caller only after it is durable; the
-//! current values of a service are those of its highest version.
+//! Architecture invariant: a version is returned to the caller only after its head is durable;
+//! the current values of a service are those of its head.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -93,7 +96,11 @@ pub struct ConfigStore {
 }
 
 fn version_key(service: &str, version: u64) -> String {
-    format!("{service}/{version:012}")
+    format!("{service}.{version:012}")
+}
+
+fn head_key(service: &str) -> String {
+    format!("{service}.head")
 }
 
 impl ConfigStore {
@@ -113,14 +120,45 @@ impl ConfigStore {
     /// Every version of `service`, oldest first.
     pub async fn history(&self, service: &str) -> Result<Vec<ConfigVersion>, ConfigError> {
         check_service(service)?;
-        let rows: Vec<(String, ConfigVersion, u64)> =
-            self.store.list_json(BUCKET, &format!("{service}/")).await?;
-        Ok(rows.into_iter().map(|(_, v, _)| v).collect())
+        let rows: Vec<(String, ConfigVersion, u64)> = self
+            .store
+            .list_json(BUCKET, &format!("{service}.*"))
+            .await?;
+        let mut versions: Vec<ConfigVersion> = rows
+            .into_iter()
+            .filter(|(k, _, _)| !k.ends_with(".head"))
+            .map(|(_, v, _)| v)
+            .collect();
+        // The head's own record is missing when a crash came between the two writes.
+        if let Some((head, _)) = self.head(service).await? {
+            if versions.last().is_none_or(|v| v.version < head.version) {
+                versions.push(head);
+            }
+        }
+        Ok(versions)
+    }
+
+    /// The head and its store revision. Data written before heads existed has none until its
+    /// next commit: its highest version is current.
+    async fn head(&self, service: &str) -> Result<Option<(ConfigVersion, u64)>, ConfigError> {
+        if let Some(h) = self.store.get_json(BUCKET, &head_key(service)).await? {
+            return Ok(Some(h));
+        }
+        let rows: Vec<(String, ConfigVersion, u64)> = self
+            .store
+            .list_json(BUCKET, &format!("{service}.*"))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(k, _, _)| !k.ends_with(".head"))
+            .map(|(_, v, _)| (v, 0))
+            .next_back())
     }
 
     /// The current version, if the service has any config.
     pub async fn current(&self, service: &str) -> Result<Option<ConfigVersion>, ConfigError> {
-        Ok(self.history(service).await?.pop())
+        check_service(service)?;
+        Ok(self.head(service).await?.map(|(v, _)| v))
     }
 
     /// Current values (empty when the service has no config).
@@ -141,19 +179,23 @@ impl ConfigStore {
             .await?
         {
             Some((v, _)) => Ok(v),
-            None => Err(ConfigError::NoSuchVersion {
-                service: service.into(),
-                version,
-            }),
+            None => match self.head(service).await? {
+                // The head's own record is missing when a crash came between the two writes.
+                Some((head, _)) if head.version == version => Ok(head),
+                _ => Err(ConfigError::NoSuchVersion {
+                    service: service.into(),
+                    version,
+                }),
+            },
         }
     }
 
     /// Services that have config, sorted.
     pub async fn services(&self) -> Result<Vec<String>, ConfigError> {
-        let rows = self.store.list(BUCKET, "").await?;
-        let mut out: Vec<String> = rows
+        let keys = self.store.keys(BUCKET, ">").await?;
+        let mut out: Vec<String> = keys
             .into_iter()
-            .filter_map(|(k, _)| k.split_once('/').map(|(s, _)| s.to_string()))
+            .filter_map(|k| k.split_once('.').map(|(s, _)| s.to_string()))
             .collect();
         out.dedup();
         Ok(out)
@@ -195,7 +237,8 @@ impl ConfigStore {
         }
         let message = check_message(req.message)?;
         let _guard = self.write.lock().await;
-        let current = self.current(service).await?;
+        let head = self.head(service).await?;
+        let current = head.as_ref().map(|(v, _)| v.clone());
         let mut values = current
             .as_ref()
             .map(|c| c.values.clone())
@@ -231,15 +274,8 @@ impl ConfigStore {
                 "a service may have at most {MAX_KEYS} keys"
             )));
         }
-        self.commit(
-            service,
-            current.map_or(0, |c| c.version),
-            values,
-            changes,
-            message,
-            None,
-        )
-        .await
+        self.commit(service, head, values, changes, message, None)
+            .await
     }
 
     /// Make the values of `to` current again, as a new version.
@@ -252,7 +288,8 @@ impl ConfigStore {
         let message = check_message(message)?;
         let _guard = self.write.lock().await;
         let target = self.version(service, to).await?;
-        let current = self.current(service).await?;
+        let head = self.head(service).await?;
+        let current = head.as_ref().map(|(v, _)| v);
         let cur_values = current
             .as_ref()
             .map(|c| c.values.clone())
@@ -279,26 +316,33 @@ impl ConfigStore {
         } else {
             message
         };
-        self.commit(
-            service,
-            current.map_or(0, |c| c.version),
-            target.values,
-            changes,
-            message,
-            Some(to),
-        )
-        .await
+        self.commit(service, head, target.values, changes, message, Some(to))
+            .await
     }
 
+    /// Make a new version current: compare-and-set of the head (the commit point), then the
+    /// version's own record.
     async fn commit(
         &self,
         service: &str,
-        previous: u64,
+        head: Option<(ConfigVersion, u64)>,
         values: BTreeMap<String, String>,
         changes: Vec<KeyChange>,
         message: String,
         rollback_of: Option<u64>,
     ) -> Result<Committed, ConfigError> {
+        let previous = head.as_ref().map_or(0, |(v, _)| v.version);
+        if let Some((prev, _)) = &head {
+            // Repair the record of the previous version if a crash lost it.
+            match self
+                .store
+                .create_json(BUCKET, &version_key(service, prev.version), prev)
+                .await
+            {
+                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let v = ConfigVersion {
             service: service.into(),
             version: previous + 1,
@@ -308,8 +352,20 @@ impl ConfigStore {
             values,
             rollback_of,
         };
+        match head {
+            Some((_, rev)) if rev > 0 => {
+                self.store
+                    .update_json(BUCKET, &head_key(service), &v, rev)
+                    .await?
+            }
+            _ => {
+                self.store
+                    .create_json(BUCKET, &head_key(service), &v)
+                    .await?
+            }
+        };
         self.store
-            .create_json(BUCKET, &version_key(service, v.version), &v)
+            .put_json(BUCKET, &version_key(service, v.version), &v)
             .await?;
         tracing::info!(service, version = v.version, "config version committed");
         let _ = self.events.send(ConfigChanged {

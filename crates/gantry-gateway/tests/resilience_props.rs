@@ -162,8 +162,11 @@ proptest! {
             let until = o.eject(now);
             prop_assert_eq!(until - now, (base * round as u64).min(max));
             prop_assert!(o.is_ejected());
-            // A request that started before the ejection and ends inside it: no news.
-            prop_assert_eq!(o.record(now + 1, false), None);
+            // A request that started before the ejection and ends inside it: no news. (With an
+            // ejection of 1 ms, `now + 1` is already past it.)
+            if until > now + 1 {
+                prop_assert_eq!(o.record(now + 1, false), None);
+            }
             now = until;
             prop_assert_eq!(o.record(now, true), Some(OutlierVerdict::Restore));
             prop_assert!(!o.is_ejected());

@@ -139,7 +139,7 @@ impl Registry {
             changes,
         });
         let now = unix_ms();
-        let persisted: Vec<(String, Instance, u64)> = reg.store.list_json(BUCKET, "").await?;
+        let persisted: Vec<(String, Instance, u64)> = reg.store.list_json(BUCKET, ">").await?;
         for (_, mut inst, _) in persisted {
             if let InstanceSource::External { ttl_ms, .. } = inst.source {
                 inst.source = InstanceSource::External {
@@ -261,7 +261,7 @@ impl Registry {
             Some(id) => {
                 if !valid_external_id(&id) {
                     return Err(RegistryError::Invalid(format!(
-                        "id: invalid instance id {id:?}; expected 1-128 characters of a-z, 0-9, '-', '_' and '.'"
+                        "id: invalid instance id {id:?}; expected 1-128 characters of a-z, 0-9, '-', '_' and '.', not starting or ending with '.' and no '..'"
                     )));
                 }
                 id
@@ -499,6 +499,7 @@ fn valid_external_id(id: &str) -> bool {
         && id.len() <= 128
         && !id.starts_with('.')
         && !id.ends_with('.')
+        && !id.contains("..")
         && id.bytes().all(|c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
         })

@@ -168,7 +168,7 @@ fn emit(
 /// records. A group is only killed if one of its processes still carries the instance's
 /// `GANTRY_INSTANCE` in its environment, so a recycled process group id is left alone.
 pub(crate) async fn reap_orphans(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
-    let records: Vec<(String, ProcRecord, u64)> = match store.list_json(PROCS_BUCKET, "").await {
+    let records: Vec<(String, ProcRecord, u64)> = match store.list_json(PROCS_BUCKET, ">").await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read process records; skipping orphan reaping");

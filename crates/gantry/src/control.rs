@@ -61,7 +61,7 @@ impl Control {
         gateway: Arc<Gateway>,
         registry: Arc<Registry>,
     ) -> anyhow::Result<Arc<Self>> {
-        let rows: Vec<(String, ApiRoute, u64)> = store.list_json(BUCKET, "").await?;
+        let rows: Vec<(String, ApiRoute, u64)> = store.list_json(BUCKET, ">").await?;
         let api_routes = rows.into_iter().map(|(k, r, _)| (k, r)).collect();
         let c = Arc::new(Self {
             file: spec.file.clone(),
