@@ -317,3 +317,29 @@ split = [{{ version = "^1", weight = {a} }}, {{ version = "^2", weight = {b} }}]
     let fits = text(1, 4_294_967_294);
     assert!(parse(&fits, Path::new("g.toml")).is_ok());
 }
+
+#[test]
+fn store_backend_and_its_options() {
+    let s = parse(
+        &format!("{OK}\n[store]\nbackend = \"nats\"\nurl = \"nats://10.0.0.1:4222,nats://10.0.0.2:4222\"\nreplicas = 3\nnamespace = \"prod-eu\"\n"),
+        Path::new("g.toml"),
+    )
+    .unwrap();
+    assert_eq!(s.store.backend, StoreBackend::Nats);
+    assert_eq!(s.store.replicas, 3);
+    assert_eq!(s.store.namespace, "prod-eu");
+    let d = parse(OK, Path::new("g.toml")).unwrap();
+    assert_eq!(d.store.backend, StoreBackend::Embedded);
+    assert_eq!(d.store.url, "nats://127.0.0.1:4222");
+    // Every problem is named, not only the first.
+    let e = errs(&format!(
+        "{OK}\n[store]\nurl = \"http://x\"\nreplicas = 2\nnamespace = \"Prod_EU\"\n"
+    ));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert!(fields.contains(&"store.url"), "{e:?}");
+    assert!(fields.contains(&"store.replicas"), "{e:?}");
+    assert!(fields.contains(&"store.namespace"), "{e:?}");
+    let e = errs(&format!("{OK}\n[store]\nbackend = \"etcd\"\n"));
+    assert_eq!(e[0].field, "store.backend", "{e:?}");
+    assert!(e[0].message.contains("nats"), "{e:?}");
+}

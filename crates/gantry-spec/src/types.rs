@@ -112,17 +112,55 @@ fn default_admin_listen() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSpec {
-    /// Data directory, relative to the spec file's directory. Default `.gantry`.
+    /// Data directory, relative to the spec file's directory. Default `.gantry`. Holds the
+    /// embedded store, the admin token and the lock that keeps a second gantry out.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Where control-plane state lives: `embedded` (a file in the data directory, the default)
+    /// or `nats` (JetStream KV buckets on the NATS server at `url`).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// NATS server(s), for `backend = "nats"`: `nats://host:port`, comma-separated for several.
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    /// Copies JetStream keeps of each bucket: 1 on one server, 3 or 5 in a cluster.
+    #[serde(default = "default_store_replicas")]
+    pub replicas: u8,
+    /// Prefix of this system's bucket names, so that several systems can share one NATS.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Embedded,
+    Nats,
 }
 
 impl Default for StoreSpec {
     fn default() -> Self {
         Self {
             data_dir: default_data_dir(),
+            backend: StoreBackend::Embedded,
+            url: default_nats_url(),
+            replicas: default_store_replicas(),
+            namespace: default_namespace(),
         }
     }
+}
+
+fn default_nats_url() -> String {
+    "nats://127.0.0.1:4222".into()
+}
+
+fn default_store_replicas() -> u8 {
+    1
+}
+
+fn default_namespace() -> String {
+    "gantry".into()
 }
 
 fn default_data_dir() -> PathBuf {

@@ -54,6 +54,37 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     if spec.store.data_dir.as_os_str().is_empty() {
         p.push(("store.data_dir".into(), "must not be empty".into()));
     }
+    for url in spec.store.url.split(',') {
+        let url = url.trim();
+        let scheme_ok = ["nats://", "tls://"].iter().any(|s| url.starts_with(s));
+        if !scheme_ok || url.len() <= 7 || url.chars().any(|c| c.is_whitespace()) {
+            p.push((
+                "store.url".into(),
+                format!("{url:?} is not a NATS server address; expected nats://HOST:PORT (comma-separated for several)"),
+            ));
+        }
+    }
+    if !matches!(spec.store.replicas, 1 | 3 | 5) {
+        p.push((
+            "store.replicas".into(),
+            format!(
+                "expected 1, 3 or 5 (JetStream replica counts), got {}",
+                spec.store.replicas
+            ),
+        ));
+    }
+    let ns = &spec.store.namespace;
+    if ns.is_empty()
+        || ns.len() > 32
+        || !ns
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+    {
+        p.push((
+            "store.namespace".into(),
+            format!("{ns:?}: expected 1-32 characters of a-z, 0-9 and '-'"),
+        ));
+    }
 
     let mut routes_seen: HashMap<String, String> = HashMap::new();
     let mut ports_seen: HashMap<u16, String> = HashMap::new();

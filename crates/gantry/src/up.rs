@@ -18,8 +18,8 @@ use gantry_config::ConfigStore;
 use gantry_gateway::tls::{CertFiles, CertStore};
 use gantry_gateway::{Gateway, GatewayConfig, Listener};
 use gantry_registry::Registry;
-use gantry_spec::LoadedSpec;
-use gantry_store::{RedbStore, Store, StoreError};
+use gantry_spec::{LoadedSpec, StoreBackend, StoreSpec};
+use gantry_store::{NatsOptions, NatsStore, RedbStore, Store, StoreError};
 use gantry_supervisor::{DrainObserver, EventKind, Supervisor, SupervisorDeps};
 use gantry_telemetry::{LogStore, LogStream, Metrics};
 use tokio::sync::watch;
@@ -37,7 +37,7 @@ pub fn run(file: &Path, args: &UpArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    gantry_telemetry::init_tracing(args.json_logs, "info");
+    gantry_telemetry::init_tracing(args.json_logs, "info,async_nats=warn");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("gantry-control")
@@ -251,15 +251,19 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
     let data_dir = spec.data_dir();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let store: Arc<dyn Store> = match RedbStore::open(&data_dir) {
-        Ok(s) => Arc::new(s),
-        Err(StoreError::Locked(d)) => {
-            return Err(anyhow!(
-                "data directory {d} is in use by another gantry; stop it first (or give this spec another [store] data_dir)"
-            ))
+    let _lock = lock_data_dir(&data_dir)?;
+    let store = open_store(&spec.spec.store, &data_dir).await?;
+    tracing::info!(
+        backend = store.backend(),
+        "store open{}",
+        match spec.spec.store.backend {
+            StoreBackend::Nats => format!(
+                " (NATS at {}, namespace {}, {} replica(s))",
+                spec.spec.store.url, spec.spec.store.namespace, spec.spec.store.replicas
+            ),
+            StoreBackend::Embedded => format!(" ({})", data_dir.join("state.redb").display()),
         }
-        Err(e) => return Err(e.into()),
-    };
+    );
     let token: Arc<str> = admin_token(&data_dir)?.into();
     let metrics = Metrics::new();
     let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
@@ -514,4 +518,47 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Keeps a second gantry off this data directory (and so off its store) while this one runs.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("gantry.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow!(
+            "data directory {} is in use by another gantry; stop it first (or give this spec another [store] data_dir)",
+            data_dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow!("cannot lock {}: {e}", path.display()))
+        }
+    }
+}
+
+/// The store the spec asks for: embedded in the data directory, or NATS JetStream KV.
+async fn open_store(spec: &StoreSpec, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    match spec.backend {
+        StoreBackend::Embedded => match RedbStore::open(data_dir) {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(StoreError::Locked(d)) => Err(anyhow!(
+                "data directory {d} is in use by another gantry; stop it first (or give this spec another [store] data_dir)"
+            )),
+            Err(e) => Err(e.into()),
+        },
+        StoreBackend::Nats => {
+            let mut o = NatsOptions::new(spec.url.clone());
+            o.replicas = usize::from(spec.replicas);
+            o.namespace = spec.namespace.clone();
+            let s = NatsStore::connect(o)
+                .await
+                .map_err(|e| anyhow!("[store] backend = \"nats\": {e}"))?;
+            Ok(Arc::new(s))
+        }
+    }
 }

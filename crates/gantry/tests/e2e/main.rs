@@ -13,4 +13,5 @@ mod registry;
 mod resilience;
 mod routing;
 mod shop;
+mod store;
 mod supervisor;
