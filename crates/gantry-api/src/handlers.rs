@@ -58,6 +58,9 @@ pub async fn list_services(State(s): State<ApiState>) -> impl IntoResponse {
 #[serde(deny_unknown_fields)]
 pub struct ScaleBody {
     replicas: u32,
+    /// Which version, when the service runs several.
+    #[serde(default)]
+    version: Option<semver::Version>,
 }
 
 pub async fn scale(
@@ -66,9 +69,11 @@ pub async fn scale(
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     let b: ScaleBody = parse_json(&body)?;
-    s.supervisor.scale(&name, b.replicas).await?;
+    s.supervisor
+        .scale(&name, b.version.as_ref(), b.replicas)
+        .await?;
     Ok(Json(
-        serde_json::json!({ "service": name, "replicas": b.replicas }),
+        serde_json::json!({ "service": name, "version": b.version, "replicas": b.replicas }),
     ))
 }
 

@@ -5,8 +5,14 @@
 //! and hands them over as immutable snapshots.
 #![forbid(unsafe_code)]
 
+mod deploy;
 mod registry;
 mod route;
+
+pub use deploy::{
+    BackoffSpec, Deployment, HealthSpec, OnConfigChange, Placement, ProbeKind, Resources,
+    RestartPolicy, VersionDeployment, VersionSource,
+};
 
 pub use registry::{
     Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
@@ -24,6 +30,12 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Environment names the supervisor sets itself (`PORT`, `GANTRY_*`): not for the spec's `env`
+/// nor for config keys.
+pub fn is_reserved_env(key: &str) -> bool {
+    key == "PORT" || key.starts_with("GANTRY_")
 }
 
 /// Is `name` a valid service name: 1..=63 characters of `[a-z0-9-]`, starting with a letter and

@@ -81,6 +81,44 @@ impl LoadedSpec {
             None => self.base_dir.clone(),
         }
     }
+
+    /// The spec's part of the desired state: one deployment per service that gantry runs
+    /// (services with `endpoints` or self-registration run elsewhere and have none), each with the
+    /// spec's one version, paths resolved.
+    pub fn deployments(&self) -> Vec<gantry_model::Deployment> {
+        self.spec
+            .services
+            .iter()
+            .filter_map(|(name, svc)| {
+                let command = svc.program()?.to_vec();
+                Some(gantry_model::Deployment {
+                    service: name.clone(),
+                    versions: vec![gantry_model::VersionDeployment {
+                        version: svc.semver(),
+                        source: gantry_model::VersionSource::Spec,
+                        command,
+                        cwd: self.service_cwd(svc),
+                        env: svc.env.clone(),
+                        replicas: svc.replicas,
+                        spec_replicas: svc.replicas,
+                        port: svc.port,
+                        health: svc.health.clone(),
+                        restart: svc.restart,
+                        backoff: svc.backoff.clone(),
+                        stop_signal: svc.stop_signal.clone(),
+                        stop_timeout_ms: svc.stop_timeout_ms,
+                        drain_timeout_ms: svc.drain_timeout_ms,
+                    }],
+                    depends_on: svc.depends_on.clone(),
+                    on_config_change: svc.on_config_change,
+                    config_version: None,
+                    resources: Default::default(),
+                    placement: Default::default(),
+                    metadata: svc.metadata.clone(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Read, parse and validate a spec file.

@@ -22,10 +22,7 @@ pub const STOP_SIGNALS: &[&str] = &[
     "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL",
 ];
 
-/// Environment names the supervisor sets itself.
-pub fn is_reserved_env(key: &str) -> bool {
-    key == "PORT" || key.starts_with("GANTRY_")
-}
+pub use gantry_model::is_reserved_env;
 
 /// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn is_valid_env_name(key: &str) -> bool {

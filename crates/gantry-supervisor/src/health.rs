@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gantry_spec::{HealthSpec, ProbeKind};
+use gantry_model::{HealthSpec, ProbeKind};
 use http_body_util::Empty;
 
 /// Health as the probes see it.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gantry_model::{unix_ms, Health, Instance, InstanceSource};
-use gantry_spec::{ProbeKind, RestartPolicy};
+use gantry_model::{ProbeKind, RestartPolicy};
 use gantry_store::{Store, StoreJsonExt};
 use gantry_telemetry::LogStream;
 use tokio::process::Child;
@@ -268,14 +268,13 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
     };
     let env = build_env(svc, r.id, port, config_version, &config);
     r.set_state(InstanceState::Starting, None);
-    let program = spec.program().unwrap_or(&[]);
-    let mut child = match process::spawn(program, &env, &svc.cwd) {
+    let mut child = match process::spawn(&spec.command, &env, &spec.cwd) {
         Ok(c) => c,
         Err(e) => {
             return Outcome::Exited {
                 description: format!(
                     "cannot start {:?}: {e}",
-                    program.first().map_or("", String::as_str)
+                    spec.command.first().map_or("", String::as_str)
                 ),
                 success: false,
                 ran_for: Duration::ZERO,
@@ -349,7 +348,7 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
     loop {
         let probe = async {
             tokio::time::sleep_until(next_probe.into()).await;
-            health::probe(&spec.health, addr, &env, &svc.cwd).await
+            health::probe(&spec.health, addr, &env, &spec.cwd).await
         };
         tokio::select! {
             status = child.wait() => {
@@ -463,7 +462,7 @@ fn registry_instance(svc: &ServiceCtx, id: &str, port: u16) -> Instance {
         version: svc.version.clone(),
         address: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port,
-        metadata: svc.spec.metadata.clone(),
+        metadata: svc.metadata.clone(),
         node: svc.deps.node.clone(),
         zone: None,
         health: Health::Passing,
@@ -482,7 +481,7 @@ fn build_env(
     config: &BTreeMap<String, String>,
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = std::env::vars()
-        .filter(|(k, _)| !gantry_spec::is_reserved_env(k))
+        .filter(|(k, _)| !gantry_model::is_reserved_env(k))
         .collect();
     env.extend(svc.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));

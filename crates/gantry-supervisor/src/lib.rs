@@ -1,8 +1,12 @@
 //! The supervisor: runs every service's instances as local processes.
 //!
-//! Structure: one controller task per service (scale, rolling restart, stop; see `service.rs`)
+//! Structure: a reconciler follows the desired state in the store (`desired.rs`: one
+//! `Deployment` per service, written by the spec and the admin API) with a watch, and keeps one
+//! controller task per service version (scale, rolling replacement, stop; see `service.rs`), each
 //! owning one task per instance (spawn, probe, restart with backoff, drain and stop; see
-//! `instance.rs`). Health thresholds, backoff and crash-loop detection are sans-io cores in
+//! `instance.rs`). A version that changes is replaced instance by instance; a version or service
+//! that leaves the desired state is drained and stopped while the others keep serving. The
+//! supervisor does not read the spec file. Health thresholds, backoff and crash-loop detection are sans-io cores in
 //! `health.rs`; process groups, signals, log capture and orphan reaping are in `process.rs`.
 //!
 //! Architecture invariants:
@@ -16,6 +20,7 @@
 //! small, commented, and the only unsafe code in Gantry.
 #![deny(unsafe_code)]
 
+mod desired;
 mod health;
 mod instance;
 mod process;
@@ -23,22 +28,23 @@ mod service;
 mod status;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use gantry_config::ConfigStore;
+use gantry_model::{Deployment, OnConfigChange, VersionDeployment};
 use gantry_registry::Registry;
-use gantry_spec::{LoadedSpec, OnConfigChange, ServiceSpec};
-use gantry_store::{Store, StoreError, StoreJsonExt};
+use gantry_store::{Op, Store, StoreError, WatchEvent, WatchFrom};
 use gantry_telemetry::{LogStore, LogStream, Metrics};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use desired::{DesiredState, SpecApplied, DEPLOY_BUCKET};
 pub use health::{Backoff, CrashLoopDetector, HealthTracker, ProbeState, Transition};
 pub use service::{Replacement, RestartReport};
 pub use status::{EventKind, InstanceState, InstanceStatus, StatusBoard, SupervisorEvent};
 
-const DESIRED_BUCKET: &str = "desired";
 /// Most replicas `scale` accepts.
 pub const MAX_REPLICAS: u32 = 1000;
 
@@ -65,9 +71,9 @@ pub trait DrainObserver: Send + Sync {
 /// Echo of instance output to gantry's terminal: (instance, line, stream).
 pub type Echo = Arc<dyn Fn(&str, &str, LogStream) + Send + Sync>;
 
-/// Everything the supervisor needs from the rest of gantry.
+/// Everything the supervisor needs from the rest of gantry. What to run comes from the desired
+/// state in the store (`DEPLOY_BUCKET`), not from here.
 pub struct SupervisorDeps {
-    pub spec: Arc<LoadedSpec>,
     pub registry: Arc<Registry>,
     pub config: Arc<ConfigStore>,
     pub store: Arc<dyn Store>,
@@ -81,7 +87,7 @@ pub struct SupervisorDeps {
     pub echo: Option<Echo>,
 }
 
-/// Shared by a service's controller and instance tasks.
+/// Shared by every controller and instance task.
 pub(crate) struct Deps {
     registry: Arc<Registry>,
     config: Arc<ConfigStore>,
@@ -95,32 +101,58 @@ pub(crate) struct Deps {
     echo: Option<Echo>,
 }
 
+/// What one version's controller and its instances run by: the version's deployment and the
+/// service-wide parts of the service's.
 pub(crate) struct ServiceCtx {
     name: Arc<str>,
-    spec: ServiceSpec,
+    spec: VersionDeployment,
     version: semver::Version,
-    cwd: PathBuf,
+    depends_on: Vec<String>,
+    metadata: BTreeMap<String, String>,
+    /// Instance numbers, shared by the service's versions so that ids stay unique.
+    ids: Arc<AtomicU32>,
     deps: Arc<Deps>,
 }
 
-/// A scale set with `gantry scale`, kept across restarts of gantry as long as the spec's
-/// `replicas` is unchanged (a changed spec is a newer intent and wins).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DesiredOverride {
-    replicas: u32,
-    spec_replicas: u32,
+impl ServiceCtx {
+    fn new(d: &Deployment, v: &VersionDeployment, ids: Arc<AtomicU32>, deps: Arc<Deps>) -> Self {
+        Self {
+            name: d.service.as_str().into(),
+            spec: v.clone(),
+            version: v.version.clone(),
+            depends_on: d.depends_on.clone(),
+            metadata: d.metadata.clone(),
+            ids,
+            deps,
+        }
+    }
+
+    /// Whether instances running by `self` must be replaced to run by `other`.
+    fn differs_from(&self, other: &ServiceCtx) -> bool {
+        self.spec.needs_replacement(&other.spec) || self.metadata != other.metadata
+    }
 }
 
-struct ServiceEntry {
+/// One running version of a service: its controller.
+struct VersionEntry {
+    ctx: Arc<ServiceCtx>,
     tx: mpsc::Sender<service::ServiceCmd>,
     desired: watch::Receiver<u32>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A service as the reconciler last applied it.
+struct ServiceEntry {
+    deployment: Deployment,
+    versions: BTreeMap<semver::Version, VersionEntry>,
+    ids: Arc<AtomicU32>,
 }
 
 /// A service as `gantry services` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
     pub name: String,
+    /// The versions that should run, comma-separated (one, except during a release).
     pub version: String,
     pub desired: u32,
     pub healthy: usize,
@@ -130,16 +162,19 @@ pub struct ServiceStatus {
 }
 
 pub struct Supervisor {
-    spec: Arc<LoadedSpec>,
-    services: BTreeMap<String, ServiceEntry>,
+    services: Mutex<BTreeMap<String, ServiceEntry>>,
+    /// Controllers of versions and services leaving the desired state, still draining.
+    leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    deps: Arc<Deps>,
+    desired_state: DesiredState,
     board: Arc<StatusBoard>,
-    store: Arc<dyn Store>,
     shutdown: watch::Sender<bool>,
 }
 
 impl Supervisor {
-    /// Kill what a previous run left behind, then start every service (each waits for its
-    /// dependencies on its own).
+    /// Kill what a previous run left behind, then follow the desired state: start every
+    /// service it holds (each waits for its dependencies on its own) and apply every later
+    /// change to it. Returns once the desired state as it stands has been applied.
     pub async fn start(d: SupervisorDeps) -> Result<Arc<Self>, SupervisorError> {
         let reaped = process::reap_orphans(&d.store).await;
         if !reaped.is_empty() {
@@ -162,52 +197,201 @@ impl Supervisor {
             echo: d.echo,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut services = BTreeMap::new();
-        for (name, spec) in &d.spec.spec.services {
-            if spec.program().is_none() {
-                // Runs elsewhere (static endpoints or self-registration).
-                continue;
-            }
-            let mut replicas = spec.replicas;
-            if let Some((o, _)) = d
-                .store
-                .get_json::<DesiredOverride>(DESIRED_BUCKET, name)
-                .await?
-            {
-                if o.spec_replicas == spec.replicas {
-                    replicas = o.replicas;
-                } else {
-                    let _ = d.store.delete(DESIRED_BUCKET, name).await;
-                }
-            }
-            let ctx = Arc::new(ServiceCtx {
-                name: name.as_str().into(),
-                spec: spec.clone(),
-                version: spec.semver(),
-                cwd: d.spec.service_cwd(spec),
-                deps: deps.clone(),
-            });
-            let (tx, rx) = mpsc::channel(16);
-            let (desired_tx, desired_rx) = watch::channel(replicas);
-            let task = tokio::spawn(service::run(ctx, desired_tx, rx, shutdown_rx.clone()));
-            services.insert(
-                name.clone(),
-                ServiceEntry {
-                    tx,
-                    desired: desired_rx,
-                    task: Mutex::new(Some(task)),
-                },
-            );
-        }
         let sup = Arc::new(Self {
-            spec: d.spec,
-            services,
+            services: Mutex::new(BTreeMap::new()),
+            leaving: Mutex::new(Vec::new()),
+            deps,
+            desired_state: DesiredState::new(d.store.clone()),
             board,
-            store: d.store,
             shutdown,
         });
+        let watcher = d
+            .store
+            .watch(DEPLOY_BUCKET, ">", WatchFrom::Current)
+            .await?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tokio::spawn(
+            sup.clone()
+                .reconcile(watcher, ready_tx, shutdown_rx.clone()),
+        );
+        let _ = ready_rx.await;
         tokio::spawn(sup.clone().restart_on_config_change(d.config, shutdown_rx));
         Ok(sup)
+    }
+
+    /// The desired state this supervisor follows (for its other writers: spec, API).
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired_state
+    }
+
+    /// Follow the desired state. A watch that fails is started again from the last revision
+    /// applied, so no change is missed.
+    async fn reconcile(
+        self: Arc<Self>,
+        mut watcher: gantry_store::Watcher,
+        ready: oneshot::Sender<()>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut ready = Some(ready);
+        let mut last = 0u64;
+        loop {
+            let ev = tokio::select! {
+                ev = watcher.next() => ev,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match ev {
+                Some(Ok(WatchEvent::Current)) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Some(Ok(WatchEvent::Change(c))) => {
+                    last = c.revision;
+                    match c.op {
+                        Op::Put => {
+                            match gantry_store::decode::<Deployment>(
+                                DEPLOY_BUCKET,
+                                &c.key,
+                                &c.value,
+                            ) {
+                                Ok(d) => self.apply(d).await,
+                                Err(e) => {
+                                    tracing::error!(service = %c.key, error = %e, "unreadable deployment; ignored")
+                                }
+                            }
+                        }
+                        Op::Delete => self.remove(&c.key),
+                    }
+                }
+                Some(Err(_)) | None => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    tracing::warn!(
+                        after_revision = last,
+                        "desired-state watch ended; watching again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let from = if last == 0 {
+                        WatchFrom::Current
+                    } else {
+                        WatchFrom::Revision(last + 1)
+                    };
+                    match self.deps.store.watch(DEPLOY_BUCKET, ">", from).await {
+                        Ok(w) => watcher = w,
+                        Err(e) => tracing::warn!(error = %e, "cannot watch the desired state"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Make one service's running versions match its deployment: start new versions, scale or
+    /// replace (rolling) changed ones, drain and stop versions no longer wanted.
+    async fn apply(&self, d: Deployment) {
+        if *self.shutdown.borrow() {
+            return;
+        }
+        let mut sends = Vec::new();
+        let mut leaving = Vec::new();
+        {
+            let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = services
+                .entry(d.service.clone())
+                .or_insert_with(|| ServiceEntry {
+                    deployment: d.clone(),
+                    versions: BTreeMap::new(),
+                    ids: Arc::new(AtomicU32::new(1)),
+                });
+            let shutdown_rx = self.shutdown.subscribe();
+            for v in &d.versions {
+                let ctx = Arc::new(ServiceCtx::new(&d, v, entry.ids.clone(), self.deps.clone()));
+                match entry.versions.get_mut(&v.version) {
+                    None => {
+                        let (tx, rx) = mpsc::channel(16);
+                        let (desired_tx, desired_rx) = watch::channel(v.replicas);
+                        let task = tokio::spawn(service::run(
+                            ctx.clone(),
+                            desired_tx,
+                            rx,
+                            shutdown_rx.clone(),
+                        ));
+                        entry.versions.insert(
+                            v.version.clone(),
+                            VersionEntry {
+                                ctx,
+                                tx,
+                                desired: desired_rx,
+                                task: Some(task),
+                            },
+                        );
+                        tracing::info!(service = %d.service, version = %v.version, replicas = v.replicas, "version started");
+                    }
+                    Some(e) => {
+                        if e.ctx.differs_from(&ctx) {
+                            sends.push((
+                                e.tx.clone(),
+                                service::ServiceCmd::Replace {
+                                    ctx: ctx.clone(),
+                                    reason: "its deployment changed".into(),
+                                },
+                            ));
+                        }
+                        if *e.desired.borrow() != v.replicas {
+                            sends.push((
+                                e.tx.clone(),
+                                service::ServiceCmd::Scale {
+                                    replicas: v.replicas,
+                                    reply: None,
+                                },
+                            ));
+                        }
+                        e.ctx = ctx;
+                    }
+                }
+            }
+            let gone: Vec<semver::Version> = entry
+                .versions
+                .keys()
+                .filter(|v| d.version(v).is_none())
+                .cloned()
+                .collect();
+            for v in gone {
+                if let Some(e) = entry.versions.remove(&v) {
+                    tracing::info!(service = %d.service, version = %v, "version leaving the desired state");
+                    leaving.push(e);
+                }
+            }
+            entry.deployment = d;
+        }
+        for (tx, cmd) in sends {
+            let _ = tx.send(cmd).await;
+        }
+        self.stop_in_background(leaving);
+    }
+
+    /// A service left the desired state: drain and stop all of its versions.
+    fn remove(&self, service: &str) {
+        if *self.shutdown.borrow() {
+            return;
+        }
+        let entry = self
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(service);
+        if let Some(e) = entry {
+            tracing::info!(service, "service leaving the desired state");
+            self.stop_in_background(e.versions.into_values().collect());
+        }
+    }
+
+    fn stop_in_background(&self, entries: Vec<VersionEntry>) {
+        let mut leaving = self.leaving.lock().unwrap_or_else(PoisonError::into_inner);
+        leaving.retain(|h| !h.is_finished());
+        for e in entries {
+            leaving.push(tokio::spawn(stop_version(e)));
+        }
     }
 
     pub fn board(&self) -> &Arc<StatusBoard> {
@@ -219,99 +403,116 @@ impl Supervisor {
     }
 
     pub fn has_service(&self, name: &str) -> bool {
-        self.services.contains_key(name)
+        self.services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name)
     }
 
     pub fn services(&self) -> Vec<ServiceStatus> {
         let all = self.board.list();
-        self.services
+        let services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+        services
             .iter()
-            .filter_map(|(name, e)| {
-                let spec = self.spec.spec.services.get(name)?;
+            .map(|(name, e)| {
                 let mine: Vec<&InstanceStatus> =
                     all.iter().filter(|i| &i.service == name).collect();
-                Some(ServiceStatus {
+                ServiceStatus {
                     name: name.clone(),
-                    version: spec.version.clone(),
-                    desired: *e.desired.borrow(),
+                    version: e
+                        .versions
+                        .keys()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    desired: e.versions.values().map(|v| *v.desired.borrow()).sum(),
                     healthy: mine
                         .iter()
                         .filter(|i| i.state == InstanceState::Healthy)
                         .count(),
                     instances: mine.len(),
-                    depends_on: spec.depends_on.clone(),
-                    on_config_change: spec.on_config_change,
-                })
+                    depends_on: e.deployment.depends_on.clone(),
+                    on_config_change: e.deployment.on_config_change,
+                }
             })
             .collect()
     }
 
-    fn entry(&self, service: &str) -> Result<&ServiceEntry, SupervisorError> {
-        self.services
-            .get(service)
-            .ok_or_else(|| SupervisorError::UnknownService(service.into()))
-    }
-
-    /// Set the number of instances; durable (kept across restarts of gantry).
-    pub async fn scale(&self, service: &str, replicas: u32) -> Result<(), SupervisorError> {
-        let e = self.entry(service)?;
-        if replicas > MAX_REPLICAS {
-            return Err(SupervisorError::Invalid(format!(
-                "replicas: expected 0..={MAX_REPLICAS}, got {replicas}"
-            )));
-        }
-        let spec = &self.spec.spec.services[service];
-        if spec.port.is_some() && replicas > 1 {
-            return Err(SupervisorError::Invalid(format!(
-                "service {service} has a fixed port, so it can run only one instance"
-            )));
-        }
-        self.store
-            .put_json(
-                DESIRED_BUCKET,
-                service,
-                &DesiredOverride {
-                    replicas,
-                    spec_replicas: spec.replicas,
-                },
-            )
-            .await?;
-        let (tx, rx) = oneshot::channel();
-        self.send(
-            e,
-            service::ServiceCmd::Scale {
-                replicas,
-                reply: tx,
-            },
-        )
-        .await?;
-        rx.await.map_err(|_| shutting_down())?
-    }
-
-    /// Rolling restart: each instance replaced by a new one that must become healthy first.
-    pub async fn restart(&self, service: &str) -> Result<RestartReport, SupervisorError> {
-        let e = self.entry(service)?;
-        let (tx, rx) = oneshot::channel();
-        self.send(
-            e,
-            service::ServiceCmd::Restart {
-                reply: Some(tx),
-                reason: "requested".into(),
-            },
-        )
-        .await?;
-        rx.await.map_err(|_| shutting_down())?
-    }
-
-    async fn send(
+    /// The command channels of a service's versions (all, or the one named).
+    fn senders(
         &self,
-        e: &ServiceEntry,
-        cmd: service::ServiceCmd,
-    ) -> Result<(), SupervisorError> {
+        service: &str,
+        version: Option<&semver::Version>,
+    ) -> Result<Vec<mpsc::Sender<service::ServiceCmd>>, SupervisorError> {
         if *self.shutdown.borrow() {
             return Err(shutting_down());
         }
-        e.tx.send(cmd).await.map_err(|_| shutting_down())
+        let services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = services
+            .get(service)
+            .ok_or_else(|| SupervisorError::UnknownService(service.into()))?;
+        Ok(e.versions
+            .iter()
+            .filter(|(v, _)| version.is_none_or(|want| want == *v))
+            .map(|(_, e)| e.tx.clone())
+            .collect())
+    }
+
+    /// Set the number of instances of a service (of one of its versions when it runs several):
+    /// written to the desired state (durable), then applied; returns once the instances have
+    /// started or stopped.
+    pub async fn scale(
+        &self,
+        service: &str,
+        version: Option<&semver::Version>,
+        replicas: u32,
+    ) -> Result<(), SupervisorError> {
+        if !self.has_service(service) {
+            return Err(SupervisorError::UnknownService(service.into()));
+        }
+        let d = self.desired_state.scale(service, version, replicas).await?;
+        // The reconciler applies the same change; applying it here as well (a second scale to
+        // the same count does nothing) lets the caller wait for it to be done.
+        for v in &d.versions {
+            if version.is_some_and(|want| want != &v.version) {
+                continue;
+            }
+            if d.versions.len() > 1 && version.is_none() {
+                continue;
+            }
+            for tx in self.senders(service, Some(&v.version))? {
+                let (reply, rx) = oneshot::channel();
+                tx.send(service::ServiceCmd::Scale {
+                    replicas: v.replicas,
+                    reply: Some(reply),
+                })
+                .await
+                .map_err(|_| shutting_down())?;
+                rx.await.map_err(|_| shutting_down())??;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rolling restart of every version: each instance replaced by a new one that must become
+    /// healthy first.
+    pub async fn restart(&self, service: &str) -> Result<RestartReport, SupervisorError> {
+        let mut report = RestartReport {
+            service: service.to_string(),
+            replaced: Vec::new(),
+        };
+        for tx in self.senders(service, None)? {
+            let (reply, rx) = oneshot::channel();
+            tx.send(service::ServiceCmd::Restart {
+                reply: Some(reply),
+                reason: "requested".into(),
+            })
+            .await
+            .map_err(|_| shutting_down())?;
+            let r = rx.await.map_err(|_| shutting_down())??;
+            report.replaced.extend(r.replaced);
+        }
+        Ok(report)
     }
 
     async fn restart_on_config_change(
@@ -330,18 +531,21 @@ impl Supervisor {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => return,
             };
-            let Some(spec) = self.spec.spec.services.get(&changed.service) else {
-                continue;
-            };
-            if spec.on_config_change != OnConfigChange::Restart {
+            let restart = self
+                .services
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&changed.service)
+                .is_some_and(|e| e.deployment.on_config_change == OnConfigChange::Restart);
+            if !restart {
                 continue;
             }
-            if let Some(e) = self.services.get(&changed.service) {
+            for tx in self.senders(&changed.service, None).unwrap_or_default() {
                 let cmd = service::ServiceCmd::Restart {
                     reply: None,
                     reason: format!("config version {}", changed.version),
                 };
-                let _ = self.send(e, cmd).await;
+                let _ = tx.send(cmd).await;
             }
         }
     }
@@ -350,29 +554,43 @@ impl Supervisor {
     /// is drained, signalled, and killed after its stop timeout.
     pub async fn shutdown(&self) {
         self.shutdown.send_replace(true);
-        for wave in stop_waves(&self.spec.spec.services) {
+        let mut services =
+            std::mem::take(&mut *self.services.lock().unwrap_or_else(PoisonError::into_inner));
+        let deps: BTreeMap<String, Vec<String>> = services
+            .iter()
+            .map(|(n, e)| (n.clone(), e.deployment.depends_on.clone()))
+            .collect();
+        for wave in stop_waves(&deps) {
             let mut waits = Vec::new();
             for name in wave {
-                let Some(e) = self.services.get(&name) else {
-                    continue;
-                };
-                let (tx, rx) = oneshot::channel();
-                let sent =
-                    e.tx.send(service::ServiceCmd::Stop { reply: tx })
-                        .await
-                        .is_ok();
-                let task = e.task.lock().unwrap_or_else(PoisonError::into_inner).take();
-                waits.push(async move {
-                    if sent {
-                        let _ = rx.await;
+                if let Some(e) = services.remove(&name) {
+                    for v in e.versions.into_values() {
+                        waits.push(stop_version(v));
                     }
-                    if let Some(t) = task {
-                        let _ = t.await;
-                    }
-                });
+                }
             }
             futures_join_all(waits).await;
         }
+        let leaving: Vec<_> =
+            std::mem::take(&mut *self.leaving.lock().unwrap_or_else(PoisonError::into_inner));
+        for h in leaving {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Drain and stop every instance of a version, then end its controller.
+async fn stop_version(mut e: VersionEntry) {
+    let (tx, rx) = oneshot::channel();
+    let sent =
+        e.tx.send(service::ServiceCmd::Stop { reply: tx })
+            .await
+            .is_ok();
+    if sent {
+        let _ = rx.await;
+    }
+    if let Some(t) = e.task.take() {
+        let _ = t.await;
     }
 }
 
@@ -400,8 +618,8 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 
 /// Groups of services to stop together: first those nothing depends on, then those whose
 /// dependents are all stopped, and so on. (The spec has no cycles; anything left is stopped last.)
-fn stop_waves(services: &BTreeMap<String, ServiceSpec>) -> Vec<Vec<String>> {
-    let mut left: Vec<String> = services.keys().cloned().collect();
+fn stop_waves(depends_on: &BTreeMap<String, Vec<String>>) -> Vec<Vec<String>> {
+    let mut left: Vec<String> = depends_on.keys().cloned().collect();
     let mut waves = Vec::new();
     while !left.is_empty() {
         let wave: Vec<String> = left
@@ -409,7 +627,7 @@ fn stop_waves(services: &BTreeMap<String, ServiceSpec>) -> Vec<Vec<String>> {
             .filter(|n| {
                 !left
                     .iter()
-                    .any(|other| services[other].depends_on.iter().any(|d| d == *n))
+                    .any(|other| depends_on[other].iter().any(|d| d == *n))
             })
             .cloned()
             .collect();
@@ -430,24 +648,16 @@ mod tests {
 
     #[test]
     fn dependents_stop_first() {
-        let spec = gantry_spec::parse(
-            r#"
-[services.db]
-command = ["x"]
-[services.api]
-command = ["x"]
-depends_on = ["db", "cache"]
-[services.cache]
-command = ["x"]
-depends_on = ["db"]
-[services.web]
-command = ["x"]
-depends_on = ["api"]
-"#,
-            std::path::Path::new("t.toml"),
-        )
-        .unwrap();
-        let waves = stop_waves(&spec.services);
+        let deps: BTreeMap<String, Vec<String>> = [
+            ("db", vec![]),
+            ("api", vec!["db", "cache"]),
+            ("cache", vec!["db"]),
+            ("web", vec!["api"]),
+        ]
+        .into_iter()
+        .map(|(n, d)| (n.to_string(), d.into_iter().map(String::from).collect()))
+        .collect();
+        let waves = stop_waves(&deps);
         assert_eq!(
             waves,
             vec![

@@ -15,7 +15,12 @@ use crate::{ServiceCtx, SupervisorError};
 pub(crate) enum ServiceCmd {
     Scale {
         replicas: u32,
-        reply: oneshot::Sender<Result<(), SupervisorError>>,
+        reply: Option<oneshot::Sender<Result<(), SupervisorError>>>,
+    },
+    /// Run by a changed deployment from now on: replace every instance, one at a time.
+    Replace {
+        ctx: Arc<ServiceCtx>,
+        reason: String,
     },
     Restart {
         reply: Option<oneshot::Sender<Result<RestartReport, SupervisorError>>>,
@@ -42,7 +47,6 @@ pub struct Replacement {
 struct Controller {
     svc: Arc<ServiceCtx>,
     instances: Vec<InstanceHandle>,
-    next_index: u32,
     desired: watch::Sender<u32>,
     shutdown: watch::Receiver<bool>,
 }
@@ -56,15 +60,14 @@ pub(crate) async fn run(
     let mut c = Controller {
         svc,
         instances: Vec::new(),
-        next_index: 1,
         desired,
         shutdown,
     };
     // Pending rows until dependencies are up.
     let mut pending: Vec<Arc<str>> = Vec::new();
     c.sync_pending(&mut pending);
-    if !c.svc.spec.depends_on.is_empty() {
-        let deps = c.svc.spec.depends_on.join(", ");
+    if !c.svc.depends_on.is_empty() {
+        let deps = c.svc.depends_on.join(", ");
         c.svc.deps.board.event(
             &c.svc.name,
             None,
@@ -89,7 +92,13 @@ pub(crate) async fn run(
                     Some(ServiceCmd::Scale { replicas, reply }) => {
                         c.desired.send_replace(replicas);
                         c.sync_pending(&mut pending);
-                        let _ = reply.send(Ok(()));
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    Some(ServiceCmd::Replace { ctx, .. }) => {
+                        // Nothing runs yet: start with the new deployment.
+                        c.svc = ctx;
                     }
                     Some(ServiceCmd::Restart { reply, .. }) => {
                         if let Some(reply) = reply {
@@ -110,7 +119,15 @@ pub(crate) async fn run(
             ServiceCmd::Scale { replicas, reply } => {
                 c.desired.send_replace(replicas);
                 c.scale_to(replicas).await;
-                let _ = reply.send(Ok(()));
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            ServiceCmd::Replace { ctx, reason } => {
+                c.svc = ctx;
+                if let Err(e) = c.rolling_restart(&reason).await {
+                    tracing::warn!(service = %c.svc.name, error = %e, "replacement stopped");
+                }
             }
             ServiceCmd::Restart { reply, reason } => {
                 let res = c.rolling_restart(&reason).await;
@@ -133,15 +150,16 @@ pub(crate) async fn run(
 
 impl Controller {
     fn new_id(&mut self) -> Arc<str> {
-        let id = format!("{}-{}", self.svc.name, self.next_index);
-        self.next_index += 1;
-        id.into()
+        let n = self
+            .svc
+            .ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n}", self.svc.name).into()
     }
 
     fn deps_ready(&self) -> bool {
         let snap = self.svc.deps.registry.snapshot();
         self.svc
-            .spec
             .depends_on
             .iter()
             .all(|d| !snap.instances(d).is_empty())
@@ -163,10 +181,7 @@ impl Controller {
                 since_ms: unix_ms(),
                 restarts: 0,
                 last_exit: None,
-                reason: Some(format!(
-                    "waiting for {}",
-                    self.svc.spec.depends_on.join(", ")
-                )),
+                reason: Some(format!("waiting for {}", self.svc.depends_on.join(", "))),
                 config_version: 0,
             });
             pending.push(id);

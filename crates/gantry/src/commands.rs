@@ -82,6 +82,21 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         Cmd::Reload => {
             let v = c.call(Method::POST, "/v1/reload", None).await?;
             println!("spec reloaded: {} routes", s(&v["routes"]));
+            for (what, verb) in [
+                ("added", "started"),
+                ("changed", "being replaced, one instance at a time"),
+                ("removed", "draining and stopping"),
+            ] {
+                let names: Vec<String> = v["services"][what]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(s)
+                    .collect();
+                if !names.is_empty() {
+                    println!("services {what} ({verb}): {}", names.join(", "));
+                }
+            }
             for n in v["needs_restart"].as_array().map_or(&[][..], Vec::as_slice) {
                 println!("not applied until gantry restarts: {}", s(n));
             }

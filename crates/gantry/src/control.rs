@@ -12,6 +12,7 @@ use gantry_gateway::Gateway;
 use gantry_registry::Registry;
 use gantry_spec::{LoadedSpec, RouteSpec};
 use gantry_store::{Store, StoreJsonExt};
+use gantry_supervisor::DesiredState;
 use serde::{Deserialize, Serialize};
 
 const BUCKET: &str = "routes";
@@ -33,17 +34,9 @@ pub struct Control {
     file: PathBuf,
     state: Mutex<State>,
     store: Arc<dyn Store>,
+    desired: DesiredState,
     gateway: Arc<Gateway>,
     registry: Arc<Registry>,
-}
-
-/// The parts of a service that only a restart of its instances (or of gantry) applies.
-fn process_part(s: &gantry_spec::ServiceSpec) -> gantry_spec::ServiceSpec {
-    let mut s = s.clone();
-    s.routes.clear();
-    s.endpoints.clear();
-    s.upstream = Default::default();
-    s
 }
 
 fn valid_route_name(n: &str) -> bool {
@@ -66,6 +59,7 @@ impl Control {
         let c = Arc::new(Self {
             file: spec.file.clone(),
             state: Mutex::new(State { spec, api_routes }),
+            desired: DesiredState::new(store.clone()),
             store,
             gateway,
             registry,
@@ -123,23 +117,16 @@ impl RouteControl for Control {
             .await
             .map_err(|e| RouteControlError::Internal(e.to_string()))?
             .map_err(|e| RouteControlError::Invalid(e.0.iter().map(|x| x.to_string()).collect()))?;
+        // Services: the spec's part of the desired state; the supervisor starts, replaces and
+        // stops instances to match, while every other service keeps serving.
+        let services = self
+            .desired
+            .apply_spec(new.deployments())
+            .await
+            .map_err(|e| RouteControlError::Internal(e.to_string()))?;
         let mut st = self.lock();
         let old = st.spec.clone();
         let mut needs_restart: Vec<String> = Vec::new();
-        for (name, svc) in &new.spec.services {
-            match old.spec.services.get(name) {
-                None => needs_restart.push(format!("service {name} was added")),
-                Some(o) if process_part(o) != process_part(svc) => needs_restart.push(format!(
-                    "service {name} changed (command, env, replicas, health, ...)"
-                )),
-                _ => {}
-            }
-        }
-        for name in old.spec.services.keys() {
-            if !new.spec.services.contains_key(name) {
-                needs_restart.push(format!("service {name} was removed"));
-            }
-        }
         let (og, ng) = (&old.spec.gateway, &new.spec.gateway);
         if og.listen != ng.listen
             || og.workers != ng.workers
@@ -168,6 +155,7 @@ impl RouteControl for Control {
         Ok(serde_json::json!({
             "routes": after.routes.len(),
             "gateway_changed": after != before,
+            "services": services,
             "needs_restart": needs_restart,
         }))
     }

@@ -20,7 +20,7 @@ use gantry_gateway::{Gateway, GatewayConfig, Listener};
 use gantry_registry::Registry;
 use gantry_spec::{LoadedSpec, StoreBackend, StoreSpec};
 use gantry_store::{NatsOptions, NatsStore, RedbStore, Store, StoreError};
-use gantry_supervisor::{DrainObserver, EventKind, Supervisor, SupervisorDeps};
+use gantry_supervisor::{DesiredState, DrainObserver, EventKind, Supervisor, SupervisorDeps};
 use gantry_telemetry::{LogStore, LogStream, Metrics};
 use tokio::sync::watch;
 
@@ -355,8 +355,17 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         None
     };
 
+    // The spec's services become the desired state; the supervisor follows it from here on.
+    let applied = DesiredState::new(store.clone())
+        .apply_spec(spec.deployments())
+        .await?;
+    if !applied.kept_scale.is_empty() {
+        println!(
+            "kept from an earlier run: the instance counts set with `gantry scale` for {} (the spec's own counts for them did not change)",
+            applied.kept_scale.join(", ")
+        );
+    }
     let supervisor = Supervisor::start(SupervisorDeps {
-        spec: spec.clone(),
         registry: registry.clone(),
         config: config.clone(),
         store: store.clone(),
