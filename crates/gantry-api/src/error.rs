@@ -87,6 +87,7 @@ impl From<SupervisorError> for ApiError {
     fn from(e: SupervisorError) -> Self {
         match e {
             SupervisorError::UnknownService(_) => ApiError::not_found(e.to_string()),
+            SupervisorError::NotFound(m) => ApiError::not_found(m),
             SupervisorError::Invalid(m) => ApiError::bad_request(m),
             SupervisorError::Conflict(m) => ApiError::conflict(m),
             SupervisorError::Rollout(m) => {

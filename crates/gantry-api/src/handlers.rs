@@ -23,22 +23,29 @@ use tokio_stream::StreamExt;
 
 use crate::{ApiError, ApiState};
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Parse a JSON body, naming the offending field on error.
-fn parse_json<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
         return Err(ApiError::bad_request("expected a JSON request body"));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
             ApiError::bad_request(format!("invalid JSON body: {}", e.inner()))
         } else {
             ApiError::bad_request(format!("invalid JSON body at {path}: {}", e.inner()))
         }
-    })
+    })?;
+    // One JSON document: anything after it but whitespace is refused, not ignored.
+    de.end().map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid JSON body: unexpected data after the JSON value ({e})"
+        ))
+    })?;
+    Ok(value)
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {

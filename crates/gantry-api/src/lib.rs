@@ -8,6 +8,7 @@
 //! ([`ApiState`]); no business rule lives here.
 #![forbid(unsafe_code)]
 
+mod deployments;
 mod error;
 mod handlers;
 
@@ -79,6 +80,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{name}/scale", post(scale))
         .route("/v1/services/{name}/restart", post(restart))
         .route("/v1/instances", get(list_instances))
+        .merge(deployments::routes())
         .route("/v1/routes", get(list_routes))
         .route("/v1/upstreams", get(list_upstreams))
         .route("/v1/traffic", get(traffic))

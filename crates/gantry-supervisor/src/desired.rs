@@ -25,6 +25,70 @@ struct LegacyOverride {
     spec_replicas: u32,
 }
 
+/// A version deployed through the API: how it differs from the service's spec version.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionChange {
+    pub replicas: u32,
+    /// Program and arguments, when not the spec version's.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Environment set over the spec version's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl VersionChange {
+    fn check(&self) -> Result<(), SupervisorError> {
+        if self.replicas > MAX_REPLICAS {
+            return Err(SupervisorError::Invalid(format!(
+                "replicas: expected 0..={MAX_REPLICAS}, got {}",
+                self.replicas
+            )));
+        }
+        if let Some(c) = &self.command {
+            if c.is_empty() || c[0].is_empty() {
+                return Err(SupervisorError::Invalid(
+                    "command: expected a program and its arguments".into(),
+                ));
+            }
+            if c.iter().any(|a| a.contains('\0')) {
+                return Err(SupervisorError::Invalid(
+                    "command: arguments must not contain NUL".into(),
+                ));
+            }
+        }
+        if self.env.len() > 256 {
+            return Err(SupervisorError::Invalid(
+                "env: at most 256 variables".into(),
+            ));
+        }
+        for (k, v) in &self.env {
+            let name_ok = k.len() <= 256
+                && k.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_ok {
+                return Err(SupervisorError::Invalid(format!(
+                    "env.{k}: expected a name of letters, digits and '_', not starting with a digit"
+                )));
+            }
+            if gantry_model::is_reserved_env(k) {
+                return Err(SupervisorError::Invalid(format!(
+                    "env.{k}: PORT and GANTRY_* are set by gantry"
+                )));
+            }
+            if v.len() > 64 * 1024 || v.contains('\0') {
+                return Err(SupervisorError::Invalid(format!(
+                    "env.{k}: values are at most 64 KiB, without NUL"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What applying the spec changed, by service.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct SpecApplied {
@@ -159,6 +223,90 @@ impl DesiredState {
                     )));
                 }
                 v.replicas = replicas;
+                Ok(Some(d))
+            })
+            .await?;
+        after.ok_or_else(|| SupervisorError::UnknownService(service.into()))
+    }
+
+    /// Add a version of a service beside those it runs (or change one added this way): it runs
+    /// like the spec's version of the service, with `change` applied. The base for releases.
+    pub async fn put_version(
+        &self,
+        service: &str,
+        version: semver::Version,
+        change: VersionChange,
+    ) -> Result<Deployment, SupervisorError> {
+        change.check()?;
+        let (_, after) = self
+            .modify(service, |current| {
+                let Some(mut d) = current.cloned() else {
+                    return Err(SupervisorError::UnknownService(service.into()));
+                };
+                if let Some(existing) = d.version(&version) {
+                    if existing.source == VersionSource::Spec {
+                        return Err(SupervisorError::Conflict(format!(
+                            "version {version} of {service} comes from the spec file; change it there (or scale it)"
+                        )));
+                    }
+                }
+                let base = d
+                    .versions
+                    .iter()
+                    .find(|v| v.source == VersionSource::Spec)
+                    .or(d.versions.first())
+                    .cloned()
+                    .ok_or_else(|| {
+                        SupervisorError::Invalid(format!("service {service} has no version to start from"))
+                    })?;
+                if base.port.is_some() {
+                    return Err(SupervisorError::Invalid(format!(
+                        "service {service} has a fixed port, so two versions cannot run side by side"
+                    )));
+                }
+                let mut v = base;
+                v.version = version.clone();
+                v.source = VersionSource::Api;
+                v.replicas = change.replicas;
+                v.spec_replicas = 0;
+                if let Some(cmd) = &change.command {
+                    v.command = cmd.clone();
+                }
+                v.env.extend(change.env.clone());
+                d.versions.retain(|x| x.version != version);
+                d.versions.push(v);
+                Ok(Some(d))
+            })
+            .await?;
+        after.ok_or_else(|| SupervisorError::UnknownService(service.into()))
+    }
+
+    /// Remove a version added through the API; its instances drain and stop.
+    pub async fn remove_version(
+        &self,
+        service: &str,
+        version: &semver::Version,
+    ) -> Result<Deployment, SupervisorError> {
+        let (_, after) = self
+            .modify(service, |current| {
+                let Some(mut d) = current.cloned() else {
+                    return Err(SupervisorError::UnknownService(service.into()));
+                };
+                match d.version(version) {
+                    None => {
+                        return Err(SupervisorError::NotFound(format!(
+                            "service {service} has no version {version} (it runs {})",
+                            versions_of(current)
+                        )))
+                    }
+                    Some(v) if v.source == VersionSource::Spec => {
+                        return Err(SupervisorError::Conflict(format!(
+                            "version {version} of {service} comes from the spec file; change it there"
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                d.versions.retain(|v| &v.version != version);
                 Ok(Some(d))
             })
             .await?;

@@ -40,7 +40,7 @@ use gantry_telemetry::{LogStore, LogStream, Metrics};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use desired::{DesiredState, SpecApplied, DEPLOY_BUCKET};
+pub use desired::{DesiredState, SpecApplied, VersionChange, DEPLOY_BUCKET};
 pub use health::{Backoff, CrashLoopDetector, HealthTracker, ProbeState, Transition};
 pub use service::{Replacement, RestartReport};
 pub use status::{EventKind, InstanceState, InstanceStatus, StatusBoard, SupervisorEvent};
@@ -52,6 +52,8 @@ pub const MAX_REPLICAS: u32 = 1000;
 pub enum SupervisorError {
     #[error("unknown service {0:?}")]
     UnknownService(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
