@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::health::{self, Backoff, CrashLoopDetector, HealthTracker, ProbeState, Transition};
 use crate::process::{self, ProcRecord, PROCS_BUCKET};
 use crate::status::{EventKind, InstanceState, InstanceStatus, ProbeLabels, ServiceLabels};
-use crate::ServiceCtx;
+use crate::{InstanceInfo, ServiceCtx};
 
 /// Probe period until the first pass, so new instances join routing quickly.
 const STARTING_PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -127,6 +127,110 @@ impl Run<'_> {
 }
 
 async fn run(
+    svc: Arc<ServiceCtx>,
+    id: Arc<str>,
+    ctl: mpsc::Receiver<InstanceCmd>,
+    state_tx: watch::Sender<InstanceState>,
+) {
+    run_until_stopped(svc.clone(), id.clone(), ctl, state_tx).await;
+    // The instance is gone for good: what hooks issued for it is released, its directory removed.
+    let dir = instance_dir(&svc, &id);
+    for hook in &svc.deps.hooks {
+        hook.release(&instance_info(&svc, &id, &dir)).await;
+    }
+    if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(instance = %id, dir = %dir.display(), error = %e, "cannot remove instance directory");
+        }
+    }
+}
+
+fn instance_dir(svc: &ServiceCtx, id: &str) -> std::path::PathBuf {
+    svc.deps.instances_dir.join(id)
+}
+
+fn instance_info<'a>(
+    svc: &'a ServiceCtx,
+    id: &'a str,
+    dir: &'a std::path::Path,
+) -> InstanceInfo<'a> {
+    InstanceInfo {
+        service: &svc.name,
+        version: &svc.version,
+        id,
+        node: &svc.deps.node,
+        dir,
+    }
+}
+
+/// A fresh instance directory, and what the hooks add to the instance (their files written into
+/// the directory). An `Err` names the hook or file that failed.
+async fn prepare_instance(
+    svc: &ServiceCtx,
+    id: &str,
+) -> Result<(std::path::PathBuf, BTreeMap<String, String>), String> {
+    let dir = instance_dir(svc, id);
+    match tokio::fs::remove_dir_all(&dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot clear {}: {e}", dir.display())),
+    }
+    create_private_dir(&dir)
+        .map_err(|e| format!("cannot create instance directory {}: {e}", dir.display()))?;
+    let mut env = BTreeMap::new();
+    for hook in &svc.deps.hooks {
+        let add = hook
+            .prepare(&instance_info(svc, id, &dir))
+            .await
+            .map_err(|e| format!("instance hook {}: {e}", hook.name()))?;
+        for f in add.files {
+            let rel = &f.path;
+            let safe = !rel.as_os_str().is_empty()
+                && rel
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !safe {
+                return Err(format!(
+                    "instance hook {}: file path {} must be relative, without '..'",
+                    hook.name(),
+                    rel.display()
+                ));
+            }
+            let path = dir.join(rel);
+            if let Some(parent) = path.parent() {
+                create_private_dir(parent)
+                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            }
+            write_file(&path, &f.contents, f.mode)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        env.extend(add.env);
+    }
+    Ok((dir, env))
+}
+
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn write_file(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
+async fn run_until_stopped(
     svc: Arc<ServiceCtx>,
     id: Arc<str>,
     mut ctl: mpsc::Receiver<InstanceCmd>,
@@ -258,7 +362,12 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
             }
         },
     };
-    let (config_version, config) = match deps.config.current(&svc.name).await {
+    let config = match svc.config_version {
+        // A deployment pinned to a config version starts with that one.
+        Some(v) => deps.config.version(&svc.name, v).await.map(Some),
+        None => deps.config.current(&svc.name).await,
+    };
+    let (config_version, config) = match config {
         Ok(Some(v)) => (v.version, v.values),
         Ok(None) => (0, BTreeMap::new()),
         Err(e) => {
@@ -266,7 +375,17 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
             (0, BTreeMap::new())
         }
     };
-    let env = build_env(svc, r.id, port, config_version, &config);
+    let (dir, added) = match prepare_instance(svc, r.id).await {
+        Ok(p) => p,
+        Err(description) => {
+            return Outcome::Exited {
+                description,
+                success: false,
+                ran_for: Duration::ZERO,
+            }
+        }
+    };
+    let env = build_env(svc, r.id, port, config_version, &config, &dir, &added);
     r.set_state(InstanceState::Starting, None);
     let mut child = match process::spawn(&spec.command, &env, &spec.cwd) {
         Ok(c) => c,
@@ -479,12 +598,20 @@ fn build_env(
     port: u16,
     config_version: u64,
     config: &BTreeMap<String, String>,
+    dir: &std::path::Path,
+    added: &BTreeMap<String, String>,
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| !gantry_model::is_reserved_env(k))
         .collect();
     env.extend(svc.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // What instance hooks add (identity credentials, ...), over the spec and config.
+    env.extend(added.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.insert(
+        "GANTRY_INSTANCE_DIR".into(),
+        dir.to_string_lossy().into_owned(),
+    );
     let d = &svc.deps;
     for (k, v) in [
         ("PORT", port.to_string()),

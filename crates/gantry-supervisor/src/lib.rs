@@ -28,6 +28,7 @@ mod service;
 mod status;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -87,6 +88,49 @@ pub struct SupervisorDeps {
     pub admin_url: String,
     pub node: String,
     pub echo: Option<Echo>,
+    /// Each instance gets a fresh directory here (`<dir>/<instance id>`, mode 0700), named in its
+    /// `GANTRY_INSTANCE_DIR`, for what hooks write and for the instance's own scratch files.
+    pub instances_dir: PathBuf,
+    /// Called before every start of every instance, in order.
+    pub hooks: Vec<Arc<dyn InstanceHook>>,
+}
+
+/// The instance a hook is asked about.
+pub struct InstanceInfo<'a> {
+    pub service: &'a str,
+    pub version: &'a semver::Version,
+    pub id: &'a str,
+    pub node: &'a str,
+    /// The instance's directory (fresh at each start).
+    pub dir: &'a Path,
+}
+
+/// A file a hook puts into an instance's directory.
+pub struct InstanceFile {
+    /// Relative to the instance directory; no `..`.
+    pub path: PathBuf,
+    pub contents: Vec<u8>,
+    /// Unix permission bits, e.g. `0o600` for a credential.
+    pub mode: u32,
+}
+
+/// What a hook adds to an instance before it starts.
+#[derive(Default)]
+pub struct InstanceAdditions {
+    /// Set over the spec's `env` and the config values (gantry's own variables still win).
+    pub env: BTreeMap<String, String>,
+    pub files: Vec<InstanceFile>,
+}
+
+/// Adds per-instance environment and files before each start (identity credentials are the
+/// first user), and releases what it issued when the instance is gone for good.
+#[async_trait::async_trait]
+pub trait InstanceHook: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// An `Err` keeps the instance from starting (it counts as a failed start and is retried
+    /// with backoff), with the message as its reason.
+    async fn prepare(&self, instance: &InstanceInfo<'_>) -> Result<InstanceAdditions, String>;
+    async fn release(&self, _instance: &InstanceInfo<'_>) {}
 }
 
 /// Shared by every controller and instance task.
@@ -101,6 +145,8 @@ pub(crate) struct Deps {
     admin_url: String,
     node: String,
     echo: Option<Echo>,
+    instances_dir: PathBuf,
+    hooks: Vec<Arc<dyn InstanceHook>>,
 }
 
 /// What one version's controller and its instances run by: the version's deployment and the
@@ -111,6 +157,8 @@ pub(crate) struct ServiceCtx {
     version: semver::Version,
     depends_on: Vec<String>,
     metadata: BTreeMap<String, String>,
+    /// The config version instances start with (`None`: the current one).
+    config_version: Option<u64>,
     /// Instance numbers, shared by the service's versions so that ids stay unique.
     ids: Arc<AtomicU32>,
     deps: Arc<Deps>,
@@ -124,6 +172,7 @@ impl ServiceCtx {
             version: v.version.clone(),
             depends_on: d.depends_on.clone(),
             metadata: d.metadata.clone(),
+            config_version: d.config_version,
             ids,
             deps,
         }
@@ -131,7 +180,9 @@ impl ServiceCtx {
 
     /// Whether instances running by `self` must be replaced to run by `other`.
     fn differs_from(&self, other: &ServiceCtx) -> bool {
-        self.spec.needs_replacement(&other.spec) || self.metadata != other.metadata
+        self.spec.needs_replacement(&other.spec)
+            || self.metadata != other.metadata
+            || self.config_version != other.config_version
     }
 }
 
@@ -197,6 +248,8 @@ impl Supervisor {
             admin_url: d.admin_url,
             node: d.node,
             echo: d.echo,
+            instances_dir: d.instances_dir,
+            hooks: d.hooks,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sup = Arc::new(Self {

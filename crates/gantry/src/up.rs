@@ -376,6 +376,8 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
         admin_url: local_url(admin_addr),
         node,
         echo,
+        instances_dir: data_dir.join("instances"),
+        hooks: Vec::new(),
     })
     .await?;
 
