@@ -225,21 +225,12 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Kill what a previous run left behind, then follow the desired state: start every
-    /// service it holds (each waits for its dependencies on its own) and apply every later
-    /// change to it. Returns once the desired state as it stands has been applied.
-    pub async fn start(d: SupervisorDeps) -> Result<Arc<Self>, SupervisorError> {
-        let reaped = process::reap_orphans(&d.store).await;
-        if !reaped.is_empty() {
-            tracing::warn!(
-                count = reaped.len(),
-                "killed process groups left by a previous run"
-            );
-        }
+    /// Build the supervisor (nothing runs until [`Supervisor::start`]).
+    pub fn new(d: SupervisorDeps) -> Arc<Self> {
         let board = StatusBoard::new(&d.metrics);
         let deps = Arc::new(Deps {
             registry: d.registry,
-            config: d.config.clone(),
+            config: d.config,
             store: d.store.clone(),
             logs: d.logs,
             drain: d.drain,
@@ -251,27 +242,45 @@ impl Supervisor {
             instances_dir: d.instances_dir,
             hooks: d.hooks,
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let sup = Arc::new(Self {
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Self {
             services: Mutex::new(BTreeMap::new()),
             leaving: Mutex::new(Vec::new()),
             deps,
-            desired_state: DesiredState::new(d.store.clone()),
+            desired_state: DesiredState::new(d.store),
             board,
             shutdown,
-        });
-        let watcher = d
+        })
+    }
+
+    /// Kill what a previous run left behind, then follow the desired state: start every
+    /// service it holds (each waits for its dependencies on its own) and apply every later
+    /// change to it. Returns once the desired state as it stands has been applied.
+    pub async fn start(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        let reaped = process::reap_orphans(&self.deps.store).await;
+        if !reaped.is_empty() {
+            tracing::warn!(
+                count = reaped.len(),
+                "killed process groups left by a previous run"
+            );
+        }
+        let watcher = self
+            .deps
             .store
             .watch(DEPLOY_BUCKET, ">", WatchFrom::Current)
             .await?;
         let (ready_tx, ready_rx) = oneshot::channel();
+        let shutdown_rx = self.shutdown.subscribe();
         tokio::spawn(
-            sup.clone()
+            self.clone()
                 .reconcile(watcher, ready_tx, shutdown_rx.clone()),
         );
         let _ = ready_rx.await;
-        tokio::spawn(sup.clone().restart_on_config_change(d.config, shutdown_rx));
-        Ok(sup)
+        tokio::spawn(
+            self.clone()
+                .restart_on_config_change(self.deps.config.clone(), shutdown_rx),
+        );
+        Ok(())
     }
 
     /// The desired state this supervisor follows (for its other writers: spec, API).

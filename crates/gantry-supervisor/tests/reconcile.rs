@@ -129,7 +129,7 @@ async fn follows_the_desired_state_and_runs_hooks() {
         .await
         .unwrap();
     let hook = Arc::new(CredHook::default());
-    let sup = Supervisor::start(SupervisorDeps {
+    let sup = Supervisor::new(SupervisorDeps {
         registry: registry.clone(),
         config,
         store: store.clone(),
@@ -142,9 +142,8 @@ async fn follows_the_desired_state_and_runs_hooks() {
         echo: None,
         instances_dir: dir.path().join("instances"),
         hooks: vec![hook.clone()],
-    })
-    .await
-    .unwrap();
+    });
+    sup.start().await.unwrap();
 
     let line = |want: &str| {
         let want = want.to_string();

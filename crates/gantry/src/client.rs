@@ -8,21 +8,10 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
 
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
-/// Written by `gantry up` into the data directory so that the CLI can find it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AdminInfo {
-    pub admin_url: String,
-    pub gateway_url: String,
-    pub pid: u32,
-    pub started_ms: u64,
-}
-
-pub const ADMIN_INFO_FILE: &str = "admin.json";
-pub const TOKEN_FILE: &str = "admin-token";
+pub use gantry_system::{AdminInfo, ADMIN_INFO_FILE, TOKEN_FILE};
 
 /// Where the user asked us to look.
 pub struct Target {

@@ -6,7 +6,6 @@
 mod alloc;
 mod client;
 mod commands;
-mod control;
 mod table;
 mod up;
 

@@ -66,7 +66,7 @@ impl Control {
         });
         {
             let st = c.lock();
-            super::up::register_static_endpoints(&st.spec, &c.registry);
+            crate::components::register_static_endpoints(&st.spec, &c.registry);
             c.apply(&st);
         }
         Ok(c)
@@ -148,7 +148,7 @@ impl RouteControl for Control {
                     .deregister_static(&format!("{name}-s{}", i + 1));
             }
         }
-        super::up::register_static_endpoints(&new, &self.registry);
+        crate::components::register_static_endpoints(&new, &self.registry);
         st.spec = Arc::new(new);
         let after = self.apply(&st);
         tracing::info!(routes = after.routes.len(), "spec reloaded");

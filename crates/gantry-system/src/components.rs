@@ -1,0 +1,487 @@
+//! The components of the list in `lib.rs`.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use gantry_config::ConfigStore;
+use gantry_gateway::tls::{CertFiles, CertStore};
+use gantry_gateway::{Gateway, GatewayConfig, Listener};
+use gantry_registry::Registry;
+use gantry_spec::LoadedSpec;
+use gantry_supervisor::{DrainObserver, Echo, Supervisor, SupervisorDeps};
+use gantry_telemetry::{LogStore, Metrics};
+use tokio::sync::watch;
+
+use crate::control::Control;
+use crate::datadir::DataDir;
+use crate::Component;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
+/// URL other processes on this machine use to reach a listener.
+pub fn local_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    format!("http://{ip}:{}", addr.port())
+}
+
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<StdListener> {
+    let l = StdListener::bind(addr).with_context(|| format!("{what} cannot listen on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Put the spec's fixed `endpoints` into the registry.
+pub fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
+    for (name, svc) in &spec.spec.services {
+        for (i, e) in svc.endpoints.iter().enumerate() {
+            let Some(addr) = gantry_spec::parse_endpoint(e) else {
+                continue;
+            };
+            registry.register_static(gantry_model::Instance {
+                id: format!("{name}-s{}", i + 1),
+                service: name.clone(),
+                version: svc.semver(),
+                address: addr.ip(),
+                port: addr.port(),
+                metadata: svc.metadata.clone(),
+                node: if addr.ip().is_loopback() {
+                    registry.node().to_string()
+                } else {
+                    String::new()
+                },
+                zone: None,
+                health: gantry_model::Health::Passing,
+                source: gantry_model::InstanceSource::Static,
+                registered_at_ms: gantry_model::unix_ms(),
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The registry: loaded from the store at build; expires leases while running.
+pub(crate) struct RegistryComponent {
+    pub registry: Arc<Registry>,
+    running: AtomicBool,
+}
+
+impl RegistryComponent {
+    pub async fn build(data: &DataDir, node: String, metrics: &Metrics) -> anyhow::Result<Self> {
+        Ok(Self {
+            registry: Registry::open(data.store.clone(), node, metrics).await?,
+            running: AtomicBool::new(false),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for RegistryComponent {
+    fn name(&self) -> &'static str {
+        "registry"
+    }
+    async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        tokio::spawn(self.registry.clone().run_expiry(shutdown));
+        self.running.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+    async fn stopped(&self) {
+        self.running.store(false, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Called on each of the gateway's threads as it starts and stops (the binary's allocator keeps
+/// per-thread caches there).
+#[derive(Default, Clone, Copy)]
+pub struct ThreadHooks {
+    pub on_start: Option<fn()>,
+    pub on_stop: Option<fn()>,
+}
+
+type TlsListener = (StdListener, Arc<CertStore>, Arc<rustls::ServerConfig>);
+
+/// The gateway: its route table (spec and API routes, through `Control`), fed by the registry,
+/// serving on its own runtime and threads so that proxy work never competes with control work.
+pub(crate) struct GatewayComponent {
+    pub gateway: Arc<Gateway>,
+    pub control: Arc<Control>,
+    pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    listeners: Mutex<Option<(StdListener, Option<TlsListener>)>>,
+    workers: usize,
+    hooks: ThreadHooks,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    running: AtomicBool,
+}
+
+impl GatewayComponent {
+    pub async fn build(
+        spec: &Arc<LoadedSpec>,
+        data: &DataDir,
+        registry: &Arc<Registry>,
+        logs: &LogStore,
+        metrics: &Metrics,
+        node: String,
+        hooks: ThreadHooks,
+    ) -> anyhow::Result<Self> {
+        let g = &spec.spec.gateway;
+        let limits = &g.limits;
+        let gateway = Gateway::new(
+            GatewayConfig {
+                access_log: g.access_log,
+                request_id: g.request_id,
+                trace_context: g.trace_context,
+                forwarded_headers: g.forwarded_headers,
+                max_connections: limits.max_connections as usize,
+                max_header_bytes: limits.max_header_bytes as usize,
+                max_headers: limits.max_headers as usize,
+                header_read_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+                shutdown_grace: Duration::from_millis(limits.shutdown_grace_ms),
+                cache_max_bytes: g.cache_max_bytes,
+                node,
+            },
+            metrics,
+        );
+        if let Some(writer) = gateway.start_access_log(logs.clone()) {
+            tokio::spawn(writer);
+        }
+        {
+            let gw = gateway.clone();
+            registry.on_change(move |snap| gw.apply_registry(snap));
+        }
+        // Routes: the spec's plus those added over the admin API (and static endpoints).
+        let control = Control::load(
+            spec.clone(),
+            data.store.clone(),
+            gateway.clone(),
+            registry.clone(),
+        )
+        .await?;
+        let tls = match &g.tls {
+            None => None,
+            Some(t) => {
+                let files = t
+                    .certificates
+                    .iter()
+                    .map(|c| CertFiles {
+                        cert: spec.base_dir.join(&c.cert),
+                        key: spec.base_dir.join(&c.key),
+                        hosts: c.hosts.clone(),
+                    })
+                    .collect();
+                let store = CertStore::load(files).map_err(|e| anyhow!("gateway.tls: {e}"))?;
+                let cfg = store
+                    .server_config()
+                    .map_err(|e| anyhow!("gateway.tls: {e}"))?;
+                Some((bind(t.listen, "gateway.tls.listen")?, store, cfg))
+            }
+        };
+        let plain = bind(g.listen, "gateway.listen")?;
+        let addr = plain.local_addr()?;
+        let tls_addr = match &tls {
+            Some((l, _, _)) => Some(l.local_addr()?),
+            None => None,
+        };
+        Ok(Self {
+            gateway,
+            control,
+            addr,
+            tls_addr,
+            listeners: Mutex::new(Some((plain, tls))),
+            workers: g.workers,
+            hooks,
+            thread: Mutex::new(None),
+            running: AtomicBool::new(false),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for GatewayComponent {
+    fn name(&self) -> &'static str {
+        "gateway"
+    }
+
+    async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (plain, tls) = lock(&self.listeners)
+            .take()
+            .ok_or_else(|| anyhow!("the gateway was started twice"))?;
+        let thread = spawn_gateway(
+            self.gateway.clone(),
+            plain,
+            tls,
+            self.workers,
+            self.hooks,
+            shutdown,
+        )?;
+        *lock(&self.thread) = Some(thread);
+        self.running.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    async fn stopped(&self) {
+        let thread = lock(&self.thread).take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.running.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Run the gateway on its own runtime (its own threads). One worker gets a current-thread
+/// runtime (no work stealing).
+fn spawn_gateway(
+    gateway: Arc<Gateway>,
+    listener: StdListener,
+    tls: Option<TlsListener>,
+    workers: usize,
+    hooks: ThreadHooks,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let workers = if workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        workers
+    };
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers).thread_name("gantry-gateway");
+        if let Some(f) = hooks.on_start {
+            b.on_thread_start(f);
+        }
+        if let Some(f) = hooks.on_stop {
+            b.on_thread_stop(f);
+        }
+        b.enable_all().build()?
+    };
+    let handle = std::thread::Builder::new()
+        .name("gantry-gateway".into())
+        .spawn(move || {
+            if let Some(f) = hooks.on_start {
+                f();
+            }
+            rt.block_on(async move {
+                let plain = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "gateway listener unusable");
+                        return;
+                    }
+                };
+                let background = tokio::spawn(gateway.clone().run_background(shutdown.clone()));
+                let mut tasks = vec![tokio::spawn(
+                    gateway
+                        .clone()
+                        .serve(Listener::Plain(plain), shutdown.clone()),
+                )];
+                if let Some((l, store, cfg)) = tls {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tasks.push(tokio::spawn(
+                                gateway
+                                    .clone()
+                                    .serve(Listener::Tls(l, cfg), shutdown.clone()),
+                            ));
+                            tasks.push(tokio::spawn(store.watch(shutdown.clone())));
+                        }
+                        Err(e) => tracing::error!(error = %e, "TLS listener unusable"),
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+                background.abort();
+            });
+            // The runtime's tasks free their memory as it drops, into the kept blocks.
+            drop(rt);
+            if let Some(f) = hooks.on_stop {
+                f();
+            }
+        })?;
+    Ok(handle)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The admin API (axum) on its listener.
+pub(crate) struct AdminComponent {
+    pub addr: SocketAddr,
+    pending: Mutex<Option<(StdListener, axum::Router)>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    running: Arc<AtomicBool>,
+}
+
+impl AdminComponent {
+    /// Bound early, so that the supervisor can tell instances the admin URL.
+    pub fn bind(spec: &LoadedSpec) -> anyhow::Result<(StdListener, SocketAddr)> {
+        let l = bind(spec.spec.admin.listen, "admin.listen")?;
+        let addr = l.local_addr()?;
+        Ok((l, addr))
+    }
+
+    pub fn build(bound: (StdListener, SocketAddr), state: gantry_api::ApiState) -> Self {
+        Self {
+            addr: bound.1,
+            pending: Mutex::new(Some((bound.0, gantry_api::router(state)))),
+            task: Mutex::new(None),
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for AdminComponent {
+    fn name(&self) -> &'static str {
+        "admin-api"
+    }
+
+    async fn start(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (listener, router) = lock(&self.pending)
+            .take()
+            .ok_or_else(|| anyhow!("the admin API was started twice"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let running = self.running.clone();
+        running.store(true, Ordering::Relaxed);
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+            running.store(false, Ordering::Relaxed);
+        });
+        *lock(&self.task) = Some(task);
+        Ok(())
+    }
+
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    async fn stopped(&self) {
+        let task = lock(&self.task).take();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct GatewayDrain(Arc<Gateway>);
+
+impl DrainObserver for GatewayDrain {
+    fn inflight(&self, instance: &str) -> usize {
+        self.0.inflight(instance)
+    }
+}
+
+pub(crate) struct SupervisorInputs {
+    pub registry: Arc<Registry>,
+    pub config: Arc<ConfigStore>,
+    pub logs: LogStore,
+    pub metrics: Metrics,
+    pub gateway: Arc<Gateway>,
+    pub gateway_url: String,
+    pub admin_url: String,
+    pub node: String,
+    pub echo: Option<Echo>,
+}
+
+/// The supervisor: at start the spec's services become the desired state, then it reconciles
+/// running instances to the desired state until stopped (drain, signal, kill; dependents first).
+pub(crate) struct SupervisorComponent {
+    pub supervisor: Arc<Supervisor>,
+    spec: Arc<LoadedSpec>,
+    running: AtomicBool,
+}
+
+impl SupervisorComponent {
+    pub fn build(spec: &Arc<LoadedSpec>, data: &DataDir, i: SupervisorInputs) -> Self {
+        let supervisor = Supervisor::new(SupervisorDeps {
+            registry: i.registry,
+            config: i.config,
+            store: data.store.clone(),
+            logs: i.logs,
+            metrics: i.metrics,
+            drain: Arc::new(GatewayDrain(i.gateway)),
+            gateway_url: i.gateway_url,
+            admin_url: i.admin_url,
+            node: i.node,
+            echo: i.echo,
+            instances_dir: data.dir.join("instances"),
+            hooks: Vec::new(),
+        });
+        Self {
+            supervisor,
+            spec: spec.clone(),
+            running: AtomicBool::new(false),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for SupervisorComponent {
+    fn name(&self) -> &'static str {
+        "supervisor"
+    }
+
+    async fn start(&self, _shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let applied = self
+            .supervisor
+            .desired()
+            .apply_spec(self.spec.deployments())
+            .await?;
+        if !applied.kept_scale.is_empty() {
+            tracing::info!(
+                services = %applied.kept_scale.join(", "),
+                "kept from an earlier run: instance counts set with `gantry scale` (the spec's own counts for these services did not change)"
+            );
+        }
+        self.supervisor.start().await?;
+        self.running.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    async fn stopped(&self) {
+        self.supervisor.shutdown().await;
+        self.running.store(false, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,135 @@
+//! The data directory: its lock, the store the spec chose, the admin token and `admin.json`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use gantry_spec::{LoadedSpec, StoreBackend, StoreSpec};
+use gantry_store::{NatsOptions, NatsStore, RedbStore, Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+/// Written by `gantry up` into the data directory so that the CLI can find it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminInfo {
+    pub admin_url: String,
+    pub gateway_url: String,
+    pub pid: u32,
+    pub started_ms: u64,
+}
+
+pub const ADMIN_INFO_FILE: &str = "admin.json";
+pub const TOKEN_FILE: &str = "admin-token";
+
+pub(crate) struct DataDir {
+    pub dir: PathBuf,
+    pub lock: std::fs::File,
+    pub store: Arc<dyn Store>,
+    pub token: Arc<str>,
+}
+
+impl DataDir {
+    pub async fn open(spec: &LoadedSpec) -> anyhow::Result<Self> {
+        let dir = spec.data_dir();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+        let lock = lock_data_dir(&dir)?;
+        let store = open_store(&spec.spec.store, &dir).await?;
+        tracing::info!(
+            backend = store.backend(),
+            "store open{}",
+            match spec.spec.store.backend {
+                StoreBackend::Nats => format!(
+                    " (NATS at {}, namespace {}, {} replica(s))",
+                    spec.spec.store.url, spec.spec.store.namespace, spec.spec.store.replicas
+                ),
+                StoreBackend::Embedded => format!(" ({})", dir.join("state.redb").display()),
+            }
+        );
+        let token: Arc<str> = admin_token(&dir)?.into();
+        Ok(Self {
+            dir,
+            lock,
+            store,
+            token,
+        })
+    }
+}
+
+/// The admin token: generated once, kept in the data directory (mode 0600).
+fn admin_token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if t.len() >= 32 {
+            return Ok(t);
+        }
+    }
+    let token = gantry_registry::random_hex(32);
+    let tmp = dir.join(format!("{TOKEN_FILE}.tmp"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+pub(crate) fn write_admin_info(dir: &Path, info: &AdminInfo) -> anyhow::Result<PathBuf> {
+    let path = dir.join(ADMIN_INFO_FILE);
+    let tmp = dir.join(format!("{ADMIN_INFO_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Keeps a second gantry off this data directory (and so off its store) while this one runs.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir.join("gantry.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow!(
+            "data directory {} is in use by another gantry; stop it first (or give this spec another [store] data_dir)",
+            data_dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow!("cannot lock {}: {e}", path.display()))
+        }
+    }
+}
+
+/// The store the spec asks for: embedded in the data directory, or NATS JetStream KV.
+async fn open_store(spec: &StoreSpec, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    match spec.backend {
+        StoreBackend::Embedded => match RedbStore::open(data_dir) {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(StoreError::Locked(d)) => Err(anyhow!(
+                "data directory {d} is in use by another gantry; stop it first (or give this spec another [store] data_dir)"
+            )),
+            Err(e) => Err(e.into()),
+        },
+        StoreBackend::Nats => {
+            let mut o = NatsOptions::new(spec.url.clone());
+            o.replicas = usize::from(spec.replicas);
+            o.namespace = spec.namespace.clone();
+            let s = NatsStore::connect(o)
+                .await
+                .map_err(|e| anyhow!("[store] backend = \"nats\": {e}"))?;
+            Ok(Arc::new(s))
+        }
+    }
+}

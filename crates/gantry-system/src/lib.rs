@@ -1,0 +1,193 @@
+//! The composition root: what `gantry up` runs, as a list of components.
+//!
+//! Every component follows one contract ([`Component`]): it is *built* from the spec and the
+//! handles of the components built before it (binding its listeners, loading its state: anything
+//! that can fail fails here, before anything runs), *started* with a shutdown signal of its own
+//! (returning once it is ready), asked whether it is *ready*, and *stopped* in order: the system
+//! starts components in list order and stops them in reverse, each after its signal flips.
+//!
+//! The list ([`System::build`]): registry → gateway (routes from the spec and the API, listeners,
+//! its own runtime) → admin API → supervisor (desired state from the spec, then reconciling).
+//! So the stop order is: supervisor (drain, signal, kill; dependents before dependencies) →
+//! admin API → gateway (finish open requests) → registry. Components to come (identity, the bus,
+//! telemetry stores, the release controller, the autoscaler) attach as entries of this list.
+#![forbid(unsafe_code)]
+
+mod components;
+pub mod control;
+mod datadir;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gantry_config::ConfigStore;
+use gantry_gateway::Gateway;
+use gantry_registry::Registry;
+use gantry_spec::LoadedSpec;
+use gantry_store::Store;
+use gantry_supervisor::{Echo, Supervisor};
+use gantry_telemetry::{LogStore, Metrics};
+use tokio::sync::watch;
+
+pub use components::{local_url, register_static_endpoints, ThreadHooks};
+pub use control::Control;
+pub use datadir::{AdminInfo, ADMIN_INFO_FILE, TOKEN_FILE};
+
+/// One part of the running system.
+#[async_trait::async_trait]
+pub trait Component: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Start; return once ready to serve. Background work ends when `shutdown` becomes true.
+    async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()>;
+    /// Whether it is serving now (for health reports).
+    fn ready(&self) -> bool;
+    /// Called after this component's shutdown signal flipped: finish what it does (drain) and
+    /// return when stopped.
+    async fn stopped(&self);
+}
+
+/// What the binary adds to a system: terminal echo of instance output, and hooks for the
+/// gateway's threads (the allocator's per-thread caches).
+#[derive(Default)]
+pub struct Options {
+    pub echo: Option<Echo>,
+    pub gateway_threads: ThreadHooks,
+}
+
+/// A built system: its components in start order, and handles on the shared parts.
+pub struct System {
+    components: Vec<Arc<dyn Component>>,
+    signals: Vec<watch::Sender<bool>>,
+    pub spec: Arc<LoadedSpec>,
+    pub data_dir: PathBuf,
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    pub logs: LogStore,
+    pub registry: Arc<Registry>,
+    pub config: Arc<ConfigStore>,
+    pub gateway: Arc<Gateway>,
+    pub control: Arc<Control>,
+    pub supervisor: Arc<Supervisor>,
+    pub gateway_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    _lock: std::fs::File,
+}
+
+impl System {
+    /// Build every component from the spec (nothing runs yet).
+    pub async fn build(spec: Arc<LoadedSpec>, opts: Options) -> anyhow::Result<Self> {
+        let data = datadir::DataDir::open(&spec).await?;
+        let metrics = Metrics::new();
+        let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
+        let node = components::node_name();
+        let registry = components::RegistryComponent::build(&data, node.clone(), &metrics).await?;
+        let config = Arc::new(ConfigStore::new(data.store.clone()));
+        let gateway = components::GatewayComponent::build(
+            &spec,
+            &data,
+            &registry.registry,
+            &logs,
+            &metrics,
+            node.clone(),
+            opts.gateway_threads,
+        )
+        .await?;
+        let admin_addr = components::AdminComponent::bind(&spec)?;
+        let supervisor = components::SupervisorComponent::build(
+            &spec,
+            &data,
+            components::SupervisorInputs {
+                registry: registry.registry.clone(),
+                config: config.clone(),
+                logs: logs.clone(),
+                metrics: metrics.clone(),
+                gateway: gateway.gateway.clone(),
+                gateway_url: local_url(gateway.addr),
+                admin_url: local_url(admin_addr.1),
+                node,
+                echo: opts.echo,
+            },
+        );
+        let admin = components::AdminComponent::build(
+            admin_addr,
+            gantry_api::ApiState {
+                supervisor: supervisor.supervisor.clone(),
+                registry: registry.registry.clone(),
+                config: config.clone(),
+                gateway: gateway.gateway.clone(),
+                logs: logs.clone(),
+                metrics: metrics.clone(),
+                token: data.token.clone(),
+                control: gateway.control.clone(),
+            },
+        );
+        let system = Self {
+            spec,
+            data_dir: data.dir.clone(),
+            store: data.store.clone(),
+            metrics,
+            logs,
+            registry: registry.registry.clone(),
+            config,
+            gateway: gateway.gateway.clone(),
+            control: gateway.control.clone(),
+            supervisor: supervisor.supervisor.clone(),
+            gateway_addr: gateway.addr,
+            tls_addr: gateway.tls_addr,
+            admin_addr: admin.addr,
+            components: vec![
+                Arc::new(registry),
+                Arc::new(gateway),
+                Arc::new(admin),
+                Arc::new(supervisor),
+            ],
+            signals: Vec::new(),
+            _lock: data.lock,
+        };
+        Ok(system)
+    }
+
+    /// Start every component in order; each is ready when the next starts. Then write
+    /// `admin.json`, which tells clients (and tests) the system is up.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        for c in &self.components {
+            let (tx, rx) = watch::channel(false);
+            c.start(rx)
+                .await
+                .map_err(|e| e.context(format!("starting {}", c.name())))?;
+            tracing::debug!(component = c.name(), "started");
+            self.signals.push(tx);
+        }
+        datadir::write_admin_info(
+            &self.data_dir,
+            &AdminInfo {
+                admin_url: local_url(self.admin_addr),
+                gateway_url: local_url(self.gateway_addr),
+                pid: std::process::id(),
+                started_ms: gantry_model::unix_ms(),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Each component by name with whether it is ready.
+    pub fn readiness(&self) -> Vec<(&'static str, bool)> {
+        self.components
+            .iter()
+            .map(|c| (c.name(), c.ready()))
+            .collect()
+    }
+
+    /// Stop the started components in reverse order.
+    pub async fn stop(&mut self) {
+        let _ = std::fs::remove_file(self.data_dir.join(ADMIN_INFO_FILE));
+        while let Some(tx) = self.signals.pop() {
+            let c = &self.components[self.signals.len()];
+            tx.send_replace(true);
+            c.stopped().await;
+            tracing::debug!(component = c.name(), "stopped");
+        }
+    }
+}
