@@ -91,9 +91,14 @@ struct State {
     snapshot: Arc<RegistrySnapshot>,
 }
 
+const WRITE_SHARDS: usize = 64;
+
 /// The registry. Cheap to share behind an `Arc`.
 pub struct Registry {
     state: Mutex<State>,
+    /// Writes of self-registrations, serialized per id (by hash): the store and the live table
+    /// take a given id's writes in the same order, so they agree on the one that won.
+    writes: [tokio::sync::Mutex<()>; WRITE_SHARDS],
     listeners: Mutex<Vec<Listener>>,
     events: broadcast::Sender<RegistryEvent>,
     store: Arc<dyn Store>,
@@ -125,6 +130,7 @@ impl Registry {
         });
         let (events, _) = broadcast::channel(1024);
         let reg = Arc::new(Self {
+            writes: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             state: Mutex::new(State {
                 revision: 0,
                 instances: BTreeMap::new(),
@@ -232,6 +238,24 @@ impl Registry {
                 reg.service
             )));
         }
+        if reg.version.as_ref().is_some_and(|v| v.len() > 128) {
+            return Err(RegistryError::Invalid(
+                "version: at most 128 characters".into(),
+            ));
+        }
+        if let Some(z) = &reg.zone {
+            let ok = !z.is_empty()
+                && z.len() <= 64
+                && z.bytes().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
+                });
+            if !ok {
+                return Err(RegistryError::Invalid(format!(
+                    "zone: expected 1-64 characters of a-z, 0-9, '-', '_' and '.', got {} bytes",
+                    z.len()
+                )));
+            }
+        }
         let version = match &reg.version {
             None => semver::Version::new(0, 0, 0),
             Some(v) => semver::Version::parse(v).map_err(|e| {
@@ -268,6 +292,7 @@ impl Registry {
             }
             None => format!("{}-x{}", reg.service, random_hex(4)),
         };
+        let _write = self.write_lock(&id).await;
         if let Some(existing) = self.get(&id) {
             if !matches!(existing.source, InstanceSource::External { .. })
                 || existing.service != reg.service
@@ -305,6 +330,15 @@ impl Registry {
         Ok(inst)
     }
 
+    async fn write_lock(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        self.writes[(h.finish() as usize) % WRITE_SHARDS]
+            .lock()
+            .await
+    }
+
     /// Renew a self-registered instance's lease.
     pub fn heartbeat(&self, id: &str) -> Result<Instance, RegistryError> {
         let mut st = self.lock();
@@ -328,6 +362,7 @@ impl Registry {
 
     /// Remove a self-registered instance; durable when this returns.
     pub async fn deregister_external(&self, id: &str) -> Result<(), RegistryError> {
+        let _write = self.write_lock(id).await;
         match self.get(id) {
             None => return Err(RegistryError::NotFound(id.into())),
             Some(i) if !matches!(i.source, InstanceSource::External { .. }) => {
@@ -357,14 +392,28 @@ impl Registry {
             })
             .map(|i| i.id.clone())
             .collect();
-        for id in &due {
+        let mut expired = Vec::with_capacity(due.len());
+        for id in due {
+            let _write = self.write_lock(&id).await;
+            // Renewed or replaced while we waited for the lock: not due any more.
+            let still_due = self.get(&id).is_some_and(|i| match i.source {
+                InstanceSource::External {
+                    ttl_ms,
+                    last_heartbeat_ms,
+                } => now_ms.saturating_sub(last_heartbeat_ms) > ttl_ms,
+                InstanceSource::Supervised | InstanceSource::Static => false,
+            });
+            if !still_due {
+                continue;
+            }
             tracing::info!(instance = %id, "lease expired; instance removed from registry");
-            if let Err(e) = self.store.delete(BUCKET, id).await {
+            if let Err(e) = self.store.delete(BUCKET, &id).await {
                 tracing::warn!(instance = %id, error = %e, "could not delete expired registration");
             }
-            self.remove(id, RegistryEventKind::Expired);
+            self.remove(&id, RegistryEventKind::Expired);
+            expired.push(id);
         }
-        due
+        expired
     }
 
     /// Run lease expiry until `shutdown` resolves.

@@ -11,7 +11,7 @@ use gantry_api::{RouteControl, RouteControlError};
 use gantry_gateway::Gateway;
 use gantry_registry::Registry;
 use gantry_spec::{LoadedSpec, RouteSpec};
-use gantry_store::{Store, StoreJsonExt};
+use gantry_store::{Store, StoreError, StoreJsonExt};
 use gantry_supervisor::DesiredState;
 use serde::{Deserialize, Serialize};
 
@@ -27,12 +27,16 @@ pub struct ApiRoute {
 
 struct State {
     spec: Arc<LoadedSpec>,
-    api_routes: BTreeMap<String, ApiRoute>,
+    /// API routes with the store revision each was read or written at.
+    api_routes: BTreeMap<String, (ApiRoute, u64)>,
 }
 
 pub struct Control {
     file: PathBuf,
     state: Mutex<State>,
+    /// One route write at a time, from its checks to the live table: the duplicate check sees
+    /// every earlier write, and the live table takes writes in the order the store did.
+    writes: tokio::sync::Mutex<()>,
     store: Arc<dyn Store>,
     desired: DesiredState,
     gateway: Arc<Gateway>,
@@ -55,10 +59,11 @@ impl Control {
         registry: Arc<Registry>,
     ) -> anyhow::Result<Arc<Self>> {
         let rows: Vec<(String, ApiRoute, u64)> = store.list_json(BUCKET, ">").await?;
-        let api_routes = rows.into_iter().map(|(k, r, _)| (k, r)).collect();
+        let api_routes = rows.into_iter().map(|(k, r, rev)| (k, (r, rev))).collect();
         let c = Arc::new(Self {
             file: spec.file.clone(),
             state: Mutex::new(State { spec, api_routes }),
+            writes: tokio::sync::Mutex::new(()),
             desired: DesiredState::new(store.clone()),
             store,
             gateway,
@@ -79,7 +84,7 @@ impl Control {
     /// The gateway model: spec routes, then API routes whose service still exists.
     fn model(st: &State) -> gantry_model::GatewayModel {
         let mut m = st.spec.spec.gateway_model(&st.spec.base_dir);
-        for (name, r) in &st.api_routes {
+        for (name, (r, _)) in &st.api_routes {
             if !st.spec.spec.services.contains_key(&r.service) {
                 tracing::warn!(route = %name, service = %r.service, "API route targets a service the spec no longer has; skipped");
                 continue;
@@ -173,7 +178,8 @@ impl RouteControl for Control {
         let r: ApiRoute = serde_path_to_error::deserialize(body).map_err(|e| {
             RouteControlError::Invalid(vec![format!("{}: {}", e.path(), e.inner())])
         })?;
-        {
+        let _write = self.writes.lock().await;
+        let current = {
             let st = self.lock();
             let problems = gantry_spec::check_route(&st.spec.spec, &r.service, &r.route);
             if !problems.is_empty() {
@@ -184,27 +190,46 @@ impl RouteControl for Control {
                     "route {name} would match exactly what route {other} matches"
                 )));
             }
-        }
-        self.store
-            .put_json(BUCKET, name, &r)
-            .await
-            .map_err(|e| RouteControlError::Internal(e.to_string()))?;
+            st.api_routes.get(name).map(|(_, rev)| *rev)
+        };
+        // Compare-and-set against what this process last saw: a write by anyone else in
+        // between is a conflict, not a silent overwrite.
+        let written = match current {
+            Some(rev) => self.store.update_json(BUCKET, name, &r, rev).await,
+            None => self.store.create_json(BUCKET, name, &r).await,
+        };
+        let rev = written.map_err(|e| match e {
+            StoreError::RevisionMismatch { .. } | StoreError::AlreadyExists { .. } => {
+                RouteControlError::Conflict(format!(
+                    "route {name} was changed elsewhere at the same time; read it and try again"
+                ))
+            }
+            other => RouteControlError::Internal(other.to_string()),
+        })?;
         let mut st = self.lock();
-        st.api_routes.insert(name.to_string(), r);
+        st.api_routes.insert(name.to_string(), (r, rev));
         let m = self.apply(&st);
         Ok(serde_json::json!({ "id": format!("api/{name}"), "routes": m.routes.len() }))
     }
 
     async fn delete_route(&self, name: &str) -> Result<(), RouteControlError> {
-        if !self.lock().api_routes.contains_key(name) {
+        // `gantry route put` reports the route's id (`api/NAME`); either form names it.
+        let name = name.strip_prefix("api/").unwrap_or(name);
+        let _write = self.writes.lock().await;
+        let Some(rev) = self.lock().api_routes.get(name).map(|(_, rev)| *rev) else {
             return Err(RouteControlError::NotFound(format!(
                 "no API route named {name} (spec routes change with the spec file)"
             )));
-        }
+        };
         self.store
-            .delete(BUCKET, name)
+            .delete_if(BUCKET, name, rev)
             .await
-            .map_err(|e| RouteControlError::Internal(e.to_string()))?;
+            .map_err(|e| match e {
+                StoreError::RevisionMismatch { .. } => RouteControlError::Conflict(format!(
+                    "route {name} was changed elsewhere at the same time; read it and try again"
+                )),
+                other => RouteControlError::Internal(other.to_string()),
+            })?;
         let mut st = self.lock();
         st.api_routes.remove(name);
         self.apply(&st);

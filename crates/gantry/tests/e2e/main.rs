@@ -5,6 +5,7 @@ mod common;
 
 mod cli_and_spec;
 mod config;
+mod consistency;
 mod deploy;
 mod gateway;
 mod hardening;
