@@ -1,22 +1,24 @@
 //! The admin REST API (axum), served on loopback by default.
 //!
 //! Conventions: JSON in and out; every error is a JSON body `{"error": code, "message": ...}`
-//! with a 4xx/5xx status (handlers never fail any other way); every call that changes state
-//! (any method but GET and HEAD) needs `Authorization: Bearer <token>`.
+//! with a 4xx/5xx status (handlers never fail any other way). Every endpoint requires a
+//! permission (`auth.rs`: one table), reads included, and every call that changes state is
+//! recorded in the audit trail (`audit.rs`). Endpoints are grouped in modules and merged here.
 //!
 //! Architecture invariant: handlers only translate HTTP to calls on component handles
 //! ([`ApiState`]); no business rule lives here.
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod auth;
 mod deployments;
 mod error;
 mod handlers;
+pub mod serve;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::Router;
 use gantry_config::ConfigStore;
@@ -24,7 +26,6 @@ use gantry_gateway::Gateway;
 use gantry_registry::Registry;
 use gantry_supervisor::Supervisor;
 use gantry_telemetry::{LogStore, Metrics};
-use http::Method;
 
 pub use error::ApiError;
 
@@ -40,8 +41,12 @@ pub struct ApiState {
     pub gateway: Arc<Gateway>,
     pub logs: LogStore,
     pub metrics: Metrics,
-    /// Bearer token required by mutating calls.
-    pub token: Arc<str>,
+    /// Turns credentials into principals.
+    pub auth: Arc<dyn auth::Authenticator>,
+    /// Permissions granted without credentials (`[admin] public`: health, metrics).
+    pub public: Arc<std::collections::BTreeSet<auth::Permission>>,
+    /// Where the audit trail goes.
+    pub store: Arc<dyn gantry_store::Store>,
     /// Spec reload and routes added over the API.
     pub control: Arc<dyn RouteControl>,
 }
@@ -111,42 +116,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/logs", get(logs))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/v1/audit", get(audit::list))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token,
-        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(serve::json_errors))
         .with_state(state)
-}
-
-/// Mutating calls need the bearer token; reads do not (the API listens on loopback).
-async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    if req.method() == Method::GET || req.method() == Method::HEAD {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("invalid bearer token").into_response(),
-        None => ApiError::unauthorized(
-            "this call changes state and needs 'Authorization: Bearer <token>' (the token is in the data directory's admin-token file)",
-        )
-        .into_response(),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn not_found() -> ApiError {

@@ -95,12 +95,32 @@ pub struct AdminSpec {
     /// everything, so exposing it is an explicit choice).
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// Endpoints readable without credentials: any of `"health"` (`/v1/health`) and
+    /// `"metrics"` (`/metrics`, for scrapers without a token). Default none.
+    #[serde(default)]
+    pub public: Vec<AdminPublic>,
+    /// Most admin connections open at once; more wait in the listen queue. Default 256.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminPublic {
+    Health,
+    Metrics,
+}
+
+fn default_admin_max_connections() -> u32 {
+    256
 }
 
 impl Default for AdminSpec {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            public: Vec::new(),
+            max_connections: default_admin_max_connections(),
         }
     }
 }

@@ -45,6 +45,9 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     if spec.gateway.workers > 1024 {
         p.push(("gateway.workers".into(), "expected at most 1024".into()));
     }
+    if !(1..=65_536).contains(&spec.admin.max_connections) {
+        p.push(("admin.max_connections".into(), "expected 1..=65536".into()));
+    }
     if spec.logs.max_bytes < 4096 {
         p.push(("logs.max_bytes".into(), "expected at least 4096".into()));
     }

@@ -335,9 +335,12 @@ fn spawn_gateway(
 
 // ---------------------------------------------------------------------------------------------
 
-/// The admin API (axum) on its listener.
+pub(crate) use gantry_api::serve::Limits as AdminLimits;
+
+/// The admin API (axum) on its listener, with the gateway's connection defences.
 pub(crate) struct AdminComponent {
     pub addr: SocketAddr,
+    limits: AdminLimits,
     pending: Mutex<Option<(StdListener, axum::Router)>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     running: Arc<AtomicBool>,
@@ -351,9 +354,14 @@ impl AdminComponent {
         Ok((l, addr))
     }
 
-    pub fn build(bound: (StdListener, SocketAddr), state: gantry_api::ApiState) -> Self {
+    pub fn build(
+        bound: (StdListener, SocketAddr),
+        state: gantry_api::ApiState,
+        limits: AdminLimits,
+    ) -> Self {
         Self {
             addr: bound.1,
+            limits,
             pending: Mutex::new(Some((bound.0, gantry_api::router(state)))),
             task: Mutex::new(None),
             running: Arc::new(AtomicBool::new(false)),
@@ -367,20 +375,16 @@ impl Component for AdminComponent {
         "admin-api"
     }
 
-    async fn start(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let (listener, router) = lock(&self.pending)
             .take()
             .ok_or_else(|| anyhow!("the admin API was started twice"))?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let running = self.running.clone();
         running.store(true, Ordering::Relaxed);
+        let limits = self.limits;
         let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "admin API stopped");
-            }
+            gantry_api::serve::serve(listener, router, limits, shutdown).await;
             running.store(false, Ordering::Relaxed);
         });
         *lock(&self.task) = Some(task);
@@ -394,7 +398,7 @@ impl Component for AdminComponent {
     async fn stopped(&self) {
         let task = lock(&self.task).take();
         if let Some(t) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
     }
 }

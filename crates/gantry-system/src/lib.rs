@@ -55,6 +55,15 @@ pub struct Options {
     pub gateway_threads: ThreadHooks,
 }
 
+fn admin_limits(spec: &LoadedSpec) -> components::AdminLimits {
+    let g = &spec.spec.gateway.limits;
+    components::AdminLimits {
+        max_connections: spec.spec.admin.max_connections as usize,
+        header_read_timeout: std::time::Duration::from_millis(g.header_read_timeout_ms),
+        max_header_bytes: g.max_header_bytes as usize,
+    }
+}
+
 /// A built system: its components in start order, and handles on the shared parts.
 pub struct System {
     components: Vec<Arc<dyn Component>>,
@@ -79,6 +88,12 @@ impl System {
     /// Build every component from the spec (nothing runs yet).
     pub async fn build(spec: Arc<LoadedSpec>, opts: Options) -> anyhow::Result<Self> {
         let data = datadir::DataDir::open(&spec).await?;
+        data.store
+            .ensure_bucket(
+                gantry_api::audit::AUDIT_BUCKET,
+                gantry_api::audit::bucket_options(),
+            )
+            .await?;
         let metrics = Metrics::new();
         let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
         let node = components::node_name();
@@ -119,9 +134,26 @@ impl System {
                 gateway: gateway.gateway.clone(),
                 logs: logs.clone(),
                 metrics: metrics.clone(),
-                token: data.token.clone(),
+                auth: Arc::new(gantry_api::auth::AdminToken::new(data.token.clone())),
+                public: Arc::new(
+                    spec.spec
+                        .admin
+                        .public
+                        .iter()
+                        .map(|p| match p {
+                            gantry_spec::AdminPublic::Health => {
+                                gantry_api::auth::Permission::HealthRead
+                            }
+                            gantry_spec::AdminPublic::Metrics => {
+                                gantry_api::auth::Permission::MetricsRead
+                            }
+                        })
+                        .collect(),
+                ),
+                store: data.store.clone(),
                 control: gateway.control.clone(),
             },
+            admin_limits(&spec),
         );
         let system = Self {
             spec,

@@ -108,10 +108,9 @@ impl Client {
     ) -> Result<hyper::Response<Incoming>, CliError> {
         let url = format!("{}{}", self.base, path);
         let mut b = Request::builder().method(method.clone()).uri(&url);
-        if method != Method::GET {
-            if let Some(t) = &self.token {
-                b = b.header("authorization", format!("Bearer {t}"));
-            }
+        // Every endpoint needs a permission, reads included.
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
         }
         let body = match body {
             Some(v) => {

@@ -79,6 +79,11 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         }
         Cmd::Restart { service } => restart(c, &service).await,
         Cmd::Routes { out } => routes(c, out).await,
+        Cmd::Audit {
+            limit,
+            principal,
+            out,
+        } => audit(c, limit, principal, out).await,
         Cmd::Reload => {
             let v = c.call(Method::POST, "/v1/reload", None).await?;
             println!("spec reloaded: {} routes", s(&v["routes"]));
@@ -434,6 +439,54 @@ async fn registry_ls(
     table::print(
         &[
             "SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn audit(
+    c: &Client,
+    limit: usize,
+    principal: Option<String>,
+    out: Output,
+) -> Result<(), CliError> {
+    let mut path = format!("/v1/audit?limit={limit}");
+    if let Some(p) = &principal {
+        path.push_str(&format!("&principal={}", enc(p)));
+    }
+    let v = c.get(&path).await?;
+    if out.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|r| {
+            vec![
+                table::clock(r["time_ms"].as_u64().unwrap_or(0)),
+                r["principal"].as_str().unwrap_or("-").to_string(),
+                format!("{} {}", s(&r["method"]), s(&r["path"])),
+                s(&r["action"]),
+                s(&r["status"]),
+                s(&r["outcome"]),
+                r["remote"].as_str().unwrap_or("-").to_string(),
+                s(&r["request_id"]),
+            ]
+        })
+        .collect();
+    table::print(
+        &[
+            "TIME",
+            "PRINCIPAL",
+            "CALL",
+            "ACTION",
+            "STATUS",
+            "OUTCOME",
+            "FROM",
+            "REQUEST",
         ],
         &rows,
     );

@@ -104,6 +104,17 @@ enum Cmd {
     /// Versioned configuration of services.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The audit trail: who changed what, when, from where, and the outcome (newest first).
+    Audit {
+        /// At most this many records.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: usize,
+        /// Only calls by this principal, e.g. admin-token.
+        #[arg(long)]
+        principal: Option<String>,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Args)]

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod admin_api;
 mod cli_and_spec;
 mod config;
 mod consistency;

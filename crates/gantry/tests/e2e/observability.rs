@@ -66,7 +66,7 @@ strip_prefix = true
                 g.admin,
                 "GET",
                 "/v1/logs?service=gateway",
-                &[],
+                &[("authorization", &format!("Bearer {}", g.token))],
                 None,
                 Duration::from_secs(5),
             )

@@ -97,7 +97,7 @@ fn self_registration_heartbeat_and_expiry() {
             g.admin,
             "GET",
             &format!("/v1/registry/instances/{id}"),
-            &[],
+            &[("authorization", &format!("Bearer {}", g.token))],
             None,
             Duration::from_secs(2),
         )
@@ -146,7 +146,7 @@ fn registrations_survive_restart_and_deregister() {
         g.admin,
         "GET",
         "/v1/registry/instances/ext-eu-1",
-        &[],
+        &[("authorization", &format!("Bearer {}", g.token))],
         None,
         Duration::from_secs(2),
     )
@@ -206,8 +206,14 @@ fn watch_streams_snapshot_then_changes() {
     let mut s = std::net::TcpStream::connect(g.admin).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    s.write_all(b"GET /v1/registry/watch HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        format!(
+            "GET /v1/registry/watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            g.token
+        )
+        .as_bytes(),
+    )
+    .unwrap();
     let mut seen = String::new();
     let mut read_until = |needle: &str, seen: &mut String| {
         let deadline = Instant::now() + Duration::from_secs(5);

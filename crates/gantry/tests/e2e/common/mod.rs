@@ -288,7 +288,16 @@ impl Gantry {
     }
 
     pub fn admin_get(&self, path: &str) -> Value {
-        let r = http(self.admin, "GET", path, &[], None, Duration::from_secs(10)).unwrap();
+        let auth = format!("Bearer {}", self.token);
+        let r = http(
+            self.admin,
+            "GET",
+            path,
+            &[("authorization", &auth)],
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
         assert!(r.status < 300, "GET {path}: {} {}", r.status, r.body);
         r.json()
     }
@@ -312,11 +321,12 @@ impl Gantry {
 
     /// The Prometheus text from `/metrics`.
     pub fn metrics(&self) -> String {
+        let auth = format!("Bearer {}", self.token);
         http(
             self.admin,
             "GET",
             "/metrics",
-            &[],
+            &[("authorization", &auth)],
             None,
             Duration::from_secs(5),
         )

@@ -1,0 +1,161 @@
+//! The audit trail: every call that changes state (and every such call refused) is recorded in
+//! the store's `audit` bucket — who, what, when, from where, its request id and its outcome —
+//! before its answer goes out. `GET /v1/audit` and `gantry audit` read it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::Json;
+use gantry_store::{BucketOptions, StoreJsonExt};
+use http::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Permission, Principal};
+use crate::error::ApiError;
+use crate::ApiState;
+
+pub const AUDIT_BUCKET: &str = "audit";
+/// Records older than this are dropped by the store.
+pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The audit bucket's options (set once at start).
+pub fn bucket_options() -> BucketOptions {
+    BucketOptions {
+        history: 1,
+        max_age: Some(AUDIT_MAX_AGE),
+    }
+}
+
+/// One recorded call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditRecord {
+    pub id: String,
+    pub time_ms: u64,
+    /// The principal's id; absent when the call had no valid credentials.
+    pub principal: Option<String>,
+    pub principal_kind: Option<String>,
+    pub method: String,
+    pub path: String,
+    /// The permission the endpoint requires, e.g. `routes:write`.
+    pub action: String,
+    pub remote: Option<String>,
+    pub request_id: String,
+    pub status: u16,
+    /// `ok` (2xx/3xx), `denied` (401/403) or `failed` (any other status).
+    pub outcome: String,
+}
+
+pub(crate) struct Call<'a> {
+    pub principal: Option<&'a Principal>,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub template: &'a str,
+    pub permission: Permission,
+    pub remote: Option<SocketAddr>,
+    pub request_id: &'a str,
+    pub status: StatusCode,
+}
+
+pub(crate) fn remote(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// The caller's `x-request-id` when it is sane, else a new one.
+pub(crate) fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| gantry_registry::random_hex(16))
+}
+
+pub(crate) async fn record(s: &ApiState, c: Call<'_>) {
+    let time_ms = gantry_model::unix_ms();
+    let outcome = match c.status.as_u16() {
+        200..=399 => "ok",
+        401 | 403 => "denied",
+        _ => "failed",
+    };
+    let rec = AuditRecord {
+        id: format!("{time_ms:013}-{}", gantry_registry::random_hex(4)),
+        time_ms,
+        principal: c.principal.map(|p| p.id.clone()),
+        principal_kind: c.principal.map(|p| p.kind.to_string()),
+        method: c.method.to_string(),
+        path: c.path.to_string(),
+        action: c.permission.as_str().to_string(),
+        remote: c.remote.map(|a| a.to_string()),
+        request_id: c.request_id.to_string(),
+        status: c.status.as_u16(),
+        outcome: outcome.into(),
+    };
+    tracing::info!(
+        target: "gantry::audit",
+        principal = rec.principal.as_deref().unwrap_or("-"),
+        method = %rec.method,
+        path = %rec.path,
+        template = c.template,
+        action = %rec.action,
+        status = rec.status,
+        request_id = %rec.request_id,
+        "audit"
+    );
+    if let Err(e) = s.store.create_json(AUDIT_BUCKET, &rec.id, &rec).await {
+        tracing::error!(error = %e, request_id = %rec.request_id, "cannot write audit record");
+    }
+}
+
+/// A refused call: recorded when it would have changed state.
+pub(crate) async fn denied(s: &ApiState, c: Call<'_>) {
+    if c.method == Method::GET || c.method == Method::HEAD {
+        return;
+    }
+    record(s, c).await;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditQuery {
+    /// Newest first, at most this many (default 100, at most 10,000).
+    #[serde(default)]
+    limit: Option<usize>,
+    /// Only records at or after this time (ms since the epoch).
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    principal: Option<String>,
+}
+
+pub(crate) async fn list(
+    State(s): State<ApiState>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AuditRecord>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::bad_request("limit: expected 1..=10000"));
+    }
+    let rows: Vec<(String, AuditRecord, u64)> = s.store.list_json(AUDIT_BUCKET, ">").await?;
+    let out: Vec<AuditRecord> = rows
+        .into_iter()
+        .rev()
+        .map(|(_, r, _)| r)
+        .filter(|r| q.since.is_none_or(|t| r.time_ms >= t))
+        .filter(|r| {
+            q.principal
+                .as_deref()
+                .is_none_or(|p| r.principal.as_deref() == Some(p))
+        })
+        .take(limit)
+        .collect();
+    Ok(Json(out))
+}

@@ -1,0 +1,302 @@
+//! Who is calling, and may they: every request becomes a [`Principal`] (or none), and every
+//! endpoint, reads included, requires a [`Permission`], looked up in one table
+//! ([`permission_for`]) by method and route template. No credentials: 401 with
+//! `WWW-Authenticate`; a principal without the permission: 403. Both are JSON and name what is
+//! missing. `/v1/health` and `/metrics` may be opened by configuration (`[admin] public`).
+//!
+//! Today one [`Authenticator`] knows one principal: the admin token. Identity adds users,
+//! clients and roles by implementing the same trait.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, Method, StatusCode};
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::ApiState;
+
+/// What an endpoint requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "&'static str")]
+pub enum Permission {
+    HealthRead,
+    MetricsRead,
+    ServicesRead,
+    ServicesWrite,
+    DeploymentsRead,
+    DeploymentsWrite,
+    RoutesRead,
+    RoutesWrite,
+    TrafficRead,
+    RegistryRead,
+    RegistryWrite,
+    ConfigRead,
+    ConfigWrite,
+    LogsRead,
+    EventsRead,
+    AuditRead,
+    SystemReload,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 17] = [
+        Permission::HealthRead,
+        Permission::MetricsRead,
+        Permission::ServicesRead,
+        Permission::ServicesWrite,
+        Permission::DeploymentsRead,
+        Permission::DeploymentsWrite,
+        Permission::RoutesRead,
+        Permission::RoutesWrite,
+        Permission::TrafficRead,
+        Permission::RegistryRead,
+        Permission::RegistryWrite,
+        Permission::ConfigRead,
+        Permission::ConfigWrite,
+        Permission::LogsRead,
+        Permission::EventsRead,
+        Permission::AuditRead,
+        Permission::SystemReload,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::HealthRead => "health:read",
+            Permission::MetricsRead => "metrics:read",
+            Permission::ServicesRead => "services:read",
+            Permission::ServicesWrite => "services:write",
+            Permission::DeploymentsRead => "deployments:read",
+            Permission::DeploymentsWrite => "deployments:write",
+            Permission::RoutesRead => "routes:read",
+            Permission::RoutesWrite => "routes:write",
+            Permission::TrafficRead => "traffic:read",
+            Permission::RegistryRead => "registry:read",
+            Permission::RegistryWrite => "registry:write",
+            Permission::ConfigRead => "config:read",
+            Permission::ConfigWrite => "config:write",
+            Permission::LogsRead => "logs:read",
+            Permission::EventsRead => "events:read",
+            Permission::AuditRead => "audit:read",
+            Permission::SystemReload => "system:reload",
+        }
+    }
+}
+
+impl From<Permission> for &'static str {
+    fn from(p: Permission) -> Self {
+        p.as_str()
+    }
+}
+
+/// The permission each endpoint requires, by method and route template. An endpoint missing
+/// here is refused to everyone (fail closed); a test checks that every route has an entry.
+pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
+    use Permission::*;
+    let read = method == Method::GET || method == Method::HEAD;
+    Some(match (read, path) {
+        (true, "/v1/health") => HealthRead,
+        (true, "/metrics") => MetricsRead,
+        (true, "/v1/services" | "/v1/instances" | "/v1/upstreams") => ServicesRead,
+        (false, "/v1/services/{name}/scale" | "/v1/services/{name}/restart") => ServicesWrite,
+        (true, "/v1/deployments" | "/v1/deployments/{service}") => DeploymentsRead,
+        (false, "/v1/deployments/{service}/versions/{version}") => DeploymentsWrite,
+        (true, "/v1/routes") => RoutesRead,
+        (false, "/v1/routes/{name}") => RoutesWrite,
+        (true, "/v1/traffic") => TrafficRead,
+        (
+            true,
+            "/v1/registry/services"
+            | "/v1/registry/services/{name}"
+            | "/v1/registry/instances/{id}"
+            | "/v1/registry/watch",
+        ) => RegistryRead,
+        (
+            false,
+            "/v1/registry/instances"
+            | "/v1/registry/instances/{id}"
+            | "/v1/registry/instances/{id}/heartbeat",
+        ) => RegistryWrite,
+        (true, "/v1/config" | "/v1/config/{service}" | "/v1/config/{service}/history") => {
+            ConfigRead
+        }
+        (false, "/v1/config/{service}" | "/v1/config/{service}/rollback") => ConfigWrite,
+        (true, "/v1/logs") => LogsRead,
+        (true, "/v1/events") => EventsRead,
+        (true, "/v1/audit") => AuditRead,
+        (false, "/v1/reload") => SystemReload,
+        _ => return None,
+    })
+}
+
+/// Who made a request, as the authentication layer proved it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Principal {
+    /// Stable name in the audit trail, e.g. `admin-token`.
+    pub id: String,
+    /// What kind of credential proved it: `token` today; `user`, `client` with identity.
+    pub kind: &'static str,
+    #[serde(skip)]
+    pub permissions: Arc<BTreeSet<Permission>>,
+}
+
+impl Principal {
+    pub fn may(&self, p: Permission) -> bool {
+        self.permissions.contains(&p)
+    }
+}
+
+/// Turns a request's credentials into a principal.
+pub trait Authenticator: Send + Sync {
+    /// `Ok(None)`: no credentials given. `Err`: credentials given but not valid (the message says
+    /// why, without echoing the secret).
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, String>;
+}
+
+/// The admin token from the data directory: one principal with every permission.
+pub struct AdminToken {
+    token: Arc<str>,
+    principal: Principal,
+}
+
+impl AdminToken {
+    pub fn new(token: Arc<str>) -> Self {
+        Self {
+            token,
+            principal: Principal {
+                id: "admin-token".into(),
+                kind: "token",
+                permissions: Arc::new(Permission::ALL.into_iter().collect()),
+            },
+        }
+    }
+}
+
+impl Authenticator for AdminToken {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, String> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Ok(None);
+        };
+        let given = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or("the Authorization header must be 'Bearer <token>'")?;
+        if constant_time_eq(given.as_bytes(), self.token.as_bytes()) {
+            Ok(Some(self.principal.clone()))
+        } else {
+            Err("invalid bearer token".into())
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The principal of a request (in its extensions once `authorize` let it through); `None` for an
+/// endpoint opened by configuration and called without credentials.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<Principal>);
+
+/// Route layer: authenticate, look up the endpoint's permission, let the request through or
+/// answer 401/403. Denied mutating calls are audited too.
+pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next: Next) -> Response {
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let Some(perm) = permission_for(req.method(), &template) else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "{} {template} has no permission assigned, so no one may call it",
+                req.method()
+            ),
+        )
+        .into_response();
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let remote = crate::audit::remote(&req);
+    let request_id = crate::audit::request_id(&req);
+    let call = |principal, status| crate::audit::Call {
+        principal,
+        method: &method,
+        path: &path,
+        template: &template,
+        permission: perm,
+        remote,
+        request_id: &request_id,
+        status,
+    };
+    let principal = match s.auth.authenticate(req.headers()) {
+        Ok(p) => p,
+        Err(why) => {
+            let resp = unauthorized(&why);
+            crate::audit::denied(&s, call(None, resp.status())).await;
+            return resp;
+        }
+    };
+    match principal {
+        None if s.public.contains(&perm) => {
+            req.extensions_mut().insert(Caller(None));
+            next.run(req).await
+        }
+        None => {
+            let resp = unauthorized(&format!(
+                "{} {template} needs the {} permission: send 'Authorization: Bearer <token>' (the admin token is in the data directory's admin-token file)",
+                method,
+                perm.as_str()
+            ));
+            crate::audit::denied(&s, call(None, resp.status())).await;
+            resp
+        }
+        Some(p) if !p.may(perm) => {
+            let resp = ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "{} ({}) lacks the {} permission that {} {template} needs",
+                    p.id,
+                    p.kind,
+                    perm.as_str(),
+                    method
+                ),
+            )
+            .into_response();
+            crate::audit::denied(&s, call(Some(&p), resp.status())).await;
+            resp
+        }
+        Some(p) => {
+            let mutating = !(method == Method::GET || method == Method::HEAD);
+            req.extensions_mut().insert(Caller(Some(p.clone())));
+            let mut resp = next.run(req).await;
+            if mutating {
+                crate::audit::record(&s, call(Some(&p), resp.status())).await;
+            }
+            if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            resp
+        }
+    }
+}
+
+fn unauthorized(why: &str) -> Response {
+    let mut resp = ApiError::unauthorized(why).into_response();
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"gantry\""),
+    );
+    resp
+}
