@@ -459,6 +459,8 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
         } else {
             Duration::from_millis(20)
         };
+    let mut passed_once = false;
+    let start_grace = Duration::from_millis(spec.health.start_grace_ms);
     let probe_labels = |result: &'static str| ProbeLabels {
         service: svc.name.to_string(),
         result,
@@ -485,7 +487,17 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
             }
             res = probe => {
                 let now = Instant::now();
-                deps.board.probes.get_or_create(&probe_labels(if res.is_ok() { "pass" } else { "fail" })).inc();
+                // A new instance that does not answer yet is starting, not failing: an alert on
+                // failures must not fire at every deploy.
+                let result = if res.is_ok() {
+                    passed_once = true;
+                    "pass"
+                } else if !passed_once && started.elapsed() < start_grace {
+                    "starting"
+                } else {
+                    "fail"
+                };
+                deps.board.probes.get_or_create(&probe_labels(result)).inc();
                 match tracker.observe(res.is_ok(), now) {
                     Some(Transition::BecameHealthy) => {
                         deps.registry.register_supervised(registry_instance(svc, r.id, port));

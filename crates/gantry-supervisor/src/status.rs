@@ -154,7 +154,7 @@ impl StatusBoard {
             r.register("restarts", "Instance restarts by service", restarts.clone());
             r.register(
                 "health_checks",
-                "Health probe results by service (pass, fail)",
+                "Health probe results by service: pass, fail, or starting (a new instance that does not answer yet, within its start grace)",
                 probes.clone(),
             );
         });

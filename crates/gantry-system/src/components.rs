@@ -470,10 +470,7 @@ impl Component for SupervisorComponent {
             .apply_spec(self.spec.deployments())
             .await?;
         if !applied.kept_scale.is_empty() {
-            tracing::info!(
-                services = %applied.kept_scale.join(", "),
-                "kept from an earlier run: instance counts set with `gantry scale` (the spec's own counts for these services did not change)"
-            );
+            tracing::debug!(services = %applied.kept_scale.join(", "), "instance counts set with `gantry scale` kept");
         }
         self.supervisor.start().await?;
         self.running.store(true, Ordering::Relaxed);

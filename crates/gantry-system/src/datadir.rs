@@ -29,12 +29,22 @@ pub(crate) struct DataDir {
 }
 
 impl DataDir {
-    pub async fn open(spec: &LoadedSpec) -> anyhow::Result<Self> {
+    /// `fresh`: forget the state of earlier runs first (the embedded store's file, or every
+    /// bucket of the NATS namespace).
+    pub async fn open(spec: &LoadedSpec, fresh: bool) -> anyhow::Result<Self> {
         let dir = spec.data_dir();
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create data directory {}", dir.display()))?;
         let lock = lock_data_dir(&dir)?;
-        let store = open_store(&spec.spec.store, &dir).await?;
+        if fresh && spec.spec.store.backend == StoreBackend::Embedded {
+            let file = dir.join("state.redb");
+            match std::fs::remove_file(&file) {
+                Ok(()) => tracing::info!(file = %file.display(), "--fresh: earlier state removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow!("--fresh: cannot remove {}: {e}", file.display())),
+            }
+        }
+        let store = open_store(&spec.spec.store, &dir, fresh).await?;
         tracing::info!(
             backend = store.backend(),
             "store open{}",
@@ -113,7 +123,11 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// The store the spec asks for: embedded in the data directory, or NATS JetStream KV.
-async fn open_store(spec: &StoreSpec, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(
+    spec: &StoreSpec,
+    data_dir: &Path,
+    fresh: bool,
+) -> anyhow::Result<Arc<dyn Store>> {
     match spec.backend {
         StoreBackend::Embedded => match RedbStore::open(data_dir) {
             Ok(s) => Ok(Arc::new(s)),
@@ -129,6 +143,13 @@ async fn open_store(spec: &StoreSpec, data_dir: &Path) -> anyhow::Result<Arc<dyn
             let s = NatsStore::connect(o)
                 .await
                 .map_err(|e| anyhow!("[store] backend = \"nats\": {e}"))?;
+            if fresh {
+                let n = s
+                    .destroy_namespace()
+                    .await
+                    .map_err(|e| anyhow!("--fresh: {e}"))?;
+                tracing::info!(buckets = n, namespace = %spec.namespace, "--fresh: earlier state removed");
+            }
             Ok(Arc::new(s))
         }
     }

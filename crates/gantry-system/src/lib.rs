@@ -53,6 +53,49 @@ pub trait Component: Send + Sync {
 pub struct Options {
     pub echo: Option<Echo>,
     pub gateway_threads: ThreadHooks,
+    /// Start clean: forget registrations, config, routes added over the API, scale and deployed
+    /// versions of earlier runs.
+    pub fresh: bool,
+}
+
+/// What an earlier run left in the store that this run picks up (said at start, so that it
+/// never carries over silently).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EarlierState {
+    pub api_routes: usize,
+    pub registrations: usize,
+    pub configured_services: usize,
+    /// Services whose instance count was set through the API, or that run versions deployed
+    /// through it.
+    pub changed_deployments: Vec<String>,
+}
+
+impl EarlierState {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl std::fmt::Display for EarlierState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.api_routes > 0 {
+            parts.push(format!("{} route(s) added over the API", self.api_routes));
+        }
+        if self.registrations > 0 {
+            parts.push(format!("{} self-registration(s)", self.registrations));
+        }
+        if self.configured_services > 0 {
+            parts.push(format!("config of {} service(s)", self.configured_services));
+        }
+        if !self.changed_deployments.is_empty() {
+            parts.push(format!(
+                "scale or deployed versions of {}",
+                self.changed_deployments.join(", ")
+            ));
+        }
+        f.write_str(&parts.join(", "))
+    }
 }
 
 fn admin_limits(spec: &LoadedSpec) -> components::AdminLimits {
@@ -87,7 +130,7 @@ pub struct System {
 impl System {
     /// Build every component from the spec (nothing runs yet).
     pub async fn build(spec: Arc<LoadedSpec>, opts: Options) -> anyhow::Result<Self> {
-        let data = datadir::DataDir::open(&spec).await?;
+        let data = datadir::DataDir::open(&spec, opts.fresh).await?;
         data.store
             .ensure_bucket(
                 gantry_api::audit::AUDIT_BUCKET,
@@ -179,6 +222,38 @@ impl System {
             _lock: data.lock,
         };
         Ok(system)
+    }
+
+    /// What earlier runs left in the store (read before `start` changes it).
+    pub async fn earlier_state(&self) -> anyhow::Result<EarlierState> {
+        let spec_replicas: std::collections::BTreeMap<&str, u32> = self
+            .spec
+            .spec
+            .services
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.replicas))
+            .collect();
+        let changed_deployments = self
+            .supervisor
+            .desired()
+            .list()
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.versions.iter().any(|v| {
+                    v.source == gantry_model::VersionSource::Api
+                        || (v.replicas != v.spec_replicas
+                            && spec_replicas.get(d.service.as_str()) == Some(&v.spec_replicas))
+                })
+            })
+            .map(|d| d.service)
+            .collect();
+        Ok(EarlierState {
+            api_routes: self.store.keys("routes", ">").await?.len(),
+            registrations: self.store.keys("registry", ">").await?.len(),
+            configured_services: self.config.services().await?.len(),
+            changed_deployments,
+        })
     }
 
     /// Start every component in order; each is ready when the next starts. Then write

@@ -56,7 +56,7 @@ fn s(v: &Value) -> String {
 
 async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
     match cmd {
-        Cmd::Up(_) | Cmd::Validate(_) => Ok(()),
+        Cmd::Up(_) | Cmd::Validate => Ok(()),
         Cmd::Ps { service, out } => ps(c, service, out).await,
         Cmd::Services { out } => services(c, out).await,
         Cmd::Logs {
@@ -382,10 +382,23 @@ async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
                     })
                     .unwrap_or_default(),
             };
-            vec![s(&r["id"]), hosts, matcher, action, eps]
+            let rw = &r["action"]["rewrite"];
+            let rewrite = if let Some(to) = rw["replace_prefix"].as_str() {
+                format!("prefix -> {to}")
+            } else if rw["strip_prefix"] == true {
+                "strip prefix".to_string()
+            } else if let Some(re) = rw["regex"].as_array().filter(|a| a.len() == 2) {
+                format!("{} -> {}", s(&re[0]), s(&re[1]))
+            } else {
+                "-".to_string()
+            };
+            vec![s(&r["id"]), hosts, matcher, rewrite, action, eps]
         })
         .collect();
-    table::print(&["ROUTE", "HOSTS", "MATCH", "TARGET", "ENDPOINTS"], &rows);
+    table::print(
+        &["ROUTE", "HOSTS", "MATCH", "REWRITE", "TARGET", "ENDPOINTS"],
+        &rows,
+    );
     Ok(())
 }
 

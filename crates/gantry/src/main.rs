@@ -25,21 +25,27 @@ static ALLOC: alloc::Mimalloc = alloc::Mimalloc;
     about = "The outer architecture of microservices in one binary: supervisor, registry, gateway, config"
 )]
 struct Cli {
-    /// Spec file used to find a running gantry (its data directory holds the admin address and
-    /// token).
+    /// The spec file (`-f FILE` works too, before or after the command; after `logs`, `-f` is
+    /// follow, as in docker and kubectl). Client commands find the running gantry through it:
+    /// its data directory holds the admin address and token.
     #[arg(
-        short = 'f',
         long = "file",
-        global = false,
+        global = true,
         default_value = "gantry.toml",
-        env = "GANTRY_FILE"
+        env = "GANTRY_FILE",
+        value_name = "FILE"
     )]
     file: PathBuf,
     /// Admin API URL of a running gantry (overrides discovery through the spec file).
-    #[arg(long, env = "GANTRY_ADMIN_URL")]
+    #[arg(long, global = true, env = "GANTRY_ADMIN_URL")]
     admin: Option<String>,
     /// Admin token (default: read from the data directory).
-    #[arg(long, env = "GANTRY_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -50,7 +56,7 @@ enum Cmd {
     /// Start every service in the spec, the gateway and the admin API; Ctrl-C stops everything.
     Up(UpArgs),
     /// Check a spec file without starting anything (exit 2 on errors).
-    Validate(SpecFileArg),
+    Validate,
     /// Instances and their state.
     Ps {
         /// Only this service.
@@ -118,17 +124,11 @@ enum Cmd {
 }
 
 #[derive(Args)]
-struct SpecFileArg {
-    /// The spec file.
-    #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
-}
-
-#[derive(Args)]
 pub struct UpArgs {
-    /// The spec file (default: gantry.toml).
-    #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
+    /// Start clean: forget what earlier runs left (registrations, config versions, routes added
+    /// over the API, scale and deployed versions).
+    #[arg(long)]
+    fresh: bool,
     /// Also print every line instances write, prefixed by instance.
     #[arg(long)]
     logs: bool,
@@ -236,8 +236,45 @@ enum ConfigCmd {
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
+/// `-f FILE` anywhere means `--file FILE`, except after `logs`, where `-f` is follow (as
+/// `docker compose -f FILE logs -f` and `kubectl logs -f`).
+fn normalize_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut command: Option<String> = None;
+    let mut iter = args.into_iter();
+    if let Some(program) = iter.next() {
+        out.push(program);
+    }
+    let mut takes_value = false;
+    for a in iter {
+        let text = a.to_string_lossy().into_owned();
+        if takes_value {
+            takes_value = false;
+            out.push(a);
+            continue;
+        }
+        if text == "--" {
+            out.push(a);
+            command.get_or_insert_with(String::new);
+            continue;
+        }
+        if text == "-f" && command.as_deref() != Some("logs") {
+            out.push("--file".into());
+            takes_value = true;
+            continue;
+        }
+        if matches!(text.as_str(), "--file" | "--admin" | "--token") {
+            takes_value = true;
+        } else if command.is_none() && !text.starts_with('-') {
+            command = Some(text);
+        }
+        out.push(a);
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os().collect())) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
@@ -246,11 +283,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Up(args) => {
-            let file = args.file.clone().unwrap_or(cli.file);
-            up::run(&file, &args)
-        }
-        Cmd::Validate(a) => commands::validate(&a.file.unwrap_or(cli.file)),
+        Cmd::Up(args) => up::run(&cli.file, &args),
+        Cmd::Validate => commands::validate(&cli.file),
         cmd => {
             let target = client::Target {
                 file: cli.file,
@@ -279,5 +313,48 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> (std::path::PathBuf, Option<bool>) {
+        use clap::Parser;
+        let args = super::normalize_args(args.iter().map(|a| a.into()).collect());
+        let cli = super::Cli::try_parse_from(args).unwrap();
+        let follow = match cli.cmd {
+            super::Cmd::Logs { follow, .. } => Some(follow),
+            _ => None,
+        };
+        (cli.file, follow)
+    }
+
+    #[test]
+    fn file_before_or_after_the_command_and_logs_follow() {
+        assert_eq!(
+            parse(&["gantry", "-f", "a.toml", "ps"]).0,
+            std::path::Path::new("a.toml")
+        );
+        assert_eq!(
+            parse(&["gantry", "ps", "-f", "a.toml"]).0,
+            std::path::Path::new("a.toml")
+        );
+        assert_eq!(
+            parse(&["gantry", "ps", "--file", "b.toml"]).0,
+            std::path::Path::new("b.toml")
+        );
+        assert_eq!(
+            parse(&["gantry", "up", "-f", "c.toml"]).0,
+            std::path::Path::new("c.toml")
+        );
+        assert_eq!(
+            parse(&["gantry", "-f", "d.toml", "logs", "orders", "-f"]),
+            (std::path::PathBuf::from("d.toml"), Some(true))
+        );
+        assert_eq!(
+            parse(&["gantry", "logs", "orders", "-f", "--file", "e.toml"]),
+            (std::path::PathBuf::from("e.toml"), Some(true))
+        );
+        assert_eq!(
+            parse(&["gantry", "logs", "orders"]),
+            (std::path::PathBuf::from("gantry.toml"), Some(false))
+        );
     }
 }

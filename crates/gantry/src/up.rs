@@ -117,9 +117,14 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
                 on_start: Some(crate::alloc::reuse_hot_blocks),
                 on_stop: Some(crate::alloc::release_hot_blocks),
             },
+            fresh: args.fresh,
         },
     )
     .await?;
+    let earlier = system.earlier_state().await?;
+    if !earlier.is_empty() {
+        println!("kept from earlier runs: {earlier} (`gantry up --fresh` starts clean)");
+    }
 
     // Lifecycle events on the terminal, from the first instance start on.
     let mut events = system.supervisor.board().subscribe();

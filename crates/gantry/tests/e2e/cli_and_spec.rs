@@ -247,3 +247,91 @@ fn the_open_file_soft_limit_is_raised_to_the_hard_limit() {
         .unwrap();
     assert!(line.contains("256") && line.contains(nums[0]), "{line}");
 }
+
+/// Found when tried as a new user would: options after the command, `logs -f`, rewrites in
+/// `gantry routes`, no colour codes in a file, earlier state said at start, `--fresh`, and no
+/// probe failures counted while a new instance starts.
+#[test]
+fn new_user_papercuts() {
+    let mut g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+env = { TESTSVC_START_DELAY_MS = "300" }
+health = { type = "http", path = "/health" }
+[[services.web.routes]]
+path_prefix = "/web"
+strip_prefix = true
+"#,
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let spec = g.spec.display().to_string();
+    // The spec file after the command, as docker and kubectl users write it.
+    let out = std::process::Command::new(gantry_bin())
+        .args(["ps", "-f", &spec])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web-1"));
+    // `logs NAME -f --file F` follows: it is still running after a while.
+    let mut follow = std::process::Command::new(gantry_bin())
+        .args(["logs", "web", "-f", "--file", &spec])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "logs -f should keep following"
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    // Rewrites show in `gantry routes`.
+    let out = g.cli(&["routes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("REWRITE") && text.contains("strip prefix"),
+        "{text}"
+    );
+    // Output to a file has no colour codes.
+    assert!(
+        !g.output().contains('\u{1b}'),
+        "escape codes in redirected output"
+    );
+    // A new instance's unanswered probes are "starting", not failures.
+    let m = g.metrics();
+    assert!(
+        !m.contains(r#"gantry_supervisor_health_checks_total{service="web",result="fail"}"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"result="starting""#), "{m}");
+
+    // State an earlier run left is said at start; --fresh forgets it.
+    assert!(g.cli(&["scale", "web", "2"]).status.success());
+    let r = g.admin_call(
+        "PUT",
+        "/v1/routes/extra",
+        Some(&serde_json::json!({"service": "web", "route": {"path_prefix": "/extra"}})),
+    );
+    assert_eq!(r.status, 200);
+    g.stop();
+    g.launch();
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    let out = g.output();
+    assert!(
+        out.contains("kept from earlier runs: 1 route(s) added over the API")
+            && out.contains("scale or deployed versions of web")
+            && out.contains("--fresh"),
+        "{out}"
+    );
+    g.stop();
+    g.launch_with(&["--fresh"]);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    assert_eq!(g.get("/extra/x").status, 404);
+    assert_eq!(g.instances("web").len(), 1);
+}

@@ -206,6 +206,11 @@ impl Gantry {
 
     /// (Re)start the gantry process on the same spec and data directory.
     pub fn launch(&mut self) {
+        self.launch_with(&[]);
+    }
+
+    /// (Re)start with more arguments to `gantry up`.
+    pub fn launch_with(&mut self, extra: &[&str]) {
         let data = self.data_dir();
         let _ = std::fs::remove_file(data.join("admin.json"));
         let out = std::fs::OpenOptions::new()
@@ -226,6 +231,7 @@ impl Gantry {
         let child = cmd
             .args(["up", "-f"])
             .arg(&self.spec)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
