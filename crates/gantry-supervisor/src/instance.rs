@@ -476,8 +476,9 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
                 if registered {
                     deps.registry.deregister_supervised(r.id);
                 }
-                // Whatever the leader left behind in its group goes with it.
+                // Whatever the leader left behind, in its group or out of it, goes with it.
                 process::signal_group(pgid, libc::SIGKILL);
+                contain(svc, r.id).await;
                 forget(deps.store.as_ref(), r.id).await;
                 let (description, success) = match status {
                     Ok(s) => (describe_exit(&s), s.success()),
@@ -573,11 +574,23 @@ async fn stop_process(r: &Run<'_>, child: &mut Child, pgid: u32, registered: boo
         }
     };
     process::signal_group(pgid, libc::SIGKILL);
+    contain(svc, r.id).await;
     forget(svc.deps.store.as_ref(), r.id).await;
     svc.deps.board.update(r.id, |s| {
         s.pid = None;
         s.last_exit = Some(description);
     });
+}
+
+/// Kill what the instance started that left its process group (daemons).
+async fn contain(svc: &ServiceCtx, id: &str) {
+    let (system, id) = (svc.deps.system_id.clone(), id.to_string());
+    let killed = tokio::task::spawn_blocking(move || process::kill_marked(&system, Some(&id)))
+        .await
+        .unwrap_or(0);
+    if killed > 0 {
+        tracing::warn!(service = %svc.name, killed, "killed processes that had left the instance's process group");
+    }
 }
 
 async fn forget(store: &dyn Store, id: &str) {
@@ -629,6 +642,7 @@ fn build_env(
         ("PORT", port.to_string()),
         ("GANTRY_SERVICE", svc.name.to_string()),
         ("GANTRY_INSTANCE", id.to_string()),
+        ("GANTRY_SYSTEM", d.system_id.clone()),
         ("GANTRY_VERSION", svc.version.to_string()),
         ("GANTRY_NODE", d.node.clone()),
         ("GANTRY_GATEWAY_URL", d.gateway_url.clone()),

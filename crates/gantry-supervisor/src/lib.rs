@@ -93,6 +93,9 @@ pub struct SupervisorDeps {
     pub instances_dir: PathBuf,
     /// Called before every start of every instance, in order.
     pub hooks: Vec<Arc<dyn InstanceHook>>,
+    /// Marks every process this system starts (`GANTRY_SYSTEM`), so that processes which leave
+    /// their instance's group are still found; stable across restarts of gantry.
+    pub system_id: String,
 }
 
 /// The instance a hook is asked about.
@@ -147,6 +150,7 @@ pub(crate) struct Deps {
     echo: Option<Echo>,
     instances_dir: PathBuf,
     hooks: Vec<Arc<dyn InstanceHook>>,
+    system_id: String,
 }
 
 /// What one version's controller and its instances run by: the version's deployment and the
@@ -241,6 +245,7 @@ impl Supervisor {
             echo: d.echo,
             instances_dir: d.instances_dir,
             hooks: d.hooks,
+            system_id: d.system_id,
         });
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
@@ -257,7 +262,7 @@ impl Supervisor {
     /// service it holds (each waits for its dependencies on its own) and apply every later
     /// change to it. Returns once the desired state as it stands has been applied.
     pub async fn start(self: &Arc<Self>) -> Result<(), SupervisorError> {
-        let reaped = process::reap_orphans(&self.deps.store).await;
+        let reaped = process::reap_orphans(&self.deps.store, &self.deps.system_id).await;
         if !reaped.is_empty() {
             tracing::warn!(
                 count = reaped.len(),

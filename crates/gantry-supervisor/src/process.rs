@@ -1,9 +1,14 @@
 //! Processes: spawning an instance in its own process group, signalling the group, capturing
 //! its output, and reaping groups a previous gantry left behind.
 //!
-//! Orphans are prevented two ways: each instance's leader gets `PR_SET_PDEATHSIG = SIGKILL` (it
-//! dies with gantry, even on SIGKILL of gantry), and every spawned group is recorded in the store
-//! so the next `gantry up` kills whatever of it is still alive (grandchildren included).
+//! Orphans are prevented three ways: each instance's leader gets `PR_SET_PDEATHSIG = SIGKILL` (it
+//! dies with gantry, even on SIGKILL of gantry); every spawned group is recorded in the store so
+//! the next `gantry up` kills whatever of it is still alive (grandchildren included); and every
+//! process carries its system's and instance's marks in its environment (`GANTRY_SYSTEM`,
+//! `GANTRY_INSTANCE`), so a process that left its group (a daemon: `setsid`, a second fork,
+//! SIGTERM ignored) is found by a scan of `/proc` and killed when its instance stops, and at the
+//! next start if gantry itself was killed. (A per-instance cgroup, which resource limits need,
+//! will also contain processes that clear their environment.)
 
 use std::path::Path;
 use std::process::Stdio;
@@ -164,10 +169,76 @@ fn emit(
     logs.push(service, instance, stream, text);
 }
 
+/// Processes other than gantry whose environment carries `GANTRY_SYSTEM=<system>` (and
+/// `GANTRY_INSTANCE=<instance>` when given).
+pub(crate) fn marked_processes(system: &str, instance: Option<&str>) -> Vec<u32> {
+    let sys = format!("GANTRY_SYSTEM={system}");
+    let inst = instance.map(|i| format!("GANTRY_INSTANCE={i}"));
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let mut has_sys = false;
+        let mut has_inst = inst.is_none();
+        for kv in env.split(|&b| b == 0) {
+            has_sys |= kv == sys.as_bytes();
+            if let Some(i) = &inst {
+                has_inst |= kv == i.as_bytes();
+            }
+        }
+        if has_sys && has_inst {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILL every marked process (of one instance, or of the whole system) until none is left
+/// (a forking process may need a few rounds); returns how many were killed.
+pub(crate) fn kill_marked(system: &str, instance: Option<&str>) -> usize {
+    let mut killed = 0;
+    for _ in 0..5 {
+        let found = marked_processes(system, instance);
+        if found.is_empty() {
+            break;
+        }
+        for pid in found {
+            if nix_kill(pid as i32, libc::SIGKILL) {
+                killed += 1;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed
+}
+
 /// Kill every process group a previous run recorded and that is still alive, then forget the
 /// records. A group is only killed if one of its processes still carries the instance's
 /// `GANTRY_INSTANCE` in its environment, so a recycled process group id is left alone.
-pub(crate) async fn reap_orphans(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
+pub(crate) async fn reap_orphans(store: &Arc<dyn Store>, system: &str) -> Vec<ProcRecord> {
+    // Processes of an earlier run that left their groups (nothing of this run is running yet).
+    let system = system.to_string();
+    let escaped = tokio::task::spawn_blocking(move || kill_marked(&system, None))
+        .await
+        .unwrap_or(0);
+    if escaped > 0 {
+        tracing::warn!(count = escaped, "killed processes of a previous gantry run that had left their instances' process groups");
+    }
     let records: Vec<(String, ProcRecord, u64)> = match store.list_json(PROCS_BUCKET, ">").await {
         Ok(r) => r,
         Err(e) => {

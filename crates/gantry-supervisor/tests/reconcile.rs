@@ -142,6 +142,7 @@ async fn follows_the_desired_state_and_runs_hooks() {
         echo: None,
         instances_dir: dir.path().join("instances"),
         hooks: vec![hook.clone()],
+        system_id: "0123456789abcdef".into(),
     });
     sup.start().await.unwrap();
 

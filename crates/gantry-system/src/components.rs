@@ -448,6 +448,7 @@ impl SupervisorComponent {
             echo: i.echo,
             instances_dir: data.dir.join("instances"),
             hooks: Vec::new(),
+            system_id: data.system_id.clone(),
         });
         Self {
             supervisor,

@@ -26,6 +26,8 @@ pub(crate) struct DataDir {
     pub lock: std::fs::File,
     pub store: Arc<dyn Store>,
     pub token: Arc<str>,
+    /// Marks this system's processes (`GANTRY_SYSTEM`); kept in `system-id`.
+    pub system_id: String,
 }
 
 impl DataDir {
@@ -57,13 +59,47 @@ impl DataDir {
             }
         );
         let token: Arc<str> = admin_token(&dir)?.into();
+        let system_id = system_id(&dir)?;
         Ok(Self {
             dir,
             lock,
             store,
             token,
+            system_id,
         })
     }
+}
+
+/// This system's id: generated once, kept in the data directory.
+fn system_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("system-id");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim();
+        if t.len() == 16 && t.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(t.to_string());
+        }
+    }
+    let id = gantry_registry::random_hex(8);
+    write_private(dir, "system-id", &id)?;
+    Ok(id)
+}
+
+fn write_private(dir: &Path, name: &str, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
 }
 
 /// The admin token: generated once, kept in the data directory (mode 0600).
@@ -76,20 +112,7 @@ fn admin_token(dir: &Path) -> anyhow::Result<String> {
         }
     }
     let token = gantry_registry::random_hex(32);
-    let tmp = dir.join(format!("{TOKEN_FILE}.tmp"));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(token.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
+    write_private(dir, TOKEN_FILE, &token)?;
     Ok(token)
 }
 

@@ -307,3 +307,72 @@ env = { TESTSVC_START_DELAY_MS = "600" }
     let api = g.instances("api");
     assert!(api[0]["started_ms"].as_u64().unwrap() >= db[0]["since_ms"].as_u64().unwrap());
 }
+
+/// A service that daemonizes (new session, its own process group, SIGTERM and SIGHUP ignored)
+/// leaves nothing behind: not when gantry stops it, and not after a SIGKILL of gantry either
+/// (the next start kills it).
+#[test]
+fn daemonized_processes_are_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("daemonize.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nsetsid sh -c 'trap \"\" TERM HUP; echo $$ > \"$PIDFILE\"; exec sleep 300' &\nexec \"$@\"\n",
+    )
+    .unwrap();
+    let pidfile = dir.path().join("daemon.pid");
+    let spec = dir.path().join("gantry.toml");
+    std::fs::write(
+        &spec,
+        spec_text(&format!(
+            "[services.web]\ncommand = [\"sh\", \"{}\", \"{{TESTSVC}}\"]\nenv = {{ PIDFILE = \"{}\" }}\n",
+            script.display(),
+            pidfile.display()
+        )),
+    )
+    .unwrap();
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let daemon = |pidfile: &std::path::Path| -> i32 {
+        wait_for("the daemon's pid file", Duration::from_secs(10), || {
+            std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+        })
+    };
+    let mut g = Gantry::start_at(dir, spec);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let first = daemon(&pidfile);
+    assert!(alive(first));
+    // Its own process group: the instance's group kill does not reach it.
+    let pgid = |pid: i32| -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 1..];
+        rest.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let leader = g.instances("web")[0]["pid"].as_i64().unwrap() as i32;
+    assert_ne!(pgid(first), pgid(leader));
+    // Stopped with gantry.
+    assert_eq!(g.stop(), Some(0));
+    wait_for(
+        "the daemon to be gone after a stop",
+        Duration::from_secs(5),
+        || (!alive(first)).then_some(()),
+    );
+
+    // After a SIGKILL of gantry the daemon outlives it, until the next start.
+    std::fs::remove_file(&pidfile).unwrap();
+    g.launch();
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let second = daemon(&pidfile);
+    g.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(second),
+        "a daemon survives a SIGKILL of gantry (until the next start)"
+    );
+    g.launch();
+    wait_for(
+        "the next start to kill the leftover daemon",
+        Duration::from_secs(10),
+        || (!alive(second)).then_some(()),
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+}
