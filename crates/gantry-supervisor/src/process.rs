@@ -231,7 +231,9 @@ pub(crate) fn kill_marked(system: &str, instance: Option<&str>) -> usize {
 /// records. A group is only killed if one of its processes still carries the instance's
 /// `GANTRY_INSTANCE` in its environment, so a recycled process group id is left alone.
 pub(crate) async fn reap_orphans(store: &Arc<dyn Store>, system: &str) -> Vec<ProcRecord> {
-    // Processes of an earlier run that left their groups (nothing of this run is running yet).
+    let reaped = reap_recorded_groups(store).await;
+    // Then processes of an earlier run that left their groups (nothing of this run is running
+    // yet, so every marked process is a leftover).
     let system = system.to_string();
     let escaped = tokio::task::spawn_blocking(move || kill_marked(&system, None))
         .await
@@ -239,6 +241,10 @@ pub(crate) async fn reap_orphans(store: &Arc<dyn Store>, system: &str) -> Vec<Pr
     if escaped > 0 {
         tracing::warn!(count = escaped, "killed processes of a previous gantry run that had left their instances' process groups");
     }
+    reaped
+}
+
+async fn reap_recorded_groups(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
     let records: Vec<(String, ProcRecord, u64)> = match store.list_json(PROCS_BUCKET, ">").await {
         Ok(r) => r,
         Err(e) => {
