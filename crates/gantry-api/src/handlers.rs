@@ -1,26 +1,22 @@
 //! Request handlers, one per endpoint, in the order of `router()`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use gantry_config::ChangeRequest;
-use gantry_model::Instance;
+use gantry_model::{Instance, RegistryEvent};
 use gantry_registry::Registration;
 use gantry_telemetry::LogFilter;
 use http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
+use std::sync::Arc;
 
+use crate::stream::{self, Format, Item};
 use crate::{ApiError, ApiState};
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
@@ -236,43 +232,18 @@ pub async fn registry_deregister(
 /// Server-Sent Events: first `snapshot` (all instances), then one event per change, named by
 /// kind (`registered`, `updated`, `deregistered`, `expired`), with the revision as event id.
 pub async fn registry_watch(State(s): State<ApiState>) -> impl IntoResponse {
-    let mut rx = s.registry.subscribe();
+    let rx = s.registry.subscribe();
     let snap = s.registry.snapshot();
-    let (tx, out) = mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        let all: Vec<&Instance> = snap.services.values().flat_map(|v| v.iter()).collect();
-        let first = Event::default()
-            .event("snapshot")
-            .id(snap.revision.to_string())
-            .json_data(serde_json::json!({ "revision": snap.revision, "instances": all }));
-        if let Ok(ev) = first {
-            if tx.send(ev).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            let next = tokio::select! {
-                n = rx.recv() => n,
-                _ = tx.closed() => return,
-            };
-            let ev = match next {
-                Ok(e) if e.revision <= snap.revision => continue,
-                Ok(e) => Event::default()
-                    .event(serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
-                    .id(e.revision.to_string())
-                    .json_data(&e),
-                Err(broadcast::error::RecvError::Lagged(n)) => Event::default()
-                    .event("lagged")
-                    .json_data(serde_json::json!({ "missed": n, "hint": "reconnect to get a fresh snapshot" })),
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let Ok(ev) = ev else { continue };
-            if tx.send(ev).await.is_err() {
-                return;
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(out).map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default())
+    let all: Vec<&Instance> = snap.services.values().flat_map(|v| v.iter()).collect();
+    let first = Item::new(
+        "snapshot",
+        serde_json::json!({ "revision": snap.revision, "instances": all }),
+    )
+    .with_id(snap.revision);
+    let since = snap.revision;
+    stream::follow(Format::Sse, vec![first], rx, move |e: RegistryEvent| {
+        (e.revision > since).then(|| Item::new(e.kind.as_str(), &e).with_id(e.revision))
+    })
 }
 
 pub async fn config_services(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
@@ -379,90 +350,35 @@ pub async fn logs(
         since_ms: q.since.as_deref().map(parse_since).transpose()?,
         tail: q.tail,
     };
-    let ndjson = |l: &gantry_telemetry::LogLine| {
-        let mut v = serde_json::to_vec(l).unwrap_or_default();
-        v.push(b'\n');
-        Bytes::from(v)
-    };
+    let line = |l: &gantry_telemetry::LogLine| Item::new("line", l);
     if !q.follow {
-        let mut out = Vec::new();
-        for l in s.logs.query(&filter) {
-            out.extend_from_slice(&ndjson(&l));
-        }
-        return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response());
+        let lines = s.logs.query(&filter);
+        return Ok(stream::once(Format::Ndjson, lines.iter().map(|l| line(l))));
     }
     // Subscribe before reading what is kept, then skip what was already sent.
-    let mut rx = s.logs.subscribe();
+    let rx = s.logs.subscribe();
     let initial = s.logs.query(&filter);
     let mut last = initial.last().map_or(0, |l| l.seq);
-    let (tx, out) = mpsc::channel::<Bytes>(256);
-    tokio::spawn(async move {
-        for l in &initial {
-            if tx.send(ndjson(l)).await.is_err() {
-                return;
-            }
-        }
-        drop(initial);
-        loop {
-            let next = tokio::select! {
-                n = rx.recv() => n,
-                _ = tx.closed() => return,
-            };
-            let bytes = match next {
-                Ok(l) if l.seq > last && filter.matches(&l) => {
-                    last = l.seq;
-                    ndjson(&l)
-                }
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let mut v =
-                        serde_json::to_vec(&serde_json::json!({ "lagged": n })).unwrap_or_default();
-                    v.push(b'\n');
-                    Bytes::from(v)
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if tx.send(bytes).await.is_err() {
-                return;
-            }
-        }
-    });
-    let stream = ReceiverStream::new(out).map(Ok::<_, Infallible>);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    let first = initial.iter().map(|l| line(l)).collect();
+    Ok(stream::follow(
+        Format::Ndjson,
+        first,
+        rx,
+        move |l: Arc<gantry_telemetry::LogLine>| {
+            (l.seq > last && filter.matches(&l)).then(|| {
+                last = l.seq;
+                line(&l)
+            })
+        },
+    ))
 }
 
 /// Server-Sent Events of supervisor lifecycle events (started, healthy, exited, ...).
 pub async fn events(State(s): State<ApiState>) -> impl IntoResponse {
-    let mut rx = s.supervisor.board().subscribe();
-    let (tx, out) = mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                n = rx.recv() => n,
-                _ = tx.closed() => return,
-            };
-            let ev = match next {
-                Ok(e) => Event::default().event("lifecycle").json_data(&e),
-                Err(broadcast::error::RecvError::Lagged(n)) => Event::default()
-                    .event("lagged")
-                    .json_data(serde_json::json!({ "missed": n })),
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let Ok(ev) = ev else { continue };
-            if tx.send(ev).await.is_err() {
-                return;
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(out).map(Ok::<_, Infallible>))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let rx = s.supervisor.board().subscribe();
+    stream::follow(Format::Sse, Vec::new(), rx, |e| {
+        Some(Item::new("lifecycle", &e))
+    })
 }
 
 pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {

@@ -15,6 +15,7 @@ mod deployments;
 mod error;
 mod handlers;
 pub mod serve;
+mod stream;
 
 use std::sync::Arc;
 

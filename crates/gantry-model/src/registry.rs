@@ -76,6 +76,18 @@ pub enum RegistryEventKind {
     Expired,
 }
 
+impl RegistryEventKind {
+    /// The name it serializes to.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistryEventKind::Registered => "registered",
+            RegistryEventKind::Updated => "updated",
+            RegistryEventKind::Deregistered => "deregistered",
+            RegistryEventKind::Expired => "expired",
+        }
+    }
+}
+
 /// One change to the registry, as streamed to watchers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryEvent {

@@ -521,7 +521,7 @@ impl Registry {
         }
         self.changes
             .get_or_create(&KindLabel {
-                kind: kind_name(kind),
+                kind: kind.as_str(),
             })
             .inc();
         let _ = self.events.send(RegistryEvent {
@@ -531,15 +531,6 @@ impl Registry {
             instance: inst,
         });
         st.revision
-    }
-}
-
-fn kind_name(k: RegistryEventKind) -> &'static str {
-    match k {
-        RegistryEventKind::Registered => "registered",
-        RegistryEventKind::Updated => "updated",
-        RegistryEventKind::Deregistered => "deregistered",
-        RegistryEventKind::Expired => "expired",
     }
 }
 
