@@ -162,12 +162,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecErrors> {
             .span()
             .map(|s| located.line_col(s.start))
             .or_else(|| located.position_of(&field));
-        SpecErrors(vec![SpecError {
+        let first = SpecError {
             file: file.to_path_buf(),
             position,
-            field,
+            field: field.clone(),
             message: inner.message().trim().to_string(),
-        }])
+        };
+        SpecErrors(every_type_error(text, file, &located, first))
     })?;
     let problems = validate::validate(&spec);
     if problems.is_empty() {
@@ -185,6 +186,44 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecErrors> {
                 .collect(),
         ))
     }
+}
+
+/// Serde stops at the first field of the wrong type (or unknown); `validate` promises every
+/// problem. So: drop the offending field from the document and deserialize again, until the
+/// rest deserializes or nothing more can be dropped. Later errors are placed by their path.
+fn every_type_error(
+    text: &str,
+    file: &Path,
+    located: &locate::Locator,
+    first: SpecError,
+) -> Vec<SpecError> {
+    let mut errors = vec![first];
+    let Ok(mut doc) = text.parse::<toml::Table>() else {
+        return errors;
+    };
+    for _ in 0..100 {
+        let last = &errors[errors.len() - 1].field;
+        if last.is_empty() || !locate::remove(&mut doc, last) {
+            break;
+        }
+        let value = toml::Value::Table(doc.clone());
+        match serde_path_to_error::deserialize::<_, Spec>(value) {
+            Ok(_) => break,
+            Err(e) => {
+                let field = clean_path(&e.path().to_string());
+                if errors.iter().any(|x| x.field == field) {
+                    break;
+                }
+                errors.push(SpecError {
+                    file: file.to_path_buf(),
+                    position: located.position_of(&field),
+                    field,
+                    message: e.inner().message().trim().to_string(),
+                });
+            }
+        }
+    }
+    errors
 }
 
 /// A static endpoint address (`ip:port`, port not 0).

@@ -77,3 +77,43 @@ fn segments(path: &str) -> Vec<Seg<'_>> {
     }
     out
 }
+
+/// Remove the item at `path` (`a.b[2].c`) from a document; whether it was there.
+pub(crate) fn remove(doc: &mut toml::Table, path: &str) -> bool {
+    let segs = segments(path);
+    let Some((last, parents)) = segs.split_last() else {
+        return false;
+    };
+    let mut cur: &mut toml::Value = match parents.first() {
+        None => {
+            return match last {
+                Seg::Key(k) => doc.remove(*k).is_some(),
+                Seg::Index(_) => false,
+            }
+        }
+        Some(Seg::Key(k)) => match doc.get_mut(*k) {
+            Some(v) => v,
+            None => return false,
+        },
+        Some(Seg::Index(_)) => return false,
+    };
+    for seg in &parents[1..] {
+        let next = match (seg, cur) {
+            (Seg::Key(k), toml::Value::Table(t)) => t.get_mut(*k),
+            (Seg::Index(i), toml::Value::Array(a)) => a.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(v) => cur = v,
+            None => return false,
+        }
+    }
+    match (last, cur) {
+        (Seg::Key(k), toml::Value::Table(t)) => t.remove(*k).is_some(),
+        (Seg::Index(i), toml::Value::Array(a)) if *i < a.len() => {
+            a.remove(*i);
+            true
+        }
+        _ => false,
+    }
+}

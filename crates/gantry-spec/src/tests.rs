@@ -343,3 +343,31 @@ fn store_backend_and_its_options() {
     assert_eq!(e[0].field, "store.backend", "{e:?}");
     assert!(e[0].message.contains("nats"), "{e:?}");
 }
+
+#[test]
+fn every_type_error_is_reported_not_only_the_first() {
+    let e = errs(
+        r#"
+[services.web]
+command = ["x"]
+replicas = "two"
+helth = { type = "http" }
+
+[services.api]
+command = ["y"]
+stop_timeout_ms = -1
+[[services.api.routes]]
+path_prefix = 5
+"#,
+    );
+    let fields: Vec<&str> = e.iter().map(|x| x.field.as_str()).collect();
+    assert!(fields.contains(&"services.web.replicas"), "{e:?}");
+    assert!(fields.contains(&"services.web.helth"), "{e:?}");
+    assert!(fields.contains(&"services.api.stop_timeout_ms"), "{e:?}");
+    assert!(fields.contains(&"services.api.routes[0].path_prefix"), "{e:?}");
+    // Each is placed at its line.
+    let line_of = |f: &str| e.iter().find(|x| x.field == f).unwrap().position.unwrap().0;
+    assert_eq!(line_of("services.web.replicas"), 4);
+    assert_eq!(line_of("services.web.helth"), 5);
+    assert_eq!(line_of("services.api.stop_timeout_ms"), 9);
+}
