@@ -28,7 +28,7 @@ pub fn bucket_options() -> BucketOptions {
 }
 
 /// One recorded call.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub id: String,
     pub time_ms: u64,

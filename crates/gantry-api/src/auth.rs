@@ -98,7 +98,7 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
     use Permission::*;
     let read = method == Method::GET || method == Method::HEAD;
     Some(match (read, path) {
-        (true, "/v1/health") => HealthRead,
+        (true, "/v1/health" | "/v1/openapi.json") => HealthRead,
         (true, "/metrics") => MetricsRead,
         (true, "/v1/services" | "/v1/instances" | "/v1/upstreams") => ServicesRead,
         (false, "/v1/services/{name}/scale" | "/v1/services/{name}/restart") => ServicesWrite,

@@ -57,12 +57,13 @@ pub async fn list_services(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.supervisor.services())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleBody {
     replicas: u32,
     /// Which version, when the service runs several.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     version: Option<semver::Version>,
 }
 
@@ -136,6 +137,18 @@ pub async fn reload(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Val
 }
 
 /// `PUT /v1/routes/{name}` with `{"service": "...", "route": { same fields as a spec route }}`.
+/// The body of `PUT /v1/routes/{name}` (for the OpenAPI document; the route's fields are those
+/// of a spec route, validated by the spec's own rules).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct RoutePutBody {
+    /// The target service.
+    service: String,
+    /// A route as in the spec file (`path_prefix`, `strip_prefix`, `methods`, ...).
+    #[schema(value_type = Object)]
+    route: serde_json::Value,
+}
+
 pub async fn put_route(
     State(s): State<ApiState>,
     Path(name): Path<String>,
@@ -283,7 +296,7 @@ pub async fn config_history(
     Ok(Json(s.config.history(&service).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
     version: u64,

@@ -14,6 +14,7 @@ pub mod auth;
 mod deployments;
 mod error;
 mod handlers;
+pub mod openapi;
 pub mod serve;
 mod stream;
 
@@ -118,6 +119,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/openapi.json", get(openapi::serve))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,

@@ -35,7 +35,7 @@ pub enum ConfigError {
     Store(#[from] StoreError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Set,
@@ -43,14 +43,14 @@ pub enum ChangeKind {
 }
 
 /// One key a version changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyChange {
     pub key: String,
     pub kind: ChangeKind,
 }
 
 /// One stored version of a service's config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigVersion {
     pub service: String,
     pub version: u64,
@@ -64,7 +64,7 @@ pub struct ConfigVersion {
 }
 
 /// A request to change some keys.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRequest {
     #[serde(default)]
@@ -83,7 +83,7 @@ pub struct ConfigChanged {
 }
 
 /// Outcome of a change: the version now current, and whether this call created it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Committed {
     pub version: ConfigVersion,
     pub created: bool,

@@ -127,7 +127,7 @@ pub struct Gateway {
 }
 
 /// A route as the admin API shows it: the rule, resolved, and where it sends traffic now.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RouteView {
     #[serde(flatten)]
     pub route: gantry_model::Route,
@@ -136,11 +136,12 @@ pub struct RouteView {
     pub endpoints: Vec<EndpointView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EndpointView {
     pub instance: String,
     pub service: String,
     pub version: String,
+    #[schema(value_type = String)]
     pub address: SocketAddr,
     pub local: bool,
     pub inflight: usize,
@@ -151,7 +152,7 @@ pub struct EndpointView {
 }
 
 /// A service's data-plane state for the admin API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct UpstreamView {
     pub service: String,
     pub policy: gantry_model::UpstreamPolicy,
@@ -165,7 +166,7 @@ pub struct UpstreamView {
 }
 
 /// One circuit breaker: the requests one route sends to one service.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CircuitView {
     pub route: String,
     /// closed, open or half_open
@@ -174,7 +175,7 @@ pub struct CircuitView {
 
 /// Rolling-window figures of the gateway's traffic (the last minute): what canary analysis,
 /// autoscaling and alert rules read.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Traffic {
     /// The window's length, seconds.
     pub window_seconds: f64,
@@ -186,7 +187,7 @@ pub struct Traffic {
 }
 
 /// One route's, service's or version's figures over the window.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TrafficRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,

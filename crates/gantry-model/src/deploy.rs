@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// One service's desired state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Deployment {
     pub service: String,
     /// Versions that should run side by side (usually one; two during a release).
@@ -47,7 +47,7 @@ impl Deployment {
 }
 
 /// Who put a version into the desired state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VersionSource {
     /// The spec file: a reload replaces it with the spec's version.
@@ -58,14 +58,16 @@ pub enum VersionSource {
 }
 
 /// One version of a service and how to run its instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionDeployment {
+    #[schema(value_type = String)]
     pub version: semver::Version,
     #[serde(default)]
     pub source: VersionSource,
     /// Program and arguments.
     pub command: Vec<String>,
     /// Working directory (absolute).
+    #[schema(value_type = String)]
     pub cwd: PathBuf,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -102,7 +104,7 @@ impl VersionDeployment {
 }
 
 /// Resource limits per instance (enforced through cgroups v2 where available).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resources {
     /// CPU in thousandths of a core.
     #[serde(default)]
@@ -112,7 +114,7 @@ pub struct Resources {
 }
 
 /// Where instances may run (one node today; cluster mode places by these).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Placement {
     #[serde(default)]
     pub node: Option<String>,
@@ -120,7 +122,7 @@ pub struct Placement {
     pub zone: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Restart whenever the process exits (the default: services are meant to run).
@@ -131,7 +133,7 @@ pub enum RestartPolicy {
     Never,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnConfigChange {
     /// New values reach new instances only; `gantry restart` applies them.
@@ -142,7 +144,7 @@ pub enum OnConfigChange {
 }
 
 /// Exponential restart backoff: `initial_ms`, doubled per consecutive failed start, capped.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackoffSpec {
     /// Default 100: a crash is retried almost at once.
@@ -184,7 +186,7 @@ fn default_crash_loop_window_ms() -> u64 {
     60_000
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProbeKind {
     /// `GET path` on the instance's port; any 2xx or 3xx passes.
@@ -199,7 +201,7 @@ pub enum ProbeKind {
 }
 
 /// `[services.NAME.health]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSpec {
     #[serde(rename = "type", default)]

@@ -5,13 +5,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// One running copy of a service, as the registry knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Instance {
     /// Unique within the registry: `catalog-3` for supervised instances, `ext-<hex>` for
     /// self-registered ones.
     pub id: String,
     pub service: String,
+    #[schema(value_type = String)]
     pub version: semver::Version,
+    #[schema(value_type = String)]
     pub address: IpAddr,
     pub port: u16,
     #[serde(default)]
@@ -26,7 +28,7 @@ pub struct Instance {
 }
 
 /// Whether the instance may receive traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Passing,
@@ -34,7 +36,7 @@ pub enum Health {
 }
 
 /// Who vouches for an instance.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum InstanceSource {
     /// Started and probed by the supervisor; registered while healthy.
@@ -67,7 +69,7 @@ impl RegistrySnapshot {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RegistryEventKind {
     Registered,
@@ -89,7 +91,7 @@ impl RegistryEventKind {
 }
 
 /// One change to the registry, as streamed to watchers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegistryEvent {
     pub revision: u64,
     pub kind: RegistryEventKind,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// One routing rule.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Route {
     /// Stable name used in metrics and logs, e.g. `catalog/0`.
     pub id: String,
@@ -18,7 +18,7 @@ pub struct Route {
 }
 
 /// Conditions a request must meet; all given conditions must hold.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RouteMatch {
     /// Lowercase hosts without port: exact (`api.example.com`) or wildcard (`*.example.com`,
     /// matching any subdomain but not the bare domain). Empty: any host.
@@ -30,7 +30,7 @@ pub struct RouteMatch {
     pub query: Vec<ValueCondition>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
 pub enum PathMatch {
     /// Whole-segment prefix, normalized without trailing slash (`/` matches everything).
@@ -47,13 +47,13 @@ impl Default for PathMatch {
 }
 
 /// A header (name lowercase) or query parameter condition.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ValueCondition {
     pub name: String,
     pub value: ValueMatch,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
 pub enum ValueMatch {
     Present,
@@ -61,7 +61,7 @@ pub enum ValueMatch {
     Regex(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RouteAction {
     Forward(Box<Forward>),
@@ -69,7 +69,7 @@ pub enum RouteAction {
 }
 
 /// Answer with a redirect; unset parts keep the request's.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Redirect {
     pub scheme: Option<String>,
     pub host: Option<String>,
@@ -82,7 +82,7 @@ pub struct Redirect {
 }
 
 /// Send the request to a service.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Forward {
     /// Weighted targets (one for a plain route; several for blue/green or canary splits).
     pub backends: Vec<Backend>,
@@ -108,7 +108,7 @@ pub struct Forward {
     pub failure_statuses: Vec<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Backend {
     pub service: String,
     /// Semver requirement on instance versions; `None`: any version.
@@ -117,7 +117,7 @@ pub struct Backend {
 }
 
 /// Copy a share of requests to a shadow target; its answers are discarded.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Mirror {
     pub service: String,
     pub version: Option<String>,
@@ -125,7 +125,7 @@ pub struct Mirror {
     pub percent: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rewrite {
     /// Remove the matched prefix (prefix routes).
     pub strip_prefix: bool,
@@ -155,7 +155,7 @@ impl Default for Rewrite {
 }
 
 /// Header changes, applied in order: remove, set (replace), add (append).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeaderOps {
     pub remove: Vec<String>,
     pub set: BTreeMap<String, String>,
@@ -168,7 +168,7 @@ impl HeaderOps {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timeouts {
     /// Whole request, all attempts included, until response headers.
     pub request_ms: u64,
@@ -178,7 +178,7 @@ pub struct Timeouts {
     pub idle_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RetryPolicy {
     /// Extra attempts after the first (0 disables retries).
     pub attempts: u32,
@@ -217,14 +217,14 @@ impl RetryPolicy {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RateLimit {
     pub requests_per_second: f64,
     pub burst: u32,
     pub key: RateLimitKey,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", content = "value", rename_all = "snake_case")]
 pub enum RateLimitKey {
     ClientIp,
@@ -234,14 +234,14 @@ pub enum RateLimitKey {
     Header(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CachePolicy {
     /// Responses larger than this are not stored.
     pub max_object_bytes: u64,
 }
 
 /// How the gateway talks to one service.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpstreamPolicy {
     pub protocol: UpstreamProtocol,
     pub load_balancer: LoadBalancer,
@@ -262,7 +262,7 @@ pub struct UpstreamPolicy {
 }
 
 /// TLS from the gateway to a service's instances.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpstreamTls {
     /// PEM file of the CAs to trust (absolute path); `None`: the system's roots.
     pub ca_file: Option<String>,
@@ -270,7 +270,7 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
     Http1,
@@ -280,7 +280,7 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", content = "on", rename_all = "snake_case")]
 pub enum LoadBalancer {
     RoundRobin,
@@ -290,7 +290,7 @@ pub enum LoadBalancer {
     Hash(HashOn),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", content = "name", rename_all = "snake_case")]
 pub enum HashOn {
     Header(String),
@@ -300,7 +300,7 @@ pub enum HashOn {
 
 /// Service-level breaker: opens when the service as a whole keeps failing; while open, requests
 /// fail fast with 503; after `open_ms` a few probe requests decide.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CircuitBreakerPolicy {
     /// 0 disables the consecutive-failure trigger.
     pub consecutive_failures: u32,
@@ -315,7 +315,7 @@ pub struct CircuitBreakerPolicy {
 /// Instance-level breaker (outlier ejection): a failing instance is taken out of load balancing
 /// for `base_ejection_ms × times ejected` (capped), then probed; at most `max_ejected_percent` of
 /// a service's instances (but at least one) are out at a time.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutlierPolicy {
     pub consecutive_failures: u32,
     pub failure_rate: f64,
@@ -326,7 +326,7 @@ pub struct OutlierPolicy {
     pub max_ejected_percent: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActiveHealth {
     pub path: String,
     pub interval_ms: u64,
@@ -336,7 +336,7 @@ pub struct ActiveHealth {
 }
 
 /// Everything the gateway needs besides the registry.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GatewayModel {
     pub routes: Vec<Route>,
     pub upstreams: BTreeMap<String, UpstreamPolicy>,

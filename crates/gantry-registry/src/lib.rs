@@ -47,7 +47,7 @@ pub enum RegistryError {
 }
 
 /// What a self-registering instance sends.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
     pub service: String,
@@ -59,6 +59,7 @@ pub struct Registration {
     pub version: Option<String>,
     /// Default 127.0.0.1.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub address: Option<IpAddr>,
     pub port: u16,
     #[serde(default)]

@@ -364,7 +364,10 @@ path_prefix = 5
     assert!(fields.contains(&"services.web.replicas"), "{e:?}");
     assert!(fields.contains(&"services.web.helth"), "{e:?}");
     assert!(fields.contains(&"services.api.stop_timeout_ms"), "{e:?}");
-    assert!(fields.contains(&"services.api.routes[0].path_prefix"), "{e:?}");
+    assert!(
+        fields.contains(&"services.api.routes[0].path_prefix"),
+        "{e:?}"
+    );
     // Each is placed at its line.
     let line_of = |f: &str| e.iter().find(|x| x.field == f).unwrap().position.unwrap().0;
     assert_eq!(line_of("services.web.replicas"), 4);

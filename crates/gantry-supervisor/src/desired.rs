@@ -19,14 +19,14 @@ const LEGACY_DESIRED_BUCKET: &str = "desired";
 /// Rounds of compare-and-set before a writer gives up on a key that keeps changing.
 const CAS_ROUNDS: usize = 32;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct LegacyOverride {
     replicas: u32,
     spec_replicas: u32,
 }
 
 /// A version deployed through the API: how it differs from the service's spec version.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VersionChange {
     pub replicas: u32,
@@ -90,7 +90,7 @@ impl VersionChange {
 }
 
 /// What applying the spec changed, by service.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SpecApplied {
     pub added: Vec<String>,
     pub changed: Vec<String>,

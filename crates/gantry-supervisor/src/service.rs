@@ -32,13 +32,13 @@ pub(crate) enum ServiceCmd {
 }
 
 /// Result of a rolling restart.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RestartReport {
     pub service: String,
     pub replaced: Vec<Replacement>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Replacement {
     pub old: String,
     pub new: String,

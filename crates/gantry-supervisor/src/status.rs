@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 /// starting ─► healthy ⇄ unhealthy ─► draining ─► stopping ─► stopped
 ///     └──────────┴──────────┴─► exited ─► backoff | crash_loop ─► starting
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
     /// Waiting for the services it depends on.
@@ -68,7 +68,7 @@ impl InstanceState {
 }
 
 /// One row of `gantry ps`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct InstanceStatus {
     pub id: String,
     pub service: String,
@@ -89,7 +89,7 @@ pub struct InstanceStatus {
     pub config_version: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Started,
@@ -105,7 +105,7 @@ pub enum EventKind {
 }
 
 /// A lifecycle event, printed by `gantry up` and kept for the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct SupervisorEvent {
     pub at_ms: u64,
     pub service: String,

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::Metrics;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     Stdout,
@@ -19,12 +19,14 @@ pub enum LogStream {
 }
 
 /// One captured line.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct LogLine {
     /// Position in the store; increases by one per line, over all instances.
     pub seq: u64,
     pub ts_ms: u64,
+    #[schema(value_type = String)]
     pub service: Arc<str>,
+    #[schema(value_type = String)]
     pub instance: Arc<str>,
     pub stream: LogStream,
     pub line: String,

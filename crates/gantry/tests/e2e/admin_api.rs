@@ -306,3 +306,32 @@ fn the_admin_listener_survives_hostile_clients_and_answers_in_json() {
     // None of the refused writes made a config version.
     assert_eq!(g.admin_get("/v1/config/web")["version"], 0);
 }
+
+/// The OpenAPI document, checked by tools we did not write: openapi-spec-validator, and
+/// schemathesis driving the running API from the document (no 5xx, nothing the document does not
+/// say). See `fixtures/openapi_check.py` for what is left out and why.
+#[test]
+fn openapi_document_is_valid_and_the_api_keeps_to_it() {
+    let g = Gantry::start(WEB);
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let doc = g.admin_get("/v1/openapi.json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/deployments/{service}/versions/{version}"]["put"].is_object());
+    assert_eq!(call(&g, "GET", "/v1/openapi.json", &[], None).status, 401);
+    let out = std::process::Command::new("python3")
+        .arg(fixture("openapi_check.py"))
+        .arg(format!("http://{}", g.admin))
+        .arg(&g.token)
+        .arg("60")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("openapi-spec-validator: valid"), "{stdout}");
+    // The system still serves after the fuzzing.
+    assert_eq!(g.get("/web/x").status, 200);
+}

@@ -1,0 +1,334 @@
+//! The OpenAPI 3.1 document of the admin API, served at `/v1/openapi.json`: generated from the
+//! request and response types themselves (their `utoipa::ToSchema` derives, which follow their
+//! serde attributes) and from one table of endpoints, whose permissions come from `auth.rs`.
+
+use std::sync::OnceLock;
+
+use utoipa::openapi::path::{OperationBuilder, ParameterBuilder, ParameterIn};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{
+    ComponentsBuilder, ContentBuilder, HttpMethod, InfoBuilder, OpenApi, OpenApiBuilder, PathItem,
+    PathsBuilder, Ref, RefOr, Required, ResponseBuilder, ResponsesBuilder,
+};
+use utoipa::ToSchema;
+
+use crate::auth::{permission_for, Permission};
+
+type Schemas = Vec<(String, RefOr<Schema>)>;
+
+/// How to describe a body: a named type (and the types it refers to), a list of one, or any
+/// JSON object.
+#[derive(Clone, Copy)]
+enum Shape {
+    Of(fn(&mut Schemas) -> RefOr<Schema>),
+    ListOf(fn(&mut Schemas) -> RefOr<Schema>),
+    AnyObject,
+    Strings,
+}
+
+fn of<T: ToSchema>(schemas: &mut Schemas) -> RefOr<Schema> {
+    schemas.push((T::name().into_owned(), T::schema()));
+    T::schemas(schemas);
+    RefOr::Ref(Ref::from_schema_name(T::name()))
+}
+
+impl Shape {
+    fn schema(self, schemas: &mut Schemas) -> RefOr<Schema> {
+        match self {
+            Shape::Of(f) => f(schemas),
+            Shape::ListOf(f) => ArrayBuilder::new().items(f(schemas)).build().into(),
+            Shape::Strings => ArrayBuilder::new()
+                .items(ObjectBuilder::new().schema_type(Type::String))
+                .build()
+                .into(),
+            Shape::AnyObject => ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .additional_properties(Some(
+                    utoipa::openapi::schema::AdditionalProperties::<Schema>::FreeForm(true),
+                ))
+                .build()
+                .into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Answer {
+    Json(u16, Shape),
+    /// 204, no body.
+    Empty,
+    /// Newline-delimited JSON, each line of this shape.
+    Ndjson(Shape),
+    EventStream,
+    Text,
+}
+
+struct Endpoint {
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    query: &'static [(&'static str, &'static str)],
+    body: Option<Shape>,
+    answer: Answer,
+}
+
+macro_rules! ep {
+    ($m:literal $p:literal, $s:literal, query $q:expr, body $b:expr, $a:expr) => {
+        Endpoint {
+            method: $m,
+            path: $p,
+            summary: $s,
+            query: $q,
+            body: $b,
+            answer: $a,
+        }
+    };
+}
+
+use gantry_config::{ChangeRequest, Committed, ConfigVersion};
+use gantry_gateway::{RouteView, Traffic, UpstreamView};
+use gantry_model::{Deployment, Instance};
+use gantry_registry::Registration;
+use gantry_supervisor::{InstanceStatus, RestartReport, ServiceStatus, VersionChange};
+use gantry_telemetry::LogLine;
+
+use crate::audit::AuditRecord;
+use crate::error::ErrorBody;
+use crate::handlers::{RollbackBody, RoutePutBody, ScaleBody};
+
+use Answer::*;
+use Shape::*;
+
+const NONE: &[(&str, &str)] = &[];
+
+fn endpoints() -> Vec<Endpoint> {
+    vec![
+        ep!("GET" "/v1/health", "Liveness of the admin API", query NONE, body None, Json(200, AnyObject)),
+        ep!("GET" "/metrics", "Prometheus metrics (text format)", query NONE, body None, Text),
+        ep!("GET" "/v1/openapi.json", "This document", query NONE, body None, Json(200, AnyObject)),
+        ep!("GET" "/v1/services", "Services with desired and healthy counts", query NONE, body None, Json(200, ListOf(of::<ServiceStatus>))),
+        ep!("GET" "/v1/instances", "Instances and their state", query &[("service", "only this service")], body None, Json(200, ListOf(of::<InstanceStatus>))),
+        ep!("GET" "/v1/upstreams", "Per-service policy, circuits, in-flight and ejected", query NONE, body None, Json(200, ListOf(of::<UpstreamView>))),
+        ep!("POST" "/v1/services/{name}/scale", "Set the instance count (durable)", query NONE, body Some(Of(of::<ScaleBody>)), Json(200, AnyObject)),
+        ep!("POST" "/v1/services/{name}/restart", "Rolling restart", query NONE, body None, Json(200, Of(of::<RestartReport>))),
+        ep!("GET" "/v1/deployments", "The desired state", query NONE, body None, Json(200, ListOf(of::<Deployment>))),
+        ep!("GET" "/v1/deployments/{service}", "One service's desired state", query NONE, body None, Json(200, Of(of::<Deployment>))),
+        ep!("PUT" "/v1/deployments/{service}/versions/{version}", "Run a version beside the others", query NONE, body Some(Of(of::<VersionChange>)), Json(200, Of(of::<Deployment>))),
+        ep!("DELETE" "/v1/deployments/{service}/versions/{version}", "Remove a version deployed through the API", query NONE, body None, Json(200, Of(of::<Deployment>))),
+        ep!("GET" "/v1/routes", "The live route table", query NONE, body None, Json(200, ListOf(of::<RouteView>))),
+        ep!("PUT" "/v1/routes/{name}", "Add or replace a route (fields as in the spec file)", query NONE, body Some(Of(of::<RoutePutBody>)), Json(200, AnyObject)),
+        ep!("DELETE" "/v1/routes/{name}", "Remove a route added over the API", query NONE, body None, Empty),
+        ep!("GET" "/v1/traffic", "The last minute per route, service and version", query NONE, body None, Json(200, Of(of::<Traffic>))),
+        ep!("POST" "/v1/reload", "Re-read the spec file", query NONE, body None, Json(200, AnyObject)),
+        ep!("GET" "/v1/registry/services", "Registered instances by service", query NONE, body None, Json(200, AnyObject)),
+        ep!("GET" "/v1/registry/services/{name}", "Instances of a service", query &[("version", "semver requirement, e.g. ^1.2")], body None, Json(200, ListOf(of::<Instance>))),
+        ep!("POST" "/v1/registry/instances", "Register an instance (with a lease)", query NONE, body Some(Of(of::<Registration>)), Json(201, Of(of::<Instance>))),
+        ep!("GET" "/v1/registry/instances/{id}", "One instance", query NONE, body None, Json(200, Of(of::<Instance>))),
+        ep!("DELETE" "/v1/registry/instances/{id}", "Deregister a self-registered instance", query NONE, body None, Empty),
+        ep!("PUT" "/v1/registry/instances/{id}/heartbeat", "Renew a lease", query NONE, body None, Json(200, Of(of::<Instance>))),
+        ep!("GET" "/v1/registry/watch", "Server-Sent Events: snapshot, then changes", query NONE, body None, EventStream),
+        ep!("GET" "/v1/config", "Services that have config", query NONE, body None, Json(200, Strings)),
+        ep!("GET" "/v1/config/{service}", "Current config of a service", query NONE, body None, Json(200, AnyObject)),
+        ep!("PATCH" "/v1/config/{service}", "Commit a change (new version)", query NONE, body Some(Of(of::<ChangeRequest>)), Json(201, Of(of::<Committed>))),
+        ep!("GET" "/v1/config/{service}/history", "Every version", query NONE, body None, Json(200, ListOf(of::<ConfigVersion>))),
+        ep!("POST" "/v1/config/{service}/rollback", "Make an earlier version's values current", query NONE, body Some(Of(of::<RollbackBody>)), Json(201, Of(of::<Committed>))),
+        ep!("GET" "/v1/logs", "Instance output and the access log (NDJSON)", query &[("service", "only this service (gateway: the access log)"), ("instance", "only this instance"), ("since", "RFC 3339 time, unix ms or a duration such as 10m"), ("tail", "only the last N lines"), ("follow", "true: keep streaming")], body None, Ndjson(Of(of::<LogLine>))),
+        ep!("GET" "/v1/events", "Server-Sent Events of instance lifecycle", query NONE, body None, EventStream),
+        ep!("GET" "/v1/audit", "The audit trail, newest first", query &[("limit", "at most this many (1-10000, default 100)"), ("since", "ms since the epoch"), ("principal", "only this principal")], body None, Json(200, ListOf(of::<AuditRecord>))),
+    ]
+}
+
+fn method(m: &str) -> (HttpMethod, http::Method) {
+    match m {
+        "GET" => (HttpMethod::Get, http::Method::GET),
+        "POST" => (HttpMethod::Post, http::Method::POST),
+        "PUT" => (HttpMethod::Put, http::Method::PUT),
+        "PATCH" => (HttpMethod::Patch, http::Method::PATCH),
+        _ => (HttpMethod::Delete, http::Method::DELETE),
+    }
+}
+
+fn json(schema: RefOr<Schema>) -> utoipa::openapi::Content {
+    ContentBuilder::new().schema(Some(schema)).build()
+}
+
+fn build() -> OpenApi {
+    let mut schemas: Schemas = Vec::new();
+    let error = of::<ErrorBody>(&mut schemas);
+    let mut paths = PathsBuilder::new();
+    for e in endpoints() {
+        let (hm, m) = method(e.method);
+        let permission: Option<Permission> = permission_for(&m, e.path);
+        let mut op = OperationBuilder::new()
+            .summary(Some(e.summary))
+            .operation_id(Some(format!(
+                "{}_{}",
+                e.method.to_ascii_lowercase(),
+                e.path
+                    .trim_start_matches('/')
+                    .replace(['/', '.'], "_")
+                    .replace(['{', '}'], "")
+            )))
+            .description(Some(match permission {
+                Some(p) => format!("Requires the `{}` permission.", p.as_str()),
+                None => "Open to every caller.".to_string(),
+            }));
+        if permission.is_some() {
+            op = op.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
+        }
+        for seg in e.path.split('/') {
+            if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                op = op.parameter(
+                    ParameterBuilder::new()
+                        .name(name)
+                        .parameter_in(ParameterIn::Path)
+                        .required(Required::True)
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
+                );
+            }
+        }
+        for (name, desc) in e.query {
+            let ty = match *name {
+                "tail" | "limit" | "since" if e.path == "/v1/audit" || *name == "tail" => {
+                    Type::Integer
+                }
+                "follow" => Type::Boolean,
+                _ => Type::String,
+            };
+            op = op.parameter(
+                ParameterBuilder::new()
+                    .name(*name)
+                    .parameter_in(ParameterIn::Query)
+                    .required(Required::False)
+                    .description(Some(*desc))
+                    .schema(Some(ObjectBuilder::new().schema_type(ty))),
+            );
+        }
+        if let Some(body) = e.body {
+            op = op.request_body(Some(
+                RequestBodyBuilder::new()
+                    .required(Some(Required::True))
+                    .content("application/json", json(body.schema(&mut schemas)))
+                    .build(),
+            ));
+        }
+        let ok = match e.answer {
+            Json(code, shape) => (
+                code,
+                ResponseBuilder::new()
+                    .description("OK")
+                    .content("application/json", json(shape.schema(&mut schemas)))
+                    .build(),
+            ),
+            Empty => (204, ResponseBuilder::new().description("Done").build()),
+            Ndjson(shape) => (
+                200,
+                ResponseBuilder::new()
+                    .description("One JSON object per line")
+                    .content("application/x-ndjson", json(shape.schema(&mut schemas)))
+                    .build(),
+            ),
+            EventStream => (
+                200,
+                ResponseBuilder::new()
+                    .description("Server-Sent Events")
+                    .content(
+                        "text/event-stream",
+                        json(ObjectBuilder::new().schema_type(Type::String).into()),
+                    )
+                    .build(),
+            ),
+            Text => (
+                200,
+                ResponseBuilder::new()
+                    .description("Prometheus text format")
+                    .content(
+                        "text/plain",
+                        json(ObjectBuilder::new().schema_type(Type::String).into()),
+                    )
+                    .build(),
+            ),
+        };
+        let mut responses = ResponsesBuilder::new().response(ok.0.to_string(), ok.1);
+        // A change that creates nothing answers 200 where the table says 201.
+        if ok.0 == 201 {
+            if let Json(_, shape) = e.answer {
+                responses = responses.response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("Nothing new: the current state")
+                        .content("application/json", json(shape.schema(&mut schemas)))
+                        .build(),
+                );
+            }
+        }
+        let responses = responses.response(
+            "default",
+            ResponseBuilder::new()
+                .description("An error: a 4xx or 5xx status with a JSON body")
+                .content("application/json", json(error.clone()))
+                .build(),
+        );
+        paths = paths.path(e.path, PathItem::new(hm, op.responses(responses.build())));
+    }
+    schemas.sort_by(|a, b| a.0.cmp(&b.0));
+    schemas.dedup_by(|a, b| a.0 == b.0);
+    let components = ComponentsBuilder::new()
+        .schemas_from_iter(schemas)
+        .security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        )
+        .build();
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("Gantry admin API")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Every endpoint requires a permission (named in its description); errors are JSON `{\"error\", \"message\"}`.",
+                ))
+                .build(),
+        )
+        .paths(paths.build())
+        .components(Some(components))
+        .build()
+}
+
+/// The document, built once.
+pub fn document() -> &'static serde_json::Value {
+    static DOC: OnceLock<serde_json::Value> = OnceLock::new();
+    DOC.get_or_init(|| serde_json::to_value(build()).unwrap_or(serde_json::Value::Null))
+}
+
+pub(crate) async fn serve() -> axum::Json<serde_json::Value> {
+    axum::Json(document().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_documented_endpoint_has_a_permission_and_schemas_resolve() {
+        for e in endpoints() {
+            assert!(
+                permission_for(&method(e.method).1, e.path).is_some(),
+                "{} {} has no permission",
+                e.method,
+                e.path
+            );
+        }
+        let doc = document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+            let name = &r[..r.find('"').unwrap()];
+            assert!(schemas.contains_key(name), "unresolved $ref {name}");
+        }
+    }
+}
