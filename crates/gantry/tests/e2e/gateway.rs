@@ -334,14 +334,19 @@ path_prefix = "/p"
         || (open() <= 1).then_some(()),
     );
     // Kept-alive connections: eight requests at once open several, which stay pooled...
+    // (All eight start together and each takes a second, so that they overlap even on a loaded
+    // machine.)
     let gw = g.gateway;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(8));
     let slow: Vec<_> = (0..8)
         .map(|_| {
+            let start = start.clone();
             std::thread::spawn(move || {
+                start.wait();
                 http(
                     gw,
                     "GET",
-                    "/p/slow?ms=300",
+                    "/p/slow?ms=1000",
                     &[],
                     None,
                     Duration::from_secs(10),
