@@ -10,7 +10,7 @@ use gantry_model::Deployment;
 use gantry_supervisor::VersionChange;
 
 use crate::error::ApiError;
-use crate::handlers::{parse_json, ApiResult};
+use crate::parse::{parse_json, ApiResult};
 use crate::ApiState;
 
 pub(crate) fn routes() -> Router<ApiState> {

@@ -11,17 +11,23 @@
 
 pub mod audit;
 pub mod auth;
+mod config;
 mod deployments;
 mod error;
-mod handlers;
+mod observe;
 pub mod openapi;
+mod parse;
+mod registry;
+mod routing;
 pub mod serve;
+mod services;
 mod stream;
+mod system;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::Router;
 use gantry_config::ConfigStore;
 use gantry_gateway::Gateway;
@@ -80,44 +86,15 @@ pub trait RouteControl: Send + Sync {
 
 /// The API's router.
 pub fn router(state: ApiState) -> Router {
-    use handlers::*;
+    // One module per endpoint group; each lists its routes, merged here.
     Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/services", get(list_services))
-        .route("/v1/services/{name}/scale", post(scale))
-        .route("/v1/services/{name}/restart", post(restart))
-        .route("/v1/instances", get(list_instances))
+        .merge(system::routes())
+        .merge(services::routes())
         .merge(deployments::routes())
-        .route("/v1/routes", get(list_routes))
-        .route("/v1/upstreams", get(list_upstreams))
-        .route("/v1/traffic", get(traffic))
-        .route("/v1/reload", post(reload))
-        .route(
-            "/v1/routes/{name}",
-            axum::routing::put(put_route).delete(delete_route),
-        )
-        .route("/v1/registry/services", get(registry_services))
-        .route("/v1/registry/services/{name}", get(registry_lookup))
-        .route("/v1/registry/instances", post(registry_register))
-        .route(
-            "/v1/registry/instances/{id}",
-            get(registry_get).delete(registry_deregister),
-        )
-        .route(
-            "/v1/registry/instances/{id}/heartbeat",
-            put(registry_heartbeat),
-        )
-        .route("/v1/registry/watch", get(registry_watch))
-        .route("/v1/config", get(config_services))
-        .route(
-            "/v1/config/{service}",
-            get(config_current).patch(config_change),
-        )
-        .route("/v1/config/{service}/history", get(config_history))
-        .route("/v1/config/{service}/rollback", post(config_rollback))
-        .route("/v1/logs", get(logs))
-        .route("/v1/events", get(events))
-        .route("/metrics", get(metrics))
+        .merge(routing::routes())
+        .merge(registry::routes())
+        .merge(config::routes())
+        .merge(observe::routes())
         .route("/v1/audit", get(audit::list))
         .route("/v1/openapi.json", get(openapi::serve))
         .route_layer(axum::middleware::from_fn_with_state(

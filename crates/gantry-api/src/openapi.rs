@@ -95,8 +95,10 @@ use gantry_supervisor::{InstanceStatus, RestartReport, ServiceStatus, VersionCha
 use gantry_telemetry::LogLine;
 
 use crate::audit::AuditRecord;
+use crate::config::RollbackBody;
 use crate::error::ErrorBody;
-use crate::handlers::{RollbackBody, RoutePutBody, ScaleBody};
+use crate::routing::RoutePutBody;
+use crate::services::ScaleBody;
 
 use Answer::*;
 use Shape::*;

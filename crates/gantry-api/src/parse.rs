@@ -1,0 +1,38 @@
+//! What every endpoint group shares: strict body and query parsing into typed requests.
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::Query;
+use serde::de::DeserializeOwned;
+
+use crate::ApiError;
+
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// Parse a JSON body, naming the offending field on error.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("expected a JSON request body"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::bad_request(format!("invalid JSON body: {}", e.inner()))
+        } else {
+            ApiError::bad_request(format!("invalid JSON body at {path}: {}", e.inner()))
+        }
+    })?;
+    // One JSON document: anything after it but whitespace is refused, not ignored.
+    de.end().map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid JSON body: unexpected data after the JSON value ({e})"
+        ))
+    })?;
+    Ok(value)
+}
+
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
+}
