@@ -259,33 +259,23 @@ impl NatsStore {
     ) -> Result<Vec<(String, Entry)>, StoreError> {
         check_filter(filter)?;
         let kv = self.kv(bucket).await?;
-        let (mut messages, pending) = self
+        let (messages, pending) = self
             .consumer(&kv, filter, DeliverPolicy::LastPerSubject, headers_only)
             .await?;
-        let mut out = Vec::new();
-        if pending == 0 {
-            return Ok(out);
-        }
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-                .await
-                .map_err(|_| StoreError::Unavailable("nats list: no answer in 10s".into()))?;
-            let Some(m) = next else { break };
-            let m = m.map_err(|e| nats_err("list", e))?;
-            let (change, left) = parse(&kv, &m)?;
-            if change.op == Op::Put {
-                out.push((
-                    change.key,
+        let mut out: Vec<(String, Entry)> = drain(&kv, messages, pending, "list")
+            .await?
+            .into_iter()
+            .filter(|c| c.op == Op::Put)
+            .map(|c| {
+                (
+                    c.key,
                     Entry {
-                        value: change.value,
-                        revision: change.revision,
+                        value: c.value,
+                        revision: c.revision,
                     },
-                ));
-            }
-            if left == 0 {
-                break;
-            }
-        }
+                )
+            })
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
@@ -318,6 +308,31 @@ fn parse(kv: &kv::Store, m: &jetstream::Message) -> Result<(Change, u64), StoreE
         },
         info.pending,
     ))
+}
+
+/// Every message an ordered consumer has to deliver (`pending` when it was made), as changes.
+async fn drain(
+    kv: &kv::Store,
+    mut messages: push::Ordered,
+    pending: u64,
+    what: &str,
+) -> Result<Vec<Change>, StoreError> {
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("nats {what}: no answer in 10s")))?;
+        let Some(m) = next else { break };
+        let (change, left) = parse(kv, &m.map_err(|e| nats_err(what, e))?)?;
+        out.push(change);
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 fn is_wrong_revision(e: &kv::UpdateError) -> bool {
@@ -453,23 +468,8 @@ impl Store for NatsStore {
     async fn history(&self, bucket: &str, key: &str) -> Result<Vec<Change>, StoreError> {
         check_key(key)?;
         let kv = self.kv(bucket).await?;
-        let (mut messages, pending) = self.consumer(&kv, key, DeliverPolicy::All, false).await?;
-        let mut out = Vec::new();
-        if pending == 0 {
-            return Ok(out);
-        }
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-                .await
-                .map_err(|_| StoreError::Unavailable("nats history: no answer in 10s".into()))?;
-            let Some(m) = next else { break };
-            let (change, left) = parse(&kv, &m.map_err(|e| nats_err("history", e))?)?;
-            out.push(change);
-            if left == 0 {
-                break;
-            }
-        }
-        Ok(out)
+        let (messages, pending) = self.consumer(&kv, key, DeliverPolicy::All, false).await?;
+        drain(&kv, messages, pending, "history").await
     }
 
     async fn watch(

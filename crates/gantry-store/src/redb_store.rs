@@ -665,7 +665,11 @@ fn sweep(db: &Database, cache: &mut HashMap<String, BucketOptions>) -> Result<()
 }
 
 fn read_head(db: &Database) -> Result<u64, StoreError> {
-    let tx = db.begin_read().map_err(be)?;
+    head_in(&db.begin_read().map_err(be)?)
+}
+
+/// The last revision committed, as `tx` sees it.
+fn head_in(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
     match tx.open_table(META) {
         Ok(m) => Ok(m
             .get(REVISION_KEY)
@@ -685,12 +689,7 @@ fn read_current(
     values: bool,
 ) -> Result<(Vec<(String, Entry)>, u64), StoreError> {
     let tx = db.begin_read().map_err(be)?;
-    let head = match tx.open_table(META) {
-        Ok(m) => m.get(REVISION_KEY).map_err(be)?.map(|g| g.value()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(be(e)),
-    }
-    .unwrap_or(0);
+    let head = head_in(&tx)?;
     let def: ValueTable = TableDefinition::new(bucket);
     let table = match tx.open_table(def) {
         Ok(t) => t,
@@ -728,12 +727,7 @@ fn read_log(
     from: u64,
 ) -> Result<(Vec<Change>, u64), StoreError> {
     let tx = db.begin_read().map_err(be)?;
-    let head = match tx.open_table(META) {
-        Ok(m) => m.get(REVISION_KEY).map_err(be)?.map(|g| g.value()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(be(e)),
-    }
-    .unwrap_or(0);
+    let head = head_in(&tx)?;
     let names = Names::of(bucket);
     let log = match tx.open_table::<u64, &[u8]>(TableDefinition::new(&names.log)) {
         Ok(t) => t,

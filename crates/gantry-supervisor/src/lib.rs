@@ -206,7 +206,7 @@ struct ServiceEntry {
 }
 
 /// A service as `gantry services` shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ServiceStatus {
     pub name: String,
     /// The versions that should run, comma-separated (one, except during a release).

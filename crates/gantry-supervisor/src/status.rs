@@ -18,7 +18,9 @@ use tokio::sync::broadcast;
 /// starting ─► healthy ⇄ unhealthy ─► draining ─► stopping ─► stopped
 ///     └──────────┴──────────┴─► exited ─► backoff | crash_loop ─► starting
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
     /// Waiting for the services it depends on.
@@ -68,7 +70,7 @@ impl InstanceState {
 }
 
 /// One row of `gantry ps`.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct InstanceStatus {
     pub id: String,
     pub service: String,

@@ -8,6 +8,9 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
+use gantry_api::audit::AuditRecord;
+use gantry_supervisor::{InstanceState, InstanceStatus, ServiceStatus};
+
 use crate::client::{enc, CliError, Client, Target};
 use crate::table;
 use crate::{Cmd, ConfigCmd, Output, RegistryCmd, RouteCmd, EXIT_USAGE};
@@ -154,88 +157,93 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
     }
 }
 
+/// GET a list, then print it as JSON (`--json`) or as a table of `row(item)`: the API's own
+/// response types, so the CLI reads what the API documents, not untyped JSON.
+async fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
+    c: &Client,
+    path: &str,
+    out: Output,
+    headers: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<(), CliError> {
+    let items: Vec<T> = serde_json::from_value(c.get(path).await?).map_err(|e| {
+        CliError::new(format!(
+            "unexpected answer from GET {path}: {e} (is gantry the same version as this CLI?)"
+        ))
+    })?;
+    if out.json {
+        print_json(&serde_json::to_value(&items).unwrap_or_default());
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    table::print(headers, &rows);
+    Ok(())
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
 async fn ps(c: &Client, service: Option<String>, out: Output) -> Result<(), CliError> {
     let path = match &service {
         Some(s) => format!("/v1/instances?service={}", enc(s)),
         None => "/v1/instances".into(),
     };
-    let v = c.get(&path).await?;
-    if out.json {
-        print_json(&v);
-        return Ok(());
-    }
     let now = gantry_model::unix_ms();
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .map(|i| {
-            let uptime = match (i["started_ms"].as_u64(), i["pid"].is_null()) {
-                (Some(t), false) => table::short_duration(now.saturating_sub(t)),
-                _ => "-".into(),
-            };
-            let mut state = s(&i["state"]);
-            if let Some(r) = i["reason"].as_str() {
-                if !matches!(state.as_str(), "healthy" | "starting") {
-                    state = format!("{state} ({r})");
-                }
+    let headers = [
+        "SERVICE", "INSTANCE", "VERSION", "PID", "PORT", "STATE", "UPTIME", "RESTARTS",
+    ];
+    list(c, &path, out, &headers, |i: &InstanceStatus| {
+        let uptime = match (i.started_ms, i.pid) {
+            (Some(t), Some(_)) => table::short_duration(now.saturating_sub(t)),
+            _ => "-".into(),
+        };
+        let mut state = i.state.as_str().to_string();
+        if let Some(r) = &i.reason {
+            if !matches!(i.state, InstanceState::Healthy | InstanceState::Starting) {
+                state = format!("{state} ({r})");
             }
-            vec![
-                s(&i["service"]),
-                s(&i["id"]),
-                s(&i["version"]),
-                s(&i["pid"]),
-                s(&i["port"]),
-                state,
-                uptime,
-                s(&i["restarts"]),
-            ]
-        })
-        .collect();
-    table::print(
-        &[
-            "SERVICE", "INSTANCE", "VERSION", "PID", "PORT", "STATE", "UPTIME", "RESTARTS",
-        ],
-        &rows,
-    );
-    Ok(())
+        }
+        vec![
+            i.service.clone(),
+            i.id.clone(),
+            i.version.clone(),
+            or_dash(i.pid),
+            or_dash(i.port),
+            state,
+            uptime,
+            i.restarts.to_string(),
+        ]
+    })
+    .await
 }
 
 async fn services(c: &Client, out: Output) -> Result<(), CliError> {
-    let v = c.get("/v1/services").await?;
-    if out.json {
-        print_json(&v);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .map(|x| {
-            vec![
-                s(&x["name"]),
-                s(&x["version"]),
-                format!("{}/{}", s(&x["healthy"]), s(&x["desired"])),
-                x["depends_on"]
-                    .as_array()
-                    .map(|d| d.iter().map(s).collect::<Vec<_>>().join(","))
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or_else(|| "-".into()),
-                s(&x["on_config_change"]),
-            ]
-        })
-        .collect();
-    table::print(
-        &[
-            "SERVICE",
-            "VERSION",
-            "HEALTHY",
-            "DEPENDS ON",
-            "ON CONFIG CHANGE",
-        ],
-        &rows,
-    );
-    Ok(())
+    let headers = [
+        "SERVICE",
+        "VERSION",
+        "HEALTHY",
+        "DEPENDS ON",
+        "ON CONFIG CHANGE",
+    ];
+    list(c, "/v1/services", out, &headers, |x: &ServiceStatus| {
+        vec![
+            x.name.clone(),
+            x.version.clone(),
+            format!("{}/{}", x.healthy, x.desired),
+            if x.depends_on.is_empty() {
+                "-".into()
+            } else {
+                x.depends_on.join(",")
+            },
+            match x.on_config_change {
+                gantry_model::OnConfigChange::None => "none",
+                gantry_model::OnConfigChange::Restart => "restart",
+            }
+            .to_string(),
+        ]
+    })
+    .await
 }
 
 async fn logs(
@@ -468,42 +476,29 @@ async fn audit(
     if let Some(p) = &principal {
         path.push_str(&format!("&principal={}", enc(p)));
     }
-    let v = c.get(&path).await?;
-    if out.json {
-        print_json(&v);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .map(|r| {
-            vec![
-                table::clock(r["time_ms"].as_u64().unwrap_or(0)),
-                r["principal"].as_str().unwrap_or("-").to_string(),
-                format!("{} {}", s(&r["method"]), s(&r["path"])),
-                s(&r["action"]),
-                s(&r["status"]),
-                s(&r["outcome"]),
-                r["remote"].as_str().unwrap_or("-").to_string(),
-                s(&r["request_id"]),
-            ]
-        })
-        .collect();
-    table::print(
-        &[
-            "TIME",
-            "PRINCIPAL",
-            "CALL",
-            "ACTION",
-            "STATUS",
-            "OUTCOME",
-            "FROM",
-            "REQUEST",
-        ],
-        &rows,
-    );
-    Ok(())
+    let headers = [
+        "TIME",
+        "PRINCIPAL",
+        "CALL",
+        "ACTION",
+        "STATUS",
+        "OUTCOME",
+        "FROM",
+        "REQUEST",
+    ];
+    list(c, &path, out, &headers, |r: &AuditRecord| {
+        vec![
+            table::clock(r.time_ms),
+            or_dash(r.principal.as_deref()),
+            format!("{} {}", r.method, r.path),
+            r.action.clone(),
+            r.status.to_string(),
+            r.outcome.clone(),
+            or_dash(r.remote.as_deref()),
+            r.request_id.clone(),
+        ]
+    })
+    .await
 }
 
 async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
