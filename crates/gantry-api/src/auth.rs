@@ -111,6 +111,7 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
             true,
             "/v1/registry/services"
             | "/v1/registry/services/{name}"
+            | "/v1/registry/instances"
             | "/v1/registry/instances/{id}"
             | "/v1/registry/watch",
         ) => RegistryRead,

@@ -126,6 +126,7 @@ fn endpoints() -> Vec<Endpoint> {
         ep!("POST" "/v1/reload", "Re-read the spec file", query NONE, body None, Json(200, AnyObject)),
         ep!("GET" "/v1/registry/services", "Registered instances by service", query NONE, body None, Json(200, AnyObject)),
         ep!("GET" "/v1/registry/services/{name}", "Instances of a service", query &[("version", "semver requirement, e.g. ^1.2")], body None, Json(200, ListOf(of::<Instance>))),
+        ep!("GET" "/v1/registry/instances", "Every registered instance", query NONE, body None, Json(200, ListOf(of::<Instance>))),
         ep!("POST" "/v1/registry/instances", "Register an instance (with a lease)", query NONE, body Some(Of(of::<Registration>)), Json(201, Of(of::<Instance>))),
         ep!("GET" "/v1/registry/instances/{id}", "One instance", query NONE, body None, Json(200, Of(of::<Instance>))),
         ep!("DELETE" "/v1/registry/instances/{id}", "Deregister a self-registered instance", query NONE, body None, Empty),

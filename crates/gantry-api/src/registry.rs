@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
-use axum::routing::{get, post, put};
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use gantry_model::{Instance, RegistryEvent};
 use gantry_registry::Registration;
@@ -21,7 +21,10 @@ pub(crate) fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/registry/services", get(registry_services))
         .route("/v1/registry/services/{name}", get(registry_lookup))
-        .route("/v1/registry/instances", post(registry_register))
+        .route(
+            "/v1/registry/instances",
+            get(registry_instances).post(registry_register),
+        )
         .route(
             "/v1/registry/instances/{id}",
             get(registry_get).delete(registry_deregister),
@@ -31,6 +34,17 @@ pub(crate) fn routes() -> Router<ApiState> {
             put(registry_heartbeat),
         )
         .route("/v1/registry/watch", get(registry_watch))
+}
+
+/// Every registered instance, by service then id.
+pub async fn registry_instances(State(s): State<ApiState>) -> Json<Vec<Instance>> {
+    let snap = s.registry.snapshot();
+    Json(
+        snap.services
+            .values()
+            .flat_map(|v| v.iter().cloned())
+            .collect(),
+    )
 }
 
 pub async fn registry_services(State(s): State<ApiState>) -> impl IntoResponse {

@@ -8,7 +8,11 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
+use std::net::SocketAddr;
+
 use gantry_api::audit::AuditRecord;
+use gantry_config::{ChangeKind, ConfigVersion};
+use gantry_model::{Instance, InstanceSource};
 use gantry_supervisor::{InstanceState, InstanceStatus, ServiceStatus};
 
 use crate::client::{enc, CliError, Client, Target};
@@ -416,54 +420,37 @@ async fn registry_ls(
     version: Option<String>,
     out: Output,
 ) -> Result<(), CliError> {
-    let instances: Vec<Value> = match &service {
+    let path = match &service {
         Some(svc) => {
             let mut p = format!("/v1/registry/services/{}", enc(svc));
             if let Some(v) = &version {
                 p.push_str(&format!("?version={}", enc(v)));
             }
-            c.get(&p).await?.as_array().cloned().unwrap_or_default()
+            p
         }
-        None => {
-            if version.is_some() {
-                return Err(CliError::usage("--version needs a service"));
-            }
-            let v = c.get("/v1/registry/services").await?;
-            v["services"]
-                .as_object()
-                .map(|m| {
-                    m.values()
-                        .flat_map(|x| x.as_array().cloned().unwrap_or_default())
-                        .collect()
-                })
-                .unwrap_or_default()
-        }
+        None if version.is_some() => return Err(CliError::usage("--version needs a service")),
+        None => "/v1/registry/instances".into(),
     };
-    if out.json {
-        print_json(&Value::Array(instances));
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = instances
-        .iter()
-        .map(|i| {
-            vec![
-                s(&i["service"]),
-                s(&i["id"]),
-                s(&i["version"]),
-                format!("{}:{}", s(&i["address"]), s(&i["port"])),
-                s(&i["health"]),
-                s(&i["source"]["type"]),
-                s(&i["node"]),
-            ]
-        })
-        .collect();
-    table::print(
-        &[
-            "SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE",
-        ],
-        &rows,
-    );
-    Ok(())
+    let headers = [
+        "SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE",
+    ];
+    list(c, &path, out, &headers, |i: &Instance| {
+        vec![
+            i.service.clone(),
+            i.id.clone(),
+            i.version.to_string(),
+            SocketAddr::new(i.address, i.port).to_string(),
+            format!("{:?}", i.health).to_ascii_lowercase(),
+            match i.source {
+                InstanceSource::Supervised => "supervised",
+                InstanceSource::Static => "static",
+                InstanceSource::External { .. } => "external",
+            }
+            .to_string(),
+            i.node.clone(),
+        ]
+    })
+    .await
 }
 
 async fn audit(
@@ -584,49 +571,29 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             }
         },
         ConfigCmd::History { service, out } => {
-            let v = c
-                .get(&format!("/v1/config/{}/history", enc(&service)))
-                .await?;
-            if out.json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .map_or(&[][..], Vec::as_slice)
-                .iter()
-                .map(|h| {
-                    let changes = h["changes"]
-                        .as_array()
-                        .map(|c| {
-                            c.iter()
-                                .map(|x| {
-                                    let sign = if x["kind"] == "unset" { "-" } else { "+" };
-                                    format!("{sign}{}", s(&x["key"]))
-                                })
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        })
-                        .unwrap_or_default();
-                    let when = h["time_ms"]
-                        .as_u64()
-                        .map(|t| {
-                            humantime::format_rfc3339_seconds(
-                                std::time::UNIX_EPOCH + std::time::Duration::from_millis(t),
-                            )
-                            .to_string()
-                        })
-                        .unwrap_or_default();
-                    vec![
-                        s(&h["version"]),
-                        when,
-                        changes,
-                        h["message"].as_str().unwrap_or("").to_string(),
-                    ]
-                })
-                .collect();
-            table::print(&["VERSION", "TIME", "CHANGES", "MESSAGE"], &rows);
-            Ok(())
+            let path = format!("/v1/config/{}/history", enc(&service));
+            let headers = ["VERSION", "TIME", "CHANGES", "MESSAGE"];
+            list(c, &path, out, &headers, |h: &ConfigVersion| {
+                let changes = h
+                    .changes
+                    .iter()
+                    .map(|x| {
+                        let sign = if x.kind == ChangeKind::Unset {
+                            "-"
+                        } else {
+                            "+"
+                        };
+                        format!("{sign}{}", x.key)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(h.time_ms),
+                )
+                .to_string();
+                vec![h.version.to_string(), when, changes, h.message.clone()]
+            })
+            .await
         }
     }
 }

@@ -35,6 +35,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("GET", "/v1/traffic"),
     ("GET", "/v1/registry/services"),
     ("GET", "/v1/registry/services/web"),
+    ("GET", "/v1/registry/instances"),
     ("POST", "/v1/registry/instances"),
     ("GET", "/v1/registry/instances/x"),
     ("DELETE", "/v1/registry/instances/x"),
