@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod filter;
+mod metered;
 mod nats_store;
 mod redb_store;
 
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub use filter::{check_filter, filter_matches, literal_prefix};
+pub use metered::MeteredStore;
 pub use nats_store::{NatsOptions, NatsStore};
 pub use redb_store::RedbStore;
 

@@ -33,7 +33,11 @@ pub(crate) struct DataDir {
 impl DataDir {
     /// `fresh`: forget the state of earlier runs first (the embedded store's file, or every
     /// bucket of the NATS namespace).
-    pub async fn open(spec: &LoadedSpec, fresh: bool) -> anyhow::Result<Self> {
+    pub async fn open(
+        spec: &LoadedSpec,
+        fresh: bool,
+        metrics: &gantry_telemetry::Metrics,
+    ) -> anyhow::Result<Self> {
         let dir = spec.data_dir();
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create data directory {}", dir.display()))?;
@@ -47,6 +51,9 @@ impl DataDir {
             }
         }
         let store = open_store(&spec.spec.store, &dir, fresh).await?;
+        let store: Arc<dyn Store> = metrics.register("store", |r| {
+            Arc::new(gantry_store::MeteredStore::new(store, r))
+        });
         tracing::info!(
             backend = store.backend(),
             "store open{}",

@@ -130,14 +130,14 @@ pub struct System {
 impl System {
     /// Build every component from the spec (nothing runs yet).
     pub async fn build(spec: Arc<LoadedSpec>, opts: Options) -> anyhow::Result<Self> {
-        let data = datadir::DataDir::open(&spec, opts.fresh).await?;
+        let metrics = Metrics::new();
+        let data = datadir::DataDir::open(&spec, opts.fresh, &metrics).await?;
         data.store
             .ensure_bucket(
                 gantry_api::audit::AUDIT_BUCKET,
                 gantry_api::audit::bucket_options(),
             )
             .await?;
-        let metrics = Metrics::new();
         let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
         let node = components::node_name();
         let registry = components::RegistryComponent::build(&data, node.clone(), &metrics).await?;

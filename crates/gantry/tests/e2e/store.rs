@@ -87,6 +87,20 @@ fn state_survives_kill_9(store_section: &str) {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     g.wait_healthy("web", 2, Duration::from_secs(20));
+    // The store's work shows in the metrics, by backend.
+    let m = g.metrics();
+    let backend = if store_section.contains("nats") {
+        "nats"
+    } else {
+        "embedded"
+    };
+    assert!(
+        m.contains(&format!(
+            "gantry_store_operations_total{{backend=\"{backend}\",op=\"update\",outcome=\"ok\"}}"
+        )),
+        "{m}"
+    );
+    assert!(m.contains("gantry_store_operation_seconds_bucket"), "{m}");
 
     g.kill();
     g.launch();
