@@ -173,6 +173,27 @@ impl NatsStore {
             .map_err(|e| nats_err("open bucket", e))
     }
 
+    /// The KV handle of a bucket that exists (reads of a bucket nobody wrote do not create it).
+    async fn existing(&self, bucket: &str) -> Result<Option<kv::Store>, StoreError> {
+        check_bucket(bucket)?;
+        if let Some(s) = self.buckets.read().await.get(bucket) {
+            return Ok(Some(s.clone()));
+        }
+        match self.js.get_key_value(self.bucket_name(bucket)).await {
+            Ok(s) => {
+                self.buckets
+                    .write()
+                    .await
+                    .insert(bucket.to_string(), s.clone());
+                Ok(Some(s))
+            }
+            // JetStream's "stream not found" (10059); anything else is a real failure, which a
+            // read must not turn into "empty".
+            Err(e) if e.to_string().contains("not found") => Ok(None),
+            Err(e) => Err(nats_err("open bucket", e)),
+        }
+    }
+
     /// The KV handle of a bucket, created with default options on first use.
     async fn kv(&self, bucket: &str) -> Result<kv::Store, StoreError> {
         check_bucket(bucket)?;
@@ -258,7 +279,9 @@ impl NatsStore {
         headers_only: bool,
     ) -> Result<Vec<(String, Entry)>, StoreError> {
         check_filter(filter)?;
-        let kv = self.kv(bucket).await?;
+        let Some(kv) = self.existing(bucket).await? else {
+            return Ok(Vec::new());
+        };
         let (messages, pending) = self
             .consumer(&kv, filter, DeliverPolicy::LastPerSubject, headers_only)
             .await?;
@@ -355,7 +378,9 @@ impl Store for NatsStore {
 
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Entry>, StoreError> {
         check_key(key)?;
-        let kv = self.kv(bucket).await?;
+        let Some(kv) = self.existing(bucket).await? else {
+            return Ok(None);
+        };
         match kv.entry(key).await.map_err(|e| nats_err("get", e))? {
             Some(e) if e.operation == kv::Operation::Put => Ok(Some(Entry {
                 value: e.value.to_vec(),
@@ -410,7 +435,9 @@ impl Store for NatsStore {
 
     async fn delete(&self, bucket: &str, key: &str) -> Result<bool, StoreError> {
         check_key(key)?;
-        let kv = self.kv(bucket).await?;
+        let Some(kv) = self.existing(bucket).await? else {
+            return Ok(false);
+        };
         // Delete what is there, conditionally, so that "existed" is true only for the caller
         // whose delete removed a value.
         for _ in 0..16 {
@@ -467,7 +494,9 @@ impl Store for NatsStore {
 
     async fn history(&self, bucket: &str, key: &str) -> Result<Vec<Change>, StoreError> {
         check_key(key)?;
-        let kv = self.kv(bucket).await?;
+        let Some(kv) = self.existing(bucket).await? else {
+            return Ok(Vec::new());
+        };
         let (messages, pending) = self.consumer(&kv, key, DeliverPolicy::All, false).await?;
         drain(&kv, messages, pending, "history").await
     }
