@@ -114,9 +114,25 @@ pub(crate) async fn record(s: &ApiState, c: Call<'_>) {
     }
 }
 
-/// A refused call: recorded when it would have changed state.
+/// Refused calls recorded per second, at most: anyone who can reach the listener can be
+/// refused, and must not be able to fill the store with the trail of it.
+const DENIED_PER_SECOND: u64 = 50;
+
+/// A refused call: recorded when it would have changed state (within the rate above; the rest
+/// are counted in the log).
 pub(crate) async fn denied(s: &ApiState, c: Call<'_>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
     if c.method == Method::GET || c.method == Method::HEAD {
+        return;
+    }
+    let second = gantry_model::unix_ms() / 1000;
+    if WINDOW.swap(second, Ordering::Relaxed) != second {
+        COUNT.store(0, Ordering::Relaxed);
+    }
+    if COUNT.fetch_add(1, Ordering::Relaxed) >= DENIED_PER_SECOND {
+        tracing::warn!(target: "gantry::audit", method = %c.method, path = c.path, "refused call not recorded: over {DENIED_PER_SECOND} refusals this second");
         return;
     }
     record(s, c).await;

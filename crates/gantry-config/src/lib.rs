@@ -364,9 +364,15 @@ impl ConfigStore {
                     .await?
             }
         };
-        self.store
+        // Committed: the head holds it. Its own record is repaired by the next commit (and
+        // served from the head meanwhile) if this write fails.
+        if let Err(e) = self
+            .store
             .put_json(BUCKET, &version_key(service, v.version), &v)
-            .await?;
+            .await
+        {
+            tracing::warn!(service, version = v.version, error = %e, "config version committed, its history record not yet written");
+        }
         tracing::info!(service, version = v.version, "config version committed");
         let _ = self.events.send(ConfigChanged {
             service: service.into(),

@@ -308,10 +308,12 @@ pub fn decode<T: DeserializeOwned>(bucket: &str, key: &str, bytes: &[u8]) -> Res
     })
 }
 
-/// Bucket names: `[a-z0-9_-]`, 1..=64 (valid as JetStream KV bucket names).
+/// Bucket names: `[a-z0-9_-]`, 1..=64 (valid as JetStream KV bucket names), not starting with
+/// `__` (the embedded store's own tables).
 pub fn check_bucket(bucket: &str) -> Result<(), StoreError> {
     let ok = !bucket.is_empty()
         && bucket.len() <= 64
+        && !bucket.starts_with("__")
         && bucket
             .bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-');
@@ -321,7 +323,7 @@ pub fn check_bucket(bucket: &str) -> Result<(), StoreError> {
         Err(StoreError::InvalidName {
             what: "bucket",
             name: bucket.into(),
-            why: "expected 1-64 characters of a-z, 0-9, '_' and '-'",
+            why: "expected 1-64 characters of a-z, 0-9, '_' and '-', not starting with '__'",
         })
     }
 }

@@ -200,10 +200,11 @@ impl NatsStore {
         if let Some(s) = self.buckets.read().await.get(bucket) {
             return Ok(s.clone());
         }
-        let name = self.bucket_name(bucket);
-        let store = match self.js.get_key_value(name.as_str()).await {
-            Ok(s) => s,
-            Err(_) => self.configure(bucket, BucketOptions::default()).await?,
+        let store = match self.existing(bucket).await? {
+            Some(s) => s,
+            // Only a bucket that does not exist is created; a failed lookup must never reset an
+            // existing bucket's options.
+            None => self.configure(bucket, BucketOptions::default()).await?,
         };
         self.buckets
             .write()
@@ -285,9 +286,16 @@ impl NatsStore {
         let (messages, pending) = self
             .consumer(&kv, filter, DeliverPolicy::LastPerSubject, headers_only)
             .await?;
-        let mut out: Vec<(String, Entry)> = drain(&kv, messages, pending, "list")
-            .await?
-            .into_iter()
+        // A write during the listing can deliver a key twice: the latest change wins, and a key
+        // whose latest change is a delete is gone.
+        let mut latest: std::collections::BTreeMap<String, Change> = Default::default();
+        for c in drain(&kv, messages, pending, "list").await? {
+            if latest.get(&c.key).is_none_or(|l| l.revision < c.revision) {
+                latest.insert(c.key.clone(), c);
+            }
+        }
+        let mut out: Vec<(String, Entry)> = latest
+            .into_values()
             .filter(|c| c.op == Op::Put)
             .map(|c| {
                 (

@@ -387,7 +387,9 @@ fn writer_loop(db: &Database, jobs: &std_mpsc::Receiver<Job>, head: &watch::Send
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
             // Expiry is retried at the next sweep when it fails.
-            let _ = sweep(db, &mut options);
+            if let Err(e) = sweep(db, &mut options) {
+                tracing::warn!(error = %e, "store: expiring old changes failed; retried in a second");
+            }
         }
     }
 }

@@ -156,8 +156,8 @@ impl DesiredState {
                 self.store.delete(LEGACY_DESIRED_BUCKET, name).await?;
             }
             match outcome {
-                (None, Some(_)) => report.added.push(name.clone()),
-                (Some(before), Some(after)) => {
+                (None, Some(_), _) => report.added.push(name.clone()),
+                (Some(before), Some(after), _) => {
                     if before != after {
                         report.changed.push(name.clone());
                     }
@@ -181,19 +181,20 @@ impl DesiredState {
         Ok(report)
     }
 
-    /// Set the instance count of a service's version (its only one when `version` is `None`).
+    /// Set the instance count of a service's version (its only one when `version` is `None`);
+    /// returns the deployment and the store revision that holds it.
     pub async fn scale(
         &self,
         service: &str,
         version: Option<&semver::Version>,
         replicas: u32,
-    ) -> Result<Deployment, SupervisorError> {
+    ) -> Result<(Deployment, u64), SupervisorError> {
         if replicas > MAX_REPLICAS {
             return Err(SupervisorError::Invalid(format!(
                 "replicas: expected 0..={MAX_REPLICAS}, got {replicas}"
             )));
         }
-        let (_, after) = self
+        let (_, after, rev) = self
             .modify(service, |current| {
                 let Some(mut d) = current.cloned() else {
                     return Err(SupervisorError::UnknownService(service.into()));
@@ -226,7 +227,10 @@ impl DesiredState {
                 Ok(Some(d))
             })
             .await?;
-        after.ok_or_else(|| SupervisorError::UnknownService(service.into()))
+        Ok((
+            after.ok_or_else(|| SupervisorError::UnknownService(service.into()))?,
+            rev,
+        ))
     }
 
     /// Add a version of a service beside those it runs (or change one added this way): it runs
@@ -238,7 +242,7 @@ impl DesiredState {
         change: VersionChange,
     ) -> Result<Deployment, SupervisorError> {
         change.check()?;
-        let (_, after) = self
+        let (_, after, _) = self
             .modify(service, |current| {
                 let Some(mut d) = current.cloned() else {
                     return Err(SupervisorError::UnknownService(service.into()));
@@ -287,7 +291,7 @@ impl DesiredState {
         service: &str,
         version: &semver::Version,
     ) -> Result<Deployment, SupervisorError> {
-        let (_, after) = self
+        let (_, after, _) = self
             .modify(service, |current| {
                 let Some(mut d) = current.cloned() else {
                     return Err(SupervisorError::UnknownService(service.into()));
@@ -319,7 +323,7 @@ impl DesiredState {
         &self,
         service: &str,
         mut f: F,
-    ) -> Result<(Option<Deployment>, Option<Deployment>), SupervisorError>
+    ) -> Result<(Option<Deployment>, Option<Deployment>, u64), SupervisorError>
     where
         F: FnMut(Option<&Deployment>) -> Result<Option<Deployment>, SupervisorError>,
     {
@@ -328,8 +332,9 @@ impl DesiredState {
                 self.store.get_json(DEPLOY_BUCKET, service).await?;
             let next = f(current.as_ref().map(|(d, _)| d))?;
             if next.as_ref() == current.as_ref().map(|(d, _)| d) {
+                let rev = current.as_ref().map_or(0, |(_, r)| *r);
                 let before = current.map(|(d, _)| d);
-                return Ok((before.clone(), before));
+                return Ok((before.clone(), before, rev));
             }
             let written = match (&current, &next) {
                 (Some((_, rev)), Some(n)) => {
@@ -346,7 +351,7 @@ impl DesiredState {
                 (None, None) => Ok(0),
             };
             match written {
-                Ok(_) => return Ok((current.map(|(d, _)| d), next)),
+                Ok(rev) => return Ok((current.map(|(d, _)| d), next, rev)),
                 Err(StoreError::RevisionMismatch { .. } | StoreError::AlreadyExists { .. }) => {
                     continue
                 }

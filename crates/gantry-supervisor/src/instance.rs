@@ -370,9 +370,14 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
     let (config_version, config) = match config {
         Ok(Some(v)) => (v.version, v.values),
         Ok(None) => (0, BTreeMap::new()),
+        // Starting without its settings (or secrets) would look healthy and be wrong: this start
+        // fails and is retried with backoff.
         Err(e) => {
-            tracing::warn!(service = %svc.name, error = %e, "cannot read config; starting without it");
-            (0, BTreeMap::new())
+            return Outcome::Exited {
+                description: format!("cannot read its config: {e}"),
+                success: false,
+                ran_for: Duration::ZERO,
+            }
         }
     };
     let (dir, added) = match prepare_instance(svc, r.id).await {

@@ -195,6 +195,8 @@ struct VersionEntry {
     ctx: Arc<ServiceCtx>,
     tx: mpsc::Sender<service::ServiceCmd>,
     desired: watch::Receiver<u32>,
+    /// The last instance count sent to the controller (it may not have applied it yet).
+    sent: u32,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -220,6 +222,11 @@ pub struct ServiceStatus {
 
 pub struct Supervisor {
     services: Mutex<BTreeMap<String, ServiceEntry>>,
+    /// Instance numbering per service, kept when a service leaves and comes back, so that a new
+    /// instance never takes the id of one still draining.
+    ids: Mutex<BTreeMap<String, Arc<AtomicU32>>>,
+    /// The last desired-state revision the reconciler applied.
+    applied: watch::Sender<u64>,
     /// Controllers of versions and services leaving the desired state, still draining.
     leaving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     deps: Arc<Deps>,
@@ -250,6 +257,8 @@ impl Supervisor {
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
             services: Mutex::new(BTreeMap::new()),
+            ids: Mutex::new(BTreeMap::new()),
+            applied: watch::channel(0).0,
             leaving: Mutex::new(Vec::new()),
             deps,
             desired_state: DesiredState::new(d.store),
@@ -331,6 +340,13 @@ impl Supervisor {
                         }
                         Op::Delete => self.remove(&c.key),
                     }
+                    self.applied.send_if_modified(|a| {
+                        let newer = c.revision > *a;
+                        if newer {
+                            *a = c.revision;
+                        }
+                        newer
+                    });
                 }
                 Some(Err(_)) | None => {
                     if *shutdown.borrow() {
@@ -365,12 +381,24 @@ impl Supervisor {
         let mut leaving = Vec::new();
         {
             let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+            // Checked again under the lock: `shutdown` sets the flag before it takes the map, so
+            // nothing started here can miss being stopped.
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let ids = self
+                .ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(d.service.clone())
+                .or_insert_with(|| Arc::new(AtomicU32::new(1)))
+                .clone();
             let entry = services
                 .entry(d.service.clone())
                 .or_insert_with(|| ServiceEntry {
                     deployment: d.clone(),
                     versions: BTreeMap::new(),
-                    ids: Arc::new(AtomicU32::new(1)),
+                    ids,
                 });
             let shutdown_rx = self.shutdown.subscribe();
             for v in &d.versions {
@@ -391,6 +419,7 @@ impl Supervisor {
                                 ctx,
                                 tx,
                                 desired: desired_rx,
+                                sent: v.replicas,
                                 task: Some(task),
                             },
                         );
@@ -406,7 +435,8 @@ impl Supervisor {
                                 },
                             ));
                         }
-                        if *e.desired.borrow() != v.replicas {
+                        if e.sent != v.replicas {
+                            e.sent = v.replicas;
                             sends.push((
                                 e.tx.clone(),
                                 service::ServiceCmd::Scale {
@@ -460,6 +490,21 @@ impl Supervisor {
         leaving.retain(|h| !h.is_finished());
         for e in entries {
             leaving.push(tokio::spawn(stop_version(e)));
+        }
+    }
+
+    /// Wait for every version still draining in the background (shutdown waits until none is
+    /// left, including any pushed while it waited).
+    async fn join_leaving(&self) {
+        loop {
+            let leaving: Vec<_> =
+                std::mem::take(&mut *self.leaving.lock().unwrap_or_else(PoisonError::into_inner));
+            if leaving.is_empty() {
+                return;
+            }
+            for h in leaving {
+                let _ = h.await;
+            }
         }
     }
 
@@ -539,26 +584,27 @@ impl Supervisor {
         if !self.has_service(service) {
             return Err(SupervisorError::UnknownService(service.into()));
         }
-        let d = self.desired_state.scale(service, version, replicas).await?;
-        // The reconciler applies the same change; applying it here as well (a second scale to
-        // the same count does nothing) lets the caller wait for it to be done.
-        for v in &d.versions {
-            if version.is_some_and(|want| want != &v.version) {
-                continue;
-            }
-            if d.versions.len() > 1 && version.is_none() {
-                continue;
-            }
-            for tx in self.senders(service, Some(&v.version))? {
-                let (reply, rx) = oneshot::channel();
-                tx.send(service::ServiceCmd::Scale {
-                    replicas: v.replicas,
-                    reply: Some(reply),
-                })
+        let (d, rev) = self.desired_state.scale(service, version, replicas).await?;
+        // The reconciler applies the change; wait for it to have, then for the controller to
+        // have done what it was sent (commands run in order).
+        let mut applied = self.applied.subscribe();
+        let reached = {
+            let r = tokio::time::timeout(Duration::from_secs(30), applied.wait_for(|a| *a >= rev))
+                .await;
+            matches!(r, Ok(Ok(_)))
+        };
+        if !reached {
+            return Err(SupervisorError::Conflict(format!(
+                "the new instance count of {service} is stored (revision {rev}) but was not applied within 30 s"
+            )));
+        }
+        let which = if d.versions.len() == 1 { None } else { version };
+        for tx in self.senders(service, which)? {
+            let (reply, rx) = oneshot::channel();
+            tx.send(service::ServiceCmd::Sync { reply })
                 .await
                 .map_err(|_| shutting_down())?;
-                rx.await.map_err(|_| shutting_down())??;
-            }
+            rx.await.map_err(|_| shutting_down())?;
         }
         Ok(())
     }
@@ -640,11 +686,7 @@ impl Supervisor {
             }
             futures_join_all(waits).await;
         }
-        let leaving: Vec<_> =
-            std::mem::take(&mut *self.leaving.lock().unwrap_or_else(PoisonError::into_inner));
-        for h in leaving {
-            let _ = h.await;
-        }
+        self.join_leaving().await;
     }
 }
 

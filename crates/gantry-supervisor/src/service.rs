@@ -29,6 +29,10 @@ pub(crate) enum ServiceCmd {
     Stop {
         reply: oneshot::Sender<()>,
     },
+    /// Answered once every command sent before it is done.
+    Sync {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Result of a rolling restart.
@@ -100,6 +104,9 @@ pub(crate) async fn run(
                         // Nothing runs yet: start with the new deployment.
                         c.svc = ctx;
                     }
+                    Some(ServiceCmd::Sync { reply }) => {
+                        let _ = reply.send(());
+                    }
                     Some(ServiceCmd::Restart { reply, .. }) => {
                         if let Some(reply) = reply {
                             let _ = reply.send(Err(SupervisorError::Conflict(format!(
@@ -137,6 +144,9 @@ pub(crate) async fn run(
                 if let Some(reply) = reply {
                     let _ = reply.send(res);
                 }
+            }
+            ServiceCmd::Sync { reply } => {
+                let _ = reply.send(());
             }
             ServiceCmd::Stop { reply } => {
                 c.stop_all().await;

@@ -122,6 +122,9 @@ impl RouteControl for Control {
             .await
             .map_err(|e| RouteControlError::Internal(e.to_string()))?
             .map_err(|e| RouteControlError::Invalid(e.0.iter().map(|x| x.to_string()).collect()))?;
+        // One reload (or route write) at a time, so that the desired state and the route table
+        // always come from the same spec.
+        let _write = self.writes.lock().await;
         // Services: the spec's part of the desired state; the supervisor starts, replaces and
         // stops instances to match, while every other service keeps serving.
         let services = self

@@ -124,6 +124,8 @@ fn every_endpoint_needs_a_permission_and_changes_are_audited() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-request-id"), Some("req-audit-1"));
+    // (Refusals are recorded up to a rate per second; the burst above used this second's.)
+    std::thread::sleep(Duration::from_millis(1100));
     let denied = call(&g, "DELETE", "/v1/routes/audited", &[], None);
     assert_eq!(denied.status, 401);
     let records = g.admin_get("/v1/audit?limit=1000");
