@@ -47,6 +47,11 @@ const FORMAT: u64 = 2;
 /// Most jobs one transaction takes.
 const MAX_BATCH: usize = 4096;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long a delete stays in a key's history and in watches from a revision. Keys that come
+/// and go (self-registrations with generated ids, process records) would otherwise leave one
+/// marker each, forever. A watch resumed from a revision older than this may miss a delete; a
+/// watch from `Current` never does. (JetStream's `purge_deletes` has the same trade.)
+pub const DELETE_MARKER_TTL: Duration = Duration::from_secs(3600);
 
 type ValueTable<'a> = TableDefinition<'a, &'static str, &'static [u8]>;
 
@@ -141,6 +146,11 @@ impl RedbStore {
     /// Open (or create) `dir/state.redb`, migrating an older format. Fails with
     /// [`StoreError::Locked`] if another process has it open.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, DELETE_MARKER_TTL)
+    }
+
+    /// [`RedbStore::open`], keeping delete markers for `marker_ttl` (see [`DELETE_MARKER_TTL`]).
+    pub fn open_with(dir: &Path, marker_ttl: Duration) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Backend(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("state.redb");
@@ -159,7 +169,7 @@ impl RedbStore {
             let head = head.clone();
             std::thread::Builder::new()
                 .name("gantry-store".into())
-                .spawn(move || writer_loop(&db, &rx, &head))
+                .spawn(move || writer_loop(&db, &rx, &head, marker_ttl))
                 .map_err(|e| StoreError::Backend(format!("start store writer: {e}")))?
         };
         Ok(Self {
@@ -365,9 +375,16 @@ fn migrate(db: &Database) -> Result<u64, StoreError> {
     Ok(head.unwrap_or(0))
 }
 
-fn writer_loop(db: &Database, jobs: &std_mpsc::Receiver<Job>, head: &watch::Sender<u64>) {
+fn writer_loop(
+    db: &Database,
+    jobs: &std_mpsc::Receiver<Job>,
+    head: &watch::Sender<u64>,
+    marker_ttl: Duration,
+) {
     let mut options: HashMap<String, BucketOptions> = HashMap::new();
     let mut last_sweep = Instant::now();
+    let mut last_marker_sweep = Instant::now();
+    let marker_every = marker_ttl.min(Duration::from_secs(60));
     loop {
         let first = match jobs.recv_timeout(SWEEP_EVERY) {
             Ok(j) => Some(j),
@@ -391,7 +408,63 @@ fn writer_loop(db: &Database, jobs: &std_mpsc::Receiver<Job>, head: &watch::Send
                 tracing::warn!(error = %e, "store: expiring old changes failed; retried in a second");
             }
         }
+        if last_marker_sweep.elapsed() >= marker_every {
+            last_marker_sweep = Instant::now();
+            if let Err(e) = sweep_markers(db, marker_ttl) {
+                tracing::warn!(error = %e, "store: removing old delete markers failed; retried later");
+            }
+        }
     }
+}
+
+/// Remove delete markers older than `ttl` from every bucket's log and index (at most 10,000 per
+/// bucket per sweep).
+fn sweep_markers(db: &Database, ttl: Duration) -> Result<(), StoreError> {
+    let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+    let mut tx = db.begin_write().map_err(be)?;
+    tx.set_durability(Durability::Immediate)
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    let buckets: Vec<String> = tx
+        .list_tables()
+        .map_err(be)?
+        .map(|h| h.name().to_string())
+        .filter(|n| is_value_table(n))
+        .collect();
+    let mut removed = 0usize;
+    for bucket in buckets {
+        let names = Names::of(&bucket);
+        let mut log = tx
+            .open_table::<u64, &[u8]>(TableDefinition::new(&names.log))
+            .map_err(be)?;
+        let mut old = Vec::new();
+        for item in log.iter().map_err(be)? {
+            let (r, raw) = item.map_err(be)?;
+            let rec = decode_change(raw.value()).ok_or_else(|| corrupt_log(&bucket, r.value()))?;
+            if rec.at_ms >= cutoff || old.len() >= 10_000 {
+                break;
+            }
+            if rec.op == Op::Delete {
+                old.push((r.value(), rec.key.to_string()));
+            }
+        }
+        if old.is_empty() {
+            continue;
+        }
+        let mut hist = tx
+            .open_multimap_table::<&str, u64>(MultimapTableDefinition::new(&names.hist))
+            .map_err(be)?;
+        for (r, key) in old {
+            log.remove(r).map_err(be)?;
+            hist.remove(key.as_str(), r).map_err(be)?;
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        tx.abort().map_err(be)?;
+        return Ok(());
+    }
+    tx.commit().map_err(be)?;
+    Ok(())
 }
 
 fn commit_batch(
