@@ -160,18 +160,28 @@ pub(crate) async fn list(
     if limit == 0 || limit > 10_000 {
         return Err(ApiError::bad_request("limit: expected 1..=10000"));
     }
-    let rows: Vec<(String, AuditRecord, u64)> = s.store.list_json(AUDIT_BUCKET, ">").await?;
-    let out: Vec<AuditRecord> = rows
-        .into_iter()
-        .rev()
-        .map(|(_, r, _)| r)
-        .filter(|r| q.since.is_none_or(|t| r.time_ms >= t))
-        .filter(|r| {
-            q.principal
-                .as_deref()
-                .is_none_or(|p| r.principal.as_deref() == Some(p))
-        })
-        .take(limit)
-        .collect();
+    // Keys start with the time (13 digits), so the newest are last and `since` needs no value:
+    // only the records returned are read.
+    let keys = s.store.keys(AUDIT_BUCKET, ">").await?;
+    let mut out = Vec::with_capacity(limit.min(keys.len()));
+    for key in keys.iter().rev() {
+        if out.len() >= limit {
+            break;
+        }
+        let time_ms: u64 = key.get(..13).and_then(|t| t.parse().ok()).unwrap_or(0);
+        if q.since.is_some_and(|t| time_ms < t) {
+            break;
+        }
+        let Some((r, _)) = s.store.get_json::<AuditRecord>(AUDIT_BUCKET, key).await? else {
+            continue;
+        };
+        if q.principal
+            .as_deref()
+            .is_some_and(|p| r.principal.as_deref() != Some(p))
+        {
+            continue;
+        }
+        out.push(r);
+    }
     Ok(Json(out))
 }
