@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::Metrics;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     Stdout,
@@ -19,7 +19,7 @@ pub enum LogStream {
 }
 
 /// One captured line.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LogLine {
     /// Position in the store; increases by one per line, over all instances.
     pub seq: u64,

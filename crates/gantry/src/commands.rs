@@ -14,6 +14,7 @@ use gantry_api::audit::AuditRecord;
 use gantry_config::{ChangeKind, ConfigVersion};
 use gantry_model::{Instance, InstanceSource};
 use gantry_supervisor::{InstanceState, InstanceStatus, ServiceStatus};
+use gantry_telemetry::LogLine;
 
 use crate::client::{enc, CliError, Client, Target};
 use crate::table;
@@ -294,18 +295,13 @@ async fn logs(
             let mut out = stdout.lock();
             if json {
                 let _ = out.write_all(&line);
-            } else if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                if let Some(n) = v.get("lagged") {
-                    let _ = writeln!(out, "... {n} lines skipped (reader too slow)");
-                } else {
-                    let _ = writeln!(
-                        out,
-                        "{} {} | {}",
-                        table::clock(v["ts_ms"].as_u64().unwrap_or(0)),
-                        v["instance"].as_str().unwrap_or("?"),
-                        v["line"].as_str().unwrap_or("")
-                    );
-                }
+            } else if let Ok(l) = serde_json::from_slice::<LogLine>(&line) {
+                let _ = writeln!(out, "{} {} | {}", table::clock(l.ts_ms), l.instance, l.line);
+            } else if let Some(n) = serde_json::from_slice::<Value>(&line)
+                .ok()
+                .and_then(|v| v.get("lagged").cloned())
+            {
+                let _ = writeln!(out, "... {n} lines skipped (reader too slow)");
             }
             if out.flush().is_err() {
                 // stdout closed (e.g. piped into head): stop quietly.
