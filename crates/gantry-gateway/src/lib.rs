@@ -127,7 +127,7 @@ pub struct Gateway {
 }
 
 /// A route as the admin API shows it: the rule, resolved, and where it sends traffic now.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RouteView {
     #[serde(flatten)]
     pub route: gantry_model::Route,
@@ -136,7 +136,7 @@ pub struct RouteView {
     pub endpoints: Vec<EndpointView>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct EndpointView {
     pub instance: String,
     pub service: String,

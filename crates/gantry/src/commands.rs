@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 
 use gantry_api::audit::AuditRecord;
 use gantry_config::{ChangeKind, ConfigVersion};
-use gantry_model::{Instance, InstanceSource};
+use gantry_gateway::RouteView;
+use gantry_model::{Instance, InstanceSource, PathMatch, RouteAction};
 use gantry_supervisor::{InstanceState, InstanceStatus, ServiceStatus};
 use gantry_telemetry::LogLine;
 
@@ -329,85 +330,75 @@ async fn restart(c: &Client, service: &str) -> Result<(), CliError> {
 }
 
 async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
-    let v = c.get("/v1/routes").await?;
-    if out.json {
-        print_json(&v);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
-        .iter()
-        .map(|r| {
-            let eps = r["endpoints"]
-                .as_array()
-                .map(|e| {
-                    e.iter()
-                        .map(|x| {
-                            let mut s = format!("{}@{}", s(&x["instance"]), s(&x["address"]));
-                            if x["ejected"] == true {
-                                s.push_str("(ejected)");
-                            } else if x["healthy"] == false {
-                                s.push_str("(failing)");
-                            }
-                            s
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-                .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| "-".into());
-            let m = &r["match"];
-            let hosts = m["hosts"]
-                .as_array()
-                .map(|h| h.iter().map(s).collect::<Vec<_>>().join(","))
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "*".into());
-            let mut matcher = format!("{} {}", s(&m["path"]["type"]), s(&m["path"]["value"]));
-            if let Some(ms) = m["methods"].as_array().filter(|a| !a.is_empty()) {
-                matcher = format!(
-                    "{} {matcher}",
-                    ms.iter().map(s).collect::<Vec<_>>().join(",")
-                );
-            }
-            let extra = m["headers"].as_array().map_or(0, Vec::len)
-                + m["query"].as_array().map_or(0, Vec::len);
-            if extra > 0 {
-                matcher.push_str(&format!(" +{extra} conditions"));
-            }
-            let action = match r["action"]["type"].as_str() {
-                Some("redirect") => format!("redirect {}", s(&r["action"]["status"])),
-                _ => r["action"]["backends"]
-                    .as_array()
-                    .map(|b| {
-                        b.iter()
-                            .map(|x| match x["version"].as_str() {
-                                Some(v) => format!("{}@{v}", s(&x["service"])),
-                                None => s(&x["service"]),
-                            })
-                            .collect::<Vec<_>>()
-                            .join(" | ")
+    let headers = ["ROUTE", "HOSTS", "MATCH", "REWRITE", "TARGET", "ENDPOINTS"];
+    list(c, "/v1/routes", out, &headers, |r: &RouteView| {
+        let eps = r
+            .endpoints
+            .iter()
+            .map(|x| {
+                let mut s = format!("{}@{}", x.instance, x.address);
+                if x.ejected {
+                    s.push_str("(ejected)");
+                } else if !x.healthy {
+                    s.push_str("(failing)");
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let m = &r.route.matcher;
+        let hosts = if m.hosts.is_empty() {
+            "*".to_string()
+        } else {
+            m.hosts.join(",")
+        };
+        let mut matcher = match &m.path {
+            PathMatch::Prefix(p) => format!("prefix {p}"),
+            PathMatch::Exact(p) => format!("exact {p}"),
+            PathMatch::Regex(p) => format!("regex {p}"),
+        };
+        if !m.methods.is_empty() {
+            matcher = format!("{} {matcher}", m.methods.join(","));
+        }
+        let extra = m.headers.len() + m.query.len();
+        if extra > 0 {
+            matcher.push_str(&format!(" +{extra} conditions"));
+        }
+        let (rewrite, action) = match &r.route.action {
+            RouteAction::Redirect(rd) => ("-".to_string(), format!("redirect {}", rd.status)),
+            RouteAction::Forward(f) => {
+                let rw = &f.rewrite;
+                let rewrite = if let Some(to) = &rw.replace_prefix {
+                    format!("prefix -> {to}")
+                } else if rw.strip_prefix {
+                    "strip prefix".to_string()
+                } else if let Some((re, to)) = &rw.regex {
+                    format!("{re} -> {to}")
+                } else {
+                    "-".to_string()
+                };
+                let target = f
+                    .backends
+                    .iter()
+                    .map(|b| match &b.version {
+                        Some(v) => format!("{}@{v}", b.service),
+                        None => b.service.clone(),
                     })
-                    .unwrap_or_default(),
-            };
-            let rw = &r["action"]["rewrite"];
-            let rewrite = if let Some(to) = rw["replace_prefix"].as_str() {
-                format!("prefix -> {to}")
-            } else if rw["strip_prefix"] == true {
-                "strip prefix".to_string()
-            } else if let Some(re) = rw["regex"].as_array().filter(|a| a.len() == 2) {
-                format!("{} -> {}", s(&re[0]), s(&re[1]))
-            } else {
-                "-".to_string()
-            };
-            vec![s(&r["id"]), hosts, matcher, rewrite, action, eps]
-        })
-        .collect();
-    table::print(
-        &["ROUTE", "HOSTS", "MATCH", "REWRITE", "TARGET", "ENDPOINTS"],
-        &rows,
-    );
-    Ok(())
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                (rewrite, target)
+            }
+        };
+        vec![
+            r.route.id.clone(),
+            hosts,
+            matcher,
+            rewrite,
+            action,
+            if eps.is_empty() { "-".into() } else { eps },
+        ]
+    })
+    .await
 }
 
 async fn registry_ls(
