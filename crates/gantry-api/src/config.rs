@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gantry_config::ChangeRequest;
+use gantry_config::{ChangeRequest, CurrentConfig};
 use http::StatusCode;
 use serde::Deserialize;
 
@@ -33,8 +33,15 @@ pub async fn config_current(
 ) -> ApiResult<impl IntoResponse> {
     let v = s.config.current(&service).await?;
     Ok(Json(match v {
-        Some(v) => serde_json::to_value(v).unwrap_or_default(),
-        None => serde_json::json!({ "service": service, "version": 0, "values": {} }),
+        Some(v) => CurrentConfig {
+            service: v.service,
+            version: v.version,
+            values: v.values,
+        },
+        None => CurrentConfig {
+            service,
+            ..CurrentConfig::default()
+        },
     }))
 }
 
@@ -60,12 +67,12 @@ pub async fn config_history(
     Ok(Json(s.config.history(&service).await?))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(serde::Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackBody {
-    version: u64,
+    pub version: u64,
     #[serde(default)]
-    message: Option<String>,
+    pub message: Option<String>,
 }
 
 pub async fn config_rollback(

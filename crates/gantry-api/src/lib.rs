@@ -11,7 +11,7 @@
 
 pub mod audit;
 pub mod auth;
-mod config;
+pub mod config;
 mod deployments;
 mod error;
 mod observe;
@@ -20,7 +20,7 @@ mod parse;
 mod registry;
 mod routing;
 pub mod serve;
-mod services;
+pub mod services;
 mod stream;
 mod system;
 

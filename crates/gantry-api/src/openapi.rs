@@ -87,7 +87,7 @@ macro_rules! ep {
     };
 }
 
-use gantry_config::{ChangeRequest, Committed, ConfigVersion};
+use gantry_config::{ChangeRequest, Committed, ConfigVersion, CurrentConfig};
 use gantry_gateway::{RouteView, Traffic, UpstreamView};
 use gantry_model::{Deployment, Instance};
 use gantry_registry::Registration;
@@ -133,7 +133,7 @@ fn endpoints() -> Vec<Endpoint> {
         ep!("PUT" "/v1/registry/instances/{id}/heartbeat", "Renew a lease", query NONE, body None, Json(200, Of(of::<Instance>))),
         ep!("GET" "/v1/registry/watch", "Server-Sent Events: snapshot, then changes", query NONE, body None, EventStream),
         ep!("GET" "/v1/config", "Services that have config", query NONE, body None, Json(200, Strings)),
-        ep!("GET" "/v1/config/{service}", "Current config of a service", query NONE, body None, Json(200, AnyObject)),
+        ep!("GET" "/v1/config/{service}", "Current config of a service", query NONE, body None, Json(200, Of(of::<CurrentConfig>))),
         ep!("PATCH" "/v1/config/{service}", "Commit a change (new version)", query NONE, body Some(Of(of::<ChangeRequest>)), Json(201, Of(of::<Committed>))),
         ep!("GET" "/v1/config/{service}/history", "Every version", query NONE, body None, Json(200, ListOf(of::<ConfigVersion>))),
         ep!("POST" "/v1/config/{service}/rollback", "Make an earlier version's values current", query NONE, body Some(Of(of::<RollbackBody>)), Json(201, Of(of::<Committed>))),

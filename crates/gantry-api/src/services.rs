@@ -23,14 +23,14 @@ pub async fn list_services(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.supervisor.services())
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(serde::Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleBody {
-    replicas: u32,
+    pub replicas: u32,
     /// Which version, when the service runs several.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
-    version: Option<semver::Version>,
+    pub version: Option<semver::Version>,
 }
 
 pub async fn scale(

@@ -82,8 +82,16 @@ pub struct ConfigChanged {
     pub version: u64,
 }
 
+/// The current values of a service (version 0 and no values when it has no config).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CurrentConfig {
+    pub service: String,
+    pub version: u64,
+    pub values: BTreeMap<String, String>,
+}
+
 /// Outcome of a change: the version now current, and whether this call created it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Committed {
     pub version: ConfigVersion,
     pub created: bool,

@@ -36,13 +36,13 @@ pub(crate) enum ServiceCmd {
 }
 
 /// Result of a rolling restart.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RestartReport {
     pub service: String,
     pub replaced: Vec<Replacement>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Replacement {
     pub old: String,
     pub new: String,

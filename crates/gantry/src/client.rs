@@ -157,6 +157,25 @@ impl Client {
         })
     }
 
+    /// A call with a typed body and a typed answer (the API's own types).
+    pub async fn send<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, CliError> {
+        let body = body
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| CliError::new(format!("encoding the request: {e}")))?;
+        let v = self.call(method, path, body.as_ref()).await?;
+        serde_json::from_value(v).map_err(|e| {
+            CliError::new(format!(
+                "unexpected answer from {path}: {e} (is gantry the same version as this CLI?)"
+            ))
+        })
+    }
+
     pub async fn call(
         &self,
         method: Method,

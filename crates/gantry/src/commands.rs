@@ -11,10 +11,12 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 
 use gantry_api::audit::AuditRecord;
-use gantry_config::{ChangeKind, ConfigVersion};
+use gantry_api::config::RollbackBody;
+use gantry_api::services::ScaleBody;
+use gantry_config::{ChangeKind, ChangeRequest, Committed, ConfigVersion, CurrentConfig};
 use gantry_gateway::RouteView;
 use gantry_model::{Instance, InstanceSource, PathMatch, RouteAction};
-use gantry_supervisor::{InstanceState, InstanceStatus, ServiceStatus};
+use gantry_supervisor::{InstanceState, InstanceStatus, RestartReport, ServiceStatus};
 use gantry_telemetry::LogLine;
 
 use crate::client::{enc, CliError, Client, Target};
@@ -77,12 +79,17 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             json,
         } => logs(c, service, follow, instance, since, tail, json).await,
         Cmd::Scale { service, replicas } => {
-            c.call(
-                Method::POST,
-                &format!("/v1/services/{}/scale", enc(&service)),
-                Some(&json!({ "replicas": replicas })),
-            )
-            .await?;
+            let body = ScaleBody {
+                replicas,
+                version: None,
+            };
+            let _: Value = c
+                .send(
+                    Method::POST,
+                    &format!("/v1/services/{}/scale", enc(&service)),
+                    Some(&body),
+                )
+                .await?;
             println!("{service} scaled to {replicas} instances");
             Ok(())
         }
@@ -315,15 +322,15 @@ async fn logs(
 
 async fn restart(c: &Client, service: &str) -> Result<(), CliError> {
     eprintln!("rolling restart of {service} (each new instance must become healthy first)...");
-    let v = c
-        .call(
+    let report: RestartReport = c
+        .send(
             Method::POST,
             &format!("/v1/services/{}/restart", enc(service)),
-            None,
+            None::<&Value>,
         )
         .await?;
-    for r in v["replaced"].as_array().map_or(&[][..], Vec::as_slice) {
-        println!("{} -> {}", s(&r["old"]), s(&r["new"]));
+    for r in &report.replaced {
+        println!("{} -> {}", r.old, r.new);
     }
     println!("{service} restarted");
     Ok(())
@@ -484,7 +491,11 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             message,
             restart: and_restart,
         } => {
-            let body = json!({ "set": { key.clone(): value }, "message": message });
+            let body = ChangeRequest {
+                set: [(key, value)].into_iter().collect(),
+                unset: Vec::new(),
+                message,
+            };
             commit(c, &service, body, and_restart).await
         }
         ConfigCmd::Unset {
@@ -493,7 +504,11 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             message,
             restart: and_restart,
         } => {
-            let body = json!({ "unset": [key], "message": message });
+            let body = ChangeRequest {
+                set: Default::default(),
+                unset: vec![key],
+                message,
+            };
             commit(c, &service, body, and_restart).await
         }
         ConfigCmd::Rollback {
@@ -502,27 +517,33 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
             message,
             restart: and_restart,
         } => {
-            let v = c
-                .call(
+            let done: Committed = c
+                .send(
                     Method::POST,
                     &format!("/v1/config/{}/rollback", enc(&service)),
-                    Some(&json!({ "version": version, "message": message })),
+                    Some(&RollbackBody { version, message }),
                 )
                 .await?;
             println!(
                 "{service}: config version {} restores version {version}",
-                s(&v["version"]["version"])
+                done.version.version
             );
             after_commit(c, &service, and_restart).await
         }
         ConfigCmd::Get { service, key, out } => {
-            let v = c.get(&format!("/v1/config/{}", enc(&service))).await?;
+            let v: CurrentConfig = c
+                .send(
+                    Method::GET,
+                    &format!("/v1/config/{}", enc(&service)),
+                    None::<&Value>,
+                )
+                .await?;
             match key {
-                Some(k) => match v["values"].get(&k) {
+                Some(k) => match v.values.get(&k) {
                     Some(val) if out.json => {
-                        print_json(&json!({ "key": k, "value": val, "version": v["version"] }))
+                        print_json(&json!({ "key": k, "value": val, "version": v.version }))
                     }
-                    Some(val) => println!("{}", val.as_str().unwrap_or_default()),
+                    Some(val) => println!("{val}"),
                     None => {
                         return Err(CliError {
                             message: format!("{service} has no config key {k}"),
@@ -530,16 +551,22 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
                         })
                     }
                 },
-                None if out.json => print_json(&v),
+                None if out.json => print_json(&json!(v)),
                 None => print_values(&v),
             }
             Ok(())
         }
         ConfigCmd::List { service, out } => match service {
             Some(svc) => {
-                let v = c.get(&format!("/v1/config/{}", enc(&svc))).await?;
+                let v: CurrentConfig = c
+                    .send(
+                        Method::GET,
+                        &format!("/v1/config/{}", enc(&svc)),
+                        None::<&Value>,
+                    )
+                    .await?;
                 if out.json {
-                    print_json(&v);
+                    print_json(&json!(v));
                 } else {
                     print_values(&v);
                 }
@@ -585,25 +612,28 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
     }
 }
 
-fn print_values(v: &Value) {
-    println!("# {} config version {}", s(&v["service"]), s(&v["version"]));
-    if let Some(m) = v["values"].as_object() {
-        for (k, val) in m {
-            println!("{k}={}", val.as_str().unwrap_or_default());
-        }
+fn print_values(v: &CurrentConfig) {
+    println!("# {} config version {}", v.service, v.version);
+    for (k, val) in &v.values {
+        println!("{k}={val}");
     }
 }
 
-async fn commit(c: &Client, service: &str, body: Value, and_restart: bool) -> Result<(), CliError> {
-    let v = c
-        .call(
+async fn commit(
+    c: &Client,
+    service: &str,
+    body: ChangeRequest,
+    and_restart: bool,
+) -> Result<(), CliError> {
+    let done: Committed = c
+        .send(
             Method::PATCH,
             &format!("/v1/config/{}", enc(service)),
             Some(&body),
         )
         .await?;
-    let version = s(&v["version"]["version"]);
-    if v["created"].as_bool() == Some(true) {
+    let version = done.version.version;
+    if done.created {
         println!("{service}: config version {version} committed");
     } else {
         println!("{service}: no change (config version {version} already has these values)");
