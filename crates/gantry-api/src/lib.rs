@@ -74,7 +74,7 @@ pub enum RouteControlError {
 #[async_trait::async_trait]
 pub trait RouteControl: Send + Sync {
     /// Apply the spec file again: a report of what changed, or the spec's errors.
-    async fn reload(&self) -> Result<serde_json::Value, RouteControlError>;
+    async fn reload(&self) -> Result<ReloadReport, RouteControlError>;
     /// Add or replace the API route `name` (durable when this returns).
     async fn put_route(
         &self,
@@ -82,6 +82,18 @@ pub trait RouteControl: Send + Sync {
         body: serde_json::Value,
     ) -> Result<serde_json::Value, RouteControlError>;
     async fn delete_route(&self, name: &str) -> Result<(), RouteControlError>;
+}
+
+/// What a reload of the spec file did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ReloadReport {
+    /// Routes in the gateway's table now.
+    pub routes: usize,
+    pub gateway_changed: bool,
+    /// Services added, changed (replaced one instance at a time) and removed (drained).
+    pub services: gantry_supervisor::SpecApplied,
+    /// Settings that only a restart of gantry applies.
+    pub needs_restart: Vec<String>,
 }
 
 /// The API's router.

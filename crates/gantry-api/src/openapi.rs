@@ -123,7 +123,7 @@ fn endpoints() -> Vec<Endpoint> {
         ep!("PUT" "/v1/routes/{name}", "Add or replace a route (fields as in the spec file)", query NONE, body Some(Of(of::<RoutePutBody>)), Json(200, AnyObject)),
         ep!("DELETE" "/v1/routes/{name}", "Remove a route added over the API", query NONE, body None, Empty),
         ep!("GET" "/v1/traffic", "The last minute per route, service and version", query NONE, body None, Json(200, Of(of::<Traffic>))),
-        ep!("POST" "/v1/reload", "Re-read the spec file", query NONE, body None, Json(200, AnyObject)),
+        ep!("POST" "/v1/reload", "Re-read the spec file", query NONE, body None, Json(200, Of(of::<crate::ReloadReport>))),
         ep!("GET" "/v1/registry/services", "Registered instances by service", query NONE, body None, Json(200, AnyObject)),
         ep!("GET" "/v1/registry/services/{name}", "Instances of a service", query &[("version", "semver requirement, e.g. ^1.2")], body None, Json(200, ListOf(of::<Instance>))),
         ep!("GET" "/v1/registry/instances", "Every registered instance", query NONE, body None, Json(200, ListOf(of::<Instance>))),

@@ -34,7 +34,7 @@ fn control_error(e: crate::RouteControlError) -> ApiError {
     }
 }
 
-pub async fn reload(State(s): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+pub async fn reload(State(s): State<ApiState>) -> ApiResult<Json<crate::ReloadReport>> {
     s.control.reload().await.map(Json).map_err(|e| match e {
         crate::RouteControlError::Invalid(lines) => ApiError::bad_request(format!(
             "the spec file has errors; nothing was changed:\n{}",

@@ -90,7 +90,7 @@ impl VersionChange {
 }
 
 /// What applying the spec changed, by service.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SpecApplied {
     pub added: Vec<String>,
     pub changed: Vec<String>,

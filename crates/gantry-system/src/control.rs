@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gantry_api::{RouteControl, RouteControlError};
+use gantry_api::{ReloadReport, RouteControl, RouteControlError};
 use gantry_gateway::Gateway;
 use gantry_registry::Registry;
 use gantry_spec::{LoadedSpec, RouteSpec};
@@ -116,7 +116,7 @@ impl Control {
 
 #[async_trait::async_trait]
 impl RouteControl for Control {
-    async fn reload(&self) -> Result<serde_json::Value, RouteControlError> {
+    async fn reload(&self) -> Result<ReloadReport, RouteControlError> {
         let file = self.file.clone();
         let new = tokio::task::spawn_blocking(move || gantry_spec::load(&file))
             .await
@@ -160,12 +160,12 @@ impl RouteControl for Control {
         st.spec = Arc::new(new);
         let after = self.apply(&st);
         tracing::info!(routes = after.routes.len(), "spec reloaded");
-        Ok(serde_json::json!({
-            "routes": after.routes.len(),
-            "gateway_changed": after != before,
-            "services": services,
-            "needs_restart": needs_restart,
-        }))
+        Ok(ReloadReport {
+            routes: after.routes.len(),
+            gateway_changed: after != before,
+            services,
+            needs_restart,
+        })
     }
 
     async fn put_route(

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use gantry_api::audit::AuditRecord;
 use gantry_api::config::RollbackBody;
 use gantry_api::services::ScaleBody;
+use gantry_api::ReloadReport;
 use gantry_config::{ChangeKind, ChangeRequest, Committed, ConfigVersion, CurrentConfig};
 use gantry_gateway::RouteView;
 use gantry_model::{Instance, InstanceSource, PathMatch, RouteAction};
@@ -101,25 +102,23 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             out,
         } => audit(c, limit, principal, out).await,
         Cmd::Reload => {
-            let v = c.call(Method::POST, "/v1/reload", None).await?;
-            println!("spec reloaded: {} routes", s(&v["routes"]));
-            for (what, verb) in [
-                ("added", "started"),
-                ("changed", "being replaced, one instance at a time"),
-                ("removed", "draining and stopping"),
+            let r: ReloadReport = c.send(Method::POST, "/v1/reload", None::<&Value>).await?;
+            println!("spec reloaded: {} routes", r.routes);
+            for (what, verb, names) in [
+                ("added", "started", &r.services.added),
+                (
+                    "changed",
+                    "being replaced, one instance at a time",
+                    &r.services.changed,
+                ),
+                ("removed", "draining and stopping", &r.services.removed),
             ] {
-                let names: Vec<String> = v["services"][what]
-                    .as_array()
-                    .map_or(&[][..], Vec::as_slice)
-                    .iter()
-                    .map(s)
-                    .collect();
                 if !names.is_empty() {
                     println!("services {what} ({verb}): {}", names.join(", "));
                 }
             }
-            for n in v["needs_restart"].as_array().map_or(&[][..], Vec::as_slice) {
-                println!("not applied until gantry restarts: {}", s(n));
+            for n in &r.needs_restart {
+                println!("not applied until gantry restarts: {n}");
             }
             Ok(())
         }
@@ -573,12 +572,13 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
                 Ok(())
             }
             None => {
-                let v = c.get("/v1/config").await?;
+                let services: Vec<String> =
+                    c.send(Method::GET, "/v1/config", None::<&Value>).await?;
                 if out.json {
-                    print_json(&v);
+                    print_json(&json!(services));
                 } else {
-                    for svc in v.as_array().map_or(&[][..], Vec::as_slice) {
-                        println!("{}", s(svc));
+                    for svc in services {
+                        println!("{svc}");
                     }
                 }
                 Ok(())
@@ -643,11 +643,11 @@ async fn commit(
 }
 
 async fn after_commit(c: &Client, service: &str, and_restart: bool) -> Result<(), CliError> {
-    let svcs = c.get("/v1/services").await?;
+    let svcs: Vec<ServiceStatus> = c.send(Method::GET, "/v1/services", None::<&Value>).await?;
     let auto = svcs
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["name"] == service))
-        .map(|x| x["on_config_change"] == "restart");
+        .iter()
+        .find(|x| x.name == service)
+        .map(|x| x.on_config_change == gantry_model::OnConfigChange::Restart);
     match auto {
         Some(true) => println!("{service} restarts automatically (on_config_change = \"restart\")"),
         Some(false) if and_restart => restart(c, service).await?,

@@ -171,7 +171,10 @@ async fn up(spec: Arc<LoadedSpec>, args: &UpArgs) -> anyhow::Result<ExitCode> {
             };
             while hup.recv().await.is_some() {
                 match c.reload().await {
-                    Ok(report) => println!("spec reloaded: {report}"),
+                    Ok(report) => println!(
+                        "spec reloaded: {}",
+                        serde_json::to_string(&report).unwrap_or_default()
+                    ),
                     Err(gantry_api::RouteControlError::Invalid(errors)) => {
                         eprintln!("spec reload refused:\n{}", errors.join("\n"))
                     }
