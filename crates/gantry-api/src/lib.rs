@@ -80,8 +80,17 @@ pub trait RouteControl: Send + Sync {
         &self,
         name: &str,
         body: serde_json::Value,
-    ) -> Result<serde_json::Value, RouteControlError>;
+    ) -> Result<RouteWritten, RouteControlError>;
     async fn delete_route(&self, name: &str) -> Result<(), RouteControlError>;
+}
+
+/// A route added or replaced over the API, now live.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RouteWritten {
+    /// Its id in the route table and in metrics: `api/NAME`.
+    pub id: String,
+    /// Routes in the table now.
+    pub routes: usize,
 }
 
 /// What a reload of the spec file did.

@@ -120,7 +120,7 @@ fn endpoints() -> Vec<Endpoint> {
         ep!("PUT" "/v1/deployments/{service}/versions/{version}", "Run a version beside the others", query NONE, body Some(Of(of::<VersionChange>)), Json(200, Of(of::<Deployment>))),
         ep!("DELETE" "/v1/deployments/{service}/versions/{version}", "Remove a version deployed through the API", query NONE, body None, Json(200, Of(of::<Deployment>))),
         ep!("GET" "/v1/routes", "The live route table", query NONE, body None, Json(200, ListOf(of::<RouteView>))),
-        ep!("PUT" "/v1/routes/{name}", "Add or replace a route (fields as in the spec file)", query NONE, body Some(Of(of::<RoutePutBody>)), Json(200, AnyObject)),
+        ep!("PUT" "/v1/routes/{name}", "Add or replace a route (fields as in the spec file)", query NONE, body Some(Of(of::<RoutePutBody>)), Json(200, Of(of::<crate::RouteWritten>))),
         ep!("DELETE" "/v1/routes/{name}", "Remove a route added over the API", query NONE, body None, Empty),
         ep!("GET" "/v1/traffic", "The last minute per route, service and version", query NONE, body None, Json(200, Of(of::<Traffic>))),
         ep!("POST" "/v1/reload", "Re-read the spec file", query NONE, body None, Json(200, Of(of::<crate::ReloadReport>))),

@@ -61,7 +61,7 @@ pub async fn put_route(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     body: Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<crate::RouteWritten>> {
     let v: serde_json::Value = parse_json(&body)?;
     s.control
         .put_route(&name, v)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gantry_api::{ReloadReport, RouteControl, RouteControlError};
+use gantry_api::{ReloadReport, RouteControl, RouteControlError, RouteWritten};
 use gantry_gateway::Gateway;
 use gantry_registry::Registry;
 use gantry_spec::{LoadedSpec, RouteSpec};
@@ -172,7 +172,7 @@ impl RouteControl for Control {
         &self,
         name: &str,
         body: serde_json::Value,
-    ) -> Result<serde_json::Value, RouteControlError> {
+    ) -> Result<RouteWritten, RouteControlError> {
         if !valid_route_name(name) {
             return Err(RouteControlError::Invalid(vec![format!(
                 "name: {name:?} must be 1-63 characters of a-z, 0-9 and '-'"
@@ -212,7 +212,10 @@ impl RouteControl for Control {
         let mut st = self.lock();
         st.api_routes.insert(name.to_string(), (r, rev));
         let m = self.apply(&st);
-        Ok(serde_json::json!({ "id": format!("api/{name}"), "routes": m.routes.len() }))
+        Ok(RouteWritten {
+            id: format!("api/{name}"),
+            routes: m.routes.len(),
+        })
     }
 
     async fn delete_route(&self, name: &str) -> Result<(), RouteControlError> {

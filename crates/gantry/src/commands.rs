@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use gantry_api::audit::AuditRecord;
 use gantry_api::config::RollbackBody;
 use gantry_api::services::ScaleBody;
-use gantry_api::ReloadReport;
+use gantry_api::{ReloadReport, RouteWritten};
 use gantry_config::{ChangeKind, ChangeRequest, Committed, ConfigVersion, CurrentConfig};
 use gantry_gateway::RouteView;
 use gantry_model::{Instance, InstanceSource, PathMatch, RouteAction};
@@ -56,14 +56,6 @@ pub async fn run_client(cmd: Cmd, target: Target) -> ExitCode {
 
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
@@ -150,14 +142,14 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             if strip_prefix {
                 route.insert("strip_prefix".into(), json!(true));
             }
-            let v = c
-                .call(
+            let w: RouteWritten = c
+                .send(
                     Method::PUT,
                     &format!("/v1/routes/{}", enc(&name)),
                     Some(&json!({ "service": service, "route": route })),
                 )
                 .await?;
-            println!("route {} is live ({} routes)", s(&v["id"]), s(&v["routes"]));
+            println!("route {} is live ({} routes)", w.id, w.routes);
             Ok(())
         }
         Cmd::Route(RouteCmd::Rm { name }) => {
