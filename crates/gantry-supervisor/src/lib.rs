@@ -193,7 +193,9 @@ impl ServiceCtx {
 /// One running version of a service: its controller.
 struct VersionEntry {
     ctx: Arc<ServiceCtx>,
-    tx: mpsc::Sender<service::ServiceCmd>,
+    /// Unbounded: the reconciler never waits on a controller that is busy rolling or draining
+    /// (commands come from desired-state changes, so their number is bounded by those).
+    tx: mpsc::UnboundedSender<service::ServiceCmd>,
     desired: watch::Receiver<u32>,
     /// The last instance count sent to the controller (it may not have applied it yet).
     sent: u32,
@@ -405,7 +407,7 @@ impl Supervisor {
                 let ctx = Arc::new(ServiceCtx::new(&d, v, entry.ids.clone(), self.deps.clone()));
                 match entry.versions.get_mut(&v.version) {
                     None => {
-                        let (tx, rx) = mpsc::channel(16);
+                        let (tx, rx) = mpsc::unbounded_channel();
                         let (desired_tx, desired_rx) = watch::channel(v.replicas);
                         let task = tokio::spawn(service::run(
                             ctx.clone(),
@@ -464,7 +466,7 @@ impl Supervisor {
             entry.deployment = d;
         }
         for (tx, cmd) in sends {
-            let _ = tx.send(cmd).await;
+            let _ = tx.send(cmd);
         }
         self.stop_in_background(leaving);
     }
@@ -557,7 +559,7 @@ impl Supervisor {
         &self,
         service: &str,
         version: Option<&semver::Version>,
-    ) -> Result<Vec<mpsc::Sender<service::ServiceCmd>>, SupervisorError> {
+    ) -> Result<Vec<mpsc::UnboundedSender<service::ServiceCmd>>, SupervisorError> {
         if *self.shutdown.borrow() {
             return Err(shutting_down());
         }
@@ -602,7 +604,6 @@ impl Supervisor {
         for tx in self.senders(service, which)? {
             let (reply, rx) = oneshot::channel();
             tx.send(service::ServiceCmd::Sync { reply })
-                .await
                 .map_err(|_| shutting_down())?;
             rx.await.map_err(|_| shutting_down())?;
         }
@@ -622,7 +623,6 @@ impl Supervisor {
                 reply: Some(reply),
                 reason: "requested".into(),
             })
-            .await
             .map_err(|_| shutting_down())?;
             let r = rx.await.map_err(|_| shutting_down())??;
             report.replaced.extend(r.replaced);
@@ -660,7 +660,7 @@ impl Supervisor {
                     reply: None,
                     reason: format!("config version {}", changed.version),
                 };
-                let _ = tx.send(cmd).await;
+                let _ = tx.send(cmd);
             }
         }
     }
@@ -693,10 +693,7 @@ impl Supervisor {
 /// Drain and stop every instance of a version, then end its controller.
 async fn stop_version(mut e: VersionEntry) {
     let (tx, rx) = oneshot::channel();
-    let sent =
-        e.tx.send(service::ServiceCmd::Stop { reply: tx })
-            .await
-            .is_ok();
+    let sent = e.tx.send(service::ServiceCmd::Stop { reply: tx }).is_ok();
     if sent {
         let _ = rx.await;
     }

@@ -58,7 +58,7 @@ struct Controller {
 pub(crate) async fn run(
     svc: Arc<ServiceCtx>,
     desired: watch::Sender<u32>,
-    mut cmds: mpsc::Receiver<ServiceCmd>,
+    mut cmds: mpsc::UnboundedReceiver<ServiceCmd>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut c = Controller {
