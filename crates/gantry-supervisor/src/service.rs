@@ -12,6 +12,10 @@ use crate::instance::{self, InstanceHandle};
 use crate::status::{EventKind, InstanceState, InstanceStatus};
 use crate::{ServiceCtx, SupervisorError};
 
+/// First wait before a stopped replacement is tried again; it doubles up to the maximum.
+const REPLACE_RETRY_FIRST: Duration = Duration::from_secs(10);
+const REPLACE_RETRY_MAX: Duration = Duration::from_secs(300);
+
 pub(crate) enum ServiceCmd {
     Scale {
         replicas: u32,
@@ -121,7 +125,32 @@ pub(crate) async fn run(
     for id in pending {
         c.instances.push(instance::start(c.svc.clone(), id));
     }
-    while let Some(cmd) = cmds.recv().await {
+    // A replacement that stopped (a new instance never became healthy) is tried again, with
+    // backoff, until it succeeds or a newer deployment replaces it: the running instances must
+    // come to match the desired state, not stay half-replaced.
+    let mut retry: Option<(String, tokio::time::Instant, Duration)> = None;
+    loop {
+        let cmd = match &retry {
+            Some((reason, at, delay)) => {
+                let (reason, at, delay) = (reason.clone(), *at, *delay);
+                tokio::select! {
+                    c = cmds.recv() => c,
+                    _ = tokio::time::sleep_until(at) => {
+                        retry = match c.rolling_restart(&format!("retrying: {reason}")).await {
+                            Ok(_) => None,
+                            Err(e) => {
+                                let next = (delay * 2).min(REPLACE_RETRY_MAX);
+                                tracing::warn!(service = %c.svc.name, error = %e, retry_in_ms = next.as_millis() as u64, "replacement stopped again");
+                                Some((reason, tokio::time::Instant::now() + next, next))
+                            }
+                        };
+                        continue;
+                    }
+                }
+            }
+            None => cmds.recv().await,
+        };
+        let Some(cmd) = cmd else { break };
         match cmd {
             ServiceCmd::Scale { replicas, reply } => {
                 c.desired.send_replace(replicas);
@@ -132,8 +161,14 @@ pub(crate) async fn run(
             }
             ServiceCmd::Replace { ctx, reason } => {
                 c.svc = ctx;
+                retry = None;
                 if let Err(e) = c.rolling_restart(&reason).await {
-                    tracing::warn!(service = %c.svc.name, error = %e, "replacement stopped");
+                    tracing::warn!(service = %c.svc.name, error = %e, retry_in_ms = REPLACE_RETRY_FIRST.as_millis() as u64, "replacement stopped");
+                    retry = Some((
+                        reason,
+                        tokio::time::Instant::now() + REPLACE_RETRY_FIRST,
+                        REPLACE_RETRY_FIRST,
+                    ));
                 }
             }
             ServiceCmd::Restart { reply, reason } => {

@@ -226,3 +226,77 @@ async fn follows_the_desired_state_and_runs_hooks() {
     assert!(hook.prepared.load(Ordering::Relaxed) >= 2);
     sup.shutdown().await;
 }
+
+/// A replacement whose new instance never becomes healthy stops, keeps the old instance serving,
+/// and is tried again until it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replacement_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RedbStore::open(&dir.path().join("data")).unwrap());
+    let metrics = Metrics::new();
+    let logs = LogStore::new(1 << 20, &metrics);
+    let registry = Registry::open(store.clone(), "test".into(), &metrics)
+        .await
+        .unwrap();
+    let config = Arc::new(ConfigStore::new(store.clone()));
+    let desired = DesiredState::new(store.clone());
+    let mut d = deployment(dir.path());
+    d.versions[0].command = vec!["sh".into(), "-c".into(), "exec sleep 60".into()];
+    desired.apply_spec(vec![d.clone()]).await.unwrap();
+    let sup = Supervisor::new(SupervisorDeps {
+        registry,
+        config,
+        store: store.clone(),
+        logs,
+        metrics,
+        drain: Arc::new(NoDrain),
+        gateway_url: "http://127.0.0.1:1".into(),
+        admin_url: "http://127.0.0.1:1".into(),
+        node: "test".into(),
+        echo: None,
+        instances_dir: dir.path().join("instances"),
+        hooks: Vec::new(),
+        system_id: "0123456789abcdef".into(),
+    });
+    sup.start().await.unwrap();
+    let healthy = |sup: &Supervisor| -> Vec<String> {
+        sup.instances()
+            .into_iter()
+            .filter(|i| i.state == InstanceState::Healthy)
+            .map(|i| i.id)
+            .collect()
+    };
+    wait_until("worker-1", || (healthy(&sup) == ["worker-1"]).then_some(())).await;
+    // The new deployment's instances only stay up once a flag file exists.
+    let flag = dir.path().join("flag");
+    d.versions[0].command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("[ -f {} ] || exit 1; exec sleep 60", flag.display()),
+    ];
+    d.versions[0].health.start_grace_ms = 200;
+    desired.apply_spec(vec![d]).await.unwrap();
+    // The first attempt stops; the old instance keeps serving.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert!(
+        healthy(&sup).contains(&"worker-1".to_string()),
+        "{:?}",
+        sup.instances()
+    );
+    // Once the new deployment can run, the retry replaces the old instance.
+    std::fs::write(&flag, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = healthy(&sup);
+        if !h.is_empty() && !h.contains(&"worker-1".to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not retried: {:?}",
+            sup.instances()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sup.shutdown().await;
+}
