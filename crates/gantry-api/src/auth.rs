@@ -281,10 +281,42 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
         Some(p) => {
             let mutating = !(method == Method::GET || method == Method::HEAD);
             req.extensions_mut().insert(Caller(Some(p.clone())));
-            let mut resp = next.run(req).await;
-            if mutating {
-                crate::audit::record(&s, call(Some(&p), resp.status())).await;
-            }
+            let mut resp = if mutating {
+                // A change and its audit record run to the end in a task of their own, even if
+                // the client goes away meanwhile (which would drop this future): nothing that
+                // changed state goes unrecorded.
+                let (state, principal) = (s.clone(), p.clone());
+                let (method, path, template, request_id) = (
+                    method.clone(),
+                    path.clone(),
+                    template.clone(),
+                    request_id.clone(),
+                );
+                let task = tokio::spawn(async move {
+                    let resp = next.run(req).await;
+                    crate::audit::record(
+                        &state,
+                        crate::audit::Call {
+                            principal: Some(&principal),
+                            method: &method,
+                            path: &path,
+                            template: &template,
+                            permission: perm,
+                            remote,
+                            request_id: &request_id,
+                            status: resp.status(),
+                        },
+                    )
+                    .await;
+                    resp
+                });
+                match task.await {
+                    Ok(resp) => resp,
+                    Err(e) => ApiError::internal(format!("the call failed: {e}")).into_response(),
+                }
+            } else {
+                next.run(req).await
+            };
             if let Ok(v) = http::HeaderValue::from_str(&request_id) {
                 resp.headers_mut().insert("x-request-id", v);
             }

@@ -267,14 +267,20 @@ async fn a_stopped_replacement_is_retried() {
             .collect()
     };
     wait_until("worker-1", || (healthy(&sup) == ["worker-1"]).then_some(())).await;
-    // The new deployment's instances only stay up once a flag file exists.
+    // The new deployment's instances only pass their probe once a flag file exists.
     let flag = dir.path().join("flag");
-    d.versions[0].command = vec![
-        "sh".into(),
-        "-c".into(),
-        format!("[ -f {} ] || exit 1; exec sleep 60", flag.display()),
-    ];
-    d.versions[0].health.start_grace_ms = 200;
+    d.versions[0].command = vec!["sh".into(), "-c".into(), "exec sleep 61".into()];
+    d.versions[0].health = HealthSpec {
+        kind: ProbeKind::Exec,
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("test -f {}", flag.display()),
+        ]),
+        interval_ms: 100,
+        start_grace_ms: 200,
+        ..HealthSpec::default()
+    };
     desired.apply_spec(vec![d]).await.unwrap();
     // The first attempt stops; the old instance keeps serving.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
