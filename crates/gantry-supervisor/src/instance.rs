@@ -392,7 +392,17 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
     };
     let env = build_env(svc, r.id, port, config_version, &config, &dir, &added);
     r.set_state(InstanceState::Starting, None);
-    let mut child = match process::spawn(&spec.command, &env, &spec.cwd) {
+    let cgroup = match &deps.cgroups {
+        Some(cg) => {
+            let (cg, id) = (cg.clone(), r.id.to_string());
+            tokio::task::spawn_blocking(move || cg.create(&id))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    let mut child = match process::spawn(&spec.command, &env, &spec.cwd, cgroup.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             return Outcome::Exited {
@@ -587,12 +597,16 @@ async fn stop_process(r: &Run<'_>, child: &mut Child, pgid: u32, registered: boo
     });
 }
 
-/// Kill what the instance started that left its process group (daemons).
+/// Kill what the instance started that left its process group (daemons): its cgroup's
+/// processes, then any process still carrying its marks.
 async fn contain(svc: &ServiceCtx, id: &str) {
     let (system, id) = (svc.deps.system_id.clone(), id.to_string());
-    let killed = tokio::task::spawn_blocking(move || process::kill_marked(&system, Some(&id)))
-        .await
-        .unwrap_or(0);
+    let cgroups = svc.deps.cgroups.clone();
+    let killed = tokio::task::spawn_blocking(move || {
+        cgroups.map_or(0, |cg| cg.kill(&id)) + process::kill_marked(&system, Some(&id))
+    })
+    .await
+    .unwrap_or(0);
     if killed > 0 {
         tracing::warn!(service = %svc.name, killed, "killed processes that had left the instance's process group");
     }

@@ -151,6 +151,8 @@ pub(crate) struct Deps {
     instances_dir: PathBuf,
     hooks: Vec<Arc<dyn InstanceHook>>,
     system_id: String,
+    /// Per-instance cgroups, where the machine allows them.
+    cgroups: Option<process::Cgroups>,
 }
 
 /// What one version's controller and its instances run by: the version's deployment and the
@@ -254,6 +256,7 @@ impl Supervisor {
             echo: d.echo,
             instances_dir: d.instances_dir,
             hooks: d.hooks,
+            cgroups: process::Cgroups::detect(&d.system_id),
             system_id: d.system_id,
         });
         let (shutdown, _) = watch::channel(false);
@@ -273,7 +276,16 @@ impl Supervisor {
     /// service it holds (each waits for its dependencies on its own) and apply every later
     /// change to it. Returns once the desired state as it stands has been applied.
     pub async fn start(self: &Arc<Self>) -> Result<(), SupervisorError> {
-        let reaped = process::reap_orphans(&self.deps.store, &self.deps.system_id).await;
+        match &self.deps.cgroups {
+            Some(cg) => tracing::info!(cgroups = %cg.base().display(), "each instance runs in a cgroup of its own"),
+            None => tracing::info!("no cgroup v2 to make here: instances are contained by process group and environment marks"),
+        }
+        let reaped = process::reap_orphans(
+            &self.deps.store,
+            &self.deps.system_id,
+            self.deps.cgroups.as_ref(),
+        )
+        .await;
         if !reaped.is_empty() {
             tracing::warn!(
                 count = reaped.len(),
@@ -687,6 +699,10 @@ impl Supervisor {
             futures_join_all(waits).await;
         }
         self.join_leaving().await;
+        // Every instance cgroup is gone with its instance; the system's own goes last.
+        if let Some(cg) = &self.deps.cgroups {
+            let _ = std::fs::remove_dir(cg.base());
+        }
     }
 }
 

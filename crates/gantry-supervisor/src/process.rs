@@ -7,10 +7,11 @@
 //! process carries its system's and instance's marks in its environment (`GANTRY_SYSTEM`,
 //! `GANTRY_INSTANCE`), so a process that left its group (a daemon: `setsid`, a second fork,
 //! SIGTERM ignored) is found by a scan of `/proc` and killed when its instance stops, and at the
-//! next start if gantry itself was killed. (A per-instance cgroup, which resource limits need,
-//! will also contain processes that clear their environment.)
+//! next start if gantry itself was killed. Where cgroup v2 lets gantry make cgroups, each instance
+//! also runs in one of its own (the child moves itself in before exec): `cgroup.kill` ends every
+//! process of it, even one that cleared its environment.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -34,11 +35,95 @@ pub(crate) struct ProcRecord {
     pub started_ms: u64,
 }
 
-/// Spawn `command` as the leader of a new process group with piped stdout and stderr.
+/// Per-instance cgroups (v2), where the machine lets gantry make them: every process an
+/// instance starts, daemons included, stays in its cgroup, and `cgroup.kill` ends them all.
+/// (Resource limits will live here too.)
+#[derive(Clone, Debug)]
+pub(crate) struct Cgroups {
+    base: PathBuf,
+}
+
+impl Cgroups {
+    /// `<cgroup2 mount><gantry's own cgroup>/gantry-<system>`, if it can be made.
+    pub fn detect(system: &str) -> Option<Self> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mount = mountinfo.lines().find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let base = mount
+            .join(rel.trim_start_matches('/'))
+            .join(format!("gantry-{system}"));
+        match std::fs::create_dir(&base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(_) => return None,
+        }
+        base.join("cgroup.procs").exists().then_some(Self { base })
+    }
+
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// A fresh cgroup for `instance` (what a previous process of it left is killed first).
+    pub fn create(&self, instance: &str) -> Option<PathBuf> {
+        let dir = self.base.join(instance);
+        if dir.exists() {
+            Self::kill_dir(&dir);
+        }
+        std::fs::create_dir(&dir).ok().map(|()| dir)
+    }
+
+    /// Kill every process of `instance`'s cgroup and remove it; how many there were.
+    pub fn kill(&self, instance: &str) -> usize {
+        Self::kill_dir(&self.base.join(instance))
+    }
+
+    /// Kill every instance cgroup's processes (what a previous run left).
+    pub fn kill_all(&self) -> usize {
+        let Ok(dir) = std::fs::read_dir(&self.base) else {
+            return 0;
+        };
+        dir.flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| Self::kill_dir(&e.path()))
+            .sum()
+    }
+
+    fn procs(dir: &Path) -> usize {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn kill_dir(dir: &Path) -> usize {
+        let n = Self::procs(dir);
+        if n > 0 {
+            let _ = std::fs::write(dir.join("cgroup.kill"), b"1");
+        }
+        // The kernel empties the cgroup as the processes die; it can be removed once empty.
+        for _ in 0..200 {
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        n
+    }
+}
+
+/// Spawn `command` as the leader of a new process group with piped stdout and stderr, in
+/// `cgroup` when given.
 pub(crate) fn spawn(
     command: &[String],
     env: &[(String, String)],
     cwd: &Path,
+    cgroup: Option<&Path>,
 ) -> std::io::Result<Child> {
     let (prog, args) = command
         .split_first()
@@ -53,7 +138,34 @@ pub(crate) fn spawn(
         .process_group(0)
         .kill_on_drop(false);
     die_with_parent(&mut cmd);
+    if let Some(cg) = cgroup {
+        join_cgroup(&mut cmd, cg)?;
+    }
     cmd.spawn()
+}
+
+/// Make the child move itself into `cgroup` before exec, so that nothing it starts is ever
+/// outside it (a move from the parent after spawn would race with the child's first fork).
+#[allow(unsafe_code)]
+fn join_cgroup(cmd: &mut Command, cgroup: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
+    // functions (open, write, close) on memory allocated before the fork. Writing "0" to
+    // `cgroup.procs` moves the writing process. A failure leaves the child where it was (the
+    // environment marks still find what it leaves behind).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Make the child receive SIGKILL when gantry dies.
@@ -230,8 +342,23 @@ pub(crate) fn kill_marked(system: &str, instance: Option<&str>) -> usize {
 /// Kill every process group a previous run recorded and that is still alive, then forget the
 /// records. A group is only killed if one of its processes still carries the instance's
 /// `GANTRY_INSTANCE` in its environment, so a recycled process group id is left alone.
-pub(crate) async fn reap_orphans(store: &Arc<dyn Store>, system: &str) -> Vec<ProcRecord> {
+pub(crate) async fn reap_orphans(
+    store: &Arc<dyn Store>,
+    system: &str,
+    cgroups: Option<&Cgroups>,
+) -> Vec<ProcRecord> {
     let reaped = reap_recorded_groups(store).await;
+    if let Some(cg) = cgroups.cloned() {
+        let n = tokio::task::spawn_blocking(move || cg.kill_all())
+            .await
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::warn!(
+                count = n,
+                "killed processes a previous gantry run left in its instances' cgroups"
+            );
+        }
+    }
     // Then processes of an earlier run that left their groups (nothing of this run is running
     // yet, so every marked process is a leftover).
     let system = system.to_string();

@@ -142,7 +142,7 @@ async fn follows_the_desired_state_and_runs_hooks() {
         echo: None,
         instances_dir: dir.path().join("instances"),
         hooks: vec![hook.clone()],
-        system_id: "0123456789abcdef".into(),
+        system_id: "00000000000000a1".into(),
     });
     sup.start().await.unwrap();
 
@@ -256,7 +256,7 @@ async fn a_stopped_replacement_is_retried() {
         echo: None,
         instances_dir: dir.path().join("instances"),
         hooks: Vec::new(),
-        system_id: "0123456789abcdef".into(),
+        system_id: "00000000000000a2".into(),
     });
     sup.start().await.unwrap();
     let healthy = |sup: &Supervisor| -> Vec<String> {

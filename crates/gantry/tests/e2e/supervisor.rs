@@ -317,7 +317,7 @@ fn daemonized_processes_are_contained() {
     let script = dir.path().join("daemonize.sh");
     std::fs::write(
         &script,
-        "#!/bin/sh\nsetsid sh -c 'trap \"\" TERM HUP; echo $$ > \"$PIDFILE\"; exec sleep 300' &\nexec \"$@\"\n",
+        "#!/bin/sh\nsetsid sh -c 'trap \"\" TERM HUP; echo $$ > \"$PIDFILE\"; exec sleep 300' &\nsetsid env -i sh -c 'trap \"\" TERM HUP; echo $$ > \"'\"$PIDFILE\"'.bare\"; exec sleep 301' &\nexec \"$@\"\n",
     )
     .unwrap();
     let pidfile = dir.path().join("daemon.pid");
@@ -349,6 +349,12 @@ fn daemonized_processes_are_contained() {
     };
     let leader = g.instances("web")[0]["pid"].as_i64().unwrap() as i32;
     assert_ne!(pgid(first), pgid(leader));
+    // A daemon that also cleared its environment: only a cgroup still holds it.
+    let bare_file = std::path::PathBuf::from(format!("{}.bare", pidfile.display()));
+    let bare = daemon(&bare_file);
+    let cgroups = g
+        .output()
+        .contains("each instance runs in a cgroup of its own");
     // Stopped with gantry.
     assert_eq!(g.stop(), Some(0));
     wait_for(
@@ -356,6 +362,16 @@ fn daemonized_processes_are_contained() {
         Duration::from_secs(5),
         || (!alive(first)).then_some(()),
     );
+    if cgroups {
+        wait_for(
+            "the environment-less daemon to be gone (its cgroup)",
+            Duration::from_secs(5),
+            || (!alive(bare)).then_some(()),
+        );
+    } else {
+        eprintln!("no cgroup v2 here: the environment-less daemon is not contained");
+        signal(bare as u32, libc::SIGKILL);
+    }
 
     // After a SIGKILL of gantry the daemon outlives it, until the next start.
     std::fs::remove_file(&pidfile).unwrap();
