@@ -545,7 +545,12 @@ fn apply(
     let bucket = job.bucket.as_str();
     let (key, value, op, cond) = match &job.op {
         WriteOp::Options(o) => {
-            let old = bucket_options(tx, cache, bucket)?;
+            let old = match bucket_options(tx, cache, bucket) {
+                Ok(o) => o,
+                // This bucket's own options are unreadable: this job fails, not the batch.
+                Err(e @ StoreError::Corrupt { .. }) => return Ok(Err(e)),
+                Err(e) => return Err(e),
+            };
             let json = serde_json::to_vec(o).map_err(|e| StoreError::Backend(e.to_string()))?;
             tx.open_table(BUCKETS)
                 .map_err(be)?
@@ -582,7 +587,11 @@ fn apply(
             expected.map(Cond::Revision).unwrap_or(Cond::Always),
         ),
     };
-    let opts = bucket_options(tx, cache, bucket)?;
+    let opts = match bucket_options(tx, cache, bucket) {
+        Ok(o) => o,
+        Err(e @ StoreError::Corrupt { .. }) => return Ok(Err(e)),
+        Err(e) => return Err(e),
+    };
     let names = Names::of(bucket);
     let def: ValueTable = TableDefinition::new(bucket);
     let mut table = tx.open_table(def).map_err(be)?;
