@@ -240,45 +240,34 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
         request_id: &request_id,
         status,
     };
-    let principal = match s.auth.authenticate(req.headers()) {
-        Ok(p) => p,
-        Err(why) => {
-            let resp = unauthorized(&why);
-            crate::audit::denied(&s, call(None, resp.status())).await;
-            return resp;
-        }
-    };
-    match principal {
-        None if s.public.contains(&perm) => {
+    match decide(s.auth.as_ref(), &s.public, req.headers(), perm) {
+        Decision::Open => {
             req.extensions_mut().insert(Caller(None));
             next.run(req).await
         }
-        None => {
+        Decision::Unauthenticated(why) => {
             let resp = unauthorized(&format!(
-                "{} {template} needs the {} permission: send 'Authorization: Bearer <token>' (the admin token is in the data directory's admin-token file)",
-                method,
-                perm.as_str()
+                "{method} {template}: {why} (the admin token is in the data directory's admin-token file)"
             ));
             crate::audit::denied(&s, call(None, resp.status())).await;
             resp
         }
-        Some(p) if !p.may(perm) => {
+        Decision::Forbidden(p) => {
             let resp = ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "{} ({}) lacks the {} permission that {} {template} needs",
+                    "{} ({}) lacks the {} permission that {method} {template} needs",
                     p.id,
                     p.kind,
                     perm.as_str(),
-                    method
                 ),
             )
             .into_response();
             crate::audit::denied(&s, call(Some(&p), resp.status())).await;
             resp
         }
-        Some(p) => {
+        Decision::Allowed(p) => {
             let mutating = !(method == Method::GET || method == Method::HEAD);
             req.extensions_mut().insert(Caller(Some(p.clone())));
             let mut resp = if mutating {
@@ -325,6 +314,36 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
     }
 }
 
+/// What the layer does with a request that needs `perm`.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// No credentials, and the permission is open by configuration.
+    Open,
+    /// 401: no credentials, or credentials that prove nothing (the reason says which).
+    Unauthenticated(String),
+    /// 403: a principal without the permission.
+    Forbidden(Principal),
+    Allowed(Principal),
+}
+
+pub(crate) fn decide(
+    auth: &dyn Authenticator,
+    public: &BTreeSet<Permission>,
+    headers: &HeaderMap,
+    perm: Permission,
+) -> Decision {
+    match auth.authenticate(headers) {
+        Err(why) => Decision::Unauthenticated(why),
+        Ok(None) if public.contains(&perm) => Decision::Open,
+        Ok(None) => Decision::Unauthenticated(format!(
+            "this needs the {} permission: send 'Authorization: Bearer <token>'",
+            perm.as_str()
+        )),
+        Ok(Some(p)) if !p.may(perm) => Decision::Forbidden(p),
+        Ok(Some(p)) => Decision::Allowed(p),
+    }
+}
+
 fn unauthorized(why: &str) -> Response {
     let mut resp = ApiError::unauthorized(why).into_response();
     resp.headers_mut().insert(
@@ -332,4 +351,97 @@ fn unauthorized(why: &str) -> Response {
         http::HeaderValue::from_static("Bearer realm=\"gantry\""),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A principal that may only read services (what identity's narrower roles will look like).
+    struct ReadOnly;
+
+    impl Authenticator for ReadOnly {
+        fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, String> {
+            match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+                None => Ok(None),
+                Some("Bearer reader") => Ok(Some(Principal {
+                    id: "reader".into(),
+                    kind: "token",
+                    permissions: Arc::new([Permission::ServicesRead].into_iter().collect()),
+                })),
+                Some(_) => Err("invalid bearer token".into()),
+            }
+        }
+    }
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert("authorization", a.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn unauthenticated_forbidden_open_and_allowed() {
+        let public: BTreeSet<Permission> = [Permission::HealthRead].into_iter().collect();
+        let d = |a, p| decide(&ReadOnly, &public, &headers(a), p);
+        assert!(
+            matches!(d(Some("Bearer reader"), Permission::ServicesRead), Decision::Allowed(p) if p.id == "reader")
+        );
+        assert!(
+            matches!(d(Some("Bearer reader"), Permission::ServicesWrite), Decision::Forbidden(p) if p.id == "reader")
+        );
+        assert!(matches!(
+            d(Some("Bearer reader"), Permission::AuditRead),
+            Decision::Forbidden(_)
+        ));
+        assert!(
+            matches!(d(None, Permission::ServicesRead), Decision::Unauthenticated(w) if w.contains("services:read"))
+        );
+        assert!(
+            matches!(d(Some("Bearer nope"), Permission::ServicesRead), Decision::Unauthenticated(w) if w.contains("invalid"))
+        );
+        // Open by configuration without credentials; a bad credential is still refused.
+        assert!(matches!(d(None, Permission::HealthRead), Decision::Open));
+        assert!(matches!(
+            d(Some("Bearer nope"), Permission::HealthRead),
+            Decision::Unauthenticated(_)
+        ));
+    }
+
+    #[test]
+    fn the_admin_token_may_do_everything_and_compares_exactly() {
+        let a = AdminToken::new("s3cret-token-0123456789abcdef0123".into());
+        for p in Permission::ALL {
+            assert!(matches!(
+                decide(
+                    &a,
+                    &BTreeSet::new(),
+                    &headers(Some("Bearer s3cret-token-0123456789abcdef0123")),
+                    p
+                ),
+                Decision::Allowed(_)
+            ));
+        }
+        for bad in [
+            "Bearer s3cret-token-0123456789abcdef012",
+            "s3cret-token-0123456789abcdef0123",
+            "Basic x",
+        ] {
+            assert!(
+                matches!(
+                    decide(
+                        &a,
+                        &BTreeSet::new(),
+                        &headers(Some(bad)),
+                        Permission::ServicesRead
+                    ),
+                    Decision::Unauthenticated(_)
+                ),
+                "{bad}"
+            );
+        }
+    }
 }
