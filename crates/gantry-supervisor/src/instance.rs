@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use gantry_model::{unix_ms, Health, Instance, InstanceSource};
 use gantry_model::{ProbeKind, RestartPolicy};
-use gantry_store::{Store, StoreJsonExt};
+use gantry_store::StoreJsonExt;
 use gantry_telemetry::LogStream;
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -424,7 +424,8 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
         pgid,
         started_ms: unix_ms(),
     };
-    if let Err(e) = deps.store.put_json(PROCS_BUCKET, r.id, &record).await {
+    let key = process::proc_key(&deps.system_id, r.id);
+    if let Err(e) = deps.store.put_json(PROCS_BUCKET, &key, &record).await {
         tracing::warn!(instance = %r.id, error = %e, "cannot record process group; it may outlive a crash of gantry");
     }
     for (stream, kind) in [
@@ -494,7 +495,7 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
                 // Whatever the leader left behind, in its group or out of it, goes with it.
                 process::signal_group(pgid, libc::SIGKILL);
                 contain(svc, r.id).await;
-                forget(deps.store.as_ref(), r.id).await;
+                forget(deps, r.id).await;
                 let (description, success) = match status {
                     Ok(s) => (describe_exit(&s), s.success()),
                     Err(e) => (format!("wait failed: {e}"), false),
@@ -590,7 +591,7 @@ async fn stop_process(r: &Run<'_>, child: &mut Child, pgid: u32, registered: boo
     };
     process::signal_group(pgid, libc::SIGKILL);
     contain(svc, r.id).await;
-    forget(svc.deps.store.as_ref(), r.id).await;
+    forget(&svc.deps, r.id).await;
     svc.deps.board.update(r.id, |s| {
         s.pid = None;
         s.last_exit = Some(description);
@@ -612,8 +613,9 @@ async fn contain(svc: &ServiceCtx, id: &str) {
     }
 }
 
-async fn forget(store: &dyn Store, id: &str) {
-    if let Err(e) = store.delete(PROCS_BUCKET, id).await {
+async fn forget(deps: &crate::Deps, id: &str) {
+    let key = process::proc_key(&deps.system_id, id);
+    if let Err(e) = deps.store.delete(PROCS_BUCKET, &key).await {
         tracing::warn!(instance = %id, error = %e, "cannot delete process record");
     }
 }

@@ -25,6 +25,12 @@ type EchoFn = dyn Fn(&str, &str, LogStream) + Send + Sync;
 
 pub(crate) const PROCS_BUCKET: &str = "procs";
 
+/// A process record's key: `<system>.<instance>`, so that systems sharing a store (nodes on one
+/// NATS) never reap or overwrite each other's records.
+pub(crate) fn proc_key(system: &str, instance: &str) -> String {
+    format!("{system}.{instance}")
+}
+
 /// A spawned process group, as recorded in the store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ProcRecord {
@@ -347,7 +353,7 @@ pub(crate) async fn reap_orphans(
     system: &str,
     cgroups: Option<&Cgroups>,
 ) -> Vec<ProcRecord> {
-    let reaped = reap_recorded_groups(store).await;
+    let reaped = reap_recorded_groups(store, system).await;
     if let Some(cg) = cgroups.cloned() {
         let n = tokio::task::spawn_blocking(move || cg.kill_all())
             .await
@@ -371,7 +377,7 @@ pub(crate) async fn reap_orphans(
     reaped
 }
 
-async fn reap_recorded_groups(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
+async fn reap_recorded_groups(store: &Arc<dyn Store>, system: &str) -> Vec<ProcRecord> {
     let records: Vec<(String, ProcRecord, u64)> = match store.list_json(PROCS_BUCKET, ">").await {
         Ok(r) => r,
         Err(e) => {
@@ -381,6 +387,12 @@ async fn reap_recorded_groups(store: &Arc<dyn Store>) -> Vec<ProcRecord> {
     };
     let mut reaped = Vec::new();
     for (key, rec, _) in records {
+        // This system's records, and those written before records had a system (the key was
+        // the bare instance id); another system's are not ours to reap.
+        let ours = key == proc_key(system, &rec.instance) || key == rec.instance;
+        if !ours {
+            continue;
+        }
         if group_is_ours(rec.pgid, &rec.instance) && signal_group(rec.pgid, libc::SIGKILL) {
             tracing::warn!(instance = %rec.instance, pgid = rec.pgid, "killed process group left by a previous gantry run");
             reaped.push(rec);
