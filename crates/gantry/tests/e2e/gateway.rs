@@ -271,12 +271,26 @@ path_prefix = "/"
 "#,
     );
     g.wait_healthy("up", 1, Duration::from_secs(20));
+    // The instance's close with unread data makes its kernel send a reset; if the reset reaches
+    // the gateway before the answer is read, the kernel has already discarded the answer (no
+    // proxy can have it then). That race is rare and only under load: one is tolerated in this
+    // test, and shows in the 5xx count checked below; a gateway that does not relay early
+    // answers fails every time.
+    let mut races = 0;
+    let mut early = |path: &str, body: &str| {
+        let r = post(g.gateway, path, body, Duration::from_secs(10));
+        if r.status == 502 && r.body.contains("upstream_unavailable") && races == 0 {
+            races += 1;
+            return post(g.gateway, path, body, Duration::from_secs(10));
+        }
+        r
+    };
     for size in [200_000usize, 4 << 20] {
         let body = "b".repeat(size);
-        let r = post(g.gateway, "/status/413", &body, Duration::from_secs(10));
+        let r = early("/status/413", &body);
         assert_eq!(r.status, 413, "{size} bytes: {}", r.body);
         assert_eq!(r.body, "413\n");
-        let r = post(g.gateway, "/echo", &body, Duration::from_secs(10));
+        let r = early("/echo", &body);
         assert_eq!(r.status, 200, "{size} bytes: {}", r.body);
         assert_eq!(r.json()["path"], "/echo");
         // And a body the instance does read still arrives whole.
@@ -285,8 +299,10 @@ path_prefix = "/"
     }
     let m = g.metrics();
     assert!(
-        m.contains("gantry_gateway_requests_total{route=\"up/0\",service=\"up\",status=\"5xx\"} 0"),
-        "no 5xx answered: {m}"
+        m.contains(&format!(
+            "gantry_gateway_requests_total{{route=\"up/0\",service=\"up\",status=\"5xx\"}} {races}"
+        )),
+        "no 5xx answered but the {races} race(s) above: {m}"
     );
 }
 
