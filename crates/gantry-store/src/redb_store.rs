@@ -403,68 +403,18 @@ fn writer_loop(
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
-            // Expiry is retried at the next sweep when it fails.
-            if let Err(e) = sweep(db, &mut options) {
-                tracing::warn!(error = %e, "store: expiring old changes failed; retried in a second");
+            let markers_due = last_marker_sweep.elapsed() >= marker_every;
+            if markers_due {
+                last_marker_sweep = Instant::now();
             }
-        }
-        if last_marker_sweep.elapsed() >= marker_every {
-            last_marker_sweep = Instant::now();
-            if let Err(e) = sweep_markers(db, marker_ttl) {
-                tracing::warn!(error = %e, "store: removing old delete markers failed; retried later");
+            let marker_cutoff =
+                markers_due.then(|| now_ms().saturating_sub(marker_ttl.as_millis() as u64));
+            // A failed sweep is tried again at the next one.
+            if let Err(e) = sweep(db, marker_cutoff) {
+                tracing::warn!(error = %e, "store: removing old changes failed; retried later");
             }
         }
     }
-}
-
-/// Remove delete markers older than `ttl` from every bucket's log and index (at most 10,000 per
-/// bucket per sweep).
-fn sweep_markers(db: &Database, ttl: Duration) -> Result<(), StoreError> {
-    let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
-    let mut tx = db.begin_write().map_err(be)?;
-    tx.set_durability(Durability::Immediate)
-        .map_err(|e| StoreError::Backend(e.to_string()))?;
-    let buckets: Vec<String> = tx
-        .list_tables()
-        .map_err(be)?
-        .map(|h| h.name().to_string())
-        .filter(|n| is_value_table(n))
-        .collect();
-    let mut removed = 0usize;
-    for bucket in buckets {
-        let names = Names::of(&bucket);
-        let mut log = tx
-            .open_table::<u64, &[u8]>(TableDefinition::new(&names.log))
-            .map_err(be)?;
-        let mut old = Vec::new();
-        for item in log.iter().map_err(be)? {
-            let (r, raw) = item.map_err(be)?;
-            let rec = decode_change(raw.value()).ok_or_else(|| corrupt_log(&bucket, r.value()))?;
-            if rec.at_ms >= cutoff || old.len() >= 10_000 {
-                break;
-            }
-            if rec.op == Op::Delete {
-                old.push((r.value(), rec.key.to_string()));
-            }
-        }
-        if old.is_empty() {
-            continue;
-        }
-        let mut hist = tx
-            .open_multimap_table::<&str, u64>(MultimapTableDefinition::new(&names.hist))
-            .map_err(be)?;
-        for (r, key) in old {
-            log.remove(r).map_err(be)?;
-            hist.remove(key.as_str(), r).map_err(be)?;
-            removed += 1;
-        }
-    }
-    if removed == 0 {
-        tx.abort().map_err(be)?;
-        return Ok(());
-    }
-    tx.commit().map_err(be)?;
-    Ok(())
 }
 
 fn commit_batch(
@@ -674,49 +624,69 @@ fn prune(tx: &WriteTransaction, names: &Names, key: &str, depth: u8) -> Result<(
     Ok(())
 }
 
-/// Remove changes older than their bucket's `max_age` (at most 10,000 per bucket per sweep).
-fn sweep(db: &Database, cache: &mut HashMap<String, BucketOptions>) -> Result<(), StoreError> {
-    let aged: Vec<(String, Duration)> = {
+/// Remove old changes, at most 10,000 per bucket per sweep: every change older than its
+/// bucket's `max_age` (a key whose latest change expires disappears), and, when `marker_cutoff`
+/// (ms since the epoch) is given, delete markers older than that.
+fn sweep(db: &Database, marker_cutoff: Option<u64>) -> Result<(), StoreError> {
+    let max_ages: HashMap<String, Duration> = {
         let tx = db.begin_read().map_err(be)?;
-        let table = match tx.open_table(BUCKETS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(e) => return Err(be(e)),
-        };
-        let mut out = Vec::new();
-        for item in table.iter().map_err(be)? {
-            let (k, v) = item.map_err(be)?;
-            let o: BucketOptions = crate::decode("__buckets", k.value(), v.value())?;
-            if let Some(age) = o.max_age {
-                out.push((k.value().to_string(), age));
+        let mut out = HashMap::new();
+        match tx.open_table(BUCKETS) {
+            Ok(table) => {
+                for item in table.iter().map_err(be)? {
+                    let (k, v) = item.map_err(be)?;
+                    let o: BucketOptions = crate::decode("__buckets", k.value(), v.value())?;
+                    if let Some(age) = o.max_age {
+                        out.insert(k.value().to_string(), age);
+                    }
+                }
             }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(be(e)),
         }
         out
     };
-    if aged.is_empty() {
+    if max_ages.is_empty() && marker_cutoff.is_none() {
         return Ok(());
     }
     let now = now_ms();
     let mut tx = db.begin_write().map_err(be)?;
     tx.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::Backend(e.to_string()))?;
+    let buckets: Vec<String> = tx
+        .list_tables()
+        .map_err(be)?
+        .map(|h| h.name().to_string())
+        .filter(|n| is_value_table(n))
+        .collect();
     let mut removed = 0usize;
-    for (bucket, age) in aged {
-        let cutoff = now.saturating_sub(age.as_millis() as u64);
+    for bucket in buckets {
+        let age_cutoff = max_ages
+            .get(&bucket)
+            .map(|age| now.saturating_sub(age.as_millis() as u64));
+        // The log is in time order: nothing at or after this can go.
+        let stop = match (age_cutoff, marker_cutoff) {
+            (None, None) => continue,
+            (a, m) => a.unwrap_or(0).max(m.unwrap_or(0)),
+        };
         let names = Names::of(&bucket);
         let mut log = tx
             .open_table::<u64, &[u8]>(TableDefinition::new(&names.log))
             .map_err(be)?;
-        let mut expired = Vec::new();
+        let mut old = Vec::new();
         for item in log.iter().map_err(be)? {
             let (r, raw) = item.map_err(be)?;
             let rec = decode_change(raw.value()).ok_or_else(|| corrupt_log(&bucket, r.value()))?;
-            if rec.at_ms >= cutoff || expired.len() >= 10_000 {
+            if rec.at_ms >= stop || old.len() >= 10_000 {
                 break;
             }
-            expired.push((r.value(), rec.key.to_string()));
+            let expired = age_cutoff.is_some_and(|c| rec.at_ms < c);
+            let stale_marker = rec.op == Op::Delete && marker_cutoff.is_some_and(|c| rec.at_ms < c);
+            if expired || stale_marker {
+                old.push((r.value(), rec.key.to_string()));
+            }
         }
-        if expired.is_empty() {
+        if old.is_empty() {
             continue;
         }
         let mut hist = tx
@@ -724,7 +694,7 @@ fn sweep(db: &Database, cache: &mut HashMap<String, BucketOptions>) -> Result<()
             .map_err(be)?;
         let def: ValueTable = TableDefinition::new(&bucket);
         let mut table = tx.open_table(def).map_err(be)?;
-        for (r, key) in expired {
+        for (r, key) in old {
             log.remove(r).map_err(be)?;
             hist.remove(key.as_str(), r).map_err(be)?;
             let latest = table
@@ -741,11 +711,7 @@ fn sweep(db: &Database, cache: &mut HashMap<String, BucketOptions>) -> Result<()
         tx.abort().map_err(be)?;
         return Ok(());
     }
-    if let Err(e) = tx.commit() {
-        cache.clear();
-        return Err(be(e));
-    }
-    Ok(())
+    tx.commit().map_err(be)
 }
 
 fn read_head(db: &Database) -> Result<u64, StoreError> {
