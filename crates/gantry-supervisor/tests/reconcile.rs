@@ -113,26 +113,26 @@ async fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn follows_the_desired_state_and_runs_hooks() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RedbStore::open(&dir.path().join("data")).unwrap());
+/// A supervisor on a fresh store in `dir`, started once `initial` is its desired state; its
+/// log store and desired-state writer beside it.
+async fn supervisor(
+    dir: &std::path::Path,
+    initial: Deployment,
+    hooks: Vec<Arc<dyn InstanceHook>>,
+    system_id: &str,
+) -> (Arc<Supervisor>, LogStore, DesiredState) {
+    let store = Arc::new(RedbStore::open(&dir.join("data")).unwrap());
     let metrics = Metrics::new();
     let logs = LogStore::new(1 << 20, &metrics);
     let registry = Registry::open(store.clone(), "test".into(), &metrics)
         .await
         .unwrap();
-    let config = Arc::new(ConfigStore::new(store.clone()));
     let desired = DesiredState::new(store.clone());
-    desired
-        .apply_spec(vec![deployment(dir.path())])
-        .await
-        .unwrap();
-    let hook = Arc::new(CredHook::default());
+    desired.apply_spec(vec![initial]).await.unwrap();
     let sup = Supervisor::new(SupervisorDeps {
-        registry: registry.clone(),
-        config,
-        store: store.clone(),
+        registry,
+        config: Arc::new(ConfigStore::new(store.clone())),
+        store,
         logs: logs.clone(),
         metrics,
         drain: Arc::new(NoDrain),
@@ -140,11 +140,25 @@ async fn follows_the_desired_state_and_runs_hooks() {
         admin_url: "http://127.0.0.1:1".into(),
         node: "test".into(),
         echo: None,
-        instances_dir: dir.path().join("instances"),
-        hooks: vec![hook.clone()],
-        system_id: "00000000000000a1".into(),
+        instances_dir: dir.join("instances"),
+        hooks,
+        system_id: system_id.into(),
     });
     sup.start().await.unwrap();
+    (sup, logs, desired)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_desired_state_and_runs_hooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Arc::new(CredHook::default());
+    let (sup, logs, desired) = supervisor(
+        dir.path(),
+        deployment(dir.path()),
+        vec![hook.clone()],
+        "00000000000000a1",
+    )
+    .await;
 
     let line = |want: &str| {
         let want = want.to_string();
@@ -232,33 +246,10 @@ async fn follows_the_desired_state_and_runs_hooks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_replacement_is_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RedbStore::open(&dir.path().join("data")).unwrap());
-    let metrics = Metrics::new();
-    let logs = LogStore::new(1 << 20, &metrics);
-    let registry = Registry::open(store.clone(), "test".into(), &metrics)
-        .await
-        .unwrap();
-    let config = Arc::new(ConfigStore::new(store.clone()));
-    let desired = DesiredState::new(store.clone());
     let mut d = deployment(dir.path());
     d.versions[0].command = vec!["sh".into(), "-c".into(), "exec sleep 60".into()];
-    desired.apply_spec(vec![d.clone()]).await.unwrap();
-    let sup = Supervisor::new(SupervisorDeps {
-        registry,
-        config,
-        store: store.clone(),
-        logs,
-        metrics,
-        drain: Arc::new(NoDrain),
-        gateway_url: "http://127.0.0.1:1".into(),
-        admin_url: "http://127.0.0.1:1".into(),
-        node: "test".into(),
-        echo: None,
-        instances_dir: dir.path().join("instances"),
-        hooks: Vec::new(),
-        system_id: "00000000000000a2".into(),
-    });
-    sup.start().await.unwrap();
+    let (sup, _logs, desired) =
+        supervisor(dir.path(), d.clone(), Vec::new(), "00000000000000a2").await;
     let healthy = |sup: &Supervisor| -> Vec<String> {
         sup.instances()
             .into_iter()
