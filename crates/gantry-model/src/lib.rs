@@ -38,6 +38,13 @@ pub fn is_reserved_env(key: &str) -> bool {
     key == "PORT" || key.starts_with("GANTRY_")
 }
 
+/// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_valid_env_name(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Is `name` a valid service name: 1..=63 characters of `[a-z0-9-]`, starting with a letter and
 /// not ending with `-` (a DNS label, so it can later be served over DNS and used in hostnames).
 pub fn is_valid_service_name(name: &str) -> bool {

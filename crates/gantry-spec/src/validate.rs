@@ -22,14 +22,7 @@ pub const STOP_SIGNALS: &[&str] = &[
     "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL",
 ];
 
-pub use gantry_model::is_reserved_env;
-
-/// A portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
-pub fn is_valid_env_name(key: &str) -> bool {
-    let mut chars = key.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+pub use gantry_model::{is_reserved_env, is_valid_env_name};
 
 pub(crate) fn validate(spec: &Spec) -> Problems {
     let mut p = Problems::new();

@@ -64,11 +64,7 @@ impl VersionChange {
             ));
         }
         for (k, v) in &self.env {
-            let name_ok = k.len() <= 256
-                && k.chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let name_ok = k.len() <= 256 && gantry_model::is_valid_env_name(k);
             if !name_ok {
                 return Err(SupervisorError::Invalid(format!(
                     "env.{k}: expected a name of letters, digits and '_', not starting with a digit"
