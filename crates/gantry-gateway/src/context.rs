@@ -360,6 +360,8 @@ pub(crate) struct Seen {
     pub forwarded_for: bool,
     /// One of the other headers the gateway sets itself.
     pub ours: bool,
+    /// A `gantry-*` header (identity headers are the gateway's to set: removed).
+    pub gantry: bool,
     /// Names and values, with separators: what the head's header lines weigh.
     pub head_bytes: usize,
 }
@@ -399,6 +401,8 @@ pub(crate) fn scan(h: &HeaderMap) -> Seen {
             }
         } else if *k == X_FORWARDED_PROTO || *k == X_FORWARDED_HOST || *k == X_FORWARDED_PREFIX {
             s.ours = true;
+        } else if k.as_str().starts_with("gantry-") {
+            s.gantry = true;
         }
     }
     s

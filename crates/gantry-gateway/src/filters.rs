@@ -26,7 +26,7 @@ use crate::table::{CompiledRoute, PathMatcher};
 /// before, for every request; respond's filters edit the instance's response).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Phase {
-    /// May the request go at all: rate limit, body size (authentication and allow-lists next).
+    /// May the request go at all: authentication and the call policy, rate limit, body size.
     Policy,
     /// Which instances: a version from a header or a path segment (else the route's split).
     Target,
@@ -40,6 +40,10 @@ pub(crate) enum Phase {
 
 /// One step of a route's pipeline.
 pub(crate) enum Filter {
+    /// Credentials, the route's requirement and the service-to-service policy (every forwarding
+    /// route has one; it does nothing when the route reads no credentials and the policy is
+    /// `allow`).
+    Auth(Box<crate::auth::RouteAuthFilter>),
     /// 429 beyond the route's rate, per key (client address, a header, or the whole route).
     RateLimit {
         limiter: Arc<Limiter>,
@@ -71,7 +75,7 @@ pub(crate) enum Filter {
 impl Filter {
     pub(crate) fn phase(&self) -> Phase {
         match self {
-            Filter::RateLimit { .. } | Filter::BodyLimit(_) => Phase::Policy,
+            Filter::Auth(_) | Filter::RateLimit { .. } | Filter::BodyLimit(_) => Phase::Policy,
             Filter::VersionHeader(_) | Filter::VersionPath => Phase::Target,
             Filter::Cache(_) => Phase::Cache,
             Filter::Rewrite(_) | Filter::RequestHeaders(_) | Filter::Mirror(_) => Phase::Upstream,
@@ -154,9 +158,24 @@ pub(crate) fn rate_limit(
     headers: &HeaderMap,
     peer: std::net::SocketAddr,
     now_ms: u64,
+    who: Option<&gantry_authn::Identity>,
 ) -> Result<(), Decision> {
     let ip;
     let k: &[u8] = match key {
+        // Anonymous callers are keyed by address (a leading NUL keeps the kinds apart).
+        RateLimitKey::Subject | RateLimitKey::Client => {
+            let id = who.map(|w| match key {
+                RateLimitKey::Client => w.client_id.as_deref().unwrap_or(&w.subject),
+                _ => w.subject.as_str(),
+            });
+            match id {
+                Some(s) => s.as_bytes(),
+                None => {
+                    ip = format!("\0{}", peer.ip());
+                    ip.as_bytes()
+                }
+            }
+        }
         RateLimitKey::ClientIp => {
             ip = peer.ip().to_string();
             ip.as_bytes()

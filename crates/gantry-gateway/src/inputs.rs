@@ -9,8 +9,8 @@
 //! - **traffic weights** (`TrafficWeights`, from releases): the share of a service's traffic
 //!   each of its versions gets, compiled into the endpoints of that service's any-version
 //!   targets;
-//! - **authentication material** (`AuthMaterial`: signing keys, JWKS, allow-lists; empty until
-//!   identity fills it).
+//! - **authentication material** (`AuthMaterial`: trusted issuers' keys, revoked token ids, API
+//!   keys, the service-to-service policy; filled by identity).
 //!
 //! The request path reads them through one `Snapshot` pointer (one atomic load a request, as
 //! before the inputs were separate); the control side (`Control`) keeps what must outlive a
@@ -108,14 +108,11 @@ pub struct VersionWeight {
     pub weight: u32,
 }
 
-/// What the identity filters will verify credentials against: signing keys, JWKS of trusted
-/// issuers, service-to-service allow-lists. Empty until identity (its own crate) fills it; a
-/// change swaps it without touching routes or endpoints.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuthMaterial {
-    /// Bumped by whoever replaces it.
-    pub revision: u64,
-}
+/// What the routes' authentication verifies credentials against: trusted issuers' keys,
+/// revoked token ids, API keys, the service-to-service policy. Identity fills it; a change
+/// swaps it without touching routes or endpoints. Empty: no token verifies, every service may
+/// call every other.
+pub type AuthMaterial = gantry_authn::Material;
 
 /// One service's control-side state.
 struct ServiceEntry {
@@ -597,7 +594,11 @@ impl Control {
                         )),
                     };
                     budgets.insert(r.id.clone(), (budget_key, budget.clone()));
-                    let mut list = Vec::new();
+                    let mut list = vec![Filter::Auth(Box::new(crate::auth::RouteAuthFilter {
+                        req: requirement(&f.auth),
+                        public: f.auth.public,
+                        service: Arc::from(r.service.as_str()),
+                    }))];
                     if let Some(rl) = &f.rate_limit {
                         let key = format!("{}/{}", rl.requests_per_second, rl.burst);
                         let l = match self.limiters.get(&r.id) {
@@ -732,4 +733,24 @@ fn narrowed(entry: &ServiceEntry, req: Option<&semver::VersionReq>) -> EndpointS
         .cloned()
         .collect();
     EndpointSet::new(entry.state.clone(), eps)
+}
+
+/// A route's authentication, as the verifier takes it.
+fn requirement(a: &gantry_model::RouteAuth) -> gantry_authn::Requirement {
+    gantry_authn::Requirement {
+        mode: match a.mode {
+            gantry_model::AuthMode::None => gantry_authn::Mode::None,
+            gantry_model::AuthMode::Optional => gantry_authn::Mode::Optional,
+            gantry_model::AuthMode::Required => gantry_authn::Mode::Required,
+        },
+        issuers: a.issuers.clone(),
+        audiences: a.audiences.clone(),
+        scopes: a.scopes.clone(),
+        roles: a.roles.clone(),
+        claims: a
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
 }

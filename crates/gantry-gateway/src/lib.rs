@@ -19,6 +19,7 @@
 // No `unsafe` here; the workspace denies it.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod body;
 mod cache;
 mod context;

@@ -256,6 +256,7 @@ pub struct GatewayMetrics {
     ejected: Family<InstanceLabels, Gauge>,
     cache: Family<ReasonLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    auth_denied: Family<ReasonLabels, Counter>,
     pub open_connections: Gauge,
     pub connections: Counter,
     /// Access-log lines dropped because the writer fell behind.
@@ -277,6 +278,7 @@ impl GatewayMetrics {
             ejected: Family::default(),
             cache: Family::default(),
             rejected: Family::default(),
+            auth_denied: Family::default(),
             open_connections: Gauge::default(),
             connections: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -330,6 +332,11 @@ impl GatewayMetrics {
                 "ejected",
                 "1 while an instance is ejected",
                 m.ejected.clone(),
+            );
+            r.register(
+                "auth_denied",
+                "Requests refused by a route's authentication or the service-to-service policy, by reason",
+                m.auth_denied.clone(),
             );
             r.register(
                 "cache",
@@ -509,6 +516,12 @@ impl GatewayMetrics {
 
     pub fn reject(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn auth_denied(&self, reason: &'static str) {
+        self.auth_denied
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn cache(&self, result: &'static str) {

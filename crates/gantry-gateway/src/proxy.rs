@@ -5,8 +5,11 @@
 //!     refused). (Framing rules came first, in the engine.)
 //!  2. **route** — host, path, method, headers, query against the current routes (404 when
 //!     none); a redirect route answers here.
-//!  3. **policy** — the route's rate limit (429 with `Retry-After` and `RateLimit-*`), body size
-//!     (413). Authentication and allow-lists attach here next.
+//!  3. **policy** — `gantry-*` headers from the client removed; credentials verified against
+//!     the route's requirement (401 with `WWW-Authenticate`, 403) and the service-to-service
+//!     policy (`auth.rs`); the route's rate limit (429 with `Retry-After` and `RateLimit-*`),
+//!     by client, header or verified subject; body size (413). The verified identity goes
+//!     upstream in `Gantry-Auth-*` headers.
 //!  4. **target** — a version from a header or a path segment, else a weighted backend of the
 //!     route, else the release weights' split of the service's versions.
 //!  5. **cache** — a fresh hit answers here; a stale entry with validators is revalidated.
@@ -49,7 +52,7 @@ use crate::reject::Reject;
 use crate::summary::{summarize, Detail};
 use crate::table::{Action, CompiledRoute, ForwardAction, RequestView};
 use crate::upstream::{Admitted, Answer, Call, Failure, Policy, ServiceSlot, UpstreamError};
-use crate::{path, trace, Gateway};
+use crate::{auth, path, trace, Gateway};
 
 /// Copies a route's mirror may have in flight; more are skipped (and counted). Bounds the
 /// sockets and tasks a hung shadow can hold (each copy waits at most connect + 30 s).
@@ -360,12 +363,25 @@ impl Gateway {
             let now = cx.start_ms;
 
             // ── 3. policy ─────────────────────────────────────────────────────────────────
+            if cx.seen.gantry {
+                auth::strip_ours(req.headers_mut());
+            }
+            let mut who = None;
             for filter in f.filters.phase(Phase::Policy) {
                 match filter {
+                    Filter::Auth(a) => match auth::authenticate(a, &snap.auth, req.headers()) {
+                        Ok(id) => who = id,
+                        Err(refusal) => return self.refuse(cx, route, &refusal),
+                    },
                     Filter::RateLimit { limiter, key } => {
-                        if let Err(d) =
-                            filters::rate_limit(limiter, key, req.headers(), conn.peer, now)
-                        {
+                        if let Err(d) = filters::rate_limit(
+                            limiter,
+                            key,
+                            req.headers(),
+                            conn.peer,
+                            now,
+                            who.as_deref(),
+                        ) {
                             route.metrics.rate_limited.inc();
                             let mut resp =
                                 self.finish_reject(cx, Some(route), Reject::RateLimited, None);
@@ -381,6 +397,9 @@ impl Gateway {
                     }
                     _ => {}
                 }
+            }
+            if let Some(id) = &who {
+                auth::identity_headers(req.headers_mut(), id);
             }
 
             // ── 4. target ─────────────────────────────────────────────────────────────────

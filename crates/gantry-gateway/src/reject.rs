@@ -31,6 +31,10 @@ pub(crate) enum Reject {
     /// `max_connections` client connections are open.
     TooManyConnections,
     RateLimited,
+    /// No valid credential for a route that needs one (401), by reason.
+    Unauthenticated(gantry_authn::Denial),
+    /// Authenticated but not allowed (403), by reason; the message is in `extra`.
+    Forbidden(&'static str),
     CircuitOpen,
     Bulkhead,
     /// The client failed its own request body: bad framing (400), went away (499, nginx's
@@ -54,6 +58,8 @@ impl Reject {
             Reject::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reject::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Reject::Forbidden(_) => StatusCode::FORBIDDEN,
             Reject::Client(ClientFault::Malformed) => StatusCode::BAD_REQUEST,
             Reject::Client(ClientFault::Slow) => StatusCode::REQUEST_TIMEOUT,
             Reject::Client(ClientFault::Closed) => {
@@ -76,6 +82,8 @@ impl Reject {
             Reject::HeadTimeout => "header_read_timeout",
             Reject::TooManyConnections => "max_connections",
             Reject::RateLimited => "rate_limited",
+            Reject::Unauthenticated(d) => d.as_str(),
+            Reject::Forbidden(reason) => reason,
             Reject::CircuitOpen => "circuit_open",
             Reject::Bulkhead => "concurrency_limit",
             Reject::Client(ClientFault::Malformed) => "malformed_request_body",
@@ -86,6 +94,25 @@ impl Reject {
 }
 
 impl Gateway {
+    /// 401 or 403 from the route's authentication: counted by reason, with `WWW-Authenticate`.
+    pub(crate) fn refuse(
+        &self,
+        ctx: &Ctx,
+        route: &CompiledRoute,
+        refusal: &crate::auth::Refusal,
+    ) -> Response<RespBody> {
+        use crate::auth::Refusal;
+        let (why, message) = match refusal {
+            Refusal::Unauthenticated(d) => (Reject::Unauthenticated(*d), None),
+            Refusal::Forbidden(f) => (Reject::Forbidden(f.as_str()), Some(f.to_string())),
+        };
+        self.metrics.auth_denied(why.code());
+        let mut resp = self.finish_reject(ctx, Some(route), why, message.as_deref());
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, crate::auth::challenge(refusal));
+        resp
+    }
+
     /// A request the HTTP/1.1 server refused before it could be routed (bad framing, a head
     /// too large): answered as JSON and counted like every other rejection.
     pub(crate) fn reject_unparsed(
@@ -187,6 +214,8 @@ impl Gateway {
             Reject::RateLimited => {
                 "rate limit exceeded; retry after the time in Retry-After".into()
             }
+            Reject::Unauthenticated(d) => d.describe().to_string(),
+            Reject::Forbidden(_) => extra.unwrap_or("not allowed").to_string(),
             Reject::CircuitOpen => format!("service {svc} is failing; its circuit breaker is open"),
             Reject::Bulkhead => format!("service {svc} has too many requests in flight"),
             Reject::Client(ClientFault::Malformed) => {

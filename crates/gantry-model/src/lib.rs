@@ -18,10 +18,10 @@ pub use registry::{
     Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
 };
 pub use route::{
-    ActiveHealth, Backend, CachePolicy, CircuitBreakerPolicy, Forward, GatewayModel, HashOn,
-    HeaderOps, LoadBalancer, Mirror, OutlierPolicy, PathMatch, RateLimit, RateLimitKey, Redirect,
-    RetryPolicy, Rewrite, Route, RouteAction, RouteMatch, Timeouts, UpstreamPolicy,
-    UpstreamProtocol, UpstreamTls, ValueCondition, ValueMatch,
+    ActiveHealth, AuthMode, Backend, CachePolicy, CircuitBreakerPolicy, Forward, GatewayModel,
+    HashOn, HeaderOps, LoadBalancer, Mirror, OutlierPolicy, PathMatch, RateLimit, RateLimitKey,
+    Redirect, RetryPolicy, Rewrite, Route, RouteAction, RouteAuth, RouteMatch, Timeouts,
+    UpstreamPolicy, UpstreamProtocol, UpstreamTls, ValueCondition, ValueMatch,
 };
 
 /// Milliseconds since the Unix epoch, the one wall-clock unit used in stored records and APIs.

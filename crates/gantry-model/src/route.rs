@@ -106,6 +106,52 @@ pub struct Forward {
     /// besides connection failures, resets, timeouts, 502, 503 and 504.
     #[serde(default)]
     pub failure_statuses: Vec<u16>,
+    /// Who may use the route (identity).
+    #[serde(default)]
+    pub auth: RouteAuth,
+}
+
+/// What a route asks of its callers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default)]
+pub struct RouteAuth {
+    pub mode: AuthMode,
+    /// Reachable from outside under the `deny` service policy (without it, only services
+    /// allowed to call the route's service reach it).
+    pub public: bool,
+    /// Issuer names (`gantry`, or an `[[identity.issuers]]` name) or `iss` values accepted;
+    /// empty: any trusted issuer.
+    pub issuers: Vec<String>,
+    /// At least one of these in the token's `aud`; empty: not checked.
+    pub audiences: Vec<String>,
+    /// Every one of these scopes.
+    pub scopes: Vec<String>,
+    /// At least one of these roles; empty: not checked.
+    pub roles: Vec<String>,
+    /// Claims that must have these values.
+    pub claims: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Credentials are not read.
+    #[default]
+    None,
+    /// A valid credential is used, an invalid one refused, none accepted.
+    Optional,
+    Required,
+}
+
+impl AuthMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => AuthMode::None,
+            "optional" => AuthMode::Optional,
+            "required" => AuthMode::Required,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -232,6 +278,11 @@ pub enum RateLimitKey {
     Route,
     /// The value of a header (e.g. an API key); requests without it share one bucket.
     Header(String),
+    /// The verified caller's subject (`sub`, or the API key's client); anonymous requests are
+    /// keyed by client address.
+    Subject,
+    /// The verified caller's client id; anonymous requests are keyed by client address.
+    Client,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -192,6 +192,30 @@ pub struct RouteSpec {
     /// gateway-failure detector exactly these.)
     #[serde(default)]
     pub failure_statuses: Vec<u16>,
+
+    /// `none` (default: credentials are not read), `optional` (a valid one is used, an invalid
+    /// one refused) or `required` (401 without one).
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// Reachable from outside when `[identity] service_policy = "deny"` (otherwise only
+    /// services allowed to call this route's service reach it).
+    #[serde(default)]
+    pub public: bool,
+    /// Scopes the token must all have.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Roles of which the caller must have one.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Claims the token must carry with these values: `claims = { tenant = "acme" }`.
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
+    /// Issuers accepted: `gantry` or the names of `[[identity.issuers]]`. Default: any trusted.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Audiences of which the token's `aud` must name one. Default: not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
 }
 
 fn d_timeout_ms() -> u64 {
@@ -1076,7 +1100,10 @@ pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize
         if parse_rl_key(&rl.key).is_none() {
             p.push((
                 rf("rate_limit.key"),
-                format!("{:?}: expected client_ip, route or header:NAME", rl.key),
+                format!(
+                    "{:?}: expected client_ip, route, subject, client or header:NAME",
+                    rl.key
+                ),
             ));
         }
     }
@@ -1162,6 +1189,8 @@ pub(crate) fn parse_rl_key(s: &str) -> Option<m::RateLimitKey> {
     match s {
         "client_ip" => Some(m::RateLimitKey::ClientIp),
         "route" => Some(m::RateLimitKey::Route),
+        "subject" => Some(m::RateLimitKey::Subject),
+        "client" => Some(m::RateLimitKey::Client),
         _ => s
             .strip_prefix("header:")
             .filter(|h| is_token(h))
@@ -1317,6 +1346,19 @@ impl RouteSpec {
                     }),
                     max_body_bytes: self.max_body_bytes,
                     failure_statuses: self.failure_statuses.clone(),
+                    auth: m::RouteAuth {
+                        mode: self
+                            .auth
+                            .as_deref()
+                            .and_then(m::AuthMode::parse)
+                            .unwrap_or_default(),
+                        public: self.public,
+                        issuers: self.issuers.clone(),
+                        audiences: self.audiences.clone(),
+                        scopes: self.scopes.clone(),
+                        roles: self.roles.clone(),
+                        claims: self.claims.clone(),
+                    },
                 }))
             }
         };

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod gateway;
+mod identity;
 mod locate;
 mod types;
 mod validate;
@@ -14,6 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use gateway::*;
+pub use identity::*;
 pub use types::*;
 pub use validate::{is_reserved_env, is_valid_env_name, STOP_SIGNALS};
 

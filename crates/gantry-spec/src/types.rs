@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::gateway::{GatewayLimitsSpec, RouteSpec, TlsSpec, UpstreamSpec};
+use crate::identity::IdentitySpec;
 
 /// The whole `gantry.toml`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -21,6 +22,8 @@ pub struct Spec {
     pub store: StoreSpec,
     #[serde(default)]
     pub logs: LogsSpec,
+    #[serde(default)]
+    pub identity: IdentitySpec,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
 }
@@ -243,6 +246,10 @@ pub struct ServiceSpec {
     /// Services that must have a healthy instance before this one starts.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// Services this one may call through the gateway when `[identity] service_policy =
+    /// "deny"` (its instances' workload credentials name it).
+    #[serde(default)]
+    pub calls: Vec<String>,
     #[serde(default)]
     pub restart: RestartPolicy,
     #[serde(default)]

@@ -300,6 +300,7 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
         }
     }
     crate::gateway::validate_gateway(&mut p, spec);
+    crate::identity::validate(&mut p, spec);
     if let Some(cycle) = find_cycle(spec) {
         p.push((
             format!("services.{}.depends_on", cycle[0]),

@@ -1,0 +1,150 @@
+//! The policy phase's first step: who is calling, proven, and may they use this route.
+//!
+//! A route's `Filter::Auth` carries its requirement (compiled from `RouteAuth`); the material
+//! (issuers' keys, revoked ids, API keys, the service-to-service policy) is the snapshot's
+//! `AuthMaterial`, replaced by identity without touching routes. Tokens are verified through a
+//! per-thread cache (`gantry_authn::Cache`): a token seen again costs a hash lookup.
+//!
+//! Identity reaches the instance in `Gantry-Auth-*` headers, which no client can set: every
+//! incoming header named `gantry-*` is removed first, on every route.
+
+use std::sync::Arc;
+
+use gantry_authn::{
+    now_secs, presented, Cache, Denial, Forbidden, Identity, Kind, Material, Mode, Presented,
+    Requirement,
+};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// A route's authentication step.
+pub(crate) struct RouteAuthFilter {
+    pub req: Requirement,
+    /// Reachable from outside under the `deny` policy.
+    pub public: bool,
+    /// The service the route belongs to (what a caller must be allowed to call).
+    pub service: Arc<str>,
+}
+
+pub(crate) enum Refusal {
+    Unauthenticated(Denial),
+    Forbidden(Forbidden),
+}
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// The verified caller (if any) or why the request may not pass.
+pub(crate) fn authenticate(
+    f: &RouteAuthFilter,
+    m: &Material,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<Identity>>, Refusal> {
+    let policy = !m.calls.default_allow;
+    if f.req.mode == Mode::None && !policy {
+        return Ok(None);
+    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let id = if f.req.mode == Mode::None {
+        // Only a workload credential matters here (it names the calling service); any other
+        // `Authorization` is the instance's business.
+        match presented(authorization, None) {
+            Ok(Some(Presented::Bearer(t))) => Cache::verify(t, m, now_secs())
+                .ok()
+                .filter(|i| i.kind == Kind::Workload),
+            _ => None,
+        }
+    } else {
+        let id = match presented(
+            authorization,
+            headers.get(&X_API_KEY).map(HeaderValue::as_bytes),
+        ) {
+            Err(d) => return Err(Refusal::Unauthenticated(d)),
+            Ok(None) => None,
+            Ok(Some(Presented::Bearer(t))) => {
+                Some(Cache::verify(t, m, now_secs()).map_err(Refusal::Unauthenticated)?)
+            }
+            Ok(Some(Presented::ApiKey(k))) => Some(m.api_key(k).map_err(Refusal::Unauthenticated)?),
+        };
+        match &id {
+            Some(id) => {
+                f.req.accepts(id, m).map_err(Refusal::Unauthenticated)?;
+                f.req.check(id).map_err(Refusal::Forbidden)?;
+            }
+            None if f.req.mode == Mode::Required => {
+                return Err(Refusal::Unauthenticated(Denial::Missing))
+            }
+            None => {}
+        }
+        id
+    };
+    if policy {
+        let caller = id.as_deref().and_then(|i| i.service.as_deref());
+        m.calls
+            .check(caller, &f.service, f.public)
+            .map_err(Refusal::Forbidden)?;
+    }
+    Ok(id)
+}
+
+/// Remove every `gantry-*` header the client sent (identity headers cannot be forged).
+pub(crate) fn strip_ours(h: &mut HeaderMap) {
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("gantry-"))
+        .cloned()
+        .collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+static KIND: HeaderName = HeaderName::from_static("gantry-auth-kind");
+static SUBJECT: HeaderName = HeaderName::from_static("gantry-auth-subject");
+static ISSUER: HeaderName = HeaderName::from_static("gantry-auth-issuer");
+static CLIENT: HeaderName = HeaderName::from_static("gantry-auth-client");
+static SCOPES: HeaderName = HeaderName::from_static("gantry-auth-scopes");
+static ROLES: HeaderName = HeaderName::from_static("gantry-auth-roles");
+static SERVICE: HeaderName = HeaderName::from_static("gantry-auth-service");
+
+/// The verified identity, for the instance. A value that is not a valid header value (a
+/// subject with control characters) is left out rather than mangled.
+pub(crate) fn identity_headers(h: &mut HeaderMap, id: &Identity) {
+    let mut put = |n: &HeaderName, v: &str| {
+        if v.is_empty() {
+            return;
+        }
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(n.clone(), v);
+        }
+    };
+    put(&KIND, id.kind.as_str());
+    put(&SUBJECT, &id.subject);
+    put(&ISSUER, &id.issuer);
+    if let Some(c) = &id.client_id {
+        put(&CLIENT, c);
+    }
+    put(&SCOPES, &id.scopes.join(" "));
+    put(&ROLES, &id.roles.join(","));
+    if let Some(s) = &id.service {
+        put(&SERVICE, s);
+    }
+}
+
+/// `WWW-Authenticate` for a 401 or a 403 (RFC 6750 section 3).
+pub(crate) fn challenge(refusal: &Refusal) -> HeaderValue {
+    let v = match refusal {
+        Refusal::Unauthenticated(d) => match d.oauth_error() {
+            None => "Bearer realm=\"gantry\"".to_string(),
+            Some(e) => format!(
+                "Bearer realm=\"gantry\", error=\"{e}\", error_description=\"{}\"",
+                d.describe().replace('"', "'")
+            ),
+        },
+        Refusal::Forbidden(Forbidden::InsufficientScope(s)) => {
+            format!("Bearer realm=\"gantry\", error=\"insufficient_scope\", scope=\"{s}\"")
+        }
+        Refusal::Forbidden(_) => "Bearer realm=\"gantry\", error=\"insufficient_scope\"".into(),
+    };
+    HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer realm=\"gantry\""))
+}
