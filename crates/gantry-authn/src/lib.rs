@@ -413,6 +413,9 @@ pub struct Issuer {
     /// The `iss` its tokens carry.
     pub iss: String,
     pub keys: KeySet,
+    /// Its tokens may name a calling service (`gantry_service`): Gantry's own issuer only, so
+    /// that no other issuer can mint a workload identity.
+    pub workloads: bool,
 }
 
 /// Service-to-service policy: who may call whom.
@@ -464,7 +467,13 @@ pub struct Material {
     /// API keys, by SHA-256 of the key.
     pub api_keys: HashMap<[u8; 32], Arc<Identity>>,
     pub calls: CallPolicy,
+    /// Told the name of an external issuer when a token names a key its set lacks (the
+    /// provider may have rotated): whoever fetches key sets refetches, rate-limited.
+    pub refetch: Option<Refetch>,
 }
+
+/// See [`Material::refetch`].
+pub type Refetch = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl fmt::Debug for Material {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -566,11 +575,12 @@ pub fn verify_jwt(token: &str, m: &Material, now: u64) -> Result<Identity, Denia
         .and_then(Value::as_str)
         .ok_or(Denial::UntrustedIssuer)?;
     let issuer = m.issuer(iss).ok_or(Denial::UntrustedIssuer)?;
-    let key = header
-        .kid
-        .as_deref()
-        .and_then(|k| issuer.keys.get(k))
-        .ok_or(Denial::UnknownKey)?;
+    let Some(key) = header.kid.as_deref().and_then(|k| issuer.keys.get(k)) else {
+        if let (false, Some(f)) = (issuer.workloads, &m.refetch) {
+            f(&issuer.name);
+        }
+        return Err(Denial::UnknownKey);
+    };
     if key.alg != alg {
         return Err(Denial::AlgorithmNotAllowed);
     }
@@ -607,7 +617,7 @@ pub fn verify_jwt(token: &str, m: &Material, now: u64) -> Result<Identity, Denia
             return Err(Denial::Revoked);
         }
     }
-    Ok(identity_from_claims(&issuer.iss, exp, jti, payload))
+    Ok(identity_from_claims(issuer, exp, jti, payload))
 }
 
 fn strings(v: Option<&Value>, split: bool) -> Vec<String> {
@@ -624,7 +634,7 @@ fn strings(v: Option<&Value>, split: bool) -> Vec<String> {
 }
 
 fn identity_from_claims(
-    iss: &str,
+    issuer: &Issuer,
     exp: u64,
     jti: Option<String>,
     claims: Map<String, Value>,
@@ -655,6 +665,7 @@ fn identity_from_claims(
     let service = claims
         .get(CLAIM_SERVICE)
         .and_then(Value::as_str)
+        .filter(|_| issuer.workloads)
         .map(str::to_string);
     let kind = if service.is_some() {
         Kind::Workload
@@ -665,7 +676,7 @@ fn identity_from_claims(
     };
     Identity {
         kind,
-        issuer: iss.to_string(),
+        issuer: issuer.iss.clone(),
         subject,
         client_id,
         scopes,

@@ -31,6 +31,7 @@ fn material(s: &Signer, kid: &str) -> Material {
             name: "gantry".into(),
             iss: ISS.into(),
             keys,
+            workloads: true,
         }],
         ..Material::default()
     }
@@ -331,4 +332,24 @@ fn credentials_are_read_from_the_usual_headers() {
     assert_eq!(presented(Some(b"Basic xyz"), None), Err(Denial::BadScheme));
     assert_eq!(presented(Some(b"Bearer"), None), Err(Denial::BadScheme));
     assert_eq!(presented(None, None), Ok(None));
+}
+
+#[test]
+fn only_gantry_s_own_issuer_can_name_a_calling_service() {
+    let s = signer();
+    let mut m = material(&s, "k1");
+    let now = now_secs();
+    let t = sign(
+        &s,
+        "k1",
+        &json!({"iss": ISS, "sub": "x", "exp": now + 60, CLAIM_SERVICE: "orders"}),
+    );
+    assert_eq!(
+        verify_jwt(&t, &m, now).expect("valid").service.as_deref(),
+        Some("orders")
+    );
+    m.issuers[0].workloads = false;
+    let id = verify_jwt(&t, &m, now).expect("valid");
+    assert_eq!(id.service, None);
+    assert_eq!(id.kind, Kind::User);
 }

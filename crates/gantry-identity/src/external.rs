@@ -1,0 +1,146 @@
+//! Other issuers' keys (Keycloak, Auth0, another Gantry): fetched from their JWKS (found
+//! through OpenID discovery when not given), refreshed every five minutes, refetched when a
+//! token names a key the set lacks (at most once per ten seconds per issuer), and kept when a
+//! fetch fails — an unreachable provider does not log everyone out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::Identity;
+
+/// A trusted issuer of someone else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalIssuer {
+    pub name: String,
+    pub issuer: String,
+    pub jwks_uri: Option<String>,
+}
+
+const REFRESH: Duration = Duration::from_secs(300);
+const RETRY: Duration = Duration::from_secs(10);
+const MIN_REFETCH: Duration = Duration::from_secs(10);
+const MAX_DOC: usize = 1 << 20;
+
+type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+async fn get(client: &HttpClient, url: &str) -> Result<Vec<u8>, String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "{url}: fetching over https is not supported yet; give an http jwks_uri (e.g. through a local proxy)"
+        ));
+    }
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let req = http::Request::get(uri)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: status {}", resp.status()));
+    }
+    let body = Limited::new(resp.into_body(), MAX_DOC)
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(body.to_bytes().to_vec())
+}
+
+async fn fetch(client: &HttpClient, e: &ExternalIssuer) -> Result<gantry_authn::KeySet, String> {
+    let jwks_uri = match &e.jwks_uri {
+        Some(u) => u.clone(),
+        None => {
+            let url = format!(
+                "{}/.well-known/openid-configuration",
+                e.issuer.trim_end_matches('/')
+            );
+            let doc: serde_json::Value = serde_json::from_slice(&get(client, &url).await?)
+                .map_err(|err| format!("{url}: not JSON: {err}"))?;
+            doc.get("jwks_uri")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| format!("{url}: no jwks_uri"))?
+                .to_string()
+        }
+    };
+    let (set, skipped) = gantry_authn::KeySet::from_jwks(&get(client, &jwks_uri).await?)?;
+    for s in skipped {
+        tracing::debug!(issuer = %e.name, "identity: JWKS key skipped: {s}");
+    }
+    Ok(set)
+}
+
+/// Keep every external issuer's keys fresh until the task is aborted.
+pub(crate) async fn run(id: Arc<Identity>) {
+    let issuers = id.config().external;
+    if issuers.is_empty() {
+        return;
+    }
+    let client: HttpClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build(HttpConnector::new());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
+    id.set_refetch(tx);
+    let mut next: HashMap<String, Instant> = issuers
+        .iter()
+        .map(|e| (e.name.clone(), Instant::now()))
+        .collect();
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let now = Instant::now();
+        for e in &issuers {
+            if next.get(&e.name).is_some_and(|t| *t <= now) {
+                let ok = refresh(&id, &client, e).await;
+                last.insert(e.name.clone(), Instant::now());
+                next.insert(
+                    e.name.clone(),
+                    Instant::now() + if ok { REFRESH } else { RETRY },
+                );
+            }
+        }
+        let wake = next.values().min().copied().unwrap_or(now + REFRESH);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            Some(name) = rx.recv() => {
+                // A token named a key we lack: refetch now, unless we just did.
+                if last.get(&name).is_none_or(|t| t.elapsed() >= MIN_REFETCH) {
+                    next.insert(name, Instant::now());
+                }
+            }
+        }
+    }
+}
+
+async fn refresh(id: &Identity, client: &HttpClient, e: &ExternalIssuer) -> bool {
+    match fetch(client, e).await {
+        Ok(set) => {
+            id.metrics
+                .jwks_fetches
+                .get_or_create(&crate::GrantLabels {
+                    grant: "external",
+                    result: "ok",
+                })
+                .inc();
+            tracing::debug!(issuer = %e.name, keys = set.len(), "identity: external keys fetched");
+            id.external_keys(&e.name, &e.issuer, set);
+            true
+        }
+        Err(err) => {
+            id.metrics
+                .jwks_fetches
+                .get_or_create(&crate::GrantLabels {
+                    grant: "external",
+                    result: "error",
+                })
+                .inc();
+            tracing::warn!(issuer = %e.name, error = %err, "identity: could not fetch external keys; keeping the last ones");
+            false
+        }
+    }
+}

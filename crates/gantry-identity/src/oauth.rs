@@ -1,0 +1,700 @@
+//! The token service's HTTP endpoints (an axum router the composition root serves on
+//! `[identity] listen`): OpenID discovery, JWKS, token (RFC 6749), introspection (RFC 7662),
+//! revocation (RFC 7009), userinfo, and the authorization endpoint with its login page
+//! (authorization code with PKCE, S256 only).
+//!
+//! Every endpoint that takes a secret is limited per client address; password checks also per
+//! username. Errors are RFC 6749 JSON (`error`, `error_description`) and never echo a secret.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::tokens::{CodeRec, OAuthError};
+use crate::Identity;
+
+pub fn router(id: Arc<Identity>) -> Router {
+    Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/.well-known/oauth-authorization-server", get(discovery))
+        .route("/oauth2/jwks", get(jwks))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/oauth2/token", post(token))
+        .route("/oauth2/introspect", post(introspect))
+        .route("/oauth2/revoke", post(revoke))
+        .route("/oauth2/userinfo", get(userinfo).post(userinfo))
+        .route(
+            "/oauth2/authorize",
+            get(authorize_page).post(authorize_submit),
+        )
+        .with_state(id)
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (
+            status,
+            Json(json!({"error": self.error, "error_description": self.description})),
+        )
+            .into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"gantry\""),
+            );
+        }
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                h.insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+async fn discovery(State(id): State<Arc<Identity>>) -> Response {
+    let i = id.issuer();
+    let alg = id.config().algorithm.as_str();
+    let mut resp = Json(json!({
+        "issuer": i,
+        "authorization_endpoint": format!("{i}/oauth2/authorize"),
+        "token_endpoint": format!("{i}/oauth2/token"),
+        "jwks_uri": format!("{i}/oauth2/jwks"),
+        "userinfo_endpoint": format!("{i}/oauth2/userinfo"),
+        "introspection_endpoint": format!("{i}/oauth2/introspect"),
+        "revocation_endpoint": format!("{i}/oauth2/revoke"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": crate::directory::GRANTS,
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": [alg],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "code_challenge_methods_supported": ["S256"],
+        "scopes_supported": ["openid", "profile", "offline_access"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "roles", "scope", "client_id"],
+        "authorization_response_iss_parameter_supported": true,
+    }))
+    .into_response();
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    resp
+}
+
+async fn jwks(State(id): State<Arc<Identity>>) -> Response {
+    let mut resp = Json(id.jwks()).into_response();
+    // Short: a verifier that caches the set still learns of a new key well within the
+    // propagation delay (60 s by default).
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=15"),
+    );
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/jwk-set+json"),
+    );
+    resp
+}
+
+/// The form's parameters; a parameter given twice is refused (RFC 6749 3.1, 3.2).
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(
+        form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+    ) -> Result<Self, OAuthError> {
+        let Form(v) = form.map_err(|e| {
+            OAuthError::invalid_request(format!(
+                "expected an application/x-www-form-urlencoded body: {}",
+                e.body_text()
+            ))
+        })?;
+        for (i, (k, _)) in v.iter().enumerate() {
+            if v[..i].iter().any(|(k2, _)| k2 == k) {
+                return Err(OAuthError::invalid_request(format!(
+                    "parameter {k:?} is given more than once"
+                )));
+            }
+        }
+        Ok(Params(v))
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn need(&self, k: &str) -> Result<&str, OAuthError> {
+        self.get(k)
+            .ok_or_else(|| OAuthError::invalid_request(format!("missing parameter {k:?}")))
+    }
+}
+
+/// `client_secret_basic` (RFC 6749 2.3.1: form-urlencoded id and secret in Basic) or
+/// `client_secret_post`, or a public client's bare `client_id`. Both at once is refused.
+fn client_credentials(
+    headers: &HeaderMap,
+    p: &Params,
+) -> Result<(String, Option<String>), OAuthError> {
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("basic").then_some(rest.trim())
+        });
+    match (basic, p.get("client_secret")) {
+        (Some(_), Some(_)) => Err(OAuthError::invalid_request(
+            "give the client's credentials once: in Authorization or in the body, not both",
+        )),
+        (Some(b), None) => {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|_| OAuthError::invalid_client())?;
+            let s = String::from_utf8(raw).map_err(|_| OAuthError::invalid_client())?;
+            let (u, pw) = s.split_once(':').ok_or_else(OAuthError::invalid_client)?;
+            let dec = |x: &str| form_decode(x).ok_or_else(OAuthError::invalid_client);
+            Ok((dec(u)?, Some(dec(pw)?)))
+        }
+        (None, secret) => Ok((
+            p.need("client_id")
+                .map_err(|_| OAuthError::invalid_client())?
+                .to_string(),
+            secret.map(str::to_string),
+        )),
+    }
+}
+
+/// Decode `application/x-www-form-urlencoded` text (`+` is a space).
+fn form_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(h, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The client's address (for attempt limits), when the server recorded it.
+struct Remote(Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Remote {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Remote(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+impl Remote {
+    fn ip(&self) -> String {
+        self.0.map_or_else(|| "?".into(), |a| a.ip().to_string())
+    }
+}
+
+fn no_store(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+async fn token(
+    State(id): State<Arc<Identity>>,
+    remote: Remote,
+    headers: HeaderMap,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let grant_label;
+    let r = async {
+        id.limiter
+            .address(&remote.ip())
+            .map_err(OAuthError::slow_down)?;
+        let p = Params::parse(form)?;
+        let grant = p.need("grant_type")?.to_string();
+        let (cid, secret) = client_credentials(&headers, &p)?;
+        let c = id.authenticate_client(&cid, secret.as_deref()).await?;
+        let scope = p.get("scope");
+        let resp = match grant.as_str() {
+            "client_credentials" => id.client_credentials(&c, scope).await,
+            "password" => {
+                id.password(&c, p.need("username")?, p.need("password")?, scope)
+                    .await
+            }
+            "refresh_token" => id.refresh(&c, p.need("refresh_token")?, scope).await,
+            "authorization_code" => {
+                id.authorization_code(
+                    &c,
+                    p.need("code")?,
+                    p.get("redirect_uri"),
+                    p.get("code_verifier"),
+                )
+                .await
+            }
+            other => Err(OAuthError::new(
+                400,
+                "unsupported_grant_type",
+                format!("grant type {other:?} is not supported"),
+            )),
+        };
+        resp.map(|r| (grant, r))
+    }
+    .await;
+    match r {
+        Ok((grant, t)) => {
+            grant_label = crate::directory::GRANTS
+                .iter()
+                .find(|g| **g == grant)
+                .copied()
+                .unwrap_or("other");
+            id.count(grant_label, "ok");
+            no_store(Json(t).into_response())
+        }
+        Err(e) => {
+            id.count("any", e.error);
+            e.into_response()
+        }
+    }
+}
+
+async fn introspect(
+    State(id): State<Arc<Identity>>,
+    remote: Remote,
+    headers: HeaderMap,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let r = async {
+        id.limiter
+            .address(&remote.ip())
+            .map_err(OAuthError::slow_down)?;
+        let p = Params::parse(form)?;
+        let (cid, secret) = client_credentials(&headers, &p)?;
+        // Only confidential clients may introspect (RFC 7662 2.1: the caller is authorized).
+        if secret.is_none() {
+            return Err(OAuthError::invalid_client());
+        }
+        id.authenticate_client(&cid, secret.as_deref()).await?;
+        id.introspect(p.need("token")?).await
+    }
+    .await;
+    match r {
+        Ok(v) => no_store(Json(v).into_response()),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn revoke(
+    State(id): State<Arc<Identity>>,
+    remote: Remote,
+    headers: HeaderMap,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let r = async {
+        id.limiter
+            .address(&remote.ip())
+            .map_err(OAuthError::slow_down)?;
+        let p = Params::parse(form)?;
+        let (cid, secret) = client_credentials(&headers, &p)?;
+        let c = id.authenticate_client(&cid, secret.as_deref()).await?;
+        id.revoke_token(&c, p.need("token")?).await
+    }
+    .await;
+    match r {
+        // RFC 7009 2.2: 200 whether or not the token was known.
+        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn userinfo(State(id): State<Arc<Identity>>, headers: HeaderMap) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let bad = |e: &str| {
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_token", "error_description": e})),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"gantry\", error=\"invalid_token\""),
+        );
+        r
+    };
+    let Some(t) = token else {
+        return bad("a bearer access token is required");
+    };
+    match id.verify(t.trim()) {
+        Ok(v) if v.issuer == id.issuer() && v.kind == gantry_authn::Kind::User => no_store(
+            Json(json!({"sub": v.subject, "preferred_username": v.subject, "roles": v.roles}))
+                .into_response(),
+        ),
+        Ok(_) => bad("not a user's access token from this issuer"),
+        Err(d) => bad(d.describe()),
+    }
+}
+
+// ── authorization endpoint and login page ────────────────────────────────────────────────────
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(status: StatusCode, body: String) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>Sign in · Gantry</title>\
+<style>body{{font-family:system-ui,sans-serif;max-width:22rem;margin:4rem auto;padding:0 1rem}}label{{display:block;margin:.8rem 0 .2rem}}input{{width:100%;padding:.4rem;box-sizing:border-box}}button{{margin-top:1rem;padding:.5rem 1rem}}.err{{color:#a00}}</style></head>\
+<body><main>{body}</main></body></html>"
+    );
+    let mut r = (status, html).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+/// A checked authorization request.
+struct AuthzReq {
+    client_id: String,
+    redirect_uri: String,
+    scope: Vec<String>,
+    state: Option<String>,
+    challenge: String,
+    nonce: Option<String>,
+}
+
+const AUTHZ_FIELDS: [&str; 7] = [
+    "client_id",
+    "redirect_uri",
+    "response_type",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
+/// Errors before the redirect URI is known to be the client's are shown on the page (never
+/// redirected: RFC 6749 4.1.2.1); later ones go back to the client.
+enum AuthzError {
+    Page(String),
+    Redirect {
+        uri: String,
+        state: Option<String>,
+        error: &'static str,
+        description: String,
+    },
+}
+
+async fn check_authz(id: &Identity, p: &[(String, String)]) -> Result<AuthzReq, AuthzError> {
+    let get = |k: &str| {
+        p.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    };
+    let Some(cid) = get("client_id") else {
+        return Err(AuthzError::Page(
+            "the request names no client (client_id)".into(),
+        ));
+    };
+    let c = match id.client(&cid).await {
+        Ok(Some(c)) => c,
+        _ => return Err(AuthzError::Page(format!("unknown client {:?}", cid))),
+    };
+    let redirect_uri = match get("redirect_uri") {
+        Some(u) if c.redirect_uris.contains(&u) => u,
+        Some(_) => {
+            return Err(AuthzError::Page(
+                "redirect_uri is not one of the client's registered redirect URIs".into(),
+            ))
+        }
+        None if c.redirect_uris.len() == 1 => c.redirect_uris[0].clone(),
+        None => return Err(AuthzError::Page("redirect_uri is required".into())),
+    };
+    let state = get("state");
+    let back = |error: &'static str, d: &str| AuthzError::Redirect {
+        uri: redirect_uri.clone(),
+        state: state.clone(),
+        error,
+        description: d.to_string(),
+    };
+    if !c.grant_types.iter().any(|g| g == "authorization_code") {
+        return Err(back(
+            "unauthorized_client",
+            "the client may not use the authorization code flow",
+        ));
+    }
+    if get("response_type").as_deref() != Some("code") {
+        return Err(back(
+            "unsupported_response_type",
+            "only response_type=code is supported",
+        ));
+    }
+    let Some(challenge) = get("code_challenge") else {
+        return Err(back(
+            "invalid_request",
+            "PKCE is required: give code_challenge (S256)",
+        ));
+    };
+    if get("code_challenge_method").as_deref() != Some("S256") {
+        return Err(back(
+            "invalid_request",
+            "code_challenge_method must be S256",
+        ));
+    }
+    if challenge.len() != 43 || gantry_authn::b64url_decode(&challenge).is_none() {
+        return Err(back(
+            "invalid_request",
+            "code_challenge must be a base64url SHA-256",
+        ));
+    }
+    let scope = match id.granted(&c, get("scope").as_deref(), true) {
+        Ok(s) => s,
+        Err(e) => return Err(back("invalid_scope", &e.description)),
+    };
+    Ok(AuthzReq {
+        client_id: cid,
+        redirect_uri,
+        scope,
+        state,
+        challenge,
+        nonce: get("nonce"),
+    })
+}
+
+fn redirect_with(uri: &str, params: &[(&str, &str)]) -> Response {
+    let mut u = uri.to_string();
+    let mut sep = if u.contains('?') { '&' } else { '?' };
+    for (k, v) in params {
+        u.push(sep);
+        u.push_str(k);
+        u.push('=');
+        u.push_str(&pct(v));
+        sep = '&';
+    }
+    let mut r = StatusCode::FOUND.into_response();
+    if let Ok(v) = HeaderValue::from_str(&u) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn authz_error(id: &Identity, e: AuthzError) -> Response {
+    match e {
+        AuthzError::Page(m) => page(
+            StatusCode::BAD_REQUEST,
+            format!("<h1>Cannot sign in</h1><p class=\"err\">{}</p>", esc(&m)),
+        ),
+        AuthzError::Redirect {
+            uri,
+            state,
+            error,
+            description,
+        } => {
+            let mut p = vec![
+                ("error", error),
+                ("error_description", description.as_str()),
+                ("iss", id.issuer()),
+            ];
+            if let Some(s) = &state {
+                p.push(("state", s));
+            }
+            redirect_with(&uri, &p)
+        }
+    }
+}
+
+fn login_form(p: &[(String, String)], error: Option<&str>) -> String {
+    let mut hidden = String::new();
+    for f in AUTHZ_FIELDS.iter().chain(["nonce"].iter()) {
+        if let Some((_, v)) = p.iter().find(|(n, _)| n == f) {
+            hidden.push_str(&format!(
+                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                f,
+                esc(v)
+            ));
+        }
+    }
+    let client = p
+        .iter()
+        .find(|(n, _)| n == "client_id")
+        .map(|(_, v)| esc(v))
+        .unwrap_or_default();
+    let err = error
+        .map(|e| format!("<p class=\"err\" role=\"alert\">{}</p>", esc(e)))
+        .unwrap_or_default();
+    format!(
+        "<h1>Sign in</h1><p>to continue to <strong>{client}</strong></p>{err}\
+<form method=\"post\" action=\"authorize\">{hidden}\
+<label for=\"username\">Username</label><input id=\"username\" name=\"username\" autocomplete=\"username\" required autofocus>\
+<label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
+<button type=\"submit\">Sign in</button></form>"
+    )
+}
+
+async fn authorize_page(
+    State(id): State<Arc<Identity>>,
+    Query(p): Query<Vec<(String, String)>>,
+) -> Response {
+    match check_authz(&id, &p).await {
+        Ok(_) => page(StatusCode::OK, login_form(&p, None)),
+        Err(e) => authz_error(&id, e),
+    }
+}
+
+async fn authorize_submit(
+    State(id): State<Arc<Identity>>,
+    remote: Remote,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Ok(Form(p)) = form else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "<h1>Cannot sign in</h1><p class=\"err\">the form could not be read</p>".into(),
+        );
+    };
+    let req = match check_authz(&id, &p).await {
+        Ok(r) => r,
+        Err(e) => return authz_error(&id, e),
+    };
+    if let Err(secs) = id.limiter.address(&remote.ip()) {
+        let mut r = page(
+            StatusCode::TOO_MANY_REQUESTS,
+            login_form(&p, Some("Too many attempts; wait a moment and try again.")),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let field = |k: &str| {
+        p.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    let user = match id.check_user(field("username"), field("password")).await {
+        Ok(u) => u,
+        Err(e) => {
+            let status = if e.status == 429 {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            let msg = if e.status == 429 {
+                "Too many attempts; wait a moment and try again."
+            } else {
+                "Invalid username or password."
+            };
+            return page(status, login_form(&p, Some(msg)));
+        }
+    };
+    let now = gantry_authn::now_secs();
+    let rec = CodeRec {
+        client_id: req.client_id,
+        redirect_uri: req.redirect_uri.clone(),
+        subject: user.username,
+        scopes: req.scope,
+        challenge: req.challenge,
+        nonce: req.nonce,
+        auth_time: now,
+        expires: now + 60,
+    };
+    match id.new_code(&rec).await {
+        Ok(code) => {
+            let mut params = vec![("code", code.as_str()), ("iss", id.issuer())];
+            if let Some(s) = &req.state {
+                params.push(("state", s));
+            }
+            redirect_with(&req.redirect_uri, &params)
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+impl Identity {
+    fn count(&self, grant: &'static str, result: &'static str) {
+        self.metrics
+            .tokens
+            .get_or_create(&crate::GrantLabels { grant, result })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_decoding_and_escaping() {
+        assert_eq!(form_decode("a%3Ab+c").as_deref(), Some("a:b c"));
+        assert_eq!(form_decode("%zz"), None);
+        assert_eq!(esc("<a href=\"x\">"), "&lt;a href=&quot;x&quot;&gt;");
+        assert_eq!(pct("a b&c"), "a%20b%26c");
+    }
+}
