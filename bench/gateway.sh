@@ -47,6 +47,9 @@ workers = 1
 [admin]
 listen = "127.0.0.1:0"
 
+[identity]
+listen = "127.0.0.1:0"
+
 [store]
 data_dir = "$WORK/data-$v"
 
@@ -71,6 +74,9 @@ trace_context = $added
 forwarded_headers = $added
 
 [admin]
+listen = "127.0.0.1:0"
+
+[identity]
 listen = "127.0.0.1:0"
 
 [store]

@@ -4,8 +4,9 @@
 //! `WWW-Authenticate`; a principal without the permission: 403. Both are JSON and name what is
 //! missing. `/v1/health` and `/metrics` may be opened by configuration (`[admin] public`).
 //!
-//! Today one [`Authenticator`] knows one principal: the admin token. Identity adds users,
-//! clients and roles by implementing the same trait.
+//! [`Principals`] knows the admin token (every permission) and identity's principals: users and
+//! clients with tokens from Gantry's issuer, and API keys, each with the permissions of their
+//! roles (`admin`, `operator`, `viewer`, or custom roles as permission sets).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -40,10 +41,12 @@ pub enum Permission {
     EventsRead,
     AuditRead,
     SystemReload,
+    IdentityRead,
+    IdentityWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 17] = [
+    pub const ALL: [Permission; 19] = [
         Permission::HealthRead,
         Permission::MetricsRead,
         Permission::ServicesRead,
@@ -61,6 +64,8 @@ impl Permission {
         Permission::EventsRead,
         Permission::AuditRead,
         Permission::SystemReload,
+        Permission::IdentityRead,
+        Permission::IdentityWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -82,6 +87,8 @@ impl Permission {
             Permission::EventsRead => "events:read",
             Permission::AuditRead => "audit:read",
             Permission::SystemReload => "system:reload",
+            Permission::IdentityRead => "identity:read",
+            Permission::IdentityWrite => "identity:write",
         }
     }
 }
@@ -129,6 +136,26 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
         (true, "/v1/events") => EventsRead,
         (true, "/v1/audit") => AuditRead,
         (false, "/v1/reload") => SystemReload,
+        (
+            true,
+            "/v1/identity/clients"
+            | "/v1/identity/users"
+            | "/v1/identity/roles"
+            | "/v1/identity/api-keys"
+            | "/v1/identity/keys",
+        ) => IdentityRead,
+        (
+            false,
+            "/v1/identity/clients"
+            | "/v1/identity/clients/{id}"
+            | "/v1/identity/clients/{id}/secret"
+            | "/v1/identity/users"
+            | "/v1/identity/users/{name}"
+            | "/v1/identity/roles/{name}"
+            | "/v1/identity/api-keys"
+            | "/v1/identity/api-keys/{id}"
+            | "/v1/identity/keys/rotate",
+        ) => IdentityWrite,
         _ => return None,
     })
 }
@@ -196,10 +223,81 @@ impl Authenticator for AdminToken {
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+    gantry_authn::constant_time_eq(a, b)
+}
+
+/// The admin token and identity's principals.
+pub struct Principals {
+    token: AdminToken,
+    identity: Arc<gantry_identity::Identity>,
+}
+
+impl Principals {
+    pub fn new(token: Arc<str>, identity: Arc<gantry_identity::Identity>) -> Self {
+        Self {
+            token: AdminToken::new(token),
+            identity,
+        }
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+
+    fn principal(&self, who: &gantry_authn::Identity) -> Principal {
+        let granted = self.identity.role_permissions(&who.roles);
+        let permissions = if granted.iter().any(|p| p == "*") {
+            Permission::ALL.into_iter().collect()
+        } else {
+            Permission::ALL
+                .into_iter()
+                .filter(|p| granted.iter().any(|g| g == p.as_str()))
+                .collect()
+        };
+        let (kind, prefix) = match who.kind {
+            gantry_authn::Kind::User => ("user", "user"),
+            gantry_authn::Kind::Client => ("client", "client"),
+            gantry_authn::Kind::ApiKey => ("api_key", "client"),
+            gantry_authn::Kind::Workload => ("workload", "service"),
+        };
+        let name = who.service.as_deref().unwrap_or(&who.subject);
+        Principal {
+            id: format!("{prefix}:{name}"),
+            kind,
+            permissions: Arc::new(permissions),
+        }
+    }
+}
+
+impl Authenticator for Principals {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Principal>, String> {
+        let m = self.identity.current_material();
+        let presented = gantry_authn::presented(
+            headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            headers.get("x-api-key").map(|v| v.as_bytes()),
+        )
+        .map_err(|d| d.describe().to_string())?;
+        match presented {
+            None => Ok(None),
+            Some(gantry_authn::Presented::Bearer(t)) => {
+                if constant_time_eq(t.as_bytes(), self.token.token.as_bytes()) {
+                    return Ok(Some(self.token.principal.clone()));
+                }
+                if !t.contains('.') {
+                    return Err("invalid bearer token".into());
+                }
+                let who = gantry_authn::Cache::verify(t, &m, gantry_authn::now_secs())
+                    .map_err(|d| format!("invalid bearer token: {}", d.describe()))?;
+                // Only Gantry's own tokens speak for operators.
+                if who.issuer != self.identity.issuer() {
+                    return Err("invalid bearer token: not issued by this Gantry".into());
+                }
+                Ok(Some(self.principal(&who)))
+            }
+            Some(gantry_authn::Presented::ApiKey(k)) => {
+                let who = m.api_key(k).map_err(|d| d.describe().to_string())?;
+                Ok(Some(self.principal(&who)))
+            }
+        }
+    }
 }
 
 /// The principal of a request (in its extensions once `authorize` let it through); `None` for an

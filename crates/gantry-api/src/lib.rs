@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 mod deployments;
 mod error;
+pub mod identity;
 mod observe;
 pub mod openapi;
 mod parse;
@@ -57,6 +58,8 @@ pub struct ApiState {
     pub store: Arc<dyn gantry_store::Store>,
     /// Spec reload and routes added over the API.
     pub control: Arc<dyn RouteControl>,
+    /// Users, clients, roles, API keys, signing keys.
+    pub identity: Arc<gantry_identity::Identity>,
 }
 
 /// Why a route change was refused.
@@ -116,6 +119,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(registry::routes())
         .merge(config::routes())
         .merge(observe::routes())
+        .merge(identity::routes())
         .route("/v1/audit", get(audit::list))
         .route("/v1/openapi.json", get(openapi::serve))
         .route_layer(axum::middleware::from_fn_with_state(

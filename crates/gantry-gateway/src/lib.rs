@@ -125,6 +125,30 @@ pub struct Gateway {
         Mutex<std::collections::HashMap<(String, String), Arc<endpoints::BreakerScope>>>,
     /// Who hears of every request's summary (the access log, span export).
     observers: summary::Observers,
+    /// Who hears of calls the service-to-service policy refused (the audit trail).
+    refusals: std::sync::OnceLock<Arc<dyn RefusalObserver>>,
+}
+
+/// A call the service-to-service policy refused.
+#[derive(Debug)]
+pub struct Refused<'a> {
+    /// `call_not_allowed` or `not_public`.
+    pub reason: &'static str,
+    /// The calling service (its workload credential), if any.
+    pub caller: Option<&'a str>,
+    /// The service the route belongs to.
+    pub service: &'a str,
+    pub route: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub client: std::net::IpAddr,
+    pub request_id: &'a str,
+}
+
+/// Told of each refused service-to-service call, on the gateway's threads: quick, never
+/// blocking (hand the work to a channel).
+pub trait RefusalObserver: Send + Sync + 'static {
+    fn refused(&self, r: &Refused<'_>);
 }
 
 /// A route as the admin API shows it: the rule, resolved, and where it sends traffic now.
@@ -259,6 +283,7 @@ impl Gateway {
             ids: context::RequestIds::new(),
             caller_breakers: Mutex::new(std::collections::HashMap::new()),
             observers: summary::Observers::new(),
+            refusals: std::sync::OnceLock::new(),
         })
     }
 
@@ -329,6 +354,12 @@ impl Gateway {
     /// The authentication material in force (as the request path sees it).
     pub fn auth(&self) -> AuthMaterial {
         (*self.inputs.load().auth).clone()
+    }
+
+    /// Hear of calls the service-to-service policy refuses (set once; later calls are
+    /// ignored).
+    pub fn on_refusal(&self, o: Arc<dyn RefusalObserver>) {
+        let _ = self.refusals.set(o);
     }
 
     /// Replace the authentication material (identity's keys, JWKS and allow-lists).

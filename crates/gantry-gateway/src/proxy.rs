@@ -371,7 +371,7 @@ impl Gateway {
                 match filter {
                     Filter::Auth(a) => match auth::authenticate(a, &snap.auth, req.headers()) {
                         Ok(id) => who = id,
-                        Err(refusal) => return self.refuse(cx, route, &refusal),
+                        Err(refusal) => return self.refuse(cx, route, &refusal, req.uri().path()),
                     },
                     Filter::RateLimit { limiter, key } => {
                         if let Err(d) = filters::rate_limit(

@@ -100,6 +100,34 @@ impl Gateway {
         ctx: &Ctx,
         route: &CompiledRoute,
         refusal: &crate::auth::Refusal,
+        path: &str,
+    ) -> Response<RespBody> {
+        use crate::auth::Refusal;
+        if let (Refusal::Forbidden(f), Some(o)) = (refusal, self.refusals.get()) {
+            let caller = match f {
+                gantry_authn::Forbidden::CallNotAllowed { caller, .. } => Some(caller.as_str()),
+                gantry_authn::Forbidden::NotPublic => None,
+                _ => return self.refuse_answer(ctx, route, refusal),
+            };
+            o.refused(&crate::Refused {
+                reason: f.as_str(),
+                caller,
+                service: &route.service,
+                route: &route.id,
+                method: ctx.method.as_str(),
+                path,
+                client: ctx.client.ip(),
+                request_id: ctx.request_id.to_str().unwrap_or(""),
+            });
+        }
+        self.refuse_answer(ctx, route, refusal)
+    }
+
+    fn refuse_answer(
+        &self,
+        ctx: &Ctx,
+        route: &CompiledRoute,
+        refusal: &crate::auth::Refusal,
     ) -> Response<RespBody> {
         use crate::auth::Refusal;
         let (why, message) = match refusal {

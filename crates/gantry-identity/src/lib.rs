@@ -128,6 +128,8 @@ struct State {
     revoked: HashMap<String, u64>,
     api_keys: HashMap<[u8; 32], Arc<Verified>>,
     external: HashMap<String, (String, KeySet)>,
+    /// Custom roles (the built-in ones are not stored).
+    roles: BTreeMap<String, Role>,
     calls: CallPolicy,
     revision: u64,
 }
@@ -284,10 +286,12 @@ impl Identity {
         let revoked: Vec<(String, u64, u64)> = self.store.list_json(REVOKED, ">").await?;
         let api: Vec<(String, ApiKey, u64)> =
             self.store.list_json(directory::API_KEYS, ">").await?;
+        let roles: Vec<(String, Role, u64)> = self.store.list_json(directory::ROLES, ">").await?;
         let mut s = self.state();
         s.keys = keys.into_iter().map(|(k, v, _)| (k, v)).collect();
         s.revoked = revoked.into_iter().map(|(k, v, _)| (k, v)).collect();
         s.api_keys = api.iter().filter_map(|(_, a, _)| api_entry(a)).collect();
+        s.roles = roles.into_iter().map(|(k, v, _)| (k, v)).collect();
         Ok(())
     }
 
@@ -425,7 +429,7 @@ impl Identity {
     /// no token needs, refetch external key sets.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
-        for bucket in [KEYS, REVOKED, directory::API_KEYS] {
+        for bucket in [KEYS, REVOKED, directory::API_KEYS, directory::ROLES] {
             let me = self.clone();
             tasks.spawn(async move { me.follow(bucket).await });
         }
@@ -537,6 +541,14 @@ impl Identity {
                         }
                         (REVOKED, Op::Delete) => {
                             s.revoked.remove(&c.key);
+                        }
+                        (directory::ROLES, Op::Put) => {
+                            if let Ok(r) = gantry_store::decode::<Role>(bucket, &c.key, &c.value) {
+                                s.roles.insert(c.key.clone(), r);
+                            }
+                        }
+                        (directory::ROLES, Op::Delete) => {
+                            s.roles.remove(&c.key);
                         }
                         (_, Op::Put) => {
                             if let Ok(a) = gantry_store::decode::<ApiKey>(bucket, &c.key, &c.value)
@@ -854,6 +866,7 @@ impl Identity {
             ..role
         };
         self.store.put_json(directory::ROLES, &r.name, &r).await?;
+        self.state().roles.insert(r.name.clone(), r.clone());
         Ok(r)
     }
 
@@ -865,6 +878,7 @@ impl Identity {
         if !self.store.delete(directory::ROLES, name).await? {
             return Err(IdentityError::NotFound(format!("role {name}")));
         }
+        self.state().roles.remove(name);
         Ok(())
     }
 
@@ -878,6 +892,26 @@ impl Identity {
             }
         }
         Ok(())
+    }
+
+    /// The permissions a set of roles grants (`*` for all), from the built-in roles and the
+    /// cached custom ones (no I/O: the admin API asks on every request).
+    pub fn role_permissions(&self, roles: &[String]) -> Vec<String> {
+        let builtin = directory::builtin_roles();
+        let s = self.state();
+        let mut out: Vec<String> = roles
+            .iter()
+            .filter_map(|r| {
+                builtin
+                    .iter()
+                    .find(|b| &b.name == r)
+                    .or_else(|| s.roles.get(r))
+            })
+            .flat_map(|r| r.permissions.iter().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The permissions a set of roles grants (`*` for all).

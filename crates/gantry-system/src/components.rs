@@ -136,9 +136,13 @@ pub(crate) struct GatewayComponent {
     hooks: ThreadHooks,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     running: AtomicBool,
+    /// Identity's material (keys, revocations, API keys, the call policy), followed once
+    /// started.
+    auth: watch::Receiver<Arc<gantry_authn::Material>>,
 }
 
 impl GatewayComponent {
+    #[allow(clippy::too_many_arguments)]
     pub async fn build(
         spec: &Arc<LoadedSpec>,
         data: &DataDir,
@@ -147,6 +151,7 @@ impl GatewayComponent {
         metrics: &Metrics,
         node: String,
         hooks: ThreadHooks,
+        identity: &Arc<gantry_identity::Identity>,
     ) -> anyhow::Result<Self> {
         let g = &spec.spec.gateway;
         let limits = &g.limits;
@@ -169,6 +174,9 @@ impl GatewayComponent {
         if let Some(writer) = gateway.start_access_log(logs.clone()) {
             tokio::spawn(writer);
         }
+        let auth = identity.material();
+        gateway.apply_auth((**auth.borrow()).clone());
+        gateway.on_refusal(crate::identity::RefusalAudit::start(data.store.clone()));
         {
             let gw = gateway.clone();
             registry.on_change(move |snap| gw.apply_registry(snap));
@@ -179,6 +187,7 @@ impl GatewayComponent {
             data.store.clone(),
             gateway.clone(),
             registry.clone(),
+            identity.clone(),
         )
         .await?;
         let tls = match &g.tls {
@@ -216,6 +225,7 @@ impl GatewayComponent {
             hooks,
             thread: Mutex::new(None),
             running: AtomicBool::new(false),
+            auth,
         })
     }
 }
@@ -227,6 +237,7 @@ impl Component for GatewayComponent {
     }
 
     async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let shutdown_rx = shutdown.clone();
         let (plain, tls) = lock(&self.listeners)
             .take()
             .ok_or_else(|| anyhow!("the gateway was started twice"))?;
@@ -239,6 +250,19 @@ impl Component for GatewayComponent {
             shutdown,
         )?;
         *lock(&self.thread) = Some(thread);
+        // Every change of identity's material swaps the gateway's (keys before they sign,
+        // revocations, API keys, the call policy).
+        let (gw, mut auth, mut stop) = (self.gateway.clone(), self.auth.clone(), shutdown_rx);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = auth.changed() => if r.is_err() { break },
+                    _ = stop.changed() => break,
+                }
+                let m = (**auth.borrow_and_update()).clone();
+                gw.apply_auth(m);
+            }
+        });
         self.running.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -423,6 +447,7 @@ pub(crate) struct SupervisorInputs {
     pub admin_url: String,
     pub node: String,
     pub echo: Option<Echo>,
+    pub identity: Arc<gantry_identity::Identity>,
 }
 
 /// The supervisor: at start the spec's services become the desired state, then it reconciles
@@ -447,7 +472,9 @@ impl SupervisorComponent {
             node: i.node,
             echo: i.echo,
             instances_dir: data.dir.join("instances"),
-            hooks: Vec::new(),
+            hooks: vec![Arc::new(gantry_identity::workload::WorkloadHook::new(
+                i.identity,
+            ))],
             system_id: data.system_id.clone(),
         });
         Self {

@@ -41,6 +41,7 @@ pub struct Control {
     desired: DesiredState,
     gateway: Arc<Gateway>,
     registry: Arc<Registry>,
+    identity: Arc<gantry_identity::Identity>,
 }
 
 fn valid_route_name(n: &str) -> bool {
@@ -57,6 +58,7 @@ impl Control {
         store: Arc<dyn Store>,
         gateway: Arc<Gateway>,
         registry: Arc<Registry>,
+        identity: Arc<gantry_identity::Identity>,
     ) -> anyhow::Result<Arc<Self>> {
         let rows: Vec<(String, ApiRoute, u64)> = store.list_json(BUCKET, ">").await?;
         let api_routes = rows.into_iter().map(|(k, r, rev)| (k, (r, rev))).collect();
@@ -68,6 +70,7 @@ impl Control {
             store,
             gateway,
             registry,
+            identity,
         });
         {
             let st = c.lock();
@@ -157,6 +160,24 @@ impl RouteControl for Control {
             }
         }
         crate::components::register_static_endpoints(&new, &self.registry);
+        // The service-to-service policy applies at once; the token service's own settings at
+        // the next start.
+        self.identity
+            .set_calls(crate::identity::call_policy(&new.spec));
+        let (oi, ni) = (&old.spec.identity, &new.spec.identity);
+        if oi.listen != ni.listen
+            || oi.issuer != ni.issuer
+            || oi.algorithm != ni.algorithm
+            || oi.issuers != ni.issuers
+            || oi.audience != ni.audience
+            || oi.access_token_ttl_secs != ni.access_token_ttl_secs
+            || oi.refresh_token_ttl_secs != ni.refresh_token_ttl_secs
+            || oi.workload_token_ttl_secs != ni.workload_token_ttl_secs
+            || oi.rotate_every_secs != ni.rotate_every_secs
+            || oi.key_propagation_secs != ni.key_propagation_secs
+        {
+            needs_restart.push("[identity] settings other than service_policy changed".into());
+        }
         st.spec = Arc::new(new);
         let after = self.apply(&st);
         tracing::info!(routes = after.routes.len(), "spec reloaded");

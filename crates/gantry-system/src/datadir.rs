@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct AdminInfo {
     pub admin_url: String,
     pub gateway_url: String,
+    /// The token service (issuer) URL.
+    #[serde(default)]
+    pub identity_url: String,
     pub pid: u32,
     pub started_ms: u64,
 }

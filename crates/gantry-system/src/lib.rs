@@ -6,16 +6,19 @@
 //! (returning once it is ready), asked whether it is *ready*, and *stopped* in order: the system
 //! starts components in list order and stops them in reverse, each after its signal flips.
 //!
-//! The list ([`System::build`]): registry → gateway (routes from the spec and the API, listeners,
-//! its own runtime) → admin API → supervisor (desired state from the spec, then reconciling).
-//! So the stop order is: supervisor (drain, signal, kill; dependents before dependencies) →
-//! admin API → gateway (finish open requests) → registry. Components to come (identity, the bus,
-//! telemetry stores, the release controller, the autoscaler) attach as entries of this list.
+//! The list ([`System::build`]): registry → identity (token service, keys, the verifiers'
+//! material) → gateway (routes from the spec and the API, listeners, its own runtime; follows
+//! identity's material) → admin API → supervisor (desired state from the spec, then
+//! reconciling; identity's hook gives each instance its credential). So the stop order is:
+//! supervisor (drain, signal, kill; dependents before dependencies) → admin API → gateway
+//! (finish open requests) → identity → registry. Components to come (the bus, telemetry stores,
+//! the release controller, the autoscaler) attach as entries of this list.
 #![forbid(unsafe_code)]
 
 mod components;
 pub mod control;
 mod datadir;
+pub mod identity;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -124,6 +127,8 @@ pub struct System {
     pub gateway_addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    pub identity: Arc<gantry_identity::Identity>,
+    pub identity_addr: SocketAddr,
     _lock: std::fs::File,
 }
 
@@ -142,6 +147,8 @@ impl System {
         let node = components::node_name();
         let registry = components::RegistryComponent::build(&data, node.clone(), &metrics).await?;
         let config = Arc::new(ConfigStore::new(data.store.clone()));
+        let identity =
+            identity::IdentityComponent::build(&spec, &data, &metrics, admin_limits(&spec)).await?;
         let gateway = components::GatewayComponent::build(
             &spec,
             &data,
@@ -150,6 +157,7 @@ impl System {
             &metrics,
             node.clone(),
             opts.gateway_threads,
+            &identity.identity,
         )
         .await?;
         let admin_addr = components::AdminComponent::bind(&spec)?;
@@ -166,6 +174,7 @@ impl System {
                 admin_url: local_url(admin_addr.1),
                 node,
                 echo: opts.echo,
+                identity: identity.identity.clone(),
             },
         );
         let admin = components::AdminComponent::build(
@@ -177,7 +186,11 @@ impl System {
                 gateway: gateway.gateway.clone(),
                 logs: logs.clone(),
                 metrics: metrics.clone(),
-                auth: Arc::new(gantry_api::auth::AdminToken::new(data.token.clone())),
+                auth: Arc::new(gantry_api::auth::Principals::new(
+                    data.token.clone(),
+                    identity.identity.clone(),
+                )),
+                identity: identity.identity.clone(),
                 public: Arc::new(
                     spec.spec
                         .admin
@@ -212,8 +225,11 @@ impl System {
             gateway_addr: gateway.addr,
             tls_addr: gateway.tls_addr,
             admin_addr: admin.addr,
+            identity: identity.identity.clone(),
+            identity_addr: identity.addr,
             components: vec![
                 Arc::new(registry),
+                Arc::new(identity),
                 Arc::new(gateway),
                 Arc::new(admin),
                 Arc::new(supervisor),
@@ -272,6 +288,7 @@ impl System {
             &AdminInfo {
                 admin_url: local_url(self.admin_addr),
                 gateway_url: local_url(self.gateway_addr),
+                identity_url: self.identity.issuer().to_string(),
                 pid: std::process::id(),
                 started_ms: gantry_model::unix_ms(),
             },

@@ -345,6 +345,19 @@ async fn handle_full(
             tokio::time::sleep(Duration::from_millis(ms)).await;
             text(StatusCode::OK, format!("{instance} slept {ms} ms\n"))
         }
+        (_, "/call") => {
+            // Call another service through the gateway, as a service would: `path` on
+            // $GANTRY_GATEWAY_URL with the workload credential from $GANTRY_TOKEN_FILE (unless
+            // `token=none`); answers `{"status":N,"body":...}`.
+            let target = query_param(query, "path").unwrap_or("/");
+            let with_token = query_param(query, "token") != Some("none");
+            let forged = query_param(query, "forge");
+            let (status, body) = call_gateway(target, with_token, forged).await;
+            text(
+                StatusCode::OK,
+                format!("{{\"status\":{status},\"body\":{}}}\n", json_escape(&body)),
+            )
+        }
         (_, "/log") => {
             let msg = query_param(query, "msg").unwrap_or("").replace('+', " ");
             if query_param(query, "stream") == Some("stderr") {
@@ -387,6 +400,49 @@ async fn handle_full(
         }
     };
     Ok(resp)
+}
+
+/// One HTTP/1.1 GET to the gateway (`GANTRY_GATEWAY_URL`), with the instance's workload token
+/// read fresh from its file; `forge`: a `gantry-auth-service` header claiming to be that service.
+async fn call_gateway(path: &str, with_token: bool, forge: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let base = std::env::var("GANTRY_GATEWAY_URL").unwrap_or_default();
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    if with_token {
+        let file = std::env::var("GANTRY_TOKEN_FILE").unwrap_or_default();
+        match std::fs::read_to_string(&file) {
+            Ok(t) => head.push_str(&format!("authorization: Bearer {}\r\n", t.trim())),
+            Err(e) => return (0, format!("cannot read {file}: {e}")),
+        }
+    }
+    if let Some(f) = forge {
+        head.push_str(&format!("gantry-auth-service: {f}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut conn = match tokio::net::TcpStream::connect(&addr).await {
+        Ok(c) => c,
+        Err(e) => return (0, format!("connect {addr}: {e}")),
+    };
+    if let Err(e) = conn.write_all(head.as_bytes()).await {
+        return (0, e.to_string());
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+    if !matches!(read, Ok(Ok(_))) {
+        return (0, "no answer".into());
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 #[tokio::main(flavor = "current_thread")]

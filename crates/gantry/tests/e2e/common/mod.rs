@@ -156,8 +156,13 @@ pub struct Gantry {
 /// sets them itself.
 pub fn spec_text(services: &str) -> String {
     let bin = testsvc_bin();
+    let identity = if services.contains("[identity]") {
+        ""
+    } else {
+        "[identity]\nlisten = \"127.0.0.1:0\"\n\n"
+    };
     format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{identity}{}",
         services.replace("{TESTSVC}", &bin.display().to_string())
     )
 }
