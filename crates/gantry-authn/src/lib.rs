@@ -557,12 +557,14 @@ pub fn verify_jwt(token: &str, m: &Material, now: u64) -> Result<Identity, Denia
     let payload: Map<String, Value> = b64url_decode(p64)
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or(Denial::Malformed)?;
-    if s64.is_empty() || b64url_decode(s64).is_none() {
-        return Err(Denial::Malformed);
-    }
+    // The algorithm first: `alg: none` comes with an empty signature, and is refused as what
+    // it is.
     let Some(alg) = algorithm(&header.alg) else {
         return Err(Denial::AlgorithmNotAllowed);
     };
+    if s64.is_empty() || b64url_decode(s64).is_none() {
+        return Err(Denial::Malformed);
+    }
     if header.crit.is_some() {
         return Err(Denial::CriticalHeader);
     }

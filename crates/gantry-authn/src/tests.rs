@@ -84,7 +84,7 @@ fn every_attack_is_refused_with_its_reason() {
         (
             "alg none",
             format!("{}.{}.", b64url(br#"{"alg":"none","kid":"k1"}"#), parts[1]),
-            Denial::Malformed,
+            Denial::AlgorithmNotAllowed,
         ),
         (
             "alg none with sig",

@@ -26,6 +26,25 @@ impl Keyed {
         }
     }
 
+    /// Whether one is available, without taking it; `Err(seconds)` until one is.
+    fn peek(&self, key: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let m = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(b) = m.get(key) else {
+            return Ok(());
+        };
+        let tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(((1.0 - tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+
     /// Take one; `Err(seconds)` until one is available.
     fn take(&self, key: &str) -> Result<(), u64> {
         let now = Instant::now();
@@ -53,7 +72,8 @@ impl Keyed {
 }
 
 pub(crate) struct Limits {
-    /// Every token-endpoint or login request, per client address.
+    /// Failed token-endpoint or login requests (a bad secret, password, code or refresh
+    /// token), per client address: a client that knows its secret is never slowed down.
     address: Keyed,
     /// Password attempts per username (guessing one account from many addresses).
     user: Keyed,
@@ -62,8 +82,8 @@ pub(crate) struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            // 50 a second sustained from one address, bursts of 100.
-            address: Keyed::new(50.0, 100.0),
+            // 20 failures in a burst from one address, then 2 a second.
+            address: Keyed::new(2.0, 20.0),
             // One password attempt every 2 seconds per user, bursts of 10.
             user: Keyed::new(0.5, 10.0),
         }
@@ -71,8 +91,13 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// May this address try now (it has failures left)?
     pub(crate) fn address(&self, ip: &str) -> Result<(), u64> {
-        self.address.take(ip)
+        self.address.peek(ip)
+    }
+    /// An attempt from this address failed.
+    pub(crate) fn address_failed(&self, ip: &str) {
+        let _ = self.address.take(ip);
     }
     pub(crate) fn user(&self, name: &str) -> Result<(), u64> {
         self.user.take(name)
@@ -91,5 +116,18 @@ mod tests {
         }
         assert_eq!(k.take("u"), Err(2));
         assert!(k.take("other").is_ok());
+    }
+
+    #[test]
+    fn only_failures_use_up_an_address() {
+        let l = Limits::default();
+        for _ in 0..1000 {
+            assert!(l.address("10.0.0.1").is_ok());
+        }
+        for _ in 0..20 {
+            l.address_failed("10.0.0.1");
+        }
+        assert!(l.address("10.0.0.1").is_err());
+        assert!(l.address("10.0.0.2").is_ok());
     }
 }

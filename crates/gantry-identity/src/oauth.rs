@@ -285,6 +285,9 @@ async fn token(
         }
         Err(e) => {
             id.count("any", e.error);
+            if matches!(e.error, "invalid_client" | "invalid_grant") {
+                id.limiter.address_failed(&remote.ip());
+            }
             e.into_response()
         }
     }
@@ -312,7 +315,12 @@ async fn introspect(
     .await;
     match r {
         Ok(v) => no_store(Json(v).into_response()),
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if e.error == "invalid_client" {
+                id.limiter.address_failed(&remote.ip());
+            }
+            e.into_response()
+        }
     }
 }
 
@@ -335,7 +343,12 @@ async fn revoke(
     match r {
         // RFC 7009 2.2: 200 whether or not the token was known.
         Ok(()) => no_store(StatusCode::OK.into_response()),
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if e.error == "invalid_client" {
+                id.limiter.address_failed(&remote.ip());
+            }
+            e.into_response()
+        }
     }
 }
 

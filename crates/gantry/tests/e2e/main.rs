@@ -10,6 +10,7 @@ mod consistency;
 mod deploy;
 mod gateway;
 mod hardening;
+mod identity;
 mod observability;
 mod protocols;
 mod registry;

@@ -1,0 +1,596 @@
+//! Identity end to end: the token service with real clients, route authentication at the
+//! gateway against a JWT attack suite forged by PyJWT, workload identity and the deny policy,
+//! key rotation under load, admin principals and the audit trail.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(15);
+
+impl Gantry {
+    fn identity_addr(&self) -> SocketAddr {
+        let info: Value =
+            serde_json::from_slice(&std::fs::read(self.data_dir().join("admin.json")).unwrap())
+                .unwrap();
+        info["identity_url"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap()
+    }
+
+    /// A form POST to the token service.
+    fn oauth(&self, path: &str, form: &str, basic: Option<(&str, &str)>) -> Resp {
+        let auth = basic.map(|(u, p)| format!("Basic {}", b64(&format!("{u}:{p}"))));
+        let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+        if let Some(a) = &auth {
+            h.push(("authorization", a));
+        }
+        http(self.identity_addr(), "POST", path, &h, Some(form), T).unwrap()
+    }
+
+    /// Register a client over the admin API; returns its secret (confidential ones).
+    fn new_client(&self, body: Value) -> Option<String> {
+        let r = self.admin_call("POST", "/v1/identity/clients", Some(&body));
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["secret"].as_str().map(str::to_string)
+    }
+
+    fn client_token(&self, id: &str, secret: &str, scope: &str) -> String {
+        let r = self.oauth(
+            "/oauth2/token",
+            &format!("grant_type=client_credentials&scope={scope}"),
+            Some((id, secret)),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["access_token"].as_str().unwrap().to_string()
+    }
+}
+
+fn b64(s: &str) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn bearer(g: &Gantry, path: &str, token: &str) -> Resp {
+    let a = format!("Bearer {token}");
+    http(g.gateway, "GET", path, &[("authorization", &a)], None, T).unwrap()
+}
+
+const PROTECTED: &str = r#"
+[services.api]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+[[services.api.routes]]
+path_prefix = "/api"
+strip_prefix = true
+auth = "required"
+scopes = ["orders:read"]
+[[services.api.routes]]
+path_prefix = "/maybe"
+auth = "optional"
+[[services.api.routes]]
+path_prefix = "/admin-only"
+auth = "required"
+roles = ["admin"]
+"#;
+
+#[test]
+fn routes_require_valid_tokens_with_their_scopes_and_identity_reaches_the_instance() {
+    let g = Gantry::start(PROTECTED);
+    g.wait_healthy("api", 1, T);
+    // No credentials: 401 with a challenge and a reason.
+    let r = g.get("/api/x");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"gantry\"")
+    );
+    assert_eq!(r.json()["error"], "missing_credentials");
+    // An optional route serves anonymous callers; garbage is still refused.
+    assert_eq!(g.get("/maybe/x").status, 200);
+    assert_eq!(bearer(&g, "/maybe/x", "garbage").status, 401);
+
+    let secret = g
+        .new_client(
+            json!({"id": "reporter", "kind": "confidential", "scopes": ["orders:read", "other"]}),
+        )
+        .unwrap();
+    let good = g.client_token("reporter", &secret, "orders:read");
+    // The client cannot forge the identity headers: its copies are removed.
+    let a = format!("Bearer {good}");
+    let r = http(
+        g.gateway,
+        "GET",
+        "/api/who",
+        &[
+            ("authorization", &a),
+            ("gantry-auth-subject", "root"),
+            ("gantry-auth-service", "billing"),
+        ],
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["gantry-auth-subject"], "reporter", "{seen}");
+    assert_eq!(seen["gantry-auth-kind"], "client");
+    assert_eq!(seen["gantry-auth-scopes"], "orders:read");
+    assert!(seen.get("gantry-auth-service").is_none(), "{seen}");
+
+    // A token without the scope: 403, naming it.
+    let other = g.client_token("reporter", &secret, "other");
+    let r = bearer(&g, "/api/x", &other);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"], "insufficient_scope");
+    assert!(r
+        .header("www-authenticate")
+        .unwrap()
+        .contains("scope=\"orders:read\""));
+    // No role: 403.
+    assert_eq!(
+        bearer(&g, "/admin-only/x", &good).json()["error"],
+        "missing_role"
+    );
+
+    // Revoked (RFC 7009): refused at once; introspection (RFC 7662) says inactive.
+    let intro = |t: &str| {
+        g.oauth(
+            "/oauth2/introspect",
+            &format!("token={t}"),
+            Some(("reporter", &secret)),
+        )
+        .json()
+    };
+    assert_eq!(intro(&good)["active"], true);
+    assert_eq!(intro(&good)["client_id"], "reporter");
+    let r = g.oauth(
+        "/oauth2/revoke",
+        &format!("token={good}"),
+        Some(("reporter", &secret)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for("the revocation to reach the gateway", T, || {
+        (bearer(&g, "/api/x", &good).status == 401).then_some(())
+    });
+    assert_eq!(bearer(&g, "/api/x", &good).json()["error"], "revoked");
+    assert_eq!(intro(&good)["active"], false);
+
+    // API keys: hashed at rest, shown once, accepted by the gateway.
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/api-keys",
+        Some(&json!({"client_id": "reporter", "scopes": ["orders:read"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = r.json()["key"].as_str().unwrap().to_string();
+    let r = http(g.gateway, "GET", "/api/x", &[("x-api-key", &key)], None, T).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listed = g.admin_get("/v1/identity/api-keys").to_string();
+    assert!(
+        !listed.contains(&key) && !listed.contains("sha256"),
+        "{listed}"
+    );
+    assert!(!g
+        .admin_get("/v1/identity/clients")
+        .to_string()
+        .contains("secret"));
+    let bad = http(
+        g.gateway,
+        "GET",
+        "/api/x",
+        &[("x-api-key", "gk_nope")],
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(bad.json()["error"], "invalid_api_key");
+
+    // Refusals are counted by reason.
+    let m = g.metrics();
+    for reason in [
+        "missing_credentials",
+        "insufficient_scope",
+        "revoked",
+        "invalid_api_key",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "gantry_gateway_auth_denied_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted"
+        );
+    }
+}
+
+#[test]
+fn forged_tokens_are_refused_each_with_its_reason() {
+    let mut attacker = Command::new("python3")
+        .arg(fixture("jwt_attacks.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(attacker.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let idp: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("jwt_attacks.py did not start ({e}): {line}"));
+    let g = Gantry::start(&format!(
+        r#"
+[identity]
+listen = "127.0.0.1:0"
+[[identity.issuers]]
+name = "partner"
+issuer = "{}"
+jwks_uri = "{}"
+
+[services.api]
+command = ["{{TESTSVC}}"]
+health = {{ type = "http", path = "/health" }}
+[[services.api.routes]]
+path_prefix = "/api"
+auth = "required"
+issuers = ["partner"]
+audiences = ["shop"]
+"#,
+        idp["issuer"].as_str().unwrap(),
+        idp["jwks_uri"].as_str().unwrap()
+    ));
+    g.wait_healthy("api", 1, T);
+    // Until the partner's keys are fetched, its tokens name an unknown key.
+    wait_for("the partner's keys", T, || {
+        g.metrics()
+            .contains("gantry_identity_jwks_fetches_total{grant=\"external\",result=\"ok\"}")
+            .then_some(())
+    });
+    let mut stdin = attacker.stdin.take().unwrap();
+    writeln!(stdin, "http://{}/api/x", g.gateway).unwrap();
+    drop(stdin);
+    let mut results = Vec::new();
+    for l in out.lines() {
+        results.push(serde_json::from_str::<Value>(&l.unwrap()).unwrap());
+    }
+    let st = attacker.wait().unwrap();
+    assert!(st.success(), "jwt_attacks.py failed");
+    let expect = [
+        ("valid", 200, None),
+        ("alg_none", 401, Some("algorithm_not_allowed")),
+        ("hs256_with_public_key", 401, Some("algorithm_not_allowed")),
+        ("unknown_kid", 401, Some("unknown_key")),
+        ("wrong_key_same_kid", 401, Some("bad_signature")),
+        ("expired", 401, Some("expired")),
+        ("not_yet_valid", 401, Some("not_yet_valid")),
+        ("wrong_issuer", 401, Some("untrusted_issuer")),
+        ("wrong_audience", 401, Some("wrong_audience")),
+        ("tampered_payload", 401, Some("bad_signature")),
+        ("truncated", 401, Some("malformed_token")),
+        ("oversized", 401, Some("token_too_large")),
+        ("crit_header", 401, Some("critical_header")),
+        ("embedded_jwk", 401, Some("embedded_key")),
+        ("jku_header", 401, Some("embedded_key")),
+        ("x5u_header", 401, Some("embedded_key")),
+    ];
+    assert_eq!(results.len(), expect.len(), "{results:?}");
+    for (r, (name, status, error)) in results.iter().zip(expect) {
+        assert_eq!(r["name"], name);
+        assert_eq!(r["status"], status, "{name}: {r}");
+        if let Some(e) = error {
+            assert_eq!(r["error"], e, "{name}: {r}");
+            assert!(
+                r["www_authenticate"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Bearer"),
+                "{name}: {r}"
+            );
+        }
+    }
+    // A token of Gantry's own issuer is not one of the partner's.
+    let secret = g
+        .new_client(json!({"id": "own", "kind": "confidential"}))
+        .unwrap();
+    let own = g.client_token("own", &secret, "");
+    assert_eq!(bearer(&g, "/api/x", &own).json()["error"], "wrong_issuer");
+}
+
+#[test]
+fn refresh_tokens_rotate_and_a_reused_one_revokes_its_family() {
+    let g = Gantry::start(PROTECTED);
+    g.wait_healthy("api", 1, T);
+    let u = g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "alice", "password": "correct horse", "roles": ["viewer"]})),
+    );
+    assert_eq!(u.status, 201, "{}", u.body);
+    assert!(!u.body.contains("correct horse") && !u.body.contains("argon2"));
+    g.new_client(json!({"id": "spa", "kind": "public", "grant_types": ["password", "refresh_token"], "scopes": ["orders:read"]}));
+    let login = |pw: &str| {
+        g.oauth(
+            "/oauth2/token",
+            &format!(
+                "grant_type=password&client_id=spa&username=alice&password={pw}&scope=orders:read"
+            ),
+            None,
+        )
+    };
+    let bad = login("wrong");
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"], "invalid_grant");
+    assert!(!bad.body.contains("wrong"));
+    let t1 = login("correct+horse");
+    assert_eq!(t1.status, 200, "{}", t1.body);
+    assert_eq!(t1.header("cache-control"), Some("no-store"));
+    let t1 = t1.json();
+    let access1 = t1["access_token"].as_str().unwrap().to_string();
+    assert_eq!(bearer(&g, "/api/x", &access1).status, 200);
+    let r1 = t1["refresh_token"].as_str().unwrap().to_string();
+    let refresh = |r: &str| {
+        g.oauth(
+            "/oauth2/token",
+            &format!("grant_type=refresh_token&client_id=spa&refresh_token={r}"),
+            None,
+        )
+    };
+    let t2 = refresh(&r1);
+    assert_eq!(t2.status, 200, "{}", t2.body);
+    let t2 = t2.json();
+    let (r2, access2) = (
+        t2["refresh_token"].as_str().unwrap().to_string(),
+        t2["access_token"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(r1, r2);
+    // The old refresh token again: reuse. The whole family goes, access tokens included.
+    let reuse = refresh(&r1);
+    assert_eq!(reuse.status, 400);
+    assert!(reuse.body.contains("revoked"), "{}", reuse.body);
+    assert_eq!(refresh(&r2).status, 400);
+    wait_for(
+        "the family's access tokens revoked at the gateway",
+        T,
+        || {
+            (bearer(&g, "/api/x", &access2).status == 401
+                && bearer(&g, "/api/x", &access1).status == 401)
+                .then_some(())
+        },
+    );
+    // Password attempts are limited per user.
+    let statuses: Vec<u16> = (0..12).map(|_| login("wrong").status).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(g
+        .metrics()
+        .contains("gantry_identity_refresh_token_reuse_total 1"));
+}
+
+#[test]
+fn a_viewer_reads_and_cannot_change_and_every_change_is_audited() {
+    let g = Gantry::start(PROTECTED);
+    g.wait_healthy("api", 1, T);
+    g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "vera", "password": "viewer-pass", "roles": ["viewer"]})),
+    );
+    g.new_client(json!({"id": "cli", "kind": "public", "grant_types": ["password"]}));
+    let t = g.oauth(
+        "/oauth2/token",
+        "grant_type=password&client_id=cli&username=vera&password=viewer-pass",
+        None,
+    );
+    assert_eq!(t.status, 200, "{}", t.body);
+    let token = t.json()["access_token"].as_str().unwrap().to_string();
+    let a = format!("Bearer {token}");
+    let call = |m: &str, p: &str, body: Option<&str>| {
+        http(
+            g.admin,
+            m,
+            p,
+            &[("authorization", &a), ("content-type", "application/json")],
+            body,
+            T,
+        )
+        .unwrap()
+    };
+    assert_eq!(call("GET", "/v1/services", None).status, 200);
+    let r = call("POST", "/v1/services/api/scale", Some(r#"{"replicas":2}"#));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.body.contains("user:vera") && r.body.contains("services:write"),
+        "{}",
+        r.body
+    );
+    assert_eq!(call("GET", "/v1/identity/users", None).status, 200);
+    assert_eq!(call("POST", "/v1/identity/keys/rotate", None).status, 403);
+    let audit = g.admin_get("/v1/audit?limit=50").to_string();
+    assert!(audit.contains("\"principal\":\"user:vera\""), "{audit}");
+    assert!(audit.contains("/v1/services/api/scale"), "{audit}");
+    assert!(audit.contains("/v1/identity/users"), "{audit}");
+    // Secrets never reach the trail.
+    assert!(!audit.contains("viewer-pass"));
+}
+
+#[test]
+fn services_reach_only_what_they_may_call_under_deny() {
+    let g = Gantry::start(
+        r#"
+[identity]
+listen = "127.0.0.1:0"
+service_policy = "deny"
+workload_token_ttl_secs = 30
+
+[services.orders]
+command = ["{TESTSVC}"]
+calls = ["catalog"]
+health = { type = "http", path = "/health" }
+[[services.orders.routes]]
+path_prefix = "/orders"
+strip_prefix = true
+public = true
+
+[services.catalog]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+[[services.catalog.routes]]
+path_prefix = "/catalog"
+strip_prefix = true
+
+[services.billing]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+[[services.billing.routes]]
+path_prefix = "/billing"
+strip_prefix = true
+"#,
+    );
+    for s in ["orders", "catalog", "billing"] {
+        g.wait_healthy(s, 1, T);
+    }
+    let call = |from: &str, path: &str, extra: &str| -> Value {
+        let r = g.get(&format!("/{from}/call?path={path}{extra}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    // Outside traffic reaches the public route only.
+    assert_eq!(g.get("/orders/x").status, 200);
+    let r = g.get("/catalog/x");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"], "not_public");
+    // orders may call catalog; its identity arrives with the call.
+    let ok = call("orders", "/catalog/who", "");
+    assert_eq!(ok["status"], 200, "{ok}");
+    let inner: Value = serde_json::from_str(ok["body"].as_str().unwrap()).unwrap();
+    assert_eq!(inner["headers"]["gantry-auth-service"], "orders");
+    // orders may not call billing: 403, and an audit entry.
+    let no = call("orders", "/billing/x", "");
+    assert_eq!(no["status"], 403, "{no}");
+    assert!(no["body"].as_str().unwrap().contains("call_not_allowed"));
+    // Without its credential, or with a forged identity header, it is outside traffic.
+    assert_eq!(call("orders", "/catalog/x", "&token=none")["status"], 403);
+    assert_eq!(
+        call("orders", "/billing/x", "&token=none&forge=billing")["status"],
+        403
+    );
+    wait_for("the refused call in the audit trail", T, || {
+        let a = g.admin_get("/v1/audit?principal=service:orders");
+        a.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"].as_str().unwrap().starts_with("call:billing"))
+            .then_some(())
+    });
+
+    // The credential: a 0600 file, kept fresh, naming service, version and instance.
+    let inst = &g.instances("orders")[0];
+    let id = inst["id"].as_str().unwrap();
+    let file = g
+        .data_dir()
+        .join("instances")
+        .join(id)
+        .join("identity/token");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let first = std::fs::read_to_string(&file).unwrap();
+    let intro_secret = g
+        .new_client(json!({"id": "introspector", "kind": "confidential"}))
+        .unwrap();
+    let v = g
+        .oauth(
+            "/oauth2/introspect",
+            &format!("token={first}"),
+            Some(("introspector", &intro_secret)),
+        )
+        .json();
+    assert_eq!(v["active"], true, "{v}");
+    assert_eq!(v["gantry_service"], "orders");
+    assert_eq!(v["gantry_instance"], id);
+    let started = Instant::now();
+    wait_for(
+        "the token file renewed at half-life",
+        Duration::from_secs(30),
+        || {
+            let now = std::fs::read_to_string(&file).ok()?;
+            (now != first && !now.is_empty()).then_some(())
+        },
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert_eq!(call("orders", "/catalog/x", "")["status"], 200);
+}
+
+#[test]
+fn signing_keys_rotate_under_load_without_one_rejected_token() {
+    let g = Gantry::start(&format!(
+        "[identity]\nlisten = \"127.0.0.1:0\"\nkey_propagation_secs = 1\n{PROTECTED}"
+    ));
+    g.wait_healthy("api", 1, T);
+    let secret = g
+        .new_client(json!({"id": "load", "kind": "confidential", "scopes": ["orders:read"]}))
+        .unwrap();
+    let mut kids = std::collections::BTreeSet::new();
+    let mut tokens: Vec<String> = Vec::new();
+    let (mut ok, mut refused) = (0, Vec::new());
+    let start = Instant::now();
+    let mut rotations = 0;
+    while start.elapsed() < Duration::from_secs(8) {
+        // A forced rotation every two seconds; tokens signed with every key stay in use.
+        if start.elapsed() > Duration::from_secs(2 * (rotations + 1)) && rotations < 3 {
+            let r = g.admin_call("POST", "/v1/identity/keys/rotate", None);
+            assert_eq!(r.status, 201, "{}", r.body);
+            rotations += 1;
+        }
+        let t = g.client_token("load", &secret, "orders:read");
+        let header = t.split('.').next().unwrap().to_string();
+        kids.insert(header);
+        tokens.push(t);
+        for t in tokens.iter().rev().take(5) {
+            let r = bearer(&g, "/api/x", t);
+            if r.status == 200 {
+                ok += 1;
+            } else {
+                refused.push(r.body);
+            }
+        }
+    }
+    assert_eq!(rotations, 3);
+    assert!(
+        kids.len() >= 3,
+        "tokens were signed with {} keys",
+        kids.len()
+    );
+    assert!(
+        refused.is_empty(),
+        "{} of {} refused: {:?}",
+        refused.len(),
+        ok + refused.len(),
+        &refused[..refused.len().min(3)]
+    );
+    let keys = g.admin_get("/v1/identity/keys");
+    assert_eq!(keys.as_array().unwrap().len(), 4, "{keys}");
+    assert!(!keys.to_string().contains("private"));
+}
