@@ -1,13 +1,19 @@
 """Catalog service (Python, standard library only).
 
-GET /items          all items with prices in $CURRENCY
-GET /items/<id>     one item
-GET /health         liveness/readiness
+GET /items             all items with prices in $CURRENCY
+GET /items/<id>        one item
+GET /items/<id>/stock  asks inventory through the gateway -- which refuses: catalog may not
+                       call inventory (it is not in catalog's `calls`), so this shows the 403
+GET /health            liveness/readiness
 """
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+GATEWAY = os.environ.get("GANTRY_GATEWAY_URL", "http://127.0.0.1:8080")
 
 INSTANCE = os.environ.get("GANTRY_INSTANCE", "catalog")
 CURRENCY = os.environ.get("CURRENCY", "USD")
@@ -43,12 +49,30 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, {"status": "ok"})
         if path in ("/", "/items"):
             return self.reply(200, [priced(i) for i in ITEMS])
+        if path.startswith("/items/") and path.endswith("/stock"):
+            return self.reply(*self.stock(path[len("/items/"):-len("/stock")]))
         if path.startswith("/items/"):
             item_id = path[len("/items/"):]
             if item_id in ITEMS:
                 return self.reply(200, priced(item_id))
             return self.reply(404, {"error": "no such item", "id": item_id})
         return self.reply(404, {"error": "not found", "path": self.path})
+
+    def stock(self, item_id):
+        """Call inventory with this instance's credential, and report what the gateway said."""
+        token = ""
+        try:
+            with open(os.environ["GANTRY_TOKEN_FILE"]) as f:
+                token = f.read().strip()
+        except (KeyError, OSError):
+            pass
+        req = urllib.request.Request(f"{GATEWAY}/inventory/stock/{item_id}",
+                                     headers={"Authorization": "Bearer " + token})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return 200, {"inventory_status": r.status, "stock": json.loads(r.read())}
+        except urllib.error.HTTPError as e:
+            return 502, {"inventory_status": e.code, "gateway_said": json.loads(e.read() or b"null")}
 
     def log_message(self, fmt, *args):
         if "/health" not in self.path:

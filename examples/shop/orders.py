@@ -1,7 +1,9 @@
 """Orders service (Python, standard library only).
 
 It calls catalog and inventory *through the Gantry gateway* ($GANTRY_GATEWAY_URL), so every call
-is discovered and load-balanced by Gantry.
+is discovered and load-balanced by Gantry. Each call carries the instance's workload credential
+(the token in $GANTRY_TOKEN_FILE, which Gantry keeps fresh): the system runs under
+`service_policy = "deny"`, and the gateway lets orders reach only the services in its `calls`.
 
 GET  /orders                      orders placed so far (by this instance)
 GET  /orders/quote?item=ID&qty=N  price and stock for an item
@@ -24,10 +26,25 @@ ORDERS = []
 LOCK = threading.Lock()
 
 
+def credential():
+    """The current workload token (re-read on every call: Gantry renews the file)."""
+    path = os.environ.get("GANTRY_TOKEN_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    return os.environ.get("GANTRY_TOKEN", "")
+
+
 def call(method, path, body=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(GATEWAY + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = credential()
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    req = urllib.request.Request(GATEWAY + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read() or b"null")

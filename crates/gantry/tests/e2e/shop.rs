@@ -16,7 +16,8 @@ fn example_shop_answers_through_the_gateway() {
     for line in text.lines() {
         let line = line
             .replace("127.0.0.1:8080", "127.0.0.1:0")
-            .replace("127.0.0.1:7070", "127.0.0.1:0");
+            .replace("127.0.0.1:7070", "127.0.0.1:0")
+            .replace("127.0.0.1:7072", "127.0.0.1:0");
         out.push_str(&line);
         out.push('\n');
         if line.starts_with("[services.") && !line.contains(".routes") && !line.starts_with("[[") {
@@ -57,7 +58,13 @@ fn example_shop_answers_through_the_gateway() {
     )
     .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(g.get("/inventory/stock/teapot").json()["available"], 5);
+    // 8 teapots, 3 reserved: orders sees 5 left.
+    let q =
+        |n: u32| g.get(&format!("/orders/quote?item=teapot&qty={n}")).json()["in_stock"].clone();
+    assert_eq!(
+        (q(5), q(6)),
+        (serde_json::json!(true), serde_json::json!(false))
+    );
     let r = post(
         g.gateway,
         "/orders",
@@ -66,4 +73,26 @@ fn example_shop_answers_through_the_gateway() {
     );
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(g.get("/catalog/items/mug").json()["price"], 12.5);
+
+    // The shop runs under the deny policy. Inventory is internal: outside traffic is refused,
+    // and so is catalog, which may not call it (orders may: see the quotes above).
+    let r = g.get("/inventory/stock/teapot");
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"], "not_public");
+    let r = g.get("/catalog/items/mug/stock");
+    assert_eq!(r.status, 502, "{}", r.body);
+    let said = r.json();
+    assert_eq!(said["inventory_status"], 403, "{said}");
+    assert_eq!(said["gateway_said"]["error"], "call_not_allowed", "{said}");
+    // A forged identity header from outside is stripped: it does not make anyone orders.
+    let r = http(
+        g.gateway,
+        "GET",
+        "/inventory/stock/teapot",
+        &[("gantry-auth-service", "orders")],
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
 }
