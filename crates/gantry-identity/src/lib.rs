@@ -49,6 +49,8 @@ pub const REVOKED: &str = "identity-revoked";
 pub const REFRESH: &str = "identity-refresh";
 pub const FAMILIES: &str = "identity-families";
 pub const CODES: &str = "identity-codes";
+/// The built-in client `gantry login` uses.
+pub const CLI_CLIENT: &str = "gantry-cli";
 
 /// Random bytes as base64url (`n` bytes of entropy).
 pub fn random_token(n: usize) -> String {
@@ -249,11 +251,35 @@ impl Identity {
             refetch: Mutex::new(None),
         });
         id.load().await?;
+        id.ensure_cli_client().await?;
         if id.signing_key().is_none() {
             id.rotate_now(0).await?;
         }
         id.publish();
         Ok(id)
+    }
+
+    /// The CLI's client (`gantry login`): public, password and refresh grants.
+    async fn ensure_cli_client(&self) -> Result<(), IdentityError> {
+        let c = Client {
+            id: CLI_CLIENT.into(),
+            kind: ClientKind::Public,
+            grant_types: vec!["password".into(), "refresh_token".into()],
+            redirect_uris: Vec::new(),
+            scopes: Vec::new(),
+            roles: Vec::new(),
+            audiences: Vec::new(),
+            secret_sha256: None,
+            created_ms: gantry_model::unix_ms(),
+        };
+        match self
+            .store
+            .create_json(directory::CLIENTS, CLI_CLIENT, &c)
+            .await
+        {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn issuer(&self) -> &str {
@@ -626,9 +652,7 @@ impl Identity {
         new: NewClient,
     ) -> Result<(Client, Option<String>), IdentityError> {
         directory::check_name("client id", &new.id).map_err(IdentityError::Invalid)?;
-        if new.id.starts_with("service-")
-            || new.id == "gantry-cli" && new.kind != ClientKind::Public
-        {
+        if new.id.starts_with("service-") || new.id == CLI_CLIENT {
             return Err(IdentityError::Invalid(format!(
                 "client id {:?}: reserved",
                 new.id

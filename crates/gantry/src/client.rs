@@ -45,6 +45,8 @@ impl CliError {
 pub struct Client {
     base: String,
     token: Option<String>,
+    /// The token service's URL (from `admin.json`; unknown with `--admin`).
+    identity: Option<String>,
     http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -57,6 +59,7 @@ fn read_token(data_dir: &Path) -> Option<String> {
 
 impl Client {
     pub fn connect(t: Target) -> Result<Self, CliError> {
+        let mut identity = None;
         let (base, token) = match t.admin {
             Some(url) => {
                 let token = t.token.or_else(|| {
@@ -88,6 +91,7 @@ impl Client {
                             t.file.display()
                         ))
                     })?;
+                identity = Some(info.identity_url).filter(|u| !u.is_empty());
                 (info.admin_url, t.token.or_else(|| read_token(&dir)))
             }
         };
@@ -96,8 +100,23 @@ impl Client {
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             token,
+            identity,
             http,
         })
+    }
+
+    /// The admin API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn identity_url(&self) -> Option<String> {
+        self.identity.clone()
+    }
+
+    /// Use this bearer token (a logged-in user's).
+    pub fn set_token(&mut self, t: String) {
+        self.token = Some(t);
     }
 
     async fn request(

@@ -41,7 +41,26 @@ pub fn validate(file: &Path) -> ExitCode {
 
 pub async fn run_client(cmd: Cmd, target: Target) -> ExitCode {
     let res = async {
-        let c = Client::connect(target)?;
+        let explicit = target.token.is_some();
+        let mut c = Client::connect(target)?;
+        match &cmd {
+            Cmd::Login { username } => {
+                let id = c.identity_url().ok_or_else(|| {
+                    CliError::usage(
+                        "gantry login finds the token service through the spec: pass -f FILE",
+                    )
+                })?;
+                return crate::identity_cmd::login(c.base(), &id, username).await;
+            }
+            Cmd::Logout => return crate::identity_cmd::logout(c.base()),
+            _ => {}
+        }
+        // A user who logged in acts with their own roles, not the admin token.
+        if !explicit {
+            if let Some(t) = crate::identity_cmd::current_token(c.base()).await {
+                c.set_token(t);
+            }
+        }
         dispatch(cmd, &c).await
     }
     .await;
@@ -54,7 +73,7 @@ pub async fn run_client(cmd: Cmd, target: Target) -> ExitCode {
     }
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -120,6 +139,8 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             out,
         }) => registry_ls(c, service, version, out).await,
         Cmd::Config(cc) => config(c, cc).await,
+        Cmd::Identity(ic) => crate::identity_cmd::run(c, ic).await,
+        Cmd::Login { .. } | Cmd::Logout => Ok(()),
         Cmd::Route(RouteCmd::Put {
             name,
             service,
@@ -163,7 +184,7 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
 
 /// GET a list, then print it as JSON (`--json`) or as a table of `row(item)`: the API's own
 /// response types, so the CLI reads what the API documents, not untyped JSON.
-async fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
+pub(crate) async fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
     c: &Client,
     path: &str,
     out: Output,

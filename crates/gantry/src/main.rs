@@ -6,6 +6,7 @@
 mod alloc;
 mod client;
 mod commands;
+mod identity_cmd;
 mod table;
 mod up;
 
@@ -110,6 +111,14 @@ enum Cmd {
     /// Versioned configuration of services.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Users, clients, roles, API keys and signing keys.
+    #[command(subcommand)]
+    Identity(identity_cmd::IdentityCmd),
+    /// Sign in as a user (password read from standard input): later commands use your roles'
+    /// permissions instead of the admin token.
+    Login { username: String },
+    /// Forget the login for this gantry.
+    Logout,
     /// The audit trail: who changed what, when, from where, and the outcome (newest first).
     Audit {
         /// At most this many records.

@@ -594,3 +594,103 @@ fn signing_keys_rotate_under_load_without_one_rejected_token() {
     assert_eq!(keys.as_array().unwrap().len(), 4, "{keys}");
     assert!(!keys.to_string().contains("private"));
 }
+
+/// Where scripts/test installed the npm clients (openid-client, jose, oidc-provider).
+fn node_dir() -> std::path::PathBuf {
+    let d = std::env::var_os("GANTRY_TEST_NODE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/e2e-node")
+        });
+    assert!(
+        d.join("node_modules/openid-client").is_dir(),
+        "the npm test clients are not installed in {} (scripts/test installs them)",
+        d.display()
+    );
+    d
+}
+
+/// Run a fixture script with node, from the directory the npm clients are installed in.
+fn node(script: &str, args: &[&str]) -> Value {
+    let dir = node_dir();
+    let copy = dir.join(script);
+    std::fs::copy(fixture(script), &copy).unwrap();
+    let out = Command::new("node")
+        .arg(&copy)
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn openid_client_and_jose_discover_obtain_and_verify_tokens() {
+    let g = Gantry::start(PROTECTED);
+    g.wait_healthy("api", 1, T);
+    let issuer = format!("http://{}", g.identity_addr());
+    let secret = g
+        .new_client(json!({"id": "backend", "kind": "confidential", "scopes": ["orders:read"]}))
+        .unwrap();
+    let redirect = "http://app.example.test/callback";
+    g.new_client(json!({"id": "webapp", "kind": "public", "grant_types": ["authorization_code", "refresh_token"],
+        "redirect_uris": [redirect], "scopes": ["orders:read"]}));
+    let u = g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "olga", "password": "s3cret-pass", "roles": ["viewer"]})),
+    );
+    assert_eq!(u.status, 201, "{}", u.body);
+    let v = node(
+        "oidc_client.mjs",
+        &[
+            &issuer,
+            "backend",
+            &secret,
+            "webapp",
+            "olga",
+            "s3cret-pass",
+            redirect,
+        ],
+    );
+    assert_eq!(v["discovered"]["issuer"], issuer.as_str(), "{v}");
+    assert_eq!(v["discovered"]["pkce"], json!(["S256"]));
+    let cc = &v["client_credentials"];
+    assert_eq!(
+        (cc["alg"].as_str(), cc["typ"].as_str()),
+        (Some("EdDSA"), Some("at+jwt")),
+        "{v}"
+    );
+    assert_eq!(cc["sub"], "backend");
+    assert_eq!(cc["scope"], "orders:read");
+    let ac = &v["authorization_code"];
+    assert_eq!(ac["access"]["sub"], "olga", "{v}");
+    assert_eq!(ac["access"]["client_id"], "webapp");
+    assert_eq!(ac["id_token"]["aud"], "webapp");
+    assert_eq!(ac["claims"]["sub"], "olga");
+    assert_eq!(ac["has_refresh"], true);
+    assert_eq!(v["wrong_verifier"], "invalid_grant", "{v}");
+    assert_eq!(v["refresh"]["access"]["sub"], "olga");
+    assert_eq!(v["refresh"]["rotated"], true);
+    // The token openid-client obtained works at the gateway.
+    let r = g.oauth(
+        "/oauth2/token",
+        "grant_type=client_credentials&scope=orders:read",
+        Some(("backend", &secret)),
+    );
+    assert_eq!(
+        bearer(&g, "/api/x", r.json()["access_token"].as_str().unwrap()).status,
+        200
+    );
+}
