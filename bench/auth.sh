@@ -110,8 +110,11 @@ EOF
   pids+=("${PID[$a]}")
   PORT[$a]=$port
   port=$((port + 1))
-  for _ in $(seq 100); do [ -f "$d/data/admin.json" ] && break; sleep 0.1; done
-  wait_http "${PORT[$a]}"
+  for _ in $(seq 150); do
+    [ -f "$d/data/admin.json" ] && curl -fs -o /dev/null "http://127.0.0.1:${PORT[$a]}/open/" && break
+    sleep 0.1
+  done
+  curl -fs -o /dev/null "http://127.0.0.1:${PORT[$a]}/open/" || { echo "$a: gantry does not answer" >&2; cat "$d.log" >&2; exit 1; }
   # A client, and the tokens (one for the cached runs: the first).
   python3 - "$d/data" "$TOKENS" "$d/tokens.txt" <<'PY'
 import base64, http.client, json, sys, urllib.parse

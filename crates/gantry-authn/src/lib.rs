@@ -470,6 +470,38 @@ pub struct Material {
     /// Told the name of an external issuer when a token names a key its set lacks (the
     /// provider may have rotated): whoever fetches key sets refetches, rate-limited.
     pub refetch: Option<Refetch>,
+    /// Browser sessions, by SHA-256 of the session cookie's value (shared, not copied, when
+    /// the rest of the material changes).
+    pub sessions: Arc<Sessions>,
+}
+
+/// The name of the session cookie.
+pub const SESSION_COOKIE: &str = "gantry_session";
+
+/// Live browser sessions.
+#[derive(Default)]
+pub struct Sessions {
+    pub map: HashMap<[u8; 32], Arc<Session>>,
+}
+
+/// One signed-in browser: who it is, and the short-lived token the gateway sends upstream in
+/// its place (renewed by identity before it expires; the browser never holds it).
+pub struct Session {
+    pub identity: Arc<Identity>,
+    /// Seconds since the epoch.
+    pub expires: u64,
+    /// `Bearer <JWT>`, as the instance gets it.
+    pub token: arc_swap::ArcSwap<(String, u64)>,
+}
+
+impl Material {
+    /// The live session a cookie value names.
+    pub fn session(&self, cookie: &str, now: u64) -> Result<Arc<Session>, Denial> {
+        match self.sessions.map.get(&digest(cookie)) {
+            Some(s) if s.expires > now => Ok(s.clone()),
+            _ => Err(Denial::InvalidSession),
+        }
+    }
 }
 
 /// See [`Material::refetch`].
@@ -490,6 +522,7 @@ impl fmt::Debug for Material {
             .field("revoked", &self.revoked.len())
             .field("api_keys", &self.api_keys.len())
             .field("calls", &self.calls)
+            .field("sessions", &self.sessions.map.len())
             .finish()
     }
 }

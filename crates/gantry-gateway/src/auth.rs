@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use gantry_authn::{
     now_secs, presented, Cache, Denial, Forbidden, Identity, Kind, Material, Mode, Presented,
-    Requirement,
+    Requirement, Session, SESSION_COOKIE,
 };
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -25,6 +25,12 @@ pub(crate) struct RouteAuthFilter {
     pub service: Arc<str>,
 }
 
+/// A verified caller, and the browser session it came with (if it did).
+pub(crate) struct Who {
+    pub id: Arc<Identity>,
+    pub session: Option<Arc<Session>>,
+}
+
 pub(crate) enum Refusal {
     Unauthenticated(Denial),
     Forbidden(Forbidden),
@@ -32,12 +38,13 @@ pub(crate) enum Refusal {
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// The verified caller (if any) or why the request may not pass.
+/// The verified caller (if any) or why the request may not pass. Credentials, in order: an
+/// `Authorization` header (bearer token or API key), `X-Api-Key`, the session cookie.
 pub(crate) fn authenticate(
     f: &RouteAuthFilter,
     m: &Material,
     headers: &HeaderMap,
-) -> Result<Option<Arc<Identity>>, Refusal> {
+) -> Result<Option<Who>, Refusal> {
     let policy = !m.calls.default_allow;
     if f.req.mode == Mode::None && !policy {
         return Ok(None);
@@ -54,19 +61,37 @@ pub(crate) fn authenticate(
                 .filter(|i| i.kind == Kind::Workload),
             _ => None,
         }
+        .map(|id| Who { id, session: None })
     } else {
         let id = match presented(
             authorization,
             headers.get(&X_API_KEY).map(HeaderValue::as_bytes),
         ) {
             Err(d) => return Err(Refusal::Unauthenticated(d)),
-            Ok(None) => None,
-            Ok(Some(Presented::Bearer(t))) => {
-                Some(Cache::verify(t, m, now_secs()).map_err(Refusal::Unauthenticated)?)
-            }
-            Ok(Some(Presented::ApiKey(k))) => Some(m.api_key(k).map_err(Refusal::Unauthenticated)?),
+            Ok(None) => match crate::context::cookie(headers, SESSION_COOKIE) {
+                None => None,
+                Some(c) => match m.session(c, now_secs()) {
+                    Ok(s) => Some(Who {
+                        id: s.identity.clone(),
+                        session: Some(s),
+                    }),
+                    // A stale cookie (logged out, expired) on an optional route: anonymous.
+                    Err(d) if f.req.mode == Mode::Required => {
+                        return Err(Refusal::Unauthenticated(d))
+                    }
+                    Err(_) => None,
+                },
+            },
+            Ok(Some(Presented::Bearer(t))) => Some(Who {
+                id: Cache::verify(t, m, now_secs()).map_err(Refusal::Unauthenticated)?,
+                session: None,
+            }),
+            Ok(Some(Presented::ApiKey(k))) => Some(Who {
+                id: m.api_key(k).map_err(Refusal::Unauthenticated)?,
+                session: None,
+            }),
         };
-        match &id {
+        match id.as_ref().map(|w| &w.id) {
             Some(id) => {
                 f.req.accepts(id, m).map_err(Refusal::Unauthenticated)?;
                 f.req.check(id).map_err(Refusal::Forbidden)?;
@@ -79,12 +104,42 @@ pub(crate) fn authenticate(
         id
     };
     if policy {
-        let caller = id.as_deref().and_then(|i| i.service.as_deref());
+        let caller = id.as_ref().and_then(|w| w.id.service.as_deref());
         m.calls
             .check(caller, &f.service, f.public)
             .map_err(Refusal::Forbidden)?;
     }
     Ok(id)
+}
+
+/// A session's request, as the instance gets it: the session's short-lived token in
+/// `Authorization`, and the session cookie taken out of `Cookie` (the instance never sees the
+/// browser's session id).
+pub(crate) fn session_upstream(h: &mut HeaderMap, s: &Session) {
+    let token = s.token.load();
+    if let Ok(v) = HeaderValue::from_str(&token.0) {
+        h.insert(header::AUTHORIZATION, v);
+    }
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| {
+            !kv.is_empty()
+                && kv
+                    .split_once('=')
+                    .is_none_or(|(k, _)| k.trim() != SESSION_COOKIE)
+        })
+        .map(str::to_string)
+        .collect();
+    h.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            h.insert(header::COOKIE, v);
+        }
+    }
 }
 
 /// Remove every `gantry-*` header the client sent (identity headers cannot be forged).

@@ -380,7 +380,7 @@ impl Gateway {
                             req.headers(),
                             conn.peer,
                             now,
-                            who.as_deref(),
+                            who.as_ref().map(|w| &*w.id),
                         ) {
                             route.metrics.rate_limited.inc();
                             let mut resp =
@@ -398,8 +398,11 @@ impl Gateway {
                     _ => {}
                 }
             }
-            if let Some(id) = &who {
-                auth::identity_headers(req.headers_mut(), id);
+            if let Some(w) = &who {
+                auth::identity_headers(req.headers_mut(), &w.id);
+                if let Some(s) = &w.session {
+                    auth::session_upstream(req.headers_mut(), s);
+                }
             }
 
             // ── 4. target ─────────────────────────────────────────────────────────────────

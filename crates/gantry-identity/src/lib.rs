@@ -21,6 +21,7 @@ pub mod external;
 pub mod keys;
 mod limiter;
 pub mod oauth;
+pub mod sessions;
 mod tokens;
 pub mod workload;
 
@@ -81,6 +82,8 @@ pub struct IdentityConfig {
     /// 0: on demand only.
     pub rotate_every: u64,
     pub propagation: u64,
+    /// Lifetime of a browser session (absolute).
+    pub session_ttl: u64,
     pub audience: String,
     pub calls: CallPolicy,
     pub external: Vec<external::ExternalIssuer>,
@@ -132,6 +135,7 @@ struct State {
     external: HashMap<String, (String, KeySet)>,
     /// Custom roles (the built-in ones are not stored).
     roles: BTreeMap<String, Role>,
+    sessions: Arc<gantry_authn::Sessions>,
     calls: CallPolicy,
     revision: u64,
 }
@@ -181,6 +185,10 @@ impl Identity {
                 Some(Duration::from_secs(cfg.refresh_ttl + 60).max(day)),
             ),
             (CODES, Some(Duration::from_secs(600))),
+            (
+                sessions::SESSIONS,
+                Some(Duration::from_secs(cfg.session_ttl + 60)),
+            ),
         ] {
             store
                 .ensure_bucket(
@@ -367,6 +375,7 @@ impl Identity {
                 .collect(),
             api_keys: s.api_keys.clone(),
             calls: s.calls.clone(),
+            sessions: s.sessions.clone(),
             refetch: self
                 .refetch
                 .lock()
@@ -463,6 +472,7 @@ impl Identity {
             let me = self.clone();
             tasks.spawn(async move { external::run(me).await });
         }
+        tasks.spawn(self.clone().follow_sessions());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -476,6 +486,7 @@ impl Identity {
             if let Err(e) = self.housekeeping().await {
                 tracing::warn!(error = %e, "identity: key housekeeping failed; retrying");
             }
+            self.renew_sessions();
         }
         tasks.abort_all();
     }
@@ -595,6 +606,21 @@ impl Identity {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    pub(crate) fn sessions_now(&self) -> Arc<gantry_authn::Sessions> {
+        self.state().sessions.clone()
+    }
+
+    pub(crate) fn edit_sessions(
+        &self,
+        f: impl FnOnce(&mut HashMap<[u8; 32], Arc<gantry_authn::Session>>),
+    ) {
+        {
+            let mut s = self.state();
+            s.sessions = Arc::new(sessions::edited(&s.sessions, f));
+        }
+        self.publish();
     }
 
     pub(crate) fn set_refetch(&self, tx: tokio::sync::mpsc::Sender<String>) {

@@ -34,6 +34,9 @@ pub fn router(id: Arc<Identity>) -> Router {
             "/oauth2/authorize",
             get(authorize_page).post(authorize_submit),
         )
+        .route("/session/login", get(session_page).post(session_login))
+        .route("/session/logout", post(session_logout))
+        .route("/session", get(session_info))
         .with_state(id)
 }
 
@@ -690,6 +693,179 @@ async fn authorize_submit(
     }
 }
 
+// ── browser sessions ─────────────────────────────────────────────────────────────────────────
+
+/// Where to send the browser after a login or logout: a path on this site only (no scheme, no
+/// `//host`, no backslash), so the endpoint cannot be used to redirect elsewhere.
+fn local_path(p: Option<&str>) -> Option<String> {
+    let p = p?;
+    let ok = p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.contains('\\')
+        && p.len() <= 2048
+        && !p.chars().any(|c| c.is_control() || c.is_whitespace());
+    ok.then(|| p.to_string())
+}
+
+fn session_form(return_to: Option<&str>, error: Option<&str>) -> String {
+    let err = error
+        .map(|e| format!("<p class=\"err\" role=\"alert\">{}</p>", esc(e)))
+        .unwrap_or_default();
+    let back = return_to
+        .map(|r| {
+            format!(
+                "<input type=\"hidden\" name=\"return_to\" value=\"{}\">",
+                esc(r)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "<h1>Sign in</h1>{err}<form method=\"post\" action=\"login\">{back}\
+<label for=\"username\">Username</label><input id=\"username\" name=\"username\" autocomplete=\"username\" required autofocus>\
+<label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
+<button type=\"submit\">Sign in</button></form>"
+    )
+}
+
+async fn session_page(Query(p): Query<Vec<(String, String)>>) -> Response {
+    let back = local_path(
+        p.iter()
+            .find(|(k, _)| k == "return_to")
+            .map(|(_, v)| v.as_str()),
+    );
+    page(StatusCode::OK, session_form(back.as_deref(), None))
+}
+
+fn session_cookie(value: &str, max_age: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{}={value}; Path=/; HttpOnly; Secure; SameSite=Lax; Max-Age={max_age}",
+        gantry_authn::SESSION_COOKIE
+    ))
+    .unwrap_or(HeaderValue::from_static(
+        "gantry_session=; Path=/; Max-Age=0",
+    ))
+}
+
+fn see_other(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+async fn session_login(
+    State(id): State<Arc<Identity>>,
+    remote: Remote,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Ok(Form(p)) = form else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            session_form(None, Some("The form could not be read.")),
+        );
+    };
+    let field = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let back = local_path(field("return_to"));
+    let busy = "Too many attempts; wait a moment and try again.";
+    if let Err(secs) = id.limiter.address(&remote.ip()) {
+        let mut r = page(
+            StatusCode::TOO_MANY_REQUESTS,
+            session_form(back.as_deref(), Some(busy)),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let user = match id
+        .check_user(
+            field("username").unwrap_or(""),
+            field("password").unwrap_or(""),
+        )
+        .await
+    {
+        Ok(u) => u,
+        Err(e) => {
+            if e.status != 429 {
+                id.limiter.address_failed(&remote.ip());
+            }
+            let (status, msg) = if e.status == 429 {
+                (StatusCode::TOO_MANY_REQUESTS, busy)
+            } else {
+                (StatusCode::UNAUTHORIZED, "Invalid username or password.")
+            };
+            return page(status, session_form(back.as_deref(), Some(msg)));
+        }
+    };
+    let (cookie, rec) = match id.create_session(&user.username, user.roles.clone()).await {
+        Ok(s) => s,
+        Err(e) => return OAuthError::server(e).into_response(),
+    };
+    let mut r = match back {
+        Some(to) => see_other(&to),
+        None => Json(json!({"username": rec.username, "roles": rec.roles, "expires": rec.expires}))
+            .into_response(),
+    };
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(&cookie, rec.expires.saturating_sub(rec.created)),
+    );
+    no_store(r)
+}
+
+fn cookie_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == gantry_authn::SESSION_COOKIE).then(|| v.to_string())
+        })
+}
+
+async fn session_logout(
+    State(id): State<Arc<Identity>>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let ended = match cookie_of(&headers) {
+        Some(c) => match id.end_session(&c).await {
+            Ok(e) => e,
+            Err(e) => return OAuthError::server(e).into_response(),
+        },
+        None => false,
+    };
+    let back = local_path(
+        q.iter()
+            .find(|(k, _)| k == "return_to")
+            .map(|(_, v)| v.as_str()),
+    );
+    let mut r = match back {
+        Some(to) => see_other(&to),
+        None => Json(json!({"logged_out": ended})).into_response(),
+    };
+    r.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie("", 0));
+    no_store(r)
+}
+
+async fn session_info(State(id): State<Arc<Identity>>, headers: HeaderMap) -> Response {
+    match cookie_of(&headers).and_then(|c| id.session_of(&c)) {
+        Some(s) => no_store(
+            Json(json!({"username": s.identity.subject, "roles": s.identity.roles, "expires": s.expires}))
+                .into_response(),
+        ),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_session", "error_description": "no live session; sign in at /session/login"})),
+        )
+            .into_response(),
+    }
+}
+
 impl Identity {
     fn count(&self, grant: &'static str, result: &'static str) {
         self.metrics
@@ -709,5 +885,9 @@ mod tests {
         assert_eq!(form_decode("%zz"), None);
         assert_eq!(esc("<a href=\"x\">"), "&lt;a href=&quot;x&quot;&gt;");
         assert_eq!(pct("a b&c"), "a%20b%26c");
+        assert_eq!(local_path(Some("/app?x=1")).as_deref(), Some("/app?x=1"));
+        for bad in ["//evil.example", "https://evil.example", "/\\evil", "app"] {
+            assert_eq!(local_path(Some(bad)), None, "{bad}");
+        }
     }
 }

@@ -9,6 +9,7 @@ fn config(issuer: &str) -> IdentityConfig {
         workload_ttl: 120,
         rotate_every: 0,
         propagation: 0,
+        session_ttl: 3600,
         audience: "gantry".into(),
         calls: CallPolicy::default(),
         external: Vec::new(),

@@ -854,6 +854,7 @@ pub fn check_route(spec: &Spec, service: &str, r: &RouteSpec) -> Vec<String> {
 }
 
 pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize, r: &RouteSpec) {
+    crate::identity::validate_route(p, spec, name, i, r);
     let rf = |f: &str| format!("services.{name}.routes[{i}].{f}");
     let paths = [
         r.path_prefix.is_some(),

@@ -41,6 +41,9 @@ pub struct IdentitySpec {
     /// with it, so that every verifier holds it first. Default 60.
     #[serde(default = "default_propagation")]
     pub key_propagation_secs: u64,
+    /// Lifetime of a browser session (signed in at `/session/login`). Default 28800 (8 hours).
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl_secs: u64,
     /// Service-to-service calls: `allow` (default: every caller reaches every route) or `deny`
     /// (a service reaches only the services in its `calls`; outside traffic only routes marked
     /// `public`).
@@ -88,6 +91,9 @@ fn default_rotate() -> u64 {
 fn default_propagation() -> u64 {
     60
 }
+fn default_session_ttl() -> u64 {
+    8 * 3600
+}
 fn default_policy() -> String {
     "allow".into()
 }
@@ -106,6 +112,7 @@ impl Default for IdentitySpec {
             workload_token_ttl_secs: default_workload_ttl(),
             rotate_every_secs: default_rotate(),
             key_propagation_secs: default_propagation(),
+            session_ttl_secs: default_session_ttl(),
             service_policy: default_policy(),
             audience: default_audience(),
             issuers: Vec::new(),
@@ -165,6 +172,7 @@ pub(crate) fn validate(p: &mut Problems, spec: &Spec) {
             86_400,
         ),
         ("key_propagation_secs", id.key_propagation_secs, 0, 86_400),
+        ("session_ttl_secs", id.session_ttl_secs, 60, 30 * 86_400),
     ] {
         if !(min..=max).contains(&v) {
             p.push((format!("identity.{f}"), format!("expected {min}..={max}")));
@@ -219,51 +227,73 @@ pub(crate) fn validate(p: &mut Problems, spec: &Spec) {
                 ));
             }
         }
-        for (i, r) in svc.routes.iter().enumerate() {
-            let rf = |x: &str| format!("services.{name}.routes[{i}].{x}");
-            let mode = match r.auth.as_deref() {
-                None => m::AuthMode::None,
-                Some(a) => match m::AuthMode::parse(a) {
-                    Some(m) => m,
-                    None => {
-                        p.push((
-                            rf("auth"),
-                            format!("{a:?}: expected none, optional or required"),
-                        ));
-                        continue;
-                    }
-                },
-            };
-            let asks = !(r.scopes.is_empty()
-                && r.roles.is_empty()
-                && r.claims.is_empty()
-                && r.issuers.is_empty()
-                && r.audiences.is_empty());
-            if asks && mode == m::AuthMode::None {
+    }
+}
+
+/// A route's identity fields (spec routes and routes added over the API alike).
+pub(crate) fn validate_route(
+    p: &mut Problems,
+    spec: &Spec,
+    name: &str,
+    i: usize,
+    r: &crate::gateway::RouteSpec,
+) {
+    let rf = |x: &str| format!("services.{name}.routes[{i}].{x}");
+    let mode = match r.auth.as_deref() {
+        None => m::AuthMode::None,
+        Some(a) => match m::AuthMode::parse(a) {
+            Some(m) => m,
+            None => {
                 p.push((
                     rf("auth"),
-                    "scopes, roles, claims, issuers and audiences need auth = \"required\" or \"optional\"".into(),
+                    format!("{a:?}: expected none, optional or required"),
                 ));
+                return;
             }
-            for (j, iss) in r.issuers.iter().enumerate() {
-                if !names.contains(&iss.as_str()) && !is_url(iss) {
-                    p.push((
-                        rf(&format!("issuers[{j}]")),
-                        format!("unknown issuer {iss:?}: expected gantry, a name from [[identity.issuers]] or an issuer URL"),
-                    ));
-                }
-            }
-            for (j, s) in r.scopes.iter().enumerate() {
-                if s.is_empty()
-                    || s.chars()
-                        .any(|c| c.is_whitespace() || c == '"' || c == '\\')
-                {
-                    p.push((
-                        rf(&format!("scopes[{j}]")),
-                        format!("{s:?}: a scope is a non-empty token without spaces or quotes"),
-                    ));
-                }
-            }
+        },
+    };
+    let asks = !(r.scopes.is_empty()
+        && r.roles.is_empty()
+        && r.claims.is_empty()
+        && r.issuers.is_empty()
+        && r.audiences.is_empty());
+    if asks && mode == m::AuthMode::None {
+        p.push((
+            rf("auth"),
+            "scopes, roles, claims, issuers and audiences need auth = \"required\" or \"optional\""
+                .into(),
+        ));
+    }
+    if r.redirect.is_some() && (mode != m::AuthMode::None || r.public) {
+        p.push((
+            rf("auth"),
+            "a redirect route answers before authentication: auth and public apply to forwarding routes".into(),
+        ));
+    }
+    let mut names = vec![BUILTIN_ISSUER];
+    names.extend(spec.identity.issuers.iter().map(|e| e.name.as_str()));
+    for (j, iss) in r.issuers.iter().enumerate() {
+        if !names.contains(&iss.as_str()) && !is_url(iss) {
+            p.push((
+                rf(&format!("issuers[{j}]")),
+                format!("unknown issuer {iss:?}: expected gantry, a name from [[identity.issuers]] or an issuer URL"),
+            ));
+        }
+    }
+    for (j, s) in r.scopes.iter().enumerate() {
+        if s.is_empty()
+            || s.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+        {
+            p.push((
+                rf(&format!("scopes[{j}]")),
+                format!("{s:?}: a scope is a non-empty token without spaces or quotes"),
+            ));
+        }
+    }
+    for k in r.claims.keys() {
+        if k.is_empty() {
+            p.push((rf("claims"), "claim names must not be empty".into()));
         }
     }
 }

@@ -374,3 +374,81 @@ path_prefix = 5
     assert_eq!(line_of("services.web.helth"), 5);
     assert_eq!(line_of("services.api.stop_timeout_ms"), 9);
 }
+
+#[test]
+fn identity_settings_and_route_auth_are_checked() {
+    let text = r#"
+[identity]
+algorithm = "HS256"
+service_policy = "maybe"
+access_token_ttl_secs = 5
+rotate_every_secs = 30
+issuer = "not a url"
+[[identity.issuers]]
+name = "gantry"
+issuer = "ftp://x"
+
+[services.api]
+command = ["x"]
+calls = ["nowhere"]
+[[services.api.routes]]
+path_prefix = "/a"
+auth = "sometimes"
+[[services.api.routes]]
+path_prefix = "/b"
+scopes = ["orders:read"]
+[[services.api.routes]]
+path_prefix = "/c"
+auth = "required"
+issuers = ["keycloak"]
+scopes = ["two words"]
+"#;
+    let fields: Vec<String> = errs(text).into_iter().map(|e| e.field).collect();
+    for want in [
+        "identity.algorithm",
+        "identity.service_policy",
+        "identity.access_token_ttl_secs",
+        "identity.rotate_every_secs",
+        "identity.issuer",
+        "identity.issuers[0].name",
+        "identity.issuers[0].issuer",
+        "services.api.calls[0]",
+        "services.api.routes[0].auth",
+        "services.api.routes[1].auth",
+        "services.api.routes[2].issuers[0]",
+        "services.api.routes[2].scopes[0]",
+    ] {
+        assert!(
+            fields.iter().any(|f| f == want),
+            "missing {want} in {fields:?}"
+        );
+    }
+    // The same checks for a route added over the API.
+    let spec = parse(OK, Path::new("g.toml")).unwrap();
+    let r: RouteSpec = toml::from_str("path_prefix = \"/x\"\nauth = \"bogus\"").unwrap();
+    let problems = check_route(&spec, "catalog", &r);
+    assert!(
+        problems.iter().any(|p| p.starts_with("auth:")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn route_auth_reaches_the_model() {
+    let text = format!(
+        "{OK}\n[[services.orders.routes]]\npath_prefix = \"/secure\"\nauth = \"required\"\npublic = true\nscopes = [\"a\"]\nclaims = {{ tenant = \"acme\" }}\nrate_limit = {{ requests_per_second = 5, key = \"subject\" }}\n"
+    );
+    let s = parse(&text, Path::new("g.toml")).unwrap();
+    let r = s.services["orders"].routes[1].to_model("orders", 1);
+    let gantry_model::RouteAction::Forward(f) = r.action else {
+        panic!("a forwarding route")
+    };
+    assert_eq!(f.auth.mode, gantry_model::AuthMode::Required);
+    assert!(f.auth.public);
+    assert_eq!(f.auth.scopes, ["a"]);
+    assert_eq!(f.auth.claims["tenant"], "acme");
+    assert_eq!(
+        f.rate_limit.unwrap().key,
+        gantry_model::RateLimitKey::Subject
+    );
+}

@@ -175,6 +175,7 @@ impl RouteControl for Control {
             || oi.workload_token_ttl_secs != ni.workload_token_ttl_secs
             || oi.rotate_every_secs != ni.rotate_every_secs
             || oi.key_propagation_secs != ni.key_propagation_secs
+            || oi.session_ttl_secs != ni.session_ttl_secs
         {
             needs_restart.push("[identity] settings other than service_policy changed".into());
         }

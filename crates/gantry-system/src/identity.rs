@@ -63,6 +63,7 @@ impl IdentityComponent {
             workload_ttl: s.workload_token_ttl_secs,
             rotate_every: s.rotate_every_secs,
             propagation: s.key_propagation_secs,
+            session_ttl: s.session_ttl_secs,
             audience: s.audience.clone(),
             calls: call_policy(&spec.spec),
             external: s

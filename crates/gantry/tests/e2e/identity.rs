@@ -694,3 +694,104 @@ fn openid_client_and_jose_discover_obtain_and_verify_tokens() {
         200
     );
 }
+
+#[test]
+fn browser_sessions_become_short_lived_tokens_upstream_and_end_everywhere_at_logout() {
+    let g = Gantry::start(
+        r#"
+[services.app]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+[[services.app.routes]]
+path_prefix = "/app"
+auth = "required"
+roles = ["viewer"]
+"#,
+    );
+    g.wait_healthy("app", 1, T);
+    g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "bea", "password": "browser-pass", "roles": ["viewer"]})),
+    );
+    let form = "application/x-www-form-urlencoded";
+    let login = |body: &str| {
+        http(
+            g.identity_addr(),
+            "POST",
+            "/session/login",
+            &[("content-type", form)],
+            Some(body),
+            T,
+        )
+        .unwrap()
+    };
+    assert_eq!(login("username=bea&password=wrong").status, 401);
+    // An open redirect is not offered: return_to must be a path on this site.
+    let r = login("username=bea&password=browser-pass&return_to=//evil.example/x");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = login("username=bea&password=browser-pass&return_to=/app/home");
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), Some("/app/home"));
+    let set = r.header("set-cookie").unwrap().to_string();
+    for attr in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let session = set.split(';').next().unwrap().to_string();
+    assert!(session.starts_with("gantry_session="), "{set}");
+    let cookie = format!("theme=dark; {session}; lang=en");
+    let get = |c: &str| http(g.gateway, "GET", "/app/me", &[("cookie", c)], None, T).unwrap();
+    let r = get(&cookie);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = &r.json()["headers"];
+    assert_eq!(seen["gantry-auth-subject"], "bea", "{seen}");
+    // The instance gets a bearer token, never the browser's session id.
+    let auth = seen["authorization"].as_str().unwrap();
+    assert!(auth.starts_with("Bearer ey"), "{seen}");
+    assert_eq!(seen["cookie"], "theme=dark; lang=en", "{seen}");
+    // That token is a valid, short-lived token of the issuer.
+    let token = auth.trim_start_matches("Bearer ");
+    assert_eq!(bearer(&g, "/app/x", token).status, 200);
+    let payload: Value = {
+        let p = token.split('.').nth(1).unwrap();
+        let pad = "=".repeat((4 - p.len() % 4) % 4);
+        let std_b64 = format!("{p}{pad}").replace('-', "+").replace('_', "/");
+        serde_json::from_slice(&b64_decode(&std_b64)).unwrap()
+    };
+    let ttl = payload["exp"].as_u64().unwrap() - payload["iat"].as_u64().unwrap();
+    assert!(ttl <= 300, "session tokens are short-lived: {ttl} s");
+    // Logout ends it on the gateway at once.
+    let out = http(
+        g.identity_addr(),
+        "POST",
+        "/session/logout",
+        &[("cookie", &cookie)],
+        Some(""),
+        T,
+    )
+    .unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
+    wait_for("the session gone at the gateway", T, || {
+        (get(&cookie).status == 401).then_some(())
+    });
+    assert_eq!(get(&cookie).json()["error"], "invalid_session");
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = A.iter().position(|x| *x == c).unwrap() as u32;
+        buf = buf << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    out
+}
