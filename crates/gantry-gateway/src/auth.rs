@@ -38,6 +38,9 @@ pub(crate) enum Refusal {
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// The longest a request waits for an external issuer's keys to be refetched.
+pub(crate) const REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The verified caller (if any) or why the request may not pass. Credentials, in order: an
 /// `Authorization` header (bearer token or API key), `X-Api-Key`, the session cookie.
 pub(crate) fn authenticate(

@@ -127,6 +127,8 @@ pub struct Gateway {
     observers: summary::Observers,
     /// Who hears of calls the service-to-service policy refused (the audit trail).
     refusals: std::sync::OnceLock<Arc<dyn RefusalObserver>>,
+    /// Woken when the authentication material changes.
+    auth_changed: tokio::sync::Notify,
 }
 
 /// A call the service-to-service policy refused.
@@ -284,6 +286,7 @@ impl Gateway {
             caller_breakers: Mutex::new(std::collections::HashMap::new()),
             observers: summary::Observers::new(),
             refusals: std::sync::OnceLock::new(),
+            auth_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -367,6 +370,27 @@ impl Gateway {
         let mut c = self.lock();
         c.auth = Arc::new(auth);
         self.publish(&c);
+        drop(c);
+        self.auth_changed.notify_waiters();
+    }
+
+    /// The material after the next change (at most `limit` from now), unless it changed since
+    /// `revision` already: a request whose token names a key an external issuer's set lacks
+    /// waits here for the refetch it asked for, rather than being refused.
+    pub(crate) async fn next_auth(
+        &self,
+        revision: u64,
+        limit: Duration,
+    ) -> Option<Arc<AuthMaterial>> {
+        let changed = self.auth_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let now = self.inputs.load().auth.clone();
+        if now.revision != revision {
+            return Some(now);
+        }
+        tokio::time::timeout(limit, changed).await.ok()?;
+        Some(self.inputs.load().auth.clone())
     }
 
     /// The instances a request to `service` may go to now (as the request path sees them).

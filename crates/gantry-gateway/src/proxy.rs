@@ -369,10 +369,30 @@ impl Gateway {
             let mut who = None;
             for filter in f.filters.phase(Phase::Policy) {
                 match filter {
-                    Filter::Auth(a) => match auth::authenticate(a, &snap.auth, req.headers()) {
-                        Ok(id) => who = id,
-                        Err(refusal) => return self.refuse(cx, route, &refusal, req.uri().path()),
-                    },
+                    Filter::Auth(a) => {
+                        let mut r = auth::authenticate(a, &snap.auth, req.headers());
+                        // A key an external issuer's set lacks: it may have just rotated, and
+                        // the refetch is asked for; wait (briefly) for it rather than refuse.
+                        if matches!(
+                            r,
+                            Err(auth::Refusal::Unauthenticated(
+                                gantry_authn::Denial::UnknownKey
+                            ))
+                        ) && snap.auth.refetch.is_some()
+                        {
+                            if let Some(m) =
+                                self.next_auth(snap.auth.revision, auth::REFETCH_WAIT).await
+                            {
+                                r = auth::authenticate(a, &m, req.headers());
+                            }
+                        }
+                        match r {
+                            Ok(id) => who = id,
+                            Err(refusal) => {
+                                return self.refuse(cx, route, &refusal, req.uri().path())
+                            }
+                        }
+                    }
                     Filter::RateLimit { limiter, key } => {
                         if let Err(d) = filters::rate_limit(
                             limiter,

@@ -795,3 +795,114 @@ fn b64_decode(s: &str) -> Vec<u8> {
     }
     out
 }
+
+#[test]
+fn a_route_trusts_an_external_provider_and_survives_its_key_rotation() {
+    let dir = node_dir();
+    let script = dir.join("oidc_provider.mjs");
+    std::fs::copy(fixture("oidc_provider.mjs"), &script).unwrap();
+    let mut idp = Command::new("node")
+        .arg(&script)
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut to_idp = idp.stdin.take().unwrap();
+    let mut from_idp = BufReader::new(idp.stdout.take().unwrap());
+    // One answer line per command (oidc-provider's own notices are skipped).
+    let mut read = move || loop {
+        let mut l = String::new();
+        assert!(
+            from_idp.read_line(&mut l).unwrap() > 0,
+            "oidc-provider exited"
+        );
+        if !l.starts_with("oidc-provider") {
+            return l.trim().to_string();
+        }
+    };
+    let issuer: Value = serde_json::from_str(&read()).unwrap();
+    let issuer = issuer["issuer"].as_str().unwrap().to_string();
+    let g = Gantry::start(&format!(
+        r#"
+[identity]
+listen = "127.0.0.1:0"
+[[identity.issuers]]
+name = "partner"
+issuer = "{issuer}"
+
+[services.api]
+command = ["{{TESTSVC}}"]
+health = {{ type = "http", path = "/health" }}
+[[services.api.routes]]
+path_prefix = "/api"
+auth = "required"
+issuers = ["partner"]
+audiences = ["urn:shop"]
+scopes = ["orders:read"]
+"#
+    ));
+    g.wait_healthy("api", 1, T);
+    wait_for(
+        "the partner's keys (through its discovery document)",
+        T,
+        || {
+            g.metrics()
+                .contains("gantry_identity_jwks_fetches_total{grant=\"external\",result=\"ok\"}")
+                .then_some(())
+        },
+    );
+    let mut cmd = |c: &str| {
+        writeln!(to_idp, "{c}").unwrap();
+        read()
+    };
+    let t1 = cmd("token");
+    let r = bearer(&g, "/api/x", &t1);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["headers"]["gantry-auth-client"], "machine");
+    // Other tokens are refused: tampered, or Gantry's own (not this route's issuer).
+    let mut parts: Vec<String> = t1.split('.').map(str::to_string).collect();
+    parts[1] = parts[1].chars().rev().collect();
+    assert_eq!(bearer(&g, "/api/x", &parts.join(".")).status, 401);
+    let own_secret = g
+        .new_client(json!({"id": "own", "kind": "confidential"}))
+        .unwrap();
+    let own = g.client_token("own", &own_secret, "");
+    assert_eq!(bearer(&g, "/api/x", &own).json()["error"], "wrong_issuer");
+
+    // The provider rotates: a new key signs, the old one stays published.
+    let rotated = cmd("rotate");
+    assert!(rotated.contains("k2"), "{rotated}");
+    let t2 = cmd("token");
+    let started = Instant::now();
+    let mut refused = 0;
+    loop {
+        let r = bearer(&g, "/api/x", &t2);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.json()["error"], "unknown_key", "{}", r.body);
+        refused += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a token signed with the provider's new key still refused"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Tokens signed with the old key still pass.
+    assert_eq!(bearer(&g, "/api/x", &t1).status, 200);
+    eprintln!(
+        "new key accepted {} ms after the first token signed with it ({refused} refused)",
+        started.elapsed().as_millis()
+    );
+    // The first request with the new key waited for the refetch it caused: none was refused.
+    assert_eq!(refused, 0, "tokens signed with the new key were refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the new key took {:?} to be fetched",
+        started.elapsed()
+    );
+    writeln!(to_idp, "quit").unwrap();
+    let _ = idp.wait();
+}
