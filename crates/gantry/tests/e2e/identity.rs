@@ -906,3 +906,127 @@ scopes = ["orders:read"]
     writeln!(to_idp, "quit").unwrap();
     let _ = idp.wait();
 }
+
+/// `gantry` with the spec, a private config home (for `login`) and `stdin` as its input.
+fn cli_with(
+    g: &Gantry,
+    home: &std::path::Path,
+    args: &[&str],
+    stdin: &str,
+) -> (bool, String, String) {
+    let mut c = Command::new(gantry_bin())
+        .arg("-f")
+        .arg(&g.spec)
+        .args(args)
+        .env("XDG_CONFIG_HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_manages_identity_and_logs_users_in() {
+    let g = Gantry::start(PROTECTED);
+    g.wait_healthy("api", 1, T);
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], stdin: &str| cli_with(&g, home.path(), args, stdin);
+    let (ok, out, err) = run(
+        &[
+            "identity",
+            "create-client",
+            "reports",
+            "--scope",
+            "orders:read",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    assert!(secret.starts_with("gcs_"), "{out}");
+    let (ok, out, _) = run(&["identity", "clients"], "");
+    assert!(
+        ok && out.contains("reports") && !out.contains(&secret),
+        "{out}"
+    );
+    // A user, with the password on stdin (never in argv, where ps would show it).
+    let (ok, _, err) = run(
+        &["identity", "create-user", "otto", "--role", "operator"],
+        "op-password\n",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(
+        &["identity", "create-user", "bad", "--role", "wizard"],
+        "long-enough\n",
+    );
+    assert!(!ok && err.contains("unknown role"), "{err}");
+    let (ok, out, _) = run(&["identity", "users"], "");
+    assert!(
+        ok && out.contains("otto") && out.contains("operator"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["identity", "create-api-key", "reports"], "");
+    assert!(ok, "{err}");
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .unwrap()
+        .to_string();
+    let r = http(
+        g.gateway,
+        "GET",
+        "/api/x",
+        &[("authorization", &format!("ApiKey {key}"))],
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (ok, out, _) = run(&["identity", "keys"], "");
+    assert!(ok && out.contains("signing"), "{out}");
+    let (ok, out, err) = run(&["identity", "rotate"], "");
+    assert!(ok && out.contains("published now"), "{out}{err}");
+
+    // Log in as otto: the CLI acts with the operator role from then on.
+    let (ok, _, err) = run(&["login", "otto"], "wrong-password\n");
+    assert!(!ok && err.contains("login failed"), "{err}");
+    let (ok, out, err) = run(&["login", "otto"], "op-password\n");
+    assert!(ok, "{out}{err}");
+    let saved = std::fs::read_to_string(home.path().join("gantry/login.json")).unwrap();
+    assert!(!saved.contains("op-password"));
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(home.path().join("gantry/login.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let (ok, _, err) = run(&["scale", "api", "2"], "");
+    assert!(ok, "an operator may scale: {err}");
+    let (ok, _, err) = run(&["identity", "create-user", "eve"], "eve-password\n");
+    assert!(
+        !ok && err.contains("identity:write"),
+        "an operator may not manage identity: {err}"
+    );
+    let audit = g.admin_get("/v1/audit?principal=user:otto").to_string();
+    assert!(audit.contains("/v1/services/api/scale"), "{audit}");
+    let (ok, out, _) = run(&["logout"], "");
+    assert!(ok && out.contains("logged out otto"), "{out}");
+    // Back to the admin token.
+    let (ok, _, err) = run(&["identity", "create-user", "eve"], "eve-password\n");
+    assert!(ok, "{err}");
+}
