@@ -748,6 +748,9 @@ impl Identity {
 
     /// A new secret for a confidential client (the old one stops working at once).
     pub async fn reset_client_secret(&self, id: &str) -> Result<String, IdentityError> {
+        if directory::check_name("client id", id).is_err() {
+            return Err(IdentityError::NotFound(format!("client {id}")));
+        }
         let Some((mut c, rev)) = self
             .store
             .get_json::<Client>(directory::CLIENTS, id)

@@ -204,4 +204,19 @@ async fn bad_directory_input_is_refused_with_a_reason() {
         id.create_user("bob", "long enough", vec![]).await,
         Err(IdentityError::Exists(_))
     ));
+    // Names that cannot be store keys are unknown, not store errors.
+    let not_store = |e: IdentityError| !matches!(e, IdentityError::Store(_));
+    for bad in ["a.b", "\u{12}x", "", "a b"] {
+        assert!(matches!(
+            id.reset_client_secret(bad).await,
+            Err(IdentityError::NotFound(_))
+        ));
+        assert!(id
+            .update_user(bad, None, None, Some(true))
+            .await
+            .is_err_and(not_store));
+        assert!(id.delete_user(bad).await.is_err_and(not_store));
+        assert!(id.delete_client(bad).await.is_err_and(not_store));
+        assert!(id.delete_role(bad).await.is_err_and(not_store));
+    }
 }
