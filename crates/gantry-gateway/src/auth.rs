@@ -41,12 +41,54 @@ static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// The longest a request waits for an external issuer's keys to be refetched.
 pub(crate) const REFETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The SPIFFE ID prefix of the internal CA's workload certificates.
+const SPIFFE_SERVICE: &str = "spiffe://gantry/service/";
+
+/// The service a verified client certificate names (its `spiffe://gantry/service/NAME` URI
+/// SAN), parsed once per connection. The TLS listener verified the chain against the internal
+/// CA, the only CA it trusts for client certificates.
+pub(crate) fn cert_service(p: &gantry_http::PeerIdentity) -> Option<&str> {
+    p.resolved
+        .get_or_init(|| {
+            let leaf = p.certificates.first()?;
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+            let san = cert.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => u
+                    .strip_prefix(SPIFFE_SERVICE)
+                    .filter(|s| !s.is_empty() && !s.contains('/'))
+                    .map(Box::from),
+                _ => None,
+            })
+        })
+        .as_deref()
+}
+
+/// The identity a workload certificate stands for.
+fn cert_identity(service: &str) -> Arc<Identity> {
+    Arc::new(Identity {
+        kind: Kind::Workload,
+        issuer: "gantry-ca".into(),
+        subject: format!("{SPIFFE_SERVICE}{service}"),
+        client_id: None,
+        scopes: Vec::new(),
+        roles: Vec::new(),
+        audiences: Vec::new(),
+        expires: u64::MAX / 2,
+        jti: None,
+        service: Some(service.to_string()),
+        claims: Default::default(),
+    })
+}
+
 /// The verified caller (if any) or why the request may not pass. Credentials, in order: an
-/// `Authorization` header (bearer token or API key), `X-Api-Key`, the session cookie.
+/// `Authorization` header (bearer token or API key), `X-Api-Key`, the session cookie; a
+/// verified client certificate (mTLS) names the calling service when no token does.
 pub(crate) fn authenticate(
     f: &RouteAuthFilter,
     m: &Material,
     headers: &HeaderMap,
+    peer: Option<&gantry_http::PeerIdentity>,
 ) -> Result<Option<Who>, Refusal> {
     let policy = !m.calls.default_allow;
     if f.req.mode == Mode::None && !policy {
@@ -64,6 +106,7 @@ pub(crate) fn authenticate(
                 .filter(|i| i.kind == Kind::Workload),
             _ => None,
         }
+        .or_else(|| peer.and_then(cert_service).map(cert_identity))
         .map(|id| Who { id, session: None })
     } else {
         let id = match presented(
@@ -72,7 +115,10 @@ pub(crate) fn authenticate(
         ) {
             Err(d) => return Err(Refusal::Unauthenticated(d)),
             Ok(None) => match crate::context::cookie(headers, SESSION_COOKIE) {
-                None => None,
+                None => peer.and_then(cert_service).map(|s| Who {
+                    id: cert_identity(s),
+                    session: None,
+                }),
                 Some(c) => match m.session(c, now_secs()) {
                     Ok(s) => Some(Who {
                         id: s.identity.clone(),

@@ -370,7 +370,12 @@ impl Gateway {
             for filter in f.filters.phase(Phase::Policy) {
                 match filter {
                     Filter::Auth(a) => {
-                        let mut r = auth::authenticate(a, &snap.auth, req.headers());
+                        let mut r = auth::authenticate(
+                            a,
+                            &snap.auth,
+                            req.headers(),
+                            conn.peer_identity.as_deref(),
+                        );
                         // A key an external issuer's set lacks: it may have just rotated, and
                         // the refetch is asked for; wait (briefly) for it rather than refuse.
                         if matches!(
@@ -383,7 +388,12 @@ impl Gateway {
                             if let Some(m) =
                                 self.next_auth(snap.auth.revision, auth::REFETCH_WAIT).await
                             {
-                                r = auth::authenticate(a, &m, req.headers());
+                                r = auth::authenticate(
+                                    a,
+                                    &m,
+                                    req.headers(),
+                                    conn.peer_identity.as_deref(),
+                                );
                             }
                         }
                         match r {

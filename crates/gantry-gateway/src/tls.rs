@@ -138,11 +138,38 @@ impl CertStore {
 
     /// rustls server configuration using this store, offering HTTP/2 and HTTP/1.1.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, String> {
-        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+        self.server_config_with_clients(&[])
+    }
+
+    /// The server configuration, asking clients for a certificate (optional) issued by one of
+    /// `client_cas` when any is given: a verified one names the calling workload (mTLS). Without
+    /// a certificate a client is served as before.
+    pub fn server_config_with_clients(
+        self: &Arc<Self>,
+        client_cas: &[rustls_pki_types::CertificateDer<'static>],
+    ) -> Result<Arc<ServerConfig>, String> {
+        let builder = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+            .map_err(|e| e.to_string())?;
+        let builder = if client_cas.is_empty() {
+            builder.with_no_client_auth()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in client_cas {
+                roots
+                    .add(c.clone())
+                    .map_err(|e| format!("client CA: {e}"))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                self.provider.clone(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("client certificate verifier: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        };
+        let mut cfg = builder.with_cert_resolver(Arc::new(Resolver(self.clone())));
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }

@@ -142,6 +142,7 @@ fn peer_identity(c: &rustls::ServerConnection) -> Option<Arc<PeerIdentity>> {
     (!certs.is_empty()).then(|| {
         Arc::new(PeerIdentity {
             certificates: certs.iter().map(|c| c.clone().into_owned()).collect(),
+            resolved: std::sync::OnceLock::new(),
         })
     })
 }

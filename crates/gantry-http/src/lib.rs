@@ -107,6 +107,9 @@ pub struct ConnInfo {
 #[derive(Debug)]
 pub struct PeerIdentity {
     pub certificates: Vec<CertificateDer<'static>>,
+    /// The workload name a verifier derived from the certificate (computed once per
+    /// connection, on first use).
+    pub resolved: std::sync::OnceLock<Option<Box<str>>>,
 }
 
 impl ConnInfo {

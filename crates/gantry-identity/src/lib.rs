@@ -16,6 +16,7 @@
 //! Every piece of state is in the store (both backends): this process keeps caches that follow
 //! the buckets with watches, so a second gantry on the same NATS store sees the same keys.
 
+pub mod ca;
 pub mod directory;
 pub mod external;
 pub mod keys;
@@ -84,6 +85,10 @@ pub struct IdentityConfig {
     pub propagation: u64,
     /// Lifetime of a browser session (absolute).
     pub session_ttl: u64,
+    /// Lifetime of instances' certificates (renewed at half-life).
+    pub cert_ttl: u64,
+    /// Services whose instances get certificates (`mtls = true`).
+    pub mtls: std::collections::BTreeSet<String>,
     pub audience: String,
     pub calls: CallPolicy,
     pub external: Vec<external::ExternalIssuer>,
@@ -153,6 +158,8 @@ pub struct Identity {
     rotating: tokio::sync::Mutex<()>,
     /// Where unknown external keys are reported (`external.rs`).
     refetch: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
+    /// The internal CA.
+    ca: ca::Ca,
 }
 
 impl std::fmt::Debug for Identity {
@@ -174,6 +181,7 @@ impl Identity {
         let longest = Duration::from_secs(cfg.longest_ttl() + 120);
         for (bucket, max_age) in [
             (KEYS, None),
+            (ca::CA_BUCKET, None),
             (directory::CLIENTS, None),
             (directory::USERS, None),
             (directory::ROLES, None),
@@ -243,6 +251,29 @@ impl Identity {
         });
         let issuer = cfg.issuer.clone();
         let calls = cfg.calls.clone();
+        // The CA: the stored one, else a new one (created only if no other gantry made one
+        // meanwhile).
+        let stored = match store
+            .get_json::<ca::StoredCa>(ca::CA_BUCKET, ca::CA_KEY)
+            .await?
+        {
+            Some((c, _)) => c,
+            None => {
+                let fresh = ca::Ca::generate(gantry_authn::now_secs())
+                    .map_err(|e| IdentityError::Internal(format!("internal CA: {e}")))?;
+                match store.create_json(ca::CA_BUCKET, ca::CA_KEY, &fresh).await {
+                    Ok(_) => fresh,
+                    Err(StoreError::AlreadyExists { .. }) => store
+                        .get_json::<ca::StoredCa>(ca::CA_BUCKET, ca::CA_KEY)
+                        .await?
+                        .map(|(c, _)| c)
+                        .ok_or_else(|| IdentityError::Internal("internal CA vanished".into()))?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let ca = ca::Ca::load(&stored)
+            .map_err(|e| IdentityError::Internal(format!("internal CA: {e}")))?;
         let (tx, _) = watch::channel(Arc::new(Material::default()));
         let id = Arc::new(Identity {
             store,
@@ -257,6 +288,7 @@ impl Identity {
             limiter: limiter::Limits::default(),
             rotating: tokio::sync::Mutex::new(()),
             refetch: Mutex::new(None),
+            ca,
         });
         id.load().await?;
         id.ensure_cli_client().await?;
@@ -389,6 +421,37 @@ impl Identity {
         };
         drop(s);
         self.material.send_replace(Arc::new(m));
+    }
+
+    /// The internal CA's certificate (PEM and DER).
+    pub fn ca_certificate(&self) -> (&str, &[u8]) {
+        (&self.ca.cert_pem, &self.ca.cert_der)
+    }
+
+    /// Whether `service`'s instances get certificates.
+    pub fn mtls(&self, service: &str) -> bool {
+        self.config().mtls.contains(service)
+    }
+
+    /// A certificate for one instance.
+    pub fn issue_cert(
+        &self,
+        service: &str,
+        instance: &str,
+    ) -> Result<ca::IssuedCert, IdentityError> {
+        self.ca
+            .issue(
+                service,
+                instance,
+                gantry_authn::now_secs(),
+                self.config().cert_ttl,
+            )
+            .map_err(|e| IdentityError::Internal(format!("issuing a certificate: {e}")))
+    }
+
+    /// The services whose instances get certificates (spec reload).
+    pub fn set_mtls(&self, services: std::collections::BTreeSet<String>) {
+        self.cfg.lock().unwrap_or_else(PoisonError::into_inner).mtls = services;
     }
 
     /// A new service-to-service policy (spec reload).

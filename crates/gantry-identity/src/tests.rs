@@ -10,6 +10,8 @@ fn config(issuer: &str) -> IdentityConfig {
         rotate_every: 0,
         propagation: 0,
         session_ttl: 3600,
+        cert_ttl: 3600,
+        mtls: Default::default(),
         audience: "gantry".into(),
         calls: CallPolicy::default(),
         external: Vec::new(),

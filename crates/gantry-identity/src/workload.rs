@@ -5,6 +5,12 @@
 //! `GANTRY_ISSUER` the issuer. Calls through the gateway carry it
 //! (`Authorization: Bearer …`), so the gateway knows which service calls. When the instance is
 //! gone its last token is revoked.
+//!
+//! Instances of services with `mtls = true` also get a certificate from the internal CA
+//! (`identity/cert.pem`: the instance's certificate then the CA's; `identity/key.pem`;
+//! `identity/ca.pem`; in `GANTRY_TLS_CERT`, `GANTRY_TLS_KEY`, `GANTRY_TLS_CA`), renewed at
+//! half-life: the new key is written first and the certificate last, each file replaced
+//! atomically, so a service that reloads when `cert.pem` changes gets a matching pair.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +22,9 @@ use gantry_supervisor::{InstanceAdditions, InstanceFile, InstanceHook, InstanceI
 use crate::Identity;
 
 pub const TOKEN_FILE: &str = "identity/token";
+pub const CERT_FILE: &str = "identity/cert.pem";
+pub const KEY_FILE: &str = "identity/key.pem";
+pub const CA_FILE: &str = "identity/ca.pem";
 
 struct Renewal {
     task: tokio::task::AbortHandle,
@@ -88,6 +97,17 @@ impl InstanceHook for WorkloadHook {
             .map_err(|e| format!("cannot issue the instance's credential: {e}"))?;
         let path: PathBuf = i.dir.join(TOKEN_FILE);
         let current = Arc::new(Mutex::new((t.jti.clone(), t.expires)));
+        let cert = if self.id.mtls(i.service) {
+            Some(
+                self.id
+                    .issue_cert(i.service, i.id)
+                    .map_err(|e| format!("cannot issue the instance's certificate: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let cert_dir = i.dir.to_path_buf();
+        let first_cert_expiry = cert.as_ref().map(|c| c.expires);
         let task = {
             let (id, service, instance, path, current) = (
                 self.id.clone(),
@@ -98,8 +118,20 @@ impl InstanceHook for WorkloadHook {
             );
             let ttl = self.id.config().workload_ttl;
             tokio::spawn(async move {
+                let now = gantry_authn::now_secs;
+                let mut next_token = now() + (ttl / 2).max(1);
+                let mut next_cert = first_cert_expiry.map(|e| now() + e.saturating_sub(now()) / 2);
                 loop {
-                    tokio::time::sleep(Duration::from_secs((ttl / 2).max(1))).await;
+                    let wake = next_cert.map_or(next_token, |c| c.min(next_token));
+                    tokio::time::sleep(Duration::from_secs(wake.saturating_sub(now()).max(1)))
+                        .await;
+                    if next_cert.is_some_and(|c| c <= now()) {
+                        next_cert = Some(renew_cert(&id, &service, &instance, &cert_dir).await);
+                    }
+                    if next_token > now() {
+                        continue;
+                    }
+                    next_token = now() + (ttl / 2).max(1);
                     match id.workload_token(&service, &version, &instance) {
                         Ok(n) => {
                             let p = path.clone();
@@ -148,10 +180,61 @@ impl InstanceHook for WorkloadHook {
         add.env.insert("GANTRY_TOKEN".into(), t.token);
         add.env
             .insert("GANTRY_ISSUER".into(), self.id.issuer().to_string());
+        if let Some(c) = cert {
+            for (file, contents, var) in [
+                (KEY_FILE, c.key_pem, "GANTRY_TLS_KEY"),
+                (CERT_FILE, c.chain_pem, "GANTRY_TLS_CERT"),
+                (
+                    CA_FILE,
+                    self.id.ca_certificate().0.to_string(),
+                    "GANTRY_TLS_CA",
+                ),
+            ] {
+                add.files.push(InstanceFile {
+                    path: PathBuf::from(file),
+                    contents: contents.into_bytes(),
+                    mode: 0o600,
+                });
+                add.env
+                    .insert(var.into(), i.dir.join(file).to_string_lossy().into_owned());
+            }
+        }
         Ok(add)
     }
 
     async fn release(&self, i: &InstanceInfo<'_>) {
         self.end(i.id).await;
+    }
+}
+
+/// Issue a new certificate for an instance and replace its files (key first, certificate last);
+/// returns when to renew next (half its life, or in a minute after a failure).
+async fn renew_cert(id: &Identity, service: &str, instance: &str, dir: &Path) -> u64 {
+    let now = gantry_authn::now_secs();
+    let c = match id.issue_cert(service, instance) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(instance, error = %e, "identity: could not renew the instance's certificate");
+            return now + 60;
+        }
+    };
+    let (key, cert) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
+    let written = tokio::task::spawn_blocking(move || {
+        write_atomically(&key, c.key_pem.as_bytes())?;
+        write_atomically(&cert, c.chain_pem.as_bytes())
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {
+            tracing::debug!(instance, "identity: certificate renewed");
+            now + c.expires.saturating_sub(now) / 2
+        }
+        _ => {
+            tracing::warn!(
+                instance,
+                "identity: could not write the renewed certificate"
+            );
+            now + 60
+        }
     }
 }

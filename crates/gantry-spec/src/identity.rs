@@ -41,6 +41,10 @@ pub struct IdentitySpec {
     /// with it, so that every verifier holds it first. Default 60.
     #[serde(default = "default_propagation")]
     pub key_propagation_secs: u64,
+    /// Lifetime of the certificates instances of `mtls` services get (renewed at half-life).
+    /// Default 3600.
+    #[serde(default = "default_cert_ttl")]
+    pub workload_cert_ttl_secs: u64,
     /// Lifetime of a browser session (signed in at `/session/login`). Default 28800 (8 hours).
     #[serde(default = "default_session_ttl")]
     pub session_ttl_secs: u64,
@@ -91,6 +95,9 @@ fn default_rotate() -> u64 {
 fn default_propagation() -> u64 {
     60
 }
+fn default_cert_ttl() -> u64 {
+    3600
+}
 fn default_session_ttl() -> u64 {
     8 * 3600
 }
@@ -113,6 +120,7 @@ impl Default for IdentitySpec {
             rotate_every_secs: default_rotate(),
             key_propagation_secs: default_propagation(),
             session_ttl_secs: default_session_ttl(),
+            workload_cert_ttl_secs: default_cert_ttl(),
             service_policy: default_policy(),
             audience: default_audience(),
             issuers: Vec::new(),
@@ -173,6 +181,12 @@ pub(crate) fn validate(p: &mut Problems, spec: &Spec) {
         ),
         ("key_propagation_secs", id.key_propagation_secs, 0, 86_400),
         ("session_ttl_secs", id.session_ttl_secs, 60, 30 * 86_400),
+        (
+            "workload_cert_ttl_secs",
+            id.workload_cert_ttl_secs,
+            60,
+            30 * 86_400,
+        ),
     ] {
         if !(min..=max).contains(&v) {
             p.push((format!("identity.{f}"), format!("expected {min}..={max}")));

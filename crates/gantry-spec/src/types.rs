@@ -250,6 +250,11 @@ pub struct ServiceSpec {
     /// "deny"` (its instances' workload credentials name it).
     #[serde(default)]
     pub calls: Vec<String>,
+    /// Its instances get a certificate from the internal CA (`$GANTRY_TLS_CERT`,
+    /// `$GANTRY_TLS_KEY`, `$GANTRY_TLS_CA`), renewed before it expires; presented to the
+    /// gateway's TLS listener, it names the calling service.
+    #[serde(default)]
+    pub mtls: bool,
     #[serde(default)]
     pub restart: RestartPolicy,
     #[serde(default)]

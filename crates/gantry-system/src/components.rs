@@ -203,8 +203,17 @@ impl GatewayComponent {
                     })
                     .collect();
                 let store = CertStore::load(files).map_err(|e| anyhow!("gateway.tls: {e}"))?;
+                // With services on mTLS, clients may present a certificate of the internal CA:
+                // it names the calling service.
+                let client_cas = if spec.spec.services.values().any(|s| s.mtls) {
+                    vec![rustls_pki_types::CertificateDer::from(
+                        identity.ca_certificate().1.to_vec(),
+                    )]
+                } else {
+                    Vec::new()
+                };
                 let cfg = store
-                    .server_config()
+                    .server_config_with_clients(&client_cas)
                     .map_err(|e| anyhow!("gateway.tls: {e}"))?;
                 Some((bind(t.listen, "gateway.tls.listen")?, store, cfg))
             }

@@ -164,6 +164,8 @@ impl RouteControl for Control {
         // the next start.
         self.identity
             .set_calls(crate::identity::call_policy(&new.spec));
+        self.identity
+            .set_mtls(crate::identity::mtls_services(&new.spec));
         let (oi, ni) = (&old.spec.identity, &new.spec.identity);
         if oi.listen != ni.listen
             || oi.issuer != ni.issuer
@@ -176,6 +178,7 @@ impl RouteControl for Control {
             || oi.rotate_every_secs != ni.rotate_every_secs
             || oi.key_propagation_secs != ni.key_propagation_secs
             || oi.session_ttl_secs != ni.session_ttl_secs
+            || oi.workload_cert_ttl_secs != ni.workload_cert_ttl_secs
         {
             needs_restart.push("[identity] settings other than service_policy changed".into());
         }

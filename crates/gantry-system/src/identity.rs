@@ -28,6 +28,15 @@ pub fn call_policy(spec: &Spec) -> gantry_authn::CallPolicy {
     }
 }
 
+/// The services whose instances get certificates.
+pub fn mtls_services(spec: &Spec) -> std::collections::BTreeSet<String> {
+    spec.services
+        .iter()
+        .filter(|(_, s)| s.mtls)
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 pub(crate) struct IdentityComponent {
     pub identity: Arc<Identity>,
     pub addr: SocketAddr,
@@ -64,6 +73,8 @@ impl IdentityComponent {
             rotate_every: s.rotate_every_secs,
             propagation: s.key_propagation_secs,
             session_ttl: s.session_ttl_secs,
+            cert_ttl: s.workload_cert_ttl_secs,
+            mtls: mtls_services(&spec.spec),
             audience: s.audience.clone(),
             calls: call_policy(&spec.spec),
             external: s

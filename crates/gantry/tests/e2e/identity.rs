@@ -1030,3 +1030,144 @@ fn the_cli_manages_identity_and_logs_users_in() {
     let (ok, _, err) = run(&["identity", "create-user", "eve"], "eve-password\n");
     assert!(ok, "{err}");
 }
+
+#[test]
+fn instances_on_mtls_get_certificates_that_name_their_service_at_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    // The gateway's own server certificate (self-signed, for 127.0.0.1).
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(dir.path().join("gw.key"))
+        .arg("-out")
+        .arg(dir.path().join("gw.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tls_port = free_port();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(
+        r#"
+[identity]
+listen = "127.0.0.1:0"
+service_policy = "deny"
+
+[services.orders]
+command = ["{TESTSVC}"]
+mtls = true
+calls = ["catalog"]
+health = { type = "http", path = "/health" }
+[[services.orders.routes]]
+path_prefix = "/orders"
+strip_prefix = true
+public = true
+
+[services.billing]
+command = ["{TESTSVC}"]
+mtls = true
+health = { type = "http", path = "/health" }
+
+[services.catalog]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+[[services.catalog.routes]]
+path_prefix = "/catalog"
+strip_prefix = true
+"#,
+    )
+    .replace(
+        "[admin]",
+        &format!(
+            "[gateway.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificates = [{{ cert = \"gw.pem\", key = \"gw.key\", hosts = [\"localhost\"] }}]\n\n[admin]"
+        ),
+    );
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    for s in ["orders", "billing", "catalog"] {
+        g.wait_healthy(s, 1, T);
+    }
+    let files = |svc: &str| {
+        let id = g.instances(svc)[0]["id"].as_str().unwrap().to_string();
+        g.data_dir().join("instances").join(id).join("identity")
+    };
+    let orders = files("orders");
+    // The certificate chains to the CA and names the service; the key is private.
+    let o = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(orders.join("ca.pem"))
+        .arg(orders.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(orders.join("cert.pem"))
+        .output()
+        .unwrap();
+    let san = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(san.contains("URI:spiffe://gantry/service/orders"), "{san}");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(orders.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Its path is in the instance's environment; a service without mtls has none.
+    let env = g.get("/orders/env/GANTRY_TLS_CERT");
+    assert!(
+        env.body.trim().ends_with("identity/cert.pem"),
+        "{}",
+        env.body
+    );
+    assert!(!files("catalog").join("cert.pem").exists());
+
+    let curl = |cert: Option<&std::path::Path>| -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args(["-s", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"])
+            .arg(g.dir.path().join("gw.pem"));
+        if let Some(d) = cert {
+            c.arg("--cert")
+                .arg(d.join("cert.pem"))
+                .arg("--key")
+                .arg(d.join("key.pem"));
+        }
+        let o = c
+            .arg(format!("https://127.0.0.1:{tls_port}/catalog/who"))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.parse().unwrap_or(0), body.to_string())
+    };
+    // orders' certificate: orders may call catalog; the instance hears who called.
+    let (code, body) = curl(Some(&orders));
+    assert_eq!(code, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["headers"]["gantry-auth-service"], "orders", "{seen}");
+    // billing's certificate: billing may not.
+    let (code, body) = curl(Some(&files("billing")));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("call_not_allowed"), "{body}");
+    // No certificate: outside traffic, and catalog is not public.
+    let (code, body) = curl(None);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("not_public"), "{body}");
+}
