@@ -176,9 +176,24 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
-    pub fn new(name: &str, policy: UpstreamPolicy, metrics: ServiceMetrics) -> Self {
+    pub fn new(
+        name: &str,
+        policy: UpstreamPolicy,
+        metrics: ServiceMetrics,
+        internal: &Arc<crate::tls::InternalTls>,
+    ) -> Self {
         let tls = policy.tls.as_ref().and_then(|t| {
-            match gantry_http::pool::UpstreamTls::new(t.ca_file.as_deref(), t.server_name.as_deref()) {
+            let made = if t.mtls {
+                // The instances' certificates name `NAME.service.gantry`.
+                let sni = t
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{name}.service.gantry"));
+                gantry_http::pool::UpstreamTls::mtls(&internal.ca(), internal.resolver(), Some(&sni))
+            } else {
+                gantry_http::pool::UpstreamTls::new(t.ca_file.as_deref(), t.server_name.as_deref())
+            };
+            match made {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::error!(service = name, error = %e, "upstream TLS unusable; connections to this service will fail");
@@ -433,7 +448,12 @@ mod tests {
         let m = gantry_telemetry::Metrics::new();
         let gm = crate::metrics::GatewayMetrics::new(&m);
         let p = policy(lb);
-        let svc = Arc::new(ServiceState::new("s", p.clone(), gm.service("s")));
+        let svc = Arc::new(ServiceState::new(
+            "s",
+            p.clone(),
+            gm.service("s"),
+            &Arc::new(crate::tls::InternalTls::default()),
+        ));
         let eps = locals
             .iter()
             .enumerate()

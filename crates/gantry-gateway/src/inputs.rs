@@ -142,11 +142,14 @@ pub(crate) struct Control {
     targets_of: HashMap<Arc<str>, Vec<u32>>,
     /// This gateway's node: its instances are "local".
     node: String,
+    /// Mutual TLS with the internal CA (for services whose upstream asks for it).
+    internal_tls: Arc<crate::tls::InternalTls>,
 }
 
 impl Control {
-    pub(crate) fn new(node: String) -> Self {
+    pub(crate) fn new(node: String, internal_tls: Arc<crate::tls::InternalTls>) -> Self {
         Self {
+            internal_tls,
             model: GatewayModel::default(),
             registry: Arc::new(RegistrySnapshot::default()),
             services: HashMap::new(),
@@ -235,6 +238,7 @@ impl Control {
                             name,
                             policy.clone(),
                             metrics.service(name),
+                            &self.internal_tls,
                         )),
                         endpoints: HashMap::new(),
                     }

@@ -129,6 +129,8 @@ pub struct Gateway {
     refusals: std::sync::OnceLock<Arc<dyn RefusalObserver>>,
     /// Woken when the authentication material changes.
     auth_changed: tokio::sync::Notify,
+    /// Mutual TLS to instances with the internal CA.
+    internal_tls: Arc<tls::InternalTls>,
 }
 
 /// A call the service-to-service policy refused.
@@ -267,7 +269,8 @@ impl Gateway {
     pub fn new(cfg: GatewayConfig, metrics: &Metrics) -> Arc<Self> {
         let metrics = GatewayMetrics::new(metrics);
         let no_route = metrics.route("none", "none");
-        let control = Control::new(cfg.node.clone());
+        let internal_tls = Arc::new(tls::InternalTls::default());
+        let control = Control::new(cfg.node.clone(), internal_tls.clone());
         Arc::new(Self {
             inputs: ArcSwap::new(control.snapshot()),
             control: Mutex::new(control),
@@ -287,6 +290,7 @@ impl Gateway {
             observers: summary::Observers::new(),
             refusals: std::sync::OnceLock::new(),
             auth_changed: tokio::sync::Notify::new(),
+            internal_tls,
         })
     }
 
@@ -357,6 +361,16 @@ impl Gateway {
     /// The authentication material in force (as the request path sees it).
     pub fn auth(&self) -> AuthMaterial {
         (*self.inputs.load().auth).clone()
+    }
+
+    /// The internal CA (mutual TLS to instances): set before the model that uses it.
+    pub fn set_internal_ca(&self, der: Vec<u8>) {
+        self.internal_tls.set_ca(der);
+    }
+
+    /// The certificate the gateway presents to instances over mutual TLS (and its renewals).
+    pub fn set_client_certificate(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        self.internal_tls.set_key(chain_pem, key_pem)
     }
 
     /// Hear of calls the service-to-service policy refuses (set once; later calls are

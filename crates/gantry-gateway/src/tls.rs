@@ -196,3 +196,70 @@ impl ResolvesServerCert for Resolver {
         Some(set.default.clone())
     }
 }
+
+/// Mutual TLS to instances with Gantry's internal CA: the CA the instances' certificates are
+/// verified against, and the gateway's own client certificate (renewed by identity; every
+/// connection takes the current one).
+#[derive(Debug, Default)]
+pub struct InternalTls {
+    ca: std::sync::RwLock<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    key: arc_swap::ArcSwapOption<rustls::sign::CertifiedKey>,
+}
+
+impl InternalTls {
+    pub(crate) fn ca(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.ca
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_ca(&self, der: Vec<u8>) {
+        *self
+            .ca
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            vec![rustls_pki_types::CertificateDer::from(der)];
+    }
+
+    /// Replace the client certificate: `chain_pem` (the certificate, then its CA) and its key.
+    pub(crate) fn set_key(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        use rustls_pki_types::pem::PemObject;
+        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("client certificate: {e}"))?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| format!("client key: {e}"))?;
+        let signer = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("client key: {e}"))?;
+        self.key
+            .store(Some(Arc::new(rustls::sign::CertifiedKey::new(
+                chain, signer,
+            ))));
+        Ok(())
+    }
+
+    /// The resolver connectors use.
+    pub(crate) fn resolver(self: &Arc<Self>) -> Arc<dyn rustls::client::ResolvesClientCert> {
+        Arc::new(InternalClient(self.clone()))
+    }
+}
+
+#[derive(Debug)]
+struct InternalClient(Arc<InternalTls>);
+
+impl rustls::client::ResolvesClientCert for InternalClient {
+    fn resolve(
+        &self,
+        _acceptable_issuers: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.key.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.key.load().is_some()
+    }
+}

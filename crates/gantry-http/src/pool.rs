@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 use crate::body::SendBody;
@@ -52,7 +52,6 @@ impl UpstreamTls {
     /// certificates against `server_name` (their IP address when `None`).
     pub fn new(ca_file: Option<&str>, server_name: Option<&str>) -> Result<Self, String> {
         use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::CertificateDer;
         let file = ca_file.unwrap_or("/etc/ssl/certs/ca-certificates.crt");
         let mut roots = rustls::RootCertStore::empty();
         let certs = CertificateDer::pem_file_iter(file).map_err(|e| format!("{file}: {e}"))?;
@@ -63,12 +62,42 @@ impl UpstreamTls {
         if roots.is_empty() {
             return Err(format!("{file}: no CA certificates"));
         }
+        Self::with(roots, None, server_name)
+    }
+
+    /// Mutual TLS: trust only `roots` for the instances' certificates and present the
+    /// certificate `client` resolves (it may change between connections: renewals).
+    pub fn mtls(
+        roots: &[CertificateDer<'static>],
+        client: Arc<dyn rustls::client::ResolvesClientCert>,
+        server_name: Option<&str>,
+    ) -> Result<Self, String> {
+        let mut store = rustls::RootCertStore::empty();
+        for c in roots {
+            store
+                .add(c.clone())
+                .map_err(|e| format!("internal CA: {e}"))?;
+        }
+        if store.is_empty() {
+            return Err("no internal CA certificate".into());
+        }
+        Self::with(store, Some(client), server_name)
+    }
+
+    fn with(
+        roots: rustls::RootCertStore,
+        client: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+        server_name: Option<&str>,
+    ) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        let b = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let cfg = match client {
+            Some(c) => b.with_client_cert_resolver(c),
+            None => b.with_no_client_auth(),
+        };
         let connector = |alpn: &[u8]| {
             let mut c = cfg.clone();
             c.alpn_protocols = vec![alpn.to_vec()];

@@ -112,18 +112,47 @@ impl Ca {
         now: u64,
         ttl: u64,
     ) -> Result<IssuedCert, String> {
+        self.issue_named(
+            instance,
+            &spiffe_id(service),
+            &[&format!("{service}.service.gantry"), "localhost"],
+            now,
+            ttl,
+        )
+    }
+
+    /// The gateway's own certificate (what it presents to instances over mutual TLS).
+    pub fn issue_gateway(&self, now: u64, ttl: u64) -> Result<IssuedCert, String> {
+        self.issue_named(
+            "gantry-gateway",
+            &format!("spiffe://{TRUST_DOMAIN}/gateway"),
+            &["gateway.gantry"],
+            now,
+            ttl,
+        )
+    }
+
+    fn issue_named(
+        &self,
+        cn: &str,
+        spiffe: &str,
+        dns: &[&str],
+        now: u64,
+        ttl: u64,
+    ) -> Result<IssuedCert, String> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Gantry");
-        dn.push(DnType::CommonName, instance);
+        dn.push(DnType::CommonName, cn);
         p.distinguished_name = dn;
         let ia5 = |s: String| s.try_into().map_err(|e: rcgen::Error| e.to_string());
-        p.subject_alt_names = vec![
-            SanType::URI(ia5(spiffe_id(service))?),
-            SanType::DnsName(ia5(format!("{service}.service.gantry"))?),
-            SanType::DnsName(ia5("localhost".into())?),
-            SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
-        ];
+        p.subject_alt_names = vec![SanType::URI(ia5(spiffe.to_string())?)];
+        for d in dns {
+            p.subject_alt_names
+                .push(SanType::DnsName(ia5(d.to_string())?));
+        }
+        p.subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![

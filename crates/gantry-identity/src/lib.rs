@@ -449,6 +449,13 @@ impl Identity {
             .map_err(|e| IdentityError::Internal(format!("issuing a certificate: {e}")))
     }
 
+    /// The gateway's client certificate for mutual TLS to instances.
+    pub fn issue_gateway_cert(&self) -> Result<ca::IssuedCert, IdentityError> {
+        self.ca
+            .issue_gateway(gantry_authn::now_secs(), self.config().cert_ttl)
+            .map_err(|e| IdentityError::Internal(format!("issuing a certificate: {e}")))
+    }
+
     /// The services whose instances get certificates (spec reload).
     pub fn set_mtls(&self, services: std::collections::BTreeSet<String>) {
         self.cfg.lock().unwrap_or_else(PoisonError::into_inner).mtls = services;

@@ -319,6 +319,10 @@ pub struct UpstreamTls {
     pub ca_file: Option<String>,
     /// Name to send as SNI and verify the certificate against; `None`: the instance's IP.
     pub server_name: Option<String>,
+    /// Mutual TLS with Gantry's internal CA: the instances' certificates are verified against
+    /// it (not `ca_file`), and the gateway presents its own certificate from it.
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -469,6 +469,11 @@ pub struct UpstreamTlsSpec {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub server_name: Option<String>,
+    /// Mutual TLS with Gantry's internal CA (instances of a service with `mtls = true` hold
+    /// its certificates): verify the instances against it and present the gateway's own
+    /// certificate. The server name defaults to `SERVICE.service.gantry`.
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 fn d_protocol() -> String {
@@ -811,6 +816,12 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
         p.push((at("outlier.max_ejected_percent"), "expected 0-100".into()));
     }
     if let Some(t) = &u.tls {
+        if t.mtls && t.ca_file.is_some() {
+            p.push((
+                at("tls.ca_file"),
+                "with mtls the instances are verified against Gantry's internal CA; leave ca_file out".into(),
+            ));
+        }
         if let Some(n) = &t.server_name {
             if !crate::validate::is_valid_host(n) && n.parse::<std::net::IpAddr>().is_err() {
                 p.push((at("tls.server_name"), format!("invalid server name {n:?}")));
@@ -1419,6 +1430,7 @@ impl UpstreamSpec {
                     .as_ref()
                     .map(|f| base_dir.join(f).display().to_string()),
                 server_name: t.server_name.clone(),
+                mtls: t.mtls,
             }),
             active_health: self.active_health.as_ref().map(|h| m::ActiveHealth {
                 path: h.path.clone(),

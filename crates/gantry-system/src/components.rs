@@ -139,6 +139,9 @@ pub(crate) struct GatewayComponent {
     /// Identity's material (keys, revocations, API keys, the call policy), followed once
     /// started.
     auth: watch::Receiver<Arc<gantry_authn::Material>>,
+    /// Renews the gateway's certificate (mutual TLS to instances).
+    identity: Arc<gantry_identity::Identity>,
+    cert_expires: u64,
 }
 
 impl GatewayComponent {
@@ -176,6 +179,13 @@ impl GatewayComponent {
         }
         let auth = identity.material();
         gateway.apply_auth((**auth.borrow()).clone());
+        // Mutual TLS to instances: the internal CA and the gateway's own certificate, before
+        // the model whose upstreams use them.
+        gateway.set_internal_ca(identity.ca_certificate().1.to_vec());
+        let cert = identity.issue_gateway_cert()?;
+        gateway
+            .set_client_certificate(&cert.chain_pem, &cert.key_pem)
+            .map_err(|e| anyhow!("the gateway's certificate: {e}"))?;
         gateway.on_refusal(crate::identity::RefusalAudit::start(data.store.clone()));
         {
             let gw = gateway.clone();
@@ -235,6 +245,8 @@ impl GatewayComponent {
             thread: Mutex::new(None),
             running: AtomicBool::new(false),
             auth,
+            identity: identity.clone(),
+            cert_expires: cert.expires,
         })
     }
 }
@@ -262,6 +274,7 @@ impl Component for GatewayComponent {
         // Every change of identity's material swaps the gateway's (keys before they sign,
         // revocations, API keys, the call policy).
         let (gw, mut auth, mut stop) = (self.gateway.clone(), self.auth.clone(), shutdown_rx);
+        let mut stop2 = stop.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -270,6 +283,35 @@ impl Component for GatewayComponent {
                 }
                 let m = (**auth.borrow_and_update()).clone();
                 gw.apply_auth(m);
+            }
+        });
+        // The gateway's certificate, renewed at half-life.
+        let (gw, id, mut expires) = (
+            self.gateway.clone(),
+            self.identity.clone(),
+            self.cert_expires,
+        );
+        tokio::spawn(async move {
+            loop {
+                let now = gantry_model::unix_ms() / 1000;
+                let wait = expires.saturating_sub(now) / 2;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(wait.max(1))) => {}
+                    _ = stop2.changed() => break,
+                }
+                match id
+                    .issue_gateway_cert()
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        gw.set_client_certificate(&c.chain_pem, &c.key_pem)?;
+                        Ok(c.expires)
+                    }) {
+                    Ok(e) => expires = e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the gateway's certificate; retrying in a minute");
+                        expires = now + 120;
+                    }
+                }
             }
         });
         self.running.store(true, Ordering::Relaxed);

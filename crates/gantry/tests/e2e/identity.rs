@@ -1171,3 +1171,47 @@ strip_prefix = true
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("not_public"), "{body}");
 }
+
+#[test]
+fn the_gateway_speaks_mutual_tls_to_instances_that_require_it() {
+    let g = Gantry::start(&format!(
+        r#"
+[services.vault]
+command = ["python3", "-u", "{}"]
+mtls = true
+upstream = {{ tls = {{ mtls = true }} }}
+[[services.vault.routes]]
+path_prefix = "/vault"
+"#,
+        fixture("mtls_server.py")
+    ));
+    g.wait_healthy("vault", 1, T);
+    // Through the gateway: it verified the instance against the internal CA and presented its
+    // own certificate, which the instance verified.
+    let r = wait_for("an answer over mutual TLS", T, || {
+        let r = g.get("/vault/x");
+        (r.status == 200).then_some(r)
+    });
+    let v = r.json();
+    assert_eq!(v["peer"], json!(["spiffe://gantry/gateway"]), "{v}");
+    // Straight to the instance without a certificate: refused by the instance.
+    let port = g.instances("vault")[0]["port"].as_u64().unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("https://127.0.0.1:{port}/x"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "000",
+        "the instance served a client without a certificate"
+    );
+}
