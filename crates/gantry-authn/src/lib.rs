@@ -418,14 +418,24 @@ pub struct Issuer {
     pub workloads: bool,
 }
 
-/// Service-to-service policy: who may call whom.
-#[derive(Clone, Debug, Default)]
+/// Service-to-service policy: who may call whom. The default allows every call (no policy);
+/// identity sets the spec's.
+#[derive(Clone, Debug)]
 pub struct CallPolicy {
     /// `false`: the `deny` default — a service reaches only the services it lists, and outside
     /// traffic only routes marked public.
     pub default_allow: bool,
     /// Per calling service, the services it may call.
     pub calls: HashMap<String, HashSet<String>>,
+}
+
+impl Default for CallPolicy {
+    fn default() -> Self {
+        Self {
+            default_allow: true,
+            calls: HashMap::new(),
+        }
+    }
 }
 
 impl CallPolicy {

@@ -291,7 +291,11 @@ fn symmetric_and_mismatched_keys_are_not_trusted() {
 
 #[test]
 fn call_policy_denies_by_default_with_exceptions() {
-    let mut p = CallPolicy::default();
+    assert!(CallPolicy::default().check(None, "catalog", false).is_ok());
+    let mut p = CallPolicy {
+        default_allow: false,
+        ..CallPolicy::default()
+    };
     p.calls
         .entry("orders".into())
         .or_default()

@@ -316,15 +316,7 @@ async fn introspect(
         id.introspect(p.need("token")?).await
     }
     .await;
-    match r {
-        Ok(v) => no_store(Json(v).into_response()),
-        Err(e) => {
-            if e.error == "invalid_client" {
-                id.limiter.address_failed(&remote.ip());
-            }
-            e.into_response()
-        }
-    }
+    answer(&id, &remote, r, |v| Json(v).into_response())
 }
 
 async fn revoke(
@@ -343,9 +335,20 @@ async fn revoke(
         id.revoke_token(&c, p.need("token")?).await
     }
     .await;
+    // RFC 7009 2.2: 200 whether or not the token was known.
+    answer(&id, &remote, r, |()| StatusCode::OK.into_response())
+}
+
+/// The answer to a call a client authenticates: a failed authentication counts against the
+/// client's address.
+fn answer<T>(
+    id: &Identity,
+    remote: &Remote,
+    r: Result<T, OAuthError>,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
     match r {
-        // RFC 7009 2.2: 200 whether or not the token was known.
-        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Ok(v) => no_store(ok(v)),
         Err(e) => {
             if e.error == "invalid_client" {
                 id.limiter.address_failed(&remote.ip());

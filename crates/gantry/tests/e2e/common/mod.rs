@@ -680,3 +680,33 @@ pub fn keepalive_gets(
     }
     Ok(n)
 }
+
+/// A self-signed certificate for `names` (first is the CN), via the openssl CLI.
+pub fn cert(dir: &std::path::Path, stem: &str, names: &[&str]) {
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+        ])
+        .arg(format!("/CN={}", names[0]))
+        .args(["-addext", &format!("subjectAltName={san}"), "-keyout"])
+        .arg(dir.join(format!("{stem}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{stem}.pem")))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
