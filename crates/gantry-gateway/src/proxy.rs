@@ -385,9 +385,10 @@ impl Gateway {
                             ))
                         ) && snap.auth.refetch.is_some()
                         {
-                            if let Some(m) =
-                                self.next_auth(snap.auth.revision, auth::REFETCH_WAIT).await
-                            {
+                            // Boxed: the wait is rare, and the forwarding future stays small.
+                            let wait =
+                                Box::pin(self.next_auth(snap.auth.revision, auth::REFETCH_WAIT));
+                            if let Some(m) = wait.await {
                                 r = auth::authenticate(
                                     a,
                                     &m,
