@@ -1031,6 +1031,59 @@ fn the_cli_manages_identity_and_logs_users_in() {
     // Back to the admin token.
     let (ok, _, err) = run(&["identity", "create-user", "eve"], "eve-password\n");
     assert!(ok, "{err}");
+
+    // No secret reached gantry's logs, its metrics, the audit trail or a process list.
+    let output = g.output();
+    let metrics = g.metrics();
+    let audit = g.admin_get("/v1/audit?limit=1000").to_string();
+    let ps = String::from_utf8_lossy(
+        &Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for secret in [secret.as_str(), key.as_str(), "op-password", "eve-password"] {
+        for (what, text) in [
+            ("log", &output),
+            ("metrics", &metrics),
+            ("audit", &audit),
+            ("ps", &ps),
+        ] {
+            assert!(!text.contains(secret), "a secret in the {what}");
+        }
+    }
+}
+
+#[test]
+fn rate_limits_key_on_the_verified_subject() {
+    let g = Gantry::start(
+        r#"
+[services.api]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+[[services.api.routes]]
+path_prefix = "/api"
+auth = "required"
+rate_limit = { requests_per_second = 1, burst = 2, key = "subject" }
+"#,
+    );
+    g.wait_healthy("api", 1, T);
+    let token = |id: &str| {
+        let secret = g
+            .new_client(json!({"id": id, "kind": "confidential"}))
+            .unwrap();
+        g.client_token(id, &secret, "")
+    };
+    let (a, b) = (token("alpha"), token("beta"));
+    let statuses =
+        |t: &str| -> Vec<u16> { (0..4).map(|_| bearer(&g, "/api/x", t).status).collect() };
+    // alpha spends its burst; beta, from the same address, has its own.
+    let sa = statuses(&a);
+    assert_eq!(&sa[..2], &[200, 200], "{sa:?}");
+    assert!(sa[2..].contains(&429), "{sa:?}");
+    assert_eq!(&statuses(&b)[..2], &[200, 200]);
 }
 
 #[test]
