@@ -20,6 +20,8 @@ pub struct ExternalIssuer {
     pub name: String,
     pub issuer: String,
     pub jwks_uri: Option<String>,
+    /// PEM file of the CAs its https endpoints are verified against; `None`: the system's.
+    pub ca_file: Option<String>,
 }
 
 const REFRESH: Duration = Duration::from_secs(300);
@@ -31,13 +33,60 @@ const MAX_DOC: usize = 1 << 20;
 
 type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
-async fn get(client: &HttpClient, url: &str) -> Result<Vec<u8>, String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "{url}: fetching over https is not supported yet; give an http jwks_uri (e.g. through a local proxy)"
-        ));
-    }
+/// One GET over https, verified against `ca_file`'s CAs (the system's when `None`).
+async fn get_https(url: &str, uri: &http::Uri, ca_file: Option<&str>) -> Result<Vec<u8>, String> {
+    let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
+    let port = uri.port_u16().unwrap_or(443);
+    let tls = gantry_http::pool::UpstreamTls::new(ca_file, Some(host))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let name = tls
+        .server_name
+        .clone()
+        .ok_or_else(|| format!("{url}: no server name"))?;
+    let fetch = async {
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let stream = tls
+            .h1
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{url}: TLS: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("{url}: {e}"))?;
+        tokio::spawn(conn);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = uri.authority().map_or(host, |a| a.as_str());
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url}: status {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), MAX_DOC)
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        Ok(body.to_bytes().to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+}
+
+async fn get(client: &HttpClient, url: &str, ca_file: Option<&str>) -> Result<Vec<u8>, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    if uri.scheme_str() == Some("https") {
+        return get_https(url, &uri, ca_file).await;
+    }
     let req = http::Request::get(uri)
         .header(http::header::ACCEPT, "application/json")
         .body(Full::new(Bytes::new()))
@@ -64,15 +113,17 @@ async fn fetch(client: &HttpClient, e: &ExternalIssuer) -> Result<gantry_authn::
                 "{}/.well-known/openid-configuration",
                 e.issuer.trim_end_matches('/')
             );
-            let doc: serde_json::Value = serde_json::from_slice(&get(client, &url).await?)
-                .map_err(|err| format!("{url}: not JSON: {err}"))?;
+            let doc: serde_json::Value =
+                serde_json::from_slice(&get(client, &url, e.ca_file.as_deref()).await?)
+                    .map_err(|err| format!("{url}: not JSON: {err}"))?;
             doc.get("jwks_uri")
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| format!("{url}: no jwks_uri"))?
                 .to_string()
         }
     };
-    let (set, skipped) = gantry_authn::KeySet::from_jwks(&get(client, &jwks_uri).await?)?;
+    let (set, skipped) =
+        gantry_authn::KeySet::from_jwks(&get(client, &jwks_uri, e.ca_file.as_deref()).await?)?;
     for s in skipped {
         tracing::debug!(issuer = %e.name, "identity: JWKS key skipped: {s}");
     }

@@ -72,6 +72,10 @@ pub struct ExternalIssuerSpec {
     /// Where its keys are. Default: `jwks_uri` from its OpenID discovery document.
     #[serde(default)]
     pub jwks_uri: Option<String>,
+    /// PEM file of the CAs its https endpoints are verified against (relative to the spec's
+    /// directory). Default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {

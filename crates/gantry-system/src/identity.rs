@@ -84,6 +84,10 @@ impl IdentityComponent {
                     name: e.name.clone(),
                     issuer: e.issuer.trim_end_matches('/').to_string(),
                     jwks_uri: e.jwks_uri.clone(),
+                    ca_file: e
+                        .ca_file
+                        .as_ref()
+                        .map(|f| spec.base_dir.join(f).display().to_string()),
                 })
                 .collect(),
         };
