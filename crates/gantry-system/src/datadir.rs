@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub struct AdminInfo {
     pub admin_url: String,
     pub gateway_url: String,
-    /// The token service (issuer) URL.
+    /// The token service's URL on this machine (the issuer's own URL may differ).
     #[serde(default)]
     pub identity_url: String,
     pub pid: u32,

@@ -288,7 +288,7 @@ impl System {
             &AdminInfo {
                 admin_url: local_url(self.admin_addr),
                 gateway_url: local_url(self.gateway_addr),
-                identity_url: self.identity.issuer().to_string(),
+                identity_url: local_url(self.identity_addr),
                 pid: std::process::id(),
                 started_ms: gantry_model::unix_ms(),
             },

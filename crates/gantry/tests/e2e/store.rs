@@ -14,7 +14,49 @@ health = { type = "http", path = "/health", interval_ms = 200 }
 [[services.web.routes]]
 path_prefix = "/web"
 strip_prefix = true
+[[services.web.routes]]
+path_prefix = "/secure"
+strip_prefix = true
+auth = "required"
 "#;
+
+/// A stable issuer: tokens issued before a restart must still name it after.
+const IDENTITY: &str = "[identity]\nlisten = \"127.0.0.1:0\"\nissuer = \"http://issuer.test\"\n";
+
+fn token_call(g: &Gantry, form: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.data_dir().join("admin.json")).unwrap()).unwrap();
+    let addr = info["identity_url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let r = http(
+        addr,
+        "POST",
+        "/oauth2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some(form),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+fn secure(g: &Gantry, token: &str) -> u16 {
+    http(
+        g.gateway,
+        "GET",
+        "/secure/x",
+        &[("authorization", &format!("Bearer {token}"))],
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap()
+    .status
+}
 
 fn nats_url() -> String {
     std::env::var("GANTRY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -54,8 +96,70 @@ impl Drop for Namespace {
 }
 
 fn state_survives_kill_9(store_section: &str) {
-    let mut g = Gantry::start(&format!("{store_section}\n{WEB}"));
+    let mut g = Gantry::start(&format!("{store_section}\n{IDENTITY}\n{WEB}"));
     g.wait_healthy("web", 1, Duration::from_secs(20));
+    // Identity: a client, a user, tokens, a refresh token, an API key, a revocation.
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/clients",
+        Some(&json!({"id": "m2m", "kind": "confidential"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let secret = r.json()["secret"].as_str().unwrap().to_string();
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/clients",
+        Some(&json!({"id": "app", "kind": "public", "grant_types": ["password", "refresh_token"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "ursula", "password": "durable-pass"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cc = format!("grant_type=client_credentials&client_id=m2m&client_secret={secret}");
+    let token = token_call(&g, &cc)["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let revoked = token_call(&g, &cc)["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let login = token_call(
+        &g,
+        "grant_type=password&client_id=app&username=ursula&password=durable-pass",
+    );
+    let refresh = login["refresh_token"].as_str().unwrap().to_string();
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/api-keys",
+        Some(&json!({"client_id": "m2m"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let api_key = r.json()["key"].as_str().unwrap().to_string();
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.data_dir().join("admin.json")).unwrap()).unwrap();
+    let id_addr = info["identity_url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let r = http(
+        id_addr,
+        "POST",
+        "/oauth2/revoke",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some(&format!(
+            "token={revoked}&client_id=m2m&client_secret={secret}"
+        )),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(secure(&g, &token), 200);
     // A registration, a config version, a scale override and an API route, each acknowledged.
     let (_ext, port) = {
         let svc = OwnSvc::start("ext-1", &[]);
@@ -104,6 +208,36 @@ fn state_survives_kill_9(store_section: &str) {
 
     g.kill();
     g.launch();
+
+    // Every credential issued before the SIGKILL still works (keys, clients, users, refresh
+    // families and API keys are in the store), and the revoked token stays revoked.
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    assert_eq!(secure(&g, &token), 200);
+    assert_eq!(secure(&g, &revoked), 401);
+    let again = token_call(&g, &cc)["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(secure(&g, &again), 200);
+    let rotated = token_call(
+        &g,
+        &format!("grant_type=refresh_token&client_id=app&refresh_token={refresh}"),
+    );
+    assert!(rotated["refresh_token"].is_string(), "{rotated}");
+    token_call(
+        &g,
+        "grant_type=password&client_id=app&username=ursula&password=durable-pass",
+    );
+    let r = http(
+        g.gateway,
+        "GET",
+        "/secure/x",
+        &[("x-api-key", &api_key)],
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
 
     let inst = g.admin_get("/v1/registry/instances/ext-1");
     assert_eq!(inst["port"], port, "{inst}");
