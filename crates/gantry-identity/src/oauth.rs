@@ -629,8 +629,12 @@ async fn authorize_page(
 async fn authorize_submit(
     State(id): State<Arc<Identity>>,
     remote: Remote,
+    headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    if !same_origin(&headers) {
+        return cross_site();
+    }
     let Ok(Form(p)) = form else {
         return page(
             StatusCode::BAD_REQUEST,
@@ -698,6 +702,33 @@ async fn authorize_submit(
 
 // ── browser sessions ─────────────────────────────────────────────────────────────────────────
 
+/// Login forms refuse cross-site submissions (login CSRF: signing a victim's browser in as the
+/// attacker): a browser's `Origin` (or, without it, `Referer`) must name the host the form was
+/// posted to. Clients that are not browsers send neither and are not affected.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let from = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok());
+    match (from, host) {
+        (None, _) => true,
+        (Some(f), Some(h)) => f
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(""))
+            .is_some_and(|authority| authority.eq_ignore_ascii_case(h)),
+        (Some(_), None) => false,
+    }
+}
+
+fn cross_site() -> Response {
+    page(
+        StatusCode::FORBIDDEN,
+        "<h1>Cannot sign in</h1><p class=\"err\">This form was submitted from another site.</p>"
+            .into(),
+    )
+}
+
 /// Where to send the browser after a login or logout: a path on this site only (no scheme, no
 /// `//host`, no backslash), so the endpoint cannot be used to redirect elsewhere.
 fn local_path(p: Option<&str>) -> Option<String> {
@@ -760,8 +791,12 @@ fn see_other(to: &str) -> Response {
 async fn session_login(
     State(id): State<Arc<Identity>>,
     remote: Remote,
+    headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    if !same_origin(&headers) {
+        return cross_site();
+    }
     let Ok(Form(p)) = form else {
         return page(
             StatusCode::BAD_REQUEST,
@@ -834,6 +869,9 @@ async fn session_logout(
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
+    if !same_origin(&headers) {
+        return cross_site();
+    }
     let ended = match cookie_of(&headers) {
         Some(c) => match id.end_session(&c).await {
             Ok(e) => e,
@@ -892,5 +930,29 @@ mod tests {
         for bad in ["//evil.example", "https://evil.example", "/\\evil", "app"] {
             assert_eq!(local_path(Some(bad)), None, "{bad}");
         }
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert!(same_origin(&h(&[("host", "id.example:7072")])));
+        assert!(same_origin(&h(&[
+            ("host", "id.example:7072"),
+            ("origin", "https://id.example:7072")
+        ])));
+        assert!(same_origin(&h(&[
+            ("host", "id.example"),
+            ("referer", "https://id.example/oauth2/authorize?x")
+        ])));
+        assert!(!same_origin(&h(&[
+            ("host", "id.example"),
+            ("origin", "https://evil.example")
+        ])));
+        assert!(!same_origin(&h(&[
+            ("host", "id.example"),
+            ("origin", "null")
+        ])));
     }
 }

@@ -737,6 +737,18 @@ roles = ["viewer"]
         .unwrap()
     };
     assert_eq!(login("username=bea&password=wrong").status, 401);
+    // A form posted from another site is refused (login CSRF).
+    let r = http(
+        g.identity_addr(),
+        "POST",
+        "/session/login",
+        &[("content-type", form), ("origin", "https://evil.example")],
+        Some("username=bea&password=browser-pass"),
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.header("set-cookie").is_none());
     // An open redirect is not offered: return_to must be a path on this site.
     let r = login("username=bea&password=browser-pass&return_to=//evil.example/x");
     assert_eq!(r.status, 200, "{}", r.body);
