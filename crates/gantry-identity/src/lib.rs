@@ -23,6 +23,7 @@ pub mod keys;
 mod limiter;
 pub mod oauth;
 pub mod sessions;
+mod sessions_redis;
 mod tokens;
 pub mod workload;
 
@@ -85,6 +86,9 @@ pub struct IdentityConfig {
     pub propagation: u64,
     /// Lifetime of a browser session (absolute).
     pub session_ttl: u64,
+    /// Where browser sessions live when several gantrys share them without sharing a store
+    /// (`redis://HOST:PORT/DB`); `None`: the store.
+    pub sessions_redis: Option<String>,
     /// Lifetime of instances' certificates (renewed at half-life).
     pub cert_ttl: u64,
     /// Services whose instances get certificates (`mtls = true`).
@@ -160,6 +164,8 @@ pub struct Identity {
     refetch: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
     /// The internal CA.
     ca: ca::Ca,
+    /// Sessions in Redis, when configured.
+    redis: Option<Arc<sessions_redis::RedisSessions>>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -272,6 +278,10 @@ impl Identity {
                 }
             }
         };
+        let redis = match &cfg.sessions_redis {
+            Some(url) => Some(Arc::new(sessions_redis::RedisSessions::connect(url).await?)),
+            None => None,
+        };
         let ca = ca::Ca::load(&stored)
             .map_err(|e| IdentityError::Internal(format!("internal CA: {e}")))?;
         let (tx, _) = watch::channel(Arc::new(Material::default()));
@@ -289,6 +299,7 @@ impl Identity {
             rotating: tokio::sync::Mutex::new(()),
             refetch: Mutex::new(None),
             ca,
+            redis,
         });
         id.load().await?;
         id.ensure_cli_client().await?;
@@ -542,7 +553,14 @@ impl Identity {
             let me = self.clone();
             tasks.spawn(async move { external::run(me).await });
         }
-        tasks.spawn(self.clone().follow_sessions());
+        match &self.redis {
+            Some(r) => {
+                tasks.spawn(self.clone().follow_redis_sessions(r.clone()));
+            }
+            None => {
+                tasks.spawn(self.clone().follow_sessions());
+            }
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

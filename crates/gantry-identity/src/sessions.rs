@@ -99,6 +99,11 @@ impl Identity {
         });
     }
 
+    /// Keep only the cached sessions `keep` names (by hex digest): a resynchronization.
+    pub(crate) fn keep_sessions(&self, keep: impl Fn(&str) -> bool) {
+        self.edit_sessions(|m| m.retain(|d, _| keep(&hex(d))));
+    }
+
     pub(crate) fn uncache_session(&self, key: &str) {
         if let Some(d) = crate::digest_from_hex(key) {
             self.edit_sessions(|m| {
@@ -122,7 +127,12 @@ impl Identity {
         };
         let cookie = format!("gss_{}", random_token(32));
         let key = hex(&gantry_authn::digest(&cookie));
-        self.store.create_json(SESSIONS, &key, &rec).await?;
+        match &self.redis {
+            Some(r) => r.put(&key, &rec, rec.expires - now).await?,
+            None => {
+                self.store.create_json(SESSIONS, &key, &rec).await?;
+            }
+        }
         self.cache_session(&key, &rec);
         Ok((cookie, rec))
     }
@@ -137,7 +147,10 @@ impl Identity {
     /// End a session, on every gateway (the store's delete reaches them all).
     pub async fn end_session(&self, cookie: &str) -> Result<bool, IdentityError> {
         let key = hex(&gantry_authn::digest(cookie));
-        let existed = self.store.delete(SESSIONS, &key).await?;
+        let existed = match &self.redis {
+            Some(r) => r.delete(&key).await?,
+            None => self.store.delete(SESSIONS, &key).await?,
+        };
         self.uncache_session(&key);
         Ok(existed)
     }

@@ -11,6 +11,7 @@ fn config(issuer: &str) -> IdentityConfig {
         propagation: 0,
         session_ttl: 3600,
         cert_ttl: 3600,
+        sessions_redis: None,
         mtls: Default::default(),
         audience: "gantry".into(),
         calls: CallPolicy::default(),

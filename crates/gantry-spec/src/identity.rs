@@ -45,6 +45,10 @@ pub struct IdentitySpec {
     /// Default 3600.
     #[serde(default = "default_cert_ttl")]
     pub workload_cert_ttl_secs: u64,
+    /// Keep browser sessions in Redis (`redis://HOST:PORT[/DB]`) rather than the store: for
+    /// several gantrys that share sessions but not a store. Default: the store.
+    #[serde(default)]
+    pub sessions_redis: Option<String>,
     /// Lifetime of a browser session (signed in at `/session/login`). Default 28800 (8 hours).
     #[serde(default = "default_session_ttl")]
     pub session_ttl_secs: u64,
@@ -124,6 +128,7 @@ impl Default for IdentitySpec {
             rotate_every_secs: default_rotate(),
             key_propagation_secs: default_propagation(),
             session_ttl_secs: default_session_ttl(),
+            sessions_redis: None,
             workload_cert_ttl_secs: default_cert_ttl(),
             service_policy: default_policy(),
             audience: default_audience(),
@@ -210,6 +215,14 @@ pub(crate) fn validate(p: &mut Problems, spec: &Spec) {
             "identity.service_policy".into(),
             format!("{:?}: expected allow or deny", id.service_policy),
         ));
+    }
+    if let Some(u) = &id.sessions_redis {
+        if !u.starts_with("redis://") || u.len() <= 8 || u.chars().any(char::is_whitespace) {
+            p.push((
+                "identity.sessions_redis".into(),
+                format!("{u:?}: expected redis://HOST:PORT[/DB]"),
+            ));
+        }
     }
     if id.audience.is_empty() {
         p.push(("identity.audience".into(), "must not be empty".into()));

@@ -179,6 +179,7 @@ impl RouteControl for Control {
             || oi.key_propagation_secs != ni.key_propagation_secs
             || oi.session_ttl_secs != ni.session_ttl_secs
             || oi.workload_cert_ttl_secs != ni.workload_cert_ttl_secs
+            || oi.sessions_redis != ni.sessions_redis
         {
             needs_restart.push("[identity] settings other than service_policy changed".into());
         }

@@ -74,6 +74,7 @@ impl IdentityComponent {
             propagation: s.key_propagation_secs,
             session_ttl: s.session_ttl_secs,
             cert_ttl: s.workload_cert_ttl_secs,
+            sessions_redis: s.sessions_redis.clone(),
             mtls: mtls_services(&spec.spec),
             audience: s.audience.clone(),
             calls: call_policy(&spec.spec),

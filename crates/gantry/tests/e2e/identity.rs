@@ -1356,3 +1356,73 @@ fn ca_signed(dir: &std::path::Path, stem: &str, host: &str) {
         &crt,
     ]);
 }
+
+#[test]
+fn sessions_in_redis_are_shared_by_gantrys_that_share_no_store() {
+    let url =
+        std::env::var("GANTRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let spec = format!(
+        r#"
+[identity]
+listen = "127.0.0.1:0"
+sessions_redis = "{url}"
+
+[services.app]
+command = ["{{TESTSVC}}"]
+health = {{ type = "http", path = "/health" }}
+[[services.app.routes]]
+path_prefix = "/app"
+auth = "required"
+"#
+    );
+    let a = Gantry::start(&spec);
+    let b = Gantry::start(&spec);
+    a.wait_healthy("app", 1, T);
+    b.wait_healthy("app", 1, T);
+    a.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "rhea", "password": "redis-pass", "roles": ["viewer"]})),
+    );
+    let r = http(
+        a.identity_addr(),
+        "POST",
+        "/session/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some("username=rhea&password=redis-pass"),
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let cookie = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let get =
+        |g: &Gantry| http(g.gateway, "GET", "/app/me", &[("cookie", &cookie)], None, T).unwrap();
+    // Signed in at a, known at b's gateway (which sends its own token for the session).
+    let r = wait_for("the session at the other gantry", T, || {
+        let r = get(&b);
+        (r.status == 200).then_some(r)
+    });
+    assert_eq!(r.json()["headers"]["gantry-auth-subject"], "rhea");
+    assert_eq!(get(&a).status, 200);
+    // Logged out at a: gone at b too.
+    let out = http(
+        a.identity_addr(),
+        "POST",
+        "/session/logout",
+        &[("cookie", &cookie)],
+        Some(""),
+        T,
+    )
+    .unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    wait_for("the session gone at the other gantry", T, || {
+        (get(&b).status == 401).then_some(())
+    });
+    assert_eq!(get(&a).status, 401);
+}
