@@ -147,6 +147,8 @@ struct State {
     sessions: Arc<gantry_authn::Sessions>,
     calls: CallPolicy,
     revision: u64,
+    /// The key sets the revision was last bumped for (issuer, sorted kids).
+    fingerprint: Vec<(String, Vec<String>)>,
 }
 
 /// The identity component.
@@ -377,7 +379,6 @@ impl Identity {
         let cfg = self.config();
         let now = gantry_authn::now_secs();
         let mut s = self.state();
-        s.revision += 1;
         let mut own = KeySet::default();
         let published: Vec<&StoredKey> = s
             .keys
@@ -406,6 +407,21 @@ impl Identity {
                 keys: keys.clone(),
                 workloads: false,
             });
+        }
+        // The revision (what the gateways' caches of verified tokens are valid under) changes
+        // only when a key set does: revocations are checked on every use anyway, and logins,
+        // API keys and policy changes must not make every gateway verify every token again.
+        let fingerprint: Vec<(String, Vec<String>)> = issuers
+            .iter()
+            .map(|i| {
+                let mut kids: Vec<String> = i.keys.kids().map(str::to_string).collect();
+                kids.sort();
+                (i.iss.clone(), kids)
+            })
+            .collect();
+        if s.fingerprint != fingerprint || s.revision == 0 {
+            s.revision += 1;
+            s.fingerprint = fingerprint;
         }
         let m = Material {
             revision: s.revision,

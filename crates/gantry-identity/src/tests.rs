@@ -223,3 +223,26 @@ async fn bad_directory_input_is_refused_with_a_reason() {
         assert!(id.delete_role(bad).await.is_err_and(not_store));
     }
 }
+
+#[tokio::test]
+async fn only_a_key_change_makes_verifiers_start_over() {
+    let (_d, id) = open().await;
+    let r0 = id.current_material().revision;
+    id.create_client(new_client("c", ClientKind::Confidential, &[]))
+        .await
+        .expect("client");
+    id.create_api_key("c", vec![]).await.expect("key");
+    id.revoke_jti("some-jti", gantry_authn::now_secs() + 60)
+        .await
+        .expect("revoke");
+    id.create_user("u", "long enough", vec![])
+        .await
+        .expect("user");
+    id.create_session("u", vec![]).await.expect("session");
+    let m = id.current_material();
+    assert_eq!(m.revision, r0, "nothing that verifies tokens changed");
+    assert!(m.revoked.contains("some-jti"));
+    assert_eq!(m.sessions.map.len(), 1);
+    id.rotate_now(0).await.expect("rotate");
+    assert!(id.current_material().revision > r0);
+}
