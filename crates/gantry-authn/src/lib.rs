@@ -254,6 +254,9 @@ pub struct Identity {
     pub service: Option<String>,
     /// Every claim of the token (empty for API keys).
     pub claims: Map<String, Value>,
+    /// Headers a consumer derives from the identity (the gateway's `Gantry-Auth-*`), built
+    /// once: a cached token pays nothing for them again.
+    pub headers: std::sync::OnceLock<Vec<(http::HeaderName, http::HeaderValue)>>,
 }
 
 impl Identity {
@@ -731,6 +734,7 @@ fn identity_from_claims(
         jti,
         service,
         claims,
+        headers: Default::default(),
     }
 }
 

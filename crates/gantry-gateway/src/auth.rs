@@ -78,6 +78,7 @@ fn cert_identity(service: &str) -> Arc<Identity> {
         jti: None,
         service: Some(service.to_string()),
         claims: Default::default(),
+        headers: Default::default(),
     })
 }
 
@@ -211,27 +212,35 @@ static SCOPES: HeaderName = HeaderName::from_static("gantry-auth-scopes");
 static ROLES: HeaderName = HeaderName::from_static("gantry-auth-roles");
 static SERVICE: HeaderName = HeaderName::from_static("gantry-auth-service");
 
-/// The verified identity, for the instance. A value that is not a valid header value (a
-/// subject with control characters) is left out rather than mangled.
+/// The verified identity, for the instance (built once per verified token, kept with it). A
+/// value that is not a valid header value (a subject with control characters) is left out
+/// rather than mangled.
 pub(crate) fn identity_headers(h: &mut HeaderMap, id: &Identity) {
-    let mut put = |n: &HeaderName, v: &str| {
-        if v.is_empty() {
-            return;
+    let list = id.headers.get_or_init(|| {
+        let mut out = Vec::with_capacity(7);
+        let mut put = |n: &HeaderName, v: &str| {
+            if v.is_empty() {
+                return;
+            }
+            if let Ok(v) = HeaderValue::from_str(v) {
+                out.push((n.clone(), v));
+            }
+        };
+        put(&KIND, id.kind.as_str());
+        put(&SUBJECT, &id.subject);
+        put(&ISSUER, &id.issuer);
+        if let Some(c) = &id.client_id {
+            put(&CLIENT, c);
         }
-        if let Ok(v) = HeaderValue::from_str(v) {
-            h.insert(n.clone(), v);
+        put(&SCOPES, &id.scopes.join(" "));
+        put(&ROLES, &id.roles.join(","));
+        if let Some(s) = &id.service {
+            put(&SERVICE, s);
         }
-    };
-    put(&KIND, id.kind.as_str());
-    put(&SUBJECT, &id.subject);
-    put(&ISSUER, &id.issuer);
-    if let Some(c) = &id.client_id {
-        put(&CLIENT, c);
-    }
-    put(&SCOPES, &id.scopes.join(" "));
-    put(&ROLES, &id.roles.join(","));
-    if let Some(s) = &id.service {
-        put(&SERVICE, s);
+        out
+    });
+    for (n, v) in list {
+        h.insert(n.clone(), v.clone());
     }
 }
 

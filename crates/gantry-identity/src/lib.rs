@@ -1259,6 +1259,7 @@ fn api_entry(a: &ApiKey) -> Option<([u8; 32], Arc<Verified>)> {
             jti: None,
             service: None,
             claims: serde_json::Map::new(),
+            headers: Default::default(),
         }),
     ))
 }

@@ -88,6 +88,7 @@ impl Identity {
             jti: None,
             service: None,
             claims: Map::new(),
+            headers: Default::default(),
         });
         let session = Arc::new(Session {
             identity,
