@@ -154,7 +154,12 @@ pub(crate) fn authenticate(
         id
     };
     if policy {
-        let caller = id.as_ref().and_then(|w| w.id.service.as_deref());
+        // The calling service: from its token, else from its client certificate (a service
+        // forwarding a user's token over mTLS is still that service calling).
+        let caller = id
+            .as_ref()
+            .and_then(|w| w.id.service.as_deref())
+            .or_else(|| peer.and_then(cert_service));
         m.calls
             .check(caller, &f.service, f.public)
             .map_err(Refusal::Forbidden)?;
