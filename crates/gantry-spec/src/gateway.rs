@@ -1459,13 +1459,29 @@ impl Spec {
 
     /// What the gateway needs from the spec; `base_dir` resolves relative file names.
     pub fn gateway_model(&self, base_dir: &std::path::Path) -> m::GatewayModel {
-        m::GatewayModel {
+        let mut model = m::GatewayModel {
             routes: self.routes(),
             upstreams: self
                 .services
                 .iter()
                 .map(|(n, s)| (n.clone(), s.upstream.to_model(base_dir)))
                 .collect(),
+        };
+        // The token service under the gateway (`[identity] gateway_path`): a public route to
+        // the built-in service whose one instance is the identity listener.
+        if let Some(p) = &self.identity.gateway_path {
+            let text = format!("path_prefix = {p:?}\nstrip_prefix = true\npublic = true\n");
+            if let Ok(r) = toml::from_str::<RouteSpec>(&text) {
+                let mut route = r.to_model(crate::IDENTITY_SERVICE, 0);
+                route.id = "identity/0".into();
+                model.routes.push(route);
+            }
+            if let Ok(u) = toml::from_str::<UpstreamSpec>("") {
+                model
+                    .upstreams
+                    .insert(crate::IDENTITY_SERVICE.into(), u.to_model(base_dir));
+            }
         }
+        model
     }
 }

@@ -45,6 +45,11 @@ pub struct IdentitySpec {
     /// Default 3600.
     #[serde(default = "default_cert_ttl")]
     pub workload_cert_ttl_secs: u64,
+    /// Serve the token service through the gateway too, under this path prefix (e.g.
+    /// `/auth`), so that browser apps sign in on their own origin; set `issuer` to the URL
+    /// clients use (e.g. `https://shop.example/auth`). Default: its own listener only.
+    #[serde(default)]
+    pub gateway_path: Option<String>,
     /// Keep browser sessions in Redis (`redis://HOST:PORT[/DB]`) rather than the store: for
     /// several gantrys that share sessions but not a store. Default: the store.
     #[serde(default)]
@@ -129,6 +134,7 @@ impl Default for IdentitySpec {
             key_propagation_secs: default_propagation(),
             session_ttl_secs: default_session_ttl(),
             sessions_redis: None,
+            gateway_path: None,
             workload_cert_ttl_secs: default_cert_ttl(),
             service_policy: default_policy(),
             audience: default_audience(),
@@ -143,6 +149,9 @@ impl IdentitySpec {
         self.service_policy == "deny"
     }
 }
+
+/// The built-in service the token service is routed as (`gateway_path`).
+pub const IDENTITY_SERVICE: &str = "gantry-identity";
 
 /// The name of Gantry's own issuer in routes' `issuers`.
 pub const BUILTIN_ISSUER: &str = "gantry";
@@ -223,6 +232,37 @@ pub(crate) fn validate(p: &mut Problems, spec: &Spec) {
                 format!("{u:?}: expected redis://HOST:PORT[/DB]"),
             ));
         }
+    }
+    if let Some(g) = &id.gateway_path {
+        let ok = g.starts_with('/') && g.len() > 1 && crate::validate::bad_prefix(g).is_none();
+        if !ok {
+            p.push((
+                "identity.gateway_path".into(),
+                format!("{g:?}: expected a path prefix such as \"/auth\" (not \"/\")"),
+            ));
+        }
+        let g = crate::normalize_prefix(g);
+        for (name, svc) in &spec.services {
+            for (i, r) in svc.routes.iter().enumerate() {
+                if r.path_prefix
+                    .as_deref()
+                    .map(crate::normalize_prefix)
+                    .as_deref()
+                    == Some(g.as_str())
+                {
+                    p.push((
+                        format!("services.{name}.routes[{i}].path_prefix"),
+                        format!("{g:?} is identity.gateway_path (the token service's prefix)"),
+                    ));
+                }
+            }
+        }
+    }
+    if spec.services.contains_key(IDENTITY_SERVICE) {
+        p.push((
+            format!("services.{IDENTITY_SERVICE}"),
+            "this name is Gantry's own (the token service)".into(),
+        ));
     }
     if id.audience.is_empty() {
         p.push(("identity.audience".into(), "must not be empty".into()));

@@ -380,6 +380,7 @@ fn identity_settings_and_route_auth_are_checked() {
     let text = r#"
 [identity]
 algorithm = "HS256"
+gateway_path = "/a"
 service_policy = "maybe"
 access_token_ttl_secs = 5
 rotate_every_secs = 30
@@ -387,6 +388,9 @@ issuer = "not a url"
 [[identity.issuers]]
 name = "gantry"
 issuer = "ftp://x"
+
+[services.gantry-identity]
+command = ["x"]
 
 [services.api]
 command = ["x"]
@@ -417,6 +421,8 @@ scopes = ["two words"]
         "services.api.routes[1].auth",
         "services.api.routes[2].issuers[0]",
         "services.api.routes[2].scopes[0]",
+        "services.api.routes[0].path_prefix",
+        "services.gantry-identity",
     ] {
         assert!(
             fields.iter().any(|f| f == want),

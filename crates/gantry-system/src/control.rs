@@ -180,6 +180,7 @@ impl RouteControl for Control {
             || oi.session_ttl_secs != ni.session_ttl_secs
             || oi.workload_cert_ttl_secs != ni.workload_cert_ttl_secs
             || oi.sessions_redis != ni.sessions_redis
+            || oi.gateway_path != ni.gateway_path
         {
             needs_restart.push("[identity] settings other than service_policy changed".into());
         }

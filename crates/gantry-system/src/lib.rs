@@ -149,6 +149,7 @@ impl System {
         let config = Arc::new(ConfigStore::new(data.store.clone()));
         let identity =
             identity::IdentityComponent::build(&spec, &data, &metrics, admin_limits(&spec)).await?;
+
         let gateway = components::GatewayComponent::build(
             &spec,
             &data,
@@ -160,6 +161,10 @@ impl System {
             &identity.identity,
         )
         .await?;
+        // After the gateway follows the registry.
+        if spec.spec.identity.gateway_path.is_some() {
+            identity::register_behind_gateway(&registry.registry, identity.addr);
+        }
         let admin_addr = components::AdminComponent::bind(&spec)?;
         let supervisor = components::SupervisorComponent::build(
             &spec,

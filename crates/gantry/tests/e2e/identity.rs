@@ -1426,3 +1426,81 @@ auth = "required"
     });
     assert_eq!(get(&a).status, 401);
 }
+
+#[test]
+fn the_token_service_is_served_under_the_gateway_on_the_apps_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw_port = free_port();
+    let spec = dir.path().join("gantry.toml");
+    let text = spec_text(&format!(
+        r#"
+[identity]
+listen = "127.0.0.1:0"
+gateway_path = "/auth"
+issuer = "http://127.0.0.1:{gw_port}/auth"
+service_policy = "deny"
+
+[services.app]
+command = ["{{TESTSVC}}"]
+health = {{ type = "http", path = "/health" }}
+[[services.app.routes]]
+path_prefix = "/app"
+auth = "required"
+public = true
+"#
+    ))
+    .replace(
+        "[gateway]\nlisten = \"127.0.0.1:0\"",
+        &format!("[gateway]\nlisten = \"127.0.0.1:{gw_port}\""),
+    );
+    std::fs::write(&spec, text).unwrap();
+    let g = Gantry::start_at(dir, spec);
+    g.wait_healthy("app", 1, T);
+    // Discovery through the gateway names URLs under the gateway (public under deny).
+    let d = g.get("/auth/.well-known/openid-configuration");
+    assert_eq!(d.status, 200, "{}", d.body);
+    let d = d.json();
+    assert_eq!(d["issuer"], format!("http://127.0.0.1:{gw_port}/auth"));
+    assert_eq!(
+        d["token_endpoint"],
+        format!("http://127.0.0.1:{gw_port}/auth/oauth2/token")
+    );
+    assert_eq!(g.get("/auth/oauth2/jwks").status, 200);
+    // A browser signs in on the app's own origin and uses the app with the cookie.
+    g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&json!({"username": "gus", "password": "same-origin"})),
+    );
+    let r = http(
+        g.gateway,
+        "POST",
+        "/auth/session/login",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("origin", &format!("http://127.0.0.1:{gw_port}")),
+        ],
+        Some("username=gus&password=same-origin&return_to=/app/home"),
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 303, "{}", r.body);
+    let cookie = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = http(
+        g.gateway,
+        "GET",
+        "/app/home",
+        &[("cookie", &cookie)],
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["headers"]["gantry-auth-subject"], "gus");
+}
