@@ -13,6 +13,10 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::seal::Sealer;
+
+const CA_AAD: &str = "identity-ca/root";
+
 pub const CA_BUCKET: &str = "identity-ca";
 pub const CA_KEY: &str = "root";
 /// The SPIFFE trust domain of workload certificates.
@@ -75,7 +79,7 @@ pub fn spiffe_id(service: &str) -> String {
 
 impl Ca {
     /// A new CA (valid ten years).
-    pub fn generate(now: u64) -> Result<StoredCa, String> {
+    pub fn generate(now: u64, sealer: &Sealer) -> Result<StoredCa, String> {
         let cn = format!("Gantry internal CA {}", crate::random_token(6));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let expires = now + 10 * 365 * 86_400;
@@ -85,14 +89,19 @@ impl Ca {
         Ok(StoredCa {
             cn,
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: sealer.seal(CA_AAD, key.serialize_pem().as_bytes())?,
             created: now,
             expires,
         })
     }
 
-    pub fn load(s: &StoredCa) -> Result<Self, String> {
-        let key = KeyPair::from_pem(&s.key_pem).map_err(|e| format!("CA key: {e}"))?;
+    pub fn load(s: &StoredCa, sealer: &Sealer) -> Result<Self, String> {
+        let pem = if Sealer::is_sealed(&s.key_pem) {
+            String::from_utf8(sealer.open(CA_AAD, &s.key_pem)?).map_err(|e| e.to_string())?
+        } else {
+            s.key_pem.clone()
+        };
+        let key = KeyPair::from_pem(&pem).map_err(|e| format!("CA key: {e}"))?;
         let der = pem_der(&s.cert_pem).ok_or("CA certificate: not PEM")?;
         Ok(Ca {
             cn: s.cn.clone(),
@@ -193,8 +202,10 @@ mod tests {
 
     #[test]
     fn issued_certificates_chain_to_the_ca_and_name_their_service() {
-        let stored = Ca::generate(1_800_000_000).expect("ca");
-        let ca = Ca::load(&stored).expect("load");
+        let sealer = Sealer::new(&[5u8; 32]);
+        let stored = Ca::generate(1_800_000_000, &sealer).expect("ca");
+        assert!(Sealer::is_sealed(&stored.key_pem));
+        let ca = Ca::load(&stored, &sealer).expect("load");
         let c = ca
             .issue("orders", "orders-1", 1_800_000_000, 3600)
             .expect("issue");
@@ -230,7 +241,7 @@ mod tests {
             .verify_client_cert(&rustls::pki_types::CertificateDer::from(leaf), &[], later)
             .is_err());
         // And a CA loaded back from the store issues under the same root.
-        let again = Ca::load(&stored).expect("load");
+        let again = Ca::load(&stored, &sealer).expect("load");
         assert_eq!(again.cert_der, ca.cert_der);
     }
 }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::random_token;
+use crate::seal::Sealer;
 
 /// The algorithms new keys may be made for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +61,8 @@ impl Alg {
 pub struct StoredKey {
     pub kid: String,
     pub alg: Alg,
-    /// Base64url DER: PKCS#8 (EdDSA, ES256) or PKCS#1 (RS256).
+    /// The DER private key (PKCS#8 for EdDSA and ES256, PKCS#1 for RS256), sealed (`seal.rs`);
+    /// keys stored before sealing existed hold it as plain base64url.
     pub private_der: String,
     /// The public JWK (with `kid`, `alg`, `use`).
     pub public: Value,
@@ -83,7 +85,7 @@ impl std::fmt::Debug for StoredKey {
 
 impl StoredKey {
     /// A new key of `alg`, signing from `signs_from`.
-    pub fn generate(alg: Alg, now: u64, signs_from: u64) -> Result<Self, String> {
+    pub fn generate(alg: Alg, now: u64, signs_from: u64, sealer: &Sealer) -> Result<Self, String> {
         let rng = SystemRandom::new();
         let kid = format!("{}-{}", now, &random_token(6));
         let (der, mut jwk) = match alg {
@@ -135,10 +137,11 @@ impl StoredKey {
             o.insert("alg".into(), Value::String(alg.as_str().into()));
             o.insert("use".into(), Value::String("sig".into()));
         }
+        let private_der = sealer.seal(&format!("{}/{kid}", crate::KEYS), &der)?;
         Ok(StoredKey {
             kid,
             alg,
-            private_der: gantry_authn::b64url(&der),
+            private_der,
             public: jwk,
             created: now,
             signs_from,
@@ -146,9 +149,15 @@ impl StoredKey {
         })
     }
 
-    pub fn encoding_key(&self) -> Result<EncodingKey, String> {
-        let der = gantry_authn::b64url_decode(&self.private_der)
-            .ok_or_else(|| format!("key {}: stored private key is not base64url", self.kid))?;
+    pub fn encoding_key(&self, sealer: &Sealer) -> Result<EncodingKey, String> {
+        let der = if Sealer::is_sealed(&self.private_der) {
+            sealer
+                .open(&format!("{}/{}", crate::KEYS, self.kid), &self.private_der)
+                .map_err(|e| format!("key {}: {e}", self.kid))?
+        } else {
+            gantry_authn::b64url_decode(&self.private_der)
+                .ok_or_else(|| format!("key {}: stored private key is not base64url", self.kid))?
+        };
         Ok(match self.alg {
             Alg::EdDSA => EncodingKey::from_ed_der(&der),
             Alg::ES256 => EncodingKey::from_ec_der(&der),
@@ -180,8 +189,9 @@ pub fn rotation<'a>(
     alg: Alg,
     now: u64,
     propagation: u64,
+    sealer: &Sealer,
 ) -> Result<(StoredKey, Vec<StoredKey>), String> {
-    let new = StoredKey::generate(alg, now, now + propagation)?;
+    let new = StoredKey::generate(alg, now, now + propagation, sealer)?;
     let retire = keys
         .filter(|k| k.retired_at.is_none_or(|r| r > new.signs_from))
         .map(|k| {
@@ -203,10 +213,15 @@ pub fn jwks<'a>(keys: impl Iterator<Item = &'a StoredKey>) -> Value {
 mod tests {
     use super::*;
 
+    fn sealer() -> Sealer {
+        Sealer::new(&[3u8; 32])
+    }
+
     #[test]
     fn every_algorithm_signs_what_its_published_key_verifies() {
         for alg in [Alg::EdDSA, Alg::ES256, Alg::RS256] {
-            let k = StoredKey::generate(alg, 100, 100).expect("generate");
+            let k = StoredKey::generate(alg, 100, 100, &sealer()).expect("generate");
+            assert!(Sealer::is_sealed(&k.private_der));
             let (set, skipped) =
                 gantry_authn::KeySet::from_jwks(jwks([&k].into_iter()).to_string().as_bytes())
                     .expect("jwks");
@@ -227,7 +242,7 @@ mod tests {
             let t = jsonwebtoken::encode(
                 &h,
                 &json!({"iss": "http://x", "sub": "s", "exp": now + 60}),
-                &k.encoding_key().expect("enc"),
+                &k.encoding_key(&sealer()).expect("enc"),
             )
             .expect("sign");
             let id = gantry_authn::verify_jwt(&t, &m, now).expect("verifies");
@@ -237,8 +252,9 @@ mod tests {
 
     #[test]
     fn rotation_overlaps_with_no_gap() {
-        let k1 = StoredKey::generate(Alg::EdDSA, 0, 0).expect("k1");
-        let (k2, retired) = rotation([&k1].into_iter(), Alg::EdDSA, 1000, 60).expect("rotate");
+        let k1 = StoredKey::generate(Alg::EdDSA, 0, 0, &sealer()).expect("k1");
+        let (k2, retired) =
+            rotation([&k1].into_iter(), Alg::EdDSA, 1000, 60, &sealer()).expect("rotate");
         assert_eq!(k2.signs_from, 1060);
         assert_eq!(retired[0].retired_at, Some(1060));
         let keys = [retired[0].clone(), k2.clone()];

@@ -22,6 +22,7 @@ pub mod external;
 pub mod keys;
 mod limiter;
 pub mod oauth;
+pub mod seal;
 pub mod sessions;
 mod sessions_redis;
 mod tokens;
@@ -72,6 +73,16 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The key private keys are sealed with at rest (never printed).
+#[derive(Clone)]
+pub struct SecretsKey(pub [u8; 32]);
+
+impl std::fmt::Debug for SecretsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretsKey(..)")
+    }
+}
+
 /// How identity runs (from `[identity]` in the spec).
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -93,6 +104,8 @@ pub struct IdentityConfig {
     pub cert_ttl: u64,
     /// Services whose instances get certificates (`mtls = true`).
     pub mtls: std::collections::BTreeSet<String>,
+    /// What private keys are sealed with in the store.
+    pub secrets_key: SecretsKey,
     pub audience: String,
     pub calls: CallPolicy,
     pub external: Vec<external::ExternalIssuer>,
@@ -168,6 +181,8 @@ pub struct Identity {
     ca: ca::Ca,
     /// Sessions in Redis, when configured.
     redis: Option<Arc<sessions_redis::RedisSessions>>,
+    /// Seals private keys before they are stored.
+    sealer: seal::Sealer,
 }
 
 impl std::fmt::Debug for Identity {
@@ -261,13 +276,14 @@ impl Identity {
         let calls = cfg.calls.clone();
         // The CA: the stored one, else a new one (created only if no other gantry made one
         // meanwhile).
+        let sealer = seal::Sealer::new(&cfg.secrets_key.0);
         let stored = match store
             .get_json::<ca::StoredCa>(ca::CA_BUCKET, ca::CA_KEY)
             .await?
         {
             Some((c, _)) => c,
             None => {
-                let fresh = ca::Ca::generate(gantry_authn::now_secs())
+                let fresh = ca::Ca::generate(gantry_authn::now_secs(), &sealer)
                     .map_err(|e| IdentityError::Internal(format!("internal CA: {e}")))?;
                 match store.create_json(ca::CA_BUCKET, ca::CA_KEY, &fresh).await {
                     Ok(_) => fresh,
@@ -284,7 +300,7 @@ impl Identity {
             Some(url) => Some(Arc::new(sessions_redis::RedisSessions::connect(url).await?)),
             None => None,
         };
-        let ca = ca::Ca::load(&stored)
+        let ca = ca::Ca::load(&stored, &sealer)
             .map_err(|e| IdentityError::Internal(format!("internal CA: {e}")))?;
         let (tx, _) = watch::channel(Arc::new(Material::default()));
         let id = Arc::new(Identity {
@@ -302,6 +318,7 @@ impl Identity {
             refetch: Mutex::new(None),
             ca,
             redis,
+            sealer,
         });
         id.load().await?;
         id.ensure_cli_client().await?;
@@ -531,8 +548,14 @@ impl Identity {
         let cfg = self.config();
         let now = gantry_authn::now_secs();
         let existing: Vec<StoredKey> = self.state().keys.values().cloned().collect();
-        let (new, retire) = keys::rotation(existing.iter(), cfg.algorithm, now, propagation)
-            .map_err(IdentityError::Internal)?;
+        let (new, retire) = keys::rotation(
+            existing.iter(),
+            cfg.algorithm,
+            now,
+            propagation,
+            &self.sealer,
+        )
+        .map_err(IdentityError::Internal)?;
         // The new key first: verifiers must hold it before anything says the old one stops.
         self.store.create_json(KEYS, &new.kid, &new).await?;
         for k in &retire {

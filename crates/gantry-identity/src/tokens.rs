@@ -166,7 +166,9 @@ impl Identity {
         let mut h = jsonwebtoken::Header::new(key.alg.jose());
         h.kid = Some(key.kid.clone());
         h.typ = Some("at+jwt".into());
-        let enc = key.encoding_key().map_err(IdentityError::Internal)?;
+        let enc = key
+            .encoding_key(&self.sealer)
+            .map_err(IdentityError::Internal)?;
         let t = jsonwebtoken::encode(&h, &claims, &enc)
             .map_err(|e| IdentityError::Internal(format!("sign: {e}")))?;
         Ok((t, jti, exp))
@@ -194,7 +196,9 @@ impl Identity {
         }
         let mut h = jsonwebtoken::Header::new(key.alg.jose());
         h.kid = Some(key.kid.clone());
-        let enc = key.encoding_key().map_err(IdentityError::Internal)?;
+        let enc = key
+            .encoding_key(&self.sealer)
+            .map_err(IdentityError::Internal)?;
         jsonwebtoken::encode(&h, &claims, &enc)
             .map_err(|e| IdentityError::Internal(format!("sign: {e}")))
     }

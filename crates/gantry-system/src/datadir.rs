@@ -31,6 +31,9 @@ pub(crate) struct DataDir {
     pub token: Arc<str>,
     /// Marks this system's processes (`GANTRY_SYSTEM`); kept in `system-id`.
     pub system_id: String,
+    /// What private keys are sealed with in the store: `GANTRY_SECRETS_KEY`, else
+    /// `secrets.key` (made once, 0600).
+    pub secrets_key: [u8; 32],
 }
 
 impl DataDir {
@@ -70,13 +73,46 @@ impl DataDir {
         );
         let token: Arc<str> = admin_token(&dir)?.into();
         let system_id = system_id(&dir)?;
+        let secrets_key = secrets_key(&dir)?;
         Ok(Self {
             dir,
             lock,
             store,
             token,
             system_id,
+            secrets_key,
         })
+    }
+}
+
+pub const SECRETS_KEY_FILE: &str = "secrets.key";
+pub const SECRETS_KEY_ENV: &str = "GANTRY_SECRETS_KEY";
+
+fn decode_key(text: &str) -> Option<[u8; 32]> {
+    let raw = gantry_authn::b64url_decode(text.trim())?;
+    raw.try_into().ok()
+}
+
+/// The key private keys are sealed with: `GANTRY_SECRETS_KEY` (base64url of 32 bytes: what
+/// gantrys sharing a store must all have), else the data directory's `secrets.key`, made once.
+fn secrets_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
+    if let Ok(v) = std::env::var(SECRETS_KEY_ENV) {
+        return decode_key(&v).ok_or_else(|| {
+            anyhow!("{SECRETS_KEY_ENV} must be 32 bytes in base64url (e.g. from: head -c 32 /dev/urandom | basenc --base64url | tr -d =)")
+        });
+    }
+    let path = dir.join(SECRETS_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            decode_key(&t).ok_or_else(|| anyhow!("{} is not 32 bytes in base64url", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut k = [0u8; 32];
+            getrandom::fill(&mut k).map_err(|e| anyhow!("random source: {e}"))?;
+            write_private(dir, SECRETS_KEY_FILE, &gantry_authn::b64url(&k))?;
+            Ok(k)
+        }
+        Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),
     }
 }
 

@@ -1504,3 +1504,29 @@ public = true
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["headers"]["gantry-auth-subject"], "gus");
 }
+
+#[test]
+fn a_bad_secrets_key_is_a_clear_error_and_a_good_one_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("gantry.toml");
+    std::fs::write(&spec, spec_text("")).unwrap();
+    let out = Command::new(gantry_bin())
+        .args(["up", "-f"])
+        .arg(&spec)
+        .env("GANTRY_SECRETS_KEY", "not-a-key")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GANTRY_SECRETS_KEY must be 32 bytes"), "{err}");
+    assert!(!dir.path().join(".gantry/secrets.key").exists());
+    // Without it, the data directory's key is made once, private.
+    let g = Gantry::start_at(dir, spec);
+    let key = g.data_dir().join("secrets.key");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
