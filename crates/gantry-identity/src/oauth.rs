@@ -243,13 +243,8 @@ async fn token(
 ) -> Response {
     let grant_label;
     let r = async {
-        id.limiter
-            .address(&remote.ip())
-            .map_err(OAuthError::slow_down)?;
-        let p = Params::parse(form)?;
+        let (c, p) = client_call(&id, &remote, &headers, form, false).await?;
         let grant = p.need("grant_type")?.to_string();
-        let (cid, secret) = client_credentials(&headers, &p)?;
-        let c = id.authenticate_client(&cid, secret.as_deref()).await?;
         let scope = p.get("scope");
         let resp = match grant.as_str() {
             "client_credentials" => id.client_credentials(&c, scope).await,
@@ -303,16 +298,8 @@ async fn introspect(
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let r = async {
-        id.limiter
-            .address(&remote.ip())
-            .map_err(OAuthError::slow_down)?;
-        let p = Params::parse(form)?;
-        let (cid, secret) = client_credentials(&headers, &p)?;
         // Only confidential clients may introspect (RFC 7662 2.1: the caller is authorized).
-        if secret.is_none() {
-            return Err(OAuthError::invalid_client());
-        }
-        id.authenticate_client(&cid, secret.as_deref()).await?;
+        let (_, p) = client_call(&id, &remote, &headers, form, true).await?;
         id.introspect(p.need("token")?).await
     }
     .await;
@@ -326,17 +313,33 @@ async fn revoke(
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let r = async {
-        id.limiter
-            .address(&remote.ip())
-            .map_err(OAuthError::slow_down)?;
-        let p = Params::parse(form)?;
-        let (cid, secret) = client_credentials(&headers, &p)?;
-        let c = id.authenticate_client(&cid, secret.as_deref()).await?;
+        let (c, p) = client_call(&id, &remote, &headers, form, false).await?;
         id.revoke_token(&c, p.need("token")?).await
     }
     .await;
     // RFC 7009 2.2: 200 whether or not the token was known.
     answer(&id, &remote, r, |()| StatusCode::OK.into_response())
+}
+
+/// What every endpoint a client calls starts with: the address's attempt limit, the form, the
+/// client's credentials (`confidential`: a secret is required).
+async fn client_call(
+    id: &Identity,
+    remote: &Remote,
+    headers: &HeaderMap,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+    confidential: bool,
+) -> Result<(crate::Client, Params), OAuthError> {
+    id.limiter
+        .address(&remote.ip())
+        .map_err(OAuthError::slow_down)?;
+    let p = Params::parse(form)?;
+    let (cid, secret) = client_credentials(headers, &p)?;
+    if confidential && secret.is_none() {
+        return Err(OAuthError::invalid_client());
+    }
+    let c = id.authenticate_client(&cid, secret.as_deref()).await?;
+    Ok((c, p))
 }
 
 /// The answer to a call a client authenticates: a failed authentication counts against the

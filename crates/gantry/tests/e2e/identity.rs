@@ -1394,13 +1394,7 @@ auth = "required"
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let cookie = r
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = session_cookie(&r);
     let get =
         |g: &Gantry| http(g.gateway, "GET", "/app/me", &[("cookie", &cookie)], None, T).unwrap();
     // Signed in at a, known at b's gateway (which sends its own token for the session).
@@ -1485,13 +1479,7 @@ public = true
     )
     .unwrap();
     assert_eq!(r.status, 303, "{}", r.body);
-    let cookie = r
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = session_cookie(&r);
     let r = http(
         g.gateway,
         "GET",
@@ -1529,4 +1517,14 @@ fn a_bad_secrets_key_is_a_clear_error_and_a_good_one_is_used() {
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
         0o600
     );
+}
+
+/// The `gantry_session=...` pair of a login's `Set-Cookie`.
+fn session_cookie(r: &Resp) -> String {
+    r.header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
 }
