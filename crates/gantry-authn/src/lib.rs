@@ -640,19 +640,19 @@ pub fn verify_jwt(token: &str, m: &Material, now: u64) -> Result<Identity, Denia
     // Authentic from here on.
     let exp = payload
         .get("exp")
-        .and_then(Value::as_u64)
+        .and_then(numeric_date)
         .ok_or(Denial::Malformed)?;
-    if exp + LEEWAY_SECS <= now {
+    if exp.saturating_add(LEEWAY_SECS) <= now {
         return Err(Denial::Expired);
     }
     if let Some(nbf) = payload.get("nbf") {
-        let nbf = nbf.as_u64().ok_or(Denial::Malformed)?;
-        if nbf > now + LEEWAY_SECS {
+        let nbf = numeric_date(nbf).ok_or(Denial::Malformed)?;
+        if nbf > now.saturating_add(LEEWAY_SECS) {
             return Err(Denial::NotYetValid);
         }
     }
-    if let Some(iat) = payload.get("iat").and_then(Value::as_u64) {
-        if iat > now + LEEWAY_SECS {
+    if let Some(iat) = payload.get("iat").and_then(numeric_date) {
+        if iat > now.saturating_add(LEEWAY_SECS) {
             return Err(Denial::NotYetValid);
         }
     }
@@ -666,6 +666,15 @@ pub fn verify_jwt(token: &str, m: &Material, now: u64) -> Result<Identity, Denia
         }
     }
     Ok(identity_from_claims(issuer, exp, jti, payload))
+}
+
+/// A JWT NumericDate (RFC 7519 2: seconds since the epoch, possibly fractional), truncated.
+fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })
 }
 
 fn strings(v: Option<&Value>, split: bool) -> Vec<String> {
@@ -877,7 +886,7 @@ impl Cache {
                 .map(|(_, id)| id.clone())
         });
         if let Some(id) = hit {
-            if id.expires + LEEWAY_SECS <= now {
+            if id.expires.saturating_add(LEEWAY_SECS) <= now {
                 return Err(Denial::Expired);
             }
             if id.jti.as_ref().is_some_and(|j| m.revoked.contains(j)) {

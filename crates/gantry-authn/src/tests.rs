@@ -357,3 +357,24 @@ fn only_gantry_s_own_issuer_can_name_a_calling_service() {
     assert_eq!(id.service, None);
     assert_eq!(id.kind, Kind::User);
 }
+
+#[test]
+fn numeric_dates_may_be_fractional_or_huge() {
+    let s = signer();
+    let m = material(&s, "k1");
+    let now = now_secs();
+    let frac = sign(
+        &s,
+        "k1",
+        &json!({"iss": ISS, "sub": "a", "exp": now as f64 + 60.5, "iat": now as f64 - 0.25}),
+    );
+    assert!(verify_jwt(&frac, &m, now).is_ok());
+    let huge = sign(&s, "k1", &json!({"iss": ISS, "sub": "a", "exp": u64::MAX}));
+    assert!(verify_jwt(&huge, &m, now).is_ok());
+    assert!(Cache::verify(&huge, &m, now).is_ok());
+    let negative = sign(&s, "k1", &json!({"iss": ISS, "sub": "a", "exp": -5}));
+    assert_eq!(
+        verify_jwt(&negative, &m, now).err(),
+        Some(Denial::Malformed)
+    );
+}
