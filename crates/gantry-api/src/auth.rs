@@ -286,9 +286,21 @@ impl Authenticator for Principals {
                 }
                 let who = gantry_authn::Cache::verify(t, &m, gantry_authn::now_secs())
                     .map_err(|d| format!("invalid bearer token: {}", d.describe()))?;
-                // Only Gantry's own tokens speak for operators.
+                // Only Gantry's own tokens speak for operators, and only those meant for it: a
+                // user's from `gantry login` (the CLI's client), a machine client's own. Not a
+                // session's, a workload's, nor one a user gave another application.
                 if who.issuer != self.identity.issuer() {
                     return Err("invalid bearer token: not issued by this Gantry".into());
+                }
+                let meant = match who.kind {
+                    gantry_authn::Kind::User => {
+                        who.client_id.as_deref() == Some(gantry_identity::CLI_CLIENT)
+                    }
+                    gantry_authn::Kind::Client => true,
+                    _ => false,
+                };
+                if !meant {
+                    return Err("this token is not for the admin API: users sign in with `gantry login`, machines use a client's own token (client credentials) or an API key".into());
                 }
                 Ok(Some(self.principal(&who)))
             }

@@ -108,6 +108,8 @@ pub enum Denial {
     InvalidApiKey,
     /// A session cookie that names no live session.
     InvalidSession,
+    /// Not an access token (an ID token, say).
+    WrongTokenType,
 }
 
 impl Denial {
@@ -130,6 +132,7 @@ impl Denial {
             Denial::WrongAudience => "wrong_audience",
             Denial::InvalidApiKey => "invalid_api_key",
             Denial::InvalidSession => "invalid_session",
+            Denial::WrongTokenType => "wrong_token_type",
         }
     }
 
@@ -153,6 +156,7 @@ impl Denial {
             Denial::WrongAudience => "the token is not meant for this route's audience",
             Denial::InvalidApiKey => "the API key is not valid",
             Denial::InvalidSession => "the session has ended or never existed; sign in again",
+            Denial::WrongTokenType => "not an access token (typ at+jwt): ID tokens are not credentials for APIs",
         }
     }
 
@@ -558,6 +562,8 @@ impl Material {
 struct Header {
     alg: String,
     #[serde(default)]
+    typ: Option<String>,
+    #[serde(default)]
     kid: Option<String>,
     #[serde(default)]
     crit: Option<Value>,
@@ -631,6 +637,16 @@ pub fn verify_jwt(token: &str, m: &Material, now: u64) -> Result<Identity, Denia
     };
     if key.alg != alg {
         return Err(Denial::AlgorithmNotAllowed);
+    }
+    // Gantry's own issuer marks its access tokens `at+jwt` (RFC 9068): anything else it signed
+    // (an ID token) is not a credential for an API.
+    if issuer.workloads
+        && !header
+            .typ
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case("at+jwt"))
+    {
+        return Err(Denial::WrongTokenType);
     }
     let message = &token[..h64.len() + 1 + p64.len()];
     match jsonwebtoken::crypto::verify(s64, message.as_bytes(), &key.key, alg) {
@@ -778,7 +794,7 @@ pub struct Requirement {
 impl Requirement {
     /// Issuer and audience (401 when they do not fit: the token is not for this route).
     pub fn accepts(&self, id: &Identity, m: &Material) -> Result<(), Denial> {
-        if id.kind != Kind::ApiKey && !self.issuers.is_empty() {
+        if !self.issuers.is_empty() {
             let name = m
                 .issuers
                 .iter()
@@ -792,10 +808,7 @@ impl Requirement {
                 return Err(Denial::WrongIssuer);
             }
         }
-        if id.kind != Kind::ApiKey
-            && !self.audiences.is_empty()
-            && !self.audiences.iter().any(|a| id.audiences.contains(a))
-        {
+        if !self.audiences.is_empty() && !self.audiences.iter().any(|a| id.audiences.contains(a)) {
             return Err(Denial::WrongAudience);
         }
         Ok(())

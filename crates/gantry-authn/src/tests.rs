@@ -40,6 +40,7 @@ fn material(s: &Signer, kid: &str) -> Material {
 fn sign(s: &Signer, kid: &str, claims: &Value) -> String {
     let mut h = JwtHeader::new(Algorithm::EdDSA);
     h.kid = Some(kid.into());
+    h.typ = Some("at+jwt".into());
     jsonwebtoken::encode(&h, claims, &s.enc).expect("sign")
 }
 
@@ -104,7 +105,7 @@ fn every_attack_is_refused_with_its_reason() {
         ("unknown kid", sign(&s, "k9", &c), Denial::UnknownKey),
         (
             "no kid",
-            forge(json!({"alg": "EdDSA"}), &c, &sig),
+            forge(json!({"alg": "EdDSA", "typ": "at+jwt"}), &c, &sig),
             Denial::UnknownKey,
         ),
         (
@@ -171,7 +172,7 @@ fn every_attack_is_refused_with_its_reason() {
         (
             "crit",
             forge(
-                json!({"alg": "EdDSA", "kid": "k1", "crit": ["exp"]}),
+                json!({"alg": "EdDSA", "typ": "at+jwt", "kid": "k1", "crit": ["exp"]}),
                 &c,
                 &sig,
             ),
@@ -377,4 +378,22 @@ fn numeric_dates_may_be_fractional_or_huge() {
         verify_jwt(&negative, &m, now).err(),
         Some(Denial::Malformed)
     );
+}
+
+#[test]
+fn gantry_s_own_id_tokens_are_not_access_tokens() {
+    let s = signer();
+    let m = material(&s, "k1");
+    let now = now_secs();
+    let mut h = JwtHeader::new(Algorithm::EdDSA);
+    h.kid = Some("k1".into());
+    let id_token = jsonwebtoken::encode(&h, &claims(now), &s.enc).expect("sign");
+    assert_eq!(
+        verify_jwt(&id_token, &m, now).err(),
+        Some(Denial::WrongTokenType)
+    );
+    // Another issuer's access tokens may say `JWT` (Keycloak does).
+    let mut other = material(&s, "k1");
+    other.issuers[0].workloads = false;
+    assert!(verify_jwt(&id_token, &other, now).is_ok());
 }

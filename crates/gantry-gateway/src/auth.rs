@@ -31,6 +31,14 @@ pub(crate) struct Who {
     pub session: Option<Arc<Session>>,
 }
 
+impl Who {
+    /// The credential was a workload's bearer token: it is not passed on (a callee could
+    /// replay it to call what only its caller may).
+    pub(crate) fn workload_token(&self) -> bool {
+        self.id.kind == Kind::Workload && self.session.is_none() && self.id.jti.is_some()
+    }
+}
+
 pub(crate) enum Refusal {
     Unauthenticated(Denial),
     Forbidden(Forbidden),
@@ -175,6 +183,11 @@ pub(crate) fn session_upstream(h: &mut HeaderMap, s: &Session) {
     if let Ok(v) = HeaderValue::from_str(&token.0) {
         h.insert(header::AUTHORIZATION, v);
     }
+    remove_cookie(h);
+}
+
+/// `Cookie` without the session cookie.
+fn remove_cookie(h: &mut HeaderMap) {
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
         .iter()
@@ -199,13 +212,28 @@ pub(crate) fn session_upstream(h: &mut HeaderMap, s: &Session) {
 
 /// Remove every `gantry-*` header the client sent (identity headers cannot be forged).
 pub(crate) fn strip_ours(h: &mut HeaderMap) {
-    let names: Vec<HeaderName> = h
-        .keys()
-        .filter(|n| n.as_str().starts_with("gantry-"))
-        .cloned()
-        .collect();
+    // `gantry_*` too: CGI-style servers read `gantry_auth_roles` as `Gantry-Auth-Roles`.
+    let names: Vec<HeaderName> = h.keys().filter(|n| is_ours(n.as_str())).cloned().collect();
     for n in names {
         h.remove(n);
+    }
+}
+
+/// A header name only the gateway may set (`gantry-*`, or its underscore spelling).
+pub(crate) fn is_ours(name: &str) -> bool {
+    name.starts_with("gantry-") || name.starts_with("gantry_")
+}
+
+/// The session cookie never goes upstream (whatever the route): an instance that got it could
+/// act as the user everywhere.
+pub(crate) fn strip_session_cookie(h: &mut HeaderMap) {
+    let has = h.get_all(header::COOKIE).iter().any(|v| {
+        v.as_bytes()
+            .windows(SESSION_COOKIE.len())
+            .any(|w| w == SESSION_COOKIE.as_bytes())
+    });
+    if has {
+        remove_cookie(h);
     }
 }
 

@@ -401,7 +401,7 @@ pub(crate) fn scan(h: &HeaderMap) -> Seen {
             }
         } else if *k == X_FORWARDED_PROTO || *k == X_FORWARDED_HOST || *k == X_FORWARDED_PREFIX {
             s.ours = true;
-        } else if k.as_str().starts_with("gantry-") {
+        } else if crate::auth::is_ours(k.as_str()) {
             s.gantry = true;
         }
     }

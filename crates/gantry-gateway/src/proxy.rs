@@ -433,8 +433,11 @@ impl Gateway {
                 auth::identity_headers(req.headers_mut(), &w.id);
                 if let Some(s) = &w.session {
                     auth::session_upstream(req.headers_mut(), s);
+                } else if w.workload_token() {
+                    req.headers_mut().remove(header::AUTHORIZATION);
                 }
             }
+            auth::strip_session_cookie(req.headers_mut());
 
             // ── 4. target ─────────────────────────────────────────────────────────────────
             // `cx.normalized` becomes the path that goes upstream (less a version segment).

@@ -238,6 +238,7 @@ mod tests {
             };
             let mut h = jsonwebtoken::Header::new(alg.jose());
             h.kid = Some(k.kid.clone());
+            h.typ = Some("at+jwt".into());
             let now = gantry_authn::now_secs();
             let t = jsonwebtoken::encode(
                 &h,

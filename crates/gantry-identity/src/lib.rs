@@ -386,7 +386,10 @@ impl Identity {
         let mut s = self.state();
         s.keys = keys.into_iter().map(|(k, v, _)| (k, v)).collect();
         s.revoked = revoked.into_iter().map(|(k, v, _)| (k, v)).collect();
-        s.api_keys = api.iter().filter_map(|(_, a, _)| api_entry(a)).collect();
+        s.api_keys = api
+            .iter()
+            .filter_map(|(_, a, _)| self.api_entry(a))
+            .collect();
         s.roles = roles.into_iter().map(|(k, v, _)| (k, v)).collect();
         Ok(())
     }
@@ -668,7 +671,11 @@ impl Identity {
     /// Follow one bucket into the caches (changes made by another process, or by this one).
     async fn follow(self: Arc<Self>, bucket: &'static str) {
         loop {
-            let mut w = match self.store.watch(bucket, ">", WatchFrom::New).await {
+            // From the current values: what exists is replayed, and at `Current` whatever the
+            // cache holds that was not replayed (deleted while no watch ran) goes. Changes made
+            // meanwhile by this process arrive as events too: nothing is overwritten by a
+            // snapshot read earlier.
+            let mut w = match self.store.watch(bucket, ">", WatchFrom::Current).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(bucket, error = %e, "identity: watch failed; retrying");
@@ -676,15 +683,22 @@ impl Identity {
                     continue;
                 }
             };
-            // What changed before the watch started is reloaded once it runs.
-            if let Err(e) = self.load().await {
-                tracing::warn!(bucket, error = %e, "identity: reload failed");
-            }
-            self.publish();
+            let mut replayed: Option<std::collections::HashSet<String>> = Some(Default::default());
             while let Some(ev) = w.next().await {
-                let Ok(WatchEvent::Change(c)) = ev else {
-                    continue;
+                let c = match ev {
+                    Ok(WatchEvent::Change(c)) => c,
+                    Ok(WatchEvent::Current) => {
+                        if let Some(seen) = replayed.take() {
+                            self.prune(bucket, &seen);
+                            self.publish();
+                        }
+                        continue;
+                    }
+                    Err(_) => continue,
                 };
+                if let Some(seen) = replayed.as_mut() {
+                    seen.insert(c.key.clone());
+                }
                 {
                     let mut s = self.state();
                     match (bucket, c.op) {
@@ -717,7 +731,7 @@ impl Identity {
                         (_, Op::Put) => {
                             if let Ok(a) = gantry_store::decode::<ApiKey>(bucket, &c.key, &c.value)
                             {
-                                if let Some((d, v)) = api_entry(&a) {
+                                if let Some((d, v)) = self.api_entry(&a) {
                                     s.api_keys.insert(d, v);
                                 }
                             }
@@ -735,6 +749,18 @@ impl Identity {
         }
     }
 
+    /// Drop from the cache of `bucket` what the store no longer has.
+    fn prune(&self, bucket: &str, present: &std::collections::HashSet<String>) {
+        let mut s = self.state();
+        match bucket {
+            KEYS => s.keys.retain(|k, _| present.contains(k)),
+            REVOKED => s.revoked.retain(|k, _| present.contains(k)),
+            directory::ROLES => s.roles.retain(|k, _| present.contains(k)),
+            directory::API_KEYS => s.api_keys.retain(|d, _| present.contains(&hex(d))),
+            _ => {}
+        }
+    }
+
     pub(crate) fn sessions_now(&self) -> Arc<gantry_authn::Sessions> {
         self.state().sessions.clone()
     }
@@ -748,6 +774,28 @@ impl Identity {
             s.sessions = Arc::new(sessions::edited(&s.sessions, f));
         }
         self.publish();
+    }
+
+    /// What an API key stands for: its client, Gantry's issuer and default audience.
+    fn api_entry(&self, a: &ApiKey) -> Option<([u8; 32], Arc<Verified>)> {
+        let d = digest_from_hex(&a.sha256)?;
+        Some((
+            d,
+            Arc::new(Verified {
+                kind: Kind::ApiKey,
+                issuer: self.issuer.clone(),
+                subject: a.client_id.clone(),
+                client_id: Some(a.client_id.clone()),
+                scopes: a.scopes.clone(),
+                roles: a.roles.clone(),
+                audiences: vec![self.config().audience],
+                expires: u64::MAX / 2,
+                jti: None,
+                service: None,
+                claims: serde_json::Map::new(),
+                headers: Default::default(),
+            }),
+        ))
     }
 
     pub(crate) fn set_refetch(&self, tx: tokio::sync::mpsc::Sender<String>) {
@@ -995,7 +1043,12 @@ impl Identity {
                 .update_json(directory::USERS, username, &u, rev)
                 .await
             {
-                Ok(_) => return Ok(u),
+                Ok(_) => {
+                    // What the user held under the old password, roles or state ends now.
+                    self.end_user_sessions(username).await?;
+                    self.revoke_user_families(username).await?;
+                    return Ok(u);
+                }
                 Err(StoreError::RevisionMismatch { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -1007,6 +1060,8 @@ impl Identity {
         if !self.store.delete(directory::USERS, username).await? {
             return Err(IdentityError::NotFound(format!("user {username}")));
         }
+        self.end_user_sessions(username).await?;
+        self.revoke_user_families(username).await?;
         Ok(())
     }
 
@@ -1150,7 +1205,7 @@ impl Identity {
         self.store
             .create_json(directory::API_KEYS, &digest, &a)
             .await?;
-        if let Some((d, v)) = api_entry(&a) {
+        if let Some((d, v)) = self.api_entry(&a) {
             self.state().api_keys.insert(d, v);
         }
         self.publish();
@@ -1264,27 +1319,6 @@ fn digest_from_hex(h: &str) -> Option<[u8; 32]> {
         *b = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
-}
-
-fn api_entry(a: &ApiKey) -> Option<([u8; 32], Arc<Verified>)> {
-    let d = digest_from_hex(&a.sha256)?;
-    Some((
-        d,
-        Arc::new(Verified {
-            kind: Kind::ApiKey,
-            issuer: "gantry".into(),
-            subject: a.client_id.clone(),
-            client_id: Some(a.client_id.clone()),
-            scopes: a.scopes.clone(),
-            roles: a.roles.clone(),
-            audiences: Vec::new(),
-            expires: u64::MAX / 2,
-            jti: None,
-            service: None,
-            claims: serde_json::Map::new(),
-            headers: Default::default(),
-        }),
-    ))
 }
 
 #[cfg(test)]

@@ -204,8 +204,10 @@ fn form_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The client's address (for attempt limits), when the server recorded it.
-struct Remote(Option<SocketAddr>);
+/// The client's address (for attempt limits): the connection's peer, or, when the peer is this
+/// machine (the gateway, under `gateway_path`), the address the gateway appended to
+/// `X-Forwarded-For`, so that clients behind the gateway do not share one limit.
+struct Remote(Option<std::net::IpAddr>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Remote {
     type Rejection = std::convert::Infallible;
@@ -213,18 +215,23 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Remote {
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Remote(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0),
-        ))
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let forwarded = peer
+            .filter(std::net::IpAddr::is_loopback)
+            .and_then(|_| parts.headers.get("x-forwarded-for"))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.rsplit(',').next())
+            .and_then(|s| s.trim().parse::<std::net::IpAddr>().ok());
+        Ok(Remote(forwarded.or(peer)))
     }
 }
 
 impl Remote {
     fn ip(&self) -> String {
-        self.0.map_or_else(|| "?".into(), |a| a.ip().to_string())
+        self.0.map_or_else(|| "?".into(), |a| a.to_string())
     }
 }
 
@@ -667,6 +674,9 @@ async fn authorize_submit(
     let user = match id.check_user(field("username"), field("password")).await {
         Ok(u) => u,
         Err(e) => {
+            if e.status != 429 {
+                id.limiter.address_failed(&remote.ip());
+            }
             let status = if e.status == 429 {
                 StatusCode::TOO_MANY_REQUESTS
             } else {

@@ -156,6 +156,29 @@ impl Identity {
         Ok(existed)
     }
 
+    /// End every session of a user, on every gateway.
+    pub(crate) async fn end_user_sessions(&self, username: &str) -> Result<(), IdentityError> {
+        let keys: Vec<String> = self
+            .sessions_now()
+            .map
+            .iter()
+            .filter(|(_, s)| s.identity.subject == username)
+            .map(|(d, _)| hex(d))
+            .collect();
+        for key in keys {
+            match &self.redis {
+                Some(r) => {
+                    r.delete(&key).await?;
+                }
+                None => {
+                    self.store.delete(SESSIONS, &key).await?;
+                }
+            }
+            self.uncache_session(&key);
+        }
+        Ok(())
+    }
+
     /// Re-sign session tokens in the second half of their life; drop expired sessions.
     pub(crate) fn renew_sessions(&self) {
         let now = gantry_authn::now_secs();
@@ -203,10 +226,22 @@ impl Identity {
                     continue;
                 }
             };
+            // Sessions deleted while no watch ran (a logout elsewhere) are dropped at `Current`.
+            let mut replayed: Option<std::collections::HashSet<String>> = Some(Default::default());
             while let Some(ev) = w.next().await {
-                let Ok(WatchEvent::Change(c)) = ev else {
-                    continue;
+                let c = match ev {
+                    Ok(WatchEvent::Change(c)) => c,
+                    Ok(WatchEvent::Current) => {
+                        if let Some(seen) = replayed.take() {
+                            self.keep_sessions(|hex| seen.contains(hex));
+                        }
+                        continue;
+                    }
+                    Err(_) => continue,
                 };
+                if let Some(seen) = replayed.as_mut() {
+                    seen.insert(c.key.clone());
+                }
                 match c.op {
                     gantry_store::Op::Put => {
                         if let Ok(rec) =

@@ -247,3 +247,41 @@ async fn only_a_key_change_makes_verifiers_start_over() {
     id.rotate_now(0).await.expect("rotate");
     assert!(id.current_material().revision > r0);
 }
+
+#[tokio::test]
+async fn changing_a_user_ends_their_sessions_and_refresh_families() {
+    let (_d, id) = open().await;
+    id.create_user("kim", "first password", vec!["admin".into()])
+        .await
+        .expect("user");
+    let (c, _) = id
+        .create_client(new_client(
+            "spa",
+            ClientKind::Public,
+            &["password", "refresh_token"],
+        ))
+        .await
+        .expect("client");
+    let t = id
+        .password(&c, "kim", "first password", None)
+        .await
+        .expect("login");
+    let (cookie, _) = id
+        .create_session("kim", vec!["admin".into()])
+        .await
+        .expect("session");
+    assert!(id.session_of(&cookie).is_some());
+    id.update_user("kim", None, Some(vec!["viewer".into()]), None)
+        .await
+        .expect("demote");
+    assert!(id.session_of(&cookie).is_none(), "the session ended");
+    let r = t.refresh_token.expect("refresh");
+    assert!(
+        id.refresh(&c, &r, None).await.is_err(),
+        "the refresh family ended"
+    );
+    assert_eq!(
+        id.verify(&t.access_token).err(),
+        Some(gantry_authn::Denial::Revoked)
+    );
+}

@@ -446,6 +446,20 @@ impl Identity {
         }
     }
 
+    /// Revoke every refresh-token family of a user (and their access tokens): after a
+    /// password, role or state change, or removal.
+    pub(crate) async fn revoke_user_families(&self, username: &str) -> Result<(), IdentityError> {
+        let families: Vec<(String, FamilyRec, u64)> = self.store.list_json(FAMILIES, ">").await?;
+        for (key, f, _) in families {
+            if f.subject == username && !f.revoked {
+                self.revoke_family(&key)
+                    .await
+                    .map_err(|e| IdentityError::Internal(e.description))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Revoke a refresh-token family: its refresh tokens stop working and its access tokens are
     /// revoked.
     async fn revoke_family(&self, family: &str) -> Result<(), OAuthError> {

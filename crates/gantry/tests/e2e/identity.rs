@@ -403,10 +403,27 @@ fn a_viewer_reads_and_cannot_change_and_every_change_is_audited() {
         "/v1/identity/users",
         Some(&json!({"username": "vera", "password": "viewer-pass", "roles": ["viewer"]})),
     );
-    g.new_client(json!({"id": "cli", "kind": "public", "grant_types": ["password"]}));
+    // A user's token from another application is not for the admin API.
+    g.new_client(json!({"id": "someapp", "kind": "public", "grant_types": ["password"]}));
+    let other = g.oauth(
+        "/oauth2/token",
+        "grant_type=password&client_id=someapp&username=vera&password=viewer-pass",
+        None,
+    );
+    let other = other.json()["access_token"].as_str().unwrap().to_string();
+    let r = http(
+        g.admin,
+        "GET",
+        "/v1/services",
+        &[("authorization", &format!("Bearer {other}"))],
+        None,
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
     let t = g.oauth(
         "/oauth2/token",
-        "grant_type=password&client_id=cli&username=vera&password=viewer-pass",
+        "grant_type=password&client_id=gantry-cli&username=vera&password=viewer-pass",
         None,
     );
     assert_eq!(t.status, 200, "{}", t.body);
