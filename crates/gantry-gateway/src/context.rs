@@ -362,6 +362,8 @@ pub(crate) struct Seen {
     pub ours: bool,
     /// A `gantry-*` header (identity headers are the gateway's to set: removed).
     pub gantry: bool,
+    /// A `Cookie` header (the session cookie never goes upstream).
+    pub cookie: bool,
     /// Names and values, with separators: what the head's header lines weigh.
     pub head_bytes: usize,
 }
@@ -401,6 +403,8 @@ pub(crate) fn scan(h: &HeaderMap) -> Seen {
             }
         } else if *k == X_FORWARDED_PROTO || *k == X_FORWARDED_HOST || *k == X_FORWARDED_PREFIX {
             s.ours = true;
+        } else if *k == header::COOKIE {
+            s.cookie = true;
         } else if crate::auth::is_ours(k.as_str()) {
             s.gantry = true;
         }

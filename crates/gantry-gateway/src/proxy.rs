@@ -369,6 +369,10 @@ impl Gateway {
             let mut who = None;
             for filter in f.filters.phase(Phase::Policy) {
                 match filter {
+                    // Nothing to read: no credentials asked for and every call allowed.
+                    Filter::Auth(a)
+                        if a.req.mode == gantry_authn::Mode::None
+                            && snap.auth.calls.default_allow => {}
                     Filter::Auth(a) => {
                         let mut r = auth::authenticate(
                             a,
@@ -437,7 +441,9 @@ impl Gateway {
                     req.headers_mut().remove(header::AUTHORIZATION);
                 }
             }
-            auth::strip_session_cookie(req.headers_mut());
+            if cx.seen.cookie {
+                auth::strip_session_cookie(req.headers_mut());
+            }
 
             // ── 4. target ─────────────────────────────────────────────────────────────────
             // `cx.normalized` becomes the path that goes upstream (less a version segment).
