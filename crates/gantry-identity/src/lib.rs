@@ -689,7 +689,7 @@ impl Identity {
                     Ok(WatchEvent::Change(c)) => c,
                     Ok(WatchEvent::Current) => {
                         if let Some(seen) = replayed.take() {
-                            self.prune(bucket, &seen);
+                            self.prune(bucket, &seen).await;
                             self.publish();
                         }
                         continue;
@@ -750,14 +750,37 @@ impl Identity {
     }
 
     /// Drop from the cache of `bucket` what the store no longer has.
-    fn prune(&self, bucket: &str, present: &std::collections::HashSet<String>) {
-        let mut s = self.state();
-        match bucket {
-            KEYS => s.keys.retain(|k, _| present.contains(k)),
-            REVOKED => s.revoked.retain(|k, _| present.contains(k)),
-            directory::ROLES => s.roles.retain(|k, _| present.contains(k)),
-            directory::API_KEYS => s.api_keys.retain(|d, _| present.contains(&hex(d))),
-            _ => {}
+    /// Entries the watch did not replay may have been deleted while no watch ran, or written
+    /// by this process after the watch's snapshot: only those the store no longer has go.
+    /// (Revocations are never dropped here: they leave by expiring.)
+    async fn prune(&self, bucket: &str, present: &std::collections::HashSet<String>) {
+        let candidates: Vec<String> = {
+            let s = self.state();
+            match bucket {
+                KEYS => s.keys.keys().cloned().collect(),
+                directory::ROLES => s.roles.keys().cloned().collect(),
+                directory::API_KEYS => s.api_keys.keys().map(|d| hex(d)).collect(),
+                _ => Vec::new(),
+            }
+        };
+        for k in candidates.into_iter().filter(|k| !present.contains(k)) {
+            if !matches!(self.store.get(bucket, &k).await, Ok(None)) {
+                continue;
+            }
+            let mut s = self.state();
+            match bucket {
+                KEYS => {
+                    s.keys.remove(&k);
+                }
+                directory::ROLES => {
+                    s.roles.remove(&k);
+                }
+                _ => {
+                    if let Some(d) = digest_from_hex(&k) {
+                        s.api_keys.remove(&d);
+                    }
+                }
+            }
         }
     }
 

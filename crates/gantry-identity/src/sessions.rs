@@ -100,9 +100,21 @@ impl Identity {
         });
     }
 
-    /// Keep only the cached sessions `keep` names (by hex digest): a resynchronization.
-    pub(crate) fn keep_sessions(&self, keep: impl Fn(&str) -> bool) {
-        self.edit_sessions(|m| m.retain(|d, _| keep(&hex(d))));
+    /// Drop cached sessions the store no longer has (not replayed by a new watch, and gone:
+    /// a session created after the watch's snapshot is kept).
+    async fn prune_sessions(&self, replayed: &std::collections::HashSet<String>) {
+        let candidates: Vec<String> = self
+            .sessions_now()
+            .map
+            .keys()
+            .map(|d| hex(d))
+            .filter(|k| !replayed.contains(k))
+            .collect();
+        for k in candidates {
+            if matches!(self.store.get(SESSIONS, &k).await, Ok(None)) {
+                self.uncache_session(&k);
+            }
+        }
     }
 
     pub(crate) fn uncache_session(&self, key: &str) {
@@ -233,7 +245,7 @@ impl Identity {
                     Ok(WatchEvent::Change(c)) => c,
                     Ok(WatchEvent::Current) => {
                         if let Some(seen) = replayed.take() {
-                            self.keep_sessions(|hex| seen.contains(hex));
+                            self.prune_sessions(&seen).await;
                         }
                         continue;
                     }

@@ -114,7 +114,20 @@ impl Identity {
                 live.insert(key);
             }
         }
-        self.keep_sessions(|hex| live.contains(hex));
+        // Cached sessions Redis no longer has (logged out while the feed was down); one created
+        // after the scan is still there and stays.
+        let stale: Vec<String> = self
+            .sessions_now()
+            .map
+            .keys()
+            .map(|d| crate::hex(d))
+            .filter(|k| !live.contains(k))
+            .collect();
+        for k in stale {
+            if r.get(&k).await.is_none() {
+                self.uncache_session(&k);
+            }
+        }
         let mut stream = pubsub.on_message();
         while let Some(msg) = stream.next().await {
             let Ok(payload) = msg.get_payload::<String>() else {
