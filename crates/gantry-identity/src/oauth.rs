@@ -655,40 +655,9 @@ async fn authorize_submit(
         Ok(r) => r,
         Err(e) => return authz_error(&id, e),
     };
-    if let Err(secs) = id.limiter.address(&remote.ip()) {
-        let mut r = page(
-            StatusCode::TOO_MANY_REQUESTS,
-            login_form(&p, Some("Too many attempts; wait a moment and try again.")),
-        );
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return r;
-    }
-    let field = |k: &str| {
-        p.iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("")
-    };
-    let user = match id.check_user(field("username"), field("password")).await {
+    let user = match sign_in(&id, &remote, &p, |e| login_form(&p, Some(e))).await {
         Ok(u) => u,
-        Err(e) => {
-            if e.status != 429 {
-                id.limiter.address_failed(&remote.ip());
-            }
-            let status = if e.status == 429 {
-                StatusCode::TOO_MANY_REQUESTS
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            let msg = if e.status == 429 {
-                "Too many attempts; wait a moment and try again."
-            } else {
-                "Invalid username or password."
-            };
-            return page(status, login_form(&p, Some(msg)));
-        }
+        Err(page) => return page,
     };
     let now = gantry_authn::now_secs();
     let rec = CodeRec {
@@ -793,6 +762,48 @@ fn session_cookie(value: &str, max_age: u64) -> HeaderValue {
     ))
 }
 
+/// A login form's check: the address's attempt limit, the password (the user's limit), a
+/// failure counted against the address; refusals are the form again (`form`, with the message)
+/// with 401 or 429 and `Retry-After`.
+async fn sign_in(
+    id: &Identity,
+    remote: &Remote,
+    p: &[(String, String)],
+    form: impl Fn(&str) -> String,
+) -> Result<crate::User, Response> {
+    let field = |k: &str| {
+        p.iter()
+            .find(|(n, _)| n == k)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    let checked = match id.limiter.address(&remote.ip()) {
+        Err(secs) => Err(OAuthError::slow_down(secs)),
+        Ok(()) => id.check_user(field("username"), field("password")).await,
+    };
+    checked.map_err(|e| {
+        let mut r = match e.retry_after {
+            Some(_) => page(
+                StatusCode::TOO_MANY_REQUESTS,
+                form("Too many attempts; wait a moment and try again."),
+            ),
+            None => {
+                id.limiter.address_failed(&remote.ip());
+                page(
+                    StatusCode::UNAUTHORIZED,
+                    form("Invalid username or password."),
+                )
+            }
+        };
+        if let Some(v) = e
+            .retry_after
+            .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
+    })
+}
+
 fn see_other(to: &str) -> Response {
     let mut r = StatusCode::SEE_OTHER.into_response();
     if let Ok(v) = HeaderValue::from_str(to) {
@@ -818,36 +829,9 @@ async fn session_login(
     };
     let field = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let back = local_path(field("return_to"));
-    let busy = "Too many attempts; wait a moment and try again.";
-    if let Err(secs) = id.limiter.address(&remote.ip()) {
-        let mut r = page(
-            StatusCode::TOO_MANY_REQUESTS,
-            session_form(back.as_deref(), Some(busy)),
-        );
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return r;
-    }
-    let user = match id
-        .check_user(
-            field("username").unwrap_or(""),
-            field("password").unwrap_or(""),
-        )
-        .await
-    {
+    let user = match sign_in(&id, &remote, &p, |e| session_form(back.as_deref(), Some(e))).await {
         Ok(u) => u,
-        Err(e) => {
-            if e.status != 429 {
-                id.limiter.address_failed(&remote.ip());
-            }
-            let (status, msg) = if e.status == 429 {
-                (StatusCode::TOO_MANY_REQUESTS, busy)
-            } else {
-                (StatusCode::UNAUTHORIZED, "Invalid username or password.")
-            };
-            return page(status, session_form(back.as_deref(), Some(msg)));
-        }
+        Err(page) => return page,
     };
     let (cookie, rec) = match id.create_session(&user.username, user.roles.clone()).await {
         Ok(s) => s,
