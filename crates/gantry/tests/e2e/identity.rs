@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -28,7 +30,7 @@ impl Gantry {
 
     /// A form POST to the token service.
     fn oauth(&self, path: &str, form: &str, basic: Option<(&str, &str)>) -> Resp {
-        let auth = basic.map(|(u, p)| format!("Basic {}", b64(&format!("{u}:{p}"))));
+        let auth = basic.map(|(u, p)| format!("Basic {}", STANDARD.encode(format!("{u}:{p}"))));
         let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
         if let Some(a) = &auth {
             h.push(("authorization", a));
@@ -52,25 +54,6 @@ impl Gantry {
         assert_eq!(r.status, 200, "{}", r.body);
         r.json()["access_token"].as_str().unwrap().to_string()
     }
-}
-
-fn b64(s: &str) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn bearer(g: &Gantry, path: &str, token: &str) -> Resp {
@@ -793,9 +776,7 @@ roles = ["viewer"]
     assert_eq!(bearer(&g, "/app/x", token).status, 200);
     let payload: Value = {
         let p = token.split('.').nth(1).unwrap();
-        let pad = "=".repeat((4 - p.len() % 4) % 4);
-        let std_b64 = format!("{p}{pad}").replace('-', "+").replace('_', "/");
-        serde_json::from_slice(&b64_decode(&std_b64)).unwrap()
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).unwrap()).unwrap()
     };
     let ttl = payload["exp"].as_u64().unwrap() - payload["iat"].as_u64().unwrap();
     assert!(ttl <= 300, "session tokens are short-lived: {ttl} s");
@@ -815,24 +796,6 @@ roles = ["viewer"]
         (get(&cookie).status == 401).then_some(())
     });
     assert_eq!(get(&cookie).json()["error"], "invalid_session");
-}
-
-fn b64_decode(s: &str) -> Vec<u8> {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let mut buf = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let v = A.iter().position(|x| *x == c).unwrap() as u32;
-        buf = buf << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-            buf &= (1 << bits) - 1;
-        }
-    }
-    out
 }
 
 #[test]
