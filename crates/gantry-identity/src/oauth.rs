@@ -184,24 +184,23 @@ fn client_credentials(
     }
 }
 
-/// Decode `application/x-www-form-urlencoded` text (`+` is a space).
+/// Decode `application/x-www-form-urlencoded` text (`+` is a space); a malformed escape is an
+/// error (client credentials are refused rather than guessed at).
 fn form_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(h, 16).ok()?);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
+    let bad_escape = b.iter().enumerate().any(|(i, c)| {
+        *c == b'%'
+            && !b
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// The client's address (for attempt limits): the connection's peer, or, when the peer is this
@@ -561,16 +560,15 @@ fn redirect_with(uri: &str, params: &[(&str, &str)]) -> Response {
     r
 }
 
+/// Characters kept as they are in a query value: RFC 3986's unreserved ones.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn pct(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string()
 }
 
 fn authz_error(id: &Identity, e: AuthzError) -> Response {
