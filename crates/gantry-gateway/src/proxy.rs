@@ -441,7 +441,8 @@ impl Gateway {
                     req.headers_mut().remove(header::AUTHORIZATION);
                 }
             }
-            if cx.seen.cookie {
+            // (A session's request lost the cookie in `session_upstream` already.)
+            if cx.seen.cookie && who.as_ref().is_none_or(|w| w.session.is_none()) {
                 auth::strip_session_cookie(req.headers_mut());
             }
 

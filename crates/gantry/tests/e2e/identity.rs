@@ -212,12 +212,12 @@ fn routes_require_valid_tokens_with_their_scopes_and_identity_reaches_the_instan
 fn forged_tokens_are_refused_each_with_its_reason() {
     // The partner serves its keys over https, with a certificate of its own CA.
     let certs = tempfile::tempdir().unwrap();
-    ca_signed(certs.path(), "idp", "localhost");
+    ca_and_leaf(certs.path(), "localhost");
     let mut attacker = Command::new("python3")
         .arg(fixture("jwt_attacks.py"))
         .arg("--tls")
-        .arg(certs.path().join("idp.pem"))
-        .arg(certs.path().join("idp.key"))
+        .arg(certs.path().join("leaf.pem"))
+        .arg(certs.path().join("leaf.key"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -249,7 +249,7 @@ audiences = ["shop"]
 "#,
         idp["issuer"].as_str().unwrap(),
         idp["jwks_uri"].as_str().unwrap(),
-        certs.path().join("idp-ca.pem").display()
+        certs.path().join("ca.pem").display()
     ));
     g.wait_healthy("api", 1, T);
     // Until the partner's keys are fetched, its tokens name an unknown key.
@@ -1256,85 +1256,6 @@ path_prefix = "/vault"
         "000",
         "the instance served a client without a certificate"
     );
-}
-
-/// A CA (`STEM-ca.pem`) and a server certificate it signed for `host` (`STEM.pem`, `STEM.key`),
-/// via the openssl CLI (webpki refuses a self-signed CA certificate as a server's).
-fn ca_signed(dir: &std::path::Path, stem: &str, host: &str) {
-    let run = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let (ca, ca_key) = (format!("{stem}-ca.pem"), format!("{stem}-ca.key"));
-    let (crt, key, csr) = (
-        format!("{stem}.pem"),
-        format!("{stem}.key"),
-        format!("{stem}.csr"),
-    );
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca,
-    ]);
-    run(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-subj",
-        &format!("/CN={host}"),
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!(
-            "subjectAltName=DNS:{host}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-        ),
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        &crt,
-    ]);
 }
 
 #[test]
