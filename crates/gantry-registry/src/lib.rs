@@ -147,16 +147,54 @@ impl Registry {
         });
         let now = unix_ms();
         let persisted: Vec<(String, Instance, u64)> = reg.store.list_json(BUCKET, ">").await?;
-        for (_, mut inst, _) in persisted {
-            if let InstanceSource::External { ttl_ms, .. } = inst.source {
-                inst.source = InstanceSource::External {
-                    ttl_ms,
-                    last_heartbeat_ms: now,
-                };
-                reg.apply(RegistryEventKind::Registered, inst);
-            }
-        }
+        reg.load(persisted.into_iter().filter_map(|(_, mut inst, _)| {
+            let InstanceSource::External { ttl_ms, .. } = inst.source else {
+                return None;
+            };
+            inst.source = InstanceSource::External {
+                ttl_ms,
+                last_heartbeat_ms: now,
+            };
+            Some(inst)
+        }));
         Ok(reg)
+    }
+
+    /// Put persisted registrations in at once: one snapshot for all of them (linear in their
+    /// number, where one change each would rebuild a service's list per instance), no events
+    /// (nobody can be watching before `open` returns).
+    fn load(&self, instances: impl Iterator<Item = Instance>) {
+        let mut st = self.lock();
+        for inst in instances {
+            st.ids
+                .entry(inst.service.as_str().into())
+                .or_default()
+                .insert(inst.id.clone());
+            st.instances.insert(inst.id.clone(), inst);
+        }
+        if st.instances.is_empty() {
+            return;
+        }
+        st.revision += 1;
+        let mut services = BTreeMap::new();
+        for (name, ids) in &st.ids {
+            let list: Arc<[Instance]> = ids
+                .iter()
+                .filter_map(|id| st.instances.get(id).cloned())
+                .collect();
+            self.instances_gauge
+                .get_or_create(&ServiceLabel {
+                    service: name.to_string(),
+                })
+                .set(list.len() as i64);
+            services.insert(name.clone(), list);
+        }
+        let changed = services.keys().cloned().collect();
+        st.snapshot = Arc::new(RegistrySnapshot {
+            revision: st.revision,
+            services,
+            changed,
+        });
     }
 
     /// Call `f` with every new snapshot, synchronously, in revision order. `f` must be quick

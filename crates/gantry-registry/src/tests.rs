@@ -231,3 +231,33 @@ async fn an_instance_moved_to_another_service_leaves_the_old_list_in_the_same_sn
     assert!(snap.instances("a").is_empty());
     assert!(!snap.services.contains_key("a"));
 }
+
+#[tokio::test]
+async fn stored_registrations_come_back_in_one_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let r = open(dir.path()).await;
+        let mut writes = Vec::new();
+        for n in 0..2_000u16 {
+            let mut req = reg_req(if n % 2 == 0 { "pay" } else { "ship" }, "1.0.0", 1000 + n);
+            req.ttl_ms = Some(60_000);
+            writes.push(r.register_external(req));
+        }
+        for w in futures_util::future::join_all(writes).await {
+            w.unwrap();
+        }
+    }
+    let r = open(dir.path()).await;
+    let snap = r.snapshot();
+    // One revision for the whole load: its cost is linear in the registrations.
+    assert_eq!(snap.revision, 1);
+    assert_eq!(snap.instances("pay").len(), 1_000);
+    assert_eq!(snap.instances("ship").len(), 1_000);
+    assert_eq!(snap.changed.len(), 2);
+    // Changes after the load still publish as usual.
+    let mut req = reg_req("pay", "1.0.0", 9);
+    req.ttl_ms = Some(60_000);
+    r.register_external(req).await.unwrap();
+    assert_eq!(r.snapshot().revision, 2);
+    assert_eq!(r.snapshot().instances("pay").len(), 1_001);
+}
