@@ -37,6 +37,8 @@ pub enum Permission {
     RegistryWrite,
     ConfigRead,
     ConfigWrite,
+    /// Read secret config values (`reveal=true`); every such read is audited.
+    ConfigReveal,
     LogsRead,
     EventsRead,
     AuditRead,
@@ -46,7 +48,7 @@ pub enum Permission {
 }
 
 impl Permission {
-    pub const ALL: [Permission; 19] = [
+    pub const ALL: [Permission; 20] = [
         Permission::HealthRead,
         Permission::MetricsRead,
         Permission::ServicesRead,
@@ -60,6 +62,7 @@ impl Permission {
         Permission::RegistryWrite,
         Permission::ConfigRead,
         Permission::ConfigWrite,
+        Permission::ConfigReveal,
         Permission::LogsRead,
         Permission::EventsRead,
         Permission::AuditRead,
@@ -83,6 +86,7 @@ impl Permission {
             Permission::RegistryWrite => "registry:write",
             Permission::ConfigRead => "config:read",
             Permission::ConfigWrite => "config:write",
+            Permission::ConfigReveal => "config:reveal",
             Permission::LogsRead => "logs:read",
             Permission::EventsRead => "events:read",
             Permission::AuditRead => "audit:read",
@@ -128,10 +132,20 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
             | "/v1/registry/instances/{id}"
             | "/v1/registry/instances/{id}/heartbeat",
         ) => RegistryWrite,
-        (true, "/v1/config" | "/v1/config/{service}" | "/v1/config/{service}/history") => {
-            ConfigRead
+        (
+            true,
+            "/v1/config"
+            | "/v1/config/{set}"
+            | "/v1/config/{set}/history"
+            | "/v1/config/{set}/versions/{version}"
+            | "/v1/config/{set}/diff"
+            | "/v1/config/{set}/export"
+            | "/v1/config/{set}/resolved"
+            | "/v1/config/{set}/watch",
+        ) => ConfigRead,
+        (false, "/v1/config/{set}" | "/v1/config/{set}/rollback" | "/v1/config/{set}/import") => {
+            ConfigWrite
         }
-        (false, "/v1/config/{service}" | "/v1/config/{service}/rollback") => ConfigWrite,
         (true, "/v1/logs") => LogsRead,
         (true, "/v1/events") => EventsRead,
         (true, "/v1/audit") => AuditRead,
@@ -325,7 +339,7 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_default();
-    let Some(perm) = permission_for(req.method(), &template) else {
+    let Some(mut perm) = permission_for(req.method(), &template) else {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -336,6 +350,10 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
         )
         .into_response();
     };
+    // Secret values are read with `reveal=true`: a permission of its own, audited like a change.
+    if perm == Permission::ConfigRead && crate::parse::wants_reveal(req.uri().query()) {
+        perm = Permission::ConfigReveal;
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let remote = crate::audit::remote(&req);
@@ -378,7 +396,8 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
             resp
         }
         Decision::Allowed(p) => {
-            let mutating = !(method == Method::GET || method == Method::HEAD);
+            let mutating = !(method == Method::GET || method == Method::HEAD)
+                || perm == Permission::ConfigReveal;
             req.extensions_mut().insert(Caller(Some(p.clone())));
             let mut resp = if mutating {
                 // A change and its audit record run to the end in a task of their own, even if

@@ -90,6 +90,10 @@ impl From<ConfigError> for ApiError {
         match e {
             ConfigError::Invalid(m) => ApiError::bad_request(m),
             ConfigError::NoSuchVersion { .. } => ApiError::not_found(e.to_string()),
+            ConfigError::Conflict => {
+                ApiError::new(http::StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            ConfigError::Secret(m) => ApiError::internal(m),
             ConfigError::Store(s) => s.into(),
         }
     }

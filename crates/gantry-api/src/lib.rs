@@ -60,6 +60,8 @@ pub struct ApiState {
     pub control: Arc<dyn RouteControl>,
     /// Users, clients, roles, API keys, signing keys.
     pub identity: Arc<gantry_identity::Identity>,
+    /// The config environment gantry runs with (`gantry up --env`).
+    pub config_env: Option<String>,
 }
 
 /// Why a route change was refused.

@@ -87,7 +87,7 @@ macro_rules! ep {
     };
 }
 
-use gantry_config::{ChangeRequest, Committed, ConfigVersion, CurrentConfig};
+use gantry_config::{ChangeRequest, ChangeView, Committed, ConfigView, ResolvedView, VersionView};
 use gantry_gateway::{RouteView, Traffic, UpstreamView};
 use gantry_model::{Deployment, Instance};
 use gantry_registry::Registration;
@@ -132,11 +132,17 @@ fn endpoints() -> Vec<Endpoint> {
         ep!("DELETE" "/v1/registry/instances/{id}", "Deregister a self-registered instance", query NONE, body None, Empty),
         ep!("PUT" "/v1/registry/instances/{id}/heartbeat", "Renew a lease", query NONE, body None, Json(200, Of(of::<Instance>))),
         ep!("GET" "/v1/registry/watch", "Server-Sent Events: snapshot, then changes", query NONE, body None, EventStream),
-        ep!("GET" "/v1/config", "Services that have config", query NONE, body None, Json(200, Strings)),
-        ep!("GET" "/v1/config/{service}", "Current config of a service", query NONE, body None, Json(200, Of(of::<CurrentConfig>))),
-        ep!("PATCH" "/v1/config/{service}", "Commit a change (new version)", query NONE, body Some(Of(of::<ChangeRequest>)), Json(201, Of(of::<Committed>))),
-        ep!("GET" "/v1/config/{service}/history", "Every version", query NONE, body None, Json(200, ListOf(of::<ConfigVersion>))),
-        ep!("POST" "/v1/config/{service}/rollback", "Make an earlier version's values current", query NONE, body Some(Of(of::<RollbackBody>)), Json(201, Of(of::<Committed>))),
+        ep!("GET" "/v1/config", "Config sets (services, and _global)", query NONE, body None, Json(200, Strings)),
+        ep!("GET" "/v1/config/{set}", "Current config of a set, every layer", query &[("reveal", "true: show secret values (config:reveal, audited)")], body None, Json(200, Of(of::<ConfigView>))),
+        ep!("PATCH" "/v1/config/{set}", "Commit a change of one layer (new version)", query NONE, body Some(Of(of::<ChangeRequest>)), Json(201, Of(of::<Committed>))),
+        ep!("GET" "/v1/config/{set}/history", "Every retained version, oldest first", query &[("reveal", "true: show secret values")], body None, Json(200, ListOf(of::<VersionView>))),
+        ep!("GET" "/v1/config/{set}/versions/{version}", "One version's changes", query &[("reveal", "true: show secret values")], body None, Json(200, Of(of::<VersionView>))),
+        ep!("GET" "/v1/config/{set}/diff", "What changed between two versions", query &[("from", "version"), ("to", "version (default: current)"), ("reveal", "true: show secret values")], body None, Json(200, ListOf(of::<ChangeView>))),
+        ep!("POST" "/v1/config/{set}/rollback", "Make an earlier version's values current", query NONE, body Some(Of(of::<RollbackBody>)), Json(201, Of(of::<Committed>))),
+        ep!("GET" "/v1/config/{set}/export", "The set as JSON, TOML or one layer as .env", query &[("format", "json, toml or env"), ("version", "default: current"), ("env", "layer of a .env export"), ("instance", "layer of a .env export"), ("reveal", "true: include secret values")], body None, Text),
+        ep!("POST" "/v1/config/{set}/import", "Import a document as one commit", query &[("format", "json, toml or env"), ("replace", "true: remove keys the document does not mention"), ("env", "layer of a .env import"), ("instance", "layer of a .env import"), ("secrets", "keys of a .env import to store as secrets"), ("message", "commit message")], body Some(AnyObject), Json(201, Of(of::<Committed>))),
+        ep!("GET" "/v1/config/{set}/resolved", "A service's config as an instance sees it", query &[("env", "environment layer"), ("instance", "instance layer"), ("reveal", "true: show secret values")], body None, Json(200, Of(of::<ResolvedView>))),
+        ep!("GET" "/v1/config/{set}/watch", "Server-Sent Events: the resolved config, then each change", query &[("env", "environment layer"), ("instance", "instance layer"), ("reveal", "true: show secret values"), ("format", "sse or ndjson")], body None, EventStream),
         ep!("GET" "/v1/logs", "Instance output and the access log (NDJSON)", query &[("service", "only this service (gateway: the access log)"), ("instance", "only this instance"), ("since", "RFC 3339 time, unix ms or a duration such as 10m"), ("tail", "only the last N lines"), ("follow", "true: keep streaming")], body None, Ndjson(Of(of::<LogLine>))),
         ep!("GET" "/v1/events", "Server-Sent Events of instance lifecycle", query NONE, body None, EventStream),
         ep!("GET" "/v1/identity/clients", "OAuth clients (never their secrets)", query NONE, body None, Json(200, ListOf(of::<gantry_identity::Client>))),
@@ -252,10 +258,20 @@ fn build() -> OpenApi {
             EventStream => (
                 200,
                 ResponseBuilder::new()
-                    .description("Server-Sent Events")
+                    .description("Server-Sent Events; each event's data is one JSON value")
                     .content(
                         "text/event-stream",
-                        json(ObjectBuilder::new().schema_type(Type::String).into()),
+                        // One event, as the OpenAPI specification's generic event-stream
+                        // schema describes it (tools validate each event against it).
+                        json(
+                            ObjectBuilder::new()
+                                .property("event", ObjectBuilder::new().schema_type(Type::String))
+                                .property("data", ObjectBuilder::new().schema_type(Type::String))
+                                .property("id", ObjectBuilder::new().schema_type(Type::String))
+                                .property("retry", ObjectBuilder::new().schema_type(Type::Integer))
+                                .required("data")
+                                .into(),
+                        ),
                     )
                     .build(),
             ),

@@ -36,3 +36,8 @@ pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
 }
+
+/// Whether a query string asks for secret values (`reveal=true`).
+pub(crate) fn wants_reveal(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv == "reveal=true"))
+}

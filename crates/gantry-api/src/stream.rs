@@ -85,12 +85,27 @@ fn headers(format: Format) -> [(header::HeaderName, &'static str); 2] {
 pub(crate) fn follow<T, F>(
     format: Format,
     initial: Vec<Item>,
-    mut rx: broadcast::Receiver<T>,
+    rx: broadcast::Receiver<T>,
     mut next: F,
 ) -> Response
 where
     T: Clone + Send + 'static,
     F: FnMut(T) -> Option<Item> + Send + 'static,
+{
+    follow_async(format, initial, rx, move |t| std::future::ready(next(t)))
+}
+
+/// [`follow`] where making an item takes a wait (reading the store).
+pub(crate) fn follow_async<T, F, Fut>(
+    format: Format,
+    initial: Vec<Item>,
+    mut rx: broadcast::Receiver<T>,
+    mut next: F,
+) -> Response
+where
+    T: Clone + Send + 'static,
+    F: FnMut(T) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<Item>> + Send,
 {
     let (tx, out) = mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
@@ -113,7 +128,7 @@ where
                 _ = tx.closed() => return,
             };
             let item = match got {
-                Ok(v) => match next(v) {
+                Ok(v) => match next(v).await {
                     Some(i) => i,
                     None => continue,
                 },

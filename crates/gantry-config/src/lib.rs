@@ -1,404 +1,1223 @@
-//! Versioned configuration per service.
+//! Versioned configuration: per service a *set* of keys, plus the global set every service
+//! inherits, each in layers (base, per environment, per instance), rolled out like code.
 //!
-//! Every change (set, unset, rollback) is a new immutable version holding the full set of values,
-//! the time, a message and which keys changed. In the store's `config` bucket, `<service>.head`
-//! holds the current version (one read) and `<service>.<version, 12 digits>` each version.
-//! A commit is a compare-and-set of the head, so two writers (later: two nodes) can never both
-//! claim a version; the version's own key is written after it, and a commit first repairs the
-//! record of the version before it if a crash came between the two. Values reach instances as
-//! environment variables when they start.
+//! In the store's `config` bucket, `<set>.head` holds the current version: its record (who,
+//! when, why, which keys changed with their values before and after) and every current value.
+//! `<set>.<version, 12 digits>` holds each retained version's record — what changed, not the
+//! unchanged values, so history costs what changed. A commit of any number of keys is one
+//! compare-and-set of the head (seen whole or not at all; two writers, or two gantrys, cannot
+//! both claim a version); the version's own record is written after it, and the next commit
+//! first repairs the record of the version before it if a crash came between. The values of an
+//! older version are the head's with the later versions' changes undone. History keeps the last
+//! `history` versions of each set (older records are deleted as new ones come).
+//!
+//! Secrets are sealed (AES-256-GCM, [`gantry_secrets::Keyring`]) before they reach the store,
+//! bound to their set, layer and key, and redacted in every view unless revealed.
+//!
+//! Change events come from a watch of the heads, so a commit made by another gantry sharing the
+//! store is announced here too.
 //!
 //! Architecture invariant: a version is returned to the caller only after its head is durable;
-//! the current values of a service are those of its head.
+//! the current values of a set are those of its head.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+pub mod format;
+pub mod model;
 
-use gantry_store::{Store, StoreError, StoreJsonExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_secrets::Keyring;
+use gantry_store::{Store, StoreError, StoreJsonExt, WatchEvent, WatchFrom};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::{broadcast, Mutex};
 
+use model::{Change, Entries, Head, Record, Stored, FORMAT};
+pub use model::{
+    ChangeKind, ChangeRequest, ChangeView, Committed, ConfigView, Document, Layer, LayerDoc,
+    Resolved, ResolvedView, VersionView, GLOBAL,
+};
+
 const BUCKET: &str = "config";
-/// Largest value accepted, in bytes.
+/// Largest value accepted (its JSON text), in bytes.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
-/// Most keys one service may have.
+/// Most keys one layer may have.
 pub const MAX_KEYS: usize = 1024;
+/// Most layers (environments and instances) one set may have.
+pub const MAX_LAYERS: usize = 256;
+/// Largest set (every value of every layer), in bytes.
+pub const MAX_SET_BYTES: usize = 1024 * 1024;
+/// Versions of each set history keeps by default.
+pub const DEFAULT_HISTORY: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
-    #[error("service {service} has no config version {version}")]
-    NoSuchVersion { service: String, version: u64 },
+    #[error("{set} has no config version {version}{}", if *.pruned { " (older than what history keeps)" } else { "" })]
+    NoSuchVersion {
+        set: String,
+        version: u64,
+        pruned: bool,
+    },
+    #[error("config changed concurrently; try again")]
+    Conflict,
+    #[error("{0}")]
+    Secret(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    Set,
-    Unset,
-}
-
-/// One key a version changed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct KeyChange {
-    pub key: String,
-    pub kind: ChangeKind,
-}
-
-/// One stored version of a service's config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ConfigVersion {
-    pub service: String,
-    pub version: u64,
-    pub time_ms: u64,
-    pub message: String,
-    pub changes: Vec<KeyChange>,
-    pub values: BTreeMap<String, String>,
-    /// Set when this version restored the values of an earlier one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback_of: Option<u64>,
-}
-
-/// A request to change some keys.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ChangeRequest {
-    #[serde(default)]
-    pub set: BTreeMap<String, String>,
-    #[serde(default)]
-    pub unset: Vec<String>,
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-/// Published after each new version.
+/// Published for each new version of a set (from this gantry or another sharing the store).
 #[derive(Debug, Clone)]
 pub struct ConfigChanged {
-    pub service: String,
+    pub set: String,
     pub version: u64,
+    /// Set when this version is an automatic revert (a rollout failed): not reverted again.
+    pub reverts: Option<u64>,
 }
 
-/// The current values of a service (version 0 and no values when it has no config).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CurrentConfig {
-    pub service: String,
-    pub version: u64,
-    pub values: BTreeMap<String, String>,
+/// What the store keeps and how.
+#[derive(Debug, Clone)]
+pub struct ConfigOptions {
+    /// Versions of each set history keeps (2..=10000).
+    pub history: u64,
 }
 
-/// Outcome of a change: the version now current, and whether this call created it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Committed {
-    pub version: ConfigVersion,
-    pub created: bool,
+impl Default for ConfigOptions {
+    fn default() -> Self {
+        Self {
+            history: DEFAULT_HISTORY,
+        }
+    }
+}
+
+/// One key to change in a commit: `None` removes it.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    pub layer: Layer,
+    pub key: String,
+    pub value: Option<NewValue>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewValue {
+    pub value: Value,
+    pub secret: bool,
+}
+
+/// Who commits and why.
+#[derive(Debug, Clone, Default)]
+pub struct Author {
+    pub name: String,
+    pub message: String,
 }
 
 pub struct ConfigStore {
     store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    options: ConfigOptions,
     write: Mutex<()>,
     events: broadcast::Sender<ConfigChanged>,
 }
 
-fn version_key(service: &str, version: u64) -> String {
-    format!("{service}.{version:012}")
+fn version_key(set: &str, version: u64) -> String {
+    format!("{set}.{version:012}")
 }
 
-fn head_key(service: &str) -> String {
-    format!("{service}.head")
+fn head_key(set: &str) -> String {
+    format!("{set}.head")
+}
+
+fn aad(set: &str, layer: &str, key: &str) -> String {
+    format!("config/{set}/{layer}/{key}")
 }
 
 impl ConfigStore {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        let (events, _) = broadcast::channel(256);
-        Self {
+    /// Open the config store: upgrade sets written by earlier versions of gantry (full values
+    /// per version) to records of changes, reseal secrets sealed under a previous secrets key,
+    /// and follow the heads for change events.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        keyring: Arc<Keyring>,
+        options: ConfigOptions,
+    ) -> Result<Arc<Self>, ConfigError> {
+        if !(2..=10_000).contains(&options.history) {
+            return Err(ConfigError::Invalid(format!(
+                "config history: expected 2..=10000 versions, got {}",
+                options.history
+            )));
+        }
+        let (events, _) = broadcast::channel(1024);
+        let c = Arc::new(Self {
             store,
+            keyring,
+            options,
             write: Mutex::new(()),
             events,
+        });
+        for set in c.sets().await? {
+            c.upgrade(&set).await?;
         }
+        // Follow the heads: the watch is running before open returns, so no commit after it
+        // goes unannounced.
+        let watcher = c.store.watch(BUCKET, "*.head", WatchFrom::New).await?;
+        tokio::spawn(follow(Arc::downgrade(&c), watcher));
+        Ok(c)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ConfigChanged> {
         self.events.subscribe()
     }
 
-    /// Every version of `service`, oldest first.
-    pub async fn history(&self, service: &str) -> Result<Vec<ConfigVersion>, ConfigError> {
-        check_service(service)?;
-        let rows: Vec<(String, ConfigVersion, u64)> = self
-            .store
-            .list_json(BUCKET, &format!("{service}.*"))
-            .await?;
-        let mut versions: Vec<ConfigVersion> = rows
+    /// Sets that have config (services and `_global`), sorted.
+    pub async fn sets(&self) -> Result<Vec<String>, ConfigError> {
+        let keys = self.store.keys(BUCKET, "*.head").await?;
+        Ok(keys
             .into_iter()
-            .filter(|(k, _, _)| !k.ends_with(".head"))
-            .map(|(_, v, _)| v)
-            .collect();
-        // The head's own record is missing when a crash came between the two writes.
-        if let Some((head, _)) = self.head(service).await? {
-            if versions.last().is_none_or(|v| v.version < head.version) {
-                versions.push(head);
-            }
-        }
-        Ok(versions)
+            .filter_map(|k| k.strip_suffix(".head").map(str::to_string))
+            .collect())
     }
 
-    /// The head and its store revision. Data written before heads existed has none until its
-    /// next commit: its highest version is current.
-    async fn head(&self, service: &str) -> Result<Option<(ConfigVersion, u64)>, ConfigError> {
-        if let Some(h) = self.store.get_json(BUCKET, &head_key(service)).await? {
-            return Ok(Some(h));
-        }
-        let rows: Vec<(String, ConfigVersion, u64)> = self
-            .store
-            .list_json(BUCKET, &format!("{service}.*"))
-            .await?;
-        Ok(rows
-            .into_iter()
-            .filter(|(k, _, _)| !k.ends_with(".head"))
-            .map(|(_, v, _)| (v, 0))
-            .next_back())
+    async fn head(&self, set: &str) -> Result<Option<(Head, u64)>, ConfigError> {
+        Ok(self.store.get_json::<Head>(BUCKET, &head_key(set)).await?)
     }
 
-    /// The current version, if the service has any config.
-    pub async fn current(&self, service: &str) -> Result<Option<ConfigVersion>, ConfigError> {
-        check_service(service)?;
-        Ok(self.head(service).await?.map(|(v, _)| v))
-    }
-
-    /// Current values (empty when the service has no config).
-    pub async fn values(&self, service: &str) -> Result<BTreeMap<String, String>, ConfigError> {
-        Ok(self
-            .current(service)
-            .await?
-            .map(|v| v.values)
-            .unwrap_or_default())
-    }
-
-    /// One version by number.
-    pub async fn version(&self, service: &str, version: u64) -> Result<ConfigVersion, ConfigError> {
-        check_service(service)?;
-        match self
-            .store
-            .get_json::<ConfigVersion>(BUCKET, &version_key(service, version))
-            .await?
-        {
-            Some((v, _)) => Ok(v),
-            None => match self.head(service).await? {
-                // The head's own record is missing when a crash came between the two writes.
-                Some((head, _)) if head.version == version => Ok(head),
-                _ => Err(ConfigError::NoSuchVersion {
-                    service: service.into(),
-                    version,
-                }),
+    /// The current version of a set as the API shows it (version 0 when it has none).
+    pub async fn view(&self, set: &str, reveal: bool) -> Result<ConfigView, ConfigError> {
+        check_set(set)?;
+        Ok(match self.head(set).await? {
+            None => ConfigView {
+                set: set.into(),
+                version: 0,
+                time_ms: 0,
+                author: String::new(),
+                message: String::new(),
+                document: Document::default(),
             },
+            Some((h, _)) => ConfigView {
+                set: set.into(),
+                version: h.record.version,
+                time_ms: h.record.time_ms,
+                author: h.record.author.clone(),
+                message: h.record.message.clone(),
+                document: self.document(set, &h.entries, reveal)?,
+            },
+        })
+    }
+
+    /// The current version number (0: none).
+    pub async fn version_of(&self, set: &str) -> Result<u64, ConfigError> {
+        check_set(set)?;
+        Ok(self.head(set).await?.map_or(0, |(h, _)| h.record.version))
+    }
+
+    /// Every retained version of a set, oldest first.
+    pub async fn history(&self, set: &str, reveal: bool) -> Result<Vec<VersionView>, ConfigError> {
+        check_set(set)?;
+        let records = self.records(set).await?;
+        records
+            .iter()
+            .map(|r| self.version_view(r, reveal))
+            .collect()
+    }
+
+    /// One version's record.
+    pub async fn version(
+        &self,
+        set: &str,
+        version: u64,
+        reveal: bool,
+    ) -> Result<VersionView, ConfigError> {
+        check_set(set)?;
+        let records = self.records(set).await?;
+        match records.iter().find(|r| r.version == version) {
+            Some(r) => self.version_view(r, reveal),
+            None => Err(self.no_such(set, version, &records)),
         }
     }
 
-    /// Services that have config, sorted.
-    pub async fn services(&self) -> Result<Vec<String>, ConfigError> {
-        let keys = self.store.keys(BUCKET, ">").await?;
-        let mut out: Vec<String> = keys
+    /// Retained records, oldest first; the head's own record included even if its write was
+    /// lost to a crash.
+    async fn records(&self, set: &str) -> Result<Vec<Record>, ConfigError> {
+        let Some((head, _)) = self.head(set).await? else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<(String, Record, u64)> = self
+            .store
+            .list_json(BUCKET, &format!("{set}.*"))
+            .await
+            .or_else(|e| match e {
+                // A head written by an older gantry is upgraded at open; nothing else is here.
+                StoreError::Corrupt { .. } => Ok(Vec::new()),
+                e => Err(e),
+            })?
             .into_iter()
-            .filter_map(|k| k.split_once('.').map(|(s, _)| s.to_string()))
+            .filter(|(k, _, _)| !k.ends_with(".head"))
             .collect();
-        out.dedup();
+        let mut out: Vec<Record> = rows
+            .into_iter()
+            .map(|(_, r, _)| r)
+            .filter(|r| r.version >= head.oldest && r.version < head.record.version)
+            .collect();
+        out.push(head.record);
         Ok(out)
     }
 
-    /// Apply a change; a change that alters nothing creates no version.
+    fn no_such(&self, set: &str, version: u64, records: &[Record]) -> ConfigError {
+        let pruned = records
+            .first()
+            .is_some_and(|r| version > 0 && version < r.version);
+        ConfigError::NoSuchVersion {
+            set: set.into(),
+            version,
+            pruned,
+        }
+    }
+
+    /// The entries of `version` (the head's with later versions' changes undone).
+    async fn entries_at(&self, set: &str, version: u64) -> Result<Entries, ConfigError> {
+        let Some((head, _)) = self.head(set).await? else {
+            return Err(ConfigError::NoSuchVersion {
+                set: set.into(),
+                version,
+                pruned: false,
+            });
+        };
+        if version == head.record.version {
+            return Ok(head.entries);
+        }
+        let records = self.records(set).await?;
+        if version == 0 {
+            // Before the first version: nothing. Possible only while the first is retained.
+            if records.first().is_none_or(|r| r.version != 1) {
+                return Err(self.no_such(set, version, &records));
+            }
+        } else if !records.iter().any(|r| r.version == version) {
+            return Err(self.no_such(set, version, &records));
+        }
+        let mut entries = head.entries;
+        for r in records.iter().rev().take_while(|r| r.version > version) {
+            for c in &r.changes {
+                let layer = entries.entry(c.layer.clone()).or_default();
+                match &c.before {
+                    Some(v) => {
+                        layer.insert(c.key.clone(), v.clone());
+                    }
+                    None => {
+                        layer.remove(&c.key);
+                    }
+                }
+            }
+        }
+        entries.retain(|_, l| !l.is_empty());
+        Ok(entries)
+    }
+
+    /// The whole set at `version` as a document (what export writes).
+    pub async fn export(
+        &self,
+        set: &str,
+        version: Option<u64>,
+        reveal: bool,
+    ) -> Result<(u64, Document), ConfigError> {
+        check_set(set)?;
+        let v = match version {
+            Some(v) => v,
+            None => self.version_of(set).await?,
+        };
+        if v == 0 && version.is_none() {
+            return Ok((0, Document::default()));
+        }
+        let entries = self.entries_at(set, v).await?;
+        Ok((v, self.document(set, &entries, reveal)?))
+    }
+
+    /// What changed from version `from` to version `to` (either may be older or newer).
+    pub async fn diff(
+        &self,
+        set: &str,
+        from: u64,
+        to: u64,
+        reveal: bool,
+    ) -> Result<Vec<ChangeView>, ConfigError> {
+        check_set(set)?;
+        let a = self.entries_at(set, from).await?;
+        let b = self.entries_at(set, to).await?;
+        let changes = diff_entries(&a, &b);
+        changes
+            .iter()
+            .map(|c| self.change_view(set, c, reveal))
+            .collect()
+    }
+
+    /// Apply an API change request (one layer) as one commit; a change that alters nothing
+    /// creates no version.
     pub async fn change(
         &self,
-        service: &str,
+        set: &str,
         req: ChangeRequest,
+        author: &str,
     ) -> Result<Committed, ConfigError> {
-        check_service(service)?;
-        if req.set.is_empty() && req.unset.is_empty() {
+        check_set(set)?;
+        let layer = Layer::from_parts(req.env.as_deref(), req.instance.as_deref())?;
+        if req.set.is_empty() && req.secrets.is_empty() && req.unset.is_empty() {
             return Err(ConfigError::Invalid(
-                "nothing to change: give keys to set or unset".into(),
+                "nothing to change: give keys to set, secrets or unset".into(),
             ));
         }
-        for (k, v) in &req.set {
-            check_key(k)?;
-            if v.len() > MAX_VALUE_BYTES {
-                return Err(ConfigError::Invalid(format!(
-                    "set.{k}: value is {} bytes; at most {MAX_VALUE_BYTES} allowed",
-                    v.len()
-                )));
-            }
-            if v.contains('\0') {
-                return Err(ConfigError::Invalid(format!(
-                    "set.{k}: value must not contain NUL (it becomes an environment variable)"
-                )));
+        let mut edits = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (map, secret) in [(&req.set, false), (&req.secrets, true)] {
+            for (k, v) in map {
+                if !seen.insert(k.clone()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{k}: given both as a value and as a secret"
+                    )));
+                }
+                edits.push(Edit {
+                    layer: layer.clone(),
+                    key: k.clone(),
+                    value: Some(NewValue {
+                        value: v.clone(),
+                        secret,
+                    }),
+                });
             }
         }
         for k in &req.unset {
-            check_key(k)?;
-            if req.set.contains_key(k) {
+            if !seen.insert(k.clone()) {
                 return Err(ConfigError::Invalid(format!(
                     "{k}: both set and unset in one change"
                 )));
             }
+            edits.push(Edit {
+                layer: layer.clone(),
+                key: k.clone(),
+                value: None,
+            });
         }
-        let message = check_message(req.message)?;
-        let _guard = self.write.lock().await;
-        let head = self.head(service).await?;
-        let current = head.as_ref().map(|(v, _)| v.clone());
-        let mut values = current
-            .as_ref()
-            .map(|c| c.values.clone())
-            .unwrap_or_default();
-        let mut changes = Vec::new();
-        for (k, v) in req.set {
-            if values.get(&k) != Some(&v) {
-                changes.push(KeyChange {
+        let author = Author {
+            name: author.into(),
+            message: check_message(req.message)?,
+        };
+        self.commit(set, edits, author, Meta::default()).await
+    }
+
+    /// Import a document as one commit: every key it gives is set; with `replace`, every key
+    /// of the set it does not mention is removed (secrets it lists as redacted are kept).
+    pub async fn import(
+        &self,
+        set: &str,
+        doc: Document,
+        replace: bool,
+        author: Author,
+    ) -> Result<Committed, ConfigError> {
+        check_set(set)?;
+        let author = Author {
+            message: check_message(Some(author.message))?,
+            ..author
+        };
+        let mut edits = Vec::new();
+        let mut mentioned: BTreeSet<(String, String)> = BTreeSet::new();
+        for (layer, d) in doc.layers() {
+            if let Layer::Env(e) = &layer {
+                model::check_env_name(e)?;
+            }
+            if let Layer::Instance(i) = &layer {
+                Layer::from_parts(None, Some(i))?;
+            }
+            for (k, v) in &d.values {
+                if d.secrets.contains_key(k) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{k}: given both as a value and as a secret"
+                    )));
+                }
+                mentioned.insert((layer.key(), k.clone()));
+                edits.push(Edit {
+                    layer: layer.clone(),
                     key: k.clone(),
-                    kind: ChangeKind::Set,
-                });
-                values.insert(k, v);
-            }
-        }
-        for k in req.unset {
-            if values.remove(&k).is_some() {
-                changes.push(KeyChange {
-                    key: k,
-                    kind: ChangeKind::Unset,
+                    value: Some(NewValue {
+                        value: v.clone(),
+                        secret: false,
+                    }),
                 });
             }
-        }
-        if changes.is_empty() {
-            if let Some(c) = current {
-                return Ok(Committed {
-                    version: c,
-                    created: false,
+            for (k, v) in &d.secrets {
+                mentioned.insert((layer.key(), k.clone()));
+                edits.push(Edit {
+                    layer: layer.clone(),
+                    key: k.clone(),
+                    value: Some(NewValue {
+                        value: v.clone(),
+                        secret: true,
+                    }),
                 });
             }
+            for k in &d.redacted {
+                mentioned.insert((layer.key(), k.clone()));
+            }
         }
-        if values.len() > MAX_KEYS {
-            return Err(ConfigError::Invalid(format!(
-                "a service may have at most {MAX_KEYS} keys"
-            )));
+        let _guard = self.write.lock().await;
+        if replace {
+            if let Some((head, _)) = self.head(set).await? {
+                for (lk, keys) in &head.entries {
+                    for k in keys.keys() {
+                        if !mentioned.contains(&(lk.clone(), k.clone())) {
+                            edits.push(Edit {
+                                layer: Layer::from_key(lk).unwrap_or(Layer::Base),
+                                key: k.clone(),
+                                value: None,
+                            });
+                        }
+                    }
+                }
+            }
         }
-        self.commit(service, head, values, changes, message, None)
+        if edits.is_empty() {
+            return Err(ConfigError::Invalid(
+                "the document has no values to import".into(),
+            ));
+        }
+        self.commit_locked(set, edits, author, Meta::default())
             .await
     }
 
-    /// Make the values of `to` current again, as a new version.
+    /// Make the values of version `to` current again, as a new version.
     pub async fn rollback(
         &self,
-        service: &str,
+        set: &str,
         to: u64,
-        message: Option<String>,
+        author: Author,
     ) -> Result<Committed, ConfigError> {
-        let message = check_message(message)?;
-        let _guard = self.write.lock().await;
-        let target = self.version(service, to).await?;
-        let head = self.head(service).await?;
-        let current = head.as_ref().map(|(v, _)| v);
-        let cur_values = current
-            .as_ref()
-            .map(|c| c.values.clone())
-            .unwrap_or_default();
-        let mut changes = Vec::new();
-        for (k, v) in &target.values {
-            if cur_values.get(k) != Some(v) {
-                changes.push(KeyChange {
-                    key: k.clone(),
-                    kind: ChangeKind::Set,
-                });
-            }
-        }
-        for k in cur_values.keys() {
-            if !target.values.contains_key(k) {
-                changes.push(KeyChange {
-                    key: k.clone(),
-                    kind: ChangeKind::Unset,
-                });
-            }
-        }
-        let message = if message.is_empty() {
-            format!("rollback to version {to}")
-        } else {
-            message
+        check_set(set)?;
+        let author = Author {
+            message: check_message(Some(author.message))?,
+            ..author
         };
-        self.commit(service, head, target.values, changes, message, Some(to))
-            .await
+        let _guard = self.write.lock().await;
+        let target = self.entries_at(set, to).await?;
+        let current = self
+            .head(set)
+            .await?
+            .map(|(h, _)| h.entries)
+            .unwrap_or_default();
+        // Values come from the target's stored form (secrets stay sealed as they were).
+        let stored: Vec<(Layer, String, Option<Stored>)> = diff_entries(&current, &target)
+            .into_iter()
+            .map(|c| {
+                (
+                    Layer::from_key(&c.layer).unwrap_or(Layer::Base),
+                    c.key,
+                    c.after,
+                )
+            })
+            .collect();
+        let author = Author {
+            message: if author.message.is_empty() {
+                format!("rollback to version {to}")
+            } else {
+                author.message
+            },
+            ..author
+        };
+        self.commit_stored(
+            set,
+            stored,
+            author,
+            Meta {
+                rollback_of: Some(to),
+                reverts: None,
+                always: true,
+            },
+        )
+        .await
     }
 
-    /// Make a new version current: compare-and-set of the head (the commit point), then the
-    /// version's own record.
-    async fn commit(
+    /// Undo what `version` changed (keys changed since keep their newer values), as a new
+    /// version that says why: the automatic revert of a failed rollout.
+    pub async fn revert(
         &self,
-        service: &str,
-        head: Option<(ConfigVersion, u64)>,
-        values: BTreeMap<String, String>,
-        changes: Vec<KeyChange>,
-        message: String,
-        rollback_of: Option<u64>,
+        set: &str,
+        version: u64,
+        reason: &str,
     ) -> Result<Committed, ConfigError> {
-        let previous = head.as_ref().map_or(0, |(v, _)| v.version);
-        if let Some((prev, _)) = &head {
-            // Repair the record of the previous version if a crash lost it.
-            match self
+        check_set(set)?;
+        let _guard = self.write.lock().await;
+        let records = self.records(set).await?;
+        let Some(rec) = records.iter().find(|r| r.version == version) else {
+            return Err(self.no_such(set, version, &records));
+        };
+        let current = self
+            .head(set)
+            .await?
+            .map(|(h, _)| h.entries)
+            .unwrap_or_default();
+        let stored = rec
+            .changes
+            .iter()
+            .filter(|c| current.get(&c.layer).and_then(|l| l.get(&c.key)) == c.after.as_ref())
+            .map(|c| {
+                (
+                    Layer::from_key(&c.layer).unwrap_or(Layer::Base),
+                    c.key.clone(),
+                    c.before.clone(),
+                )
+            })
+            .collect();
+        let author = Author {
+            name: "gantry".into(),
+            message: format!("automatic revert of version {version}: {reason}"),
+        };
+        self.commit_stored(
+            set,
+            stored,
+            author,
+            Meta {
+                rollback_of: None,
+                reverts: Some(version),
+                always: true,
+            },
+        )
+        .await
+    }
+
+    /// Commit edits (each checked) as one version.
+    pub async fn commit(
+        &self,
+        set: &str,
+        edits: Vec<Edit>,
+        author: Author,
+        meta: Meta,
+    ) -> Result<Committed, ConfigError> {
+        check_set(set)?;
+        let _guard = self.write.lock().await;
+        self.commit_locked(set, edits, author, meta).await
+    }
+
+    async fn commit_locked(
+        &self,
+        set: &str,
+        edits: Vec<Edit>,
+        author: Author,
+        meta: Meta,
+    ) -> Result<Committed, ConfigError> {
+        let mut stored = Vec::with_capacity(edits.len());
+        let mut seen = BTreeSet::new();
+        for e in edits {
+            check_key(&e.key)?;
+            if !seen.insert((e.layer.key(), e.key.clone())) {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: changed twice in one commit",
+                    e.key
+                )));
+            }
+            let value = match e.value {
+                None => None,
+                Some(nv) => {
+                    check_value(&e.key, &nv.value)?;
+                    Some(if nv.secret {
+                        let text = nv.value.to_string();
+                        Stored::Secret(
+                            self.keyring
+                                .seal(&aad(set, &e.layer.key(), &e.key), text.as_bytes())
+                                .map_err(|x| ConfigError::Secret(x.to_string()))?,
+                        )
+                    } else {
+                        Stored::Plain(nv.value)
+                    })
+                }
+            };
+            stored.push((e.layer, e.key, value));
+        }
+        self.commit_stored(set, stored, author, meta).await
+    }
+
+    /// The commit itself: apply stored values to the head, compare-and-set it (retried when
+    /// another gantry committed in between), then write the record and prune history.
+    async fn commit_stored(
+        &self,
+        set: &str,
+        edits: Vec<(Layer, String, Option<Stored>)>,
+        author: Author,
+        meta: Meta,
+    ) -> Result<Committed, ConfigError> {
+        for attempt in 0..8 {
+            let head = self.head(set).await?;
+            let mut entries = head
+                .as_ref()
+                .map(|(h, _)| h.entries.clone())
+                .unwrap_or_default();
+            let mut changes = Vec::new();
+            for (layer, key, value) in &edits {
+                let lk = layer.key();
+                let before = entries.get(&lk).and_then(|l| l.get(key)).cloned();
+                if self.same(set, &lk, key, before.as_ref(), value.as_ref()) {
+                    continue;
+                }
+                let l = entries.entry(lk.clone()).or_default();
+                match value {
+                    Some(v) => {
+                        l.insert(key.clone(), v.clone());
+                    }
+                    None => {
+                        l.remove(key);
+                    }
+                }
+                changes.push(Change {
+                    layer: lk,
+                    key: key.clone(),
+                    before,
+                    after: value.clone(),
+                });
+            }
+            entries.retain(|_, l| !l.is_empty());
+            if changes.is_empty() && !meta.always {
+                return match &head {
+                    Some((h, _)) => Ok(Committed {
+                        version: self.version_view(&h.record, false)?,
+                        created: false,
+                    }),
+                    None => Err(ConfigError::Invalid(
+                        "nothing to change: the set has no such keys".into(),
+                    )),
+                };
+            }
+            check_limits(&entries)?;
+            let previous = head.as_ref().map_or(0, |(h, _)| h.record.version);
+            if let Some((prev, _)) = &head {
+                // Repair the record of the previous version if a crash lost it.
+                match self
+                    .store
+                    .create_json(BUCKET, &version_key(set, previous), &prev.record)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let version = previous + 1;
+            let old_oldest = head.as_ref().map_or(1, |(h, _)| h.oldest.max(1));
+            let oldest = old_oldest.max((version + 1).saturating_sub(self.options.history));
+            let record = Record {
+                set: set.into(),
+                version,
+                time_ms: gantry_model::unix_ms(),
+                author: author.name.clone(),
+                message: author.message.clone(),
+                changes,
+                rollback_of: meta.rollback_of,
+                reverts: meta.reverts,
+            };
+            let new_head = Head {
+                format: FORMAT,
+                record: record.clone(),
+                oldest,
+                entries,
+            };
+            let written = match &head {
+                Some((_, rev)) => {
+                    self.store
+                        .update_json(BUCKET, &head_key(set), &new_head, *rev)
+                        .await
+                }
+                None => {
+                    self.store
+                        .create_json(BUCKET, &head_key(set), &new_head)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => {}
+                Err(StoreError::RevisionMismatch { .. } | StoreError::AlreadyExists { .. }) => {
+                    tracing::debug!(set, attempt, "config head changed concurrently; retrying");
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            // Committed: the head holds it. Its own record is repaired by the next commit (and
+            // served from the head meanwhile) if this write fails.
+            if let Err(e) = self
                 .store
-                .create_json(BUCKET, &version_key(service, prev.version), prev)
+                .put_json(BUCKET, &version_key(set, version), &record)
                 .await
             {
-                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                tracing::warn!(set, version, error = %e, "config version committed, its history record not yet written");
+            }
+            for old in old_oldest..oldest {
+                if let Err(e) = self.store.delete(BUCKET, &version_key(set, old)).await {
+                    tracing::warn!(set, version = old, error = %e, "could not prune a config history record");
+                }
+            }
+            tracing::info!(
+                set,
+                version,
+                author = %record.author,
+                changes = record.changes.len(),
+                "config version committed"
+            );
+            return Ok(Committed {
+                version: self.version_view(&record, false)?,
+                created: true,
+            });
+        }
+        Err(ConfigError::Conflict)
+    }
+
+    /// Whether a stored value is unchanged (secrets compared by their plaintext: sealing twice
+    /// never gives the same text).
+    fn same(&self, set: &str, lk: &str, key: &str, a: Option<&Stored>, b: Option<&Stored>) -> bool {
+        match (a, b) {
+            (None, None) => true,
+            (Some(Stored::Plain(x)), Some(Stored::Plain(y))) => x == y,
+            (Some(Stored::Secret(x)), Some(Stored::Secret(y))) => {
+                if x == y {
+                    return true;
+                }
+                let place = aad(set, lk, key);
+                matches!(
+                    (self.keyring.open(&place, x), self.keyring.open(&place, y)),
+                    (Ok(p), Ok(q)) if p == q
+                )
+            }
+            _ => false,
+        }
+    }
+
+    /// A service's config as instance `instance` in environment `env` sees it: global base →
+    /// global env → service base → service env → instance. `pin` starts from that version of
+    /// the service's set instead of its current one.
+    pub async fn resolve(
+        &self,
+        service: &str,
+        env: Option<&str>,
+        instance: Option<&str>,
+        pin: Option<u64>,
+    ) -> Result<Resolved, ConfigError> {
+        check_set(service)?;
+        let mut out = Resolved {
+            service: service.into(),
+            ..Resolved::default()
+        };
+        let global = self.head(GLOBAL).await?;
+        if let Some((g, _)) = &global {
+            out.global_version = g.record.version;
+            self.overlay(&mut out, GLOBAL, &g.entries, env, None)?;
+        }
+        let entries = match pin {
+            Some(v) => {
+                out.version = v;
+                Some(self.entries_at(service, v).await?)
+            }
+            None => self.head(service).await?.map(|(h, _)| {
+                out.version = h.record.version;
+                h.entries
+            }),
+        };
+        if let Some(e) = entries {
+            self.overlay(&mut out, service, &e, env, instance)?;
+        }
+        Ok(out)
+    }
+
+    fn overlay(
+        &self,
+        out: &mut Resolved,
+        set: &str,
+        entries: &Entries,
+        env: Option<&str>,
+        instance: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        let mut layers = vec![Layer::Base];
+        layers.extend(env.map(|e| Layer::Env(e.into())));
+        layers.extend(instance.map(|i| Layer::Instance(i.into())));
+        for layer in layers {
+            let lk = layer.key();
+            for (k, v) in entries.get(&lk).into_iter().flatten() {
+                let (value, secret) = self.open_value(set, &lk, k, v)?;
+                if secret {
+                    out.secret_keys.insert(k.clone());
+                } else {
+                    out.secret_keys.remove(k);
+                }
+                out.values.insert(k.clone(), value);
+            }
+        }
+        Ok(())
+    }
+
+    fn open_value(
+        &self,
+        set: &str,
+        lk: &str,
+        key: &str,
+        v: &Stored,
+    ) -> Result<(Value, bool), ConfigError> {
+        match v {
+            Stored::Plain(v) => Ok((v.clone(), false)),
+            Stored::Secret(s) => {
+                let plain = self
+                    .keyring
+                    .open(&aad(set, lk, key), s)
+                    .map_err(|e| ConfigError::Secret(format!("{set}: {key}: {e}")))?;
+                let v = serde_json::from_slice(&plain).map_err(|e| {
+                    ConfigError::Secret(format!("{set}: {key}: sealed value is not JSON: {e}"))
+                })?;
+                Ok((v, true))
+            }
+        }
+    }
+
+    fn document(
+        &self,
+        set: &str,
+        entries: &Entries,
+        reveal: bool,
+    ) -> Result<Document, ConfigError> {
+        let mut doc = Document::default();
+        for (lk, keys) in entries {
+            let Some(layer) = Layer::from_key(lk) else {
+                continue;
+            };
+            let l = doc.layer_mut(&layer);
+            for (k, v) in keys {
+                match v {
+                    Stored::Plain(v) => {
+                        l.values.insert(k.clone(), v.clone());
+                    }
+                    Stored::Secret(_) if reveal => {
+                        let (v, _) = self.open_value(set, lk, k, v)?;
+                        l.secrets.insert(k.clone(), v);
+                    }
+                    Stored::Secret(_) => {
+                        l.redacted.insert(k.clone());
+                    }
+                }
+            }
+        }
+        Ok(doc)
+    }
+
+    fn version_view(&self, r: &Record, reveal: bool) -> Result<VersionView, ConfigError> {
+        Ok(VersionView {
+            set: r.set.clone(),
+            version: r.version,
+            time_ms: r.time_ms,
+            author: r.author.clone(),
+            message: r.message.clone(),
+            changes: r
+                .changes
+                .iter()
+                .map(|c| self.change_view(&r.set, c, reveal))
+                .collect::<Result<_, _>>()?,
+            rollback_of: r.rollback_of,
+            reverts: r.reverts,
+        })
+    }
+
+    fn change_view(&self, set: &str, c: &Change, reveal: bool) -> Result<ChangeView, ConfigError> {
+        let layer = Layer::from_key(&c.layer).unwrap_or(Layer::Base);
+        let secret = c.before.as_ref().is_some_and(Stored::is_secret)
+            || c.after.as_ref().is_some_and(Stored::is_secret);
+        let show = |v: &Option<Stored>| -> Result<Option<Value>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(Stored::Plain(v)) => Ok(Some(v.clone())),
+                Some(s @ Stored::Secret(_)) if reveal => self
+                    .open_value(set, &c.layer, &c.key, s)
+                    .map(|(v, _)| Some(v)),
+                Some(Stored::Secret(_)) => Ok(None),
+            }
+        };
+        Ok(ChangeView {
+            env: layer.env().map(str::to_string),
+            instance: layer.instance().map(str::to_string),
+            key: c.key.clone(),
+            kind: match (&c.before, &c.after) {
+                (None, _) => ChangeKind::Added,
+                (Some(_), None) => ChangeKind::Removed,
+                (Some(_), Some(_)) => ChangeKind::Changed,
+            },
+            secret,
+            before: show(&c.before)?,
+            after: show(&c.after)?,
+        })
+    }
+
+    /// Bring one set to the current format and secrets key: a head written by an earlier
+    /// gantry (every version with all its values) becomes records of changes; values sealed
+    /// under a previous secrets key are resealed under the current one.
+    async fn upgrade(&self, set: &str) -> Result<(), ConfigError> {
+        let Some(entry) = self.store.get(BUCKET, &head_key(set)).await? else {
+            return Ok(());
+        };
+        let raw: Value = gantry_store::decode(BUCKET, &head_key(set), &entry.value)?;
+        if raw.get("format").is_none() {
+            return self.upgrade_v1(set, entry.revision).await;
+        }
+        let (mut head, rev) = match self.head(set).await? {
+            Some(h) => h,
+            None => return Ok(()),
+        };
+        let mut changed = false;
+        for (lk, keys) in head.entries.iter_mut() {
+            for (k, v) in keys.iter_mut() {
+                changed |= self.reseal(set, lk, k, v)?;
+            }
+        }
+        for c in head.record.changes.iter_mut() {
+            changed |= self.reseal_change(set, c)?;
+        }
+        let records: Vec<(String, Record, u64)> = self
+            .store
+            .list_json(BUCKET, &format!("{set}.*"))
+            .await
+            .or_else(|e| match e {
+                StoreError::Corrupt { .. } => Ok(Vec::new()),
+                e => Err(e),
+            })?;
+        for (k, mut r, _) in records {
+            if k.ends_with(".head") {
+                continue;
+            }
+            let mut any = false;
+            for c in r.changes.iter_mut() {
+                any |= self.reseal_change(set, c)?;
+            }
+            if any {
+                self.store.put_json(BUCKET, &k, &r).await?;
+            }
+        }
+        if changed {
+            match self
+                .store
+                .update_json(BUCKET, &head_key(set), &head, rev)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(set, "config secrets resealed under the current secrets key")
+                }
+                Err(StoreError::RevisionMismatch { .. }) => {
+                    tracing::info!(
+                        set,
+                        "config set changed while resealing; another gantry resealed it"
+                    )
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        let v = ConfigVersion {
-            service: service.into(),
-            version: previous + 1,
-            time_ms: gantry_model::unix_ms(),
-            message,
-            changes,
-            values,
-            rollback_of,
-        };
-        match head {
-            Some((_, rev)) if rev > 0 => {
-                self.store
-                    .update_json(BUCKET, &head_key(service), &v, rev)
-                    .await?
+        Ok(())
+    }
+
+    fn reseal(&self, set: &str, lk: &str, key: &str, v: &mut Stored) -> Result<bool, ConfigError> {
+        if let Stored::Secret(s) = v {
+            if let Some(new) = self
+                .keyring
+                .reseal(&aad(set, lk, key), s)
+                .map_err(|e| ConfigError::Secret(format!("{set}: {key}: {e}")))?
+            {
+                *s = new;
+                return Ok(true);
             }
-            _ => {
-                self.store
-                    .create_json(BUCKET, &head_key(service), &v)
-                    .await?
-            }
-        };
-        // Committed: the head holds it. Its own record is repaired by the next commit (and
-        // served from the head meanwhile) if this write fails.
-        if let Err(e) = self
+        }
+        Ok(false)
+    }
+
+    fn reseal_change(&self, set: &str, c: &mut Change) -> Result<bool, ConfigError> {
+        let mut any = false;
+        for v in [&mut c.before, &mut c.after].into_iter().flatten() {
+            any |= self.reseal(set, &c.layer, &c.key, v)?;
+        }
+        Ok(any)
+    }
+
+    /// Format 1 (before layers and secrets): every version held all values as strings.
+    async fn upgrade_v1(&self, set: &str, rev: u64) -> Result<(), ConfigError> {
+        #[derive(Deserialize, Serialize)]
+        struct V1 {
+            version: u64,
+            time_ms: u64,
+            #[serde(default)]
+            message: String,
+            values: BTreeMap<String, String>,
+            #[serde(default)]
+            rollback_of: Option<u64>,
+        }
+        let (head, _): (V1, u64) = self
             .store
-            .put_json(BUCKET, &version_key(service, v.version), &v)
+            .get_json(BUCKET, &head_key(set))
+            .await?
+            .ok_or(ConfigError::Conflict)?;
+        let rows: Vec<(String, V1, u64)> = self
+            .store
+            .list_json(BUCKET, &format!("{set}.*"))
+            .await
+            .unwrap_or_default();
+        let mut versions: Vec<V1> = rows
+            .into_iter()
+            .filter(|(k, _, _)| !k.ends_with(".head"))
+            .map(|(_, v, _)| v)
+            .filter(|v| v.version < head.version)
+            .collect();
+        versions.push(head);
+        let keep_from = versions
+            .last()
+            .map_or(1, |h| (h.version + 1).saturating_sub(self.options.history))
+            .max(1);
+        let mut prev: Entries = Entries::new();
+        let mut last: Option<Record> = None;
+        for v in &versions {
+            let entries: Entries = if v.values.is_empty() {
+                Entries::new()
+            } else {
+                BTreeMap::from([(
+                    String::new(),
+                    v.values
+                        .iter()
+                        .map(|(k, x)| (k.clone(), Stored::Plain(Value::String(x.clone()))))
+                        .collect(),
+                )])
+            };
+            let record = Record {
+                set: set.into(),
+                version: v.version,
+                time_ms: v.time_ms,
+                author: String::new(),
+                message: v.message.clone(),
+                changes: diff_entries(&prev, &entries),
+                rollback_of: v.rollback_of,
+                reverts: None,
+            };
+            if v.version >= keep_from {
+                self.store
+                    .put_json(BUCKET, &version_key(set, v.version), &record)
+                    .await?;
+            } else {
+                self.store
+                    .delete(BUCKET, &version_key(set, v.version))
+                    .await?;
+            }
+            prev = entries;
+            last = Some(record);
+        }
+        let Some(record) = last else { return Ok(()) };
+        let head = Head {
+            format: FORMAT,
+            record,
+            oldest: keep_from,
+            entries: prev,
+        };
+        match self
+            .store
+            .update_json(BUCKET, &head_key(set), &head, rev)
             .await
         {
-            tracing::warn!(service, version = v.version, error = %e, "config version committed, its history record not yet written");
+            Ok(_) => {
+                tracing::info!(
+                    set,
+                    versions = versions.len(),
+                    "config set upgraded to records of changes"
+                );
+                Ok(())
+            }
+            // Another gantry sharing the store upgraded it first.
+            Err(StoreError::RevisionMismatch { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        tracing::info!(service, version = v.version, "config version committed");
-        let _ = self.events.send(ConfigChanged {
-            service: service.into(),
-            version: v.version,
-        });
-        Ok(Committed {
-            version: v,
-            created: true,
-        })
     }
 }
 
-fn check_service(service: &str) -> Result<(), ConfigError> {
-    if gantry_model::is_valid_service_name(service) {
+/// Extra facts of a commit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Meta {
+    pub rollback_of: Option<u64>,
+    pub reverts: Option<u64>,
+    /// Commit even if nothing changes (a rollback to identical values still says so).
+    pub always: bool,
+}
+
+/// Changes that turn `a` into `b`.
+fn diff_entries(a: &Entries, b: &Entries) -> Vec<Change> {
+    let mut out = Vec::new();
+    let layers: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let empty = BTreeMap::new();
+    for lk in layers {
+        let la = a.get(lk).unwrap_or(&empty);
+        let lb = b.get(lk).unwrap_or(&empty);
+        let keys: BTreeSet<&String> = la.keys().chain(lb.keys()).collect();
+        for k in keys {
+            let (x, y) = (la.get(k), lb.get(k));
+            if x != y {
+                out.push(Change {
+                    layer: lk.clone(),
+                    key: k.clone(),
+                    before: x.cloned(),
+                    after: y.cloned(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Announce every new head (from this gantry or another), restarting the watch if it fails.
+async fn follow(weak: std::sync::Weak<ConfigStore>, mut watcher: gantry_store::Watcher) {
+    let mut last_rev = 0u64;
+    loop {
+        match watcher.next().await {
+            Some(Ok(WatchEvent::Change(c))) => {
+                last_rev = c.revision;
+                let Some(me) = weak.upgrade() else { return };
+                let Some(set) = c.key.strip_suffix(".head") else {
+                    continue;
+                };
+                if c.value.is_empty() {
+                    continue;
+                }
+                match gantry_store::decode::<Head>(BUCKET, &c.key, &c.value) {
+                    Ok(h) => {
+                        let _ = me.events.send(ConfigChanged {
+                            set: set.to_string(),
+                            version: h.record.version,
+                            reverts: h.record.reverts,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::debug!(key = %c.key, error = %e, "config head not in the current format")
+                    }
+                }
+            }
+            Some(Ok(WatchEvent::Current)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "config watch failed; resuming");
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let Some(me) = weak.upgrade() else { return };
+                    let from = if last_rev == 0 {
+                        WatchFrom::New
+                    } else {
+                        WatchFrom::Revision(last_rev + 1)
+                    };
+                    if let Ok(w) = me.store.watch(BUCKET, "*.head", from).await {
+                        watcher = w;
+                        break;
+                    }
+                }
+            }
+            None => return,
+        }
+    }
+}
+
+/// A set is a service name or `_global`.
+pub fn check_set(set: &str) -> Result<(), ConfigError> {
+    if set == GLOBAL || gantry_model::is_valid_service_name(set) {
         Ok(())
     } else {
         Err(ConfigError::Invalid(format!(
-            "invalid service name {service:?}; expected 1-63 characters of a-z, 0-9 and '-' starting with a letter"
+            "invalid service name {set:?}; expected 1-63 characters of a-z, 0-9 and '-' starting with a letter (or {GLOBAL} for the global set)"
         )))
     }
 }
@@ -417,6 +1236,51 @@ fn check_key(key: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+fn check_value(key: &str, v: &Value) -> Result<(), ConfigError> {
+    if v.is_null() {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: null is not a value (use unset to remove a key)"
+        )));
+    }
+    let text = model::env_text(v);
+    if text.len() > MAX_VALUE_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: value is {} bytes; at most {MAX_VALUE_BYTES} allowed",
+            text.len()
+        )));
+    }
+    if text.contains('\0') {
+        return Err(ConfigError::Invalid(format!(
+            "{key}: value must not contain NUL (it becomes an environment variable)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_limits(entries: &Entries) -> Result<(), ConfigError> {
+    if entries.len() > MAX_LAYERS {
+        return Err(ConfigError::Invalid(format!(
+            "a set may have at most {MAX_LAYERS} layers (environments and instances)"
+        )));
+    }
+    let mut total = 0usize;
+    for (lk, keys) in entries {
+        if keys.len() > MAX_KEYS {
+            let name = if lk.is_empty() { "base" } else { lk };
+            return Err(ConfigError::Invalid(format!(
+                "layer {name}: at most {MAX_KEYS} keys"
+            )));
+        }
+        total += keys.iter().map(|(k, v)| k.len() + v.size()).sum::<usize>();
+    }
+    if total > MAX_SET_BYTES {
+        return Err(ConfigError::Invalid(format!(
+            "the set would hold {total} bytes of values; at most {MAX_SET_BYTES} allowed"
+        )));
+    }
+    Ok(())
+}
+
 fn check_message(m: Option<String>) -> Result<String, ConfigError> {
     let m = m.unwrap_or_default();
     if m.len() > 1024 {
@@ -426,107 +1290,4 @@ fn check_message(m: Option<String>) -> Result<String, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use gantry_store::RedbStore;
-
-    fn set(kv: &[(&str, &str)], msg: &str) -> ChangeRequest {
-        ChangeRequest {
-            set: kv
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            unset: vec![],
-            message: Some(msg.into()),
-        }
-    }
-
-    #[tokio::test]
-    async fn versions_history_rollback_and_durability() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let c = ConfigStore::new(Arc::new(RedbStore::open(dir.path()).unwrap()));
-            let mut rx = c.subscribe();
-            let v1 = c
-                .change("cat", set(&[("CURRENCY", "USD")], "first"))
-                .await
-                .unwrap();
-            assert!(v1.created);
-            assert_eq!(v1.version.version, 1);
-            assert_eq!(rx.try_recv().unwrap().version, 1);
-            let v2 = c
-                .change("cat", set(&[("CURRENCY", "EUR"), ("TAX", "20")], "eu"))
-                .await
-                .unwrap();
-            assert_eq!(v2.version.version, 2);
-            // No-op change: no new version.
-            let same = c
-                .change("cat", set(&[("CURRENCY", "EUR")], "again"))
-                .await
-                .unwrap();
-            assert!(!same.created);
-            assert_eq!(same.version.version, 2);
-            let v3 = c
-                .change(
-                    "cat",
-                    ChangeRequest {
-                        unset: vec!["TAX".into()],
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                v3.version.changes,
-                vec![KeyChange {
-                    key: "TAX".into(),
-                    kind: ChangeKind::Unset
-                }]
-            );
-            let rb = c.rollback("cat", 1, None).await.unwrap();
-            assert_eq!(rb.version.version, 4);
-            assert_eq!(rb.version.rollback_of, Some(1));
-            assert_eq!(rb.version.values.get("CURRENCY").unwrap(), "USD");
-        }
-        let c = ConfigStore::new(Arc::new(RedbStore::open(dir.path()).unwrap()));
-        let h = c.history("cat").await.unwrap();
-        assert_eq!(
-            h.iter().map(|v| v.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4]
-        );
-        assert_eq!(h[1].message, "eu");
-        assert_eq!(
-            c.values("cat").await.unwrap().get("CURRENCY").unwrap(),
-            "USD"
-        );
-        assert_eq!(c.services().await.unwrap(), ["cat"]);
-        assert!(c.values("dog").await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn rejects_bad_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = ConfigStore::new(Arc::new(RedbStore::open(dir.path()).unwrap()));
-        for (svc, req) in [
-            ("Bad", set(&[("A", "1")], "")),
-            ("ok", set(&[("PORT", "1")], "")),
-            ("ok", set(&[("GANTRY_X", "1")], "")),
-            ("ok", set(&[("1A", "1")], "")),
-            ("ok", set(&[("A-B", "1")], "")),
-            ("ok", set(&[("A", "x\0y")], "")),
-            ("ok", ChangeRequest::default()),
-        ] {
-            assert!(
-                matches!(c.change(svc, req).await, Err(ConfigError::Invalid(_))),
-                "{svc}"
-            );
-        }
-        let big = "x".repeat(MAX_VALUE_BYTES + 1);
-        assert!(c.change("ok", set(&[("A", &big)], "")).await.is_err());
-        assert!(matches!(
-            c.rollback("ok", 7, None).await,
-            Err(ConfigError::NoSuchVersion { .. })
-        ));
-    }
-}
+mod tests;

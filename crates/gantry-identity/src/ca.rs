@@ -13,9 +13,9 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::seal::Sealer;
+use gantry_secrets::Keyring as Sealer;
 
-const CA_AAD: &str = "identity-ca/root";
+pub(crate) const CA_AAD: &str = "identity-ca/root";
 
 pub const CA_BUCKET: &str = "identity-ca";
 pub const CA_KEY: &str = "root";
@@ -89,7 +89,9 @@ impl Ca {
         Ok(StoredCa {
             cn,
             cert_pem: cert.pem(),
-            key_pem: sealer.seal(CA_AAD, key.serialize_pem().as_bytes())?,
+            key_pem: sealer
+                .seal(CA_AAD, key.serialize_pem().as_bytes())
+                .map_err(|e| e.to_string())?,
             created: now,
             expires,
         })
@@ -97,7 +99,8 @@ impl Ca {
 
     pub fn load(s: &StoredCa, sealer: &Sealer) -> Result<Self, String> {
         let pem = if Sealer::is_sealed(&s.key_pem) {
-            String::from_utf8(sealer.open(CA_AAD, &s.key_pem)?).map_err(|e| e.to_string())?
+            String::from_utf8(sealer.open(CA_AAD, &s.key_pem).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?
         } else {
             s.key_pem.clone()
         };
@@ -202,7 +205,7 @@ mod tests {
 
     #[test]
     fn issued_certificates_chain_to_the_ca_and_name_their_service() {
-        let sealer = Sealer::new(&[5u8; 32]);
+        let sealer = Sealer::new(&[5u8; 32], &[]);
         let stored = Ca::generate(1_800_000_000, &sealer).expect("ca");
         assert!(Sealer::is_sealed(&stored.key_pem));
         let ca = Ca::load(&stored, &sealer).expect("load");

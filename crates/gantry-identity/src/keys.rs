@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::random_token;
-use crate::seal::Sealer;
+use gantry_secrets::Keyring as Sealer;
 
 /// The algorithms new keys may be made for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +137,9 @@ impl StoredKey {
             o.insert("alg".into(), Value::String(alg.as_str().into()));
             o.insert("use".into(), Value::String("sig".into()));
         }
-        let private_der = sealer.seal(&format!("{}/{kid}", crate::KEYS), &der)?;
+        let private_der = sealer
+            .seal(&format!("{}/{kid}", crate::KEYS), &der)
+            .map_err(|e| e.to_string())?;
         Ok(StoredKey {
             kid,
             alg,
@@ -214,7 +216,7 @@ mod tests {
     use super::*;
 
     fn sealer() -> Sealer {
-        Sealer::new(&[3u8; 32])
+        Sealer::new(&[3u8; 32], &[])
     }
 
     #[test]

@@ -22,7 +22,6 @@ pub mod external;
 pub mod keys;
 mod limiter;
 pub mod oauth;
-pub mod seal;
 pub mod sessions;
 mod sessions_redis;
 mod tokens;
@@ -73,16 +72,6 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The key private keys are sealed with at rest (never printed).
-#[derive(Clone)]
-pub struct SecretsKey(pub [u8; 32]);
-
-impl std::fmt::Debug for SecretsKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SecretsKey(..)")
-    }
-}
-
 /// How identity runs (from `[identity]` in the spec).
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -105,7 +94,7 @@ pub struct IdentityConfig {
     /// Services whose instances get certificates (`mtls = true`).
     pub mtls: std::collections::BTreeSet<String>,
     /// What private keys are sealed with in the store.
-    pub secrets_key: SecretsKey,
+    pub keyring: Arc<gantry_secrets::Keyring>,
     pub audience: String,
     pub calls: CallPolicy,
     pub external: Vec<external::ExternalIssuer>,
@@ -182,7 +171,7 @@ pub struct Identity {
     /// Sessions in Redis, when configured.
     redis: Option<Arc<sessions_redis::RedisSessions>>,
     /// Seals private keys before they are stored.
-    sealer: seal::Sealer,
+    sealer: Arc<gantry_secrets::Keyring>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -276,12 +265,29 @@ impl Identity {
         let calls = cfg.calls.clone();
         // The CA: the stored one, else a new one (created only if no other gantry made one
         // meanwhile).
-        let sealer = seal::Sealer::new(&cfg.secrets_key.0);
+        let sealer = cfg.keyring.clone();
         let stored = match store
             .get_json::<ca::StoredCa>(ca::CA_BUCKET, ca::CA_KEY)
             .await?
         {
-            Some((c, _)) => c,
+            Some((mut c, rev)) => {
+                // Sealed under a previous secrets key (a rotation): reseal under the current one.
+                match sealer.reseal(ca::CA_AAD, &c.key_pem) {
+                    Ok(Some(resealed)) if gantry_secrets::Keyring::is_sealed(&c.key_pem) => {
+                        c.key_pem = resealed;
+                        match store.update_json(ca::CA_BUCKET, ca::CA_KEY, &c, rev).await {
+                            Ok(_) => tracing::info!(
+                                "identity: internal CA key resealed under the current secrets key"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "identity: could not reseal the internal CA key (another gantry may have)")
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                c
+            }
             None => {
                 let fresh = ca::Ca::generate(gantry_authn::now_secs(), &sealer)
                     .map_err(|e| IdentityError::Internal(format!("internal CA: {e}")))?;
@@ -378,7 +384,29 @@ impl Identity {
     }
 
     async fn load(&self) -> Result<(), IdentityError> {
-        let keys: Vec<(String, StoredKey, u64)> = self.store.list_json(KEYS, ">").await?;
+        let mut keys: Vec<(String, StoredKey, u64)> = self.store.list_json(KEYS, ">").await?;
+        // Sealed under a previous secrets key (a rotation): reseal under the current one, so
+        // that the previous key can be removed after this start.
+        for (kid, k, rev) in &mut keys {
+            if !gantry_secrets::Keyring::is_sealed(&k.private_der) {
+                continue;
+            }
+            let aad = format!("{KEYS}/{kid}");
+            if let Ok(Some(resealed)) = self.sealer.reseal(&aad, &k.private_der) {
+                let mut updated = k.clone();
+                updated.private_der = resealed;
+                match self.store.update_json(KEYS, kid, &updated, *rev).await {
+                    Ok(r) => {
+                        *k = updated;
+                        *rev = r;
+                        tracing::info!(kid = %kid, "identity: signing key resealed under the current secrets key");
+                    }
+                    Err(e) => {
+                        tracing::warn!(kid = %kid, error = %e, "identity: could not reseal a signing key (another gantry may have)")
+                    }
+                }
+            }
+        }
         let revoked: Vec<(String, u64, u64)> = self.store.list_json(REVOKED, ">").await?;
         let api: Vec<(String, ApiKey, u64)> =
             self.store.list_json(directory::API_KEYS, ">").await?;

@@ -12,7 +12,7 @@ fn config(issuer: &str) -> IdentityConfig {
         session_ttl: 3600,
         cert_ttl: 3600,
         sessions_redis: None,
-        secrets_key: SecretsKey([9u8; 32]),
+        keyring: Arc::new(gantry_secrets::Keyring::new(&[9u8; 32], &[])),
         mtls: Default::default(),
         audience: "gantry".into(),
         calls: CallPolicy::default(),

@@ -23,6 +23,10 @@ pub struct Deployment {
     pub depends_on: Vec<String>,
     #[serde(default)]
     pub on_config_change: OnConfigChange,
+    /// Sent to each running instance after its config file is rewritten, with
+    /// `on_config_change = "signal"`. Default `SIGHUP`.
+    #[serde(default = "default_reload_signal")]
+    pub reload_signal: String,
     /// The config version instances start with; `None` follows the current version.
     #[serde(default)]
     pub config_version: Option<u64>,
@@ -33,6 +37,10 @@ pub struct Deployment {
     /// Registered with each instance.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+}
+
+fn default_reload_signal() -> String {
+    "SIGHUP".into()
 }
 
 impl Deployment {
@@ -139,8 +147,11 @@ pub enum OnConfigChange {
     /// New values reach new instances only; `gantry restart` applies them.
     #[default]
     None,
-    /// A rolling restart (one instance at a time, waiting for health) after each change.
+    /// A rolling restart (one instance at a time, waiting for health) after each change; a
+    /// change whose new instances fail their health checks is reverted automatically.
     Restart,
+    /// Rewrite each running instance's config file, then send it `reload_signal`.
+    Signal,
 }
 
 /// Exponential restart backoff: `initial_ms`, doubled per consecutive failed start, capped.

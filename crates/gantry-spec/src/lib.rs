@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub use gateway::*;
 pub use identity::*;
 pub use types::*;
-pub use validate::{is_reserved_env, is_valid_env_name, STOP_SIGNALS};
+pub use validate::{is_reserved_env, is_valid_env_name, valid_env_name, STOP_SIGNALS};
 
 /// One problem found in a spec file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +113,7 @@ impl LoadedSpec {
                     }],
                     depends_on: svc.depends_on.clone(),
                     on_config_change: svc.on_config_change,
+                    reload_signal: svc.reload_signal.clone(),
                     config_version: None,
                     resources: Default::default(),
                     placement: Default::default(),

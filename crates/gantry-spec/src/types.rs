@@ -25,7 +25,35 @@ pub struct Spec {
     #[serde(default)]
     pub identity: IdentitySpec,
     #[serde(default)]
+    pub config: ConfigSpec,
+    #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// `[config]`: the config store.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSpec {
+    /// The environment whose layer instances get (`dev`, `staging`, `prod`, ...);
+    /// `gantry up --env` overrides it. Default: none (base layers only).
+    #[serde(default)]
+    pub env: Option<String>,
+    /// Versions of each config set history keeps. Default 100.
+    #[serde(default = "default_config_history")]
+    pub history: u64,
+}
+
+impl Default for ConfigSpec {
+    fn default() -> Self {
+        Self {
+            env: None,
+            history: default_config_history(),
+        }
+    }
+}
+
+fn default_config_history() -> u64 {
+    100
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -269,9 +297,14 @@ pub struct ServiceSpec {
     /// the gateway already sent it to finish. Default 5000.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
-    /// What a config change does to running instances. Default `none`.
+    /// What a config change does to running instances: `none` (new instances get it; the
+    /// config file is rewritten), `restart` (rolling, reverted if unhealthy) or `signal`.
+    /// Default `none`.
     #[serde(default)]
     pub on_config_change: OnConfigChange,
+    /// The signal `on_config_change = "signal"` sends. Default `SIGHUP`.
+    #[serde(default = "default_reload_signal")]
+    pub reload_signal: String,
     /// How the gateway reaches this service.
     #[serde(default)]
     pub upstream: UpstreamSpec,
@@ -287,6 +320,9 @@ fn default_replicas() -> u32 {
 }
 fn default_stop_signal() -> String {
     "SIGTERM".into()
+}
+fn default_reload_signal() -> String {
+    "SIGHUP".into()
 }
 fn default_stop_timeout_ms() -> u64 {
     10_000

@@ -183,6 +183,16 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
                 p.push((f, format!("unknown service {dep:?}")));
             }
         }
+        if !STOP_SIGNALS.contains(&svc.reload_signal.as_str()) || svc.reload_signal == "SIGKILL" {
+            p.push((
+                at("reload_signal"),
+                format!(
+                    "unknown signal {:?}; expected one of {} (not SIGKILL)",
+                    svc.reload_signal,
+                    STOP_SIGNALS.join(", ")
+                ),
+            ));
+        }
         if !STOP_SIGNALS.contains(&svc.stop_signal.as_str()) {
             p.push((
                 at("stop_signal"),
@@ -301,6 +311,20 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     }
     crate::gateway::validate_gateway(&mut p, spec);
     crate::identity::validate(&mut p, spec);
+    if let Some(e) = &spec.config.env {
+        if !valid_env_name(e) {
+            p.push((
+                "config.env".into(),
+                format!("invalid environment name {e:?}: expected 1-32 characters of a-z, 0-9 and '-' starting with a letter"),
+            ));
+        }
+    }
+    if !(2..=10_000).contains(&spec.config.history) {
+        p.push((
+            "config.history".into(),
+            format!("expected 2..=10000 versions, got {}", spec.config.history),
+        ));
+    }
     if let Some(cycle) = find_cycle(spec) {
         p.push((
             format!("services.{}.depends_on", cycle[0]),
@@ -308,6 +332,16 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
         ));
     }
     p
+}
+
+/// Environment names (`[config] env`, `gantry up --env`): 1-32 of a-z, 0-9, '-', starting with
+/// a letter.
+pub fn valid_env_name(e: &str) -> bool {
+    !e.is_empty()
+        && e.len() <= 32
+        && e.starts_with(|c: char| c.is_ascii_lowercase())
+        && e.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
 }
 
 pub(crate) fn bad_prefix(prefix: &str) -> Option<&'static str> {

@@ -217,6 +217,24 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// The instance's config file (`GANTRY_CONFIG_FILE`), readable by the instance only.
+pub(crate) const CONFIG_FILE: &str = "config.json";
+
+/// Write the resolved config where the instance reads it: to a temporary file, synced, then
+/// renamed over the old one, so a reader sees the old file or the new one, never a part.
+pub(crate) fn write_config_file(
+    dir: &std::path::Path,
+    config: &gantry_config::Resolved,
+) -> std::io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(&config.file_json())?;
+    text.push(b'\n');
+    let tmp = dir.join(".config.json.tmp");
+    write_file(&tmp, &text, 0o600)?;
+    std::fs::rename(&tmp, dir.join(CONFIG_FILE))?;
+    // The rename itself is durable once the directory is synced.
+    std::fs::File::open(dir)?.sync_all()
+}
+
 fn write_file(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -362,14 +380,18 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
             }
         },
     };
-    let config = match svc.config_version {
-        // A deployment pinned to a config version starts with that one.
-        Some(v) => deps.config.version(&svc.name, v).await.map(Some),
-        None => deps.config.current(&svc.name).await,
-    };
-    let (config_version, config) = match config {
-        Ok(Some(v)) => (v.version, v.values),
-        Ok(None) => (0, BTreeMap::new()),
+    // A deployment pinned to a config version starts with that one.
+    let config = deps
+        .config
+        .resolve(
+            &svc.name,
+            deps.environment.as_deref(),
+            Some(r.id),
+            svc.config_version,
+        )
+        .await;
+    let config = match config {
+        Ok(c) => c,
         // Starting without its settings (or secrets) would look healthy and be wrong: this start
         // fails and is retried with backoff.
         Err(e) => {
@@ -390,7 +412,15 @@ async fn run_once(r: &Run<'_>, ctl: &mut mpsc::Receiver<InstanceCmd>) -> Outcome
             }
         }
     };
-    let env = build_env(svc, r.id, port, config_version, &config, &dir, &added);
+    if let Err(e) = write_config_file(&dir, &config) {
+        return Outcome::Exited {
+            description: format!("cannot write its config file: {e}"),
+            success: false,
+            ran_for: Duration::ZERO,
+        };
+    }
+    let config_version = config.version;
+    let env = build_env(svc, r.id, port, config_version, &config.env(), &dir, &added);
     r.set_state(InstanceState::Starting, None);
     let cgroup = match &deps.cgroups {
         Some(cg) => {
@@ -658,6 +688,13 @@ fn build_env(
         "GANTRY_INSTANCE_DIR".into(),
         dir.to_string_lossy().into_owned(),
     );
+    env.insert(
+        "GANTRY_CONFIG_FILE".into(),
+        dir.join(CONFIG_FILE).to_string_lossy().into_owned(),
+    );
+    if let Some(e) = &svc.deps.environment {
+        env.insert("GANTRY_ENV".into(), e.clone());
+    }
     let d = &svc.deps;
     for (k, v) in [
         ("PORT", port.to_string()),

@@ -96,6 +96,8 @@ pub struct SupervisorDeps {
     /// Marks every process this system starts (`GANTRY_SYSTEM`), so that processes which leave
     /// their instance's group are still found; stable across restarts of gantry.
     pub system_id: String,
+    /// The config environment instances get (`gantry up --env`, `[config] env`).
+    pub environment: Option<String>,
 }
 
 /// The instance a hook is asked about.
@@ -151,6 +153,7 @@ pub(crate) struct Deps {
     instances_dir: PathBuf,
     hooks: Vec<Arc<dyn InstanceHook>>,
     system_id: String,
+    environment: Option<String>,
     /// Per-instance cgroups, where the machine allows them.
     cgroups: Option<process::Cgroups>,
 }
@@ -258,6 +261,7 @@ impl Supervisor {
             hooks: d.hooks,
             cgroups: process::Cgroups::detect(&d.system_id),
             system_id: d.system_id,
+            environment: d.environment,
         });
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
@@ -306,7 +310,7 @@ impl Supervisor {
         let _ = ready_rx.await;
         tokio::spawn(
             self.clone()
-                .restart_on_config_change(self.deps.config.clone(), shutdown_rx),
+                .follow_config(self.deps.config.clone(), shutdown_rx),
         );
         Ok(())
     }
@@ -642,7 +646,12 @@ impl Supervisor {
         Ok(report)
     }
 
-    async fn restart_on_config_change(
+    /// Follow config changes: each affected service (the set's own, or every service for the
+    /// global set) gets its running instances' config files rewritten, then what its
+    /// `on_config_change` says: `signal` signals each instance; `restart` rolls the service and,
+    /// when a new instance fails its health checks, reverts the change (a new config version
+    /// says so; that revert rolls the instances already replaced back).
+    async fn follow_config(
         self: Arc<Self>,
         config: Arc<ConfigStore>,
         mut shutdown: watch::Receiver<bool>,
@@ -655,24 +664,175 @@ impl Supervisor {
             };
             let changed = match changed {
                 Ok(c) => c,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "config changes came faster than they were applied; some were skipped"
+                    );
+                    continue;
+                }
                 Err(_) => return,
             };
-            let restart = self
+            let affected: Vec<(String, OnConfigChange, String, Option<u64>)> = self
                 .services
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(&changed.service)
-                .is_some_and(|e| e.deployment.on_config_change == OnConfigChange::Restart);
-            if !restart {
+                .iter()
+                .filter(|(name, _)| changed.set == gantry_config::GLOBAL || **name == changed.set)
+                .map(|(name, e)| {
+                    (
+                        name.clone(),
+                        e.deployment.on_config_change,
+                        e.deployment.reload_signal.clone(),
+                        e.deployment.config_version,
+                    )
+                })
+                .collect();
+            for (service, policy, signal, pinned) in affected {
+                // A service pinned to a config version does not follow its own set's changes.
+                if pinned.is_some() && changed.set != gantry_config::GLOBAL {
+                    continue;
+                }
+                match policy {
+                    OnConfigChange::Restart => {
+                        // A revert whose bad version reached no instance (the rollout stopped at
+                        // its first new one) leaves nothing to roll back.
+                        if let (Some(bad), true) = (changed.reverts, changed.set == service) {
+                            let reached = self.board.list().iter().any(|r| {
+                                r.service == service && r.pid.is_some() && r.config_version >= bad
+                            });
+                            if !reached {
+                                continue;
+                            }
+                        }
+                        let me = self.clone();
+                        let config = config.clone();
+                        let changed = changed.clone();
+                        tokio::spawn(async move {
+                            me.config_rollout(&config, &service, &changed).await;
+                        });
+                    }
+                    OnConfigChange::Signal => {
+                        self.reconfigure(&service, Some(process::signal_number(&signal)))
+                            .await
+                    }
+                    OnConfigChange::None => self.reconfigure(&service, None).await,
+                }
+            }
+        }
+    }
+
+    /// Rewrite the config file of each running instance of `service`, then send it `signal`.
+    async fn reconfigure(&self, service: &str, signal: Option<i32>) {
+        let rows: Vec<status::InstanceStatus> = self
+            .board
+            .list()
+            .into_iter()
+            .filter(|r| r.service == service && r.pid.is_some())
+            .collect();
+        for r in rows {
+            let dir = self.deps.instances_dir.join(&r.id);
+            let pin = self
+                .services
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(service)
+                .and_then(|e| e.deployment.config_version);
+            let resolved = match self
+                .deps
+                .config
+                .resolve(service, self.deps.environment.as_deref(), Some(&r.id), pin)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(instance = %r.id, error = %e, "cannot resolve the new config; instance keeps its file");
+                    continue;
+                }
+            };
+            let written = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || instance::write_config_file(&dir, &resolved)
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                tracing::warn!(instance = %r.id, "cannot rewrite the config file (the instance may have just stopped)");
                 continue;
             }
-            for tx in self.senders(&changed.service, None).unwrap_or_default() {
-                let cmd = service::ServiceCmd::Restart {
-                    reply: None,
-                    reason: format!("config version {}", changed.version),
-                };
-                let _ = tx.send(cmd);
+            if let (Some(sig), Some(pid)) = (signal, r.pid) {
+                // The leader only, as `kill -HUP PID` would: the service decides what its
+                // children hear.
+                if process::signal_process(pid, sig) {
+                    self.board.event(
+                        service,
+                        Some(&r.id),
+                        status::EventKind::Rollout,
+                        format!("config file rewritten, signal {sig} sent"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A rolling restart for a config change, reverted if it fails.
+    async fn config_rollout(
+        &self,
+        config: &ConfigStore,
+        service: &str,
+        changed: &gantry_config::ConfigChanged,
+    ) {
+        let reason = if changed.set == gantry_config::GLOBAL {
+            format!("global config version {}", changed.version)
+        } else {
+            format!("config version {}", changed.version)
+        };
+        let mut failure = None;
+        for tx in self.senders(service, None).unwrap_or_default() {
+            let (reply, rx) = oneshot::channel();
+            let cmd = service::ServiceCmd::Restart {
+                reply: Some(reply),
+                reason: reason.clone(),
+            };
+            if tx.send(cmd).is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+        let Some(why) = failure else { return };
+        if changed.reverts.is_some() {
+            tracing::error!(service, set = %changed.set, version = changed.version, error = %why, "the revert's rollout failed too; leaving the config as it is");
+            return;
+        }
+        if *self.shutdown.borrow() {
+            return;
+        }
+        // Only the latest version is reverted: a newer change supersedes this one.
+        match config.version_of(&changed.set).await {
+            Ok(v) if v == changed.version => {}
+            _ => return,
+        }
+        match config
+            .revert(&changed.set, changed.version, &format!("{service}: {why}"))
+            .await
+        {
+            Ok(c) => {
+                let msg = format!(
+                    "config version {} of {} reverted by version {}: {why}",
+                    changed.version, changed.set, c.version.version
+                );
+                tracing::warn!(service, "{msg}");
+                self.board
+                    .event(service, None, status::EventKind::Rollout, msg);
+            }
+            Err(e) => {
+                tracing::error!(service, error = %e, "could not revert a failed config change")
             }
         }
     }

@@ -202,6 +202,14 @@ pub(crate) fn signal_group(pgid: u32, signal: i32) -> bool {
     nix_kill(-(pgid as i32), signal)
 }
 
+/// Send `signal` to one process; false if it no longer exists.
+pub(crate) fn signal_process(pid: u32, signal: i32) -> bool {
+    if pid <= 1 || pid > i32::MAX as u32 {
+        return false;
+    }
+    nix_kill(pid as i32, signal)
+}
+
 #[allow(unsafe_code)]
 fn nix_kill(pid: i32, signal: i32) -> bool {
     // SAFETY: kill(2) has no memory effects; a stale pid yields ESRCH, which we report as false.

@@ -95,6 +95,7 @@ fn deployment(cwd: &std::path::Path) -> Deployment {
         }],
         depends_on: Vec::new(),
         on_config_change: Default::default(),
+        reload_signal: "SIGHUP".into(),
         config_version: None,
         resources: Default::default(),
         placement: Default::default(),
@@ -131,7 +132,13 @@ async fn supervisor(
     desired.apply_spec(vec![initial]).await.unwrap();
     let sup = Supervisor::new(SupervisorDeps {
         registry,
-        config: Arc::new(ConfigStore::new(store.clone())),
+        config: ConfigStore::open(
+            store.clone(),
+            Arc::new(gantry_secrets::Keyring::new(&[1u8; 32], &[])),
+            Default::default(),
+        )
+        .await
+        .unwrap(),
         store,
         logs: logs.clone(),
         metrics,
@@ -143,6 +150,7 @@ async fn supervisor(
         instances_dir: dir.join("instances"),
         hooks,
         system_id: system_id.into(),
+        environment: None,
     });
     sup.start().await.unwrap();
     (sup, logs, desired)

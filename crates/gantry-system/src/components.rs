@@ -527,6 +527,7 @@ impl SupervisorComponent {
                 i.identity,
             ))],
             system_id: data.system_id.clone(),
+            environment: spec.spec.config.env.clone(),
         });
         Self {
             supervisor,

@@ -31,9 +31,10 @@ pub(crate) struct DataDir {
     pub token: Arc<str>,
     /// Marks this system's processes (`GANTRY_SYSTEM`); kept in `system-id`.
     pub system_id: String,
-    /// What private keys are sealed with in the store: `GANTRY_SECRETS_KEY`, else
-    /// `secrets.key` (made once, 0600).
-    pub secrets_key: [u8; 32],
+    /// What secrets (config secrets, private keys) are sealed with in the store: the current
+    /// key (`GANTRY_SECRETS_KEY`, else `secrets.key`, made once, 0600) and, during a rotation,
+    /// the previous ones (`GANTRY_SECRETS_KEY_PREVIOUS`, else `secrets.key.previous`).
+    pub keyring: Arc<gantry_secrets::Keyring>,
 }
 
 impl DataDir {
@@ -73,24 +74,52 @@ impl DataDir {
         );
         let token: Arc<str> = admin_token(&dir)?.into();
         let system_id = system_id(&dir)?;
-        let secrets_key = secrets_key(&dir)?;
+        let keyring = Arc::new(gantry_secrets::Keyring::new(
+            &secrets_key(&dir)?,
+            &previous_secrets_keys(&dir)?,
+        ));
         Ok(Self {
             dir,
             lock,
             store,
             token,
             system_id,
-            secrets_key,
+            keyring,
         })
     }
 }
 
 pub const SECRETS_KEY_FILE: &str = "secrets.key";
 pub const SECRETS_KEY_ENV: &str = "GANTRY_SECRETS_KEY";
+pub const PREVIOUS_SECRETS_KEY_FILE: &str = "secrets.key.previous";
+pub const PREVIOUS_SECRETS_KEY_ENV: &str = "GANTRY_SECRETS_KEY_PREVIOUS";
 
-fn decode_key(text: &str) -> Option<[u8; 32]> {
-    let raw = gantry_authn::b64url_decode(text.trim())?;
-    raw.try_into().ok()
+use gantry_secrets::decode_key;
+
+/// Keys of a rotation in progress: what sealed values may still be sealed with (resealed under
+/// the current key as they are loaded). `GANTRY_SECRETS_KEY_PREVIOUS` (comma-separated), else
+/// `secrets.key.previous` (one per line); none when neither is there.
+fn previous_secrets_keys(dir: &Path) -> anyhow::Result<Vec<[u8; 32]>> {
+    let (text, from) = match std::env::var(PREVIOUS_SECRETS_KEY_ENV) {
+        Ok(v) => (v.replace(',', "\n"), PREVIOUS_SECRETS_KEY_ENV.to_string()),
+        Err(_) => {
+            let path = dir.join(PREVIOUS_SECRETS_KEY_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => (t, path.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
+            }
+        }
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .enumerate()
+        .map(|(n, l)| {
+            decode_key(l)
+                .ok_or_else(|| anyhow!("{from}: key {} is not 32 bytes in base64url", n + 1))
+        })
+        .collect()
 }
 
 /// The key private keys are sealed with: `GANTRY_SECRETS_KEY` (base64url of 32 bytes: what
@@ -109,7 +138,7 @@ fn secrets_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut k = [0u8; 32];
             getrandom::fill(&mut k).map_err(|e| anyhow!("random source: {e}"))?;
-            write_private(dir, SECRETS_KEY_FILE, &gantry_authn::b64url(&k))?;
+            write_private(dir, SECRETS_KEY_FILE, &gantry_secrets::encode_key(&k))?;
             Ok(k)
         }
         Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),

@@ -98,7 +98,7 @@ impl IdentityComponent {
             session_ttl: s.session_ttl_secs,
             cert_ttl: s.workload_cert_ttl_secs,
             sessions_redis: s.sessions_redis.clone(),
-            secrets_key: gantry_identity::SecretsKey(data.secrets_key),
+            keyring: data.keyring.clone(),
             mtls: mtls_services(&spec.spec),
             audience: s.audience.clone(),
             calls: call_policy(&spec.spec),

@@ -146,7 +146,14 @@ impl System {
         let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
         let node = components::node_name();
         let registry = components::RegistryComponent::build(&data, node.clone(), &metrics).await?;
-        let config = Arc::new(ConfigStore::new(data.store.clone()));
+        let config = ConfigStore::open(
+            data.store.clone(),
+            data.keyring.clone(),
+            gantry_config::ConfigOptions {
+                history: spec.spec.config.history,
+            },
+        )
+        .await?;
         let identity =
             identity::IdentityComponent::build(&spec, &data, &metrics, admin_limits(&spec)).await?;
 
@@ -196,6 +203,7 @@ impl System {
                     identity.identity.clone(),
                 )),
                 identity: identity.identity.clone(),
+                config_env: spec.spec.config.env.clone(),
                 public: Arc::new(
                     spec.spec
                         .admin
@@ -272,7 +280,7 @@ impl System {
         Ok(EarlierState {
             api_routes: self.store.keys("routes", ">").await?.len(),
             registrations: self.store.keys("registry", ">").await?.len(),
-            configured_services: self.config.services().await?.len(),
+            configured_services: self.config.sets().await?.len(),
             changed_deployments,
         })
     }

@@ -32,7 +32,10 @@
 //! Start-up knobs (environment): `TESTSVC_EXIT_AT_START=N` exits with N right away;
 //! `TESTSVC_START_DELAY_MS=N` waits before listening; `TESTSVC_IGNORE_TERM=1` ignores SIGTERM;
 //! `TESTSVC_SPAWN_CHILD=1` starts `sleep 1000` as a child (to test process-group handling);
-//! `TESTSVC_DELAY_ALL_MS=N` delays every non-admin, non-health answer by N ms.
+//! `TESTSVC_DELAY_ALL_MS=N` delays every non-admin, non-health answer by N ms;
+//! `TESTSVC_UNHEALTHY=1` fails its health check from the start (a bad config).
+//! SIGHUP counts a reload (`/reloads`); `/config-file` answers the file `GANTRY_CONFIG_FILE`
+//! names, as it is now.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -62,6 +65,7 @@ struct Flags {
     digest_sum: AtomicU64,
     connections_open: AtomicU64,
     connections_total: AtomicU64,
+    reloads: AtomicU64,
     delay_ms: u64,
 }
 
@@ -367,6 +371,17 @@ async fn handle_full(
             }
             text(StatusCode::OK, "logged\n".into())
         }
+        (_, "/reloads") => text(
+            StatusCode::OK,
+            flags.reloads.load(Ordering::SeqCst).to_string(),
+        ),
+        (_, "/config-file") => {
+            let path = std::env::var("GANTRY_CONFIG_FILE").unwrap_or_default();
+            match std::fs::read_to_string(&path) {
+                Ok(t) => text(StatusCode::OK, t),
+                Err(e) => text(StatusCode::NOT_FOUND, format!("{path}: {e}\n")),
+            }
+        }
         (_, p) if p.starts_with("/env/") => match std::env::var(&p[5..]) {
             Ok(v) => text(StatusCode::OK, v),
             Err(_) => text(StatusCode::NOT_FOUND, format!("{} is not set\n", &p[5..])),
@@ -496,8 +511,16 @@ async fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        fail_health: AtomicBool::new(std::env::var("TESTSVC_UNHEALTHY").is_ok_and(|v| v == "1")),
         ..Flags::default()
     });
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot handle SIGHUP: {e}");
+            std::process::exit(1);
+        }
+    };
     loop {
         tokio::select! {
             acc = listener.accept() => {
@@ -512,6 +535,10 @@ async fn main() {
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                     flags.connections_open.fetch_sub(1, Ordering::SeqCst);
                 });
+            }
+            _ = hup.recv() => {
+                let n = flags.reloads.fetch_add(1, Ordering::SeqCst) + 1;
+                println!("SIGHUP: reload {n}");
             }
             _ = term.recv() => {
                 if ignore_term {

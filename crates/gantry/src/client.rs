@@ -125,6 +125,16 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<hyper::Response<Incoming>, CliError> {
+        let body = body.map(|v| ("application/json", Bytes::from(v.to_string())));
+        self.request_raw(method, path, body).await
+    }
+
+    async fn request_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Bytes)>,
+    ) -> Result<hyper::Response<Incoming>, CliError> {
         let url = format!("{}{}", self.base, path);
         let mut b = Request::builder().method(method.clone()).uri(&url);
         // Every endpoint needs a permission, reads included.
@@ -132,9 +142,9 @@ impl Client {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         let body = match body {
-            Some(v) => {
-                b = b.header("content-type", "application/json");
-                Full::new(Bytes::from(v.to_string()))
+            Some((ct, bytes)) => {
+                b = b.header("content-type", ct);
+                Full::new(bytes)
             }
             None => Full::new(Bytes::new()),
         };
@@ -213,6 +223,43 @@ impl Client {
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| CliError::new(format!("gantry sent invalid JSON: {e}")))
+    }
+
+    /// A call with a body that is not JSON (a document to import); the answer is JSON.
+    pub async fn send_text<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<T, CliError> {
+        let resp = self
+            .request_raw(method, path, Some((content_type, Bytes::from(body))))
+            .await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CliError::new(format!("reading response: {e}")))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| {
+            CliError::new(format!(
+                "unexpected answer from {path}: {e} (is gantry the same version as this CLI?)"
+            ))
+        })
+    }
+
+    /// A GET whose answer is text (an export).
+    pub async fn get_text(&self, path: &str) -> Result<String, CliError> {
+        let resp = self.request(Method::GET, path, None).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CliError::new(format!("reading response: {e}")))?
+            .to_bytes();
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| CliError::new("gantry sent text that is not UTF-8"))
     }
 
     pub async fn get(&self, path: &str) -> Result<serde_json::Value, CliError> {

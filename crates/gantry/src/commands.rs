@@ -14,7 +14,9 @@ use gantry_api::audit::AuditRecord;
 use gantry_api::config::RollbackBody;
 use gantry_api::services::ScaleBody;
 use gantry_api::{ReloadReport, RouteWritten};
-use gantry_config::{ChangeKind, ChangeRequest, Committed, ConfigVersion, CurrentConfig};
+use gantry_config::{
+    ChangeKind, ChangeRequest, ChangeView, Committed, ConfigView, ResolvedView, VersionView,
+};
 use gantry_gateway::RouteView;
 use gantry_model::{Instance, InstanceSource, PathMatch, RouteAction};
 use gantry_supervisor::{InstanceState, InstanceStatus, RestartReport, ServiceStatus};
@@ -264,6 +266,7 @@ async fn services(c: &Client, out: Output) -> Result<(), CliError> {
             match x.on_config_change {
                 gantry_model::OnConfigChange::None => "none",
                 gantry_model::OnConfigChange::Restart => "restart",
+                gantry_model::OnConfigChange::Signal => "signal",
             }
             .to_string(),
         ]
@@ -498,36 +501,76 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
     match cmd {
         ConfigCmd::Set {
             service,
-            key,
-            value,
+            pairs,
+            secrets,
+            layer,
             message,
             restart: and_restart,
+            no_wait,
         } => {
-            let body = ChangeRequest {
-                set: [(key, value)].into_iter().collect(),
-                unset: Vec::new(),
+            let mut body = ChangeRequest {
+                env: layer.env,
+                instance: layer.instance,
                 message,
+                ..Default::default()
             };
-            commit(c, &service, body, and_restart).await
+            // The old form: `set SERVICE KEY VALUE`.
+            let pairs = if pairs.len() == 2 && !pairs[0].contains('=') {
+                vec![format!("{}={}", pairs[0], pairs[1])]
+            } else {
+                pairs
+            };
+            for p in &pairs {
+                let (k, v) = parse_pair(p)?;
+                body.set.insert(k, v);
+            }
+            let mut stdin_lines = None;
+            for sec in &secrets {
+                let (k, v) = match sec.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => {
+                        let lines = stdin_lines
+                            .get_or_insert_with(|| std::io::stdin().lines().map_while(Result::ok));
+                        let v = lines.next().ok_or_else(|| {
+                            CliError::usage(format!(
+                                "--secret {sec}: no value on stdin (give one line per secret, or KEY=VALUE)"
+                            ))
+                        })?;
+                        (sec.clone(), v)
+                    }
+                };
+                body.secrets.insert(k, Value::String(v));
+            }
+            if body.set.is_empty() && body.secrets.is_empty() {
+                return Err(CliError::usage(
+                    "give KEY=VALUE pairs or --secret KEY to set",
+                ));
+            }
+            commit(c, &service, body, and_restart, no_wait).await
         }
         ConfigCmd::Unset {
             service,
-            key,
+            keys,
+            layer,
             message,
             restart: and_restart,
+            no_wait,
         } => {
             let body = ChangeRequest {
-                set: Default::default(),
-                unset: vec![key],
+                unset: keys,
+                env: layer.env,
+                instance: layer.instance,
                 message,
+                ..Default::default()
             };
-            commit(c, &service, body, and_restart).await
+            commit(c, &service, body, and_restart, no_wait).await
         }
         ConfigCmd::Rollback {
             service,
             version,
             message,
             restart: and_restart,
+            no_wait,
         } => {
             let done: Committed = c
                 .send(
@@ -540,22 +583,44 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
                 "{service}: config version {} restores version {version}",
                 done.version.version
             );
-            after_commit(c, &service, and_restart).await
+            after_commit(c, &service, done.version.version, and_restart, no_wait).await
         }
-        ConfigCmd::Get { service, key, out } => {
-            let v: CurrentConfig = c
+        ConfigCmd::Get {
+            service,
+            key,
+            layer,
+            reveal,
+            out,
+        } => {
+            let mut q = Vec::new();
+            if let Some(e) = &layer.env {
+                q.push(format!("env={}", enc(e)));
+            }
+            if let Some(i) = &layer.instance {
+                q.push(format!("instance={}", enc(i)));
+            }
+            if reveal {
+                q.push("reveal=true".into());
+            }
+            let v: ResolvedView = c
                 .send(
                     Method::GET,
-                    &format!("/v1/config/{}", enc(&service)),
+                    &format!("/v1/config/{}/resolved?{}", enc(&service), q.join("&")),
                     None::<&Value>,
                 )
                 .await?;
             match key {
                 Some(k) => match v.values.get(&k) {
                     Some(val) if out.json => {
-                        print_json(&json!({ "key": k, "value": val, "version": v.version }))
+                        print_json(&json!({ "key": k, "value": val, "version": v.version, "secret": v.secrets.contains(&k) }))
                     }
-                    Some(val) => println!("{val}"),
+                    Some(val) => println!("{}", gantry_config::model::env_text(val)),
+                    None if v.secrets.contains(&k) => {
+                        return Err(CliError {
+                            message: format!("{k} is a secret: add --reveal to show it (needs config:reveal; the read is audited)"),
+                            code: crate::EXIT_FAILURE,
+                        })
+                    }
                     None => {
                         return Err(CliError {
                             message: format!("{service} has no config key {k}"),
@@ -564,71 +629,283 @@ async fn config(c: &Client, cmd: ConfigCmd) -> Result<(), CliError> {
                     }
                 },
                 None if out.json => print_json(&json!(v)),
-                None => print_values(&v),
+                None => {
+                    println!(
+                        "# {} config version {} (global {})",
+                        v.service, v.version, v.global_version
+                    );
+                    for (k, val) in &v.values {
+                        println!("{k}={}", gantry_config::model::env_text(val));
+                    }
+                    for k in v.secrets.iter().filter(|k| !v.values.contains_key(*k)) {
+                        println!("{k}=<secret, redacted>");
+                    }
+                }
             }
             Ok(())
         }
-        ConfigCmd::List { service, out } => match service {
+        ConfigCmd::List {
+            service,
+            reveal,
+            out,
+        } => match service {
             Some(svc) => {
-                let v: CurrentConfig = c
+                let v: ConfigView = c
                     .send(
                         Method::GET,
-                        &format!("/v1/config/{}", enc(&svc)),
+                        &format!(
+                            "/v1/config/{}{}",
+                            enc(&svc),
+                            if reveal { "?reveal=true" } else { "" }
+                        ),
                         None::<&Value>,
                     )
                     .await?;
                 if out.json {
                     print_json(&json!(v));
                 } else {
-                    print_values(&v);
+                    print_view(&v);
                 }
                 Ok(())
             }
             None => {
-                let services: Vec<String> =
-                    c.send(Method::GET, "/v1/config", None::<&Value>).await?;
+                let sets: Vec<String> = c.send(Method::GET, "/v1/config", None::<&Value>).await?;
                 if out.json {
-                    print_json(&json!(services));
+                    print_json(&json!(sets));
                 } else {
-                    for svc in services {
-                        println!("{svc}");
+                    for set in sets {
+                        println!("{set}");
                     }
                 }
                 Ok(())
             }
         },
-        ConfigCmd::History { service, out } => {
-            let path = format!("/v1/config/{}/history", enc(&service));
-            let headers = ["VERSION", "TIME", "CHANGES", "MESSAGE"];
-            list(c, &path, out, &headers, |h: &ConfigVersion| {
+        ConfigCmd::History {
+            service,
+            reveal,
+            out,
+        } => {
+            let path = format!(
+                "/v1/config/{}/history{}",
+                enc(&service),
+                if reveal { "?reveal=true" } else { "" }
+            );
+            let headers = ["VERSION", "TIME", "AUTHOR", "CHANGES", "MESSAGE"];
+            list(c, &path, out, &headers, |h: &VersionView| {
                 let changes = h
                     .changes
                     .iter()
-                    .map(|x| {
-                        let sign = if x.kind == ChangeKind::Unset {
-                            "-"
-                        } else {
-                            "+"
-                        };
-                        format!("{sign}{}", x.key)
-                    })
+                    .map(|x| format!("{}{}", sign(x.kind), layered_key(x)))
                     .collect::<Vec<_>>()
                     .join(" ");
-                let when = humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(h.time_ms),
-                )
-                .to_string();
-                vec![h.version.to_string(), when, changes, h.message.clone()]
+                vec![
+                    h.version.to_string(),
+                    rfc3339(h.time_ms),
+                    or_dash(Some(h.author.clone()).filter(|a| !a.is_empty())),
+                    changes,
+                    h.message.clone(),
+                ]
             })
             .await
+        }
+        ConfigCmd::Diff {
+            service,
+            from,
+            to,
+            reveal,
+            out,
+        } => {
+            let mut path = format!("/v1/config/{}/diff?from={from}", enc(&service));
+            if let Some(t) = to {
+                path.push_str(&format!("&to={t}"));
+            }
+            if reveal {
+                path.push_str("&reveal=true");
+            }
+            let changes: Vec<ChangeView> = c.send(Method::GET, &path, None::<&Value>).await?;
+            if out.json {
+                print_json(&json!(changes));
+                return Ok(());
+            }
+            for x in &changes {
+                let show = |v: &Option<Value>, absent: bool| match v {
+                    _ if absent => "(absent)".to_string(),
+                    Some(v) => gantry_config::model::env_text(v),
+                    None => "<secret>".into(),
+                };
+                println!(
+                    "{}{}: {} -> {}",
+                    sign(x.kind),
+                    layered_key(x),
+                    show(&x.before, x.kind == ChangeKind::Added),
+                    show(&x.after, x.kind == ChangeKind::Removed)
+                );
+            }
+            Ok(())
+        }
+        ConfigCmd::Export {
+            service,
+            format,
+            version,
+            layer,
+            reveal,
+        } => {
+            let mut path = format!(
+                "/v1/config/{}/export?format={}",
+                enc(&service),
+                enc(&format)
+            );
+            if let Some(v) = version {
+                path.push_str(&format!("&version={v}"));
+            }
+            if let Some(e) = &layer.env {
+                path.push_str(&format!("&env={}", enc(e)));
+            }
+            if let Some(i) = &layer.instance {
+                path.push_str(&format!("&instance={}", enc(i)));
+            }
+            if reveal {
+                path.push_str("&reveal=true");
+            }
+            print!("{}", c.get_text(&path).await?);
+            Ok(())
+        }
+        ConfigCmd::Import {
+            service,
+            path: file,
+            format,
+            replace,
+            layer,
+            secrets,
+            message,
+        } => {
+            let format = match format {
+                Some(f) => f,
+                None => match file.extension().and_then(|e| e.to_str()) {
+                    Some("json") => "json".into(),
+                    Some("toml") => "toml".into(),
+                    Some("env") => "env".into(),
+                    _ if file.file_name().is_some_and(|n| n == ".env") => "env".into(),
+                    _ => {
+                        return Err(CliError::usage(format!(
+                        "{}: cannot tell the format from the name; pass --format json, toml or env",
+                        file.display()
+                    )))
+                    }
+                },
+            };
+            let body = if file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .map_err(|e| CliError::new(format!("reading stdin: {e}")))?;
+                b
+            } else {
+                std::fs::read(&file)
+                    .map_err(|e| CliError::usage(format!("cannot read {}: {e}", file.display())))?
+            };
+            let mut path = format!(
+                "/v1/config/{}/import?format={}&replace={replace}",
+                enc(&service),
+                enc(&format)
+            );
+            if let Some(e) = &layer.env {
+                path.push_str(&format!("&env={}", enc(e)));
+            }
+            if let Some(i) = &layer.instance {
+                path.push_str(&format!("&instance={}", enc(i)));
+            }
+            if !secrets.is_empty() {
+                path.push_str(&format!("&secrets={}", enc(&secrets.join(","))));
+            }
+            if let Some(m) = &message {
+                path.push_str(&format!("&message={}", enc(m)));
+            }
+            let done: Committed = c.send_text(Method::POST, &path, "text/plain", body).await?;
+            if done.created {
+                println!(
+                    "{service}: config version {} committed ({} keys changed)",
+                    done.version.version,
+                    done.version.changes.len()
+                );
+            } else {
+                println!(
+                    "{service}: no change (config version {} already has these values)",
+                    done.version.version
+                );
+            }
+            Ok(())
         }
     }
 }
 
-fn print_values(v: &CurrentConfig) {
-    println!("# {} config version {}", v.service, v.version);
-    for (k, val) in &v.values {
-        println!("{k}={val}");
+/// `KEY=VALUE` (a string) or `KEY:=JSON` (typed).
+fn parse_pair(p: &str) -> Result<(String, Value), CliError> {
+    if let Some((k, v)) = p.split_once(":=") {
+        if !k.contains('=') {
+            let v: Value = serde_json::from_str(v).map_err(|e| {
+                CliError::usage(format!(
+                    "{k}:= expects JSON (a number, true, an object...): {e}"
+                ))
+            })?;
+            return Ok((k.to_string(), v));
+        }
+    }
+    match p.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Value::String(v.to_string()))),
+        _ => Err(CliError::usage(format!(
+            "{p:?}: expected KEY=VALUE or KEY:=JSON"
+        ))),
+    }
+}
+
+fn sign(k: ChangeKind) -> &'static str {
+    match k {
+        ChangeKind::Added => "+",
+        ChangeKind::Changed => "~",
+        ChangeKind::Removed => "-",
+    }
+}
+
+fn layered_key(x: &ChangeView) -> String {
+    match (&x.env, &x.instance) {
+        (Some(e), _) => format!("{}@{e}", x.key),
+        (_, Some(i)) => format!("{}#{i}", x.key),
+        _ => x.key.clone(),
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+fn print_view(v: &ConfigView) {
+    println!("# {} config version {}", v.set, v.version);
+    let print_layer = |title: Option<String>, l: &gantry_config::LayerDoc| {
+        if let Some(t) = title {
+            println!("[{t}]");
+        }
+        for (k, val) in l.values.iter().chain(&l.secrets) {
+            println!("{k}={}", gantry_config::model::env_text(val));
+        }
+        for k in &l.redacted {
+            println!("{k}=<secret, redacted>");
+        }
+    };
+    let d = &v.document;
+    print_layer(
+        None,
+        &gantry_config::LayerDoc {
+            values: d.values.clone(),
+            secrets: d.secrets.clone(),
+            redacted: d.redacted.clone(),
+        },
+    );
+    for (e, l) in &d.env {
+        print_layer(Some(format!("env {e}")), l);
+    }
+    for (i, l) in &d.instance {
+        print_layer(Some(format!("instance {i}")), l);
     }
 }
 
@@ -637,6 +914,7 @@ async fn commit(
     service: &str,
     body: ChangeRequest,
     and_restart: bool,
+    no_wait: bool,
 ) -> Result<(), CliError> {
     let done: Committed = c
         .send(
@@ -652,22 +930,88 @@ async fn commit(
         println!("{service}: no change (config version {version} already has these values)");
         return Ok(());
     }
-    after_commit(c, service, and_restart).await
+    after_commit(c, service, version, and_restart, no_wait).await
 }
 
-async fn after_commit(c: &Client, service: &str, and_restart: bool) -> Result<(), CliError> {
+/// What happens to running instances after a commit; for a service that restarts on config
+/// changes, wait for the rollout's outcome (done, or reverted).
+async fn after_commit(
+    c: &Client,
+    service: &str,
+    version: u64,
+    and_restart: bool,
+    no_wait: bool,
+) -> Result<(), CliError> {
     let svcs: Vec<ServiceStatus> = c.send(Method::GET, "/v1/services", None::<&Value>).await?;
-    let auto = svcs
+    let policy = svcs
         .iter()
         .find(|x| x.name == service)
-        .map(|x| x.on_config_change == gantry_model::OnConfigChange::Restart);
-    match auto {
-        Some(true) => println!("{service} restarts automatically (on_config_change = \"restart\")"),
-        Some(false) if and_restart => restart(c, service).await?,
-        Some(false) => println!(
-            "running instances keep their values; apply with: gantry restart {service} (or pass --restart)"
+        .map(|x| x.on_config_change);
+    use gantry_model::OnConfigChange;
+    match policy {
+        Some(OnConfigChange::Restart) if no_wait => {
+            println!("{service} restarts automatically (on_config_change = \"restart\")")
+        }
+        Some(OnConfigChange::Restart) => {
+            println!("{service} restarts automatically (on_config_change = \"restart\"); waiting for the rollout");
+            return wait_rollout(c, service, version).await;
+        }
+        Some(OnConfigChange::Signal) => println!(
+            "{service}: running instances' config files rewritten and signalled (on_config_change = \"signal\")"
+        ),
+        Some(OnConfigChange::None) if and_restart => restart(c, service).await?,
+        Some(OnConfigChange::None) => println!(
+            "running instances keep their environment (their config file is rewritten); apply with: gantry restart {service} (or pass --restart)"
         ),
         None => {}
     }
     Ok(())
+}
+
+/// Until every instance of `service` runs config `version` (or later), or a later version
+/// reverts it.
+async fn wait_rollout(c: &Client, service: &str, version: u64) -> Result<(), CliError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let history: Vec<VersionView> = c
+            .send(
+                Method::GET,
+                &format!("/v1/config/{}/history", enc(service)),
+                None::<&Value>,
+            )
+            .await?;
+        if let Some(r) = history.iter().find(|h| h.reverts == Some(version)) {
+            return Err(CliError {
+                message: format!(
+                    "{service}: the rollout of config version {version} failed and was reverted by version {}: {}",
+                    r.version, r.message
+                ),
+                code: crate::EXIT_FAILURE,
+            });
+        }
+        let instances: Vec<InstanceStatus> = c
+            .send(
+                Method::GET,
+                &format!("/v1/instances?service={}", enc(service)),
+                None::<&Value>,
+            )
+            .await?;
+        let running: Vec<&InstanceStatus> = instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Healthy)
+            .collect();
+        if !running.is_empty() && running.iter().all(|i| i.config_version >= version) {
+            println!(
+                "{service}: rollout done, {} instance(s) run config version {version}",
+                running.len()
+            );
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CliError::new(format!(
+                "{service}: the rollout of config version {version} is still running after 5 minutes (see gantry ps)"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

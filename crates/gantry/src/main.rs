@@ -144,6 +144,10 @@ pub struct UpArgs {
     /// Gantry's own logs as JSON lines.
     #[arg(long)]
     json_logs: bool,
+    /// The config environment (dev, staging, prod, ...): instances get its config layer and
+    /// `GANTRY_ENV`. Overrides `[config] env`.
+    #[arg(long, value_name = "NAME")]
+    env: Option<String>,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -188,45 +192,92 @@ enum RegistryCmd {
     },
 }
 
+/// Which layer of a config set a command works on (default: the base layer).
+#[derive(Args, Clone, Default)]
+pub struct LayerArgs {
+    /// The environment layer (dev, staging, prod, ...).
+    #[arg(long, value_name = "NAME", conflicts_with = "instance")]
+    env: Option<String>,
+    /// The layer of one instance (overrides for e.g. web-3).
+    #[arg(long, value_name = "ID")]
+    instance: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum ConfigCmd {
-    /// Set a key; creates a new config version.
+    /// Set keys in one commit: KEY=VALUE (a string) or KEY:=JSON (a number, boolean, object...).
+    /// SERVICE is a service name or _global (what every service inherits).
     Set {
         service: String,
-        key: String,
-        value: String,
+        /// KEY=VALUE or KEY:=JSON, several at once (or the old form: KEY VALUE).
+        #[arg(value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// A secret: KEY (its value read from stdin, one line per secret, so it never shows in
+        /// `ps`) or KEY=VALUE. Sealed at rest, redacted in every output.
+        #[arg(long = "secret", value_name = "KEY[=VALUE]")]
+        secrets: Vec<String>,
+        #[command(flatten)]
+        layer: LayerArgs,
         /// Message stored with the version.
         #[arg(short, long)]
         message: Option<String>,
-        /// Rolling-restart the service afterwards so running instances get the value.
+        /// Rolling-restart the service afterwards so running instances get the values.
         #[arg(long)]
         restart: bool,
+        /// Do not wait for an automatic rollout's outcome.
+        #[arg(long)]
+        no_wait: bool,
     },
-    /// Remove a key; creates a new config version.
+    /// Remove keys in one commit.
     Unset {
         service: String,
-        key: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[command(flatten)]
+        layer: LayerArgs,
         #[arg(short, long)]
         message: Option<String>,
         #[arg(long)]
         restart: bool,
+        #[arg(long)]
+        no_wait: bool,
     },
-    /// Current value of one key, or all current values.
+    /// A key's value, or every value, as an instance of SERVICE sees them (global, service,
+    /// environment and instance layers merged).
     Get {
         service: String,
         key: Option<String>,
         #[command(flatten)]
-        out: Output,
-    },
-    /// Keys and values of a service, or the services that have config.
-    List {
-        service: Option<String>,
+        layer: LayerArgs,
+        /// Show secret values (needs config:reveal; audited).
+        #[arg(long)]
+        reveal: bool,
         #[command(flatten)]
         out: Output,
     },
-    /// Every version of a service's config.
+    /// Every layer of a set, or the sets that have config.
+    List {
+        service: Option<String>,
+        #[arg(long)]
+        reveal: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Every retained version of a set: who, when, why, what changed.
     History {
         service: String,
+        #[arg(long)]
+        reveal: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// What changed between two versions (TO: default the current one).
+    Diff {
+        service: String,
+        from: u64,
+        to: Option<u64>,
+        #[arg(long)]
+        reveal: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -238,6 +289,44 @@ enum ConfigCmd {
         message: Option<String>,
         #[arg(long)]
         restart: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Write a set as JSON or TOML (every layer), or one layer as .env, to stdout.
+    Export {
+        service: String,
+        /// json, toml or env.
+        #[arg(long, default_value = "toml")]
+        format: String,
+        /// Default: the current version.
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        layer: LayerArgs,
+        /// Include secret values (needs config:reveal; audited). Without it secrets are listed
+        /// as redacted, and an import of the file keeps them.
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Import a JSON, TOML or .env file (- for stdin) as one commit.
+    Import {
+        service: String,
+        /// The file (named `path`: `file` is the global spec option).
+        #[arg(value_name = "FILE")]
+        path: PathBuf,
+        /// json, toml or env; default from the file's extension.
+        #[arg(long)]
+        format: Option<String>,
+        /// Remove keys the file does not mention.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        layer: LayerArgs,
+        /// With a .env file: keys to store as secrets.
+        #[arg(long = "secret", value_name = "KEY")]
+        secrets: Vec<String>,
+        #[arg(short, long)]
+        message: Option<String>,
     },
 }
 

@@ -17,13 +17,21 @@ use crate::table;
 use crate::{UpArgs, EXIT_FAILURE, EXIT_USAGE};
 
 pub fn run(file: &Path, args: &UpArgs) -> ExitCode {
-    let spec = match gantry_spec::load(file) {
-        Ok(s) => Arc::new(s),
+    let mut spec = match gantry_spec::load(file) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(env) = &args.env {
+        if !gantry_spec::valid_env_name(env) {
+            eprintln!("error: --env: invalid environment name {env:?}; expected 1-32 characters of a-z, 0-9 and '-' starting with a letter");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        spec.spec.config.env = Some(env.clone());
+    }
+    let spec = Arc::new(spec);
     gantry_telemetry::init_tracing(args.json_logs, "info,async_nats=warn");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

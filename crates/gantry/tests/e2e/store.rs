@@ -276,6 +276,104 @@ fn nats_store_state_survives_kill_9() {
     ));
 }
 
+/// Writers commit pairs of keys (`A_n` and `B_n`, one commit each) while gantry is SIGKILLed:
+/// after the restart every acknowledged commit is there, whole, and no commit is half there.
+fn config_commits_survive_kill_9(store_section: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut g = Gantry::start(&format!("{store_section}\n{WEB}"));
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (admin, token) = (g.admin, g.token.clone());
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (acked, stop, token) = (acked.clone(), stop.clone(), token.clone());
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {token}");
+                for i in 0..400u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let n = w * 1000 + i;
+                    let body = format!(
+                        r#"{{"set": {{"A_{n}": {n}, "B_{n}": "{n}"}}, "secrets": {{"S_{n}": "s{n}"}}, "message": "burst {n}"}}"#
+                    );
+                    match http(
+                        admin,
+                        "PATCH",
+                        "/v1/config/web",
+                        &[("authorization", &auth), ("content-type", "application/json")],
+                        Some(&body),
+                        Duration::from_secs(10),
+                    ) {
+                        Ok(r) if r.status == 201 => acked.lock().unwrap().push(n),
+                        // Gantry is gone: nothing more is acknowledged.
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for("40 acknowledged commits", Duration::from_secs(30), || {
+        (acked.lock().unwrap().len() >= 40).then_some(())
+    });
+    g.kill();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    g.launch();
+    let cfg = g.admin_get("/v1/config/web?reveal=true");
+    let values = cfg["values"].as_object().unwrap();
+    let secrets = cfg["secrets"].as_object().unwrap();
+    for n in &acked {
+        assert_eq!(
+            values[&format!("A_{n}")],
+            *n,
+            "acknowledged commit {n} lost"
+        );
+        assert_eq!(secrets[&format!("S_{n}")], format!("s{n}"));
+    }
+    // Whole or not at all: every commit that is there has all three keys.
+    for k in values.keys().filter(|k| k.starts_with("A_")) {
+        let n = &k[2..];
+        assert!(values.contains_key(&format!("B_{n}")), "half a commit: {k}");
+        assert!(
+            secrets.contains_key(&format!("S_{n}")),
+            "half a commit: {k}"
+        );
+    }
+    // One version per commit there, and history agrees with the values.
+    let version = cfg["version"].as_u64().unwrap();
+    assert_eq!(version as usize, values.len() / 2, "{version}");
+    let h = g.admin_get("/v1/config/web/history");
+    assert_eq!(h.as_array().unwrap().last().unwrap()["version"], version);
+    // And the store goes on from there.
+    let r = g.admin_call(
+        "PATCH",
+        "/v1/config/web",
+        Some(&serde_json::json!({"set": {"AFTER": 1}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["version"]["version"], version + 1);
+}
+
+#[test]
+fn embedded_config_commits_survive_kill_9() {
+    config_commits_survive_kill_9("");
+}
+
+#[test]
+fn nats_config_commits_survive_kill_9() {
+    let ns = Namespace::new();
+    config_commits_survive_kill_9(&format!(
+        "[store]\nbackend = \"nats\"\nurl = \"{}\"\nnamespace = \"{}\"\n",
+        nats_url(),
+        ns.0
+    ));
+}
+
 #[test]
 fn unreachable_nats_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
