@@ -46,7 +46,8 @@ pub struct AuditRecord {
     pub outcome: String,
 }
 
-pub(crate) struct Call<'a> {
+/// One call to record.
+pub struct Call<'a> {
     pub principal: Option<&'a Principal>,
     pub method: &'a Method,
     pub path: &'a str,
@@ -57,14 +58,14 @@ pub(crate) struct Call<'a> {
     pub status: StatusCode,
 }
 
-pub(crate) fn remote(req: &Request) -> Option<SocketAddr> {
+pub fn remote(req: &Request) -> Option<SocketAddr> {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
 }
 
 /// The caller's `x-request-id` when it is sane, else a new one.
-pub(crate) fn request_id(req: &Request) -> String {
+pub fn request_id(req: &Request) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -79,6 +80,12 @@ pub(crate) fn request_id(req: &Request) -> String {
 }
 
 pub(crate) async fn record(s: &ApiState, c: Call<'_>) {
+    record_in(s.store.as_ref(), c).await
+}
+
+/// Record a call in the audit trail of `store` (for listeners other than the admin API's:
+/// the Consul and Eureka compatible ones).
+pub async fn record_in(store: &dyn gantry_store::Store, c: Call<'_>) {
     let time_ms = gantry_model::unix_ms();
     let outcome = match c.status.as_u16() {
         200..=399 => "ok",
@@ -109,7 +116,7 @@ pub(crate) async fn record(s: &ApiState, c: Call<'_>) {
         request_id = %rec.request_id,
         "audit"
     );
-    if let Err(e) = s.store.create_json(AUDIT_BUCKET, &rec.id, &rec).await {
+    if let Err(e) = store.create_json(AUDIT_BUCKET, &rec.id, &rec).await {
         tracing::error!(error = %e, request_id = %rec.request_id, "cannot write audit record");
     }
 }

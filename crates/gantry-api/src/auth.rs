@@ -97,6 +97,13 @@ impl Permission {
     }
 }
 
+impl Permission {
+    /// Whether it only lets a principal read (what is audited is what changes, and reveals).
+    pub fn is_read(self) -> bool {
+        self.as_str().ends_with(":read")
+    }
+}
+
 impl From<Permission> for &'static str {
     fn from(p: Permission) -> Self {
         p.as_str()
@@ -130,8 +137,11 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
             false,
             "/v1/registry/instances"
             | "/v1/registry/instances/{id}"
-            | "/v1/registry/instances/{id}/heartbeat",
+            | "/v1/registry/instances/{id}/heartbeat"
+            | "/v1/registry/instances/{id}/checks/{check}",
         ) => RegistryWrite,
+        // A read with a JSON document for a question.
+        (false, "/v1/registry/discover") => RegistryRead,
         (
             true,
             "/v1/config"
@@ -396,7 +406,7 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
             resp
         }
         Decision::Allowed(p) => {
-            let mutating = !(method == Method::GET || method == Method::HEAD)
+            let mutating = !(method == Method::GET || method == Method::HEAD || perm.is_read())
                 || perm == Permission::ConfigReveal;
             req.extensions_mut().insert(Caller(Some(p.clone())));
             let mut resp = if mutating {

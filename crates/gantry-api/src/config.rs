@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use gantry_config::format::{self, Format};
-use gantry_config::{Author, ChangeRequest, Layer};
+use gantry_config::{Author, ChangeRequest, Layer, Replace};
 use http::{header, StatusCode};
 use serde::Deserialize;
 
@@ -74,15 +74,27 @@ pub async fn config_change(
     Ok((status, Json(c)))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    reveal: Option<bool>,
+    /// Only the newest N versions.
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
 pub async fn config_history(
     State(s): State<ApiState>,
     Path(set): Path<String>,
-    q: Result<Query<RevealQuery>, QueryRejection>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let q = query(q)?;
-    Ok(Json(
-        s.config.history(&set, q.reveal.unwrap_or(false)).await?,
-    ))
+    let mut h = s.config.history(&set, q.reveal.unwrap_or(false)).await?;
+    if let Some(n) = q.limit {
+        h.drain(..h.len().saturating_sub(n));
+    }
+    Ok(Json(h))
 }
 
 pub async fn config_version(
@@ -265,7 +277,7 @@ pub async fn config_import(
             let moved = gantry_config::LayerDoc {
                 values: std::mem::take(&mut doc.values),
                 secrets: std::mem::take(&mut doc.secrets),
-                redacted: Default::default(),
+                redacted: std::mem::take(&mut doc.redacted),
             };
             match &layer {
                 Layer::Env(e) => {
@@ -282,12 +294,18 @@ pub async fn config_import(
             "env, instance and secrets apply to a .env import; json and toml documents say them themselves",
         ));
     }
+    // A .env file carries one layer: replacing touches that layer only.
+    let replace = match (q.replace.unwrap_or(false), f) {
+        (false, _) => Replace::Nothing,
+        (true, Format::Env) => Replace::Layers(vec![layer]),
+        (true, _) => Replace::All,
+    };
     let c = s
         .config
         .import(
             &set,
             doc,
-            q.replace.unwrap_or(false),
+            replace,
             Author {
                 name: author(&caller),
                 message: q.message.unwrap_or_else(|| {

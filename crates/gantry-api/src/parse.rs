@@ -37,7 +37,36 @@ pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
 }
 
-/// Whether a query string asks for secret values (`reveal=true`).
+/// Whether a query string asks for secret values: any `reveal` parameter, decoded as the
+/// handlers decode it, that is not `false` (what is not clearly a no is treated as asking, so
+/// no spelling gets secrets past the `config:reveal` check).
 pub(crate) fn wants_reveal(query: Option<&str>) -> bool {
-    query.is_some_and(|q| q.split('&').any(|kv| kv == "reveal=true"))
+    query.is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "reveal" && v != "false")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_reveal;
+
+    #[test]
+    fn every_spelling_of_reveal_is_seen() {
+        for q in [
+            "reveal=true",
+            "reveal=%74rue",
+            "r%65veal=true",
+            "x=1&reveal=true",
+            "reveal=false&reveal=true",
+            "reveal",
+            "reveal=1",
+            "reveal=TRUE",
+        ] {
+            assert!(wants_reveal(Some(q)), "{q}");
+        }
+        for q in ["reveal=false", "revealed=true", "x=reveal", ""] {
+            assert!(!wants_reveal(Some(q)), "{q}");
+        }
+        assert!(!wants_reveal(None));
+    }
 }

@@ -105,9 +105,22 @@ pub fn parse(text: &str, format: Format) -> Result<Document, ConfigError> {
                 .into_iter()
                 .map(|(k, v)| (k, Value::String(v)))
                 .collect(),
+            redacted: redacted_env(text),
             ..Document::default()
         }),
     }
+}
+
+/// The secrets a `.env` export withheld: its `# KEY: secret, redacted` lines.
+fn redacted_env(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("# ")?
+                .strip_suffix(": secret, redacted")
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// `KEY=VALUE` lines (`export` allowed, `#` comments, values bare, "double-quoted" with

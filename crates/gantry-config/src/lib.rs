@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_secrets::Keyring;
-use gantry_store::{Store, StoreError, StoreJsonExt, WatchEvent, WatchFrom};
-use serde::{Deserialize, Serialize};
+use gantry_store::{Entry, Store, StoreError, StoreJsonExt, WatchEvent, WatchFrom};
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::{broadcast, Mutex};
 
@@ -102,10 +102,20 @@ pub struct Edit {
     pub value: Option<NewValue>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NewValue {
     pub value: Value,
     pub secret: bool,
+}
+
+impl std::fmt::Debug for NewValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.secret {
+            f.write_str("NewValue(<secret, redacted>)")
+        } else {
+            write!(f, "NewValue({:?})", self.value)
+        }
+    }
 }
 
 /// Who commits and why.
@@ -158,13 +168,26 @@ impl ConfigStore {
             write: Mutex::new(()),
             events,
         });
-        for set in c.sets().await? {
+        // Every set with rows, a head or not (sets written before heads existed have none).
+        let mut sets: Vec<String> = c
+            .store
+            .keys(BUCKET, ">")
+            .await?
+            .into_iter()
+            .filter_map(|k| k.split_once('.').map(|(s, _)| s.to_string()))
+            .collect();
+        sets.dedup();
+        for set in sets {
             c.upgrade(&set).await?;
         }
         // Follow the heads: the watch is running before open returns, so no commit after it
         // goes unannounced.
         let watcher = c.store.watch(BUCKET, "*.head", WatchFrom::New).await?;
-        tokio::spawn(follow(Arc::downgrade(&c), watcher));
+        let mut seen = BTreeMap::new();
+        for set in c.sets().await? {
+            seen.insert(set.clone(), c.version_of(&set).await?);
+        }
+        tokio::spawn(follow(Arc::downgrade(&c), watcher, seen));
         Ok(c)
     }
 
@@ -232,10 +255,34 @@ impl ConfigStore {
         reveal: bool,
     ) -> Result<VersionView, ConfigError> {
         check_set(set)?;
-        let records = self.records(set).await?;
-        match records.iter().find(|r| r.version == version) {
-            Some(r) => self.version_view(r, reveal),
-            None => Err(self.no_such(set, version, &records)),
+        match self.record(set, version).await? {
+            Some(r) => self.version_view(&r, reveal),
+            None => {
+                let records = self.records(set).await?;
+                Err(self.no_such(set, version, &records))
+            }
+        }
+    }
+
+    /// One retained record (the head's own included).
+    async fn record(&self, set: &str, version: u64) -> Result<Option<Record>, ConfigError> {
+        let Some((head, _)) = self.head(set).await? else {
+            return Ok(None);
+        };
+        if version == head.record.version {
+            return Ok(Some(head.record));
+        }
+        if version < head.oldest || version > head.record.version {
+            return Ok(None);
+        }
+        match self
+            .store
+            .get_json::<Record>(BUCKET, &version_key(set, version))
+            .await
+        {
+            Ok(r) => Ok(r.map(|(r, _)| r)),
+            Err(StoreError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -406,13 +453,14 @@ impl ConfigStore {
         self.commit(set, edits, author, Meta::default()).await
     }
 
-    /// Import a document as one commit: every key it gives is set; with `replace`, every key
-    /// of the set it does not mention is removed (secrets it lists as redacted are kept).
+    /// Import a document as one commit: every key it gives is set; `replace` also removes what
+    /// the document does not mention, in the layers it says (secrets it lists as redacted are
+    /// kept).
     pub async fn import(
         &self,
         set: &str,
         doc: Document,
-        replace: bool,
+        replace: Replace,
         author: Author,
     ) -> Result<Committed, ConfigError> {
         check_set(set)?;
@@ -460,29 +508,33 @@ impl ConfigStore {
                 mentioned.insert((layer.key(), k.clone()));
             }
         }
-        let _guard = self.write.lock().await;
-        if replace {
-            if let Some((head, _)) = self.head(set).await? {
-                for (lk, keys) in &head.entries {
-                    for k in keys.keys() {
-                        if !mentioned.contains(&(lk.clone(), k.clone())) {
-                            edits.push(Edit {
-                                layer: Layer::from_key(lk).unwrap_or(Layer::Base),
-                                key: k.clone(),
-                                value: None,
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        if edits.is_empty() {
+        if edits.is_empty() && replace == Replace::Nothing {
             return Err(ConfigError::Invalid(
                 "the document has no values to import".into(),
             ));
         }
-        self.commit_locked(set, edits, author, Meta::default())
-            .await
+        let sets = self.seal_edits(set, edits)?;
+        let _guard = self.write.lock().await;
+        self.commit_with(set, author, Meta::default(), |current| {
+            let mut out = sets.clone();
+            let scope: Option<BTreeSet<String>> = match &replace {
+                Replace::Nothing => return Ok(out),
+                Replace::All => None,
+                Replace::Layers(l) => Some(l.iter().map(Layer::key).collect()),
+            };
+            for (lk, keys) in current {
+                if scope.as_ref().is_some_and(|s| !s.contains(lk)) {
+                    continue;
+                }
+                for k in keys.keys() {
+                    if !mentioned.contains(&(lk.clone(), k.clone())) {
+                        out.push((Layer::from_key(lk).unwrap_or(Layer::Base), k.clone(), None));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Make the values of version `to` current again, as a new version.
@@ -499,22 +551,6 @@ impl ConfigStore {
         };
         let _guard = self.write.lock().await;
         let target = self.entries_at(set, to).await?;
-        let current = self
-            .head(set)
-            .await?
-            .map(|(h, _)| h.entries)
-            .unwrap_or_default();
-        // Values come from the target's stored form (secrets stay sealed as they were).
-        let stored: Vec<(Layer, String, Option<Stored>)> = diff_entries(&current, &target)
-            .into_iter()
-            .map(|c| {
-                (
-                    Layer::from_key(&c.layer).unwrap_or(Layer::Base),
-                    c.key,
-                    c.after,
-                )
-            })
-            .collect();
         let author = Author {
             message: if author.message.is_empty() {
                 format!("rollback to version {to}")
@@ -523,16 +559,24 @@ impl ConfigStore {
             },
             ..author
         };
-        self.commit_stored(
-            set,
-            stored,
-            author,
-            Meta {
-                rollback_of: Some(to),
-                reverts: None,
-                always: true,
-            },
-        )
+        let meta = Meta {
+            rollback_of: Some(to),
+            reverts: None,
+            always: true,
+        };
+        // Computed from each head tried: whatever came in between, the result is `to`'s values.
+        self.commit_with(set, author, meta, |current| {
+            Ok(diff_entries(current, &target)
+                .into_iter()
+                .map(|c| {
+                    (
+                        Layer::from_key(&c.layer).unwrap_or(Layer::Base),
+                        c.key,
+                        c.after,
+                    )
+                })
+                .collect())
+        })
         .await
     }
 
@@ -546,41 +590,36 @@ impl ConfigStore {
     ) -> Result<Committed, ConfigError> {
         check_set(set)?;
         let _guard = self.write.lock().await;
-        let records = self.records(set).await?;
-        let Some(rec) = records.iter().find(|r| r.version == version) else {
+        let Some(rec) = self.record(set, version).await? else {
+            let records = self.records(set).await?;
             return Err(self.no_such(set, version, &records));
         };
-        let current = self
-            .head(set)
-            .await?
-            .map(|(h, _)| h.entries)
-            .unwrap_or_default();
-        let stored = rec
-            .changes
-            .iter()
-            .filter(|c| current.get(&c.layer).and_then(|l| l.get(&c.key)) == c.after.as_ref())
-            .map(|c| {
-                (
-                    Layer::from_key(&c.layer).unwrap_or(Layer::Base),
-                    c.key.clone(),
-                    c.before.clone(),
-                )
-            })
-            .collect();
         let author = Author {
             name: "gantry".into(),
             message: format!("automatic revert of version {version}: {reason}"),
         };
-        self.commit_stored(
-            set,
-            stored,
-            author,
-            Meta {
-                rollback_of: None,
-                reverts: Some(version),
-                always: true,
-            },
-        )
+        let meta = Meta {
+            rollback_of: None,
+            reverts: Some(version),
+            always: true,
+        };
+        self.commit_with(set, author, meta, |current| {
+            Ok(rec
+                .changes
+                .iter()
+                .filter(|c| {
+                    let now = current.get(&c.layer).and_then(|l| l.get(&c.key));
+                    self.same_value(set, &c.layer, &c.key, now, c.after.as_ref())
+                })
+                .map(|c| {
+                    (
+                        Layer::from_key(&c.layer).unwrap_or(Layer::Base),
+                        c.key.clone(),
+                        c.before.clone(),
+                    )
+                })
+                .collect())
+        })
         .await
     }
 
@@ -593,17 +632,14 @@ impl ConfigStore {
         meta: Meta,
     ) -> Result<Committed, ConfigError> {
         check_set(set)?;
+        let sealed = self.seal_edits(set, edits)?;
         let _guard = self.write.lock().await;
-        self.commit_locked(set, edits, author, meta).await
+        self.commit_with(set, author, meta, |_| Ok(sealed.clone()))
+            .await
     }
 
-    async fn commit_locked(
-        &self,
-        set: &str,
-        edits: Vec<Edit>,
-        author: Author,
-        meta: Meta,
-    ) -> Result<Committed, ConfigError> {
+    /// Check edits and seal their secrets.
+    fn seal_edits(&self, set: &str, edits: Vec<Edit>) -> Result<Vec<StoredEdit>, ConfigError> {
         let mut stored = Vec::with_capacity(edits.len());
         let mut seen = BTreeSet::new();
         for e in edits {
@@ -632,17 +668,18 @@ impl ConfigStore {
             };
             stored.push((e.layer, e.key, value));
         }
-        self.commit_stored(set, stored, author, meta).await
+        Ok(stored)
     }
 
-    /// The commit itself: apply stored values to the head, compare-and-set it (retried when
-    /// another gantry committed in between), then write the record and prune history.
-    async fn commit_stored(
+    /// The commit itself: `edits` computes what to change from the current values (called again
+    /// for each head tried), the head is compare-and-set (retried when another gantry committed
+    /// in between), then the record is written and history pruned.
+    async fn commit_with(
         &self,
         set: &str,
-        edits: Vec<(Layer, String, Option<Stored>)>,
         author: Author,
         meta: Meta,
+        edits: impl Fn(&Entries) -> Result<Vec<StoredEdit>, ConfigError>,
     ) -> Result<Committed, ConfigError> {
         for attempt in 0..8 {
             let head = self.head(set).await?;
@@ -650,11 +687,20 @@ impl ConfigStore {
                 .as_ref()
                 .map(|(h, _)| h.entries.clone())
                 .unwrap_or_default();
+            let edits = edits(&entries)?;
             let mut changes = Vec::new();
             for (layer, key, value) in &edits {
                 let lk = layer.key();
                 let before = entries.get(&lk).and_then(|l| l.get(key)).cloned();
-                if self.same(set, &lk, key, before.as_ref(), value.as_ref()) {
+                // A secret written is always a change: comparing it with what is stored would
+                // tell a writer whether a guess was right.
+                let unchanged = match (&before, value) {
+                    (None, None) => true,
+                    (Some(Stored::Plain(x)), Some(Stored::Plain(y))) => x == y,
+                    (Some(Stored::Secret(x)), Some(Stored::Secret(y))) => x == y,
+                    _ => false,
+                };
+                if unchanged {
                     continue;
                 }
                 let l = entries.entry(lk.clone()).or_default();
@@ -766,9 +812,17 @@ impl ConfigStore {
         Err(ConfigError::Conflict)
     }
 
-    /// Whether a stored value is unchanged (secrets compared by their plaintext: sealing twice
+    /// Whether two stored values are the same (secrets compared by their plaintext: sealing twice
     /// never gives the same text).
-    fn same(&self, set: &str, lk: &str, key: &str, a: Option<&Stored>, b: Option<&Stored>) -> bool {
+    /// (Internal comparisons only, such as a revert's: never tells a caller anything.)
+    fn same_value(
+        &self,
+        set: &str,
+        lk: &str,
+        key: &str,
+        a: Option<&Stored>,
+        b: Option<&Stored>,
+    ) -> bool {
         match (a, b) {
             (None, None) => true,
             (Some(Stored::Plain(x)), Some(Stored::Plain(y))) => x == y,
@@ -946,96 +1000,105 @@ impl ConfigStore {
         })
     }
 
-    /// Bring one set to the current format and secrets key: a head written by an earlier
+    /// Bring one set to the current format and secrets key: a set written by an earlier
     /// gantry (every version with all its values) becomes records of changes; values sealed
-    /// under a previous secrets key are resealed under the current one.
+    /// under a previous secrets key are resealed under the current one. What cannot be resealed
+    /// is logged and left as it is (it opens again once the right key is given): one old
+    /// record never keeps the platform from starting.
     async fn upgrade(&self, set: &str) -> Result<(), ConfigError> {
-        let Some(entry) = self.store.get(BUCKET, &head_key(set)).await? else {
-            return Ok(());
+        let head = self.store.get(BUCKET, &head_key(set)).await?;
+        let current = match &head {
+            Some(e) => serde_json::from_slice::<Value>(&e.value)
+                .ok()
+                .is_some_and(|v| v.get("format").is_some()),
+            None => false,
         };
-        let raw: Value = gantry_store::decode(BUCKET, &head_key(set), &entry.value)?;
-        if raw.get("format").is_none() {
-            return self.upgrade_v1(set, entry.revision).await;
+        if !current {
+            return self.upgrade_v1(set).await;
         }
-        let (mut head, rev) = match self.head(set).await? {
-            Some(h) => h,
-            None => return Ok(()),
-        };
-        let mut changed = false;
-        for (lk, keys) in head.entries.iter_mut() {
-            for (k, v) in keys.iter_mut() {
-                changed |= self.reseal(set, lk, k, v)?;
-            }
-        }
-        for c in head.record.changes.iter_mut() {
-            changed |= self.reseal_change(set, c)?;
-        }
-        let records: Vec<(String, Record, u64)> = self
-            .store
-            .list_json(BUCKET, &format!("{set}.*"))
-            .await
-            .or_else(|e| match e {
-                StoreError::Corrupt { .. } => Ok(Vec::new()),
-                e => Err(e),
-            })?;
-        for (k, mut r, _) in records {
+        let records: Vec<(String, Entry)> = self.store.list(BUCKET, &format!("{set}.*")).await?;
+        for (k, e) in records {
             if k.ends_with(".head") {
                 continue;
             }
+            let Ok(mut r) = serde_json::from_slice::<Record>(&e.value) else {
+                continue;
+            };
             let mut any = false;
             for c in r.changes.iter_mut() {
-                any |= self.reseal_change(set, c)?;
+                any |= self.reseal_change(set, c);
             }
             if any {
                 self.store.put_json(BUCKET, &k, &r).await?;
             }
         }
-        if changed {
+        // The head: compare-and-set, retried if a commit came in between.
+        for _ in 0..8 {
+            let Some((mut head, rev)) = self.head(set).await? else {
+                return Ok(());
+            };
+            let mut changed = false;
+            for (lk, keys) in head.entries.iter_mut() {
+                for (k, v) in keys.iter_mut() {
+                    changed |= self.reseal(set, lk, k, v);
+                }
+            }
+            for c in head.record.changes.iter_mut() {
+                changed |= self.reseal_change(set, c);
+            }
+            if !changed {
+                return Ok(());
+            }
             match self
                 .store
                 .update_json(BUCKET, &head_key(set), &head, rev)
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(set, "config secrets resealed under the current secrets key")
+                    tracing::info!(set, "config secrets resealed under the current secrets key");
+                    return Ok(());
                 }
-                Err(StoreError::RevisionMismatch { .. }) => {
-                    tracing::info!(
-                        set,
-                        "config set changed while resealing; another gantry resealed it"
-                    )
-                }
+                Err(StoreError::RevisionMismatch { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
+        tracing::warn!(
+            set,
+            "config set kept changing while resealing; resealed at the next start"
+        );
         Ok(())
     }
 
-    fn reseal(&self, set: &str, lk: &str, key: &str, v: &mut Stored) -> Result<bool, ConfigError> {
-        if let Stored::Secret(s) = v {
-            if let Some(new) = self
-                .keyring
-                .reseal(&aad(set, lk, key), s)
-                .map_err(|e| ConfigError::Secret(format!("{set}: {key}: {e}")))?
-            {
+    /// Reseal one value if an older key sealed it; false when it stays as it is.
+    fn reseal(&self, set: &str, lk: &str, key: &str, v: &mut Stored) -> bool {
+        let Stored::Secret(s) = v else { return false };
+        match self.keyring.reseal(&aad(set, lk, key), s) {
+            Ok(Some(new)) => {
                 *s = new;
-                return Ok(true);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(set, key, error = %e, "config secret cannot be opened with the secrets keys given; left as it is");
+                false
             }
         }
-        Ok(false)
     }
 
-    fn reseal_change(&self, set: &str, c: &mut Change) -> Result<bool, ConfigError> {
+    fn reseal_change(&self, set: &str, c: &mut Change) -> bool {
         let mut any = false;
         for v in [&mut c.before, &mut c.after].into_iter().flatten() {
-            any |= self.reseal(set, &c.layer, &c.key, v)?;
+            any |= self.reseal(set, &c.layer, &c.key, v);
         }
-        Ok(any)
+        any
     }
 
-    /// Format 1 (before layers and secrets): every version held all values as strings.
-    async fn upgrade_v1(&self, set: &str, rev: u64) -> Result<(), ConfigError> {
-        #[derive(Deserialize, Serialize)]
+    /// Format 1 (before layers and secrets): every version held all values as strings. The
+    /// records are rewritten newest first, so that after a crash part-way the rows still
+    /// give every version's values (a rewritten record undoes into the version below it) and
+    /// the upgrade simply runs again; the head goes last.
+    async fn upgrade_v1(&self, set: &str) -> Result<(), ConfigError> {
+        #[derive(Deserialize)]
         struct V1 {
             version: u64,
             time_ms: u64,
@@ -1045,88 +1108,191 @@ impl ConfigStore {
             #[serde(default)]
             rollback_of: Option<u64>,
         }
-        let (head, _): (V1, u64) = self
-            .store
-            .get_json(BUCKET, &head_key(set))
-            .await?
-            .ok_or(ConfigError::Conflict)?;
-        let rows: Vec<(String, V1, u64)> = self
-            .store
-            .list_json(BUCKET, &format!("{set}.*"))
-            .await
-            .unwrap_or_default();
-        let mut versions: Vec<V1> = rows
-            .into_iter()
-            .filter(|(k, _, _)| !k.ends_with(".head"))
-            .map(|(_, v, _)| v)
-            .filter(|v| v.version < head.version)
-            .collect();
-        versions.push(head);
-        let keep_from = versions
-            .last()
-            .map_or(1, |h| (h.version + 1).saturating_sub(self.options.history))
-            .max(1);
-        let mut prev: Entries = Entries::new();
-        let mut last: Option<Record> = None;
-        for v in &versions {
-            let entries: Entries = if v.values.is_empty() {
-                Entries::new()
+        let head_entry = self.store.get(BUCKET, &head_key(set)).await?;
+        let rows = self.store.list(BUCKET, &format!("{set}.*")).await?;
+        let mut old: BTreeMap<u64, V1> = BTreeMap::new();
+        let mut new: BTreeMap<u64, Record> = BTreeMap::new();
+        for (k, e) in &rows {
+            if k.ends_with(".head") {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_slice::<V1>(&e.value) {
+                old.insert(v.version, v);
+            } else if let Ok(r) = serde_json::from_slice::<Record>(&e.value) {
+                new.insert(r.version, r);
             } else {
-                BTreeMap::from([(
-                    String::new(),
-                    v.values
-                        .iter()
-                        .map(|(k, x)| (k.clone(), Stored::Plain(Value::String(x.clone()))))
-                        .collect(),
-                )])
+                tracing::warn!(set, key = %k, "config row is neither format; skipped");
+            }
+        }
+        // The head: the old head record, else (sets from before heads) the highest old row.
+        let head = match head_entry
+            .as_ref()
+            .and_then(|e| serde_json::from_slice::<V1>(&e.value).ok())
+        {
+            Some(h) => h,
+            None => match old.pop_last() {
+                Some((_, h)) => h,
+                None => return Ok(()),
+            },
+        };
+        let to_entries = |values: &BTreeMap<String, String>| -> Entries {
+            if values.is_empty() {
+                return Entries::new();
+            }
+            BTreeMap::from([(
+                String::new(),
+                values
+                    .iter()
+                    .map(|(k, x)| (k.clone(), Stored::Plain(Value::String(x.clone()))))
+                    .collect(),
+            )])
+        };
+        let keep_from = (head.version + 1)
+            .saturating_sub(self.options.history)
+            .max(1);
+        let lowest = old
+            .keys()
+            .chain(new.keys())
+            .copied()
+            .min()
+            .unwrap_or(head.version)
+            .min(head.version);
+        // Values of every version, newest first.
+        let mut values: BTreeMap<u64, Entries> = BTreeMap::new();
+        values.insert(head.version, to_entries(&head.values));
+        let mut v = head.version;
+        while v > lowest {
+            let below = v - 1;
+            let e = if let Some(o) = old.get(&below) {
+                to_entries(&o.values)
+            } else if let (Some(r), Some(above)) = (new.get(&v), values.get(&v)) {
+                let mut e = above.clone();
+                for c in &r.changes {
+                    let l = e.entry(c.layer.clone()).or_default();
+                    match &c.before {
+                        Some(x) => {
+                            l.insert(c.key.clone(), x.clone());
+                        }
+                        None => {
+                            l.remove(&c.key);
+                        }
+                    }
+                }
+                e.retain(|_, l| !l.is_empty());
+                e
+            } else {
+                // A gap (pruned long ago): history starts above it.
+                break;
+            };
+            values.insert(below, e);
+            v = below;
+        }
+        let first = *values.keys().next().unwrap_or(&head.version);
+        let mut written = 0;
+        for (&ver, entries) in values.iter().rev() {
+            let meta = if ver == head.version {
+                Some((head.time_ms, head.message.clone(), head.rollback_of))
+            } else if let Some(o) = old.get(&ver) {
+                Some((o.time_ms, o.message.clone(), o.rollback_of))
+            } else {
+                new.get(&ver)
+                    .map(|r| (r.time_ms, r.message.clone(), r.rollback_of))
+            };
+            let Some((time_ms, message, rollback_of)) = meta else {
+                continue;
+            };
+            let prev = match values.get(&(ver.wrapping_sub(1))) {
+                Some(p) => p.clone(),
+                None if ver == 1 => Entries::new(),
+                // The oldest version known: its changes are unknown, kept as all it held.
+                None => Entries::new(),
             };
             let record = Record {
                 set: set.into(),
-                version: v.version,
-                time_ms: v.time_ms,
+                version: ver,
+                time_ms,
                 author: String::new(),
-                message: v.message.clone(),
-                changes: diff_entries(&prev, &entries),
-                rollback_of: v.rollback_of,
+                message,
+                changes: diff_entries(&prev, entries),
+                rollback_of,
                 reverts: None,
             };
-            if v.version >= keep_from {
+            if ver >= keep_from && ver < head.version {
                 self.store
-                    .put_json(BUCKET, &version_key(set, v.version), &record)
+                    .put_json(BUCKET, &version_key(set, ver), &record)
                     .await?;
-            } else {
+                written += 1;
+            } else if ver < keep_from {
+                self.store.delete(BUCKET, &version_key(set, ver)).await?;
+            }
+            if ver == head.version {
+                // The head's own record row too (as a commit writes it).
                 self.store
-                    .delete(BUCKET, &version_key(set, v.version))
+                    .put_json(BUCKET, &version_key(set, ver), &record)
                     .await?;
             }
-            prev = entries;
-            last = Some(record);
         }
-        let Some(record) = last else { return Ok(()) };
-        let head = Head {
+        let record = Record {
+            set: set.into(),
+            version: head.version,
+            time_ms: head.time_ms,
+            author: String::new(),
+            message: head.message.clone(),
+            changes: diff_entries(
+                values
+                    .get(&(head.version.wrapping_sub(1)))
+                    .unwrap_or(&Entries::new()),
+                &values[&head.version],
+            ),
+            rollback_of: head.rollback_of,
+            reverts: None,
+        };
+        let new_head = Head {
             format: FORMAT,
             record,
-            oldest: keep_from,
-            entries: prev,
+            oldest: keep_from.max(first),
+            entries: values.remove(&head.version).unwrap_or_default(),
         };
-        match self
-            .store
-            .update_json(BUCKET, &head_key(set), &head, rev)
-            .await
-        {
+        let done = match &head_entry {
+            Some(e) => {
+                self.store
+                    .update_json(BUCKET, &head_key(set), &new_head, e.revision)
+                    .await
+            }
+            None => {
+                self.store
+                    .create_json(BUCKET, &head_key(set), &new_head)
+                    .await
+            }
+        };
+        match done {
             Ok(_) => {
                 tracing::info!(
                     set,
-                    versions = versions.len(),
+                    versions = written + 1,
                     "config set upgraded to records of changes"
                 );
                 Ok(())
             }
             // Another gantry sharing the store upgraded it first.
-            Err(StoreError::RevisionMismatch { .. }) => Ok(()),
+            Err(StoreError::RevisionMismatch { .. } | StoreError::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// One key's new stored value (`None`: removed).
+type StoredEdit = (Layer, String, Option<Stored>);
+
+/// What an import removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replace {
+    /// Nothing: the document's keys are set, the rest stays.
+    Nothing,
+    /// Every key of the set the document does not mention.
+    All,
+    /// Keys the document does not mention in these layers only (a `.env` file carries one).
+    Layers(Vec<Layer>),
 }
 
 /// Extra facts of a commit.
@@ -1163,7 +1329,11 @@ fn diff_entries(a: &Entries, b: &Entries) -> Vec<Change> {
 }
 
 /// Announce every new head (from this gantry or another), restarting the watch if it fails.
-async fn follow(weak: std::sync::Weak<ConfigStore>, mut watcher: gantry_store::Watcher) {
+async fn follow(
+    weak: std::sync::Weak<ConfigStore>,
+    mut watcher: gantry_store::Watcher,
+    mut seen: BTreeMap<String, u64>,
+) {
     let mut last_rev = 0u64;
     loop {
         match watcher.next().await {
@@ -1177,7 +1347,11 @@ async fn follow(weak: std::sync::Weak<ConfigStore>, mut watcher: gantry_store::W
                     continue;
                 }
                 match gantry_store::decode::<Head>(BUCKET, &c.key, &c.value) {
+                    // A head rewritten without a new version (a reseal, an upgrade by another
+                    // gantry) is no change to announce.
+                    Ok(h) if seen.get(set).is_some_and(|v| *v >= h.record.version) => {}
                     Ok(h) => {
+                        seen.insert(set.to_string(), h.record.version);
                         let _ = me.events.send(ConfigChanged {
                             set: set.to_string(),
                             version: h.record.version,

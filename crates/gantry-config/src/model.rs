@@ -174,7 +174,7 @@ pub struct Head {
 
 /// The form the API shows a set in, exports and imports: per layer, plain values, secrets and
 /// the names of secrets whose values were withheld.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LayerDoc {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -196,7 +196,7 @@ impl LayerDoc {
 }
 
 /// A whole set: the base layer's fields, then environments and instances.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Document {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -335,7 +335,7 @@ pub struct Committed {
 }
 
 /// A request to change keys of one layer of a set.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeRequest {
     /// Keys to set to plain values (strings, numbers, booleans or JSON).
@@ -359,7 +359,7 @@ pub struct ChangeRequest {
 }
 
 /// A service's config as one instance sees it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Resolved {
     pub service: String,
     /// The service set's version (0: none).
@@ -432,5 +432,69 @@ pub fn env_text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+// Debug output never holds a secret's value: a `{:?}` in a log line must not leak one.
+
+fn names<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<&'a str> {
+    keys.map(String::as_str).collect()
+}
+
+impl std::fmt::Debug for LayerDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerDoc")
+            .field("values", &self.values)
+            .field("secrets", &names(self.secrets.keys()))
+            .field("redacted", &self.redacted)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document")
+            .field("values", &self.values)
+            .field("secrets", &names(self.secrets.keys()))
+            .field("redacted", &self.redacted)
+            .field("env", &self.env)
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ChangeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeRequest")
+            .field("set", &self.set)
+            .field("secrets", &names(self.secrets.keys()))
+            .field("unset", &self.unset)
+            .field("env", &self.env)
+            .field("instance", &self.instance)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let values: BTreeMap<&str, &dyn std::fmt::Debug> = self
+            .values
+            .iter()
+            .map(|(k, v)| {
+                let shown: &dyn std::fmt::Debug = if self.secret_keys.contains(k) {
+                    &"<redacted>"
+                } else {
+                    v
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("Resolved")
+            .field("service", &self.service)
+            .field("version", &self.version)
+            .field("global_version", &self.global_version)
+            .field("values", &values)
+            .finish()
     }
 }

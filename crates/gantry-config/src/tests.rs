@@ -250,7 +250,8 @@ async fn secrets_are_sealed_redacted_and_revealed_only_when_asked() {
     )
     .await
     .unwrap();
-    // Setting a secret to the value it has is no change (compared by plaintext).
+    // Writing a secret is always a change: comparing would tell a writer whether a guess
+    // was right.
     let same = c
         .change(
             "pay",
@@ -262,7 +263,7 @@ async fn secrets_are_sealed_redacted_and_revealed_only_when_asked() {
         )
         .await
         .unwrap();
-    assert!(!same.created);
+    assert!(same.created);
     let everything = format!(
         "{:?}{:?}{:?}{:?}",
         c.view("pay", false).await.unwrap(),
@@ -276,6 +277,9 @@ async fn secrets_are_sealed_redacted_and_revealed_only_when_asked() {
     assert_eq!(view.document.values["USER"], json!("app"));
     let h = c.history("pay", false).await.unwrap();
     assert!(h[1].changes[0].secret && h[1].changes[0].before.is_none());
+    assert!(
+        format!("{:?}", c.resolve("pay", None, None, None).await.unwrap()).contains("<redacted>")
+    );
     // Revealed on request.
     let shown = c.view("pay", true).await.unwrap();
     assert_eq!(
@@ -293,12 +297,10 @@ async fn secrets_are_sealed_redacted_and_revealed_only_when_asked() {
     let text = String::from_utf8_lossy(&raw);
     assert!(!text.contains("hunter2") && !text.contains("second-secret"));
     assert!(text.contains("sealed-v2."));
-    // The wrong key cannot open them: the store refuses to open, saying why.
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
-    let err = ConfigStore::open(store, keyring(9), ConfigOptions::default())
-        .await
-        .err()
-        .unwrap();
+    // The wrong key cannot open them: the store opens (one set never keeps gantry from
+    // starting), and reading the secret says why.
+    let wrong = open_with(dir.path(), keyring(9), DEFAULT_HISTORY).await;
+    let err = wrong.resolve("pay", None, None, None).await.unwrap_err();
     assert!(err.to_string().contains("secrets key"), "{err}");
 }
 
@@ -475,7 +477,7 @@ A = "y"
         .import(
             "web",
             doc.clone(),
-            false,
+            Replace::Nothing,
             Author {
                 name: "t".into(),
                 message: "import".into(),
@@ -491,7 +493,7 @@ A = "y"
     assert!(redacted.secrets.is_empty() && redacted.redacted.contains("S"));
     redacted.values.remove("N");
     let r = c
-        .import("web", redacted, true, Author::default())
+        .import("web", redacted, Replace::All, Author::default())
         .await
         .unwrap();
     assert_eq!(
@@ -573,4 +575,149 @@ async fn rejects_bad_changes() {
         c.rollback("ok", 7, Author::default()).await,
         Err(ConfigError::NoSuchVersion { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_dotenv_import_with_replace_touches_only_its_layer_and_keeps_redacted_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path()).await;
+    c.change("web", req(&[("BASE", json!("b"))], ""), "t")
+        .await
+        .unwrap();
+    c.change(
+        "web",
+        ChangeRequest {
+            env: Some("prod".into()),
+            set: BTreeMap::from([("A".into(), json!("1")), ("OLD".into(), json!("x"))]),
+            secrets: BTreeMap::from([("S".into(), json!("hidden"))]),
+            ..Default::default()
+        },
+        "t",
+    )
+    .await
+    .unwrap();
+    // The prod layer as .env without secrets, then re-imported with replace.
+    let (_, doc) = c.export("web", None, false).await.unwrap();
+    let mut prod = doc.env["prod"].clone();
+    prod.values.remove("OLD");
+    let text = format::render_env(&prod);
+    let mut parsed = format::parse(&text, format::Format::Env).unwrap();
+    assert!(parsed.redacted.contains("S"), "{text}");
+    let moved = LayerDoc {
+        values: std::mem::take(&mut parsed.values),
+        secrets: std::mem::take(&mut parsed.secrets),
+        redacted: std::mem::take(&mut parsed.redacted),
+    };
+    parsed.env.insert("prod".into(), moved);
+    let r = c
+        .import(
+            "web",
+            parsed,
+            Replace::Layers(vec![Layer::Env("prod".into())]),
+            Author::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.version
+            .changes
+            .iter()
+            .map(|c| c.key.as_str())
+            .collect::<Vec<_>>(),
+        ["OLD"]
+    );
+    let v = c.resolve("web", Some("prod"), None, None).await.unwrap();
+    assert_eq!(v.values["BASE"], json!("b"), "other layers untouched");
+    assert_eq!(v.values["S"], json!("hidden"), "redacted secret kept");
+}
+
+#[tokio::test]
+async fn a_revert_undoes_secrets_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path()).await;
+    let secret = |v: &str| ChangeRequest {
+        secrets: BTreeMap::from([("S".into(), json!(v))]),
+        ..Default::default()
+    };
+    c.change("web", secret("good"), "t").await.unwrap();
+    c.change("web", secret("bad"), "t").await.unwrap();
+    c.revert("web", 2, "unhealthy").await.unwrap();
+    let v = c.resolve("web", None, None, None).await.unwrap();
+    assert_eq!(v.values["S"], json!("good"));
+}
+
+#[tokio::test]
+async fn an_upgrade_cut_short_and_sets_from_before_heads_come_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = |n: u64, vals: serde_json::Value| {
+        json!({"service": "cat", "version": n, "time_ms": n, "message": format!("m{n}"),
+               "changes": [], "values": vals})
+    };
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        // A set from before heads: rows only.
+        for (n, vals) in [(1, json!({"A": "1"})), (2, json!({"A": "2"}))] {
+            store
+                .put_json(BUCKET, &version_key("old", n), &v1(n, vals))
+                .await
+                .unwrap();
+        }
+        // An upgrade that stopped after rewriting the newest rows: v1 old, v2 and v3 new, head
+        // old.
+        store
+            .put_json(BUCKET, &version_key("cat", 1), &v1(1, json!({"A": "1"})))
+            .await
+            .unwrap();
+        let r2 = Record {
+            set: "cat".into(),
+            version: 2,
+            time_ms: 2,
+            author: String::new(),
+            message: "m2".into(),
+            changes: vec![Change {
+                layer: String::new(),
+                key: "B".into(),
+                before: None,
+                after: Some(Stored::Plain(json!("x"))),
+            }],
+            rollback_of: None,
+            reverts: None,
+        };
+        store
+            .put_json(BUCKET, &version_key("cat", 2), &r2)
+            .await
+            .unwrap();
+        // Rewritten newest first: the head's own row (3) came before row 2.
+        let r3 = Record {
+            version: 3,
+            time_ms: 3,
+            message: "m3".into(),
+            changes: vec![Change {
+                layer: String::new(),
+                key: "A".into(),
+                before: Some(Stored::Plain(json!("1"))),
+                after: None,
+            }],
+            ..r2.clone()
+        };
+        store
+            .put_json(BUCKET, &version_key("cat", 3), &r3)
+            .await
+            .unwrap();
+        store
+            .put_json(BUCKET, "cat.head", &v1(3, json!({"B": "x"})))
+            .await
+            .unwrap();
+    }
+    let c = open(dir.path()).await;
+    assert_eq!(c.sets().await.unwrap(), ["cat", "old"]);
+    let (_, old) = c.export("old", None, false).await.unwrap();
+    assert_eq!(old.values["A"], json!("2"));
+    let h = c.history("cat", false).await.unwrap();
+    assert_eq!(h.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
+    let (_, v2) = c.export("cat", Some(2), false).await.unwrap();
+    assert_eq!(v2.values["A"], json!("1"));
+    assert_eq!(v2.values["B"], json!("x"));
+    let (_, v3) = c.export("cat", Some(3), false).await.unwrap();
+    assert_eq!(v3.values.keys().collect::<Vec<_>>(), ["B"]);
 }

@@ -335,7 +335,7 @@ impl Control {
         let mut old = std::mem::take(&mut entry.endpoints);
         let mut live = HashMap::with_capacity(instances.len());
         for inst in instances {
-            if inst.health != gantry_model::Health::Passing {
+            if inst.health == gantry_model::Health::Critical {
                 continue;
             }
             let addr = SocketAddr::new(inst.address, inst.port);

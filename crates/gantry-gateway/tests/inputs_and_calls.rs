@@ -119,6 +119,8 @@ fn instance(id: &str, addr: SocketAddr, version: &str) -> Instance {
         health: Health::Passing,
         source: InstanceSource::Supervised,
         registered_at_ms: 0,
+        tags: Vec::new(),
+        checks: Vec::new(),
     }
 }
 

@@ -211,6 +211,17 @@ pub enum ProbeKind {
     None,
 }
 
+impl ProbeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Http => "http",
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Exec => "exec",
+            ProbeKind::None => "none",
+        }
+    }
+}
+
 /// `[services.NAME.health]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,8 @@ pub use deploy::{
 };
 
 pub use registry::{
-    Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
+    Check, CheckKind, Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind,
+    RegistrySnapshot,
 };
 pub use route::{
     ActiveHealth, AuthMode, Backend, CachePolicy, CircuitBreakerPolicy, Forward, GatewayModel,

@@ -22,17 +22,88 @@ pub struct Instance {
     pub node: String,
     #[serde(default)]
     pub zone: Option<String>,
+    /// The aggregate of `checks` (the worst of them), or what its source says when it has
+    /// none. Critical instances get no traffic; warning ones still do.
     pub health: Health,
     pub source: InstanceSource,
     pub registered_at_ms: u64,
+    /// Labels to select instances by (Consul's tags).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// What vouches for its health: the supervisor's probe, TTL checks kept alive by the
+    /// instance, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
 }
 
-/// Whether the instance may receive traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+impl Instance {
+    /// The worst status of its checks (passing when it has none).
+    pub fn aggregate(checks: &[Check]) -> Health {
+        checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Health::Passing)
+    }
+}
+
+/// Whether the instance may receive traffic: passing and warning ones do, critical ones not.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Passing,
+    Warning,
     Critical,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+}
+
+/// One health check of an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Check {
+    /// Unique within the instance.
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub kind: CheckKind,
+    pub status: Health,
+    /// What the check last said (a probe's failure, a TTL update's note).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
+    /// A TTL check turns critical when no update came within this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// When the status was last set (unix ms).
+    pub updated_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// The supervisor's health probe (HTTP, TCP or a command).
+    Probe,
+    /// Kept alive by the instance (pass, warn, fail) within its TTL.
+    Ttl,
 }
 
 /// Who vouches for an instance.

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use gantry_model::{
-    unix_ms, Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind, RegistrySnapshot,
+    unix_ms, Check, CheckKind, Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind,
+    RegistrySnapshot,
 };
 use gantry_store::{Store, StoreError, StoreJsonExt};
 use gantry_telemetry::Metrics;
@@ -69,6 +70,68 @@ pub struct Registration {
     /// Lease length; the instance must heartbeat within it. Default 30000.
     #[serde(default)]
     pub ttl_ms: Option<u64>,
+    /// Labels to select it by (at most 64).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// TTL health checks the instance keeps alive itself (pass, warn, fail); at most 8.
+    #[serde(default)]
+    pub checks: Vec<CheckRegistration>,
+}
+
+/// A TTL check an instance registers with.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRegistration {
+    /// Unique within the instance; default `ttl`, `ttl-2`, ...
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The check turns critical when no update came within this (1000..=86400000).
+    pub ttl_ms: u64,
+    /// Its status until the first update. Default passing.
+    #[serde(default)]
+    pub status: Option<Health>,
+}
+
+/// Which instances a query wants by health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthFilter {
+    /// Passing only.
+    Passing,
+    /// Passing and warning: what gets traffic (the default).
+    #[default]
+    Routable,
+    /// All, critical ones included.
+    Any,
+}
+
+impl HealthFilter {
+    pub fn admits(self, h: Health) -> bool {
+        match self {
+            HealthFilter::Passing => h == Health::Passing,
+            HealthFilter::Routable => h != Health::Critical,
+            HealthFilter::Any => true,
+        }
+    }
+}
+
+/// A lookup: one service's instances by version, tags, metadata, zone and health, ordered for
+/// locality (this node first, then the `near` zone, then the rest).
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub service: String,
+    pub version: Option<semver::VersionReq>,
+    /// Every one of these tags.
+    pub tags: Vec<String>,
+    /// Every one of these metadata entries.
+    pub metadata: BTreeMap<String, String>,
+    /// Only this zone.
+    pub zone: Option<String>,
+    /// Preferred zone: its instances come first.
+    pub near: Option<String>,
+    pub health: HealthFilter,
 }
 
 type Listener = Box<dyn Fn(&Arc<RegistrySnapshot>) + Send + Sync>;
@@ -90,6 +153,9 @@ struct State {
     /// Instance ids by service, to rebuild one service's list without a scan of all.
     ids: BTreeMap<Arc<str>, std::collections::BTreeSet<String>>,
     snapshot: Arc<RegistrySnapshot>,
+    /// The revision at which each service's list last changed (kept when it empties): the
+    /// index a blocking query on that service waits past.
+    index: BTreeMap<Arc<str>, u64>,
 }
 
 const WRITE_SHARDS: usize = 64;
@@ -106,6 +172,8 @@ pub struct Registry {
     node: String,
     instances_gauge: Family<ServiceLabel, Gauge>,
     changes: Family<KindLabel, Counter>,
+    /// The latest revision, for blocking queries.
+    revision_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -137,6 +205,7 @@ impl Registry {
                 instances: BTreeMap::new(),
                 ids: BTreeMap::new(),
                 snapshot: Arc::new(RegistrySnapshot::default()),
+                index: BTreeMap::new(),
             }),
             listeners: Mutex::new(Vec::new()),
             events,
@@ -144,6 +213,7 @@ impl Registry {
             node,
             instances_gauge,
             changes,
+            revision_tx: tokio::sync::watch::channel(0).0,
         });
         let now = unix_ms();
         let persisted: Vec<(String, Instance, u64)> = reg.store.list_json(BUCKET, ">").await?;
@@ -155,6 +225,10 @@ impl Registry {
                 ttl_ms,
                 last_heartbeat_ms: now,
             };
+            // Checks start again from their registered status, with a full TTL.
+            for c in &mut inst.checks {
+                c.updated_ms = now;
+            }
             Some(inst)
         }));
         Ok(reg)
@@ -189,7 +263,12 @@ impl Registry {
                 .set(list.len() as i64);
             services.insert(name.clone(), list);
         }
-        let changed = services.keys().cloned().collect();
+        let changed: Vec<Arc<str>> = services.keys().cloned().collect();
+        let rev = st.revision;
+        for name in &changed {
+            st.index.insert(name.clone(), rev);
+        }
+        self.revision_tx.send_replace(rev);
         st.snapshot = Arc::new(RegistrySnapshot {
             revision: st.revision,
             services,
@@ -236,6 +315,72 @@ impl Registry {
             .filter(|i| req.is_none_or(|r| r.matches(&i.version)))
             .cloned()
             .collect()
+    }
+
+    /// The instances a query selects, ordered for locality, and the index of the service's
+    /// last change (what a blocking query passes back to wait for the next one).
+    pub fn query(&self, q: &Query) -> (u64, Vec<Instance>) {
+        let (snap, index) = {
+            let st = self.lock();
+            (
+                st.snapshot.clone(),
+                st.index.get(q.service.as_str()).copied().unwrap_or(0),
+            )
+        };
+        let mut out: Vec<Instance> = snap
+            .instances(&q.service)
+            .iter()
+            .filter(|i| q.health.admits(i.health))
+            .filter(|i| q.version.as_ref().is_none_or(|r| r.matches(&i.version)))
+            .filter(|i| q.tags.iter().all(|t| i.tags.contains(t)))
+            .filter(|i| q.metadata.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
+            .filter(|i| q.zone.is_none() || i.zone == q.zone)
+            .cloned()
+            .collect();
+        // Locality: this node, then the preferred zone, then the rest (by id within each).
+        out.sort_by_key(|i| {
+            (
+                i.node != self.node,
+                q.near.is_some() && i.zone != q.near,
+                i.id.clone(),
+            )
+        });
+        (index.max(1), out)
+    }
+
+    /// The index of `service`'s last change (0: never seen).
+    pub fn service_index(&self, service: &str) -> u64 {
+        self.lock().index.get(service).copied().unwrap_or(0)
+    }
+
+    /// The registry's revision (the index of its last change of any service).
+    pub fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// Wait until `service` changes past `index` (or, with `None`, anything changes past it),
+    /// at most `wait`; returns the index then. A blocking query, as Consul's `?index=&wait=`.
+    pub async fn wait_past(&self, service: Option<&str>, index: u64, wait: Duration) -> u64 {
+        let current = |me: &Self| match service {
+            Some(s) => me.service_index(s),
+            None => me.revision(),
+        };
+        let mut rx = self.revision_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let now = current(self);
+            // An index from the future (another gantry's, or before a restart): answer at once
+            // with ours, as Consul does when the index goes backwards.
+            if now > index || index > self.revision() {
+                return now.max(1);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return now.max(1);
+            }
+        }
     }
 
     /// Put a supervised instance into rotation (or update it).
@@ -320,6 +465,18 @@ impl Registry {
                 "metadata: at most 64 entries, keys 1-128 bytes, values up to 1024 bytes".into(),
             ));
         }
+        if reg.tags.len() > 64
+            || reg
+                .tags
+                .iter()
+                .any(|t| t.is_empty() || t.len() > 128 || t.chars().any(char::is_control))
+        {
+            return Err(RegistryError::Invalid(
+                "tags: at most 64, each 1-128 characters without control characters".into(),
+            ));
+        }
+        let now = unix_ms();
+        let checks = checks_from(&reg.checks, now)?;
         let id = match reg.id {
             Some(id) => {
                 if !valid_external_id(&id) {
@@ -342,7 +499,6 @@ impl Registry {
                 )));
             }
         }
-        let now = unix_ms();
         let inst = Instance {
             id: id.clone(),
             service: reg.service,
@@ -352,12 +508,14 @@ impl Registry {
             metadata: reg.metadata,
             node: self.node.clone(),
             zone: reg.zone,
-            health: Health::Passing,
+            health: Instance::aggregate(&checks),
             source: InstanceSource::External {
                 ttl_ms,
                 last_heartbeat_ms: now,
             },
             registered_at_ms: now,
+            tags: reg.tags,
+            checks,
         };
         self.store.put_json(BUCKET, &id, &inst).await?;
         let kind = if self.get(&id).is_some() {
@@ -397,6 +555,83 @@ impl Registry {
             },
             None => Err(RegistryError::NotFound(id.into())),
         }
+    }
+
+    /// Set a TTL check's status (`pass`, `warn`, `fail` of the instance itself); also renews
+    /// the instance's lease. A change of status republishes the instance (a critical one
+    /// leaves routing before this returns); the status itself is not persisted: after a
+    /// restart of gantry each check starts from the status it was registered with.
+    pub fn update_check(
+        &self,
+        id: &str,
+        check: &str,
+        status: Health,
+        output: &str,
+    ) -> Result<Instance, RegistryError> {
+        let output: String = output.chars().take(4096).collect();
+        let mut st = self.lock();
+        let Some(inst) = st.instances.get_mut(id) else {
+            return Err(RegistryError::NotFound(id.into()));
+        };
+        let InstanceSource::External {
+            last_heartbeat_ms, ..
+        } = &mut inst.source
+        else {
+            return Err(RegistryError::Conflict(format!(
+                "instance {id} is declared by the spec; its health is the supervisor's probe"
+            )));
+        };
+        let now = unix_ms();
+        *last_heartbeat_ms = now;
+        let Some(c) = inst.checks.iter_mut().find(|c| c.id == check) else {
+            return Err(RegistryError::NotFound(format!("{id}: check {check}")));
+        };
+        let changed = c.status != status;
+        c.status = status;
+        c.output = output;
+        c.updated_ms = now;
+        if !changed {
+            return Ok(inst.clone());
+        }
+        inst.health = Instance::aggregate(&inst.checks);
+        let inst = inst.clone();
+        // Published under the same lock: updates of one instance publish in the order made.
+        self.apply_in(&mut st, RegistryEventKind::Updated, inst.clone());
+        Ok(inst)
+    }
+
+    /// Turn TTL checks whose time ran out critical; returns the instances that changed.
+    pub fn expire_checks(&self, now_ms: u64) -> Vec<String> {
+        let mut st = self.lock();
+        let due: Vec<Instance> = {
+            let mut due = Vec::new();
+            for inst in st.instances.values_mut() {
+                let mut changed = false;
+                for c in &mut inst.checks {
+                    let expired = c
+                        .ttl_ms
+                        .is_some_and(|ttl| now_ms.saturating_sub(c.updated_ms) > ttl);
+                    if expired && c.status != Health::Critical {
+                        c.status = Health::Critical;
+                        c.output =
+                            format!("TTL expired: no update within {} ms", c.ttl_ms.unwrap_or(0));
+                        changed = true;
+                    }
+                }
+                if changed {
+                    inst.health = Instance::aggregate(&inst.checks);
+                    due.push(inst.clone());
+                }
+            }
+            due
+        };
+        let mut out = Vec::with_capacity(due.len());
+        for inst in due {
+            tracing::info!(instance = %inst.id, "TTL check expired; instance is critical");
+            out.push(inst.id.clone());
+            self.apply_in(&mut st, RegistryEventKind::Updated, inst);
+        }
+        out
     }
 
     /// Remove a self-registered instance; durable when this returns.
@@ -461,7 +696,11 @@ impl Registry {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => { self.expire_due(unix_ms()).await; }
+                _ = tick.tick() => {
+                    let now = unix_ms();
+                    self.expire_checks(now);
+                    self.expire_due(now).await;
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -485,6 +724,11 @@ impl Registry {
 
     fn apply(&self, kind: RegistryEventKind, inst: Instance) -> u64 {
         let mut st = self.lock();
+        self.apply_in(&mut st, kind, inst)
+    }
+
+    /// [`Registry::apply`] with the state lock already held.
+    fn apply_in(&self, st: &mut State, kind: RegistryEventKind, inst: Instance) -> u64 {
         let mut moved_from = None;
         if let Some(old) = st.instances.insert(inst.id.clone(), inst.clone()) {
             // Re-registered under another service (self-registrations keep theirs; checked):
@@ -503,7 +747,7 @@ impl Registry {
             .entry(inst.service.as_str().into())
             .or_default()
             .insert(inst.id.clone());
-        self.publish(&mut st, kind, inst, moved_from)
+        self.publish(st, kind, inst, moved_from)
     }
 
     /// Called with the state lock held: bump revision, publish a snapshot in which only the
@@ -543,8 +787,10 @@ impl Registry {
             } else {
                 services.insert(name.clone(), list.into());
             }
+            st.index.insert(name.clone(), st.revision);
             changed.push(name);
         }
+        self.revision_tx.send_replace(st.revision);
         st.snapshot = Arc::new(RegistrySnapshot {
             revision: st.revision,
             services,
@@ -571,6 +817,58 @@ impl Registry {
         });
         st.revision
     }
+}
+
+/// The TTL checks of a registration, validated.
+fn checks_from(regs: &[CheckRegistration], now: u64) -> Result<Vec<Check>, RegistryError> {
+    if regs.len() > 8 {
+        return Err(RegistryError::Invalid("checks: at most 8".into()));
+    }
+    let mut out: Vec<Check> = Vec::with_capacity(regs.len());
+    for (n, c) in regs.iter().enumerate() {
+        let id = match &c.id {
+            Some(id) => id.clone(),
+            None if n == 0 => "ttl".into(),
+            None => format!("ttl-{}", n + 1),
+        };
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !ok {
+            return Err(RegistryError::Invalid(format!(
+                "checks[{n}].id: expected 1-128 characters of letters, digits, '-', '_', '.' and ':', got {id:?}"
+            )));
+        }
+        if out.iter().any(|x| x.id == id) {
+            return Err(RegistryError::Invalid(format!(
+                "checks[{n}].id: {id} is given twice"
+            )));
+        }
+        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&c.ttl_ms) {
+            return Err(RegistryError::Invalid(format!(
+                "checks[{n}].ttl_ms: expected {MIN_TTL_MS}..={MAX_TTL_MS}, got {}",
+                c.ttl_ms
+            )));
+        }
+        let name = c.name.clone().unwrap_or_else(|| id.clone());
+        if name.len() > 256 {
+            return Err(RegistryError::Invalid(format!(
+                "checks[{n}].name: at most 256 bytes"
+            )));
+        }
+        out.push(Check {
+            id,
+            name,
+            kind: CheckKind::Ttl,
+            status: c.status.unwrap_or(Health::Passing),
+            output: String::new(),
+            ttl_ms: Some(c.ttl_ms),
+            updated_ms: now,
+        });
+    }
+    Ok(out)
 }
 
 fn valid_external_id(id: &str) -> bool {

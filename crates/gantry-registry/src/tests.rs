@@ -15,6 +15,8 @@ fn reg_req(service: &str, version: &str, port: u16) -> Registration {
         metadata: BTreeMap::new(),
         zone: None,
         ttl_ms: Some(1000),
+        tags: Vec::new(),
+        checks: Vec::new(),
     }
 }
 
@@ -31,6 +33,8 @@ fn supervised(id: &str, service: &str, port: u16) -> Instance {
         health: Health::Passing,
         source: InstanceSource::Supervised,
         registered_at_ms: unix_ms(),
+        tags: Vec::new(),
+        checks: Vec::new(),
     }
 }
 
@@ -260,4 +264,183 @@ async fn stored_registrations_come_back_in_one_snapshot() {
     r.register_external(req).await.unwrap();
     assert_eq!(r.snapshot().revision, 2);
     assert_eq!(r.snapshot().instances("pay").len(), 1_001);
+}
+
+#[tokio::test]
+async fn ttl_checks_set_health_and_expire_to_critical() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    let mut req = reg_req("pay", "1.0.0", 3001);
+    req.id = Some("pay-1".into());
+    req.ttl_ms = Some(60_000);
+    req.checks = vec![CheckRegistration {
+        id: None,
+        name: Some("alive".into()),
+        ttl_ms: 1_000,
+        status: Some(Health::Critical),
+    }];
+    let i = r.register_external(req).await.unwrap();
+    assert_eq!(i.health, Health::Critical);
+    assert_eq!(i.checks[0].id, "ttl");
+    let routable = |r: &Registry| {
+        r.query(&Query {
+            service: "pay".into(),
+            ..Query::default()
+        })
+        .1
+        .len()
+    };
+    assert_eq!(routable(&r), 0);
+    let rev = r.revision();
+    let i = r
+        .update_check("pay-1", "ttl", Health::Passing, "ok")
+        .unwrap();
+    assert_eq!(i.health, Health::Passing);
+    assert_eq!(r.revision(), rev + 1, "a status change publishes");
+    assert_eq!(routable(&r), 1);
+    // The same status again only renews.
+    r.update_check("pay-1", "ttl", Health::Passing, "ok")
+        .unwrap();
+    assert_eq!(r.revision(), rev + 1);
+    r.update_check("pay-1", "ttl", Health::Warning, "slow disk")
+        .unwrap();
+    assert_eq!(routable(&r), 1, "warning still gets traffic");
+    let passing_only = r.query(&Query {
+        service: "pay".into(),
+        health: HealthFilter::Passing,
+        ..Query::default()
+    });
+    assert!(passing_only.1.is_empty());
+    // No update within the TTL: critical, out of rotation.
+    let t = unix_ms() + 1_500;
+    assert_eq!(r.expire_checks(t), ["pay-1"]);
+    assert_eq!(r.get("pay-1").unwrap().health, Health::Critical);
+    assert!(r.get("pay-1").unwrap().checks[0]
+        .output
+        .contains("TTL expired"));
+    assert_eq!(routable(&r), 0);
+    assert!(r.expire_checks(t).is_empty());
+    assert!(matches!(
+        r.update_check("pay-1", "nope", Health::Passing, ""),
+        Err(RegistryError::NotFound(_))
+    ));
+    let mut bad = reg_req("pay", "1.0.0", 1);
+    bad.checks = vec![CheckRegistration {
+        id: Some("a b".into()),
+        name: None,
+        ttl_ms: 1_000,
+        status: None,
+    }];
+    assert!(r.register_external(bad).await.is_err());
+}
+
+#[tokio::test]
+async fn queries_filter_and_order_for_locality() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    for (id, ver, zone, tags, node_local) in [
+        ("a", "1.2.0", "eu-1", vec!["blue"], true),
+        ("b", "2.0.0", "us-1", vec!["blue", "canary"], true),
+        ("c", "1.5.0", "us-1", vec![], true),
+        ("d", "1.9.0", "us-1", vec!["blue"], false),
+    ] {
+        let mut req = reg_req("web", ver, 1000);
+        req.id = Some(id.into());
+        req.zone = Some(zone.into());
+        req.tags = tags.into_iter().map(str::to_string).collect();
+        req.metadata.insert("id".into(), id.into());
+        req.ttl_ms = Some(60_000);
+        let mut i = r.register_external(req).await.unwrap();
+        if !node_local {
+            // An instance of another node (cluster mode): registered as the registry would
+            // learn it from another gantry.
+            i.node = "n2".into();
+            r.apply(RegistryEventKind::Updated, i);
+        }
+    }
+    let ids = |q: Query| {
+        r.query(&q)
+            .1
+            .iter()
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>()
+    };
+    let q = |f: &dyn Fn(&mut Query)| {
+        let mut q = Query {
+            service: "web".into(),
+            ..Query::default()
+        };
+        f(&mut q);
+        q
+    };
+    assert_eq!(ids(q(&|_| {})), ["a", "b", "c", "d"]);
+    assert_eq!(
+        ids(q(&|q| q.near = Some("us-1".into()))),
+        ["b", "c", "a", "d"],
+        "this node first, then the preferred zone"
+    );
+    assert_eq!(
+        ids(q(
+            &|q| q.version = Some(semver::VersionReq::parse("^1").unwrap())
+        )),
+        ["a", "c", "d"]
+    );
+    assert_eq!(ids(q(&|q| q.tags = vec!["blue".into()])), ["a", "b", "d"]);
+    assert_eq!(
+        ids(q(&|q| q.tags = vec!["blue".into(), "canary".into()])),
+        ["b"]
+    );
+    assert_eq!(ids(q(&|q| q.zone = Some("eu-1".into()))), ["a"]);
+    assert_eq!(
+        ids(q(&|q| {
+            q.metadata.insert("id".into(), "c".into());
+        })),
+        ["c"]
+    );
+}
+
+#[tokio::test]
+async fn blocking_waits_return_on_a_change_of_the_service_or_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    let mut req = reg_req("web", "1.0.0", 1);
+    req.ttl_ms = Some(60_000);
+    r.register_external(req).await.unwrap();
+    let index = r.service_index("web");
+    assert!(index > 0);
+    // An index already passed answers at once.
+    let t = std::time::Instant::now();
+    assert_eq!(
+        r.wait_past(Some("web"), index - 1, Duration::from_secs(5))
+            .await,
+        index
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // Nothing changes: the deadline.
+    let t = std::time::Instant::now();
+    assert_eq!(
+        r.wait_past(Some("web"), index, Duration::from_millis(200))
+            .await,
+        index
+    );
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    // Another service's change does not wake it; this one's does.
+    let waiter = {
+        let r = r.clone();
+        tokio::spawn(async move {
+            r.wait_past(Some("web"), index, Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.register_supervised(supervised("api-1", "api", 2));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    r.register_supervised(supervised("web-9", "web", 3));
+    let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, r.service_index("web"));
+    assert!(got > index);
 }

@@ -27,7 +27,33 @@ pub struct Spec {
     #[serde(default)]
     pub config: ConfigSpec,
     #[serde(default)]
+    pub registry: RegistrySpec,
+    #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// `[registry]`: listeners that speak other registries' APIs (each off unless given).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySpec {
+    /// Consul's HTTP API (the agent, catalog, health and KV subset its clients use), e.g.
+    /// `127.0.0.1:8500`.
+    #[serde(default)]
+    pub consul: Option<SocketAddr>,
+    /// What Consul calls without a token may do (as a Consul agent's anonymous token):
+    /// `none` (the default), `read` (catalog, health, KV reads) or `register` (also register,
+    /// deregister and update checks: Consul clients send check updates without their token).
+    #[serde(default)]
+    pub consul_anonymous: ConsulAnonymous,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsulAnonymous {
+    #[default]
+    None,
+    Read,
+    Register,
 }
 
 /// `[config]`: the config store.
@@ -251,6 +277,10 @@ pub struct ServiceSpec {
     /// a service on another machine. Only without `command`.
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Its instances register themselves (the admin API, the Consul or Eureka listeners):
+    /// gantry neither runs them nor knows their addresses in advance; the spec routes to them.
+    #[serde(default)]
+    pub external: bool,
     /// Working directory, relative to the spec file's directory. Default: that directory.
     #[serde(default)]
     pub cwd: Option<PathBuf>,

@@ -89,10 +89,18 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
                 "service name must be 1-63 characters of a-z, 0-9 and '-', start with a letter and not end with '-'".into(),
             ));
         }
+        if svc.external && (svc.command.is_some() || !svc.endpoints.is_empty()) {
+            p.push((
+                at("external"),
+                "an external service's instances register themselves: no command or endpoints"
+                    .into(),
+            ));
+        }
         match (&svc.command, svc.endpoints.is_empty()) {
+            (None, true) if svc.external => {}
             (None, true) => p.push((
                 at("command"),
-                "missing field `command`: give the program to run, or `endpoints` (addresses of instances gantry does not run)".into(),
+                "missing field `command`: give the program to run, `endpoints` (addresses of instances gantry does not run), or `external = true` (instances that register themselves)".into(),
             )),
             (Some(_), false) => p.push((
                 at("endpoints"),

@@ -222,15 +222,35 @@ pub(crate) const CONFIG_FILE: &str = "config.json";
 
 /// Write the resolved config where the instance reads it: to a temporary file, synced, then
 /// renamed over the old one, so a reader sees the old file or the new one, never a part.
+/// Writers (an instance's start, a change's rewrite) take turns, and an older config never
+/// replaces a newer one.
 pub(crate) fn write_config_file(
     dir: &std::path::Path,
     config: &gantry_config::Resolved,
 ) -> std::io::Result<()> {
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = WRITING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let path = dir.join(CONFIG_FILE);
+    if let Ok(old) = std::fs::read(&path) {
+        if let Ok(old) = serde_json::from_slice::<serde_json::Value>(&old) {
+            let v = |k: &str| old.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            let (ov, og) = (v("version"), v("global_version"));
+            // What is there is newer in both sets: keep it.
+            if ov >= config.version
+                && og >= config.global_version
+                && (ov, og) != (config.version, config.global_version)
+            {
+                return Ok(());
+            }
+        }
+    }
     let mut text = serde_json::to_vec_pretty(&config.file_json())?;
     text.push(b'\n');
     let tmp = dir.join(".config.json.tmp");
     write_file(&tmp, &text, 0o600)?;
-    std::fs::rename(&tmp, dir.join(CONFIG_FILE))?;
+    std::fs::rename(&tmp, &path)?;
     // The rename itself is durable once the directory is synced.
     std::fs::File::open(dir)?.sync_all()
 }
@@ -663,6 +683,20 @@ fn registry_instance(svc: &ServiceCtx, id: &str, port: u16) -> Instance {
         health: Health::Passing,
         source: InstanceSource::Supervised,
         registered_at_ms: unix_ms(),
+        tags: Vec::new(),
+        // Registered while its probe passes (it leaves the registry when it fails).
+        checks: match svc.spec.health.kind {
+            gantry_model::ProbeKind::None => Vec::new(),
+            kind => vec![gantry_model::Check {
+                id: "probe".into(),
+                name: format!("{} probe", kind.as_str()),
+                kind: gantry_model::CheckKind::Probe,
+                status: Health::Passing,
+                output: String::new(),
+                ttl_ms: None,
+                updated_ms: unix_ms(),
+            }],
+        },
     }
 }
 

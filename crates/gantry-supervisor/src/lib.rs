@@ -664,12 +664,15 @@ impl Supervisor {
             };
             let changed = match changed {
                 Ok(c) => c,
+                // Changes were missed: rewrite every service's files as if the global set
+                // changed (each file gets what is current, so nothing stays behind).
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(
-                        missed = n,
-                        "config changes came faster than they were applied; some were skipped"
-                    );
-                    continue;
+                    tracing::warn!(missed = n, "config changes came faster than they were followed; rewriting every instance's config file");
+                    gantry_config::ConfigChanged {
+                        set: gantry_config::GLOBAL.into(),
+                        version: 0,
+                        reverts: None,
+                    }
                 }
                 Err(_) => return,
             };
@@ -712,11 +715,19 @@ impl Supervisor {
                             me.config_rollout(&config, &service, &changed).await;
                         });
                     }
+                    // In tasks of their own: a global change reaches every service, and one
+                    // service's files must not wait for another's.
                     OnConfigChange::Signal => {
-                        self.reconfigure(&service, Some(process::signal_number(&signal)))
-                            .await
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            me.reconfigure(&service, Some(process::signal_number(&signal)))
+                                .await
+                        });
                     }
-                    OnConfigChange::None => self.reconfigure(&service, None).await,
+                    OnConfigChange::None => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.reconfigure(&service, None).await });
+                    }
                 }
             }
         }
@@ -728,7 +739,11 @@ impl Supervisor {
             .board
             .list()
             .into_iter()
-            .filter(|r| r.service == service && r.pid.is_some())
+            // Healthy ones only: a starting instance reads its file when it starts, and may not
+            // handle the signal yet.
+            .filter(|r| {
+                r.service == service && r.pid.is_some() && r.state == InstanceState::Healthy
+            })
             .collect();
         for r in rows {
             let dir = self.deps.instances_dir.join(&r.id);
@@ -798,9 +813,16 @@ impl Supervisor {
             }
             match rx.await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    failure = Some(e.to_string());
+                // New instances failed their health checks: the change is what broke them.
+                Ok(Err(SupervisorError::Rollout(why))) => {
+                    failure = Some(why);
                     break;
+                }
+                // Not started yet (waiting for dependencies), shutting down...: its instances
+                // start with the new values when they start; nothing to revert.
+                Ok(Err(e)) => {
+                    tracing::info!(service, error = %e, "config rollout not run");
+                    return;
                 }
                 Err(_) => return,
             }

@@ -72,6 +72,8 @@ pub fn register_static_endpoints(spec: &LoadedSpec, registry: &Registry) {
                 health: gantry_model::Health::Passing,
                 source: gantry_model::InstanceSource::Static,
                 registered_at_ms: gantry_model::unix_ms(),
+                tags: Vec::new(),
+                checks: Vec::new(),
             });
         }
     }

@@ -17,6 +17,9 @@ pub struct AdminInfo {
     /// The token service's URL on this machine (the issuer's own URL may differ).
     #[serde(default)]
     pub identity_url: String,
+    /// The Consul-compatible listener, when `[registry] consul` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul_url: Option<String>,
     pub pid: u32,
     pub started_ms: u64,
 }

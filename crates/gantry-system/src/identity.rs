@@ -48,6 +48,8 @@ pub(crate) fn register_behind_gateway(registry: &gantry_registry::Registry, addr
         health: gantry_model::Health::Passing,
         source: gantry_model::InstanceSource::Static,
         registered_at_ms: gantry_model::unix_ms(),
+        tags: Vec::new(),
+        checks: Vec::new(),
     });
 }
 

@@ -15,6 +15,7 @@
 //! the release controller, the autoscaler) attach as entries of this list.
 #![forbid(unsafe_code)]
 
+mod compat;
 mod components;
 pub mod control;
 mod datadir;
@@ -129,6 +130,7 @@ pub struct System {
     pub admin_addr: SocketAddr,
     pub identity: Arc<gantry_identity::Identity>,
     pub identity_addr: SocketAddr,
+    pub consul_addr: Option<SocketAddr>,
     _lock: std::fs::File,
 }
 
@@ -224,6 +226,34 @@ impl System {
             },
             admin_limits(&spec),
         );
+        let identity_addr = identity.addr;
+        let consul = compat::ConsulComponent::build(
+            &spec,
+            gantry_compat::CompatState {
+                registry: registry.registry.clone(),
+                config: config.clone(),
+                auth: Arc::new(gantry_api::auth::Principals::new(
+                    data.token.clone(),
+                    identity.identity.clone(),
+                )),
+                store: data.store.clone(),
+                advertise: String::new(),
+                anonymous: Arc::new({
+                    use gantry_api::auth::Permission as P;
+                    match spec.spec.registry.consul_anonymous {
+                        gantry_spec::ConsulAnonymous::None => vec![],
+                        gantry_spec::ConsulAnonymous::Read => vec![P::RegistryRead, P::ConfigRead],
+                        gantry_spec::ConsulAnonymous::Register => {
+                            vec![P::RegistryRead, P::ConfigRead, P::RegistryWrite]
+                        }
+                    }
+                    .into_iter()
+                    .collect()
+                }),
+            },
+            admin_limits(&spec),
+        )?;
+        let consul_addr = consul.as_ref().map(|c| c.addr);
         let system = Self {
             spec,
             data_dir: data.dir.clone(),
@@ -239,14 +269,22 @@ impl System {
             tls_addr: gateway.tls_addr,
             admin_addr: admin.addr,
             identity: identity.identity.clone(),
-            identity_addr: identity.addr,
-            components: vec![
-                Arc::new(registry),
-                Arc::new(identity),
-                Arc::new(gateway),
-                Arc::new(admin),
-                Arc::new(supervisor),
-            ],
+            identity_addr,
+            consul_addr,
+            // Start order; stopped in reverse.
+            components: {
+                let mut c: Vec<Arc<dyn Component>> = vec![
+                    Arc::new(registry),
+                    Arc::new(identity),
+                    Arc::new(gateway),
+                    Arc::new(admin),
+                ];
+                if let Some(consul) = consul {
+                    c.push(Arc::new(consul));
+                }
+                c.push(Arc::new(supervisor));
+                c
+            },
             signals: Vec::new(),
             _lock: data.lock,
         };
@@ -302,6 +340,7 @@ impl System {
                 admin_url: local_url(self.admin_addr),
                 gateway_url: local_url(self.gateway_addr),
                 identity_url: local_url(self.identity_addr),
+                consul_url: self.consul_addr.map(local_url),
                 pid: std::process::id(),
                 started_ms: gantry_model::unix_ms(),
             },

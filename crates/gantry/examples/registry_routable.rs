@@ -34,6 +34,8 @@ fn instance(service: &str, id: &str, port: u16) -> Instance {
         health: Health::Passing,
         source: InstanceSource::Supervised,
         registered_at_ms: 0,
+        tags: Vec::new(),
+        checks: Vec::new(),
     }
 }
 
@@ -137,6 +139,8 @@ async fn main() {
                 metadata: BTreeMap::new(),
                 zone: None,
                 ttl_ms: Some(60_000),
+                tags: Vec::new(),
+                checks: Vec::new(),
             })
             .await
             .unwrap();

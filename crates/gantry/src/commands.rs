@@ -976,7 +976,7 @@ async fn wait_rollout(c: &Client, service: &str, version: u64) -> Result<(), Cli
         let history: Vec<VersionView> = c
             .send(
                 Method::GET,
-                &format!("/v1/config/{}/history", enc(service)),
+                &format!("/v1/config/{}/history?limit=20", enc(service)),
                 None::<&Value>,
             )
             .await?;

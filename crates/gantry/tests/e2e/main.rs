@@ -8,6 +8,7 @@ mod cli_and_spec;
 mod config;
 mod consistency;
 mod deploy;
+mod discovery;
 mod gateway;
 mod hardening;
 mod identity;

@@ -1,0 +1,91 @@
+//! Listeners that speak other systems' APIs over Gantry's registry and config store
+//! (`gantry-compat`), each a component of its own, present only when the spec asks for it.
+
+use std::net::SocketAddr;
+use std::net::TcpListener as StdListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use gantry_spec::LoadedSpec;
+use tokio::sync::watch;
+
+use crate::components::{local_url, AdminLimits};
+use crate::Component;
+
+/// The Consul-compatible listener (`[registry] consul`).
+pub(crate) struct ConsulComponent {
+    pub addr: SocketAddr,
+    limits: AdminLimits,
+    pending: Mutex<Option<(StdListener, axum::Router)>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    running: Arc<AtomicBool>,
+}
+
+impl ConsulComponent {
+    /// `None` when the spec does not ask for it; bound here, so a taken port fails the build.
+    pub fn build(
+        spec: &LoadedSpec,
+        mut state: gantry_compat::CompatState,
+        limits: AdminLimits,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(addr) = spec.spec.registry.consul else {
+            return Ok(None);
+        };
+        let l = StdListener::bind(addr)
+            .with_context(|| format!("registry.consul cannot listen on {addr}"))?;
+        l.set_nonblocking(true)?;
+        let addr = l.local_addr()?;
+        state.advertise = local_url(addr).trim_start_matches("http://").to_string();
+        Ok(Some(Self {
+            addr,
+            limits,
+            pending: Mutex::new(Some((l, gantry_compat::consul::router(state)))),
+            task: Mutex::new(None),
+            running: Arc::new(AtomicBool::new(false)),
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for ConsulComponent {
+    fn name(&self) -> &'static str {
+        "consul-api"
+    }
+
+    async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (listener, router) = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| anyhow!("the Consul listener was started twice"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let running = self.running.clone();
+        running.store(true, Ordering::Relaxed);
+        let limits = self.limits;
+        let task = tokio::spawn(async move {
+            gantry_api::serve::serve(listener, router, limits, shutdown).await;
+            running.store(false, Ordering::Relaxed);
+        });
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        tracing::info!(addr = %self.addr, "Consul-compatible API listening");
+        Ok(())
+    }
+
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    async fn stopped(&self) {
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Discovery any client can use: queries, health checks, blocking queries, and clients we did
+//! not write (python-consul) on the compatible listener.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+fn consul_addr(g: &Gantry) -> std::net::SocketAddr {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.data_dir().join("admin.json")).unwrap()).unwrap();
+    info["consul_url"]
+        .as_str()
+        .expect("consul_url in admin.json")
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn python_consul_registers_passes_discovers_blocks_and_uses_kv() {
+    let svc = OwnSvc::start("pay-1", &[]);
+    let g = Gantry::start(
+        r#"
+[registry]
+consul = "127.0.0.1:0"
+consul_anonymous = "register"
+
+[services.pay]
+external = true
+[[services.pay.routes]]
+path_prefix = "/pay"
+strip_prefix = true
+"#,
+    );
+    let consul = consul_addr(&g);
+    let out = std::process::Command::new("python3")
+        .arg(fixture("consul_scenario.py"))
+        .args([
+            "127.0.0.1",
+            &consul.port().to_string(),
+            &g.token,
+            &svc.port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        g.output()
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    eprintln!("python-consul scenario: {seen}");
+    // Routable through the gateway while its TTL check passes...
+    assert_eq!(g.get("/pay/health").status, 200);
+    // ... and out of rotation when it stops passing, at its TTL (3 s).
+    let due = seen["last_pass_ms"].as_u64().unwrap() + 3_000;
+    let gone = wait_for("pay-1 out of rotation", Duration::from_secs(10), || {
+        let r = g.get("/pay/health");
+        (r.status != 200).then(gantry_model::unix_ms)
+    });
+    let late = gone.saturating_sub(due);
+    eprintln!("Consul-registered instance out of rotation {late} ms after its check's TTL");
+    assert!(gone + 50 >= due, "left before its TTL ran out");
+    assert!(late < 1_000, "{late} ms after its TTL");
+    let inst = g.admin_get("/v1/registry/instances/pay-1");
+    assert_eq!(inst["health"], "critical", "{inst}");
+    assert!(inst["checks"][0]["output"]
+        .as_str()
+        .unwrap()
+        .contains("TTL expired"));
+    // KV writes are config commits, with history and the principal as author.
+    let h = g.admin_get("/v1/config/pay/history");
+    let h = h.as_array().unwrap();
+    assert!(h.len() >= 3, "{h:?}");
+    assert_eq!(h[0]["message"], "consul kv put");
+    assert_eq!(h[0]["author"], "admin-token");
+    // Every Consul write is audited.
+    let audit = g.admin_get("/v1/audit?limit=200");
+    assert!(audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["path"] == "/v1/agent/service/register" && r["action"] == "registry:write"));
+    // Refused writes too.
+    let r = http(
+        consul,
+        "PUT",
+        "/v1/kv/pay/X",
+        &[("x-consul-token", "wrong")],
+        Some("v"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+}
+
+#[test]
+fn queries_blocking_waits_checks_and_client_side_discovery_on_the_admin_api() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 2
+health = { type = "http", path = "/health" }
+"#,
+    );
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    let svc = OwnSvc::start("ext-eu", &[]);
+    let r = g.admin_call(
+        "POST",
+        "/v1/registry/instances",
+        Some(
+            &json!({"service": "web", "id": "web-eu", "port": svc.port, "version": "2.1.0",
+                     "zone": "eu-1", "tags": ["canary"], "metadata": {"team": "a"},
+                     "checks": [{"ttl_ms": 60000}]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Supervised instances carry their probe as a check.
+    let all = g.admin_call("GET", "/v1/registry/services/web", None);
+    let index: u64 = all.header("x-gantry-index").unwrap().parse().unwrap();
+    let list = all.json();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    let sup = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] != "web-eu")
+        .unwrap();
+    assert_eq!(sup["checks"][0]["kind"], "probe", "{sup}");
+    // Filters: version, tags, metadata, zone; locality order.
+    for (q, want) in [
+        ("version=^2", vec!["web-eu"]),
+        ("tags=canary", vec!["web-eu"]),
+        ("meta=team:a", vec!["web-eu"]),
+        ("zone=eu-1", vec!["web-eu"]),
+    ] {
+        let got = g.admin_get(&format!("/v1/registry/services/web?{q}"));
+        let ids: Vec<&str> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, want, "{q}");
+    }
+    // Client-side discovery: one JSON question, full endpoints back.
+    let d = g
+        .admin_call(
+            "POST",
+            "/v1/registry/discover",
+            Some(&json!({"service": "web", "version": ">=2", "near": "eu-1", "limit": 5})),
+        )
+        .json();
+    assert_eq!(d["endpoints"][0]["id"], "web-eu", "{d}");
+    assert_eq!(
+        d["endpoints"][0]["url"],
+        format!("http://127.0.0.1:{}", svc.port)
+    );
+    // A read, not audited as a change.
+    let audit = g.admin_get("/v1/audit?limit=500").to_string();
+    assert!(!audit.contains("/v1/registry/discover"));
+    // A failing TTL check: critical, out of the default answer, still in `health=any`.
+    let r = g.admin_call(
+        "PUT",
+        "/v1/registry/instances/web-eu/checks/ttl",
+        Some(&json!({"status": "critical", "output": "disk full"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["health"], "critical");
+    assert_eq!(
+        g.admin_get("/v1/registry/services/web")
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        g.admin_get("/v1/registry/services/web?health=any")
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // A blocking query: answers at once for an old index, on a change, or at its wait.
+    let now = g.admin_call("GET", "/v1/registry/services/web", None);
+    let index2: u64 = now.header("x-gantry-index").unwrap().parse().unwrap();
+    assert!(index2 > index);
+    let t = Instant::now();
+    let r = g.admin_call(
+        "GET",
+        &format!("/v1/registry/services/web?index={index2}&wait=1s"),
+        None,
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.header("x-gantry-index").unwrap(), index2.to_string());
+    let (admin, token) = (g.admin, g.token.clone());
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = http(
+            admin,
+            "GET",
+            &format!("/v1/registry/services/web?index={index2}&wait=20s"),
+            &[("authorization", &format!("Bearer {token}"))],
+            None,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        (t.elapsed(), r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = g.admin_call(
+        "PUT",
+        "/v1/registry/instances/web-eu/checks/ttl",
+        Some(&json!({"status": "passing"})),
+    );
+    assert_eq!(r.status, 200);
+    let (took, r) = waiter.join().unwrap();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(r.json().as_array().unwrap().len(), 3, "{}", r.body);
+    // Bad input: clear 400s.
+    for (m, p, b) in [
+        ("GET", "/v1/registry/services/web?version=%3E%3D%3D2", None),
+        (
+            "GET",
+            "/v1/registry/services/web?index=1&wait=forever",
+            None,
+        ),
+        ("GET", "/v1/registry/services/web?health=sometimes", None),
+        (
+            "POST",
+            "/v1/registry/instances",
+            Some(json!({"service": "x", "port": 1, "checks": [{"ttl_ms": 5}]})),
+        ),
+        (
+            "PUT",
+            "/v1/registry/instances/web-eu/checks/ttl",
+            Some(json!({"status": "fine"})),
+        ),
+    ] {
+        let r = g.admin_call(m, p, b.as_ref());
+        assert_eq!(r.status, 400, "{m} {p}: {}", r.body);
+    }
+}
