@@ -33,7 +33,7 @@ pub struct Spec {
 }
 
 /// `[registry]`: listeners that speak other registries' APIs (each off unless given).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrySpec {
     /// Consul's HTTP API (the agent, catalog, health and KV subset its clients use), e.g.
@@ -45,6 +45,28 @@ pub struct RegistrySpec {
     /// deregister and update checks: Consul clients send check updates without their token).
     #[serde(default)]
     pub consul_anonymous: ConsulAnonymous,
+    /// DNS for healthy instances (`NAME.service.gantry`, SRV too), UDP and TCP, e.g.
+    /// `127.0.0.1:8600`.
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
+    /// TTL of DNS answers. Default 1.
+    #[serde(default = "default_dns_ttl")]
+    pub dns_ttl_secs: u32,
+}
+
+fn default_dns_ttl() -> u32 {
+    1
+}
+
+impl Default for RegistrySpec {
+    fn default() -> Self {
+        Self {
+            consul: None,
+            consul_anonymous: ConsulAnonymous::None,
+            dns: None,
+            dns_ttl_secs: default_dns_ttl(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

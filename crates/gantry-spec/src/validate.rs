@@ -327,6 +327,12 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
             ));
         }
     }
+    if spec.registry.dns_ttl_secs > 3600 {
+        p.push((
+            "registry.dns_ttl_secs".into(),
+            "expected at most 3600 (answers must follow the registry)".into(),
+        ));
+    }
     if !(2..=10_000).contains(&spec.config.history) {
         p.push((
             "config.history".into(),

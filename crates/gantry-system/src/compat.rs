@@ -89,3 +89,79 @@ impl Component for ConsulComponent {
         }
     }
 }
+
+/// DNS for the registry (`[registry] dns`).
+pub(crate) struct DnsComponent {
+    pub addr: SocketAddr,
+    pending: Mutex<Option<(std::net::UdpSocket, StdListener, gantry_dns::DnsHandler)>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    running: Arc<AtomicBool>,
+}
+
+impl DnsComponent {
+    pub fn build(
+        spec: &LoadedSpec,
+        registry: Arc<gantry_registry::Registry>,
+        metrics: &gantry_telemetry::Metrics,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(addr) = spec.spec.registry.dns else {
+            return Ok(None);
+        };
+        let (udp, tcp) = gantry_dns::bind(addr)
+            .with_context(|| format!("registry.dns cannot listen on {addr} (UDP and TCP)"))?;
+        let addr = udp.local_addr()?;
+        let handler = gantry_dns::DnsHandler::new(
+            registry,
+            Duration::from_secs(u64::from(spec.spec.registry.dns_ttl_secs)),
+            metrics,
+        );
+        Ok(Some(Self {
+            addr,
+            pending: Mutex::new(Some((udp, tcp, handler))),
+            task: Mutex::new(None),
+            running: Arc::new(AtomicBool::new(false)),
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for DnsComponent {
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (udp, tcp, handler) = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| anyhow!("DNS was started twice"))?;
+        let running = self.running.clone();
+        running.store(true, Ordering::Relaxed);
+        let task = tokio::spawn(async move {
+            if let Err(e) = gantry_dns::serve(handler, udp, tcp, shutdown).await {
+                tracing::error!(error = %e, "DNS stopped");
+            }
+            running.store(false, Ordering::Relaxed);
+        });
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        tracing::info!(addr = %self.addr, "DNS listening (UDP and TCP)");
+        Ok(())
+    }
+
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    async fn stopped(&self) {
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}

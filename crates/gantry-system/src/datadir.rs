@@ -20,6 +20,9 @@ pub struct AdminInfo {
     /// The Consul-compatible listener, when `[registry] consul` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consul_url: Option<String>,
+    /// The DNS listener (UDP and TCP), when `[registry] dns` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_addr: Option<String>,
     pub pid: u32,
     pub started_ms: u64,
 }

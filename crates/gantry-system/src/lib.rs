@@ -131,6 +131,7 @@ pub struct System {
     pub identity: Arc<gantry_identity::Identity>,
     pub identity_addr: SocketAddr,
     pub consul_addr: Option<SocketAddr>,
+    pub dns_addr: Option<SocketAddr>,
     _lock: std::fs::File,
 }
 
@@ -254,6 +255,8 @@ impl System {
             admin_limits(&spec),
         )?;
         let consul_addr = consul.as_ref().map(|c| c.addr);
+        let dns = compat::DnsComponent::build(&spec, registry.registry.clone(), &metrics)?;
+        let dns_addr = dns.as_ref().map(|c| c.addr);
         let system = Self {
             spec,
             data_dir: data.dir.clone(),
@@ -271,6 +274,7 @@ impl System {
             identity: identity.identity.clone(),
             identity_addr,
             consul_addr,
+            dns_addr,
             // Start order; stopped in reverse.
             components: {
                 let mut c: Vec<Arc<dyn Component>> = vec![
@@ -281,6 +285,9 @@ impl System {
                 ];
                 if let Some(consul) = consul {
                     c.push(Arc::new(consul));
+                }
+                if let Some(dns) = dns {
+                    c.push(Arc::new(dns));
                 }
                 c.push(Arc::new(supervisor));
                 c
@@ -341,6 +348,7 @@ impl System {
                 gateway_url: local_url(self.gateway_addr),
                 identity_url: local_url(self.identity_addr),
                 consul_url: self.consul_addr.map(local_url),
+                dns_addr: self.dns_addr.map(|a| a.to_string()),
                 pid: std::process::id(),
                 started_ms: gantry_model::unix_ms(),
             },

@@ -250,3 +250,146 @@ health = { type = "http", path = "/health" }
         assert_eq!(r.status, 400, "{m} {p}: {}", r.body);
     }
 }
+
+fn dns_port(g: &Gantry) -> u16 {
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.data_dir().join("admin.json")).unwrap()).unwrap();
+    let addr: std::net::SocketAddr = info["dns_addr"].as_str().unwrap().parse().unwrap();
+    addr.port()
+}
+
+fn dig(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (Debian bind9-dnsutils; scripts/test installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dns_answers_dig_and_dnspython_with_healthy_instances_only() {
+    let g = Gantry::start(
+        r#"
+[registry]
+dns = "127.0.0.1:0"
+
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 2
+health = { type = "http", path = "/health", interval_ms = 100 }
+"#,
+    );
+    g.wait_healthy("web", 2, Duration::from_secs(20));
+    let port = dns_port(&g);
+    for (id, addr, version) in [
+        ("web-a", "127.0.0.2", "1.4.0"),
+        ("web-b", "127.0.0.3", "2.1.3"),
+    ] {
+        let r = g.admin_call(
+            "POST",
+            "/v1/registry/instances",
+            Some(
+                &json!({"service": "web", "id": id, "address": addr, "port": 9000,
+                         "version": version, "tags": ["ext"], "ttl_ms": 60000}),
+            ),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // dig: A records (one per address), with the short TTL.
+    let a = dig(port, &["web.service.gantry", "A", "+noall", "+answer"]);
+    let mut addrs: Vec<&str> = a
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["127.0.0.1", "127.0.0.2", "127.0.0.3"], "{a}");
+    assert!(
+        a.lines().all(|l| l.split_whitespace().nth(1) == Some("1")),
+        "TTL 1: {a}"
+    );
+    let v2 = dig(port, &["v2.web.service.gantry", "A", "+short"]);
+    assert_eq!(v2.trim(), "127.0.0.3");
+    let tagged = dig(port, &["ext.web.service.consul", "A", "+short"]);
+    assert_eq!(tagged.lines().count(), 2, "{tagged}");
+    // SRV: every instance with its port, targets resolvable (TCP as well as UDP).
+    let srv = dig(
+        port,
+        &[
+            "+tcp",
+            "_web._tcp.service.consul",
+            "SRV",
+            "+noall",
+            "+answer",
+            "+additional",
+        ],
+    );
+    let instances = g.instances("web");
+    for i in &instances {
+        assert!(
+            srv.contains(&format!(
+                "{} {}.instance.gantry.",
+                i["port"],
+                i["id"].as_str().unwrap()
+            )),
+            "{srv}"
+        );
+    }
+    assert!(srv.contains("9000 web-b.instance.gantry."), "{srv}");
+    let nx = dig(port, &["nope.service.gantry", "A"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    let refused = dig(port, &["example.com", "A"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+
+    // dnspython, a resolver library we did not write.
+    let script = format!(
+        r#"
+import dns.resolver
+r = dns.resolver.Resolver(configure=False)
+r.nameservers = ["127.0.0.1"]
+r.port = {port}
+a = sorted(x.address for x in r.resolve("web.service.gantry", "A"))
+srv = sorted((x.port, str(x.target)) for x in r.resolve("web.service.gantry", "SRV", tcp=True))
+v1 = [x.address for x in r.resolve("1.web.service.gantry", "A")]
+try:
+    r.resolve("missing.service.gantry", "A")
+    nx = False
+except dns.resolver.NXDOMAIN:
+    nx = True
+print(a, len(srv), v1, nx)
+"#
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.trim(),
+        "['127.0.0.1', '127.0.0.2', '127.0.0.3'] 4 ['127.0.0.2'] True"
+    );
+
+    // A crashed instance leaves the answers at once.
+    let victim = &instances[0];
+    let id = victim["id"].as_str().unwrap().to_string();
+    let pid = victim["pid"].as_u64().unwrap() as u32;
+    let t = std::time::Instant::now();
+    signal(pid, libc::SIGKILL);
+    wait_for(
+        "crashed instance out of DNS",
+        Duration::from_secs(5),
+        || {
+            let srv = dig(port, &["web.service.gantry", "SRV", "+short"]);
+            (!srv.contains(&format!("{id}.instance.gantry"))).then_some(())
+        },
+    );
+    eprintln!(
+        "crashed instance out of DNS answers within {:?}",
+        t.elapsed()
+    );
+}
