@@ -1,7 +1,8 @@
 //! Listeners that speak other systems' HTTP APIs, so that clients written for them work
 //! unchanged against Gantry: the subset of Consul's agent, catalog, health and KV API that
 //! service-discovery clients use ([`consul`]). Each is off by default and has a listener of its
-//! own (`[registry] consul = "127.0.0.1:8500"`).
+//! own (`[registry] consul = "127.0.0.1:8500"`); likewise the subset of Eureka's REST API its
+//! clients use ([`eureka`], `[registry] eureka`).
 //!
 //! They hold no state of their own: registrations go to the registry (durable, as the admin
 //! API's), KV to the config store (with its history), and every call is authorized as a
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod consul;
+pub mod eureka;
 
 use std::sync::Arc;
 

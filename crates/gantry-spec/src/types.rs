@@ -45,6 +45,13 @@ pub struct RegistrySpec {
     /// deregister and update checks: Consul clients send check updates without their token).
     #[serde(default)]
     pub consul_anonymous: ConsulAnonymous,
+    /// Eureka's REST API (register, renew, cancel, apps), e.g. `127.0.0.1:8761`.
+    #[serde(default)]
+    pub eureka: Option<SocketAddr>,
+    /// What Eureka calls without credentials may do: `none` (the default), `read` or
+    /// `register` (also register, renew and cancel).
+    #[serde(default)]
+    pub eureka_anonymous: ConsulAnonymous,
     /// DNS for healthy instances (`NAME.service.gantry`, SRV too), UDP and TCP, e.g.
     /// `127.0.0.1:8600`.
     #[serde(default)]
@@ -63,6 +70,8 @@ impl Default for RegistrySpec {
         Self {
             consul: None,
             consul_anonymous: ConsulAnonymous::None,
+            eureka: None,
+            eureka_anonymous: ConsulAnonymous::None,
             dns: None,
             dns_ttl_secs: default_dns_ttl(),
         }

@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use crate::components::{local_url, AdminLimits};
 use crate::Component;
 
-/// The Consul-compatible listener (`[registry] consul`).
-pub(crate) struct ConsulComponent {
+/// A listener that speaks another system's HTTP API (`[registry] consul`, `eureka`).
+pub(crate) struct CompatListener {
+    name: &'static str,
     pub addr: SocketAddr,
     limits: AdminLimits,
     pending: Mutex<Option<(StdListener, axum::Router)>>,
@@ -23,25 +24,28 @@ pub(crate) struct ConsulComponent {
     running: Arc<AtomicBool>,
 }
 
-impl ConsulComponent {
-    /// `None` when the spec does not ask for it; bound here, so a taken port fails the build.
+impl CompatListener {
+    /// `None` when the spec gives no address; bound here, so a taken port fails the build.
     pub fn build(
-        spec: &LoadedSpec,
+        name: &'static str,
+        addr: Option<SocketAddr>,
         mut state: gantry_compat::CompatState,
+        router: fn(gantry_compat::CompatState) -> axum::Router,
         limits: AdminLimits,
     ) -> anyhow::Result<Option<Self>> {
-        let Some(addr) = spec.spec.registry.consul else {
+        let Some(addr) = addr else {
             return Ok(None);
         };
         let l = StdListener::bind(addr)
-            .with_context(|| format!("registry.consul cannot listen on {addr}"))?;
+            .with_context(|| format!("registry.{name} cannot listen on {addr}"))?;
         l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
         state.advertise = local_url(addr).trim_start_matches("http://").to_string();
         Ok(Some(Self {
+            name,
             addr,
             limits,
-            pending: Mutex::new(Some((l, gantry_compat::consul::router(state)))),
+            pending: Mutex::new(Some((l, router(state)))),
             task: Mutex::new(None),
             running: Arc::new(AtomicBool::new(false)),
         }))
@@ -49,9 +53,9 @@ impl ConsulComponent {
 }
 
 #[async_trait::async_trait]
-impl Component for ConsulComponent {
+impl Component for CompatListener {
     fn name(&self) -> &'static str {
-        "consul-api"
+        self.name
     }
 
     async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -60,7 +64,7 @@ impl Component for ConsulComponent {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
-            .ok_or_else(|| anyhow!("the Consul listener was started twice"))?;
+            .ok_or_else(|| anyhow!("the {} listener was started twice", self.name))?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let running = self.running.clone();
         running.store(true, Ordering::Relaxed);
@@ -70,7 +74,7 @@ impl Component for ConsulComponent {
             running.store(false, Ordering::Relaxed);
         });
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
-        tracing::info!(addr = %self.addr, "Consul-compatible API listening");
+        tracing::info!(addr = %self.addr, api = self.name, "compatible API listening");
         Ok(())
     }
 

@@ -20,6 +20,9 @@ pub struct AdminInfo {
     /// The Consul-compatible listener, when `[registry] consul` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consul_url: Option<String>,
+    /// The Eureka-compatible listener, when `[registry] eureka` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eureka_url: Option<String>,
     /// The DNS listener (UDP and TCP), when `[registry] dns` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_addr: Option<String>,

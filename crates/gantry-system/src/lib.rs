@@ -131,6 +131,7 @@ pub struct System {
     pub identity: Arc<gantry_identity::Identity>,
     pub identity_addr: SocketAddr,
     pub consul_addr: Option<SocketAddr>,
+    pub eureka_addr: Option<SocketAddr>,
     pub dns_addr: Option<SocketAddr>,
     _lock: std::fs::File,
 }
@@ -228,32 +229,47 @@ impl System {
             admin_limits(&spec),
         );
         let identity_addr = identity.addr;
-        let consul = compat::ConsulComponent::build(
-            &spec,
-            gantry_compat::CompatState {
-                registry: registry.registry.clone(),
-                config: config.clone(),
-                auth: Arc::new(gantry_api::auth::Principals::new(
-                    data.token.clone(),
-                    identity.identity.clone(),
-                )),
-                store: data.store.clone(),
-                advertise: String::new(),
-                anonymous: Arc::new({
-                    use gantry_api::auth::Permission as P;
-                    match spec.spec.registry.consul_anonymous {
-                        gantry_spec::ConsulAnonymous::None => vec![],
-                        gantry_spec::ConsulAnonymous::Read => vec![P::RegistryRead, P::ConfigRead],
-                        gantry_spec::ConsulAnonymous::Register => {
-                            vec![P::RegistryRead, P::ConfigRead, P::RegistryWrite]
-                        }
+        let anonymous = |a: gantry_spec::ConsulAnonymous| {
+            use gantry_api::auth::Permission as P;
+            Arc::new(
+                match a {
+                    gantry_spec::ConsulAnonymous::None => vec![],
+                    gantry_spec::ConsulAnonymous::Read => vec![P::RegistryRead, P::ConfigRead],
+                    gantry_spec::ConsulAnonymous::Register => {
+                        vec![P::RegistryRead, P::ConfigRead, P::RegistryWrite]
                     }
-                    .into_iter()
-                    .collect()
-                }),
-            },
+                }
+                .into_iter()
+                .collect(),
+            )
+        };
+        let compat_state = |anonymous| gantry_compat::CompatState {
+            registry: registry.registry.clone(),
+            config: config.clone(),
+            auth: Arc::new(gantry_api::auth::Principals::new(
+                data.token.clone(),
+                identity.identity.clone(),
+            )),
+            store: data.store.clone(),
+            advertise: String::new(),
+            anonymous,
+        };
+        let reg = &spec.spec.registry;
+        let consul = compat::CompatListener::build(
+            "consul",
+            reg.consul,
+            compat_state(anonymous(reg.consul_anonymous)),
+            gantry_compat::consul::router,
             admin_limits(&spec),
         )?;
+        let eureka = compat::CompatListener::build(
+            "eureka",
+            reg.eureka,
+            compat_state(anonymous(reg.eureka_anonymous)),
+            gantry_compat::eureka::router,
+            admin_limits(&spec),
+        )?;
+        let eureka_addr = eureka.as_ref().map(|c| c.addr);
         let consul_addr = consul.as_ref().map(|c| c.addr);
         let dns = compat::DnsComponent::build(&spec, registry.registry.clone(), &metrics)?;
         let dns_addr = dns.as_ref().map(|c| c.addr);
@@ -274,6 +290,7 @@ impl System {
             identity: identity.identity.clone(),
             identity_addr,
             consul_addr,
+            eureka_addr,
             dns_addr,
             // Start order; stopped in reverse.
             components: {
@@ -285,6 +302,9 @@ impl System {
                 ];
                 if let Some(consul) = consul {
                     c.push(Arc::new(consul));
+                }
+                if let Some(eureka) = eureka {
+                    c.push(Arc::new(eureka));
                 }
                 if let Some(dns) = dns {
                     c.push(Arc::new(dns));
@@ -348,6 +368,7 @@ impl System {
                 gateway_url: local_url(self.gateway_addr),
                 identity_url: local_url(self.identity_addr),
                 consul_url: self.consul_addr.map(local_url),
+                eureka_url: self.eureka_addr.map(local_url),
                 dns_addr: self.dns_addr.map(|a| a.to_string()),
                 pid: std::process::id(),
                 started_ms: gantry_model::unix_ms(),

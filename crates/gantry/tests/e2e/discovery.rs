@@ -393,3 +393,106 @@ print(a, len(srv), v1, nx)
         t.elapsed()
     );
 }
+
+#[test]
+fn py_eureka_client_registers_renews_discovers_and_expires_when_it_stops_renewing() {
+    let svc = OwnSvc::start("pay-eureka", &[]);
+    let g = Gantry::start(
+        r#"
+[registry]
+eureka = "127.0.0.1:0"
+
+[services.web]
+command = ["{TESTSVC}"]
+health = { type = "http", path = "/health" }
+
+[services.pay]
+external = true
+[[services.pay.routes]]
+path_prefix = "/pay"
+strip_prefix = true
+"#,
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.data_dir().join("admin.json")).unwrap()).unwrap();
+    let base = info["eureka_url"].as_str().unwrap();
+    // Credentials as Eureka clients give them: in the server URL (the password is the token).
+    let url = base.replace("http://", &format!("http://gantry:{}@", g.token)) + "/eureka/";
+    let mut child = std::process::Command::new("python3")
+        .arg(fixture("eureka_scenario.py"))
+        .args([&url, &svc.port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no answer from the scenario: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                g.output()
+            );
+        }
+    };
+    let seen: serde_json::Value = match serde_json::from_str(&line) {
+        Ok(v) => v,
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{line}\n{}", String::from_utf8_lossy(&out.stderr))
+        }
+    };
+    assert_eq!(seen["called"], "web", "{seen}");
+    assert_eq!(seen["renewed"], true, "{seen}");
+    // Registered in gantry's registry, routable through the gateway.
+    let id = "127-0-0-1-pay-".to_string() + &svc.port.to_string();
+    let inst = g.admin_get(&format!("/v1/registry/instances/{id}"));
+    assert_eq!(inst["service"], "pay", "{inst}");
+    assert_eq!(g.get("/pay/health").status, 200);
+    // The client dies without cancelling: gone when its lease (2 s) runs out.
+    let last = g.admin_get(&format!("/v1/registry/instances/{id}"))["source"]["last_heartbeat_ms"]
+        .as_u64()
+        .unwrap();
+    signal(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+    let gone = wait_for("expiry", Duration::from_secs(10), || {
+        let r = g.admin_call("GET", &format!("/v1/registry/instances/{id}"), None);
+        (r.status == 404).then(gantry_model::unix_ms)
+    });
+    let after_lease = gone.saturating_sub(last + 2_000);
+    eprintln!("Eureka-registered instance expired {after_lease} ms after its lease");
+    assert!(gone >= last + 2_000, "expired before its lease ran out");
+    assert!(after_lease < 1_500, "{after_lease} ms late");
+    assert_ne!(g.get("/pay/health").status, 200);
+    // Without credentials: refused, and the refusal of a write is audited.
+    let r = http(
+        base.trim_start_matches("http://").parse().unwrap(),
+        "DELETE",
+        "/eureka/apps/WEB/x",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "{}", r.body);
+    let audit = g.admin_get("/v1/audit?limit=500").to_string();
+    assert!(
+        audit.contains("/eureka/apps/PAY") || audit.contains("/eureka/apps/pay"),
+        "{audit}"
+    );
+}
