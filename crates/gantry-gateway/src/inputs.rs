@@ -272,7 +272,7 @@ impl Control {
         metrics: &GatewayMetrics,
     ) {
         let prev = std::mem::replace(&mut self.registry, snap.clone());
-        let changed: Vec<Arc<str>> = if snap.revision == prev.revision + 1 {
+        let changed: Vec<Arc<str>> = if snap.since == prev.revision && snap.revision > 0 {
             snap.changed.clone()
         } else {
             // Not the next one (a listener registered late, a test): tell by the lists.

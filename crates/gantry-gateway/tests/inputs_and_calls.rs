@@ -144,6 +144,7 @@ fn gateway_with(mut model: GatewayModel, instances: Vec<Instance>) -> Arc<Gatewa
         revision: 1,
         services,
         changed: vec!["svc".into()],
+        since: 0,
     }));
     gw
 }
@@ -402,6 +403,7 @@ async fn a_registry_change_rebuilds_only_its_service_and_takes_effect_before_it_
             revision: rev,
             services,
             changed: vec!["svc".into()],
+            since: rev - 1,
         })
     };
     gw.apply_registry(&snap(
@@ -473,6 +475,7 @@ async fn a_probe_that_ends_without_an_outcome_frees_its_slot() {
         revision: 1,
         services,
         changed: vec!["svc".into()],
+        since: 0,
     }));
     let caller = Caller { name: "t".into() };
     let within = |ms| CallOptions {

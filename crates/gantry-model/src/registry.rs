@@ -130,8 +130,10 @@ pub struct RegistrySnapshot {
     /// change keeps the very same list (pointer-equal) from one snapshot to the next, so a
     /// reader can tell what changed without comparing instances.
     pub services: BTreeMap<Arc<str>, Arc<[Instance]>>,
-    /// The services whose instance lists changed at this revision (from the one before).
+    /// The services whose instance lists changed since the snapshot of revision `since` (the
+    /// one this was made from; several changes may be published in one snapshot).
     pub changed: Vec<Arc<str>>,
+    pub since: u64,
 }
 
 impl RegistrySnapshot {

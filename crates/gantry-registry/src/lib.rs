@@ -167,6 +167,8 @@ pub struct Registry {
     /// take a given id's writes in the same order, so they agree on the one that won.
     writes: [tokio::sync::Mutex<()>; WRITE_SHARDS],
     listeners: Mutex<Vec<Listener>>,
+    /// Changes waiting to be published with the next snapshot (see `apply`).
+    pending: Mutex<Vec<(RegistryEventKind, Instance)>>,
     events: broadcast::Sender<RegistryEvent>,
     store: Arc<dyn Store>,
     node: String,
@@ -208,6 +210,7 @@ impl Registry {
                 index: BTreeMap::new(),
             }),
             listeners: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
             events,
             store,
             node,
@@ -269,10 +272,12 @@ impl Registry {
             st.index.insert(name.clone(), rev);
         }
         self.revision_tx.send_replace(rev);
+        let since = st.snapshot.revision;
         st.snapshot = Arc::new(RegistrySnapshot {
             revision: st.revision,
             services,
             changed,
+            since,
         });
     }
 
@@ -523,7 +528,7 @@ impl Registry {
         } else {
             RegistryEventKind::Registered
         };
-        self.apply(kind, inst.clone());
+        self.apply_async(kind, inst.clone()).await;
         Ok(inst)
     }
 
@@ -719,16 +724,60 @@ impl Registry {
                 st.ids.remove(inst.service.as_str());
             }
         }
-        Some(self.publish(&mut st, kind, inst, None))
+        Some(self.publish(&mut st, vec![(kind, inst, None)]))
     }
 
+    /// Put an instance in and publish. Concurrent callers are published together: each queues
+    /// its change, and whoever holds the state lock next applies every queued change and
+    /// publishes one snapshot for all of them (so 64 registrations in flight cost one snapshot
+    /// and one listener call, not 64). A change is published before its `apply` returns.
     fn apply(&self, kind: RegistryEventKind, inst: Instance) -> u64 {
-        let mut st = self.lock();
-        self.apply_in(&mut st, kind, inst)
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((kind, inst));
+        self.publish_pending()
     }
 
-    /// [`Registry::apply`] with the state lock already held.
+    /// [`Registry::apply`] for async callers: after queueing, let the other tasks that are
+    /// ready (registrations whose store write completed in the same group commit) queue
+    /// theirs, so that one snapshot publishes them all, also on a single thread.
+    async fn apply_async(&self, kind: RegistryEventKind, inst: Instance) -> u64 {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((kind, inst));
+        tokio::task::yield_now().await;
+        self.publish_pending()
+    }
+
+    fn publish_pending(&self) -> u64 {
+        let mut st = self.lock();
+        let batch =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        if batch.is_empty() {
+            // Published by the caller that held the lock before us.
+            return st.revision;
+        }
+        let items = batch
+            .into_iter()
+            .map(|(kind, inst)| Self::insert(&mut st, kind, inst))
+            .collect();
+        self.publish(&mut st, items)
+    }
+
+    /// [`Registry::apply`] of one change with the state lock already held.
     fn apply_in(&self, st: &mut State, kind: RegistryEventKind, inst: Instance) -> u64 {
+        let item = Self::insert(st, kind, inst);
+        self.publish(st, vec![item])
+    }
+
+    /// Put an instance into the tables; returns what `publish` needs of it.
+    fn insert(
+        st: &mut State,
+        kind: RegistryEventKind,
+        inst: Instance,
+    ) -> (RegistryEventKind, Instance, Option<String>) {
         let mut moved_from = None;
         if let Some(old) = st.instances.insert(inst.id.clone(), inst.clone()) {
             // Re-registered under another service (self-registrations keep theirs; checked):
@@ -747,30 +796,49 @@ impl Registry {
             .entry(inst.service.as_str().into())
             .or_default()
             .insert(inst.id.clone());
-        self.publish(st, kind, inst, moved_from)
+        (kind, inst, moved_from)
     }
 
-    /// Called with the state lock held: bump revision, publish a snapshot in which only the
-    /// changed services' lists are new (the instance's, and the one it moved from, if any; the
-    /// others are shared with the last one), notify.
+    /// Called with the state lock held, after the tables took `items`: bump the revision once
+    /// per change, publish one snapshot in which only the changed services' lists are new (the
+    /// others are shared with the last one), notify the listeners once, and send one event per
+    /// change. Returns the new revision.
     fn publish(
         &self,
         st: &mut State,
-        kind: RegistryEventKind,
-        inst: Instance,
-        moved_from: Option<String>,
+        items: Vec<(RegistryEventKind, Instance, Option<String>)>,
     ) -> u64 {
-        st.revision += 1;
         let mut services = st.snapshot.services.clone();
-        let mut changed = Vec::with_capacity(2);
-        for service in std::iter::once(inst.service.as_str()).chain(moved_from.as_deref()) {
-            let name: Arc<str> = match st.ids.get_key_value(service) {
-                Some((k, _)) => k.clone(),
-                None => service.into(),
-            };
+        let mut changed: Vec<Arc<str>> = Vec::with_capacity(items.len() + 1);
+        let mut events = Vec::with_capacity(items.len());
+        for (kind, inst, moved_from) in items {
+            st.revision += 1;
+            for service in std::iter::once(inst.service.as_str()).chain(moved_from.as_deref()) {
+                let name: Arc<str> = match st.ids.get_key_value(service) {
+                    Some((k, _)) => k.clone(),
+                    None => service.into(),
+                };
+                st.index.insert(name.clone(), st.revision);
+                if !changed.contains(&name) {
+                    changed.push(name);
+                }
+            }
+            self.changes
+                .get_or_create(&KindLabel {
+                    kind: kind.as_str(),
+                })
+                .inc();
+            events.push(RegistryEvent {
+                revision: st.revision,
+                kind,
+                at_ms: unix_ms(),
+                instance: inst,
+            });
+        }
+        for name in &changed {
             let list: Vec<Instance> = st
                 .ids
-                .get(&name)
+                .get(name)
                 .map(|ids| {
                     ids.iter()
                         .filter_map(|id| st.instances.get(id).cloned())
@@ -779,22 +847,22 @@ impl Registry {
                 .unwrap_or_default();
             self.instances_gauge
                 .get_or_create(&ServiceLabel {
-                    service: service.to_string(),
+                    service: name.to_string(),
                 })
                 .set(list.len() as i64);
             if list.is_empty() {
-                services.remove(&name);
+                services.remove(name);
             } else {
                 services.insert(name.clone(), list.into());
             }
-            st.index.insert(name.clone(), st.revision);
-            changed.push(name);
         }
         self.revision_tx.send_replace(st.revision);
+        let since = st.snapshot.revision;
         st.snapshot = Arc::new(RegistrySnapshot {
             revision: st.revision,
             services,
             changed,
+            since,
         });
         for l in self
             .listeners
@@ -804,17 +872,9 @@ impl Registry {
         {
             l(&st.snapshot);
         }
-        self.changes
-            .get_or_create(&KindLabel {
-                kind: kind.as_str(),
-            })
-            .inc();
-        let _ = self.events.send(RegistryEvent {
-            revision: st.revision,
-            kind,
-            at_ms: unix_ms(),
-            instance: inst,
-        });
+        for e in events {
+            let _ = self.events.send(e);
+        }
         st.revision
     }
 }

@@ -444,3 +444,45 @@ async fn blocking_waits_return_on_a_change_of_the_service_or_at_the_deadline() {
     assert_eq!(got, r.service_index("web"));
     assert!(got > index);
 }
+
+#[tokio::test]
+async fn concurrent_registrations_publish_together_and_each_snapshot_names_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(u64, u64, usize)>::new()));
+    {
+        let seen = seen.clone();
+        r.on_change(move |s| {
+            seen.lock()
+                .unwrap()
+                .push((s.since, s.revision, s.changed.len()))
+        });
+    }
+    let mut writes = Vec::new();
+    for n in 0..64u16 {
+        let mut req = reg_req(&format!("s{}", n % 8), "1.0.0", 1000 + n);
+        req.ttl_ms = Some(60_000);
+        writes.push(r.register_external(req));
+    }
+    for w in futures_util::future::join_all(writes).await {
+        w.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    // The first call is the listener's own (the snapshot as it was).
+    let published = &seen[1..];
+    assert!(
+        published.len() < 64,
+        "{} snapshots for 64 changes",
+        published.len()
+    );
+    for w in published.windows(2) {
+        assert_eq!(w[1].0, w[0].1, "each snapshot is made from the one before");
+    }
+    assert_eq!(published.last().unwrap().1, 64, "one revision per change");
+    assert_eq!(
+        (0..8)
+            .map(|s| r.snapshot().instances(&format!("s{s}")).len())
+            .sum::<usize>(),
+        64
+    );
+}

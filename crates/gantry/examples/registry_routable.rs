@@ -149,4 +149,120 @@ async fn main() {
         registry.deregister_external(&inst.id).await.unwrap();
     }
     report("self-registration (durable) -> routable", ext);
+
+    // Throughput: self-registrations with 64 in flight, each durable before it returns, into
+    // a registry followed by the gateway; on the embedded store (fsynced, on DATA_DIR: a real
+    // disk) and on NATS (JetStream acknowledges before fsync), beside plain NATS KV puts.
+    let total = arg(4, 20_000);
+    let data_dir = std::env::var("DATA_DIR").unwrap_or_else(|_| "target".into());
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let disk = tempfile::tempdir_in(&data_dir).unwrap();
+    let embedded: Arc<dyn gantry_store::Store> = Arc::new(RedbStore::open(disk.path()).unwrap());
+    let rate = registrations_per_second(embedded, services, routes, total).await;
+    println!("self-registrations (durable, embedded, c=64): {rate:.0}/s");
+    if let Ok(url) = std::env::var("NATS_URL") {
+        let mut o = gantry_store::NatsOptions::new(url);
+        o.namespace = format!("bench-reg-{}", std::process::id());
+        match gantry_store::NatsStore::connect(o).await {
+            Ok(nats) => {
+                let nats = Arc::new(nats);
+                let r = registrations_per_second(nats.clone(), services, routes, total).await;
+                println!("self-registrations (NATS backend, c=64): {r:.0}/s");
+                let kv = kv_puts_per_second(nats.clone(), total).await;
+                println!("nats kv puts (c=64): {kv:.0}/s");
+                println!(
+                    "ratio embedded registrations / NATS KV puts: {:.2}",
+                    rate / kv
+                );
+                let _ = nats.destroy_namespace().await;
+            }
+            Err(e) => println!("nats: unavailable ({e})"),
+        }
+    }
+}
+
+const IN_FLIGHT: usize = 64;
+
+async fn registrations_per_second(
+    store: Arc<dyn gantry_store::Store>,
+    services: usize,
+    routes: usize,
+    total: usize,
+) -> f64 {
+    let metrics = Metrics::new();
+    let registry = Registry::open(store, "bench".into(), &metrics)
+        .await
+        .unwrap();
+    let gateway = Gateway::new(
+        GatewayConfig {
+            node: "bench".into(),
+            ..GatewayConfig::default()
+        },
+        &metrics,
+    );
+    gateway.apply_model(model(services, routes));
+    {
+        let gw = gateway.clone();
+        registry.on_change(move |snap| gw.apply_registry(snap));
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (registry, next) = (registry.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                registry
+                    .register_external(Registration {
+                        service: format!("s{}", n % services),
+                        id: Some(format!("r-{n}")),
+                        version: None,
+                        address: None,
+                        port: 30_000,
+                        metadata: BTreeMap::new(),
+                        zone: None,
+                        ttl_ms: Some(600_000),
+                        tags: Vec::new(),
+                        checks: Vec::new(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    assert!(gateway.routable("s0").len() >= total / services);
+    rate
+}
+
+async fn kv_puts_per_second(store: Arc<dyn gantry_store::Store>, total: usize) -> f64 {
+    store
+        .ensure_bucket("benchkv", Default::default())
+        .await
+        .unwrap();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (store, next) = (store.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total {
+                    return;
+                }
+                store
+                    .put("benchkv", &format!("k{n}"), vec![b'x'; 200])
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    total as f64 / t.elapsed().as_secs_f64()
 }
