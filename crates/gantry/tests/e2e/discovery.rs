@@ -496,3 +496,132 @@ strip_prefix = true
         "{audit}"
     );
 }
+
+/// The registry watch's events as (kind, instance id, at_ms), read by a thread until `stop`.
+fn watch_events(
+    g: &Gantry,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(String, String, u64)>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(g.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    write!(
+        s,
+        "GET /v1/registry/watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        g.token
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&buf)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter(|v| v.get("kind").is_some())
+            .map(|v| {
+                (
+                    v["kind"].as_str().unwrap().to_string(),
+                    v["instance"]["id"].as_str().unwrap().to_string(),
+                    v["at_ms"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    })
+}
+
+/// How soon each kind of failure takes an instance out of rotation, from gantry's own
+/// timestamps (the registry watch's `at_ms`) against the moment of the failure.
+#[test]
+fn failure_detection_figures() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+replicas = 4
+health = { type = "http", path = "/health", interval_ms = 100, timeout_ms = 100, unhealthy_threshold = 3 }
+backoff = { initial_ms = 50, max_ms = 200, crash_loop_restarts = 100, crash_loop_window_ms = 1000 }
+"#,
+    );
+    g.wait_healthy("web", 4, Duration::from_secs(20));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_events(&g, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    // Crashes: kill -9, 20 times, one healthy instance at a time.
+    let mut kills: Vec<(String, u64)> = Vec::new();
+    for n in 0..20 {
+        let list = g.wait_healthy("web", 4, Duration::from_secs(20));
+        let victim = &list[n % 4];
+        let id = victim["id"].as_str().unwrap().to_string();
+        let pid = victim["pid"].as_u64().unwrap() as u32;
+        let at = gantry_model::unix_ms();
+        signal(pid, libc::SIGKILL);
+        kills.push((id.clone(), at));
+        wait_for("the crash seen", Duration::from_secs(5), || {
+            g.instances("web")
+                .iter()
+                .any(|i| i["id"] == id.as_str() && i["state"] != "healthy")
+                .then_some(())
+        });
+    }
+    // A hung instance: its probes time out (interval 100 ms x threshold 3).
+    let list = g.wait_healthy("web", 4, Duration::from_secs(20));
+    let hung = list[0]["id"].as_str().unwrap().to_string();
+    let port = list[0]["port"].as_u64().unwrap() as u16;
+    let hung_at = gantry_model::unix_ms();
+    let r = http(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "POST",
+        "/admin/hang",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    // A self-registered instance that stops heartbeating: out at its TTL (1 s).
+    let svc = OwnSvc::start("lease-1", &[]);
+    let r = g.admin_call(
+        "POST",
+        "/v1/registry/instances",
+        Some(&json!({"service": "web", "id": "lease-1", "port": svc.port, "ttl_ms": 1000})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let leased_at = r.json()["source"]["last_heartbeat_ms"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(2_500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let events = watcher.join().unwrap();
+    let out_at = |id: &str, after: u64| {
+        events
+            .iter()
+            .find(|(k, i, at)| {
+                i == id && *at >= after && matches!(k.as_str(), "deregistered" | "expired")
+            })
+            .map(|(_, _, at)| *at)
+    };
+    let mut crash: Vec<u64> = kills
+        .iter()
+        .map(|(id, at)| out_at(id, *at).expect("deregistered event") - at)
+        .collect();
+    crash.sort_unstable();
+    let p50 = crash[crash.len() / 2];
+    let p99 = crash[((crash.len() - 1) as f64 * 0.99).round() as usize];
+    let hung_out = out_at(&hung, hung_at).expect("hung instance deregistered") - hung_at;
+    let lease_out = out_at("lease-1", leased_at).expect("lease expired") - leased_at;
+    eprintln!(
+        "failure detection: crash (kill -9) out of rotation p50 {p50} ms, p99 {p99} ms (n={}); hung instance out after {hung_out} ms (probe interval 100 ms x threshold 3, timeout 100 ms); self-registration out {lease_out} ms after its last heartbeat (TTL 1000 ms)",
+        crash.len()
+    );
+    assert!(p99 < 100, "crash p99 {p99} ms: {crash:?}");
+    assert!((250..1_500).contains(&hung_out), "hung: {hung_out} ms");
+    assert!((1_000..1_500).contains(&lease_out), "lease: {lease_out} ms");
+}
