@@ -22,7 +22,6 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
-use base64::Engine as _;
 use gantry_api::auth::Permission;
 use gantry_model::{Health, Instance};
 use gantry_registry::{CheckRegistration, Registration, RegistryError};
@@ -98,32 +97,12 @@ fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
 }
 
-/// The caller's token: basic auth's password (Eureka clients put credentials in the server
-/// URL), or a bearer token.
-fn token(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    if let Some(t) = v.strip_prefix("Bearer ") {
-        return Some(t.to_string());
-    }
-    let b = v.strip_prefix("Basic ")?;
-    let raw = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (_, password) = text.split_once(':')?;
-    // Clients percent-encode credentials in URLs.
-    Some(
-        form_urlencoded::parse(format!("p={password}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default(),
-    )
-}
-
 fn principal(
     s: &CompatState,
     headers: &HeaderMap,
     perm: Permission,
 ) -> Result<gantry_api::auth::Principal, Fail> {
-    s.authorize(token(headers).as_deref(), perm)
+    s.authorize(crate::basic_or_bearer(headers).as_deref(), perm)
         .map_err(|d| match d {
             Denied::NoToken => Fail(
                 StatusCode::UNAUTHORIZED,

@@ -12,6 +12,7 @@
 
 pub mod consul;
 pub mod eureka;
+pub mod spring;
 
 use std::sync::Arc;
 
@@ -72,4 +73,25 @@ pub(crate) enum Denied {
     NoToken,
     BadToken(String),
     Forbidden(String),
+}
+
+/// The caller's token: basic auth's password (Eureka and Spring clients put credentials in the
+/// server URL or their config), or a bearer token.
+pub(crate) fn basic_or_bearer(headers: &http::HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(t) = v.strip_prefix("Bearer ") {
+        return Some(t.to_string());
+    }
+    let b = v.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (_, password) = text.split_once(':')?;
+    // Clients percent-encode credentials in URLs.
+    Some(
+        form_urlencoded::parse(format!("p={password}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default(),
+    )
 }

@@ -98,6 +98,10 @@ pub struct ConfigSpec {
     /// Versions of each config set history keeps. Default 100.
     #[serde(default = "default_config_history")]
     pub history: u64,
+    /// Spring Cloud Config's read endpoint (`/{application}/{profiles}[/{label}]`) for Spring
+    /// Boot services, e.g. `127.0.0.1:8888`; off unless given.
+    #[serde(default)]
+    pub spring: Option<SocketAddr>,
 }
 
 impl Default for ConfigSpec {
@@ -105,6 +109,7 @@ impl Default for ConfigSpec {
         Self {
             env: None,
             history: default_config_history(),
+            spring: None,
         }
     }
 }

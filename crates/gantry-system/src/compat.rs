@@ -36,8 +36,12 @@ impl CompatListener {
         let Some(addr) = addr else {
             return Ok(None);
         };
-        let l = StdListener::bind(addr)
-            .with_context(|| format!("registry.{name} cannot listen on {addr}"))?;
+        let field = match name {
+            "spring-config" => "config.spring".to_string(),
+            other => format!("registry.{other}"),
+        };
+        let l =
+            StdListener::bind(addr).with_context(|| format!("{field} cannot listen on {addr}"))?;
         l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
         state.advertise = local_url(addr).trim_start_matches("http://").to_string();

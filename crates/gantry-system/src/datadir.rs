@@ -23,6 +23,9 @@ pub struct AdminInfo {
     /// The Eureka-compatible listener, when `[registry] eureka` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eureka_url: Option<String>,
+    /// The Spring Cloud Config endpoint, when `[config] spring` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spring_config_url: Option<String>,
     /// The DNS listener (UDP and TCP), when `[registry] dns` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_addr: Option<String>,

@@ -132,6 +132,7 @@ pub struct System {
     pub identity_addr: SocketAddr,
     pub consul_addr: Option<SocketAddr>,
     pub eureka_addr: Option<SocketAddr>,
+    pub spring_addr: Option<SocketAddr>,
     pub dns_addr: Option<SocketAddr>,
     _lock: std::fs::File,
 }
@@ -270,6 +271,14 @@ impl System {
             admin_limits(&spec),
         )?;
         let eureka_addr = eureka.as_ref().map(|c| c.addr);
+        let spring = compat::CompatListener::build(
+            "spring-config",
+            spec.spec.config.spring,
+            compat_state(Arc::new(Default::default())),
+            gantry_compat::spring::router,
+            admin_limits(&spec),
+        )?;
+        let spring_addr = spring.as_ref().map(|c| c.addr);
         let consul_addr = consul.as_ref().map(|c| c.addr);
         let dns = compat::DnsComponent::build(&spec, registry.registry.clone(), &metrics)?;
         let dns_addr = dns.as_ref().map(|c| c.addr);
@@ -291,6 +300,7 @@ impl System {
             identity_addr,
             consul_addr,
             eureka_addr,
+            spring_addr,
             dns_addr,
             // Start order; stopped in reverse.
             components: {
@@ -305,6 +315,9 @@ impl System {
                 }
                 if let Some(eureka) = eureka {
                     c.push(Arc::new(eureka));
+                }
+                if let Some(spring) = spring {
+                    c.push(Arc::new(spring));
                 }
                 if let Some(dns) = dns {
                     c.push(Arc::new(dns));
@@ -369,6 +382,7 @@ impl System {
                 identity_url: local_url(self.identity_addr),
                 consul_url: self.consul_addr.map(local_url),
                 eureka_url: self.eureka_addr.map(local_url),
+                spring_config_url: self.spring_addr.map(local_url),
                 dns_addr: self.dns_addr.map(|a| a.to_string()),
                 pid: std::process::id(),
                 started_ms: gantry_model::unix_ms(),

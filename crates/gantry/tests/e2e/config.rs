@@ -494,3 +494,136 @@ strip_prefix = true
     );
     assert_eq!(g.get("/web/env/COLOR").body, "blue");
 }
+
+/// Spring's documented client behaviour: property sources in order, the first that has a key
+/// wins.
+fn spring_merge(env: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for ps in env["propertySources"].as_array().unwrap() {
+        for (k, v) in ps["source"].as_object().unwrap() {
+            out.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    out
+}
+
+#[test]
+fn spring_cloud_config_clients_read_the_environment_in_springs_format() {
+    let g = Gantry::start(
+        r#"
+[config]
+spring = "127.0.0.1:0"
+"#,
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(g.data_dir().join("admin.json")).unwrap()).unwrap();
+    let addr: std::net::SocketAddr = info["spring_config_url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    ok(&g.cli(&["config", "set", "_global", "REGION=eu", "LOG_LEVEL=info"]));
+    ok(&g.cli(&[
+        "config",
+        "set",
+        "web",
+        "SERVER_PORT:=8081",
+        "LOG_LEVEL=debug",
+    ]));
+    ok(&g.cli(&["config", "set", "web", "LOG_LEVEL=warn", "--env", "prod"]));
+    ok(&g.cli(&["config", "set", "web", "FEATURE=on", "--env", "eu"]));
+    ok(&cli_stdin(
+        &g,
+        &["config", "set", "web", "--secret", "DB_PASSWORD"],
+        "pw-9c1d\n",
+    ));
+    // Spring's client authenticates with basic auth (spring.cloud.config.password).
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("user:{}", g.token))
+    );
+    let get = |path: &str, auth: &str| {
+        http(
+            addr,
+            "GET",
+            path,
+            &[("authorization", auth)],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    let r = get("/web/prod,eu", &basic);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let env = r.json();
+    assert_eq!(env["name"], "web");
+    assert_eq!(env["profiles"], serde_json::json!(["prod", "eu"]));
+    let names: Vec<&str> = env["propertySources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "gantry:web:eu",
+            "gantry:web:prod",
+            "gantry:web",
+            "gantry:_global"
+        ]
+    );
+    let merged = spring_merge(&env);
+    assert_eq!(merged["LOG_LEVEL"], "warn");
+    assert_eq!(merged["log.level"], "warn", "Spring's dotted form too");
+    assert_eq!(merged["server.port"], 8081);
+    assert_eq!(merged["REGION"], "eu");
+    assert_eq!(merged["FEATURE"], "on");
+    assert_eq!(
+        merged["DB_PASSWORD"], "pw-9c1d",
+        "the admin token may reveal"
+    );
+    // Labels are versions.
+    let v1 = get("/web/default/1", &basic).json();
+    let m1 = spring_merge(&v1);
+    assert_eq!(m1["LOG_LEVEL"], "debug");
+    assert!(!m1.contains_key("DB_PASSWORD"));
+    assert_eq!(get("/web/default/99", &basic).status, 404);
+    assert_eq!(get("/web/default/main", &basic).status, 404);
+    assert_eq!(get("/web/prod", "Basic bm9wZTpub3Bl").status, 401);
+    assert_eq!(get("/Bad!/prod", &basic).status, 400);
+    // A viewer (config:read, not config:reveal) gets everything but the secret.
+    g.admin_call(
+        "POST",
+        "/v1/identity/users",
+        Some(&serde_json::json!({"username": "vera", "password": "viewer-pass", "roles": ["viewer"]})),
+    );
+    let id_addr: std::net::SocketAddr = info["identity_url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let t = http(
+        id_addr,
+        "POST",
+        "/oauth2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some("grant_type=password&client_id=gantry-cli&username=vera&password=viewer-pass"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let token = t.json()["access_token"].as_str().unwrap().to_string();
+    let viewer = spring_merge(&get("/web/prod", &format!("Bearer {token}")).json());
+    assert_eq!(viewer["LOG_LEVEL"], "warn");
+    assert!(!viewer.contains_key("DB_PASSWORD"));
+    // Reads that included secrets are audited as reveals.
+    let audit = g.admin_get("/v1/audit?limit=200");
+    assert!(audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["action"] == "config:reveal" && r["path"] == "/web/prod,eu"));
+}
