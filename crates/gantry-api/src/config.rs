@@ -409,8 +409,11 @@ pub async fn config_watch(
             if changed.set != set && changed.set != gantry_config::GLOBAL {
                 return None;
             }
+            // The service's own changes at the version announced: every one, in order, even
+            // when commits come faster than this stream is read.
+            let pin = (changed.set == set).then_some(changed.version);
             let r = match config
-                .resolve(&set, env.as_deref(), instance.as_deref(), None)
+                .resolve(&set, env.as_deref(), instance.as_deref(), pin)
                 .await
             {
                 Ok(r) => r,

@@ -1351,6 +1351,24 @@ async fn follow(
                     // gantry) is no change to announce.
                     Ok(h) if seen.get(set).is_some_and(|v| *v >= h.record.version) => {}
                     Ok(h) => {
+                        // Every version in order: a head that moved several versions at once
+                        // (commits closer together than the watch reads) announces the ones
+                        // between from their records (as many as history keeps).
+                        let from = seen.get(set).copied().unwrap_or(0) + 1;
+                        let from = from
+                            .max(h.oldest)
+                            .max(h.record.version.saturating_sub(1_000));
+                        for v in from..h.record.version {
+                            let reverts = match me.record(set, v).await {
+                                Ok(Some(r)) => r.reverts,
+                                _ => None,
+                            };
+                            let _ = me.events.send(ConfigChanged {
+                                set: set.to_string(),
+                                version: v,
+                                reverts,
+                            });
+                        }
                         seen.insert(set.to_string(), h.record.version);
                         let _ = me.events.send(ConfigChanged {
                             set: set.to_string(),

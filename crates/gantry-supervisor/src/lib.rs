@@ -676,6 +676,16 @@ impl Supervisor {
                 }
                 Err(_) => return,
             };
+            // A version already superseded (commits faster than rollouts) is skipped: the
+            // newer one's event follows and carries its values too.
+            if changed.version > 0
+                && config
+                    .version_of(&changed.set)
+                    .await
+                    .is_ok_and(|v| v > changed.version)
+            {
+                continue;
+            }
             let affected: Vec<(String, OnConfigChange, String, Option<u64>)> = self
                 .services
                 .lock()

@@ -627,3 +627,72 @@ spring = "127.0.0.1:0"
         .iter()
         .any(|r| r["action"] == "config:reveal" && r["path"] == "/web/prod,eu"));
 }
+
+#[test]
+fn the_config_watch_delivers_every_change_in_order() {
+    let g = Gantry::start("");
+    let r = g.admin_call(
+        "PATCH",
+        "/v1/config/web",
+        Some(&serde_json::json!({"set": {"COUNTER": 0}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let watch = sse_events(&g, "/v1/config/web/watch", "config", 21);
+    std::thread::sleep(Duration::from_millis(300));
+    // Twenty commits as fast as they go, from four writers at once.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (admin, token) = (g.admin, g.token.clone());
+            std::thread::spawn(move || {
+                for i in 0..5 {
+                    let body = format!(r#"{{"set": {{"W{w}": {i}}}}}"#);
+                    let r = http(
+                        admin,
+                        "PATCH",
+                        "/v1/config/web",
+                        &[
+                            ("authorization", &format!("Bearer {token}")),
+                            ("content-type", "application/json"),
+                        ],
+                        Some(&body),
+                        Duration::from_secs(10),
+                    )
+                    .unwrap();
+                    assert_eq!(r.status, 201, "{}", r.body);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let events = watch.join().unwrap();
+    assert_eq!(events.len(), 21, "{events:?}");
+    let versions: Vec<u64> = events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(&e[6..]).unwrap()["version"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=21).collect::<Vec<u64>>(),
+        "every version, in order"
+    );
+    // Each writer's values arrive in the order written.
+    for w in 0..4 {
+        let seen: Vec<i64> = events
+            .iter()
+            .filter_map(|e| {
+                serde_json::from_str::<serde_json::Value>(&e[6..]).unwrap()["values"]
+                    [format!("W{w}")]
+                .as_i64()
+            })
+            .collect();
+        let mut dedup = seen.clone();
+        dedup.dedup();
+        assert_eq!(dedup, (0..5).collect::<Vec<i64>>(), "writer {w}: {seen:?}");
+    }
+}
