@@ -128,6 +128,12 @@ const DENIED_PER_SECOND: u64 = 50;
 /// A refused call: recorded when it would have changed state (within the rate above; the rest
 /// are counted in the log).
 pub(crate) async fn denied(s: &ApiState, c: Call<'_>) {
+    denied_in(s.store.as_ref(), c).await
+}
+
+/// A refused call on any listener: recorded when it would have changed state, at most
+/// `DENIED_PER_SECOND` a second over all listeners (the rest are counted in the log).
+pub async fn denied_in(store: &dyn gantry_store::Store, c: Call<'_>) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static WINDOW: AtomicU64 = AtomicU64::new(0);
     static COUNT: AtomicU64 = AtomicU64::new(0);
@@ -142,7 +148,7 @@ pub(crate) async fn denied(s: &ApiState, c: Call<'_>) {
         tracing::warn!(target: "gantry::audit", method = %c.method, path = c.path, "refused call not recorded: over {DENIED_PER_SECOND} refusals this second");
         return;
     }
-    record(s, c).await;
+    record_in(store, c).await;
 }
 
 #[derive(Deserialize)]

@@ -36,6 +36,8 @@ use serde_json::{json, Map, Value};
 use crate::{CompatState, Denied};
 
 const INDEX: &str = "x-consul-index";
+/// This listener's name in instances' `gantry.registered-through` metadata.
+const LISTENER: &str = "consul";
 const DATACENTER: &str = "dc1";
 /// Longest blocking query (Consul's cap) and the default when only `index` is given.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -60,6 +62,8 @@ pub fn router(state: CompatState) -> Router {
         .route("/v1/health/service/{name}", get(health_service))
         .route("/v1/status/leader", get(status_leader))
         .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/kv/", get(kv_get_root))
+        .route("/v1/kv", get(kv_get_root))
         .fallback(not_found)
         .with_state(state)
 }
@@ -102,11 +106,23 @@ impl From<gantry_config::ConfigError> for Fail {
     }
 }
 
-async fn not_found() -> Fail {
-    Fail(
+async fn not_found() -> Response {
+    // With an index, as every Consul answer has (clients read it even from a 404).
+    (
         StatusCode::NOT_FOUND,
-        "this Consul endpoint is not part of the subset Gantry speaks (agent service and check, catalog, health, kv, status)".into(),
+        [(http::HeaderName::from_static(INDEX), "1")],
+        "this Consul endpoint is not part of the subset Gantry speaks (agent service and check, catalog, health, kv, status)",
     )
+        .into_response()
+}
+
+/// `GET /v1/kv/?recurse`: every set's keys.
+async fn kv_get_root(
+    s: State<CompatState>,
+    q: RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, Fail> {
+    kv_get(s, Path(String::new()), q, headers).await
 }
 
 /// Query parameters as Consul reads them: `?passing` alone means true.
@@ -224,20 +240,21 @@ where
     };
     // Whatever the path carried after the endpoint (a KV key, an id) is recorded; a token
     // in the query never is (only the path goes in).
-    gantry_api::audit::record_in(
-        s.store.as_ref(),
-        gantry_api::audit::Call {
-            principal: principal.as_ref(),
-            method: &call.method,
-            path: call.path,
-            template: "consul",
-            permission: perm,
-            remote: call.remote,
-            request_id: &request_id,
-            status: resp.status(),
-        },
-    )
-    .await;
+    let rec = gantry_api::audit::Call {
+        principal: principal.as_ref(),
+        method: &call.method,
+        path: call.path,
+        template: "consul",
+        permission: perm,
+        remote: call.remote,
+        request_id: &request_id,
+        status: resp.status(),
+    };
+    if principal.is_some() {
+        gantry_api::audit::record_in(s.store.as_ref(), rec).await;
+    } else {
+        gantry_api::audit::denied_in(s.store.as_ref(), rec).await;
+    }
     resp
 }
 
@@ -374,6 +391,7 @@ async fn register(
 ) -> Response {
     let params = Params::parse(q.as_deref());
     let (s2, params2) = (s.clone(), params.clone());
+    crate::detached(async move {
     write(
         &s,
         WriteCall {
@@ -454,6 +472,16 @@ async fn register(
                 .filter(|v| semver::Version::parse(v).is_ok())
                 .cloned();
             let checks = checks(&o, &id)?;
+            s.open_to_registration(&name)
+                .map_err(|m| Fail(StatusCode::FORBIDDEN, format!("Permission denied: {m}")))?;
+            if s.registry.get(&id).is_some() && s.own_instance(&id, LISTENER).is_none() {
+                return Err(Fail(
+                    StatusCode::FORBIDDEN,
+                    format!("Permission denied: instance {id} exists and was not registered through the Consul API"),
+                ));
+            }
+            let mut metadata = metadata;
+            metadata.insert(crate::SOURCE_META.into(), LISTENER.into());
             let reg = Registration {
                 service: name,
                 id: Some(id),
@@ -473,6 +501,8 @@ async fn register(
         },
     )
     .await
+    })
+    .await
 }
 
 async fn deregister(
@@ -485,32 +515,43 @@ async fn deregister(
     let params = Params::parse(q.as_deref());
     let path = format!("/v1/agent/service/deregister/{id}");
     let (s2, params2) = (s.clone(), params.clone());
-    write(
-        &s,
-        WriteCall {
-            headers: &headers,
-            params: &params,
-            remote: Some(remote),
-            method: Method::PUT,
-            path: &path,
-        },
-        Permission::RegistryWrite,
-        |_| async move {
-            let (s, params) = (s2, params2);
-            let _ = &params;
-            match s.registry.deregister_external(&id).await {
-                // Consul answers 200 for a service that is not there.
-                Ok(()) | Err(RegistryError::NotFound(_)) => Ok(StatusCode::OK.into_response()),
-                Err(e) => Err(e.into()),
-            }
-        },
-    )
+    crate::detached(async move {
+        write(
+            &s,
+            WriteCall {
+                headers: &headers,
+                params: &params,
+                remote: Some(remote),
+                method: Method::PUT,
+                path: &path,
+            },
+            Permission::RegistryWrite,
+            |_| async move {
+                let (s, params) = (s2, params2);
+                let _ = &params;
+                if s.registry.get(&id).is_some() && s.own_instance(&id, LISTENER).is_none() {
+                    return Err(Fail(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "Permission denied: {id} was not registered through the Consul API"
+                        ),
+                    ));
+                }
+                match s.registry.deregister_external(&id).await {
+                    // Consul answers 200 for a service that is not there.
+                    Ok(()) | Err(RegistryError::NotFound(_)) => Ok(StatusCode::OK.into_response()),
+                    Err(e) => Err(e.into()),
+                }
+            },
+        )
+        .await
+    })
     .await
 }
 
 /// The instance a check id belongs to: `service:ID[:N]` (Consul's default ids), else any
 /// instance with a check of that id.
-fn check_owner(s: &CompatState, check: &str) -> Option<String> {
+fn check_owner(s: &CompatState, check: &str) -> Result<String, Fail> {
     if let Some(rest) = check.strip_prefix("service:") {
         let id = rest.rsplit_once(':').map_or(rest, |(id, n)| {
             if n.bytes().all(|b| b.is_ascii_digit()) {
@@ -519,16 +560,33 @@ fn check_owner(s: &CompatState, check: &str) -> Option<String> {
                 rest
             }
         });
-        if s.registry.get(id).is_some() {
-            return Some(id.to_string());
+        if let Some(i) = s.own_instance(id, LISTENER) {
+            if i.checks.iter().any(|c| c.id == check) {
+                return Ok(i.id);
+            }
         }
     }
+    // Only instances registered through this listener, and only an unambiguous check id.
     let snap = s.registry.snapshot();
-    snap.services
+    let owners: Vec<String> = snap
+        .services
         .values()
         .flat_map(|l| l.iter())
-        .find(|i| i.checks.iter().any(|c| c.id == check))
+        .filter(|i| i.metadata.get(crate::SOURCE_META).map(String::as_str) == Some(LISTENER))
+        .filter(|i| i.checks.iter().any(|c| c.id == check))
         .map(|i| i.id.clone())
+        .collect();
+    match owners.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Fail(
+            StatusCode::NOT_FOUND,
+            format!("Unknown check ID {check:?}"),
+        )),
+        _ => Err(Fail(
+            StatusCode::BAD_REQUEST,
+            format!("check ID {check:?} belongs to several services; use service:SERVICE_ID"),
+        )),
+    }
 }
 
 /// A check update: a status by the verb (`pass`, `warn`, `fail`), or `update`'s JSON body.
@@ -552,60 +610,58 @@ async fn set_check(
     let params = Params::parse(q.as_deref());
     let path = format!("/v1/agent/check/{verb}/{check}");
     let (s2, params2) = (s.clone(), params.clone());
-    write(
-        &s,
-        WriteCall {
-            headers: &headers,
-            params: &params,
-            remote: Some(remote),
-            method: Method::PUT,
-            path: &path,
-        },
-        Permission::RegistryWrite,
-        |_| async move {
-            let (s, params) = (s2, params2);
-            let _ = &params;
-            let (status, output) = match how {
-                CheckSet::Status(st, _) => (st, params.get("note").unwrap_or("").to_string()),
-                CheckSet::Body(b) => {
-                    let v: Value = serde_json::from_slice(&b).map_err(|e| {
-                        Fail(
-                            StatusCode::BAD_REQUEST,
-                            format!("Request decode failed: {e}"),
-                        )
-                    })?;
-                    let Value::Object(o) = lower_keys(v) else {
-                        return Err(Fail(
-                            StatusCode::BAD_REQUEST,
-                            "expected a JSON object".into(),
-                        ));
-                    };
-                    let st = match str_field(&o, "status")? {
-                        Some("passing") => Health::Passing,
-                        Some("warning") => Health::Warning,
-                        Some("critical") => Health::Critical,
-                        other => {
+    crate::detached(async move {
+        write(
+            &s,
+            WriteCall {
+                headers: &headers,
+                params: &params,
+                remote: Some(remote),
+                method: Method::PUT,
+                path: &path,
+            },
+            Permission::RegistryWrite,
+            |_| async move {
+                let (s, params) = (s2, params2);
+                let _ = &params;
+                let (status, output) = match how {
+                    CheckSet::Status(st, _) => (st, params.get("note").unwrap_or("").to_string()),
+                    CheckSet::Body(b) => {
+                        let v: Value = serde_json::from_slice(&b).map_err(|e| {
+                            Fail(
+                                StatusCode::BAD_REQUEST,
+                                format!("Request decode failed: {e}"),
+                            )
+                        })?;
+                        let Value::Object(o) = lower_keys(v) else {
                             return Err(Fail(
                                 StatusCode::BAD_REQUEST,
-                                format!(
+                                "expected a JSON object".into(),
+                            ));
+                        };
+                        let st = match str_field(&o, "status")? {
+                            Some("passing") => Health::Passing,
+                            Some("warning") => Health::Warning,
+                            Some("critical") => Health::Critical,
+                            other => {
+                                return Err(Fail(
+                                    StatusCode::BAD_REQUEST,
+                                    format!(
                                     "Status: expected passing, warning or critical, got {other:?}"
                                 ),
-                            ))
-                        }
-                    };
-                    (st, str_field(&o, "output")?.unwrap_or("").to_string())
-                }
-            };
-            let Some(owner) = check_owner(&s, &check) else {
-                return Err(Fail(
-                    StatusCode::NOT_FOUND,
-                    format!("Unknown check ID {check:?}"),
-                ));
-            };
-            s.registry.update_check(&owner, &check, status, &output)?;
-            Ok(StatusCode::OK.into_response())
-        },
-    )
+                                ))
+                            }
+                        };
+                        (st, str_field(&o, "output")?.unwrap_or("").to_string())
+                    }
+                };
+                let owner = check_owner(&s, &check)?;
+                s.registry.update_check(&owner, &check, status, &output)?;
+                Ok(StatusCode::OK.into_response())
+            },
+        )
+        .await
+    })
     .await
 }
 
@@ -702,6 +758,7 @@ fn check_json(s: &CompatState, i: &Instance, c: &gantry_model::Check) -> Value {
         "Type": match c.kind {
             gantry_model::CheckKind::Ttl => "ttl",
             gantry_model::CheckKind::Probe => "script",
+            gantry_model::CheckKind::Passive => "alias",
         },
         "CreateIndex": 1,
         "ModifyIndex": 1,
@@ -800,7 +857,9 @@ async fn catalog_services(
     let params = Params::parse(q.as_deref());
     principal(&s, &headers, &params, Permission::RegistryRead)?;
     if let Some(index) = params.index()? {
-        s.registry.wait_past(None, index, params.wait()?).await;
+        if let Ok(_slot) = s.waiters.clone().try_acquire_owned() {
+            s.registry.wait_past(None, index, params.wait()?).await;
+        }
     }
     let snap = s.registry.snapshot();
     let mut out = Map::new();
@@ -821,9 +880,11 @@ async fn service_query(
     health: HealthFilter,
 ) -> Result<(u64, Vec<Instance>), Fail> {
     if let Some(index) = params.index()? {
-        s.registry
-            .wait_past(Some(name), index, params.wait()?)
-            .await;
+        if let Ok(_slot) = s.waiters.clone().try_acquire_owned() {
+            s.registry
+                .wait_past(Some(name), index, params.wait()?)
+                .await;
+        }
     }
     let q = Query {
         service: name.to_string(),
@@ -974,7 +1035,9 @@ async fn kv_get(
     let mut out = Vec::new();
     for set in &sets {
         let view = s.config.view(set, false).await?;
-        index = index.max(view.version);
+        // The KV index: the sum of the sets' versions, plus one (monotonic: every commit to
+        // any of them moves it; never 0).
+        index += view.version;
         for (k, v) in &view.document.values {
             let hit = if recurse {
                 k.starts_with(&prefix)
@@ -982,7 +1045,7 @@ async fn kv_get(
                 *k == prefix
             };
             if hit {
-                out.push(kv_entry(set, k, v, view.version));
+                out.push(kv_entry(set, k, v, view.version + 1));
             }
         }
         if !recurse && view.document.redacted.contains(&prefix) {
@@ -992,6 +1055,7 @@ async fn kv_get(
             ));
         }
     }
+    index += 1;
     if out.is_empty() {
         // python-consul and others read the index even from a 404.
         return Ok((
@@ -1024,28 +1088,42 @@ async fn kv_get(
     Ok(with_index(index, Value::Array(out)))
 }
 
-/// Wait until one of `sets` has a version past `index` (or `wait` passes).
+/// The KV index of `sets`: the sum of their versions, plus one.
+async fn kv_index(s: &CompatState, sets: &[String]) -> Result<u64, Fail> {
+    let mut sum = 1;
+    for set in sets {
+        sum += s.config.version_of(set).await?;
+    }
+    Ok(sum)
+}
+
+/// Wait until the KV index of `sets` moves past `index` (or `wait` passes).
 async fn wait_config(
     s: &CompatState,
     sets: &[String],
     index: u64,
     wait: Duration,
 ) -> Result<(), Fail> {
+    let Ok(_slot) = s.waiters.clone().try_acquire_owned() else {
+        // Too many waiting: answer now, as at the end of `wait`.
+        return Ok(());
+    };
     let mut rx = s.config.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
-    let mut now = 0;
-    for set in sets {
-        now = now.max(s.config.version_of(set).await?);
-    }
+    let now = kv_index(s, sets).await?;
+    // An index from the future (another store, a restart): answer at once, as Consul does.
     if now > index || index > now.saturating_add(1_000_000) {
         return Ok(());
     }
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return Ok(()),
-            Ok(Ok(c)) if sets.contains(&c.set) && c.version > index => return Ok(()),
+            Ok(Ok(c)) if sets.contains(&c.set) => {
+                if kv_index(s, sets).await? > index {
+                    return Ok(());
+                }
+            }
             Ok(Ok(_)) => {}
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => return Ok(()),
             Ok(Err(_)) => return Ok(()),
         }
     }
@@ -1062,73 +1140,84 @@ async fn kv_put(
     let params = Params::parse(q.as_deref());
     let path = format!("/v1/kv/{key}");
     let (s2, params2) = (s.clone(), params.clone());
-    write(
-        &s,
-        WriteCall {
-            headers: &headers,
-            params: &params,
-            remote: Some(remote),
-            method: Method::PUT,
-            path: &path,
-        },
-        Permission::ConfigWrite,
-        |p| async move {
-            let (s, params) = (s2, params2);
-            let _ = &params;
-            let (set, k) = kv_path(&key)?;
-            if k.is_empty() {
-                return Err(Fail(
-                    StatusCode::BAD_REQUEST,
-                    "a KV write needs a key: SERVICE/KEY".into(),
-                ));
-            }
-            if body.len() > MAX_KV_BODY {
-                return Err(Fail(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("Value exceeds {MAX_KV_BODY} byte limit"),
-                ));
-            }
-            let text = String::from_utf8(body.to_vec()).map_err(|_| {
-                Fail(
-                    StatusCode::BAD_REQUEST,
-                    "the config store keeps text: the value must be UTF-8".into(),
-                )
-            })?;
-            if params.get("acquire").is_some() || params.get("release").is_some() {
-                return Err(Fail(
-                    StatusCode::BAD_REQUEST,
-                    "sessions and locks (acquire, release) are not supported".into(),
-                ));
-            }
-            // `cas`: the set's version must still be this one (0: the key must not exist).
-            if let Some(cas) = params.get("cas") {
-                let cas: u64 = cas.parse().map_err(|_| {
+    crate::detached(async move {
+        write(
+            &s,
+            WriteCall {
+                headers: &headers,
+                params: &params,
+                remote: Some(remote),
+                method: Method::PUT,
+                path: &path,
+            },
+            Permission::ConfigWrite,
+            |p| async move {
+                let (s, params) = (s2, params2);
+                let _ = &params;
+                let (set, k) = kv_path(&key)?;
+                if k.is_empty() {
+                    return Err(Fail(
+                        StatusCode::BAD_REQUEST,
+                        "a KV write needs a key: SERVICE/KEY".into(),
+                    ));
+                }
+                if body.len() > MAX_KV_BODY {
+                    return Err(Fail(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("Value exceeds {MAX_KV_BODY} byte limit"),
+                    ));
+                }
+                let text = String::from_utf8(body.to_vec()).map_err(|_| {
                     Fail(
                         StatusCode::BAD_REQUEST,
-                        format!("cas: expected a number, got {cas:?}"),
+                        "the config store keeps text: the value must be UTF-8".into(),
                     )
                 })?;
-                let view = s.config.view(&set, false).await?;
-                let exists =
-                    view.document.values.contains_key(&k) || view.document.redacted.contains(&k);
-                let ok = if cas == 0 {
-                    !exists
-                } else {
-                    view.version == cas
-                };
-                if !ok {
-                    return Ok(axum::Json(false).into_response());
+                if params.get("acquire").is_some() || params.get("release").is_some() {
+                    return Err(Fail(
+                        StatusCode::BAD_REQUEST,
+                        "sessions and locks (acquire, release) are not supported".into(),
+                    ));
                 }
-            }
-            let req = ChangeRequest {
-                set: BTreeMap::from([(k, Value::String(text))]),
-                message: Some("consul kv put".into()),
-                ..ChangeRequest::default()
-            };
-            s.config.change(&set, req, &p.id).await?;
-            Ok(axum::Json(true).into_response())
-        },
-    )
+                let view = s.config.view(&set, false).await?;
+                if view.document.redacted.contains(&k) {
+                    return Err(Fail(
+                        StatusCode::FORBIDDEN,
+                        format!("Permission denied: {set}/{k} is a secret; change it with `gantry config set {set} --secret {k}`"),
+                    ));
+                }
+                let req = ChangeRequest {
+                    set: BTreeMap::from([(k.clone(), Value::String(text))]),
+                    message: Some("consul kv put".into()),
+                    ..ChangeRequest::default()
+                };
+                // `cas`: the index (the set's version + 1) must still be this one; 0: the key
+                // must not exist. Checked by the commit itself (compare-and-set of the head).
+                if let Some(cas) = params.get("cas") {
+                    let cas: u64 = cas.parse().map_err(|_| {
+                        Fail(
+                            StatusCode::BAD_REQUEST,
+                            format!("cas: expected a number, got {cas:?}"),
+                        )
+                    })?;
+                    if cas == 0 && view.document.values.contains_key(&k) {
+                        return Ok(axum::Json(false).into_response());
+                    }
+                    let expected = if cas == 0 { view.version } else { cas - 1 };
+                    return match s.config.change_if(&set, req, &p.id, expected).await {
+                        Ok(_) => Ok(axum::Json(true).into_response()),
+                        Err(gantry_config::ConfigError::Conflict) => {
+                            Ok(axum::Json(false).into_response())
+                        }
+                        Err(e) => Err(e.into()),
+                    };
+                }
+                s.config.change(&set, req, &p.id).await?;
+                Ok(axum::Json(true).into_response())
+            },
+        )
+        .await
+    })
     .await
 }
 
@@ -1142,46 +1231,51 @@ async fn kv_delete(
     let params = Params::parse(q.as_deref());
     let path = format!("/v1/kv/{key}");
     let (s2, params2) = (s.clone(), params.clone());
-    write(
-        &s,
-        WriteCall {
-            headers: &headers,
-            params: &params,
-            remote: Some(remote),
-            method: Method::DELETE,
-            path: &path,
-        },
-        Permission::ConfigWrite,
-        |p| async move {
-            let (s, params) = (s2, params2);
-            let _ = &params;
-            let (set, k) = kv_path(&key)?;
-            let view = s.config.view(&set, false).await?;
-            let keys: Vec<String> = if params.flag("recurse") {
-                view.document
-                    .values
-                    .keys()
-                    .chain(&view.document.redacted)
-                    .filter(|x| x.starts_with(&k))
-                    .cloned()
-                    .collect()
-            } else if view.document.values.contains_key(&k) || view.document.redacted.contains(&k) {
-                vec![k]
-            } else {
-                Vec::new()
-            };
-            if keys.is_empty() {
-                // Consul answers true for a key that is not there.
-                return Ok(axum::Json(true).into_response());
-            }
-            let req = ChangeRequest {
-                unset: keys,
-                message: Some("consul kv delete".into()),
-                ..ChangeRequest::default()
-            };
-            s.config.change(&set, req, &p.id).await?;
-            Ok(axum::Json(true).into_response())
-        },
-    )
+    crate::detached(async move {
+        write(
+            &s,
+            WriteCall {
+                headers: &headers,
+                params: &params,
+                remote: Some(remote),
+                method: Method::DELETE,
+                path: &path,
+            },
+            Permission::ConfigWrite,
+            |p| async move {
+                let (s, params) = (s2, params2);
+                let _ = &params;
+                let (set, k) = kv_path(&key)?;
+                let view = s.config.view(&set, false).await?;
+                let keys: Vec<String> = if params.flag("recurse") {
+                    view.document
+                        .values
+                        .keys()
+                        .chain(&view.document.redacted)
+                        .filter(|x| x.starts_with(&k))
+                        .cloned()
+                        .collect()
+                } else if view.document.values.contains_key(&k)
+                    || view.document.redacted.contains(&k)
+                {
+                    vec![k]
+                } else {
+                    Vec::new()
+                };
+                if keys.is_empty() {
+                    // Consul answers true for a key that is not there.
+                    return Ok(axum::Json(true).into_response());
+                }
+                let req = ChangeRequest {
+                    unset: keys,
+                    message: Some("consul kv delete".into()),
+                    ..ChangeRequest::default()
+                };
+                s.config.change(&set, req, &p.id).await?;
+                Ok(axum::Json(true).into_response())
+            },
+        )
+        .await
+    })
     .await
 }

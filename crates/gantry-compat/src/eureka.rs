@@ -35,6 +35,10 @@ const META_HOST: &str = "eureka.hostName";
 const META_APP: &str = "eureka.app";
 const META_RENEW: &str = "eureka.renewalIntervalInSecs";
 const STATUS_CHECK: &str = "eureka-status";
+/// This listener's name in instances' `gantry.registered-through` metadata.
+const LISTENER: &str = "eureka";
+/// The status check's output while an operator's status override holds (renewals keep it).
+const OVERRIDE: &str = "overridden: ";
 
 pub fn router(state: CompatState) -> Router {
     let mut r = Router::new();
@@ -135,20 +139,21 @@ where
         ),
         Err(e) => (None, e.into_response()),
     };
-    gantry_api::audit::record_in(
-        s.store.as_ref(),
-        gantry_api::audit::Call {
-            principal: p.as_ref(),
-            method: &method,
-            path,
-            template: "eureka",
-            permission: perm,
-            remote: Some(remote),
-            request_id: &request_id,
-            status: resp.status(),
-        },
-    )
-    .await;
+    let rec = gantry_api::audit::Call {
+        principal: p.as_ref(),
+        method: &method,
+        path,
+        template: "eureka",
+        permission: perm,
+        remote: Some(remote),
+        request_id: &request_id,
+        status: resp.status(),
+    };
+    if p.is_some() {
+        gantry_api::audit::record_in(s.store.as_ref(), rec).await;
+    } else {
+        gantry_api::audit::denied_in(s.store.as_ref(), rec).await;
+    }
     resp
 }
 
@@ -210,102 +215,117 @@ async fn register(
 ) -> Response {
     let path = format!("/eureka/apps/{app_name}");
     let s2 = s.clone();
-    write(&s, &headers, remote, Method::POST, &path, || async move {
-        let s = s2;
-        let v: Value = serde_json::from_slice(&body).map_err(|e| {
-            Fail(
-                StatusCode::BAD_REQUEST,
-                format!("expected a JSON body {{\"instance\": {{...}}}}: {e}"),
-            )
-        })?;
-        let inst = v
-            .get("instance")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Fail(StatusCode::BAD_REQUEST, "instance: required object".into()))?;
-        let str_of = |k: &str| inst.get(k).and_then(Value::as_str).map(str::to_string);
-        let app = str_of("app").unwrap_or_else(|| app_name.clone());
-        if !app.eq_ignore_ascii_case(&app_name) {
-            return Err(Fail(
-                StatusCode::BAD_REQUEST,
-                format!("instance.app {app:?} is not the application of the path, {app_name:?}"),
-            ));
-        }
-        let ip = str_of("ipAddr")
-            .ok_or_else(|| Fail(StatusCode::BAD_REQUEST, "instance.ipAddr: required".into()))?;
-        let address: IpAddr = ip.parse().map_err(|_| {
-            Fail(
-                StatusCode::BAD_REQUEST,
-                format!("instance.ipAddr: expected an IP address, got {ip:?}"),
-            )
-        })?;
-        let port = port_of(inst.get("port")).ok_or_else(|| {
-            Fail(
-                StatusCode::BAD_REQUEST,
-                "instance.port: expected {\"$\": 1-65535}".into(),
-            )
-        })?;
-        let eureka_id = str_of("instanceId")
-            .or_else(|| str_of("hostName").map(|h| format!("{h}:{app}:{port}")))
-            .unwrap_or_else(|| format!("{ip}:{app}:{port}"));
-        let lease = inst.get("leaseInfo").and_then(Value::as_object);
-        let lease_num = |k: &str| {
-            lease
-                .and_then(|l| l.get(k))
-                .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
-        };
-        let duration_s = lease_num("durationInSecs").unwrap_or(90);
-        let renew_s = lease_num("renewalIntervalInSecs").unwrap_or(30);
-        let health = status_health(&str_of("status").unwrap_or_else(|| "UP".into()))?;
-        let mut metadata: BTreeMap<String, String> = inst
-            .get("metadata")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter(|(k, _)| k.as_str() != "@class")
-                    .filter_map(|(k, v)| {
-                        let v = match v {
-                            Value::String(s) => s.clone(),
-                            Value::Number(n) => n.to_string(),
-                            Value::Bool(b) => b.to_string(),
-                            _ => return None,
-                        };
-                        Some((k.clone(), v))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        metadata.insert(META_ID.into(), eureka_id.clone());
-        metadata.insert(META_APP.into(), app.to_ascii_uppercase());
-        metadata.insert(META_RENEW.into(), renew_s.to_string());
-        if let Some(h) = str_of("hostName") {
-            metadata.insert(META_HOST.into(), h);
-        }
-        let ttl_ms = duration_s.saturating_mul(1000);
-        let version = metadata
-            .get("version")
-            .filter(|v| semver::Version::parse(v).is_ok())
-            .cloned();
-        s.registry
-            .register_external(Registration {
-                service: service_name(&app),
-                id: Some(registry_id(&eureka_id)),
-                version,
-                address: Some(address),
-                port,
-                metadata,
-                zone: None,
-                ttl_ms: Some(ttl_ms),
-                tags: Vec::new(),
-                // The instance's status as a check, kept by its renewals.
-                checks: vec![CheckRegistration {
-                    id: Some(STATUS_CHECK.into()),
-                    name: Some("Eureka status".into()),
-                    ttl_ms,
-                    status: Some(health),
-                }],
-            })
-            .await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
+    crate::detached(async move {
+        write(&s, &headers, remote, Method::POST, &path, || async move {
+            let s = s2;
+            let v: Value = serde_json::from_slice(&body).map_err(|e| {
+                Fail(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected a JSON body {{\"instance\": {{...}}}}: {e}"),
+                )
+            })?;
+            let inst = v
+                .get("instance")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Fail(StatusCode::BAD_REQUEST, "instance: required object".into()))?;
+            let str_of = |k: &str| inst.get(k).and_then(Value::as_str).map(str::to_string);
+            let app = str_of("app").unwrap_or_else(|| app_name.clone());
+            if !app.eq_ignore_ascii_case(&app_name) {
+                return Err(Fail(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "instance.app {app:?} is not the application of the path, {app_name:?}"
+                    ),
+                ));
+            }
+            let ip = str_of("ipAddr")
+                .ok_or_else(|| Fail(StatusCode::BAD_REQUEST, "instance.ipAddr: required".into()))?;
+            let address: IpAddr = ip.parse().map_err(|_| {
+                Fail(
+                    StatusCode::BAD_REQUEST,
+                    format!("instance.ipAddr: expected an IP address, got {ip:?}"),
+                )
+            })?;
+            let port = port_of(inst.get("port")).ok_or_else(|| {
+                Fail(
+                    StatusCode::BAD_REQUEST,
+                    "instance.port: expected {\"$\": 1-65535}".into(),
+                )
+            })?;
+            let eureka_id = str_of("instanceId")
+                .or_else(|| str_of("hostName").map(|h| format!("{h}:{app}:{port}")))
+                .unwrap_or_else(|| format!("{ip}:{app}:{port}"));
+            let lease = inst.get("leaseInfo").and_then(Value::as_object);
+            let lease_num = |k: &str| {
+                lease
+                    .and_then(|l| l.get(k))
+                    .and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+            };
+            let duration_s = lease_num("durationInSecs").unwrap_or(90);
+            let renew_s = lease_num("renewalIntervalInSecs").unwrap_or(30);
+            let health = status_health(&str_of("status").unwrap_or_else(|| "UP".into()))?;
+            let mut metadata: BTreeMap<String, String> = inst
+                .get("metadata")
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| k.as_str() != "@class")
+                        .filter_map(|(k, v)| {
+                            let v = match v {
+                                Value::String(s) => s.clone(),
+                                Value::Number(n) => n.to_string(),
+                                Value::Bool(b) => b.to_string(),
+                                _ => return None,
+                            };
+                            Some((k.clone(), v))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            s.open_to_registration(&service_name(&app))
+                .map_err(|m| Fail(StatusCode::FORBIDDEN, m))?;
+            let rid = registry_id(&eureka_id);
+            if s.registry.get(&rid).is_some() && s.own_instance(&rid, LISTENER).is_none() {
+                return Err(Fail(
+                    StatusCode::FORBIDDEN,
+                    format!("instance {eureka_id} exists and was not registered through Eureka"),
+                ));
+            }
+            metadata.insert(crate::SOURCE_META.into(), LISTENER.into());
+            metadata.insert(META_ID.into(), eureka_id.clone());
+            metadata.insert(META_APP.into(), app.to_ascii_uppercase());
+            metadata.insert(META_RENEW.into(), renew_s.to_string());
+            if let Some(h) = str_of("hostName") {
+                metadata.insert(META_HOST.into(), h);
+            }
+            let ttl_ms = duration_s.saturating_mul(1000);
+            let version = metadata
+                .get("version")
+                .filter(|v| semver::Version::parse(v).is_ok())
+                .cloned();
+            s.registry
+                .register_external(Registration {
+                    service: service_name(&app),
+                    id: Some(registry_id(&eureka_id)),
+                    version,
+                    address: Some(address),
+                    port,
+                    metadata,
+                    zone: None,
+                    ttl_ms: Some(ttl_ms),
+                    tags: Vec::new(),
+                    // The instance's status as a check, kept by its renewals.
+                    checks: vec![CheckRegistration {
+                        id: Some(STATUS_CHECK.into()),
+                        name: Some("Eureka status".into()),
+                        ttl_ms,
+                        status: Some(health),
+                    }],
+                })
+                .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        })
+        .await
     })
     .await
 }
@@ -319,21 +339,36 @@ async fn renew(
 ) -> Response {
     let path = format!("/eureka/apps/{app}/{id}");
     let s2 = s.clone();
-    write(&s, &headers, remote, Method::PUT, &path, || async move {
-        let p = params(q.as_deref());
-        let health = status_health(param(&p, "status").unwrap_or("UP"))?;
-        // Not known (expired, or gantry lost it): 404 tells the client to register again.
-        match s2
-            .registry
-            .update_check(&registry_id(&id), STATUS_CHECK, health, "renewed")
-        {
-            Ok(_) => Ok(StatusCode::OK.into_response()),
-            Err(RegistryError::NotFound(_)) => Err(Fail(
-                StatusCode::NOT_FOUND,
-                format!("instance {id} of {app} is not registered"),
-            )),
-            Err(e) => Err(e.into()),
-        }
+    crate::detached(async move {
+        write(&s, &headers, remote, Method::PUT, &path, || async move {
+            let p = params(q.as_deref());
+            let rid = registry_id(&id);
+            // Not known (expired, or gantry lost it): 404 tells the client to register again.
+            let Some(inst) = s2.own_instance(&rid, LISTENER) else {
+                return Err(Fail(
+                    StatusCode::NOT_FOUND,
+                    format!("instance {id} of {app} is not registered"),
+                ));
+            };
+            // An operator's status override outlives the instance's own renewals (as Eureka's).
+            let current = inst.checks.iter().find(|c| c.id == STATUS_CHECK);
+            let (health, note) = match current {
+                Some(c) if c.output.starts_with(OVERRIDE) => (c.status, c.output.clone()),
+                _ => (
+                    status_health(param(&p, "status").unwrap_or("UP"))?,
+                    "renewed".to_string(),
+                ),
+            };
+            match s2.registry.update_check(&rid, STATUS_CHECK, health, &note) {
+                Ok(_) => Ok(StatusCode::OK.into_response()),
+                Err(RegistryError::NotFound(_)) => Err(Fail(
+                    StatusCode::NOT_FOUND,
+                    format!("instance {id} of {app} is not registered"),
+                )),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
     })
     .await
 }
@@ -347,18 +382,29 @@ async fn set_status(
 ) -> Response {
     let path = format!("/eureka/apps/{app}/{id}/status");
     let s2 = s.clone();
-    write(&s, &headers, remote, Method::PUT, &path, || async move {
-        let p = params(q.as_deref());
-        let value = param(&p, "value").ok_or_else(|| {
-            Fail(
-                StatusCode::BAD_REQUEST,
-                "value: required (UP, OUT_OF_SERVICE...)".into(),
-            )
-        })?;
-        let health = status_health(value)?;
-        s2.registry
-            .update_check(&registry_id(&id), STATUS_CHECK, health, value)?;
-        Ok(StatusCode::OK.into_response())
+    crate::detached(async move {
+        write(&s, &headers, remote, Method::PUT, &path, || async move {
+            let p = params(q.as_deref());
+            let value = param(&p, "value").ok_or_else(|| {
+                Fail(
+                    StatusCode::BAD_REQUEST,
+                    "value: required (UP, OUT_OF_SERVICE...)".into(),
+                )
+            })?;
+            let health = status_health(value)?;
+            let rid = registry_id(&id);
+            if s2.own_instance(&rid, LISTENER).is_none() {
+                return Err(Fail(
+                    StatusCode::NOT_FOUND,
+                    format!("instance {id} is not registered"),
+                ));
+            }
+            let note = format!("{OVERRIDE}{value}");
+            s2.registry
+                .update_check(&rid, STATUS_CHECK, health, &note)?;
+            Ok(StatusCode::OK.into_response())
+        })
+        .await
     })
     .await
 }
@@ -371,10 +417,20 @@ async fn clear_status(
 ) -> Response {
     let path = format!("/eureka/apps/{app}/{id}/status");
     let s2 = s.clone();
-    write(&s, &headers, remote, Method::DELETE, &path, || async move {
-        s2.registry
-            .update_check(&registry_id(&id), STATUS_CHECK, Health::Passing, "UP")?;
-        Ok(StatusCode::OK.into_response())
+    crate::detached(async move {
+        write(&s, &headers, remote, Method::DELETE, &path, || async move {
+            let rid = registry_id(&id);
+            if s2.own_instance(&rid, LISTENER).is_none() {
+                return Err(Fail(
+                    StatusCode::NOT_FOUND,
+                    format!("instance {id} is not registered"),
+                ));
+            }
+            s2.registry
+                .update_check(&rid, STATUS_CHECK, Health::Passing, "override removed")?;
+            Ok(StatusCode::OK.into_response())
+        })
+        .await
     })
     .await
 }
@@ -387,9 +443,19 @@ async fn cancel(
 ) -> Response {
     let path = format!("/eureka/apps/{app}/{id}");
     let s2 = s.clone();
-    write(&s, &headers, remote, Method::DELETE, &path, || async move {
-        s2.registry.deregister_external(&registry_id(&id)).await?;
-        Ok(StatusCode::OK.into_response())
+    crate::detached(async move {
+        write(&s, &headers, remote, Method::DELETE, &path, || async move {
+            let rid = registry_id(&id);
+            if s2.own_instance(&rid, LISTENER).is_none() {
+                return Err(Fail(
+                    StatusCode::NOT_FOUND,
+                    format!("instance {id} is not registered"),
+                ));
+            }
+            s2.registry.deregister_external(&rid).await?;
+            Ok(StatusCode::OK.into_response())
+        })
+        .await
     })
     .await
 }
@@ -505,7 +571,9 @@ fn esc(s: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
+            // Not characters XML can carry.
             c if c.is_control() && c != '\t' && c != '\n' => {}
+            '\u{FFFE}' | '\u{FFFF}' => {}
             c => out.push(c),
         }
     }

@@ -30,6 +30,55 @@ pub struct CompatState {
     pub advertise: String,
     /// What calls without a token may do (none by default).
     pub anonymous: Arc<std::collections::BTreeSet<Permission>>,
+    /// Services gantry runs or whose endpoints the spec fixes: not open to registrations
+    /// through these listeners (no one outside can add an address to them).
+    pub managed: Arc<std::collections::BTreeSet<String>>,
+    /// Blocking queries waiting at once, at most (beyond: answered at once, as after `wait`),
+    /// so that waiters cannot take every connection a listener has.
+    pub waiters: Arc<tokio::sync::Semaphore>,
+}
+
+/// Blocking queries one listener lets wait at once.
+pub const MAX_WAITERS: usize = 128;
+
+/// Metadata key naming the listener an instance registered through; writes through a listener
+/// touch only its own instances.
+pub const SOURCE_META: &str = "gantry.registered-through";
+
+impl CompatState {
+    /// Refuse a registration into a service gantry runs or fixes in the spec.
+    pub(crate) fn open_to_registration(&self, service: &str) -> Result<(), String> {
+        if self.managed.contains(service) {
+            return Err(format!(
+                "service {service} is run by gantry (or has fixed endpoints in the spec): instances cannot register into it from outside"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The instance `id` if it registered through `listener`.
+    pub(crate) fn own_instance(&self, id: &str, listener: &str) -> Option<gantry_model::Instance> {
+        self.registry
+            .get(id)
+            .filter(|i| i.metadata.get(SOURCE_META).map(String::as_str) == Some(listener))
+    }
+}
+
+/// Run a change to the end in a task of its own, audit record included, even if the client
+/// goes away (dropping the handler): nothing that changed state goes unrecorded.
+pub(crate) async fn detached<F>(f: F) -> axum::response::Response
+where
+    F: std::future::Future<Output = axum::response::Response> + Send + 'static,
+{
+    use axum::response::IntoResponse as _;
+    match tokio::spawn(f).await {
+        Ok(r) => r,
+        Err(e) => (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the call failed: {e}"),
+        )
+            .into_response(),
+    }
 }
 
 impl CompatState {
@@ -50,7 +99,13 @@ impl CompatState {
             return Err(Denied::NoToken);
         };
         let mut headers = http::HeaderMap::new();
-        let value = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        // An API key goes as one (`ApiKey`), anything else as a bearer token.
+        let scheme = if token.starts_with("gk_") {
+            "ApiKey"
+        } else {
+            "Bearer"
+        };
+        let value = http::HeaderValue::from_str(&format!("{scheme} {token}")).map_err(|_| {
             Denied::BadToken("the token has characters a header cannot carry".into())
         })?;
         headers.insert(http::header::AUTHORIZATION, value);

@@ -408,6 +408,16 @@ impl ConfigStore {
         req: ChangeRequest,
         author: &str,
     ) -> Result<Committed, ConfigError> {
+        self.change_with(set, req, author, None).await
+    }
+
+    async fn change_with(
+        &self,
+        set: &str,
+        req: ChangeRequest,
+        author: &str,
+        expect: Option<u64>,
+    ) -> Result<Committed, ConfigError> {
         check_set(set)?;
         let layer = Layer::from_parts(req.env.as_deref(), req.instance.as_deref())?;
         if req.set.is_empty() && req.secrets.is_empty() && req.unset.is_empty() {
@@ -450,7 +460,23 @@ impl ConfigStore {
             name: author.into(),
             message: check_message(req.message)?,
         };
-        self.commit(set, edits, author, Meta::default()).await
+        let meta = Meta {
+            expect,
+            ..Meta::default()
+        };
+        self.commit(set, edits, author, meta).await
+    }
+
+    /// [`ConfigStore::change`] only if the set's current version is `expected` (0: none yet),
+    /// else `Conflict`.
+    pub async fn change_if(
+        &self,
+        set: &str,
+        req: ChangeRequest,
+        author: &str,
+        expected: u64,
+    ) -> Result<Committed, ConfigError> {
+        self.change_with(set, req, author, Some(expected)).await
     }
 
     /// Import a document as one commit: every key it gives is set; `replace` also removes what
@@ -563,6 +589,7 @@ impl ConfigStore {
             rollback_of: Some(to),
             reverts: None,
             always: true,
+            expect: None,
         };
         // Computed from each head tried: whatever came in between, the result is `to`'s values.
         self.commit_with(set, author, meta, |current| {
@@ -602,6 +629,7 @@ impl ConfigStore {
             rollback_of: None,
             reverts: Some(version),
             always: true,
+            expect: None,
         };
         self.commit_with(set, author, meta, |current| {
             Ok(rec
@@ -683,6 +711,11 @@ impl ConfigStore {
     ) -> Result<Committed, ConfigError> {
         for attempt in 0..8 {
             let head = self.head(set).await?;
+            if let Some(expected) = meta.expect {
+                if head.as_ref().map_or(0, |(h, _)| h.record.version) != expected {
+                    return Err(ConfigError::Conflict);
+                }
+            }
             let mut entries = head
                 .as_ref()
                 .map(|(h, _)| h.entries.clone())
@@ -1302,6 +1335,9 @@ pub struct Meta {
     pub reverts: Option<u64>,
     /// Commit even if nothing changes (a rollback to identical values still says so).
     pub always: bool,
+    /// Commit only if the set's current version is this one (0: the set has none), else
+    /// `Conflict`: a compare-and-set for writers that read first (Consul's `cas`).
+    pub expect: Option<u64>,
 }
 
 /// Changes that turn `a` into `b`.

@@ -137,7 +137,14 @@ impl DnsHandler {
                 let mut answers = Vec::with_capacity(instances.len());
                 let mut extra = Vec::with_capacity(instances.len());
                 for i in &instances {
-                    let target = fqdn(&format!("{}.instance.gantry", i.id))?;
+                    // Ids that cannot be one DNS label (a '.', over 63 bytes) get no SRV
+                    // record: their target could not be looked up.
+                    if i.id.contains('.') || i.id.len() > 63 {
+                        continue;
+                    }
+                    let Ok(target) = fqdn(&format!("{}.instance.gantry", i.id)) else {
+                        continue;
+                    };
                     answers.push(Record::from_rdata(
                         owner.clone(),
                         self.ttl,

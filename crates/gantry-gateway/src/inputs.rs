@@ -207,6 +207,11 @@ impl Control {
             .or_else(|| self.draining.iter().find(|e| &*e.id == id))
     }
 
+    /// Every routable instance's endpoint.
+    pub(crate) fn routable_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.services.values().flat_map(|s| s.endpoints.values())
+    }
+
     pub(crate) fn service_states(&self) -> impl Iterator<Item = &Arc<ServiceState>> {
         self.services.values().map(|s| &s.state)
     }

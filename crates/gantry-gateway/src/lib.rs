@@ -425,6 +425,24 @@ impl Gateway {
             .map_or(0, |e| e.inflight.load(Ordering::Relaxed))
     }
 
+    /// Instances the gateway's passive health (outlier detection) has ejected now, with their
+    /// consecutive ejections: what the registry shows as each instance's `gateway` check.
+    pub fn ejected_instances(&self) -> Vec<(String, u32)> {
+        let now = clock_ms();
+        let c = self.lock();
+        c.routable_endpoints()
+            .filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) > now)
+            .map(|e| {
+                let n = e
+                    .outlier
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .ejections;
+                (e.id.to_string(), n)
+            })
+            .collect()
+    }
+
     /// The live route table, in precedence order.
     pub fn routes(&self) -> Vec<RouteView> {
         let snap = self.inputs.load_full();

@@ -104,6 +104,9 @@ pub enum CheckKind {
     Probe,
     /// Kept alive by the instance (pass, warn, fail) within its TTL.
     Ttl,
+    /// The gateway's passive signals: warning while its outlier detection has the instance
+    /// ejected (it still gets the traffic the ejection rules allow).
+    Passive,
 }
 
 /// Who vouches for an instance.

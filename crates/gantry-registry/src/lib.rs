@@ -376,7 +376,7 @@ impl Registry {
             let now = current(self);
             // An index from the future (another gantry's, or before a restart): answer at once
             // with ours, as Consul does when the index goes backwards.
-            if now > index || index > self.revision() {
+            if now > index || index > self.revision().max(1) {
                 return now.max(1);
             }
             if tokio::time::timeout_at(deadline, rx.changed())
@@ -587,10 +587,12 @@ impl Registry {
             )));
         };
         let now = unix_ms();
-        *last_heartbeat_ms = now;
-        let Some(c) = inst.checks.iter_mut().find(|c| c.id == check) else {
+        // The lease is renewed only by an update that lands: a wrong check id renews nothing.
+        let Some(pos) = inst.checks.iter().position(|c| c.id == check) else {
             return Err(RegistryError::NotFound(format!("{id}: check {check}")));
         };
+        *last_heartbeat_ms = now;
+        let c = &mut inst.checks[pos];
         let changed = c.status != status;
         c.status = status;
         c.output = output;
@@ -603,6 +605,50 @@ impl Registry {
         // Published under the same lock: updates of one instance publish in the order made.
         self.apply_in(&mut st, RegistryEventKind::Updated, inst.clone());
         Ok(inst)
+    }
+
+    /// Set (or clear, with `None`) a check the instance does not keep itself, such as the
+    /// gateway's passive signals; republishes the instance only when its status changed.
+    pub fn set_check(&self, id: &str, check: &str, status: Option<(Health, String)>) -> bool {
+        let mut st = self.lock();
+        let Some(inst) = st.instances.get_mut(id) else {
+            return false;
+        };
+        let now = unix_ms();
+        let pos = inst.checks.iter().position(|c| c.id == check);
+        let changed = match (pos, status) {
+            (None, None) => false,
+            (Some(p), None) => {
+                inst.checks.remove(p);
+                true
+            }
+            (Some(p), Some((s, out))) => {
+                let c = &mut inst.checks[p];
+                let changed = c.status != s;
+                c.status = s;
+                c.output = out;
+                c.updated_ms = now;
+                changed
+            }
+            (None, Some((s, out))) => {
+                inst.checks.push(Check {
+                    id: check.to_string(),
+                    name: check.to_string(),
+                    kind: CheckKind::Passive,
+                    status: s,
+                    output: out,
+                    ttl_ms: None,
+                    updated_ms: now,
+                });
+                true
+            }
+        };
+        if changed {
+            inst.health = Instance::aggregate(&inst.checks);
+            let inst = inst.clone();
+            self.apply_in(&mut st, RegistryEventKind::Updated, inst);
+        }
+        changed
     }
 
     /// Turn TTL checks whose time ran out critical; returns the instances that changed.
@@ -631,10 +677,15 @@ impl Registry {
             due
         };
         let mut out = Vec::with_capacity(due.len());
+        let mut items = Vec::with_capacity(due.len());
         for inst in due {
             tracing::info!(instance = %inst.id, "TTL check expired; instance is critical");
             out.push(inst.id.clone());
-            self.apply_in(&mut st, RegistryEventKind::Updated, inst);
+            items.push(Self::insert(&mut st, RegistryEventKind::Updated, inst));
+        }
+        // One snapshot for all of them (many TTLs can run out together, e.g. after a restart).
+        if !items.is_empty() {
+            self.publish(&mut st, items);
         }
         out
     }
@@ -747,7 +798,19 @@ impl Registry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((kind, inst));
+        // Published even if this future is dropped at the yield: a queued change never waits
+        // for someone else's.
+        struct Publish<'a>(&'a Registry, bool);
+        impl Drop for Publish<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.publish_pending();
+                }
+            }
+        }
+        let mut guard = Publish(self, false);
         tokio::task::yield_now().await;
+        guard.1 = true;
         self.publish_pending()
     }
 

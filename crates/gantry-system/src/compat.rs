@@ -173,3 +173,88 @@ impl Component for DnsComponent {
         }
     }
 }
+
+/// The gateway's passive signals in the registry: an instance its outlier detection has
+/// ejected shows a `gateway` check at warning (clients that want passing instances only, such
+/// as Consul's `passing` queries and DNS users that filter, then avoid it); the check goes
+/// when the ejection ends. Sampled every 250 ms: the request path is never touched.
+pub(crate) struct PassiveHealth {
+    registry: Arc<gantry_registry::Registry>,
+    gateway: Arc<gantry_gateway::Gateway>,
+    running: Arc<AtomicBool>,
+}
+
+const PASSIVE_CHECK: &str = "gateway";
+
+impl PassiveHealth {
+    pub fn new(
+        registry: Arc<gantry_registry::Registry>,
+        gateway: Arc<gantry_gateway::Gateway>,
+    ) -> Self {
+        Self {
+            registry,
+            gateway,
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// One sample: returns how many instances changed.
+    pub fn sample(
+        registry: &gantry_registry::Registry,
+        gateway: &gantry_gateway::Gateway,
+    ) -> usize {
+        let ejected: std::collections::HashMap<String, u32> =
+            gateway.ejected_instances().into_iter().collect();
+        let snap = registry.snapshot();
+        let mut changed = 0;
+        for inst in snap.services.values().flat_map(|l| l.iter()) {
+            let has = inst.checks.iter().any(|c| c.id == PASSIVE_CHECK);
+            let status = ejected.get(&inst.id).map(|n| {
+                (
+                    gantry_model::Health::Warning,
+                    format!(
+                        "ejected by the gateway's outlier detection ({n} ejection(s) in a row)"
+                    ),
+                )
+            });
+            if (has || status.is_some()) && registry.set_check(&inst.id, PASSIVE_CHECK, status) {
+                changed += 1;
+            }
+        }
+        changed
+    }
+}
+
+#[async_trait::async_trait]
+impl Component for PassiveHealth {
+    fn name(&self) -> &'static str {
+        "passive-health"
+    }
+
+    async fn start(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (registry, gateway, running) = (
+            self.registry.clone(),
+            self.gateway.clone(),
+            self.running.clone(),
+        );
+        running.store(true, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { Self::sample(&registry, &gateway); }
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
+            running.store(false, Ordering::Relaxed);
+        });
+        Ok(())
+    }
+
+    fn ready(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    async fn stopped(&self) {}
+}

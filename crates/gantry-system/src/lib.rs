@@ -244,7 +244,19 @@ impl System {
                 .collect(),
             )
         };
+        // Services gantry runs or fixes: closed to registrations from the compatible APIs.
+        let managed: Arc<std::collections::BTreeSet<String>> = Arc::new(
+            spec.spec
+                .services
+                .iter()
+                .filter(|(_, s)| !s.external)
+                .map(|(n, _)| n.clone())
+                .chain(std::iter::once(gantry_spec::IDENTITY_SERVICE.to_string()))
+                .collect(),
+        );
         let compat_state = |anonymous| gantry_compat::CompatState {
+            managed: managed.clone(),
+            waiters: Arc::new(tokio::sync::Semaphore::new(gantry_compat::MAX_WAITERS)),
             registry: registry.registry.clone(),
             config: config.clone(),
             auth: Arc::new(gantry_api::auth::Principals::new(
@@ -304,10 +316,13 @@ impl System {
             dns_addr,
             // Start order; stopped in reverse.
             components: {
+                let passive =
+                    compat::PassiveHealth::new(registry.registry.clone(), gateway.gateway.clone());
                 let mut c: Vec<Arc<dyn Component>> = vec![
                     Arc::new(registry),
                     Arc::new(identity),
                     Arc::new(gateway),
+                    Arc::new(passive),
                     Arc::new(admin),
                 ];
                 if let Some(consul) = consul {

@@ -32,6 +32,9 @@ external = true
 [[services.pay.routes]]
 path_prefix = "/pay"
 strip_prefix = true
+
+[services.db]
+endpoints = ["127.0.0.1:1"]
 "#,
     );
     let consul = consul_addr(&g);
@@ -96,6 +99,73 @@ strip_prefix = true
     )
     .unwrap();
     assert_eq!(r.status, 403, "{}", r.body);
+    // No one registers into a service gantry runs or fixes, whatever their permissions.
+    let r = http(
+        consul,
+        "PUT",
+        "/v1/agent/service/register",
+        &[("x-consul-token", &g.token)],
+        Some(r#"{"Name": "db", "ID": "db-evil", "Port": 6666}"#),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    // An API key is a Consul token too, with its client's roles: a viewer reads, cannot write.
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/clients",
+        Some(&json!({"id": "reader", "kind": "confidential", "roles": ["viewer"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = g.admin_call(
+        "POST",
+        "/v1/identity/api-keys",
+        Some(&json!({"client_id": "reader"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = r.json()["key"].as_str().unwrap().to_string();
+    let r = http(
+        consul,
+        "GET",
+        "/v1/catalog/services",
+        &[("x-consul-token", &key)],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(
+        consul,
+        "PUT",
+        "/v1/kv/pay/X",
+        &[("x-consul-token", &key)],
+        Some("v"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    // The KV root lists every set, and a missing key's 404 carries the index.
+    let r = http(
+        consul,
+        "GET",
+        "/v1/kv/?recurse",
+        &[("x-consul-token", &g.token)],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(
+        consul,
+        "GET",
+        "/v1/kv/pay/NOPE",
+        &[("x-consul-token", &g.token)],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-consul-index").is_some());
 }
 
 #[test]
