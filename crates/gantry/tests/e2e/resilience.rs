@@ -122,6 +122,37 @@ failure_statuses = [500]
         .unwrap()
         .clone();
     assert_eq!(ep["ejected"], true, "{ep}");
+    // The gateway's passive signal reaches the registry: a `gateway` check at warning (the
+    // instance's aggregate health with it), so discovery clients that want passing ones avoid it.
+    let inst = wait_for(
+        "the gateway check in the registry",
+        Duration::from_secs(5),
+        || {
+            let i = g.admin_get(&format!("/v1/registry/instances/{bad}"));
+            (i["health"] == "warning").then_some(i)
+        },
+    );
+    let check = inst["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "gateway")
+        .unwrap()
+        .clone();
+    assert_eq!(check["kind"], "passive", "{check}");
+    assert!(
+        check["output"].as_str().unwrap().contains("ejected"),
+        "{check}"
+    );
+    let passing = g.admin_get("/v1/registry/services/web?health=passing");
+    assert!(
+        passing
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["id"] != bad.as_str()),
+        "{passing}"
+    );
     let m = g.metrics();
     assert!(
         m.contains(&format!(
