@@ -49,10 +49,7 @@ pub fn router(state: CompatState) -> Router {
     Router::new()
         .route("/v1/agent/service/register", put(register))
         .route("/v1/agent/service/deregister/{id}", put(deregister))
-        .route("/v1/agent/check/pass/{id}", put(check_pass))
-        .route("/v1/agent/check/warn/{id}", put(check_warn))
-        .route("/v1/agent/check/fail/{id}", put(check_fail))
-        .route("/v1/agent/check/update/{id}", put(check_update))
+        .route("/v1/agent/check/{verb}/{id}", put(check_verb))
         .route("/v1/agent/services", get(agent_services))
         .route("/v1/agent/checks", get(agent_checks))
         .route("/v1/agent/self", get(agent_self))
@@ -665,69 +662,23 @@ async fn set_check(
     .await
 }
 
-async fn check_pass(
+/// `PUT /v1/agent/check/{pass,warn,fail}/ID` (`?note=`) and `/update/ID` (a JSON body).
+async fn check_verb(
     State(s): State<CompatState>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    set_check(
-        s,
-        remote,
-        id,
-        q,
-        headers,
-        CheckSet::Status(Health::Passing, "pass"),
-    )
-    .await
-}
-
-async fn check_warn(
-    State(s): State<CompatState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    set_check(
-        s,
-        remote,
-        id,
-        q,
-        headers,
-        CheckSet::Status(Health::Warning, "warn"),
-    )
-    .await
-}
-
-async fn check_fail(
-    State(s): State<CompatState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    set_check(
-        s,
-        remote,
-        id,
-        q,
-        headers,
-        CheckSet::Status(Health::Critical, "fail"),
-    )
-    .await
-}
-
-async fn check_update(
-    State(s): State<CompatState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
+    Path((verb, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    set_check(s, remote, id, q, headers, CheckSet::Body(body)).await
+    let how = match verb.as_str() {
+        "pass" => CheckSet::Status(Health::Passing, "pass"),
+        "warn" => CheckSet::Status(Health::Warning, "warn"),
+        "fail" => CheckSet::Status(Health::Critical, "fail"),
+        "update" => CheckSet::Body(body),
+        _ => return not_found().await,
+    };
+    set_check(s, remote, id, q, headers, how).await
 }
 
 fn service_json(i: &Instance) -> Value {

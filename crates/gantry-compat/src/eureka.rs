@@ -174,6 +174,19 @@ fn registry_id(eureka_id: &str) -> String {
     id
 }
 
+/// The registry id of an instance registered through this listener, and the instance; 404
+/// for any other.
+fn own(s: &CompatState, id: &str) -> Result<(String, Instance), Fail> {
+    let rid = registry_id(id);
+    let inst = s.own_instance(&rid, LISTENER).ok_or_else(|| {
+        Fail(
+            StatusCode::NOT_FOUND,
+            format!("instance {id} is not registered"),
+        )
+    })?;
+    Ok((rid, inst))
+}
+
 fn service_name(app: &str) -> String {
     app.to_ascii_lowercase()
 }
@@ -342,14 +355,8 @@ async fn renew(
     crate::detached(async move {
         write(&s, &headers, remote, Method::PUT, &path, || async move {
             let p = params(q.as_deref());
-            let rid = registry_id(&id);
             // Not known (expired, or gantry lost it): 404 tells the client to register again.
-            let Some(inst) = s2.own_instance(&rid, LISTENER) else {
-                return Err(Fail(
-                    StatusCode::NOT_FOUND,
-                    format!("instance {id} of {app} is not registered"),
-                ));
-            };
+            let (rid, inst) = own(&s2, &id)?;
             // An operator's status override outlives the instance's own renewals (as Eureka's).
             let current = inst.checks.iter().find(|c| c.id == STATUS_CHECK);
             let (health, note) = match current {
@@ -392,13 +399,7 @@ async fn set_status(
                 )
             })?;
             let health = status_health(value)?;
-            let rid = registry_id(&id);
-            if s2.own_instance(&rid, LISTENER).is_none() {
-                return Err(Fail(
-                    StatusCode::NOT_FOUND,
-                    format!("instance {id} is not registered"),
-                ));
-            }
+            let (rid, _) = own(&s2, &id)?;
             let note = format!("{OVERRIDE}{value}");
             s2.registry
                 .update_check(&rid, STATUS_CHECK, health, &note)?;
@@ -419,13 +420,7 @@ async fn clear_status(
     let s2 = s.clone();
     crate::detached(async move {
         write(&s, &headers, remote, Method::DELETE, &path, || async move {
-            let rid = registry_id(&id);
-            if s2.own_instance(&rid, LISTENER).is_none() {
-                return Err(Fail(
-                    StatusCode::NOT_FOUND,
-                    format!("instance {id} is not registered"),
-                ));
-            }
+            let (rid, _) = own(&s2, &id)?;
             s2.registry
                 .update_check(&rid, STATUS_CHECK, Health::Passing, "override removed")?;
             Ok(StatusCode::OK.into_response())
@@ -445,13 +440,7 @@ async fn cancel(
     let s2 = s.clone();
     crate::detached(async move {
         write(&s, &headers, remote, Method::DELETE, &path, || async move {
-            let rid = registry_id(&id);
-            if s2.own_instance(&rid, LISTENER).is_none() {
-                return Err(Fail(
-                    StatusCode::NOT_FOUND,
-                    format!("instance {id} is not registered"),
-                ));
-            }
+            let (rid, _) = own(&s2, &id)?;
             s2.registry.deregister_external(&rid).await?;
             Ok(StatusCode::OK.into_response())
         })
