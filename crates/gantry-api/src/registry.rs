@@ -1,6 +1,7 @@
 //! `/v1/registry/...`: lookups, self-registration with leases, and the watch stream.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -78,7 +79,7 @@ pub async fn registry_instances(State(s): State<ApiState>) -> Json<Vec<Instance>
     Json(
         snap.services
             .values()
-            .flat_map(|v| v.iter().cloned())
+            .flat_map(|v| v.iter().map(|i| (**i).clone()))
             .collect(),
     )
 }
@@ -105,7 +106,7 @@ pub async fn registry_services(
             .await;
     }
     let snap = s.registry.snapshot();
-    let out: BTreeMap<&str, &[Instance]> =
+    let out: BTreeMap<&str, &[Arc<Instance>]> =
         snap.services.iter().map(|(k, v)| (&**k, &v[..])).collect();
     Ok((
         index_header(snap.revision.max(1)),
@@ -359,7 +360,7 @@ pub async fn registry_deregister(
 pub async fn registry_watch(State(s): State<ApiState>) -> impl IntoResponse {
     let rx = s.registry.subscribe();
     let snap = s.registry.snapshot();
-    let all: Vec<&Instance> = snap.services.values().flat_map(|v| v.iter()).collect();
+    let all: Vec<&Arc<Instance>> = snap.services.values().flat_map(|v| v.iter()).collect();
     let first = Item::new(
         "snapshot",
         serde_json::json!({ "revision": snap.revision, "instances": all }),

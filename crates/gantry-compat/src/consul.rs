@@ -720,7 +720,7 @@ fn node_name(_s: &CompatState, i: &Instance) -> String {
     i.node.clone()
 }
 
-fn all_instances(s: &CompatState) -> Vec<Instance> {
+fn all_instances(s: &CompatState) -> Vec<std::sync::Arc<Instance>> {
     s.registry
         .snapshot()
         .services

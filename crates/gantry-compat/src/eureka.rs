@@ -647,7 +647,7 @@ async fn apps(State(s): State<CompatState>, headers: HeaderMap) -> Result<Respon
             .values()
             .filter(|l| !l.is_empty())
             .map(|l| {
-                let views: Vec<View<'_>> = l.iter().map(view).collect();
+                let views: Vec<View<'_>> = l.iter().map(|i| view(i)).collect();
                 json!({
                     "name": views[0].app,
                     "instance": views.iter().map(instance_json).collect::<Vec<_>>(),
@@ -668,7 +668,7 @@ async fn apps(State(s): State<CompatState>, headers: HeaderMap) -> Result<Respon
         snap.revision
     );
     for l in snap.services.values().filter(|l| !l.is_empty()) {
-        let views: Vec<View<'_>> = l.iter().map(view).collect();
+        let views: Vec<View<'_>> = l.iter().map(|i| view(i)).collect();
         let _ = write!(out, "<application><name>{}</name>", esc(&views[0].app));
         for v in &views {
             instance_xml(&mut out, v);
@@ -693,7 +693,7 @@ async fn app(
             format!("application {app} has no instances"),
         ));
     }
-    let views: Vec<View<'_>> = list.iter().map(view).collect();
+    let views: Vec<View<'_>> = list.iter().map(|i| view(i)).collect();
     if wants_json(&headers) {
         return Ok(axum::Json(json!({"application": {
             "name": views[0].app,

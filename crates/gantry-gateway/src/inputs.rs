@@ -330,7 +330,7 @@ impl Control {
     fn rebuild_service(
         &mut self,
         name: &Arc<str>,
-        instances: &[Instance],
+        instances: &[Arc<Instance>],
         metrics: &GatewayMetrics,
     ) {
         let node = self.node.clone();

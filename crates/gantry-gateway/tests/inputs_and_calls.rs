@@ -139,7 +139,10 @@ fn gateway_with(mut model: GatewayModel, instances: Vec<Instance>) -> Arc<Gatewa
     model.upstreams.insert("svc".into(), policy());
     gw.apply_model(model);
     let mut services = BTreeMap::new();
-    services.insert(Arc::<str>::from("svc"), instances.into());
+    services.insert(
+        Arc::<str>::from("svc"),
+        instances.into_iter().map(Arc::new).collect(),
+    );
     gw.apply_registry(&Arc::new(RegistrySnapshot {
         revision: 1,
         services,
@@ -398,7 +401,10 @@ async fn a_registry_change_rebuilds_only_its_service_and_takes_effect_before_it_
     // as apply_registry returns.
     let snap = |rev: u64, list: Vec<Instance>| {
         let mut services = BTreeMap::new();
-        services.insert(Arc::<str>::from("svc"), list.into());
+        services.insert(
+            Arc::<str>::from("svc"),
+            list.into_iter().map(Arc::new).collect(),
+        );
         Arc::new(RegistrySnapshot {
             revision: rev,
             services,
@@ -469,7 +475,7 @@ async fn a_probe_that_ends_without_an_outcome_frees_its_slot() {
     let mut services = BTreeMap::new();
     services.insert(
         Arc::<str>::from("svc"),
-        vec![instance("svc-1", silent, "1.0.0")].into(),
+        [Arc::new(instance("svc-1", silent, "1.0.0"))].into(),
     );
     gw.apply_registry(&Arc::new(RegistrySnapshot {
         revision: 1,

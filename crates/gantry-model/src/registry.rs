@@ -131,8 +131,9 @@ pub struct RegistrySnapshot {
     pub revision: u64,
     /// Instances by service name, sorted by instance id. A service whose instances did not
     /// change keeps the very same list (pointer-equal) from one snapshot to the next, so a
-    /// reader can tell what changed without comparing instances.
-    pub services: BTreeMap<Arc<str>, Arc<[Instance]>>,
+    /// reader can tell what changed without comparing instances. Instances are shared too: a
+    /// list rebuilt for one change copies pointers, not instances.
+    pub services: BTreeMap<Arc<str>, Arc<[Arc<Instance>]>>,
     /// The services whose instance lists changed since the snapshot of revision `since` (the
     /// one this was made from; several changes may be published in one snapshot).
     pub changed: Vec<Arc<str>>,
@@ -140,7 +141,7 @@ pub struct RegistrySnapshot {
 }
 
 impl RegistrySnapshot {
-    pub fn instances(&self, service: &str) -> &[Instance] {
+    pub fn instances(&self, service: &str) -> &[Arc<Instance>] {
         self.services.get(service).map(|v| &v[..]).unwrap_or(&[])
     }
 }

@@ -149,7 +149,8 @@ struct KindLabel {
 struct State {
     revision: u64,
     /// By instance id.
-    instances: BTreeMap<String, Instance>,
+    /// Shared with the snapshots' lists (a change copies the one instance it changes).
+    instances: BTreeMap<String, Arc<Instance>>,
     /// Instance ids by service, to rebuild one service's list without a scan of all.
     ids: BTreeMap<Arc<str>, std::collections::BTreeSet<String>>,
     snapshot: Arc<RegistrySnapshot>,
@@ -247,7 +248,7 @@ impl Registry {
                 .entry(inst.service.as_str().into())
                 .or_default()
                 .insert(inst.id.clone());
-            st.instances.insert(inst.id.clone(), inst);
+            st.instances.insert(inst.id.clone(), Arc::new(inst));
         }
         if st.instances.is_empty() {
             return;
@@ -255,7 +256,7 @@ impl Registry {
         st.revision += 1;
         let mut services = BTreeMap::new();
         for (name, ids) in &st.ids {
-            let list: Arc<[Instance]> = ids
+            let list: Arc<[Arc<Instance>]> = ids
                 .iter()
                 .filter_map(|id| st.instances.get(id).cloned())
                 .collect();
@@ -309,7 +310,7 @@ impl Registry {
     }
 
     pub fn get(&self, id: &str) -> Option<Instance> {
-        self.lock().instances.get(id).cloned()
+        self.lock().instances.get(id).map(|i| (**i).clone())
     }
 
     /// Instances of `service` whose version satisfies `req` (all when `None`).
@@ -318,7 +319,7 @@ impl Registry {
             .instances(service)
             .iter()
             .filter(|i| req.is_none_or(|r| r.matches(&i.version)))
-            .cloned()
+            .map(|i| (**i).clone())
             .collect()
     }
 
@@ -340,7 +341,7 @@ impl Registry {
             .filter(|i| q.tags.iter().all(|t| i.tags.contains(t)))
             .filter(|i| q.metadata.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
             .filter(|i| q.zone.is_none() || i.zone == q.zone)
-            .cloned()
+            .map(|i| (**i).clone())
             .collect();
         // Locality: this node, then the preferred zone, then the rest (by id within each).
         out.sort_by_key(|i| {
@@ -544,7 +545,7 @@ impl Registry {
     /// Renew a self-registered instance's lease.
     pub fn heartbeat(&self, id: &str) -> Result<Instance, RegistryError> {
         let mut st = self.lock();
-        match st.instances.get_mut(id) {
+        match st.instances.get_mut(id).map(Arc::make_mut) {
             Some(inst) => match &mut inst.source {
                 InstanceSource::External {
                     last_heartbeat_ms, ..
@@ -575,7 +576,7 @@ impl Registry {
     ) -> Result<Instance, RegistryError> {
         let output: String = output.chars().take(4096).collect();
         let mut st = self.lock();
-        let Some(inst) = st.instances.get_mut(id) else {
+        let Some(inst) = st.instances.get_mut(id).map(Arc::make_mut) else {
             return Err(RegistryError::NotFound(id.into()));
         };
         let InstanceSource::External {
@@ -611,7 +612,7 @@ impl Registry {
     /// gateway's passive signals; republishes the instance only when its status changed.
     pub fn set_check(&self, id: &str, check: &str, status: Option<(Health, String)>) -> bool {
         let mut st = self.lock();
-        let Some(inst) = st.instances.get_mut(id) else {
+        let Some(inst) = st.instances.get_mut(id).map(Arc::make_mut) else {
             return false;
         };
         let now = unix_ms();
@@ -657,6 +658,15 @@ impl Registry {
         let due: Vec<Instance> = {
             let mut due = Vec::new();
             for inst in st.instances.values_mut() {
+                let expiring = inst.checks.iter().any(|c| {
+                    c.status != Health::Critical
+                        && c.ttl_ms
+                            .is_some_and(|ttl| now_ms.saturating_sub(c.updated_ms) > ttl)
+                });
+                if !expiring {
+                    continue;
+                }
+                let inst = Arc::make_mut(inst);
                 let mut changed = false;
                 for c in &mut inst.checks {
                     let expired = c
@@ -768,7 +778,7 @@ impl Registry {
 
     fn remove(&self, id: &str, kind: RegistryEventKind) -> Option<u64> {
         let mut st = self.lock();
-        let inst = st.instances.remove(id)?;
+        let inst = Arc::unwrap_or_clone(st.instances.remove(id)?);
         if let Some(ids) = st.ids.get_mut(inst.service.as_str()) {
             ids.remove(id);
             if ids.is_empty() {
@@ -842,7 +852,7 @@ impl Registry {
         inst: Instance,
     ) -> (RegistryEventKind, Instance, Option<String>) {
         let mut moved_from = None;
-        if let Some(old) = st.instances.insert(inst.id.clone(), inst.clone()) {
+        if let Some(old) = st.instances.insert(inst.id.clone(), Arc::new(inst.clone())) {
             // Re-registered under another service (self-registrations keep theirs; checked):
             // it leaves the old service's list in the same snapshot.
             if old.service != inst.service {
@@ -852,7 +862,7 @@ impl Registry {
                         st.ids.remove(old.service.as_str());
                     }
                 }
-                moved_from = Some(old.service);
+                moved_from = Some(old.service.clone());
             }
         }
         st.ids
@@ -899,7 +909,7 @@ impl Registry {
             });
         }
         for name in &changed {
-            let list: Vec<Instance> = st
+            let list: Vec<Arc<Instance>> = st
                 .ids
                 .get(name)
                 .map(|ids| {
