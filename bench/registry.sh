@@ -5,9 +5,10 @@
 # machine runs, measured by nats-py in the same run). Prints both and their p99 ratio.
 # Then throughput: durable self-registrations per second with 64 in flight (each fsynced on
 # the embedded store, on DATA_DIR: a real disk), the same on the NATS backend, and plain NATS
-# KV puts at 64 in flight (acknowledged before fsync) in the same run.
+# KV puts at 64 in flight (acknowledged before fsync) in the same run. Last, a restart: the
+# registry reopened on STORED stored registrations (goal: 100,000 back in <= 1 s).
 #
-#   bench/registry.sh                 # SERVICES=1000 ROUTES=200 CHANGES=2000 TOTAL=20000 NATS_URL=...
+#   bench/registry.sh                 # SERVICES=1000 ROUTES=200 CHANGES=2000 TOTAL=20000 STORED=100000 NATS_URL=...
 #
 # Gantry's figure is in-process (the registry calls the gateway before the change returns, and
 # each change is checked against what the request path sees); the NATS figure includes a
@@ -18,11 +19,12 @@ SERVICES="${SERVICES:-1000}"
 ROUTES="${ROUTES:-200}"
 CHANGES="${CHANGES:-2000}"
 TOTAL="${TOTAL:-20000}"
+STORED="${STORED:-100000}"
 NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 cd "$ROOT"
 cargo build --profile dist -q -p gantry --example registry_routable
 python3 -c "import nats" 2>/dev/null || python3 -m pip install --quiet nats-py
-out="$(NATS_URL="$NATS_URL" DATA_DIR="${DATA_DIR:-$ROOT/target}" "$ROOT/target/dist/examples/registry_routable" "$SERVICES" "$ROUTES" "$CHANGES" "$TOTAL")"
+out="$(NATS_URL="$NATS_URL" DATA_DIR="${DATA_DIR:-$ROOT/target}" "$ROOT/target/dist/examples/registry_routable" "$SERVICES" "$ROUTES" "$CHANGES" "$TOTAL" "$STORED")"
 echo "$out"
 peer="$(timeout 120 python3 "$ROOT/bench/nats_kv_watch.py" "$NATS_URL" "$CHANGES" || echo "nats: unavailable")"
 echo "$peer"

@@ -158,8 +158,25 @@ async fn main() {
     std::fs::create_dir_all(&data_dir).unwrap();
     let disk = tempfile::tempdir_in(&data_dir).unwrap();
     let embedded: Arc<dyn gantry_store::Store> = Arc::new(RedbStore::open(disk.path()).unwrap());
-    let rate = registrations_per_second(embedded, services, routes, total).await;
+    let rate = registrations_per_second(embedded.clone(), services, routes, total).await;
     println!("self-registrations (durable, embedded, c=64): {rate:.0}/s");
+    // A restart with many stored registrations: the registry loads them all before the
+    // gateway starts serving.
+    let stored = arg(5, 100_000);
+    if stored > total {
+        registrations_per_second(embedded.clone(), services, routes, stored - total).await;
+    }
+    drop(embedded);
+    let t = Instant::now();
+    let reopened: Arc<dyn gantry_store::Store> = Arc::new(RedbStore::open(disk.path()).unwrap());
+    let registry = Registry::open(reopened, "bench".into(), &Metrics::new())
+        .await
+        .unwrap();
+    let n: usize = registry.snapshot().services.values().map(|l| l.len()).sum();
+    println!(
+        "restart with {n} stored registrations: registry loaded in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     if let Ok(url) = std::env::var("NATS_URL") {
         let mut o = gantry_store::NatsOptions::new(url);
         o.namespace = format!("bench-reg-{}", std::process::id());
@@ -206,10 +223,11 @@ async fn registrations_per_second(
         registry.on_change(move |snap| gw.apply_registry(snap));
     }
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let offset = gantry_registry::random_hex(3);
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..IN_FLIGHT {
-        let (registry, next) = (registry.clone(), next.clone());
+        let (registry, next, offset) = (registry.clone(), next.clone(), offset.clone());
         tasks.spawn(async move {
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -219,7 +237,7 @@ async fn registrations_per_second(
                 registry
                     .register_external(Registration {
                         service: format!("s{}", n % services),
-                        id: Some(format!("r-{n}")),
+                        id: Some(format!("r-{}-{n}", offset)),
                         version: None,
                         address: None,
                         port: 30_000,
