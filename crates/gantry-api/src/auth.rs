@@ -193,6 +193,10 @@ pub struct Principal {
     pub kind: &'static str,
     #[serde(skip)]
     pub permissions: Arc<BTreeSet<Permission>>,
+    /// A supervised instance's credential: the service it speaks for, which may read its own
+    /// resolved config and its stream (`/v1/config/{service}/resolved`, `/watch`), nothing else.
+    #[serde(skip)]
+    pub service: Option<String>,
 }
 
 impl Principal {
@@ -222,6 +226,7 @@ impl AdminToken {
                 id: "admin-token".into(),
                 kind: "token",
                 permissions: Arc::new(Permission::ALL.into_iter().collect()),
+                service: None,
             },
         }
     }
@@ -285,6 +290,7 @@ impl Principals {
             id: format!("{prefix}:{name}"),
             kind,
             permissions: Arc::new(permissions),
+            service: None,
         }
     }
 }
@@ -321,6 +327,18 @@ impl Authenticator for Principals {
                         who.client_id.as_deref() == Some(gantry_identity::CLI_CLIENT)
                     }
                     gantry_authn::Kind::Client => true,
+                    // An instance's own credential: its own config, nothing more.
+                    gantry_authn::Kind::Workload => {
+                        if let Some(service) = who.service.clone() {
+                            return Ok(Some(Principal {
+                                id: format!("workload:{service}"),
+                                kind: "workload",
+                                permissions: Arc::new(BTreeSet::new()),
+                                service: Some(service),
+                            }));
+                        }
+                        false
+                    }
                     _ => false,
                 };
                 if !meant {
@@ -378,7 +396,13 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
         request_id: &request_id,
         status,
     };
-    match decide(s.auth.as_ref(), &s.public, req.headers(), perm) {
+    let decision = match decide(s.auth.as_ref(), &s.public, req.headers(), perm) {
+        // An instance reads its own service's resolved config and its stream (with its
+        // secrets, which it has anyway), and nothing else.
+        Decision::Forbidden(p) if own_config(&p, &method, &template, &path) => Decision::Allowed(p),
+        d => d,
+    };
+    match decision {
         Decision::Open => {
             req.extensions_mut().insert(Caller(None));
             next.run(req).await
@@ -453,6 +477,19 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
     }
 }
 
+/// Whether a workload principal asks for its own service's resolved config or its stream.
+fn own_config(p: &Principal, method: &Method, template: &str, path: &str) -> bool {
+    let Some(service) = &p.service else {
+        return false;
+    };
+    method == Method::GET
+        && matches!(
+            template,
+            "/v1/config/{set}/resolved" | "/v1/config/{set}/watch"
+        )
+        && path.split('/').nth(3) == Some(service.as_str())
+}
+
 /// What the layer does with a request that needs `perm`.
 #[derive(Debug)]
 pub(crate) enum Decision {
@@ -508,6 +545,7 @@ mod tests {
                     id: "reader".into(),
                     kind: "token",
                     permissions: Arc::new([Permission::ServicesRead].into_iter().collect()),
+                    service: None,
                 })),
                 Some(_) => Err("invalid bearer token".into()),
             }

@@ -94,6 +94,7 @@ impl CompatState {
                     id: "anonymous".into(),
                     kind: "anonymous",
                     permissions: self.anonymous.clone(),
+                    service: None,
                 });
             }
             return Err(Denied::NoToken);

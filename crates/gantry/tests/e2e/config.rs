@@ -395,6 +395,33 @@ strip_prefix = true
     ]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 
+    // An instance reads its own service's resolved config with its own credential (the
+    // workload token it is given), and nothing else.
+    let token = g.get("/web/env/GANTRY_TOKEN").body;
+    assert!(token.contains('.'), "{token}");
+    let as_instance = |method: &str, path: &str| {
+        http(
+            g.admin,
+            method,
+            path,
+            &[("authorization", &format!("Bearer {token}"))],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    let own = as_instance("GET", "/v1/config/web/resolved?reveal=true");
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert_eq!(own.json()["values"]["DB_PASSWORD"], secret);
+    for (m, p) in [
+        ("GET", "/v1/config/api/resolved"),
+        ("GET", "/v1/config/web"),
+        ("GET", "/v1/config/web/history"),
+        ("GET", "/v1/services"),
+    ] {
+        assert_eq!(as_instance(m, p).status, 403, "{m} {p}");
+    }
+
     // The watch: the resolved config now, then each change that reaches the service.
     let watch = sse_events(&g, "/v1/config/web/watch", "config", 2);
     std::thread::sleep(Duration::from_millis(300));
