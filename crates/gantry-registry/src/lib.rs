@@ -152,7 +152,9 @@ struct State {
     /// Shared with the snapshots' lists (a change copies the one instance it changes).
     instances: BTreeMap<String, Arc<Instance>>,
     /// Instance ids by service, to rebuild one service's list without a scan of all.
-    ids: BTreeMap<Arc<str>, std::collections::BTreeSet<String>>,
+    /// The same instances by service, then id: a service's list is rebuilt by walking its own
+    /// map (no lookups in the whole table).
+    ids: BTreeMap<Arc<str>, BTreeMap<String, Arc<Instance>>>,
     snapshot: Arc<RegistrySnapshot>,
     /// The revision at which each service's list last changed (kept when it empties): the
     /// index a blocking query on that service waits past.
@@ -244,11 +246,12 @@ impl Registry {
     fn load(&self, instances: impl Iterator<Item = Instance>) {
         let mut st = self.lock();
         for inst in instances {
+            let inst = Arc::new(inst);
             st.ids
                 .entry(inst.service.as_str().into())
                 .or_default()
-                .insert(inst.id.clone());
-            st.instances.insert(inst.id.clone(), Arc::new(inst));
+                .insert(inst.id.clone(), inst.clone());
+            st.instances.insert(inst.id.clone(), inst);
         }
         if st.instances.is_empty() {
             return;
@@ -256,10 +259,7 @@ impl Registry {
         st.revision += 1;
         let mut services = BTreeMap::new();
         for (name, ids) in &st.ids {
-            let list: Arc<[Arc<Instance>]> = ids
-                .iter()
-                .filter_map(|id| st.instances.get(id).cloned())
-                .collect();
+            let list: Arc<[Arc<Instance>]> = ids.values().cloned().collect();
             self.instances_gauge
                 .get_or_create(&ServiceLabel {
                     service: name.to_string(),
@@ -544,14 +544,19 @@ impl Registry {
 
     /// Renew a self-registered instance's lease.
     pub fn heartbeat(&self, id: &str) -> Result<Instance, RegistryError> {
-        let mut st = self.lock();
-        match st.instances.get_mut(id).map(Arc::make_mut) {
-            Some(inst) => match &mut inst.source {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.instances.get_mut(id) {
+            Some(shared) => match &mut Arc::make_mut(shared).source {
                 InstanceSource::External {
                     last_heartbeat_ms, ..
                 } => {
                     *last_heartbeat_ms = unix_ms();
-                    Ok(inst.clone())
+                    // The service's map shares the instance: the renewed one there too.
+                    if let Some(m) = st.ids.get_mut(shared.service.as_str()) {
+                        m.insert(shared.id.clone(), shared.clone());
+                    }
+                    Ok((**shared).clone())
                 }
                 InstanceSource::Supervised | InstanceSource::Static => {
                     Err(RegistryError::Conflict(format!(
@@ -852,7 +857,8 @@ impl Registry {
         inst: Instance,
     ) -> (RegistryEventKind, Instance, Option<String>) {
         let mut moved_from = None;
-        if let Some(old) = st.instances.insert(inst.id.clone(), Arc::new(inst.clone())) {
+        let shared = Arc::new(inst.clone());
+        if let Some(old) = st.instances.insert(inst.id.clone(), shared.clone()) {
             // Re-registered under another service (self-registrations keep theirs; checked):
             // it leaves the old service's list in the same snapshot.
             if old.service != inst.service {
@@ -868,7 +874,7 @@ impl Registry {
         st.ids
             .entry(inst.service.as_str().into())
             .or_default()
-            .insert(inst.id.clone());
+            .insert(inst.id.clone(), shared);
         (kind, inst, moved_from)
     }
 
@@ -912,11 +918,7 @@ impl Registry {
             let list: Vec<Arc<Instance>> = st
                 .ids
                 .get(name)
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(|id| st.instances.get(id).cloned())
-                        .collect()
-                })
+                .map(|ids| ids.values().cloned().collect())
                 .unwrap_or_default();
             self.instances_gauge
                 .get_or_create(&ServiceLabel {
