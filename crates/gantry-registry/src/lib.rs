@@ -309,6 +309,11 @@ impl Registry {
         self.events.subscribe()
     }
 
+    /// The instance as stored (shared, not copied).
+    fn shared(&self, id: &str) -> Option<Arc<Instance>> {
+        self.lock().instances.get(id).cloned()
+    }
+
     pub fn get(&self, id: &str) -> Option<Instance> {
         self.lock().instances.get(id).map(|i| (**i).clone())
     }
@@ -495,7 +500,7 @@ impl Registry {
             None => format!("{}-x{}", reg.service, random_hex(4)),
         };
         let _write = self.write_lock(&id).await;
-        if let Some(existing) = self.get(&id) {
+        if let Some(existing) = self.shared(&id) {
             if !matches!(existing.source, InstanceSource::External { .. })
                 || existing.service != reg.service
             {
@@ -524,7 +529,7 @@ impl Registry {
             checks,
         };
         self.store.put_json(BUCKET, &id, &inst).await?;
-        let kind = if self.get(&id).is_some() {
+        let kind = if self.lock().instances.contains_key(&id) {
             RegistryEventKind::Updated
         } else {
             RegistryEventKind::Registered
@@ -741,7 +746,7 @@ impl Registry {
         for id in due {
             let _write = self.write_lock(&id).await;
             // Renewed or replaced while we waited for the lock: not due any more.
-            let still_due = self.get(&id).is_some_and(|i| match i.source {
+            let still_due = self.shared(&id).is_some_and(|i| match i.source {
                 InstanceSource::External {
                     ttl_ms,
                     last_heartbeat_ms,
