@@ -138,8 +138,19 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         Cmd::Registry(RegistryCmd::Ls {
             service,
             version,
+            tags,
+            health,
+            near,
             out,
-        }) => registry_ls(c, service, version, out).await,
+        }) => {
+            let filters = RegistryFilters {
+                version,
+                tags,
+                health,
+                near,
+            };
+            registry_ls(c, service, filters, out).await
+        }
         Cmd::Config(cc) => config(c, cc).await,
         Cmd::Identity(ic) => crate::identity_cmd::run(c, ic).await,
         Cmd::Login { .. } | Cmd::Logout => Ok(()),
@@ -423,25 +434,49 @@ async fn routes(c: &Client, out: Output) -> Result<(), CliError> {
     .await
 }
 
+pub(crate) struct RegistryFilters {
+    version: Option<String>,
+    tags: Vec<String>,
+    health: Option<String>,
+    near: Option<String>,
+}
+
 async fn registry_ls(
     c: &Client,
     service: Option<String>,
-    version: Option<String>,
+    f: RegistryFilters,
     out: Output,
 ) -> Result<(), CliError> {
     let path = match &service {
         Some(svc) => {
-            let mut p = format!("/v1/registry/services/{}", enc(svc));
-            if let Some(v) = &version {
-                p.push_str(&format!("?version={}", enc(v)));
+            let mut q = vec![format!(
+                "health={}",
+                enc(f.health.as_deref().unwrap_or("any"))
+            )];
+            if let Some(v) = &f.version {
+                q.push(format!("version={}", enc(v)));
             }
-            p
+            if !f.tags.is_empty() {
+                q.push(format!("tags={}", enc(&f.tags.join(","))));
+            }
+            if let Some(n) = &f.near {
+                q.push(format!("near={}", enc(n)));
+            }
+            format!("/v1/registry/services/{}?{}", enc(svc), q.join("&"))
         }
-        None if version.is_some() => return Err(CliError::usage("--version needs a service")),
+        None if f.version.is_some()
+            || !f.tags.is_empty()
+            || f.health.is_some()
+            || f.near.is_some() =>
+        {
+            return Err(CliError::usage(
+                "--version, --tag, --health and --near need a service",
+            ))
+        }
         None => "/v1/registry/instances".into(),
     };
     let headers = [
-        "SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "SOURCE", "NODE",
+        "SERVICE", "INSTANCE", "VERSION", "ADDRESS", "HEALTH", "CHECKS", "TAGS", "SOURCE", "NODE",
     ];
     list(c, &path, out, &headers, |i: &Instance| {
         vec![
@@ -449,7 +484,21 @@ async fn registry_ls(
             i.id.clone(),
             i.version.to_string(),
             SocketAddr::new(i.address, i.port).to_string(),
-            format!("{:?}", i.health).to_ascii_lowercase(),
+            i.health.as_str().to_string(),
+            if i.checks.is_empty() {
+                "-".into()
+            } else {
+                i.checks
+                    .iter()
+                    .map(|c| format!("{}:{}", c.id, c.status.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+            if i.tags.is_empty() {
+                "-".into()
+            } else {
+                i.tags.join(",")
+            },
             match i.source {
                 InstanceSource::Supervised => "supervised",
                 InstanceSource::Static => "static",

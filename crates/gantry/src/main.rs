@@ -181,12 +181,22 @@ enum RouteCmd {
 
 #[derive(Subcommand)]
 enum RegistryCmd {
-    /// Registered instances, optionally of one service and a semver requirement.
+    /// Registered instances, optionally of one service, filtered and ordered for locality.
     Ls {
         service: Option<String>,
         /// Semver requirement, e.g. ^1.2
         #[arg(long)]
         version: Option<String>,
+        /// Only instances with this tag (repeat for several).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// passing, routable (passing and warning) or any; default: any without a service,
+        /// routable with one.
+        #[arg(long)]
+        health: Option<String>,
+        /// Preferred zone: its instances first.
+        #[arg(long)]
+        near: Option<String>,
         #[command(flatten)]
         out: Output,
     },

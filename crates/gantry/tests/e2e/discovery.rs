@@ -296,6 +296,21 @@ health = { type = "http", path = "/health" }
     let (took, r) = waiter.join().unwrap();
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(r.json().as_array().unwrap().len(), 3, "{}", r.body);
+    // The CLI: filters, and each instance's checks and tags.
+    let out = g.cli(&["registry", "ls", "web", "--tag", "canary"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("web-eu") && text.contains("ttl:passing") && text.contains("canary"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let all = String::from_utf8_lossy(&g.cli(&["registry", "ls", "web"]).stdout).into_owned();
+    assert!(all.contains("probe:passing"), "{all}");
+    assert_eq!(
+        g.cli(&["registry", "ls", "--tag", "canary"]).status.code(),
+        Some(2)
+    );
     // Bad input: clear 400s.
     for (m, p, b) in [
         ("GET", "/v1/registry/services/web?version=%3E%3D%3D2", None),
