@@ -131,6 +131,9 @@ pub struct ConfigStore {
     options: ConfigOptions,
     write: Mutex<()>,
     events: broadcast::Sender<ConfigChanged>,
+    /// Versions something runs by (a deployment pinned to a config version): history keeps
+    /// them, and every version after them, whatever its retention says.
+    pins: std::sync::Mutex<BTreeMap<String, BTreeSet<u64>>>,
 }
 
 fn version_key(set: &str, version: u64) -> String {
@@ -166,6 +169,7 @@ impl ConfigStore {
             keyring,
             options,
             write: Mutex::new(()),
+            pins: std::sync::Mutex::new(BTreeMap::new()),
             events,
         });
         // Every set with rows, a head or not (sets written before heads existed have none).
@@ -189,6 +193,29 @@ impl ConfigStore {
         }
         tokio::spawn(follow(Arc::downgrade(&c), watcher, seen));
         Ok(c)
+    }
+
+    /// Keep `version` of `set` readable (a deployment runs by it) until [`ConfigStore::unpin`].
+    pub fn pin(&self, set: &str, version: u64) {
+        self.pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(set.to_string())
+            .or_default()
+            .insert(version);
+    }
+
+    pub fn unpin(&self, set: &str, version: u64) {
+        let mut pins = self
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = pins.get_mut(set) {
+            v.remove(&version);
+            if v.is_empty() {
+                pins.remove(set);
+            }
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ConfigChanged> {
@@ -779,7 +806,17 @@ impl ConfigStore {
             }
             let version = previous + 1;
             let old_oldest = head.as_ref().map_or(1, |(h, _)| h.oldest.max(1));
-            let oldest = old_oldest.max((version + 1).saturating_sub(self.options.history));
+            let mut oldest = old_oldest.max((version + 1).saturating_sub(self.options.history));
+            // A pinned version stays readable: its record and every later one are kept.
+            if let Some(&p) = self
+                .pins
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(set)
+                .and_then(|v| v.first())
+            {
+                oldest = oldest.min(p.max(old_oldest));
+            }
             let record = Record {
                 set: set.into(),
                 version,

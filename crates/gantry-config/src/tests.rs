@@ -721,3 +721,33 @@ async fn an_upgrade_cut_short_and_sets_from_before_heads_come_back_whole() {
     let (_, v3) = c.export("cat", Some(3), false).await.unwrap();
     assert_eq!(v3.values.keys().collect::<Vec<_>>(), ["B"]);
 }
+
+#[tokio::test]
+async fn a_pinned_version_outlives_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open_with(dir.path(), keyring(1), 3).await;
+    c.change("web", req(&[("A", json!(0))], ""), "t")
+        .await
+        .unwrap();
+    c.change("web", req(&[("A", json!(1))], ""), "t")
+        .await
+        .unwrap();
+    c.pin("web", 2);
+    for i in 2..10 {
+        c.change("web", req(&[("A", json!(i))], ""), "t")
+            .await
+            .unwrap();
+    }
+    // Retention (3) would have dropped version 2; the pin keeps it, and the versions after it.
+    let v2 = c.resolve("web", None, None, Some(2)).await.unwrap();
+    assert_eq!(v2.values["A"], json!(1));
+    assert!(matches!(
+        c.export("web", Some(1), false).await,
+        Err(ConfigError::NoSuchVersion { pruned: true, .. })
+    ));
+    c.unpin("web", 2);
+    c.change("web", req(&[("A", json!(99))], ""), "t")
+        .await
+        .unwrap();
+    assert!(c.resolve("web", None, None, Some(2)).await.is_err());
+}

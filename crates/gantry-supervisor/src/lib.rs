@@ -479,6 +479,14 @@ impl Supervisor {
                     leaving.push(e);
                 }
             }
+            // A deployment pinned to a config version keeps that version in history.
+            let old_pin = entry.deployment.config_version;
+            if let Some(v) = d.config_version {
+                self.deps.config.pin(&d.service, v);
+            }
+            if let Some(v) = old_pin.filter(|v| Some(*v) != d.config_version) {
+                self.deps.config.unpin(&d.service, v);
+            }
             entry.deployment = d;
         }
         for (tx, cmd) in sends {
@@ -499,6 +507,9 @@ impl Supervisor {
             .remove(service);
         if let Some(e) = entry {
             tracing::info!(service, "service leaving the desired state");
+            if let Some(v) = e.deployment.config_version {
+                self.deps.config.unpin(service, v);
+            }
             self.stop_in_background(e.versions.into_values().collect());
         }
     }
