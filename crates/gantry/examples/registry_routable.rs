@@ -218,9 +218,13 @@ async fn registrations_per_second(
         &metrics,
     );
     gateway.apply_model(model(services, routes));
+    let snapshots = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     {
-        let gw = gateway.clone();
-        registry.on_change(move |snap| gw.apply_registry(snap));
+        let (gw, snapshots) = (gateway.clone(), snapshots.clone());
+        registry.on_change(move |snap| {
+            snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            gw.apply_registry(snap)
+        });
     }
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let offset = gantry_registry::random_hex(3);
@@ -254,6 +258,10 @@ async fn registrations_per_second(
     }
     while tasks.join_next().await.is_some() {}
     let rate = total as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "  ({total} registrations published in {} snapshots)",
+        snapshots.load(std::sync::atomic::Ordering::Relaxed)
+    );
     assert!(gateway.routable("s0").len() >= total / services);
     rate
 }
