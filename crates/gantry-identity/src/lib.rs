@@ -67,6 +67,8 @@ pub fn random_token(n: usize) -> String {
     gantry_authn::b64url(&b)
 }
 
+type MaterialListener = Box<dyn Fn(&Arc<Material>) + Send + Sync>;
+
 /// Hex of a digest (store keys and stored digests).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -160,6 +162,11 @@ pub struct Identity {
     issuer: String,
     state: Mutex<State>,
     material: watch::Sender<Arc<Material>>,
+    /// Called with every new material before `publish` returns (the gateway's swap): a
+    /// session or key made by a call is in force when the call answers.
+    listeners: Mutex<Vec<MaterialListener>>,
+    /// Publishes one at a time, so listeners get the materials in the order they were made.
+    publishing: Mutex<()>,
     metrics: IdentityMetrics,
     limiter: limiter::Limits,
     /// Serializes rotations made by this process.
@@ -318,6 +325,8 @@ impl Identity {
                 ..State::default()
             }),
             material: tx,
+            listeners: Mutex::new(Vec::new()),
+            publishing: Mutex::new(()),
             metrics: m,
             limiter: limiter::Limits::default(),
             rotating: tokio::sync::Mutex::new(()),
@@ -378,6 +387,20 @@ impl Identity {
         self.material.subscribe()
     }
 
+    /// Call `f` with the material now and with every new one, synchronously, before the change
+    /// that made it returns. `f` must be quick and must not call back into identity.
+    pub fn on_material(&self, f: impl Fn(&Arc<Material>) + Send + Sync + 'static) {
+        let _one = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&self.material.borrow());
+        self.listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(f));
+    }
+
     /// The material as of now.
     pub fn current_material(&self) -> Arc<Material> {
         self.material.borrow().clone()
@@ -424,6 +447,10 @@ impl Identity {
 
     /// Rebuild the material from the caches and publish it.
     fn publish(&self) {
+        let _one = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let cfg = self.config();
         let now = gantry_authn::now_secs();
         let mut s = self.state();
@@ -495,7 +522,16 @@ impl Identity {
                 }),
         };
         drop(s);
-        self.material.send_replace(Arc::new(m));
+        let m = Arc::new(m);
+        self.material.send_replace(m.clone());
+        for l in self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            l(&m);
+        }
     }
 
     /// The internal CA's certificate (PEM and DER).

@@ -138,9 +138,6 @@ pub(crate) struct GatewayComponent {
     hooks: ThreadHooks,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     running: AtomicBool,
-    /// Identity's material (keys, revocations, API keys, the call policy), followed once
-    /// started.
-    auth: watch::Receiver<Arc<gantry_authn::Material>>,
     /// Renews the gateway's certificate (mutual TLS to instances).
     identity: Arc<gantry_identity::Identity>,
     cert_expires: u64,
@@ -246,7 +243,6 @@ impl GatewayComponent {
             hooks,
             thread: Mutex::new(None),
             running: AtomicBool::new(false),
-            auth,
             identity: identity.clone(),
             cert_expires: cert.expires,
         })
@@ -274,19 +270,12 @@ impl Component for GatewayComponent {
         )?;
         *lock(&self.thread) = Some(thread);
         // Every change of identity's material swaps the gateway's (keys before they sign,
-        // revocations, API keys, the call policy).
-        let (gw, mut auth, mut stop) = (self.gateway.clone(), self.auth.clone(), shutdown_rx);
-        let mut stop2 = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = auth.changed() => if r.is_err() { break },
-                    _ = stop.changed() => break,
-                }
-                let m = (**auth.borrow_and_update()).clone();
-                gw.apply_auth(m);
-            }
-        });
+        // revocations, API keys, sessions, the call policy) before the change returns: a
+        // session made by a sign-in is in force when the sign-in answers.
+        let gw = self.gateway.clone();
+        self.identity
+            .on_material(move |m| gw.apply_auth((**m).clone()));
+        let mut stop2 = shutdown_rx;
         // The gateway's certificate, renewed at half-life.
         let (gw, id, mut expires) = (
             self.gateway.clone(),
