@@ -33,7 +33,7 @@ use gantry_model::{Health, Instance, InstanceSource};
 use gantry_registry::{CheckRegistration, HealthFilter, Query, Registration, RegistryError};
 use serde_json::{json, Map, Value};
 
-use crate::{CompatState, Denied};
+use crate::{CompatState, Denied, Fail};
 
 const INDEX: &str = "x-consul-index";
 /// This listener's name in instances' `gantry.registered-through` metadata.
@@ -63,44 +63,6 @@ pub fn router(state: CompatState) -> Router {
         .route("/v1/kv", get(kv_get_root))
         .fallback(not_found)
         .with_state(state)
-}
-
-/// A Consul-style error: plain text and a status.
-struct Fail(StatusCode, String);
-
-impl IntoResponse for Fail {
-    fn into_response(self) -> Response {
-        (
-            self.0,
-            [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            self.1,
-        )
-            .into_response()
-    }
-}
-
-impl From<RegistryError> for Fail {
-    fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Invalid(m) => Fail(StatusCode::BAD_REQUEST, m),
-            RegistryError::NotFound(m) => Fail(StatusCode::NOT_FOUND, format!("{m} not found")),
-            RegistryError::Conflict(m) => Fail(StatusCode::BAD_REQUEST, m),
-            RegistryError::Store(e) => Fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    }
-}
-
-impl From<gantry_config::ConfigError> for Fail {
-    fn from(e: gantry_config::ConfigError) -> Self {
-        use gantry_config::ConfigError as E;
-        let status = match &e {
-            E::Invalid(_) => StatusCode::BAD_REQUEST,
-            E::NoSuchVersion { .. } => StatusCode::NOT_FOUND,
-            E::Conflict => StatusCode::CONFLICT,
-            E::Secret(_) | E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Fail(status, e.to_string())
-    }
 }
 
 async fn not_found() -> Response {
@@ -238,7 +200,7 @@ where
     // Whatever the path carried after the endpoint (a KV key, an id) is recorded; a token
     // in the query never is (only the path goes in).
     let rec = gantry_api::audit::Call {
-        principal: principal.as_ref(),
+        principal: None,
         method: &call.method,
         path: call.path,
         template: "consul",
@@ -247,11 +209,7 @@ where
         request_id: &request_id,
         status: resp.status(),
     };
-    if principal.is_some() {
-        gantry_api::audit::record_in(s.store.as_ref(), rec).await;
-    } else {
-        gantry_api::audit::denied_in(s.store.as_ref(), rec).await;
-    }
+    crate::audit(s, principal.as_ref(), rec).await;
     resp
 }
 

@@ -27,7 +27,7 @@ use gantry_model::{Health, Instance};
 use gantry_registry::{CheckRegistration, Registration, RegistryError};
 use serde_json::{json, Value};
 
-use crate::{CompatState, Denied};
+use crate::{CompatState, Denied, Fail};
 
 /// Metadata keys Gantry keeps for what Eureka clients sent and expect back.
 const META_ID: &str = "eureka.instanceId";
@@ -65,30 +65,6 @@ pub fn router(state: CompatState) -> Router {
         )
     })
     .with_state(state)
-}
-
-struct Fail(StatusCode, String);
-
-impl IntoResponse for Fail {
-    fn into_response(self) -> Response {
-        (
-            self.0,
-            [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            self.1,
-        )
-            .into_response()
-    }
-}
-
-impl From<RegistryError> for Fail {
-    fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Invalid(m) => Fail(StatusCode::BAD_REQUEST, m),
-            RegistryError::NotFound(m) => Fail(StatusCode::NOT_FOUND, format!("{m} not found")),
-            RegistryError::Conflict(m) => Fail(StatusCode::CONFLICT, m),
-            RegistryError::Store(e) => Fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    }
 }
 
 fn params(q: Option<&str>) -> Vec<(String, String)> {
@@ -140,7 +116,7 @@ where
         Err(e) => (None, e.into_response()),
     };
     let rec = gantry_api::audit::Call {
-        principal: p.as_ref(),
+        principal: None,
         method: &method,
         path,
         template: "eureka",
@@ -149,11 +125,7 @@ where
         request_id: &request_id,
         status: resp.status(),
     };
-    if p.is_some() {
-        gantry_api::audit::record_in(s.store.as_ref(), rec).await;
-    } else {
-        gantry_api::audit::denied_in(s.store.as_ref(), rec).await;
-    }
+    crate::audit(s, p.as_ref(), rec).await;
     resp
 }
 

@@ -151,3 +151,59 @@ pub(crate) fn basic_or_bearer(headers: &http::HeaderMap) -> Option<String> {
             .unwrap_or_default(),
     )
 }
+
+/// An error answered in the other system's way: a status and plain text.
+pub(crate) struct Fail(pub http::StatusCode, pub String);
+
+impl axum::response::IntoResponse for Fail {
+    fn into_response(self) -> axum::response::Response {
+        (
+            self.0,
+            [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            self.1,
+        )
+            .into_response()
+    }
+}
+
+impl From<gantry_registry::RegistryError> for Fail {
+    fn from(e: gantry_registry::RegistryError) -> Self {
+        use gantry_registry::RegistryError as E;
+        use http::StatusCode as S;
+        match e {
+            E::Invalid(m) => Fail(S::BAD_REQUEST, m),
+            E::NotFound(m) => Fail(S::NOT_FOUND, format!("{m} not found")),
+            E::Conflict(m) => Fail(S::CONFLICT, m),
+            E::Store(e) => Fail(S::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+impl From<gantry_config::ConfigError> for Fail {
+    fn from(e: gantry_config::ConfigError) -> Self {
+        use gantry_config::ConfigError as E;
+        use http::StatusCode as S;
+        let status = match &e {
+            E::Invalid(_) => S::BAD_REQUEST,
+            E::NoSuchVersion { .. } => S::NOT_FOUND,
+            E::Conflict => S::CONFLICT,
+            E::Secret(_) | E::Store(_) => S::INTERNAL_SERVER_ERROR,
+        };
+        Fail(status, e.to_string())
+    }
+}
+
+/// One call in the audit trail: recorded when a principal made it, within the refusals'
+/// rate limit when none could be proved.
+pub(crate) async fn audit(
+    s: &CompatState,
+    principal: Option<&Principal>,
+    call: gantry_api::audit::Call<'_>,
+) {
+    let call = gantry_api::audit::Call { principal, ..call };
+    if principal.is_some() {
+        gantry_api::audit::record_in(s.store.as_ref(), call).await;
+    } else {
+        gantry_api::audit::denied_in(s.store.as_ref(), call).await;
+    }
+}

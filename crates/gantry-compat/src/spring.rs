@@ -21,7 +21,7 @@ use gantry_api::auth::Permission;
 use gantry_config::{Document, LayerDoc, GLOBAL};
 use serde_json::{json, Map, Value};
 
-use crate::{CompatState, Denied};
+use crate::{CompatState, Denied, Fail};
 
 pub fn router(state: CompatState) -> Router {
     Router::new()
@@ -30,29 +30,13 @@ pub fn router(state: CompatState) -> Router {
         .with_state(state)
 }
 
-struct Fail(StatusCode, String);
-
-impl IntoResponse for Fail {
-    fn into_response(self) -> Response {
-        (
-            self.0,
-            axum::Json(json!({"status": self.0.as_u16(), "error": self.1})),
-        )
-            .into_response()
-    }
-}
-
-impl From<gantry_config::ConfigError> for Fail {
-    fn from(e: gantry_config::ConfigError) -> Self {
-        use gantry_config::ConfigError as E;
-        let status = match &e {
-            E::Invalid(_) => StatusCode::BAD_REQUEST,
-            E::NoSuchVersion { .. } => StatusCode::NOT_FOUND,
-            E::Conflict => StatusCode::CONFLICT,
-            E::Secret(_) | E::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Fail(status, e.to_string())
-    }
+/// Spring's error body: JSON with the status and the message.
+fn error(f: Fail) -> Response {
+    (
+        f.0,
+        axum::Json(json!({"status": f.0.as_u16(), "error": f.1})),
+    )
+        .into_response()
 }
 
 /// Spring's name for an environment-variable style key: `SERVER_PORT` → `server.port`.
@@ -118,22 +102,23 @@ async fn answer(
                 Denied::BadToken(w) => (StatusCode::UNAUTHORIZED, w),
                 Denied::Forbidden(w) => (StatusCode::FORBIDDEN, w),
             };
-            return Fail(status, why).into_response();
+            return error(Fail(status, why));
         }
     };
     let reveal = principal.may(Permission::ConfigReveal);
     let result = build(&s, &application, &profiles, label.as_deref(), reveal).await;
     let resp = match result {
         Ok(v) => axum::Json(v).into_response(),
-        Err(f) => f.into_response(),
+        Err(f) => error(f),
     };
     // A read that included secrets is a reveal: audited.
     if reveal {
         let path = format!("/{application}/{profiles}");
-        gantry_api::audit::record_in(
-            s.store.as_ref(),
+        crate::audit(
+            &s,
+            Some(&principal),
             gantry_api::audit::Call {
-                principal: Some(&principal),
+                principal: None,
                 method: &Method::GET,
                 path: &path,
                 template: "spring-config",
