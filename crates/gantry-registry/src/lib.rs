@@ -318,16 +318,6 @@ impl Registry {
         self.lock().instances.get(id).map(|i| (**i).clone())
     }
 
-    /// Instances of `service` whose version satisfies `req` (all when `None`).
-    pub fn lookup(&self, service: &str, req: Option<&semver::VersionReq>) -> Vec<Instance> {
-        self.snapshot()
-            .instances(service)
-            .iter()
-            .filter(|i| req.is_none_or(|r| r.matches(&i.version)))
-            .map(|i| (**i).clone())
-            .collect()
-    }
-
     /// The instances a query selects, ordered for locality, and the index of the service's
     /// last change (what a blocking query passes back to wait for the next one).
     pub fn query(&self, q: &Query) -> (u64, Vec<Instance>) {

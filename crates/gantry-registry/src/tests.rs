@@ -57,13 +57,22 @@ async fn lookup_by_version_requirement() {
         .unwrap();
     r.register_supervised(supervised("cat-1", "cat", 1003));
     let req = semver::VersionReq::parse("^1").unwrap();
-    let ports: Vec<u16> = r.lookup("cat", Some(&req)).iter().map(|i| i.port).collect();
+    let by_version = |req: &semver::VersionReq| {
+        r.query(&Query {
+            service: "cat".into(),
+            version: Some(req.clone()),
+            health: HealthFilter::Any,
+            ..Query::default()
+        })
+        .1
+    };
+    let ports: Vec<u16> = by_version(&req).iter().map(|i| i.port).collect();
     assert_eq!(ports.len(), 2);
     assert!(ports.contains(&1001) && ports.contains(&1003));
     let req2 = semver::VersionReq::parse(">=2").unwrap();
-    assert_eq!(r.lookup("cat", Some(&req2)).len(), 1);
-    assert_eq!(r.lookup("cat", None).len(), 3);
-    assert!(r.lookup("dog", None).is_empty());
+    assert_eq!(by_version(&req2).len(), 1);
+    assert_eq!(r.snapshot().instances("cat").len(), 3);
+    assert!(r.snapshot().instances("dog").is_empty());
 }
 
 #[tokio::test]

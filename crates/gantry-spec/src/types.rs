@@ -44,14 +44,14 @@ pub struct RegistrySpec {
     /// `none` (the default), `read` (catalog, health, KV reads) or `register` (also register,
     /// deregister and update checks: Consul clients send check updates without their token).
     #[serde(default)]
-    pub consul_anonymous: ConsulAnonymous,
+    pub consul_anonymous: AnonymousAccess,
     /// Eureka's REST API (register, renew, cancel, apps), e.g. `127.0.0.1:8761`.
     #[serde(default)]
     pub eureka: Option<SocketAddr>,
     /// What Eureka calls without credentials may do: `none` (the default), `read` or
     /// `register` (also register, renew and cancel).
     #[serde(default)]
-    pub eureka_anonymous: ConsulAnonymous,
+    pub eureka_anonymous: AnonymousAccess,
     /// DNS for healthy instances (`NAME.service.gantry`, SRV too), UDP and TCP, e.g.
     /// `127.0.0.1:8600`.
     #[serde(default)]
@@ -69,9 +69,9 @@ impl Default for RegistrySpec {
     fn default() -> Self {
         Self {
             consul: None,
-            consul_anonymous: ConsulAnonymous::None,
+            consul_anonymous: AnonymousAccess::None,
             eureka: None,
-            eureka_anonymous: ConsulAnonymous::None,
+            eureka_anonymous: AnonymousAccess::None,
             dns: None,
             dns_ttl_secs: default_dns_ttl(),
         }
@@ -80,7 +80,7 @@ impl Default for RegistrySpec {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum ConsulAnonymous {
+pub enum AnonymousAccess {
     #[default]
     None,
     Read,

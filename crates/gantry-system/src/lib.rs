@@ -230,13 +230,13 @@ impl System {
             admin_limits(&spec),
         );
         let identity_addr = identity.addr;
-        let anonymous = |a: gantry_spec::ConsulAnonymous| {
+        let anonymous = |a: gantry_spec::AnonymousAccess| {
             use gantry_api::auth::Permission as P;
             Arc::new(
                 match a {
-                    gantry_spec::ConsulAnonymous::None => vec![],
-                    gantry_spec::ConsulAnonymous::Read => vec![P::RegistryRead, P::ConfigRead],
-                    gantry_spec::ConsulAnonymous::Register => {
+                    gantry_spec::AnonymousAccess::None => vec![],
+                    gantry_spec::AnonymousAccess::Read => vec![P::RegistryRead, P::ConfigRead],
+                    gantry_spec::AnonymousAccess::Register => {
                         vec![P::RegistryRead, P::ConfigRead, P::RegistryWrite]
                     }
                 }
