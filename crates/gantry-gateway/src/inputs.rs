@@ -69,10 +69,12 @@ pub(crate) struct Endpoints {
     /// By target index: how release weights split an any-version target between versions
     /// (`None`: no weights for its service).
     pub splits: Vec<Option<Arc<Split>>>,
-    /// Every routable instance of each service (for in-process callers and views).
-    pub services: HashMap<Arc<str>, Arc<EndpointSet>>,
+    /// Every routable instance of each service (for in-process callers and views). Persistent
+    /// maps (clones share structure): a registry change copies the paths to the services it
+    /// changed, not a map of every service.
+    pub services: imbl::HashMap<Arc<str>, Arc<EndpointSet>>,
     /// The release weights' split of each service that has weights (in-process callers).
-    pub service_splits: HashMap<Arc<str>, Arc<Split>>,
+    pub service_splits: imbl::HashMap<Arc<str>, Arc<Split>>,
 }
 
 impl Endpoints {
@@ -117,8 +119,18 @@ pub type AuthMaterial = gantry_authn::Material;
 /// One service's control-side state.
 struct ServiceEntry {
     state: Arc<ServiceState>,
-    /// Routable instances, by id (local ones first in the sets built from them).
-    endpoints: HashMap<Arc<str>, Arc<Endpoint>>,
+    /// Routable instances, sorted by id (local ones first in the sets built from them): the
+    /// registry's lists are sorted by id too, so a rebuild is one merge of the two.
+    endpoints: Vec<Arc<Endpoint>>,
+}
+
+impl ServiceEntry {
+    fn endpoint(&self, id: &str) -> Option<&Arc<Endpoint>> {
+        self.endpoints
+            .binary_search_by(|e| (*e.id).cmp(id))
+            .ok()
+            .map(|i| &self.endpoints[i])
+    }
 }
 
 /// The control side: the last model and registry snapshot, the state carried between
@@ -165,8 +177,8 @@ impl Control {
             endpoints: Arc::new(Endpoints {
                 sets: Vec::new(),
                 splits: Vec::new(),
-                services: HashMap::new(),
-                service_splits: HashMap::new(),
+                services: imbl::HashMap::new(),
+                service_splits: imbl::HashMap::new(),
             }),
             weights: Arc::default(),
             auth: Arc::default(),
@@ -192,7 +204,7 @@ impl Control {
             .values()
             .flat_map(|s| {
                 s.endpoints
-                    .values()
+                    .iter()
                     .map(|e| (e.clone(), Some(s.state.clone())))
             })
             .collect();
@@ -203,13 +215,13 @@ impl Control {
     pub(crate) fn endpoint(&self, id: &str) -> Option<&Arc<Endpoint>> {
         self.services
             .values()
-            .find_map(|s| s.endpoints.get(id))
+            .find_map(|s| s.endpoint(id))
             .or_else(|| self.draining.iter().find(|e| &*e.id == id))
     }
 
     /// Every routable instance's endpoint.
     pub(crate) fn routable_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
-        self.services.values().flat_map(|s| s.endpoints.values())
+        self.services.values().flat_map(|s| s.endpoints.iter())
     }
 
     pub(crate) fn service_states(&self) -> impl Iterator<Item = &Arc<ServiceState>> {
@@ -236,7 +248,7 @@ impl Control {
                 Some(e) if e.state.policy == *policy => e,
                 previous => {
                     if let Some(p) = previous {
-                        retired.extend(p.endpoints.into_values());
+                        retired.extend(p.endpoints);
                     }
                     ServiceEntry {
                         state: Arc::new(ServiceState::new(
@@ -245,7 +257,7 @@ impl Control {
                             metrics.service(name),
                             &self.internal_tls,
                         )),
-                        endpoints: HashMap::new(),
+                        endpoints: Vec::new(),
                     }
                 }
             };
@@ -253,7 +265,7 @@ impl Control {
         }
         // Services no longer in the model: their instances are gone for good.
         for (_, e) in old {
-            for ep in e.endpoints.into_values() {
+            for ep in e.endpoints {
                 ep.retired.store(true, Ordering::Relaxed);
                 retired.push(ep);
             }
@@ -337,25 +349,40 @@ impl Control {
         let Some(entry) = self.services.get_mut(name) else {
             return;
         };
-        let mut old = std::mem::take(&mut entry.endpoints);
-        let mut live = HashMap::with_capacity(instances.len());
+        let old = std::mem::take(&mut entry.endpoints);
+        // Both lists sorted by id (a caller's unsorted list is sorted here): one merge pairs
+        // each instance with the endpoint it had.
+        let mut sorted;
+        let mut instances = instances;
+        if !instances.is_sorted_by(|a, b| a.id < b.id) {
+            sorted = instances.to_vec();
+            sorted.sort_by(|a, b| a.id.cmp(&b.id));
+            sorted.dedup_by(|a, b| a.id == b.id);
+            instances = &sorted;
+        }
+        let mut live = Vec::with_capacity(instances.len());
+        let mut gone = Vec::new();
+        let mut old = old.into_iter().peekable();
         for inst in instances {
+            while let Some(e) = old.next_if(|e| *e.id < *inst.id) {
+                gone.push(e);
+            }
+            let previous = old.next_if(|e| *e.id == *inst.id);
             if inst.health == gantry_model::Health::Critical {
+                gone.extend(previous);
                 continue;
             }
             let addr = SocketAddr::new(inst.address, inst.port);
             let external = !matches!(inst.source, gantry_model::InstanceSource::Supervised);
-            let ep = match old.remove(inst.id.as_str()) {
+            let ep = match previous {
                 Some(e)
                     if e.addr == addr && e.version == inst.version && e.external == external =>
                 {
                     e
                 }
                 other => {
-                    if let Some(e) = other {
-                        // Same id, another address or version: a new endpoint.
-                        old.insert(e.id.clone(), e);
-                    }
+                    // Same id, another address or version: a new endpoint.
+                    gone.extend(other);
                     match Endpoint::new(
                         &inst.id,
                         name,
@@ -371,12 +398,13 @@ impl Control {
                     }
                 }
             };
-            live.insert(ep.id.clone(), ep);
+            live.push(ep);
         }
+        gone.extend(old);
         let st = &entry.state;
         st.instances.store(live.len(), Ordering::Relaxed);
         st.ejected.store(
-            live.values()
+            live.iter()
                 .filter(|e| e.ejected_until_ms.load(Ordering::Relaxed) > 0)
                 .count(),
             Ordering::Relaxed,
@@ -385,7 +413,6 @@ impl Control {
         // Gone from the registry (or back at another address or version): marked before the
         // snapshot without them is published, so that no attempt of a request admitted earlier
         // (a retry, a mirror copy) picks them either.
-        let gone: Vec<Arc<Endpoint>> = old.into_values().collect();
         for ep in &gone {
             ep.retired.store(true, Ordering::Relaxed);
         }
@@ -409,7 +436,7 @@ impl Control {
         let still_routed = self
             .services
             .get(&*ep.service)
-            .is_some_and(|s| s.endpoints.contains_key(&*ep.id));
+            .is_some_and(|s| s.endpoint(&ep.id).is_some());
         if !still_routed {
             metrics.remove_instance(&ep.service, &ep.id, crate::endpoints::clock_ms());
         } else {
@@ -737,7 +764,7 @@ impl Control {
 fn narrowed(entry: &ServiceEntry, req: Option<&semver::VersionReq>) -> EndpointSet {
     let eps = entry
         .endpoints
-        .values()
+        .iter()
         .filter(|e| req.is_none_or(|r| r.matches(&e.version)))
         .cloned()
         .collect();

@@ -138,7 +138,7 @@ fn gateway_with(mut model: GatewayModel, instances: Vec<Instance>) -> Arc<Gatewa
     );
     model.upstreams.insert("svc".into(), policy());
     gw.apply_model(model);
-    let mut services = BTreeMap::new();
+    let mut services = gantry_model::ServiceMap::new();
     services.insert(
         Arc::<str>::from("svc"),
         instances.into_iter().map(Arc::new).collect(),
@@ -400,7 +400,7 @@ async fn a_registry_change_rebuilds_only_its_service_and_takes_effect_before_it_
     // Revision 2 adds an instance; revision 3 takes the first away: each is in force as soon
     // as apply_registry returns.
     let snap = |rev: u64, list: Vec<Instance>| {
-        let mut services = BTreeMap::new();
+        let mut services = gantry_model::ServiceMap::new();
         services.insert(
             Arc::<str>::from("svc"),
             list.into_iter().map(Arc::new).collect(),
@@ -472,7 +472,7 @@ async fn a_probe_that_ends_without_an_outcome_frees_its_slot() {
     p.circuit_breaker.open_ms = 300;
     model.upstreams.insert("svc".into(), p);
     gw.apply_model(model);
-    let mut services = BTreeMap::new();
+    let mut services = gantry_model::ServiceMap::new();
     services.insert(
         Arc::<str>::from("svc"),
         [Arc::new(instance("svc-1", silent, "1.0.0"))].into(),

@@ -16,7 +16,7 @@ pub use deploy::{
 
 pub use registry::{
     Check, CheckKind, Health, Instance, InstanceSource, RegistryEvent, RegistryEventKind,
-    RegistrySnapshot,
+    RegistrySnapshot, ServiceMap,
 };
 pub use route::{
     ActiveHealth, AuthMode, Backend, CachePolicy, CircuitBreakerPolicy, Forward, GatewayModel,

@@ -125,6 +125,9 @@ pub enum InstanceSource {
     },
 }
 
+/// Instances by service name, in name order (a persistent map: clones share structure).
+pub type ServiceMap = imbl::OrdMap<Arc<str>, Arc<[Arc<Instance>]>>;
+
 /// An immutable view of the whole registry at one revision.
 #[derive(Clone, Debug, Default)]
 pub struct RegistrySnapshot {
@@ -132,8 +135,10 @@ pub struct RegistrySnapshot {
     /// Instances by service name, sorted by instance id. A service whose instances did not
     /// change keeps the very same list (pointer-equal) from one snapshot to the next, so a
     /// reader can tell what changed without comparing instances. Instances are shared too: a
-    /// list rebuilt for one change copies pointers, not instances.
-    pub services: BTreeMap<Arc<str>, Arc<[Arc<Instance>]>>,
+    /// list rebuilt for one change copies pointers, not instances. The map is persistent
+    /// (structurally shared): the next snapshot copies only the paths to what changed, so
+    /// publishing costs what changed, not the number of services.
+    pub services: ServiceMap,
     /// The services whose instance lists changed since the snapshot of revision `since` (the
     /// one this was made from; several changes may be published in one snapshot).
     pub changed: Vec<Arc<str>>,

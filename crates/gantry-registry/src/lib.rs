@@ -257,7 +257,7 @@ impl Registry {
             return;
         }
         st.revision += 1;
-        let mut services = BTreeMap::new();
+        let mut services = gantry_model::ServiceMap::new();
         for (name, ids) in &st.ids {
             let list: Arc<[Arc<Instance>]> = ids.values().cloned().collect();
             self.instances_gauge
