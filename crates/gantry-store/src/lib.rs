@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod filter;
+pub mod log;
 mod metered;
 mod nats_store;
 mod redb_store;
@@ -30,6 +31,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub use filter::{check_filter, filter_matches, literal_prefix};
+pub use log::{
+    Append, Appended, ConsumerPosition, Log, NatsLog, ReadFrom, Record, SegmentLog, StreamInfo,
+    StreamOptions,
+};
 pub use metered::MeteredStore;
 pub use nats_store::{NatsOptions, NatsStore};
 pub use redb_store::RedbStore;
@@ -122,7 +127,7 @@ impl BucketOptions {
     }
 }
 
-mod opt_millis {
+pub(crate) mod opt_millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -169,6 +174,10 @@ pub enum StoreError {
     },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    #[error("no such {0}")]
+    NotFound(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
     #[error("store: {0}")]
     Backend(String),
 }

@@ -74,7 +74,7 @@ impl std::fmt::Debug for NatsStore {
     }
 }
 
-fn nats_err(what: &str, e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn nats_err(what: &str, e: impl std::fmt::Display) -> StoreError {
     let msg = e.to_string();
     if msg.contains("timed out") || msg.contains("no responders") || msg.contains("disconnected") {
         StoreError::Unavailable(format!("nats {what}: {msg}"))
@@ -128,6 +128,11 @@ impl NatsStore {
 
     pub fn options(&self) -> &NatsOptions {
         &self.opts
+    }
+
+    /// The JetStream context (the log on NATS shares the connection).
+    pub(crate) fn context(&self) -> &jetstream::Context {
+        &self.js
     }
 
     fn bucket_name(&self, bucket: &str) -> String {
@@ -216,10 +221,15 @@ impl NatsStore {
     /// Remove every bucket of this namespace (a clean start; tests).
     pub async fn destroy_namespace(&self) -> Result<usize, StoreError> {
         let prefix = format!("KV_{}_", self.opts.namespace);
+        let logs = format!("{}_log_", self.opts.namespace);
         let mut names = self.js.stream_names();
         let mut doomed = Vec::new();
+        let mut doomed_logs = Vec::new();
         while let Some(n) = names.next().await {
             let n = n.map_err(|e| nats_err("list streams", e))?;
+            if n.starts_with(&logs) {
+                doomed_logs.push(n.clone());
+            }
             if let Some(b) = n.strip_prefix("KV_") {
                 if n.starts_with(&prefix) {
                     doomed.push(b.to_string());
@@ -231,6 +241,13 @@ impl NatsStore {
                 .delete_key_value(b)
                 .await
                 .map_err(|e| nats_err("delete bucket", e))?;
+        }
+        // The log's streams (`NatsLog`) of this namespace too.
+        for s in &doomed_logs {
+            self.js
+                .delete_stream(s)
+                .await
+                .map_err(|e| nats_err("delete stream", e))?;
         }
         self.buckets.write().await.clear();
         Ok(doomed.len())
