@@ -70,12 +70,14 @@ impl Running {
             stop,
             tasks: Mutex::new(Vec::new()),
         });
+        // Each task's receiver is made here, before `stop` can be sent: a stop right after
+        // the start is seen.
         let mut tasks = vec![
-            tokio::spawn(r.clone().reader(bus.clone())),
-            tokio::spawn(r.clone().keeper(bus.clone())),
+            tokio::spawn(r.clone().reader(bus.clone(), r.stop.subscribe())),
+            tokio::spawn(r.clone().keeper(bus.clone(), r.stop.subscribe())),
         ];
         if matches!(r.sub.mode, Mode::Push { .. }) {
-            tasks.push(tokio::spawn(r.clone().dispatcher(bus)));
+            tasks.push(tokio::spawn(r.clone().dispatcher(bus, r.stop.subscribe())));
         }
         *r.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
         tracing::info!(topic = %r.sub.topic, subscription = %r.sub.name, "bus: subscription running");
@@ -117,8 +119,7 @@ impl Running {
         }
     }
 
-    async fn reader(self: Arc<Self>, bus: Arc<Bus>) {
-        let mut stop = self.stop.subscribe();
+    async fn reader(self: Arc<Self>, bus: Arc<Bus>, mut stop: watch::Receiver<bool>) {
         loop {
             if *stop.borrow() {
                 return;
@@ -195,8 +196,7 @@ impl Running {
         }
     }
 
-    async fn keeper(self: Arc<Self>, bus: Arc<Bus>) {
-        let mut stop = self.stop.subscribe();
+    async fn keeper(self: Arc<Self>, bus: Arc<Bus>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(SAVE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u64 = 0;
@@ -294,8 +294,7 @@ impl Running {
         bus.metrics.latency.get_or_create(&self.label).observe(secs);
     }
 
-    async fn dispatcher(self: Arc<Self>, bus: Arc<Bus>) {
-        let mut stop = self.stop.subscribe();
+    async fn dispatcher(self: Arc<Self>, bus: Arc<Bus>, mut stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
         loop {
             let sends: Vec<Delivery> = {
