@@ -458,3 +458,40 @@ fn route_auth_reaches_the_model() {
         gantry_model::RateLimitKey::Subject
     );
 }
+
+#[test]
+fn bus_topics_and_subscriptions() {
+    let ok = format!(
+        "{OK}\n[bus.topics.orders]\nmax_age = \"7d\"\nmax_messages = 1000\n\
+         [[services.catalog.subscribe]]\ntopic = \"orders\"\npath = \"/events/orders\"\n"
+    );
+    let s = parse(&ok, Path::new("g.toml")).unwrap();
+    let t = &s.bus.topics["orders"];
+    assert_eq!(t.max_age.as_deref(), Some("7d"));
+    assert_eq!((t.max_message_bytes, t.dedup_window.as_str()), (1 << 20, "2m"));
+    let sub = &s.services["catalog"].subscribe[0];
+    assert_eq!((sub.max_attempts, sub.max_in_flight, sub.ordered), (5, 64, true));
+    assert_eq!(sub.start, "new");
+    // Every problem, named by its field.
+    let e = errs(&format!(
+        "{OK}\n[bus.topics.Orders]\nmax_age = \"a week\"\ndedup_window = \"2y\"\n\
+         [[services.catalog.subscribe]]\ntopic = \"payments\"\npath = \"events\"\nmax_attempts = 0\n\
+         start = \"latest\"\n"
+    ));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    for f in [
+        "bus.topics.Orders",
+        "bus.topics.Orders.max_age",
+        "bus.topics.Orders.dedup_window",
+        "services.catalog.subscribe[0].topic",
+        "services.catalog.subscribe[0].path",
+        "services.catalog.subscribe[0].max_attempts",
+        "services.catalog.subscribe[0].start",
+    ] {
+        assert!(fields.contains(&f), "{f}: {e:?}");
+    }
+    let e = errs(&format!(
+        "{OK}\n[bus.topics.orders]\nretention = 5\n"
+    ));
+    assert!(e[0].message.contains("unknown field"), "{e:?}");
+}

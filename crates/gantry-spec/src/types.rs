@@ -29,7 +29,99 @@ pub struct Spec {
     #[serde(default)]
     pub registry: RegistrySpec,
     #[serde(default)]
+    pub bus: BusSpec,
+    #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// `[bus]`: the message bus.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BusSpec {
+    /// Topics by name (`[bus.topics.orders]`); more can be made over the admin API.
+    #[serde(default)]
+    pub topics: BTreeMap<String, TopicSpec>,
+}
+
+/// `[bus.topics.NAME]`: a topic's retention and limits.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Messages older than this are dropped, e.g. `"7d"`, `"12h"`. Default: kept.
+    #[serde(default)]
+    pub max_age: Option<String>,
+    /// The oldest messages are dropped beyond this many bytes. Default: no limit.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// The oldest messages are dropped beyond this many. Default: no limit.
+    #[serde(default)]
+    pub max_messages: Option<u64>,
+    /// The largest message (bytes of data). Default 1 MiB.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u32,
+    /// How long a publisher-given message id is remembered (a second publish with it is
+    /// dropped), e.g. `"2m"`. Default 2 minutes.
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window: String,
+}
+
+fn default_max_message_bytes() -> u32 {
+    1 << 20
+}
+fn default_dedup_window() -> String {
+    "2m".into()
+}
+
+/// `[[services.NAME.subscribe]]`: the service gets every message of a topic, each POSTed to
+/// one healthy instance.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeSpec {
+    pub topic: String,
+    /// The path messages are POSTed to (CloudEvents binary mode).
+    pub path: String,
+    /// Attempts before a message goes to the dead-letter topic. Default 5.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The wait after the first failed attempt, doubled after each one. Default 500.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// The longest wait between attempts. Default 60000.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Messages out to the service at once. Default 64.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Messages with the same ordering key (CloudEvents `partitionkey`) one at a time, in
+    /// order. Default true.
+    #[serde(default = "default_true")]
+    pub ordered: bool,
+    /// One attempt's limit, until the response head. Default 10000.
+    #[serde(default = "default_delivery_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Where a new subscription starts: `new` (messages published from now on, the default)
+    /// or `earliest` (every retained message).
+    #[serde(default = "default_start")]
+    pub start: String,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff_initial_ms() -> u64 {
+    500
+}
+fn default_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_max_in_flight() -> usize {
+    64
+}
+fn default_delivery_timeout_ms() -> u64 {
+    10_000
+}
+fn default_start() -> String {
+    "new".into()
 }
 
 /// `[registry]`: listeners that speak other registries' APIs (each off unless given).
@@ -376,6 +468,9 @@ pub struct ServiceSpec {
     pub upstream: UpstreamSpec,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Topics this service subscribes to (`[[services.NAME.subscribe]]`).
+    #[serde(default)]
+    pub subscribe: Vec<SubscribeSpec>,
 }
 
 fn default_version() -> String {

@@ -345,6 +345,7 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
             format!("dependency cycle: {}", cycle.join(" -> ")),
         ));
     }
+    validate_bus(spec, &mut p);
     p
 }
 
@@ -430,4 +431,110 @@ fn find_cycle(spec: &Spec) -> Option<Vec<String>> {
         }
     }
     None
+}
+
+/// Bus topic and subscription names: 1-48 characters of a-z, 0-9 and '-', starting with a
+/// letter (the bus's own rule).
+fn valid_bus_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 48
+        && n.as_bytes()[0].is_ascii_lowercase()
+        && n
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+fn validate_bus(spec: &Spec, p: &mut Problems) {
+    for (name, t) in &spec.bus.topics {
+        let at = |f: &str| format!("bus.topics.{name}.{f}");
+        if !valid_bus_name(name) {
+            p.push((
+                format!("bus.topics.{name}"),
+                "topic name must be 1-48 characters of a-z, 0-9 and '-', starting with a letter"
+                    .into(),
+            ));
+        }
+        if let Some(a) = &t.max_age {
+            match humantime::parse_duration(a) {
+                Ok(d) if d.as_millis() >= 100 => {}
+                Ok(_) => p.push((at("max_age"), "expected at least 100ms".into())),
+                Err(e) => p.push((at("max_age"), format!("{a:?}: {e} (e.g. \"7d\", \"12h\")"))),
+            }
+        }
+        match humantime::parse_duration(&t.dedup_window) {
+            Ok(d) if d.as_millis() >= 100 && d.as_secs() <= 24 * 3600 => {}
+            Ok(_) => p.push((at("dedup_window"), "expected 100ms..=24h".into())),
+            Err(e) => p.push((
+                at("dedup_window"),
+                format!("{:?}: {e} (e.g. \"2m\")", t.dedup_window),
+            )),
+        }
+        if t.max_bytes.is_some_and(|b| b < 1024) {
+            p.push((at("max_bytes"), "expected at least 1024".into()));
+        }
+        if t.max_messages == Some(0) {
+            p.push((at("max_messages"), "expected at least 1".into()));
+        }
+        if t.max_message_bytes == 0 || t.max_message_bytes > 8 << 20 {
+            p.push((at("max_message_bytes"), "expected 1..=8388608".into()));
+        }
+    }
+    for (name, svc) in &spec.services {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in svc.subscribe.iter().enumerate() {
+            let at = |f: &str| format!("services.{name}.subscribe[{i}].{f}");
+            if !spec.bus.topics.contains_key(&s.topic) {
+                p.push((
+                    at("topic"),
+                    format!(
+                        "{:?} is not a topic of [bus.topics] (declare it there)",
+                        s.topic
+                    ),
+                ));
+            }
+            if !seen.insert(&s.topic) {
+                p.push((
+                    at("topic"),
+                    format!("{:?}: the service already subscribes to it", s.topic),
+                ));
+            }
+            if !valid_bus_name(name) {
+                p.push((
+                    at("topic"),
+                    "a subscribing service's name must be at most 48 characters".into(),
+                ));
+            }
+            if !s.path.starts_with('/') || s.path.bytes().any(|c| c <= b' ' || c >= 0x7f) {
+                p.push((
+                    at("path"),
+                    "expected a path starting with '/' without spaces or control characters"
+                        .into(),
+                ));
+            }
+            if !(1..=100).contains(&s.max_attempts) {
+                p.push((at("max_attempts"), "expected 1..=100".into()));
+            }
+            if s.backoff_initial_ms == 0 || s.backoff_initial_ms > s.backoff_max_ms {
+                p.push((
+                    at("backoff_initial_ms"),
+                    "expected at least 1 and at most backoff_max_ms".into(),
+                ));
+            }
+            if s.backoff_max_ms > 24 * 3600 * 1000 {
+                p.push((at("backoff_max_ms"), "expected at most a day".into()));
+            }
+            if !(1..=10_000).contains(&s.max_in_flight) {
+                p.push((at("max_in_flight"), "expected 1..=10000".into()));
+            }
+            if !(1..=600_000).contains(&s.timeout_ms) {
+                p.push((at("timeout_ms"), "expected 1..=600000".into()));
+            }
+            if !matches!(s.start.as_str(), "new" | "earliest") {
+                p.push((
+                    at("start"),
+                    format!("{:?}: expected \"new\" or \"earliest\"", s.start),
+                ));
+            }
+        }
+    }
 }
