@@ -2,12 +2,17 @@
 //
 // GET  /stock/<id>                 units available
 // POST /reserve {"item", "qty"}    take units out of stock (409 if not enough)
+// POST /events/orders              an `order.placed` CloudEvent from the bus (binary mode):
+//                                  a shipment to prepare (each order once, however often sent)
+// GET  /shipments                  shipments prepared so far
 // GET  /health
 'use strict';
 const http = require('http');
 
 const instance = process.env.GANTRY_INSTANCE || 'inventory';
 const stock = { kettle: 25, mug: 200, teapot: 8 };
+const shipments = [];
+const seen = new Set();
 
 function reply(res, status, body) {
   const data = JSON.stringify(body);
@@ -38,6 +43,26 @@ const server = http.createServer((req, res) => {
     });
     return;
   }
+  if (req.method === 'POST' && path === '/events/orders') {
+    let body = '';
+    req.on('data', (c) => { body += c; if (body.length > 65536) req.destroy(); });
+    req.on('end', () => {
+      const id = req.headers['ce-id'];
+      if (req.headers['ce-type'] !== 'order.placed' || !id) return reply(res, 400, { error: 'expected an order.placed CloudEvent' });
+      let order;
+      try { order = JSON.parse(body); } catch (e) { return reply(res, 400, { error: 'invalid JSON' }); }
+      // At-least-once delivery: the same event may come again; handle it once.
+      if (!seen.has(id)) {
+        seen.add(id);
+        shipments.push({ order: id, item: order.item, qty: order.qty, attempt: Number(req.headers['gantry-delivery-attempt'] || 1) });
+        console.log(`${instance} preparing shipment for order ${id}: ${order.qty} x ${order.item}`);
+      }
+      res.writeHead(204);
+      res.end();
+    });
+    return;
+  }
+  if (req.method === 'GET' && path === '/shipments') return reply(res, 200, { shipments, served_by: instance });
   reply(res, 404, { error: 'not found', path });
 });
 

@@ -9,6 +9,10 @@ GET  /orders                      orders placed so far (by this instance)
 GET  /orders/quote?item=ID&qty=N  price and stock for an item
 POST /orders  {"item": ID, "qty": N}   reserve stock and place an order
 GET  /health
+
+A placed order is published to the bus's `orders` topic as a CloudEvent (`order.placed`, its
+id the order's, so a retried publish is not stored twice); inventory subscribes and prepares
+the shipment. Publishing goes to the admin API ($GANTRY_ADMIN_URL) with the same credential.
 """
 import json
 import os
@@ -22,6 +26,7 @@ from urllib.parse import parse_qs, urlparse
 
 INSTANCE = os.environ.get("GANTRY_INSTANCE", "orders")
 GATEWAY = os.environ.get("GANTRY_GATEWAY_URL", "http://127.0.0.1:8080")
+ADMIN = os.environ.get("GANTRY_ADMIN_URL", "http://127.0.0.1:7070")
 ORDERS = []
 LOCK = threading.Lock()
 
@@ -53,6 +58,33 @@ def call(method, path, body=None):
             return e.code, json.loads(e.read() or b"null")
         except ValueError:
             return e.code, None
+
+
+def publish(order):
+    """The order as a CloudEvent in binary mode; True once the bus holds it durably."""
+    headers = {
+        "Content-Type": "application/json",
+        "ce-specversion": "1.0",
+        "ce-id": order["id"],
+        "ce-source": "/orders/" + INSTANCE,
+        "ce-type": "order.placed",
+        # Orders of one item are handled in order (the bus's ordering key).
+        "ce-partitionkey": order["item"],
+    }
+    token = credential()
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    data = json.dumps(order).encode()
+    for _ in range(3):
+        req = urllib.request.Request(ADMIN + "/v1/topics/orders/messages", data=data,
+                                     method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 201:
+                    return True
+        except (urllib.error.URLError, OSError) as e:
+            print(f"{INSTANCE} publishing order {order['id']} failed: {e}", flush=True)
+    return False
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -117,6 +149,7 @@ class Handler(BaseHTTPRequestHandler):
             order = {"id": f"{INSTANCE}-{len(ORDERS) + 1}", **quote}
             ORDERS.append(order)
         print(f"{INSTANCE} placed order {order['id']}: {qty} x {item}", flush=True)
+        order["published"] = publish(order)
         return self.reply(201, order)
 
     def log_message(self, fmt, *args):

@@ -45,10 +45,17 @@ pub enum Permission {
     SystemReload,
     IdentityRead,
     IdentityWrite,
+    BusRead,
+    /// Publish messages (a data operation: counted by the bus's metrics, not audited per call).
+    BusPublish,
+    /// Fetch, ack and nack as a pull subscriber (a data operation, like publishing).
+    BusConsume,
+    /// Topics and subscriptions: make, change, remove, replay, redrive.
+    BusAdmin,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 20] = [
+    pub const ALL: [Permission; 24] = [
         Permission::HealthRead,
         Permission::MetricsRead,
         Permission::ServicesRead,
@@ -69,6 +76,10 @@ impl Permission {
         Permission::SystemReload,
         Permission::IdentityRead,
         Permission::IdentityWrite,
+        Permission::BusRead,
+        Permission::BusPublish,
+        Permission::BusConsume,
+        Permission::BusAdmin,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +104,10 @@ impl Permission {
             Permission::SystemReload => "system:reload",
             Permission::IdentityRead => "identity:read",
             Permission::IdentityWrite => "identity:write",
+            Permission::BusRead => "bus:read",
+            Permission::BusPublish => "bus:publish",
+            Permission::BusConsume => "bus:consume",
+            Permission::BusAdmin => "bus:admin",
         }
     }
 }
@@ -101,6 +116,13 @@ impl Permission {
     /// Whether it only lets a principal read (what is audited is what changes, and reveals).
     pub fn is_read(self) -> bool {
         self.as_str().ends_with(":read")
+    }
+
+    /// A data operation (publishing, consuming messages): high-volume, counted by metrics and
+    /// not recorded in the audit trail call by call (what is audited is what changes the
+    /// system: topics, subscriptions, replays, redrives).
+    pub fn is_data(self) -> bool {
+        matches!(self, Permission::BusPublish | Permission::BusConsume)
     }
 }
 
@@ -180,6 +202,29 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
             | "/v1/identity/api-keys/{id}"
             | "/v1/identity/keys/rotate",
         ) => IdentityWrite,
+        (
+            true,
+            "/v1/topics"
+            | "/v1/topics/{topic}"
+            | "/v1/topics/{topic}/messages"
+            | "/v1/subscriptions"
+            | "/v1/topics/{topic}/subscriptions/{name}"
+            | "/v1/topics/{topic}/subscriptions/{name}/dead-letters",
+        ) => BusRead,
+        (false, "/v1/topics/{topic}/messages") => BusPublish,
+        (
+            false,
+            "/v1/topics/{topic}/subscriptions/{name}/fetch"
+            | "/v1/topics/{topic}/subscriptions/{name}/ack"
+            | "/v1/topics/{topic}/subscriptions/{name}/nack",
+        ) => BusConsume,
+        (
+            false,
+            "/v1/topics/{topic}"
+            | "/v1/topics/{topic}/subscriptions/{name}"
+            | "/v1/topics/{topic}/subscriptions/{name}/replay"
+            | "/v1/topics/{topic}/subscriptions/{name}/redrive",
+        ) => BusAdmin,
         _ => return None,
     })
 }
@@ -330,10 +375,11 @@ impl Authenticator for Principals {
                     // An instance's own credential: its own config, nothing more.
                     gantry_authn::Kind::Workload => {
                         if let Some(service) = who.service.clone() {
+                            // It may publish, and consume its own subscriptions (below).
                             return Ok(Some(Principal {
                                 id: format!("workload:{service}"),
                                 kind: "workload",
-                                permissions: Arc::new(BTreeSet::new()),
+                                permissions: Arc::new(BTreeSet::from([Permission::BusPublish])),
                                 service: Some(service),
                             }));
                         }
@@ -400,6 +446,7 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
         // An instance reads its own service's resolved config and its stream (with its
         // secrets, which it has anyway), and nothing else.
         Decision::Forbidden(p) if own_config(&p, &method, &template, &path) => Decision::Allowed(p),
+        Decision::Forbidden(p) if own_subscription(&p, &template, &path) => Decision::Allowed(p),
         d => d,
     };
     match decision {
@@ -430,7 +477,10 @@ pub(crate) async fn authorize(State(s): State<ApiState>, mut req: Request, next:
             resp
         }
         Decision::Allowed(p) => {
-            let mutating = !(method == Method::GET || method == Method::HEAD || perm.is_read())
+            let mutating = !(method == Method::GET
+                || method == Method::HEAD
+                || perm.is_read()
+                || perm.is_data())
                 || perm == Permission::ConfigReveal;
             req.extensions_mut().insert(Caller(Some(p.clone())));
             let mut resp = if mutating {
@@ -488,6 +538,19 @@ fn own_config(p: &Principal, method: &Method, template: &str, path: &str) -> boo
             "/v1/config/{set}/resolved" | "/v1/config/{set}/watch"
         )
         && path.split('/').nth(3) == Some(service.as_str())
+}
+
+/// Whether a workload principal consumes a subscription named after its own service.
+fn own_subscription(p: &Principal, template: &str, path: &str) -> bool {
+    let Some(service) = &p.service else {
+        return false;
+    };
+    matches!(
+        template,
+        "/v1/topics/{topic}/subscriptions/{name}/fetch"
+            | "/v1/topics/{topic}/subscriptions/{name}/ack"
+            | "/v1/topics/{topic}/subscriptions/{name}/nack"
+    ) && path.split('/').nth(5) == Some(service.as_str())
 }
 
 /// What the layer does with a request that needs `perm`.

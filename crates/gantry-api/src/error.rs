@@ -65,7 +65,20 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists { .. } | StoreError::RevisionMismatch { .. } => {
                 ApiError::conflict(e.to_string())
             }
-            StoreError::InvalidName { .. } => ApiError::bad_request(e.to_string()),
+            StoreError::InvalidName { .. } | StoreError::InvalidOptions { .. } => {
+                ApiError::bad_request(e.to_string())
+            }
+            StoreError::NotFound(_) => ApiError::not_found(e.to_string()),
+            StoreError::TooLarge(_) => ApiError::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                e.to_string(),
+            ),
+            StoreError::Unavailable(_) => ApiError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
             _ => {
                 tracing::error!(error = %e, "store error in admin API");
                 ApiError::internal(e.to_string())

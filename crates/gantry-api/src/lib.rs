@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod bus;
 pub mod config;
 mod deployments;
 mod error;
@@ -62,6 +63,8 @@ pub struct ApiState {
     pub identity: Arc<gantry_identity::Identity>,
     /// The config environment gantry runs with (`gantry up --env`).
     pub config_env: Option<String>,
+    /// The message bus.
+    pub bus: Arc<gantry_bus::Bus>,
 }
 
 /// Why a route change was refused.
@@ -122,6 +125,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(config::routes())
         .merge(observe::routes())
         .merge(identity::routes())
+        .merge(bus::routes())
         .route("/v1/audit", get(audit::list))
         .route("/v1/openapi.json", get(openapi::serve))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -33,21 +33,11 @@ pub struct LogsQuery {
 }
 
 fn parse_since(s: &str) -> ApiResult<u64> {
-    if let Ok(ms) = s.parse::<u64>() {
-        return Ok(ms);
-    }
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Ok(t
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0));
-    }
-    if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(gantry_model::unix_ms().saturating_sub(d.as_millis() as u64));
-    }
-    Err(ApiError::bad_request(format!(
-        "since: {s:?} is not an RFC 3339 time, unix milliseconds, or a duration like 5m"
-    )))
+    crate::parse::time_ms(s).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "since: {s:?} is not an RFC 3339 time, unix milliseconds, or a duration like 5m"
+        ))
+    })
 }
 
 /// Newline-delimited JSON, one object per line; with `follow=true` the response stays open and

@@ -46,6 +46,25 @@ pub(crate) fn wants_reveal(query: Option<&str>) -> bool {
     })
 }
 
+/// A point in time as the API takes it: unix milliseconds, an RFC 3339 time, or a duration ago
+/// (`10m`).
+pub(crate) fn time_ms(s: &str) -> Option<u64> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Some(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Some(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        );
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Some(gantry_model::unix_ms().saturating_sub(d.as_millis() as u64));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::wants_reveal;

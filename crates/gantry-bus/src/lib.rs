@@ -108,7 +108,7 @@ pub fn dead_letter_topic(topic: &str, subscription: &str) -> String {
 }
 
 /// Where a new subscription starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Start {
     /// Every retained message.
@@ -119,7 +119,7 @@ pub enum Start {
 }
 
 /// How a subscription gets its messages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Mode {
     /// POSTed to `path` on an instance of `service`, through the gateway.
@@ -134,7 +134,7 @@ pub enum Mode {
 }
 
 /// A subscription as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Subscription {
     pub topic: String,
     pub name: String,
@@ -207,7 +207,7 @@ impl Subscription {
 }
 
 /// A topic as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TopicView {
     pub name: String,
     pub first_seq: u64,
@@ -217,7 +217,7 @@ pub struct TopicView {
 }
 
 /// One published message's outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Published {
     pub id: String,
     pub seq: u64,
@@ -226,7 +226,7 @@ pub struct Published {
 }
 
 /// A subscription's figures.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubscriptionStatus {
     #[serde(flatten)]
     pub subscription: Subscription,
@@ -239,11 +239,12 @@ pub struct SubscriptionStatus {
 }
 
 /// One message handed to a pull subscriber.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Fetched {
     pub seq: u64,
     pub attempt: u32,
     /// The message as a structured CloudEvent.
+    #[schema(value_type = Object)]
     pub event: serde_json::Value,
 }
 
@@ -364,14 +365,16 @@ impl Bus {
         self.log.backend()
     }
 
-    /// Start every stored subscription (at start, after `apply_spec`).
+    /// Start every stored subscription not running yet (at start, after `apply_spec`).
     pub async fn start(self: &Arc<Self>) -> Result<(), BusError> {
         for (_, sub, _) in self
             .store
             .list_json::<Subscription>(BUCKET, "subs.>")
             .await?
         {
-            self.run(sub).await?;
+            if self.running(&sub.topic, &sub.name).is_none() {
+                self.run(sub).await?;
+            }
         }
         Ok(())
     }
@@ -652,10 +655,15 @@ impl Bus {
             }
         };
         let r = push::Running::start(self.clone(), s.clone(), position);
-        self.subs
+        let before = self
+            .subs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert((s.topic, s.name), r);
+        // One runner per subscription: one that raced this start stops.
+        if let Some(old) = before {
+            old.stop().await;
+        }
         Ok(())
     }
 

@@ -50,8 +50,19 @@ fn now_ms() -> u64 {
 
 /// What a delivery task reports to the dispatcher.
 enum Outcome {
-    Done(Delivery, Result<(), String>),
+    Done(Delivery, Result<(), Fail>),
 }
+
+/// Why a push did not succeed.
+enum Fail {
+    /// A failed attempt (what the subscriber answered, a timeout, a refused connection).
+    Attempt(String),
+    /// No instance of the service is routable: not the message's fault, not an attempt.
+    NoInstance,
+}
+
+/// How long a message waits when its service has no routable instance.
+const NO_INSTANCE_WAIT: Duration = Duration::from_millis(250);
 
 impl Running {
     pub fn start(bus: Arc<Bus>, sub: Subscription, position: ConsumerPosition) -> Arc<Self> {
@@ -340,23 +351,27 @@ impl Running {
                 }
                 self.room.notify_one();
             }
-            Outcome::Done(d, Err(reason)) => {
+            Outcome::Done(d, Err(Fail::Attempt(reason))) => {
                 tracing::debug!(topic = %self.sub.topic, subscription = %self.sub.name, seq = d.seq,
                     attempt = d.attempt, reason = %reason, "bus: delivery failed");
                 self.failed(bus, d.seq, &reason);
+            }
+            Outcome::Done(d, Err(Fail::NoInstance)) => {
+                self.lock()
+                    .requeue(d.seq, Instant::now() + NO_INSTANCE_WAIT);
             }
         }
     }
 
     /// One push: the message in CloudEvents binary mode, through the gateway.
-    async fn push(&self, bus: &Bus, d: &Delivery) -> Result<(), String> {
+    async fn push(&self, bus: &Bus, d: &Delivery) -> Result<(), Fail> {
         let Mode::Push {
             service,
             path,
             timeout_ms,
         } = &self.sub.mode
         else {
-            return Err("not a push subscription".into());
+            return Err(Fail::Attempt("not a push subscription".into()));
         };
         let mut req = http::Request::builder().method("POST").uri(path.as_str());
         for (k, v) in d.msg.binary_headers() {
@@ -376,7 +391,7 @@ impl Running {
             .header("gantry-delivery-attempt", d.attempt.to_string());
         let req = req
             .body(d.msg.data.clone())
-            .map_err(|e| format!("building the request: {e}"))?;
+            .map_err(|e| Fail::Attempt(format!("building the request: {e}")))?;
         let caller = Caller {
             name: format!("bus:{}/{}", self.sub.topic, self.sub.name),
         };
@@ -403,10 +418,13 @@ impl Running {
                 if status.is_success() {
                     Ok(())
                 } else {
-                    Err(format!("HTTP {}", status.as_u16()))
+                    Err(Fail::Attempt(format!("HTTP {}", status.as_u16())))
                 }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) if matches!(e.failure, gantry_gateway::Failure::NoInstance) => {
+                Err(Fail::NoInstance)
+            }
+            Err(e) => Err(Fail::Attempt(e.to_string())),
         }
     }
 

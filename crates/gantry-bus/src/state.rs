@@ -324,6 +324,25 @@ impl SubState {
         Failed::Retry(until)
     }
 
+    /// The attempt could not be made (no instance of the service is routable): not counted;
+    /// the message goes out again at `at`, its key still held.
+    pub fn requeue(&mut self, seq: u64, at: Instant) -> bool {
+        let Some(e) = self.entries.get_mut(&seq) else {
+            return false;
+        };
+        let Phase::InFlight { deadline } = e.phase else {
+            return false;
+        };
+        self.in_flight -= 1;
+        if let Some(d) = deadline {
+            self.leases.remove(&(d, seq));
+        }
+        e.attempts = e.attempts.saturating_sub(1);
+        e.phase = Phase::Backoff { until: at };
+        self.retries.insert((at, seq));
+        true
+    }
+
     /// Storing a dead letter failed: try it again at `at` (the entry goes out once more and
     /// fails into the dead letter path again if it fails).
     pub fn dead_letter_later(&mut self, seq: u64, at: Instant) {

@@ -468,9 +468,15 @@ fn bus_topics_and_subscriptions() {
     let s = parse(&ok, Path::new("g.toml")).unwrap();
     let t = &s.bus.topics["orders"];
     assert_eq!(t.max_age.as_deref(), Some("7d"));
-    assert_eq!((t.max_message_bytes, t.dedup_window.as_str()), (1 << 20, "2m"));
+    assert_eq!(
+        (t.max_message_bytes, t.dedup_window.as_str()),
+        (1 << 20, "2m")
+    );
     let sub = &s.services["catalog"].subscribe[0];
-    assert_eq!((sub.max_attempts, sub.max_in_flight, sub.ordered), (5, 64, true));
+    assert_eq!(
+        (sub.max_attempts, sub.max_in_flight, sub.ordered),
+        (5, 64, true)
+    );
     assert_eq!(sub.start, "new");
     // Every problem, named by its field.
     let e = errs(&format!(
@@ -490,8 +496,6 @@ fn bus_topics_and_subscriptions() {
     ] {
         assert!(fields.contains(&f), "{f}: {e:?}");
     }
-    let e = errs(&format!(
-        "{OK}\n[bus.topics.orders]\nretention = 5\n"
-    ));
+    let e = errs(&format!("{OK}\n[bus.topics.orders]\nretention = 5\n"));
     assert!(e[0].message.contains("unknown field"), "{e:?}");
 }

@@ -439,8 +439,7 @@ fn valid_bus_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 48
         && n.as_bytes()[0].is_ascii_lowercase()
-        && n
-            .bytes()
+        && n.bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
 }
 
@@ -507,8 +506,7 @@ fn validate_bus(spec: &Spec, p: &mut Problems) {
             if !s.path.starts_with('/') || s.path.bytes().any(|c| c <= b' ' || c >= 0x7f) {
                 p.push((
                     at("path"),
-                    "expected a path starting with '/' without spaces or control characters"
-                        .into(),
+                    "expected a path starting with '/' without spaces or control characters".into(),
                 ));
             }
             if !(1..=100).contains(&s.max_attempts) {

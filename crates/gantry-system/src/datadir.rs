@@ -40,6 +40,8 @@ pub(crate) struct DataDir {
     pub dir: PathBuf,
     pub lock: std::fs::File,
     pub store: Arc<dyn Store>,
+    /// The bus's log: the embedded segment log in `bus/`, or JetStream beside the NATS store.
+    pub log: Arc<dyn gantry_store::Log>,
     pub token: Arc<str>,
     /// Marks this system's processes (`GANTRY_SYSTEM`); kept in `system-id`.
     pub system_id: String,
@@ -68,8 +70,14 @@ impl DataDir {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(anyhow!("--fresh: cannot remove {}: {e}", file.display())),
             }
+            let bus = dir.join(BUS_DIR);
+            match std::fs::remove_dir_all(&bus) {
+                Ok(()) => tracing::info!(dir = %bus.display(), "--fresh: earlier messages removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow!("--fresh: cannot remove {}: {e}", bus.display())),
+            }
         }
-        let store = open_store(&spec.spec.store, &dir, fresh).await?;
+        let (store, log) = open_store(&spec.spec.store, &dir, fresh).await?;
         let store: Arc<dyn Store> = metrics.register("store", |r| {
             Arc::new(gantry_store::MeteredStore::new(store, r))
         });
@@ -94,6 +102,7 @@ impl DataDir {
             dir,
             lock,
             store,
+            log,
             token,
             system_id,
             keyring,
@@ -232,20 +241,27 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// The store the spec asks for: embedded in the data directory, or NATS JetStream KV.
-async fn open_store(
-    spec: &StoreSpec,
-    data_dir: &Path,
-    fresh: bool,
-) -> anyhow::Result<Arc<dyn Store>> {
+/// Where the embedded bus log lives in the data directory.
+pub const BUS_DIR: &str = "bus";
+
+type Backends = (Arc<dyn Store>, Arc<dyn gantry_store::Log>);
+
+/// The store the spec asks for (embedded in the data directory, or NATS JetStream KV) and the
+/// bus's log beside it.
+async fn open_store(spec: &StoreSpec, data_dir: &Path, fresh: bool) -> anyhow::Result<Backends> {
     match spec.backend {
-        StoreBackend::Embedded => match RedbStore::open(data_dir) {
-            Ok(s) => Ok(Arc::new(s)),
-            Err(StoreError::Locked(d)) => Err(anyhow!(
-                "data directory {d} is in use by another gantry; stop it first (or give this spec another [store] data_dir)"
-            )),
-            Err(e) => Err(e.into()),
-        },
+        StoreBackend::Embedded => {
+            let store: Arc<dyn Store> = match RedbStore::open(data_dir) {
+                Ok(s) => Arc::new(s),
+                Err(StoreError::Locked(d)) => return Err(anyhow!(
+                    "data directory {d} is in use by another gantry; stop it first (or give this spec another [store] data_dir)"
+                )),
+                Err(e) => return Err(e.into()),
+            };
+            let log = gantry_store::SegmentLog::open(&data_dir.join(BUS_DIR))
+                .map_err(|e| anyhow!("the bus's log: {e}"))?;
+            Ok((store, Arc::new(log)))
+        }
         StoreBackend::Nats => {
             let mut o = NatsOptions::new(spec.url.clone());
             o.replicas = usize::from(spec.replicas);
@@ -260,7 +276,9 @@ async fn open_store(
                     .map_err(|e| anyhow!("--fresh: {e}"))?;
                 tracing::info!(buckets = n, namespace = %spec.namespace, "--fresh: earlier state removed");
             }
-            Ok(Arc::new(s))
+            let s = Arc::new(s);
+            let log = Arc::new(gantry_store::NatsLog::new(s.clone()));
+            Ok((s, log))
         }
     }
 }

@@ -15,6 +15,7 @@
 //! the release controller, the autoscaler) attach as entries of this list.
 #![forbid(unsafe_code)]
 
+mod bus;
 mod compat;
 mod components;
 pub mod control;
@@ -177,6 +178,16 @@ impl System {
         if spec.spec.identity.gateway_path.is_some() {
             identity::register_behind_gateway(&registry.registry, identity.addr);
         }
+        let bus = bus::BusComponent::new(
+            gantry_bus::Bus::open(
+                data.log.clone(),
+                data.store.clone(),
+                gateway.gateway.clone(),
+                &metrics,
+            )
+            .await?,
+            &spec.spec,
+        );
         let admin_addr = components::AdminComponent::bind(&spec)?;
         let supervisor = components::SupervisorComponent::build(
             &spec,
@@ -209,6 +220,7 @@ impl System {
                 )),
                 identity: identity.identity.clone(),
                 config_env: spec.spec.config.env.clone(),
+                bus: bus.bus.clone(),
                 public: Arc::new(
                     spec.spec
                         .admin
@@ -323,6 +335,7 @@ impl System {
                     Arc::new(identity),
                     Arc::new(gateway),
                     Arc::new(passive),
+                    Arc::new(bus),
                     Arc::new(admin),
                 ];
                 if let Some(consul) = consul {

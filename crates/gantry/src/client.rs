@@ -126,7 +126,7 @@ impl Client {
         body: Option<&serde_json::Value>,
     ) -> Result<hyper::Response<Incoming>, CliError> {
         let body = body.map(|v| ("application/json", Bytes::from(v.to_string())));
-        self.request_raw(method, path, body).await
+        self.request_raw(method, path, body, &[]).await
     }
 
     async fn request_raw(
@@ -134,9 +134,13 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<(&str, Bytes)>,
+        extra: &[(String, String)],
     ) -> Result<hyper::Response<Incoming>, CliError> {
         let url = format!("{}{}", self.base, path);
         let mut b = Request::builder().method(method.clone()).uri(&url);
+        for (k, v) in extra {
+            b = b.header(k.as_str(), v.as_str());
+        }
         // Every endpoint needs a permission, reads included.
         if let Some(t) = &self.token {
             b = b.header("authorization", format!("Bearer {t}"));
@@ -233,8 +237,27 @@ impl Client {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<T, CliError> {
+        self.send_with_headers(method, path, content_type, &[], body)
+            .await
+    }
+
+    /// A call with a body that is not JSON and headers of its own (a publish); the answer is
+    /// JSON.
+    pub async fn send_with_headers<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<T, CliError> {
         let resp = self
-            .request_raw(method, path, Some((content_type, Bytes::from(body))))
+            .request_raw(
+                method,
+                path,
+                Some((content_type, Bytes::from(body))),
+                headers,
+            )
             .await?;
         let bytes = resp
             .into_body()

@@ -152,6 +152,7 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             registry_ls(c, service, filters, out).await
         }
         Cmd::Config(cc) => config(c, cc).await,
+        Cmd::Bus(bc) => crate::bus_cmd::run(c, bc).await,
         Cmd::Identity(ic) => crate::identity_cmd::run(c, ic).await,
         Cmd::Login { .. } | Cmd::Logout => Ok(()),
         Cmd::Route(RouteCmd::Put {

@@ -4,6 +4,7 @@
 
 #[allow(unsafe_code)]
 mod alloc;
+mod bus_cmd;
 mod client;
 mod commands;
 mod identity_cmd;
@@ -111,6 +112,9 @@ enum Cmd {
     /// Versioned configuration of services.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The message bus: topics, publishing, subscriptions, dead letters.
+    #[command(subcommand)]
+    Bus(bus_cmd::BusCmd),
     /// Users, clients, roles, API keys and signing keys.
     #[command(subcommand)]
     Identity(identity_cmd::IdentityCmd),

@@ -128,7 +128,10 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// fsynced.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
+    // A name of its own per write: two writers of one file never share a temporary file.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{n}"));
     let mut f = File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_data())

@@ -4,6 +4,7 @@
 mod common;
 
 mod admin_api;
+mod bus;
 mod cli_and_spec;
 mod config;
 mod consistency;

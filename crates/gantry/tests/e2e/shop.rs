@@ -58,6 +58,19 @@ fn example_shop_answers_through_the_gateway() {
     )
     .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
+    let order = r.json();
+    assert_eq!(order["published"], true, "{order}");
+    // The bus pushed the order to inventory, which prepared its shipment (seen in its output)
+    // and acknowledged it: nothing left to deliver.
+    let id = order["id"].as_str().unwrap().to_string();
+    wait_for("the shipment", Duration::from_secs(20), || {
+        let st = g.admin_get("/v1/topics/orders/subscriptions/inventory");
+        let logs = g.admin_call("GET", "/v1/logs?service=inventory", None).body;
+        (logs.contains(&format!("preparing shipment for order {id}"))
+            && st["lag"] == 0
+            && st["last_seq"].as_u64() >= Some(1))
+        .then_some(())
+    });
     // 8 teapots, 3 reserved: orders sees 5 left.
     let q =
         |n: u32| g.get(&format!("/orders/quote?item=teapot&qty={n}")).json()["in_stock"].clone();

@@ -58,15 +58,15 @@ fn secure(g: &Gantry, token: &str) -> u16 {
     .status
 }
 
-fn nats_url() -> String {
+pub(crate) fn nats_url() -> String {
     std::env::var("GANTRY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 /// A namespace of its own, removed when the test ends (also when it fails).
-struct Namespace(String);
+pub(crate) struct Namespace(pub String);
 
 impl Namespace {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(format!(
             "e2e-{}-{}",
             std::process::id(),
