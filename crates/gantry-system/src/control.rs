@@ -42,6 +42,9 @@ pub struct Control {
     gateway: Arc<Gateway>,
     registry: Arc<Registry>,
     identity: Arc<gantry_identity::Identity>,
+    /// The bus, once built (after the gateway this is part of): reloads apply its topics and
+    /// subscriptions.
+    bus: std::sync::OnceLock<Arc<gantry_bus::Bus>>,
 }
 
 fn valid_route_name(n: &str) -> bool {
@@ -52,6 +55,11 @@ fn valid_route_name(n: &str) -> bool {
 }
 
 impl Control {
+    /// The bus that reloads apply the spec's topics and subscriptions to.
+    pub fn set_bus(&self, bus: Arc<gantry_bus::Bus>) {
+        let _ = self.bus.set(bus);
+    }
+
     /// Start from the loaded spec and the API routes the store kept.
     pub async fn load(
         spec: Arc<LoadedSpec>,
@@ -71,6 +79,7 @@ impl Control {
             gateway,
             registry,
             identity,
+            bus: std::sync::OnceLock::new(),
         });
         {
             let st = c.lock();
@@ -135,6 +144,15 @@ impl RouteControl for Control {
             .apply_spec(new.deployments())
             .await
             .map_err(|e| RouteControlError::Internal(e.to_string()))?;
+        // Topics made or changed, subscriptions written (the spec's dropped ones removed).
+        if let Some(bus) = self.bus.get() {
+            bus.apply_spec(
+                &crate::bus::topics_of(&new.spec),
+                &crate::bus::subscriptions_of(&new.spec),
+            )
+            .await
+            .map_err(|e| RouteControlError::Internal(format!("the bus: {e}")))?;
+        }
         let mut st = self.lock();
         let old = st.spec.clone();
         let mut needs_restart: Vec<String> = Vec::new();

@@ -188,6 +188,7 @@ impl System {
             .await?,
             &spec.spec,
         );
+        gateway.control.set_bus(bus.bus.clone());
         let admin_addr = components::AdminComponent::bind(&spec)?;
         let supervisor = components::SupervisorComponent::build(
             &spec,

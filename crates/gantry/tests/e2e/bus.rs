@@ -236,6 +236,18 @@ fn bus_carries_cloudevents_from_the_sdk_retries_dead_letters_and_refuses_bad_inp
         (attempts_of(&records(&record), "s-1") == before + 1).then_some(())
     });
 
+    // A reload makes the spec's new topics; dropping a subscription from the spec removes it.
+    let mut text = sink_spec(
+        "",
+        &record,
+        "max_message_bytes = 4096",
+        "max_attempts = 3\nbackoff_initial_ms = 100\nbackoff_max_ms = 400",
+    );
+    text.push_str("\n[bus.topics.audit]\nmax_messages = 100\n");
+    g.rewrite_and_reload(&text);
+    assert_eq!(g.admin_get("/v1/topics/audit")["messages"], 0);
+    assert!(g.admin_get("/v1/subscriptions").as_array().unwrap().len() == 1);
+
     // Counted.
     let m = g.metrics();
     assert!(
