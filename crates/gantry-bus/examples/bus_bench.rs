@@ -132,7 +132,8 @@ async fn push_latency(
     let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let run = format!("{}", Instant::now().elapsed().as_nanos());
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
     let mut pubs = Vec::new();
     for i in 0..n {
         tick.tick().await;

@@ -469,17 +469,19 @@ impl Bus {
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Published>, BusError> {
-        if self.log.info(topic).await?.is_none() {
-            return Err(BusError::NotFound(format!("topic {topic}")));
-        }
+        // The log refuses a stream it does not have (no lookup first: on NATS that would be a
+        // round trip per publish).
         let batch: Vec<Append> = messages
             .iter()
             .map(|m| Append {
-                id: (!m.generated_id).then(|| m.id.clone()),
+                id: (!m.generated_id).then(|| dedup_key(m)),
                 data: m.encode(),
             })
             .collect();
-        let out = self.log.append(topic, batch).await?;
+        let out = self.log.append(topic, batch).await.map_err(|e| match e {
+            StoreError::NotFound(_) => BusError::NotFound(format!("topic {topic}")),
+            e => e.into(),
+        })?;
         let label = TopicLabel {
             topic: topic.to_string(),
         };
@@ -637,7 +639,20 @@ impl Bus {
 
     async fn run(self: &Arc<Self>, s: Subscription) -> Result<(), BusError> {
         let position = match self.log.position(&s.topic, &s.name).await? {
-            Some(p) => p,
+            // Never ahead of the log (one that lost its tail to damage): what is appended
+            // next must not count as acknowledged.
+            Some(mut p) => {
+                if let Some(info) = self.log.info(&s.topic).await? {
+                    if p.ack_floor > info.last_seq {
+                        tracing::error!(topic = %s.topic, subscription = %s.name,
+                            position = p.ack_floor, last = info.last_seq,
+                            "bus: the saved position is past the topic's end; moved back to it");
+                        p.ack_floor = info.last_seq;
+                    }
+                    p.acked.retain(|&q| q > p.ack_floor && q <= info.last_seq);
+                }
+                p
+            }
             None => {
                 // A new subscription: from the start, or from now on.
                 let info = self
@@ -727,7 +742,7 @@ impl Bus {
             .await?
             .ok_or_else(|| BusError::NotFound(format!("topic {topic}")))?;
         let seq = match from {
-            ReadFrom::Seq(q) => q.max(info.first_seq),
+            ReadFrom::Seq(q) => q.clamp(info.first_seq, info.last_seq + 1),
             ReadFrom::Time(_) => self
                 .log
                 .read(topic, from, 1, Duration::ZERO)
@@ -801,10 +816,23 @@ impl Bus {
     ) -> Result<(), BusError> {
         let dlq = dead_letter_topic(&s.topic, &s.name);
         if self.log.info(&dlq).await?.is_none() {
-            self.log.ensure_stream(&dlq, self.default_topic).await?;
+            // Whatever its topic allows, with the reason beside it.
+            let o = StreamOptions {
+                max_record_bytes: StreamOptions::MAX_RECORD_BYTES,
+                ..self.default_topic
+            };
+            self.log.ensure_stream(&dlq, o).await?;
         }
         let mut m = msg.clone();
-        m.extensions.insert("gantryreason".into(), reason.into());
+        let mut reason = reason.to_string();
+        if reason.len() > 1024 {
+            let mut cut = 1024;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        m.extensions.insert("gantryreason".into(), reason);
         m.extensions
             .insert("gantryattempts".into(), attempts.to_string());
         m.extensions.insert("gantryseq".into(), seq.to_string());
@@ -823,6 +851,21 @@ impl Bus {
             .await?;
         Ok(())
     }
+}
+
+/// What a topic's dedup window compares: a CloudEvent is unique by source and id (two sources
+/// may both use id "1"). Long ones are hashed to fit the log's id limit.
+fn dedup_key(m: &Message) -> String {
+    let k = format!("{}\u{1f}{}", m.source, m.id);
+    if k.len() <= 256 {
+        return k;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    k.hash(&mut a);
+    (k.len(), &k).hash(&mut b);
+    format!("h:{:016x}{:016x}", a.finish(), b.finish())
 }
 
 fn view(name: &str, i: StreamInfo) -> TopicView {

@@ -237,6 +237,9 @@ impl Message {
             }
         }
         for (k, v) in &self.extensions {
+            if k == "gantryredrive" {
+                continue;
+            }
             h.push((format!("ce-{k}"), v.clone()));
             if k == "traceparent" || k == "tracestate" {
                 h.push((k.clone(), v.clone()));
@@ -368,6 +371,11 @@ pub fn from_http(topic: &str, headers: &HeaderMap, body: Bytes) -> Result<Vec<Me
             }
         }
         m.check()?;
+        if let Some(k) = m.extensions.keys().find(|k| k.starts_with("gantry")) {
+            return Err(Invalid(format!(
+                "CloudEvents attribute {k}: names starting with gantry are reserved"
+            )));
+        }
     }
     Ok(out)
 }

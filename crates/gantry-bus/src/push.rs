@@ -5,7 +5,6 @@
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use gantry_gateway::{CallOptions, Caller};
 use gantry_store::{ConsumerPosition, ReadFrom};
 use http::{HeaderName, HeaderValue};
@@ -168,26 +167,19 @@ impl Running {
                     }
                     for r in recs {
                         match Message::decode(&r.data) {
-                            Some(m) => {
-                                let other = m
-                                    .extensions
+                            Some(m)
+                                if m.extensions
                                     .get(REDRIVE_EXTENSION)
-                                    .is_some_and(|n| *n != self.sub.name);
-                                st.offer(r.seq, r.time_ms, Arc::new(m));
-                                if other {
-                                    // Redriven for another subscription.
-                                    st.ack(r.seq);
-                                }
+                                    .is_some_and(|n| *n != self.sub.name) =>
+                            {
+                                // Redriven for another subscription.
+                                st.pass(r.seq);
                             }
+                            Some(m) => st.offer(r.seq, r.time_ms, Arc::new(m)),
                             None => {
                                 tracing::warn!(topic = %self.sub.topic, seq = r.seq,
                                     "bus: skipping a record that is not a message");
-                                st.offer(
-                                    r.seq,
-                                    r.time_ms,
-                                    Arc::new(Message::plain(&self.sub.topic, Bytes::new(), None)),
-                                );
-                                st.ack(r.seq);
+                                st.pass(r.seq);
                             }
                         }
                     }

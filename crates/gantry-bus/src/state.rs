@@ -201,8 +201,12 @@ impl SubState {
         if self.in_flight >= self.policy.max_in_flight {
             return None;
         }
-        let seq = self.ready.pop_first()?;
-        let e = self.entries.get_mut(&seq)?;
+        let (seq, e) = loop {
+            let seq = self.ready.pop_first()?;
+            if let Some(e) = self.entries.get_mut(&seq) {
+                break (seq, e);
+            }
+        };
         e.attempts += 1;
         let deadline = lease.map(|l| now + l);
         e.phase = Phase::InFlight { deadline };
@@ -282,17 +286,30 @@ impl SubState {
             return;
         };
         if *holder != seq {
+            // Acknowledged while it waited behind the holder: it leaves the queue.
+            waiting.retain(|&w| w != seq);
             return;
         }
-        match waiting.pop_front() {
-            Some(next) => {
+        // The next waiting message still held (one acknowledged meanwhile is skipped).
+        while let Some(next) = waiting.pop_front() {
+            if self.entries.contains_key(&next) {
                 *holder = next;
                 self.ready.insert(next);
-            }
-            None => {
-                self.keys.remove(key);
+                return;
             }
         }
+        self.keys.remove(key);
+    }
+
+    /// A record this subscription does not take (redriven for another one): acknowledged
+    /// without being held.
+    pub fn pass(&mut self, seq: u64) {
+        if seq < self.next_read {
+            return;
+        }
+        self.next_read = seq + 1;
+        self.position.ack(seq);
+        self.dirty = true;
     }
 
     /// The attempt failed (`reason`: what the subscriber answered, a timeout, ...).
@@ -487,6 +504,25 @@ mod tests {
         assert_eq!(s.take(later, None).unwrap().seq, 1);
         s.ack(1);
         assert_eq!(s.take(later, None).unwrap().seq, 2);
+    }
+
+    #[test]
+    fn a_message_acknowledged_while_it_waits_does_not_block_its_key() {
+        let now = Instant::now();
+        let mut s = SubState::new(policy(), ConsumerPosition::default());
+        for seq in 1..=3 {
+            s.offer(seq, 0, msg(Some("k")));
+        }
+        assert_eq!(s.take(now, None).unwrap().seq, 1);
+        // 2 is acknowledged while 1 holds the key (a late pull ack, say).
+        assert!(s.ack(2));
+        s.ack(1);
+        assert_eq!(s.take(now, None).unwrap().seq, 3, "3 goes; 2 is skipped");
+        s.ack(3);
+        assert_eq!(s.position().ack_floor, 3);
+        // Records passed over are acknowledged without being held.
+        s.pass(4);
+        assert_eq!((s.position().ack_floor, s.next_read()), (4, 5));
     }
 
     #[test]

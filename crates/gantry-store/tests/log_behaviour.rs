@@ -561,3 +561,32 @@ async fn embedded_retention_deletes_whole_segments() {
     let info = log.info("seg").await.unwrap().unwrap();
     assert_eq!((info.first_seq, info.last_seq), (321, 400));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_empty_segments_left_by_a_crash_end_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let o = StreamOptions {
+            max_messages: Some(16),
+            ..StreamOptions::default()
+        };
+        log.ensure_stream("e", o).await.unwrap();
+        for i in 0..5 {
+            log.append("e", vec![rec(&i.to_string())]).await.unwrap();
+        }
+    }
+    // A commit that made two new segments and died before filling them.
+    for first in [6u64, 9] {
+        std::fs::write(dir.path().join("e").join(format!("{first:020}.seg")), b"").unwrap();
+    }
+    let log: Arc<dyn Log> = Arc::new(SegmentLog::open(dir.path()).unwrap());
+    assert_eq!(read_all(&log, "e", 1).await.len(), 5);
+    let a = log.append("e", vec![rec("next")]).await.unwrap();
+    assert_eq!(a[0].seq, 6);
+    assert!(!dir.path().join("e").join(format!("{:020}.seg", 9)).exists());
+    // A deleted stream leaves nothing behind, even its renamed remains.
+    assert!(log.delete_stream("e").await.unwrap());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -246,11 +246,11 @@ pub trait Log: Send + Sync + 'static {
     async fn delete_position(&self, stream: &str, consumer: &str) -> Result<bool, StoreError>;
 }
 
-/// Stream and consumer names: 1-64 characters of `a-z`, `0-9`, `-`, `_`, starting with a
+/// Stream and consumer names: 1-128 characters of `a-z`, `0-9`, `-`, `_`, starting with a
 /// letter or digit (they become directory names and JetStream stream names).
 pub fn check_log_name(what: &'static str, name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
             .bytes()
@@ -302,7 +302,7 @@ mod tests {
     fn names_are_checked() {
         assert!(check_log_name("stream", "orders").is_ok());
         assert!(check_log_name("stream", "orders-dlq_2").is_ok());
-        for bad in ["", "Orders", "a.b", "-x", &"a".repeat(65), "a b"] {
+        for bad in ["", "Orders", "a.b", "-x", &"a".repeat(129), "a b"] {
             assert!(check_log_name("stream", bad).is_err(), "{bad:?}");
         }
     }

@@ -107,8 +107,10 @@ enum Job {
 
 type AppendJob = (Arc<Stream>, Vec<Append>, Reply<Vec<Appended>>);
 
-/// Bytes staged for one file, and (seq, offset in the file, time) of each record in them.
-type FileWrite = (Arc<File>, Vec<u8>, Vec<(u64, u64, u64)>);
+/// Bytes staged for one file, (seq, offset in the file, time) of each record in them, and
+/// where in the file they go (written at that offset, not appended: a failed commit's leftover
+/// bytes are overwritten by the next one).
+type FileWrite = (Arc<File>, Vec<u8>, Vec<(u64, u64, u64)>, u64);
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("log: {what} {}: {e}", path.display()))
@@ -150,6 +152,10 @@ impl SegmentLog {
         for entry in entries {
             let entry = entry.map_err(|e| io("reading", dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".deleted-") {
+                let _ = fs::remove_dir_all(entry.path());
+                continue;
+            }
             if check_log_name("stream", &name).is_err() || !entry.path().is_dir() {
                 continue;
             }
@@ -351,11 +357,17 @@ impl Log for SegmentLog {
         wait: Duration,
     ) -> Result<Vec<Record>, StoreError> {
         let s = self.stream(stream)?;
-        if let (ReadFrom::Seq(seq), false) = (from, wait.is_zero()) {
-            let mut rx = s.tail.subscribe();
-            let _ = tokio::time::timeout(wait, rx.wait_for(|&v| v >= seq)).await;
-        }
         let o = *s.options.read().unwrap_or_else(PoisonError::into_inner);
+        if let (ReadFrom::Seq(seq), false) = (from, wait.is_zero()) {
+            // Records older than the retention are not there to read: wait for a newer one.
+            let first = {
+                let st = s.state.read().unwrap_or_else(PoisonError::into_inner);
+                first_visible(&st, &o, now_ms())
+            };
+            let want = seq.max(first);
+            let mut rx = s.tail.subscribe();
+            let _ = tokio::time::timeout(wait, rx.wait_for(|&v| v >= want)).await;
+        }
         // What to read, under the lock; the reads after it.
         let mut plan: Vec<(Arc<File>, u64, u64, u64, usize)> = Vec::new();
         {
@@ -545,14 +557,15 @@ fn recover(dir: &Path) -> Result<(Stream, Recovered), StoreError> {
     let mut cut = false;
     for (first_seq, path) in names {
         if cut {
-            // After a damaged segment nothing can be trusted to follow it.
-            tracing::warn!(segment = %path.display(), "log: removing a segment after a damaged one");
+            // After a damaged or empty segment nothing was acknowledged (each commit writes
+            // its segments in order and answers after their fsync).
+            tracing::warn!(segment = %path.display(), "log: removing a segment after a damaged or empty one");
             let _ = fs::remove_file(&path);
             continue;
         }
         let file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(|e| io("opening", &path, e))?;
         let bytes = fs::read(&path).map_err(|e| io("reading", &path, e))?;
@@ -588,10 +601,10 @@ fn recover(dir: &Path) -> Result<(Stream, Recovered), StoreError> {
                     at += used;
                 }
                 _ => {
-                    tracing::warn!(
+                    tracing::error!(
                         segment = %path.display(),
                         offset = at,
-                        "log: cutting a torn or damaged tail off a segment"
+                        "log: cutting a torn or damaged tail off a segment (a crash during a write; on a sealed segment, damage on disk)"
                     );
                     seg.file
                         .set_len(at as u64)
@@ -605,6 +618,11 @@ fn recover(dir: &Path) -> Result<(Stream, Recovered), StoreError> {
         seg.len = at as u64;
         st.bytes += seg.len;
         st.last_seq = first_seq + seg.offsets.len() as u64 - 1;
+        // An empty segment is one a commit made and never filled (it did not complete): the
+        // log ends here, and what follows it was not acknowledged either.
+        if seg.offsets.is_empty() {
+            cut = true;
+        }
         st.segs.push(seg);
     }
     let (tail, _) = watch::channel(st.last_seq);
@@ -743,6 +761,7 @@ impl Writer {
         let now = now_ms();
         let mut pending: HashMap<String, Pending> = HashMap::new();
         let mut outcomes: Vec<Result<Vec<Appended>, StoreError>> = Vec::new();
+        let mut staging_failed = None;
         for (s, batch, _) in &appends {
             if !self
                 .streams
@@ -752,15 +771,24 @@ impl Writer {
                 outcomes.push(Err(no_stream(&s.name)));
                 continue;
             }
-            outcomes.push(self.stage(&s.name, batch, now, &mut pending));
+            match self.stage(&s.name, batch, now, &mut pending) {
+                Ok(o) => outcomes.push(Ok(o)),
+                // A file that cannot be made: the whole commit fails (nothing half staged).
+                Err(e) => {
+                    staging_failed = Some(e);
+                    break;
+                }
+            }
         }
         // Write and sync every touched file once.
-        let mut failed: Option<StoreError> = None;
+        let mut failed: Option<StoreError> = staging_failed;
         let mut dirs = Vec::new();
-        'write: for p in pending.values() {
-            for (file, bytes, _) in &p.writes {
-                let mut f: &File = file;
-                if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_data()) {
+        'write: for p in pending.values().filter(|_| failed.is_none()) {
+            for (file, bytes, _, start) in &p.writes {
+                if let Err(e) = file
+                    .write_all_at(bytes, *start)
+                    .and_then(|_| file.sync_data())
+                {
                     failed = Some(io("writing", Path::new(&p.name), e));
                     break 'write;
                 }
@@ -852,7 +880,7 @@ impl Writer {
             let size = record_size(r.id.as_deref(), &r.data);
             // The active segment: the last write target, or the stream's last segment.
             let (active_len, has_active) = match p.writes.last() {
-                Some((f, b, _)) => (active_file_len(&w.stream, f) + b.len() as u64, true),
+                Some((_, b, _, start)) => (start + b.len() as u64, true),
                 None => {
                     let st = w
                         .stream
@@ -875,14 +903,14 @@ impl Writer {
                 let path = w.stream.dir.join(segment_name(seq));
                 let file = OpenOptions::new()
                     .read(true)
-                    .append(true)
+                    .write(true)
                     .create(true)
                     .truncate(false)
                     .open(&path)
                     .map_err(|e| io("creating", &path, e))?;
                 let file = Arc::new(file);
                 p.new_segments.push((seq, path, file.clone()));
-                p.writes.push((file, Vec::new(), Vec::new()));
+                p.writes.push((file, Vec::new(), Vec::new(), 0));
                 w.active_count = 0;
                 w.active_first_time = None;
             } else if p.writes.is_empty() {
@@ -892,13 +920,14 @@ impl Writer {
                     .read()
                     .unwrap_or_else(PoisonError::into_inner);
                 let s = st.segs.last().expect("an active segment");
-                p.writes.push((s.file.clone(), Vec::new(), Vec::new()));
+                p.writes
+                    .push((s.file.clone(), Vec::new(), Vec::new(), s.len));
             }
             let base = {
-                let (f, b, _) = p.writes.last().expect("a write target");
-                active_file_len(&w.stream, f) + b.len() as u64
+                let (_, b, _, start) = p.writes.last().expect("a write target");
+                start + b.len() as u64
             };
-            let (_, bytes, index) = p.writes.last_mut().expect("a write target");
+            let (_, bytes, index, _) = p.writes.last_mut().expect("a write target");
             encode(bytes, seq, time, r.id.as_deref(), &r.data);
             index.push((seq, base, time));
             if let Some(id) = &r.id {
@@ -945,7 +974,7 @@ impl Writer {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let mut new = p.new_segments.into_iter().peekable();
-        for (file, bytes, index) in p.writes {
+        for (file, bytes, index, _) in p.writes {
             if new.peek().is_some_and(|(_, _, f)| Arc::ptr_eq(f, &file)) {
                 let (first_seq, path, file) = new.next().expect("peeked");
                 st.segs.push(Segment {
@@ -1054,20 +1083,21 @@ impl Writer {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
+        // Renamed out of the log first (a name no stream can have, skipped at open and
+        // removed there), so a crash halfway through the removal leaves no half stream.
         let dir = self.dir.join(name);
-        fs::remove_dir_all(&dir).map_err(|e| io("removing", &dir, e))?;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let doomed = self.dir.join(format!(
+            ".deleted-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        fs::rename(&dir, &doomed).map_err(|e| io("removing", &dir, e))?;
         sync_dir(&self.dir)?;
+        if let Err(e) = fs::remove_dir_all(&doomed) {
+            tracing::warn!(dir = %doomed.display(), error = %e, "log: removing a deleted stream's files failed; retried at the next start");
+        }
         Ok(true)
-    }
-}
-
-/// The visible length of the file `f` if it is the stream's last segment (0 for a file made in
-/// this commit).
-fn active_file_len(s: &Stream, f: &Arc<File>) -> u64 {
-    let st = s.state.read().unwrap_or_else(PoisonError::into_inner);
-    match st.segs.last() {
-        Some(seg) if Arc::ptr_eq(&seg.file, f) => seg.len,
-        _ => 0,
     }
 }
 
