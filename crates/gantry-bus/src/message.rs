@@ -42,6 +42,16 @@ pub struct Invalid(pub String);
 const MAX_ATTRIBUTE: usize = 4096;
 
 impl Message {
+    /// The optional CloudEvents attributes by name.
+    fn optional(&self) -> [(&'static str, &Option<String>); 4] {
+        [
+            ("subject", &self.subject),
+            ("time", &self.time),
+            ("datacontenttype", &self.datacontenttype),
+            ("dataschema", &self.dataschema),
+        ]
+    }
+
     /// The ordering key (`partitionkey`).
     pub fn key(&self) -> Option<&str> {
         self.extensions.get("partitionkey").map(String::as_str)
@@ -93,12 +103,7 @@ impl Message {
                 )));
             }
         }
-        for (name, v) in [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.datacontenttype),
-            ("dataschema", &self.dataschema),
-        ] {
+        for (name, v) in self.optional() {
             if let Some(v) = v {
                 req(name, v)?;
             }
@@ -119,12 +124,7 @@ impl Message {
         attrs.insert("id".into(), self.id.clone().into());
         attrs.insert("source".into(), self.source.clone().into());
         attrs.insert("type".into(), self.kind.clone().into());
-        for (k, v) in [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.datacontenttype),
-            ("dataschema", &self.dataschema),
-        ] {
+        for (k, v) in self.optional() {
             if let Some(v) = v {
                 attrs.insert(k.into(), v.clone().into());
             }
@@ -187,12 +187,7 @@ impl Message {
         m.insert("id".into(), self.id.clone().into());
         m.insert("source".into(), self.source.clone().into());
         m.insert("type".into(), self.kind.clone().into());
-        for (k, v) in [
-            ("subject", &self.subject),
-            ("time", &self.time),
-            ("datacontenttype", &self.datacontenttype),
-            ("dataschema", &self.dataschema),
-        ] {
+        for (k, v) in self.optional() {
             if let Some(v) = v {
                 m.insert(k.into(), v.clone().into());
             }
@@ -262,6 +257,10 @@ fn looks_like_rfc3339(t: &str) -> bool {
         && b[13] == b':'
         && b[16] == b':'
         && b[..4].iter().all(u8::is_ascii_digit)
+}
+
+fn media_is_json(media: &str) -> bool {
+    !media.is_empty() && is_json_type(media)
 }
 
 fn is_json_type(ct: &str) -> bool {
@@ -346,6 +345,11 @@ pub fn from_http(topic: &str, headers: &HeaderMap, body: Bytes) -> Result<Vec<Me
     {
         vec![binary(headers, ct, body)?]
     } else {
+        if media_is_json(&media) && serde_json::from_slice::<Value>(&body).is_err() {
+            return Err(Invalid(
+                "the body is not valid JSON, as its Content-Type says it is".into(),
+            ));
+        }
         let mut m = Message::plain(topic, body, ct);
         if let Some(id) =
             header(headers, "gantry-message-id")?.or(header(headers, "idempotency-key")?)
@@ -381,6 +385,14 @@ pub fn from_http(topic: &str, headers: &HeaderMap, body: Bytes) -> Result<Vec<Me
 }
 
 fn binary(headers: &HeaderMap, ct: Option<String>, body: Bytes) -> Result<Message, Invalid> {
+    if ct.as_deref().is_some_and(is_json_type)
+        && !body.is_empty()
+        && serde_json::from_slice::<Value>(&body).is_err()
+    {
+        return Err(Invalid(
+            "the body is not valid JSON, as its Content-Type says it is".into(),
+        ));
+    }
     let need = |name: &str| -> Result<String, Invalid> {
         header(headers, name)?
             .map(str::to_string)
@@ -605,6 +617,15 @@ mod tests {
         let ms = from_http("t", &h, Bytes::from(batch.to_string())).unwrap();
         assert_eq!(ms.len(), 2);
         assert_eq!(&ms[0].data[..], &[0u8, 1]);
+    }
+
+    #[test]
+    fn a_json_content_type_needs_a_json_body() {
+        let h = hm(&[("content-type", "application/json")]);
+        let e = from_http("t", &h, Bytes::from_static(b"FKwYc")).unwrap_err();
+        assert!(e.0.contains("not valid JSON"), "{e}");
+        let h = hm(&[("content-type", "text/plain")]);
+        assert!(from_http("t", &h, Bytes::from_static(b"FKwYc")).is_ok());
     }
 
     #[test]

@@ -267,6 +267,28 @@ pub fn check_log_name(what: &'static str, name: &str) -> Result<(), StoreError> 
     }
 }
 
+/// A batch both backends refuse whole before storing any of it: a record over the stream's
+/// `max_record_bytes`, or an id that is empty or over 1024 bytes.
+pub(crate) fn check_batch(stream: &str, batch: &[Append], max: u32) -> Result<(), StoreError> {
+    for (i, r) in batch.iter().enumerate() {
+        if r.data.len() > max as usize {
+            return Err(StoreError::TooLarge(format!(
+                "record {i} of the batch has {} bytes; stream {stream} takes at most {max}",
+                r.data.len()
+            )));
+        }
+        if r.id
+            .as_ref()
+            .is_some_and(|id| id.is_empty() || id.len() > 1024)
+        {
+            return Err(StoreError::TooLarge(format!(
+                "record {i} of the batch: an id must be 1-1024 bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -264,22 +264,7 @@ impl Log for NatsLog {
 
     async fn append(&self, stream: &str, batch: Vec<Append>) -> Result<Vec<Appended>, StoreError> {
         let max = self.max_record_bytes(stream).await?;
-        for (i, r) in batch.iter().enumerate() {
-            if r.data.len() > max as usize {
-                return Err(StoreError::TooLarge(format!(
-                    "record {i} of the batch has {} bytes; stream {stream} takes at most {max}",
-                    r.data.len()
-                )));
-            }
-            if r.id
-                .as_ref()
-                .is_some_and(|id| id.is_empty() || id.len() > 1024)
-            {
-                return Err(StoreError::TooLarge(format!(
-                    "record {i} of the batch: an id must be 1-1024 bytes"
-                )));
-            }
-        }
+        super::check_batch(stream, &batch, max)?;
         let subject = self.subject(stream);
         let mut acks = Vec::with_capacity(batch.len());
         for r in batch {

@@ -327,22 +327,7 @@ impl Log for SegmentLog {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .max_record_bytes;
-        for (i, r) in batch.iter().enumerate() {
-            if r.data.len() > max as usize {
-                return Err(StoreError::TooLarge(format!(
-                    "record {i} of the batch has {} bytes; stream {stream} takes at most {max}",
-                    r.data.len()
-                )));
-            }
-            if r.id
-                .as_ref()
-                .is_some_and(|id| id.is_empty() || id.len() > 1024)
-            {
-                return Err(StoreError::TooLarge(format!(
-                    "record {i} of the batch: an id must be 1-1024 bytes"
-                )));
-            }
-        }
+        super::check_batch(stream, &batch, max)?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
