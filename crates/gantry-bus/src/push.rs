@@ -56,8 +56,10 @@ enum Outcome {
 enum Fail {
     /// A failed attempt (what the subscriber answered, a timeout, a refused connection).
     Attempt(String),
-    /// No instance of the service is routable: not the message's fault, not an attempt.
-    NoInstance,
+    /// Never sent: the service has no routable instance, its breaker is open or it is at its
+    /// concurrency limit. Not the message's fault and not an attempt: it waits (as long as
+    /// the service is down) and goes out again after this.
+    NotSent(Duration),
 }
 
 /// How long a message waits when its service has no routable instance.
@@ -348,9 +350,8 @@ impl Running {
                     attempt = d.attempt, reason = %reason, "bus: delivery failed");
                 self.failed(bus, d.seq, &reason);
             }
-            Outcome::Done(d, Err(Fail::NoInstance)) => {
-                self.lock()
-                    .requeue(d.seq, Instant::now() + NO_INSTANCE_WAIT);
+            Outcome::Done(d, Err(Fail::NotSent(wait))) => {
+                self.lock().requeue(d.seq, Instant::now() + wait);
             }
         }
     }
@@ -413,10 +414,15 @@ impl Running {
                     Err(Fail::Attempt(format!("HTTP {}", status.as_u16())))
                 }
             }
-            Err(e) if matches!(e.failure, gantry_gateway::Failure::NoInstance) => {
-                Err(Fail::NoInstance)
-            }
-            Err(e) => Err(Fail::Attempt(e.to_string())),
+            Err(e) => match e.failure {
+                gantry_gateway::Failure::NoInstance | gantry_gateway::Failure::Bulkhead => {
+                    Err(Fail::NotSent(NO_INSTANCE_WAIT))
+                }
+                gantry_gateway::Failure::CircuitOpen { retry_after_ms } => Err(Fail::NotSent(
+                    Duration::from_millis(retry_after_ms.clamp(50, 30_000)),
+                )),
+                _ => Err(Fail::Attempt(e.to_string())),
+            },
         }
     }
 

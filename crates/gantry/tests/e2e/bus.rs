@@ -25,6 +25,16 @@ fn attempts_of(recs: &[Value], id: &str) -> usize {
 }
 
 fn sink_spec(store: &str, record: &std::path::Path, topic_extra: &str, sub_extra: &str) -> String {
+    sink_spec_slow(store, record, topic_extra, sub_extra, 0)
+}
+
+fn sink_spec_slow(
+    store: &str,
+    record: &std::path::Path,
+    topic_extra: &str,
+    sub_extra: &str,
+    slow_ms: u64,
+) -> String {
     format!(
         r#"{store}
 [bus.topics.orders]
@@ -32,7 +42,7 @@ fn sink_spec(store: &str, record: &std::path::Path, topic_extra: &str, sub_extra
 
 [services.sink]
 command = ["python3", "-u", "{script}"]
-env = {{ RECORD = "{record}" }}
+env = {{ RECORD = "{record}", SLOW_MS = "{slow_ms}" }}
 health = {{ type = "http", path = "/health", interval_ms = 200 }}
 [[services.sink.subscribe]]
 topic = "orders"
@@ -355,4 +365,70 @@ fn nats_bus_delivers_every_acknowledged_message_after_kill_9() {
         crate::store::nats_url(),
         ns.0
     ));
+}
+
+/// The subscriber is killed (-9) with messages in flight: the supervisor restarts it, and what
+/// it had not answered is delivered again (a second attempt), nothing lost.
+#[test]
+fn a_killed_subscriber_gets_its_messages_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.jsonl");
+    let g = Gantry::start(&sink_spec_slow(
+        "",
+        &record,
+        "",
+        "max_in_flight = 8\nbackoff_initial_ms = 100\nbackoff_max_ms = 500",
+        150,
+    ));
+    g.wait_healthy("sink", 1, Duration::from_secs(30));
+    let pid = g.instances("sink")[0]["pid"].as_u64().unwrap() as u32;
+    let auth = format!("Bearer {}", g.token);
+    for i in 0..40 {
+        let id = format!("k-{i}");
+        let r = http(
+            g.admin,
+            "POST",
+            "/v1/topics/orders/messages",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+                ("gantry-message-id", &id),
+            ],
+            Some(r#"{"n":1}"#),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    wait_for("deliveries in flight", Duration::from_secs(10), || {
+        (records(&record).len() >= 10).then_some(())
+    });
+    signal(pid, libc::SIGKILL);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = records(&record);
+        let ids: BTreeSet<&str> = r.iter().filter_map(|v| v["id"].as_str()).collect();
+        if ids.len() == 40 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 40 delivered; subscription: {}; dead letters: {}",
+            ids.len(),
+            g.admin_get("/v1/topics/orders/subscriptions/sink"),
+            g.admin_get("/v1/topics/orders/subscriptions/sink/dead-letters")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for("lag 0", Duration::from_secs(30), || {
+        (g.admin_get("/v1/topics/orders/subscriptions/sink")["lag"] == 0).then_some(())
+    });
+    // Those in flight at the kill went out again.
+    let r = records(&record);
+    assert!(
+        r.iter().any(|v| v["attempt"].as_u64() >= Some(2)),
+        "no redelivery after the kill: {r:?}"
+    );
+    let new_pid = g.instances("sink")[0]["pid"].as_u64().unwrap() as u32;
+    assert_ne!(new_pid, pid, "restarted");
 }
