@@ -174,6 +174,57 @@ async fn push_latency(
     us
 }
 
+/// The peer: raw async-nats JetStream publishes (each with a message id, as the bus sends
+/// them, and each awaited for its ack) to a file stream on the same server, IN_FLIGHT at a
+/// time: what the NATS backend is held to.
+async fn raw_jetstream_per_second(url: &str, secs: u64, in_flight: usize) -> Option<f64> {
+    let client = async_nats::connect(url).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let name = format!("BUSBENCHRAW{}", std::process::id());
+    let subject = format!("busbenchraw.{}", std::process::id());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![subject.clone()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .ok()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..in_flight {
+        let (js, stop, done, subject) = (js.clone(), stop.clone(), done.clone(), subject.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // With a message id, as the bus publishes (JetStream's duplicate window).
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", format!("t{t}-{i}").as_str());
+                i += 1;
+                let ack = js
+                    .publish_with_headers(subject.clone(), h, bytes::Bytes::from(vec![b'x'; 256]))
+                    .await;
+                if let Ok(ack) = ack {
+                    if ack.await.is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (t, n0) = (Instant::now(), done.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let rate = (done.load(Ordering::Relaxed) - n0) as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = js.delete_stream(&name).await;
+    Some(rate)
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -219,6 +270,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, d: &str| args.get(i).cloned().unwrap_or(d.to_string());
     let url = arg(1, "nats://127.0.0.1:4222");
+    let url = url.as_str();
     let secs: u64 = arg(2, "3").parse().unwrap();
     let rounds: usize = arg(3, "3").parse().unwrap();
     let data = arg(4, "target");
@@ -234,7 +286,7 @@ async fn main() {
         gw.clone(),
     )
     .await;
-    let mut o = NatsOptions::new(url);
+    let mut o = NatsOptions::new(url.to_string());
     o.namespace = format!("busbench-{}", std::process::id());
     let nats = NatsStore::connect(o).await.ok().map(Arc::new);
     let on_nats = match &nats {
@@ -242,12 +294,16 @@ async fn main() {
         None => None,
     };
     let (mut e, mut n, mut el, mut nl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut raw = Vec::new();
     for r in 0..rounds {
         e.push(publishes_per_second(&embedded, "bench", secs, in_flight).await);
         el.push(push_latency(&embedded, "latency", &arrivals, rate, secs).await);
         if let Some(b) = &on_nats {
             n.push(publishes_per_second(b, "bench", secs, in_flight).await);
             nl.push(push_latency(b, "latency", &arrivals, rate, secs).await);
+            if let Some(r) = raw_jetstream_per_second(url, secs, in_flight).await {
+                raw.push(r);
+            }
         }
         eprintln!("round {} of {rounds} done", r + 1);
     }
@@ -265,6 +321,16 @@ async fn main() {
             median(n.clone()),
             lat(&nl, 0.5),
             lat(&nl, 0.99)
+        );
+    }
+    if !raw.is_empty() {
+        println!(
+            "raw async-nats    publishes/s= {:>8.0}  (JetStream file stream, message ids, each ack awaited)",
+            median(raw.clone())
+        );
+        println!(
+            "NATS backend / raw async-nats publishes: {:.2} (goal >= 0.8)",
+            median(n.clone()) / median(raw)
         );
     }
     embedded.stop().await;

@@ -40,7 +40,8 @@ pub struct NatsLog {
     store: Arc<NatsStore>,
     js: jetstream::Context,
     cursors: Mutex<HashMap<String, Vec<Cursor>>>,
-    limits: Mutex<HashMap<String, u32>>,
+    /// Each stream's `max_record_bytes` (read on every append: a lock readers share).
+    limits: std::sync::RwLock<HashMap<String, u32>>,
 }
 
 /// An ordered consumer positioned at `next`.
@@ -59,7 +60,7 @@ impl NatsLog {
             store,
             js,
             cursors: Mutex::new(HashMap::new()),
-            limits: Mutex::new(HashMap::new()),
+            limits: std::sync::RwLock::new(HashMap::new()),
         }
     }
 
@@ -98,14 +99,22 @@ impl NatsLog {
     }
 
     async fn max_record_bytes(&self, s: &str) -> Result<u32, StoreError> {
-        if let Some(&m) = self.limits.lock().await.get(s) {
+        if let Some(&m) = self
+            .limits
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(s)
+        {
             return Ok(m);
         }
         let Some(st) = self.stream(s).await? else {
             return Err(StoreError::NotFound(format!("stream {s}")));
         };
         let m = (st.cached_info().config.max_message_size - 1024).max(1) as u32;
-        self.limits.lock().await.insert(s.to_string(), m);
+        self.limits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(s.to_string(), m);
         Ok(m)
     }
 
@@ -209,8 +218,8 @@ impl Log for NatsLog {
             .await
             .map_err(|e| nats_err("configure stream", e))?;
         self.limits
-            .lock()
-            .await
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(stream.to_string(), options.max_record_bytes);
         Ok(())
     }
@@ -218,7 +227,10 @@ impl Log for NatsLog {
     async fn delete_stream(&self, stream: &str) -> Result<bool, StoreError> {
         check_log_name("stream", stream)?;
         self.cursors.lock().await.remove(stream);
-        self.limits.lock().await.remove(stream);
+        self.limits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(stream);
         let existed = match self.js.delete_stream(self.stream_name(stream)).await {
             Ok(_) => true,
             Err(e) if e.to_string().contains("not found") => false,
