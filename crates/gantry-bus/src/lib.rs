@@ -337,7 +337,7 @@ pub struct Bus {
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) metrics: BusMetrics,
     subs: Mutex<HashMap<(String, String), Arc<push::Running>>>,
-    /// Topic options the spec declares (topics made by the API keep theirs in the log).
+    /// The retention dead-letter topics are made with (a plain topic's defaults).
     default_topic: StreamOptions,
 }
 

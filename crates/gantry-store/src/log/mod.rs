@@ -262,7 +262,7 @@ pub fn check_log_name(what: &'static str, name: &str) -> Result<(), StoreError> 
             what,
             name: name.into(),
             why:
-                "expected 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
+                "expected 1-128 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
         })
     }
 }
