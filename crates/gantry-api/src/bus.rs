@@ -328,28 +328,26 @@ pub async fn put_subscription(
         start,
         from_spec: false,
     };
-    if let Some(old) = s.bus.subscription(&topic, &name).await.map_err(bus_error)? {
-        if old.subscription.from_spec {
-            return Err(ApiError::conflict(format!(
-                "subscription {topic}/{name} is declared by the spec file; change it there"
-            )));
-        }
-    }
+    not_the_specs(&s, &topic, &name, "change").await?;
     s.bus.put_subscription(&sub).await.map_err(bus_error)?;
     get_subscription(State(s), Path((topic, name))).await
+}
+
+/// A subscription the spec file declares is changed there, not over the API.
+async fn not_the_specs(s: &ApiState, topic: &str, name: &str, verb: &str) -> ApiResult<()> {
+    match s.bus.subscription(topic, name).await.map_err(bus_error)? {
+        Some(old) if old.subscription.from_spec => Err(ApiError::conflict(format!(
+            "subscription {topic}/{name} is declared by the spec file; {verb} it there"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 pub async fn delete_subscription(
     State(s): State<ApiState>,
     Path((topic, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    if let Some(old) = s.bus.subscription(&topic, &name).await.map_err(bus_error)? {
-        if old.subscription.from_spec {
-            return Err(ApiError::conflict(format!(
-                "subscription {topic}/{name} is declared by the spec file; remove it there"
-            )));
-        }
-    }
+    not_the_specs(&s, &topic, &name, "remove").await?;
     if s.bus
         .delete_subscription(&topic, &name)
         .await

@@ -337,8 +337,6 @@ pub struct Bus {
     pub(crate) gateway: Arc<Gateway>,
     pub(crate) metrics: BusMetrics,
     subs: Mutex<HashMap<(String, String), Arc<push::Running>>>,
-    /// The retention dead-letter topics are made with (a plain topic's defaults).
-    default_topic: StreamOptions,
 }
 
 impl Bus {
@@ -357,7 +355,6 @@ impl Bus {
             gateway,
             metrics: BusMetrics::new(metrics),
             subs: Mutex::new(HashMap::new()),
-            default_topic: StreamOptions::default(),
         }))
     }
 
@@ -819,7 +816,7 @@ impl Bus {
             // Whatever its topic allows, with the reason beside it.
             let o = StreamOptions {
                 max_record_bytes: StreamOptions::MAX_RECORD_BYTES,
-                ..self.default_topic
+                ..StreamOptions::default()
             };
             self.log.ensure_stream(&dlq, o).await?;
         }

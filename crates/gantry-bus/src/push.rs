@@ -340,7 +340,8 @@ impl Running {
     fn outcome(self: &Arc<Self>, bus: &Arc<Bus>, o: Outcome) {
         match o {
             Outcome::Done(d, Ok(())) => {
-                if self.lock().ack(d.seq) {
+                let acked = self.lock().ack(d.seq);
+                if acked.is_some() {
                     self.acked(bus, d.time_ms);
                 }
                 self.room.notify_one();
@@ -481,10 +482,10 @@ impl Running {
         };
         let mut n = 0;
         for &s in seqs {
-            let t = self.lock().time_of(s);
-            if self.lock().ack(s) {
+            let acked = self.lock().ack(s);
+            if let Some(t) = acked {
                 n += 1;
-                self.acked(&bus, t.unwrap_or(0));
+                self.acked(&bus, t);
             }
         }
         self.room.notify_one();

@@ -247,17 +247,10 @@ impl SubState {
         }
     }
 
-    /// Whether something could go out now.
-    pub fn can_send(&self, now: Instant) -> bool {
-        self.in_flight < self.policy.max_in_flight
-            && (!self.ready.is_empty() || self.retries.first().is_some_and(|(t, _)| *t <= now))
-    }
-
     /// The message was processed: it is acknowledged, and the next one of its key may go.
-    pub fn ack(&mut self, seq: u64) -> bool {
-        let Some(e) = self.entries.remove(&seq) else {
-            return false;
-        };
+    /// Returns when it was appended (unix ms), or `None` if it was not held.
+    pub fn ack(&mut self, seq: u64) -> Option<u64> {
+        let e = self.entries.remove(&seq)?;
         self.ready.remove(&seq);
         match e.phase {
             Phase::InFlight { deadline } => {
@@ -278,7 +271,7 @@ impl SubState {
                 self.release(k, seq);
             }
         }
-        true
+        Some(e.time_ms)
     }
 
     fn release(&mut self, key: &str, seq: u64) {
@@ -405,11 +398,6 @@ impl SubState {
         self.entries.get(&seq).map(|e| e.msg.clone())
     }
 
-    /// When the message held under `seq` was appended (unix ms).
-    pub fn time_of(&self, seq: u64) -> Option<u64> {
-        self.entries.get(&seq).map(|e| e.time_ms)
-    }
-
     pub fn is_in_flight(&self, seq: u64) -> bool {
         self.entries
             .get(&seq)
@@ -476,7 +464,7 @@ mod tests {
         let b = s.take(now, None).unwrap();
         assert_eq!((a.seq, b.seq), (1, 2));
         assert!(s.take(now, None).is_none(), "max in flight");
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         assert_eq!(s.position().ack_floor, 0);
         assert_eq!(s.take(now, None).unwrap().seq, 3);
         s.ack(1);
@@ -515,7 +503,7 @@ mod tests {
         }
         assert_eq!(s.take(now, None).unwrap().seq, 1);
         // 2 is acknowledged while 1 holds the key (a late pull ack, say).
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         s.ack(1);
         assert_eq!(s.take(now, None).unwrap().seq, 3, "3 goes; 2 is skipped");
         s.ack(3);

@@ -75,26 +75,21 @@ fn seg(s: &str) -> Result<&str, CliError> {
 pub async fn run(c: &Client, cmd: BusCmd) -> Result<(), CliError> {
     match cmd {
         BusCmd::Topics { out } => {
-            let v = c.get("/v1/topics").await?;
-            if out.json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|t| {
+            list(
+                c,
+                "/v1/topics",
+                out,
+                &["TOPIC", "MESSAGES", "SEQS", "BYTES"],
+                |t| {
                     vec![
                         t["name"].as_str().unwrap_or("").to_string(),
                         t["messages"].to_string(),
                         format!("{}..{}", t["first_seq"], t["last_seq"]),
                         t["bytes"].to_string(),
                     ]
-                })
-                .collect();
-            table::print(&["TOPIC", "MESSAGES", "SEQS", "BYTES"], &rows);
-            Ok(())
+                },
+            )
+            .await
         }
         BusCmd::Publish {
             topic,
@@ -153,46 +148,33 @@ pub async fn run(c: &Client, cmd: BusCmd) -> Result<(), CliError> {
             Ok(())
         }
         BusCmd::Subs { out } => {
-            let v = c.get("/v1/subscriptions").await?;
-            if out.json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| {
-                    let target = match s["mode"].as_str() {
-                        Some("push") => format!(
-                            "push {}{}",
-                            s["service"].as_str().unwrap_or(""),
-                            s["path"].as_str().unwrap_or("")
-                        ),
-                        _ => "pull".into(),
-                    };
-                    vec![
-                        s["topic"].as_str().unwrap_or("").to_string(),
-                        s["name"].as_str().unwrap_or("").to_string(),
-                        target,
-                        s["lag"].to_string(),
-                        s["in_flight"].to_string(),
-                        s["dead_letters"].to_string(),
-                    ]
-                })
-                .collect();
-            table::print(
-                &[
-                    "TOPIC",
-                    "SUBSCRIPTION",
-                    "DELIVERY",
-                    "LAG",
-                    "IN FLIGHT",
-                    "DEAD",
-                ],
-                &rows,
-            );
-            Ok(())
+            let headers = [
+                "TOPIC",
+                "SUBSCRIPTION",
+                "DELIVERY",
+                "LAG",
+                "IN FLIGHT",
+                "DEAD",
+            ];
+            list(c, "/v1/subscriptions", out, &headers, |s| {
+                let target = match s["mode"].as_str() {
+                    Some("push") => format!(
+                        "push {}{}",
+                        s["service"].as_str().unwrap_or(""),
+                        s["path"].as_str().unwrap_or("")
+                    ),
+                    _ => "pull".into(),
+                };
+                vec![
+                    s["topic"].as_str().unwrap_or("").to_string(),
+                    s["name"].as_str().unwrap_or("").to_string(),
+                    target,
+                    s["lag"].to_string(),
+                    s["in_flight"].to_string(),
+                    s["dead_letters"].to_string(),
+                ]
+            })
+            .await
         }
         BusCmd::DeadLetters {
             topic,
@@ -200,34 +182,23 @@ pub async fn run(c: &Client, cmd: BusCmd) -> Result<(), CliError> {
             limit,
             out,
         } => {
-            let v = c
-                .get(&format!(
-                    "/v1/topics/{}/subscriptions/{}/dead-letters?limit={limit}",
-                    seg(&topic)?,
-                    seg(&subscription)?
-                ))
-                .await?;
-            if out.json {
-                print_json(&v);
-                return Ok(());
-            }
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|m| {
-                    let e = &m["event"];
-                    vec![
-                        table::clock(m["time_ms"].as_u64().unwrap_or(0)),
-                        e["id"].as_str().unwrap_or("").to_string(),
-                        e["type"].as_str().unwrap_or("").to_string(),
-                        e["gantryattempts"].as_str().unwrap_or("").to_string(),
-                        e["gantryreason"].as_str().unwrap_or("").to_string(),
-                    ]
-                })
-                .collect();
-            table::print(&["AT", "ID", "TYPE", "ATTEMPTS", "REASON"], &rows);
-            Ok(())
+            let path = format!(
+                "/v1/topics/{}/subscriptions/{}/dead-letters?limit={limit}",
+                seg(&topic)?,
+                seg(&subscription)?
+            );
+            let headers = ["AT", "ID", "TYPE", "ATTEMPTS", "REASON"];
+            list(c, &path, out, &headers, |m| {
+                let e = &m["event"];
+                vec![
+                    table::clock(m["time_ms"].as_u64().unwrap_or(0)),
+                    e["id"].as_str().unwrap_or("").to_string(),
+                    e["type"].as_str().unwrap_or("").to_string(),
+                    e["gantryattempts"].as_str().unwrap_or("").to_string(),
+                    e["gantryreason"].as_str().unwrap_or("").to_string(),
+                ]
+            })
+            .await
         }
         BusCmd::Redrive {
             topic,
@@ -277,6 +248,24 @@ pub async fn run(c: &Client, cmd: BusCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// A list from the API: as JSON with `--json`, else a table of `row` per item.
+async fn list(
+    c: &Client,
+    path: &str,
+    out: Output,
+    headers: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Result<(), CliError> {
+    let v = c.get(path).await?;
+    if out.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v.as_array().into_iter().flatten().map(row).collect();
+    table::print(headers, &rows);
+    Ok(())
 }
 
 fn new_id() -> String {

@@ -511,12 +511,10 @@ fn record_size(id: Option<&str>, data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Recovery
 
-/// What the writer keeps of a recovered stream.
-struct Recovered {
-    dedup: Vec<(String, u64, u64)>,
-}
+/// A recovered stream's publisher ids still within its dedup window: (id, seq, time).
+type RecentIds = Vec<(String, u64, u64)>;
 
-fn recover(dir: &Path) -> Result<(Stream, Recovered), StoreError> {
+fn recover(dir: &Path) -> Result<(Stream, RecentIds), StoreError> {
     let options: StreamOptions = match fs::read(dir.join("options.json")) {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
             bucket: dir.display().to_string(),
@@ -622,7 +620,7 @@ fn recover(dir: &Path) -> Result<(Stream, Recovered), StoreError> {
             state: RwLock::new(st),
             tail,
         },
-        Recovered { dedup },
+        dedup,
     ))
 }
 
@@ -647,7 +645,7 @@ struct WStream {
 }
 
 impl WStream {
-    fn new(stream: Arc<Stream>, r: Recovered) -> Self {
+    fn new(stream: Arc<Stream>, recent: RecentIds) -> Self {
         let (count, first_time, last_time) = {
             let st = stream.state.read().unwrap_or_else(PoisonError::into_inner);
             match st.segs.last() {
@@ -667,7 +665,7 @@ impl WStream {
             active_first_time: first_time,
             last_time,
         };
-        for (id, seq, t) in r.dedup {
+        for (id, seq, t) in recent {
             w.dedup.insert(id.clone(), seq);
             w.dedup_order.push_back((t, id));
         }
@@ -1047,10 +1045,8 @@ impl Writer {
             state: RwLock::new(Segments::default()),
             tail,
         });
-        self.streams.insert(
-            name.to_string(),
-            WStream::new(stream.clone(), Recovered { dedup: Vec::new() }),
-        );
+        self.streams
+            .insert(name.to_string(), WStream::new(stream.clone(), Vec::new()));
         self.shared
             .streams
             .write()
