@@ -12,7 +12,8 @@ GET  /health
 
 A placed order is published to the bus's `orders` topic as a CloudEvent (`order.placed`, its
 id the order's, so a retried publish is not stored twice); inventory subscribes and prepares
-the shipment. Publishing goes to the admin API ($GANTRY_ADMIN_URL) with the same credential.
+the shipment. Publishing goes through the gateway too ($GANTRY_BUS_URL, the bus's address on
+it), with the same credential.
 """
 import json
 import os
@@ -26,7 +27,7 @@ from urllib.parse import parse_qs, urlparse
 
 INSTANCE = os.environ.get("GANTRY_INSTANCE", "orders")
 GATEWAY = os.environ.get("GANTRY_GATEWAY_URL", "http://127.0.0.1:8080")
-ADMIN = os.environ.get("GANTRY_ADMIN_URL", "http://127.0.0.1:7070")
+BUS = os.environ.get("GANTRY_BUS_URL", GATEWAY + "/_gantry/topics")
 ORDERS = []
 LOCK = threading.Lock()
 
@@ -76,7 +77,7 @@ def publish(order):
         headers["Authorization"] = "Bearer " + token
     data = json.dumps(order).encode()
     for _ in range(3):
-        req = urllib.request.Request(ADMIN + "/v1/topics/orders/messages", data=data,
+        req = urllib.request.Request(BUS + "/orders/messages", data=data,
                                      method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=5) as r:

@@ -216,7 +216,8 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
             false,
             "/v1/topics/{topic}/subscriptions/{name}/fetch"
             | "/v1/topics/{topic}/subscriptions/{name}/ack"
-            | "/v1/topics/{topic}/subscriptions/{name}/nack",
+            | "/v1/topics/{topic}/subscriptions/{name}/nack"
+            | "/v1/topics/{topic}/subscriptions/{name}/extend",
         ) => BusConsume,
         (
             false,
@@ -550,6 +551,7 @@ fn own_subscription(p: &Principal, template: &str, path: &str) -> bool {
         "/v1/topics/{topic}/subscriptions/{name}/fetch"
             | "/v1/topics/{topic}/subscriptions/{name}/ack"
             | "/v1/topics/{topic}/subscriptions/{name}/nack"
+            | "/v1/topics/{topic}/subscriptions/{name}/extend"
     ) && path.split('/').nth(5) == Some(service.as_str())
 }
 

@@ -43,6 +43,10 @@ pub(crate) fn routes() -> Router<ApiState> {
         .route("/v1/topics/{topic}/subscriptions/{name}/ack", post(ack))
         .route("/v1/topics/{topic}/subscriptions/{name}/nack", post(nack))
         .route(
+            "/v1/topics/{topic}/subscriptions/{name}/extend",
+            post(extend),
+        )
+        .route(
             "/v1/topics/{topic}/subscriptions/{name}/replay",
             post(replay),
         )
@@ -422,10 +426,15 @@ pub struct AckAnswer {
 
 fn seqs(body: &Bytes) -> ApiResult<Vec<u64>> {
     let b: SeqsBody = parse_json(body)?;
-    if b.seqs.is_empty() || b.seqs.len() > 10_000 {
+    check_seqs(&b.seqs)?;
+    Ok(b.seqs)
+}
+
+fn check_seqs(seqs: &[u64]) -> ApiResult<()> {
+    if seqs.is_empty() || seqs.len() > 10_000 {
         return Err(ApiError::bad_request("seqs: expected 1-10000 of them"));
     }
-    Ok(b.seqs)
+    Ok(())
 }
 
 pub async fn ack(
@@ -445,6 +454,43 @@ pub async fn nack(
 ) -> ApiResult<Json<AckAnswer>> {
     let seqs = seqs(&body)?;
     let count = s.bus.nack(&topic, &name, &seqs).map_err(bus_error)?;
+    Ok(Json(AckAnswer { count }))
+}
+
+/// The body of an extend: fetched messages still being worked on.
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    pub seqs: Vec<u64>,
+    /// Each lease runs this long from now (100-3600000). Default: the subscription's
+    /// `ack_deadline_ms`.
+    #[serde(default)]
+    pub ack_deadline_ms: Option<u64>,
+}
+
+pub async fn extend(
+    State(s): State<ApiState>,
+    Path((topic, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<AckAnswer>> {
+    let b: ExtendBody = parse_json(&body)?;
+    check_seqs(&b.seqs)?;
+    if b.ack_deadline_ms
+        .is_some_and(|d| !(100..=3_600_000).contains(&d))
+    {
+        return Err(ApiError::bad_request(
+            "ack_deadline_ms: expected 100..=3600000",
+        ));
+    }
+    let count = s
+        .bus
+        .extend(
+            &topic,
+            &name,
+            &b.seqs,
+            b.ack_deadline_ms.map(Duration::from_millis),
+        )
+        .map_err(bus_error)?;
     Ok(Json(AckAnswer { count }))
 }
 

@@ -711,6 +711,18 @@ impl Bus {
         Ok(self.pull(topic, name)?.ack(seqs))
     }
 
+    /// Extend the leases of fetched messages (still being worked on): each runs `lease` from
+    /// now, the subscription's ack deadline when `None`; returns how many were outstanding.
+    pub fn extend(
+        &self,
+        topic: &str,
+        name: &str,
+        seqs: &[u64],
+        lease: Option<Duration>,
+    ) -> Result<usize, BusError> {
+        Ok(self.pull(topic, name)?.extend(seqs, lease))
+    }
+
     /// Give fetched messages back (a failed attempt each: retried after backoff, or dead
     /// letters when attempts are used up).
     pub fn nack(&self, topic: &str, name: &str, seqs: &[u64]) -> Result<usize, BusError> {

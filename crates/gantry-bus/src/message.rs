@@ -6,7 +6,7 @@
 //! `datacontenttype`, `type` `gantry.message`, `source` `/topics/{topic}` and the id the publisher
 //! gives in `Gantry-Message-Id` (or `Idempotency-Key`), else a generated one. The id is what the
 //! topic's dedup window compares. The ordering key is the CloudEvents `partitionkey` extension
-//! (or `Gantry-Key` on a plain body); trace context is the `traceparent`/`tracestate`
+//! (or `Ordering-Key` on a plain body, `Gantry-Key` on the admin API); trace context is the `traceparent`/`tracestate`
 //! extensions (taken from the publish request's headers when the event has none).
 
 use std::collections::BTreeMap;
@@ -357,7 +357,7 @@ pub fn from_http(topic: &str, headers: &HeaderMap, body: Bytes) -> Result<Vec<Me
             m.id = id.to_string();
             m.generated_id = false;
         }
-        if let Some(k) = header(headers, "gantry-key")? {
+        if let Some(k) = header(headers, "ordering-key")?.or(header(headers, "gantry-key")?) {
             m.extensions.insert("partitionkey".into(), k.to_string());
         }
         vec![m]

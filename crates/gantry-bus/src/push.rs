@@ -493,6 +493,18 @@ impl Running {
         n
     }
 
+    /// Pull: the subscriber is still working on these; each lease runs `lease` from now (the
+    /// subscription's ack deadline when `None`). Returns how many were outstanding.
+    pub fn extend(&self, seqs: &[u64], lease: Option<Duration>) -> usize {
+        let Mode::Pull { ack_deadline_ms } = self.sub.mode else {
+            return 0;
+        };
+        let lease = lease.unwrap_or(Duration::from_millis(ack_deadline_ms));
+        let now = Instant::now();
+        let mut st = self.lock();
+        seqs.iter().filter(|&&s| st.extend(s, now, lease)).count()
+    }
+
     pub fn nack(self: &Arc<Self>, seqs: &[u64], reason: &str) -> usize {
         let Some(bus) = self.bus.upgrade() else {
             return 0;

@@ -665,6 +665,43 @@ async fn pull_fetch_ack_nack_and_deadlines(w: World) -> World {
             .unwrap(),
         2
     );
+    // Still working on them: leases extended past the 400 ms deadline hold.
+    w.bus
+        .publish(
+            "orders",
+            (0..2)
+                .map(|i| plain(&format!("x{i}"), None, None))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    let t = Instant::now();
+    while held.len() < 2 && t.elapsed() < Duration::from_secs(5) {
+        held.extend(
+            w.bus
+                .fetch("orders", "puller", 10, Duration::from_secs(2))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|f| f.seq),
+        );
+    }
+    held.push(999);
+    assert_eq!(
+        w.bus
+            .extend("orders", "puller", &held, Some(Duration::from_millis(3000)))
+            .unwrap(),
+        2
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(w
+        .bus
+        .fetch("orders", "puller", 10, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(w.bus.ack("orders", "puller", &held).unwrap(), 2);
     // A push subscription cannot be fetched from.
     w.bus.put_subscription(&push_sub("orders")).await.unwrap();
     assert!(w

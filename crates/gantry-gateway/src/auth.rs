@@ -23,6 +23,8 @@ pub(crate) struct RouteAuthFilter {
     pub public: bool,
     /// The service the route belongs to (what a caller must be allowed to call).
     pub service: Arc<str>,
+    /// A workload token goes upstream (Gantry's own services check it themselves).
+    pub pass_credentials: bool,
 }
 
 /// A verified caller, and the browser session it came with (if it did).

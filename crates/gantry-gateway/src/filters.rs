@@ -382,8 +382,10 @@ pub(crate) fn rewrite_path(
             } else {
                 path.strip_prefix(prefix).unwrap_or(path)
             };
+            // The bare prefix becomes the replacement itself (`/api` → `/internal/api`, as
+            // Envoy's `prefix_rewrite` does); a replacement of "/" keeps its slash.
             let mut s = p.trim_end_matches('/').to_string();
-            if rest.is_empty() || !rest.starts_with('/') {
+            if s.is_empty() || (!rest.is_empty() && !rest.starts_with('/')) {
                 s.push('/');
             }
             s.push_str(rest);

@@ -634,6 +634,7 @@ impl Control {
                         req: requirement(&f.auth),
                         public: f.auth.public,
                         service: Arc::from(r.service.as_str()),
+                        pass_credentials: f.auth.pass_credentials,
                     }))];
                     if let Some(rl) = &f.rate_limit {
                         let key = format!("{}/{}", rl.requests_per_second, rl.burst);

@@ -367,6 +367,7 @@ impl Gateway {
                 auth::strip_ours(req.headers_mut());
             }
             let mut who = None;
+            let mut pass_credentials = false;
             for filter in f.filters.phase(Phase::Policy) {
                 match filter {
                     // Nothing to read: no credentials asked for and every call allowed.
@@ -401,6 +402,7 @@ impl Gateway {
                                 );
                             }
                         }
+                        pass_credentials = a.pass_credentials;
                         match r {
                             Ok(id) => who = id,
                             Err(refusal) => {
@@ -437,7 +439,7 @@ impl Gateway {
                 auth::identity_headers(req.headers_mut(), &w.id);
                 if let Some(s) = &w.session {
                     auth::session_upstream(req.headers_mut(), s);
-                } else if w.workload_token() {
+                } else if w.workload_token() && !pass_credentials {
                     req.headers_mut().remove(header::AUTHORIZATION);
                 }
             }

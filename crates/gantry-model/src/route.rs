@@ -130,6 +130,9 @@ pub struct RouteAuth {
     pub roles: Vec<String>,
     /// Claims that must have these values.
     pub claims: BTreeMap<String, String>,
+    /// The caller's credential goes upstream as received, a workload token included: only
+    /// for Gantry's own services (the bus under the gateway), which check it themselves.
+    pub pass_credentials: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

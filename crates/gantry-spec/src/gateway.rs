@@ -1370,6 +1370,7 @@ impl RouteSpec {
                         scopes: self.scopes.clone(),
                         roles: self.roles.clone(),
                         claims: self.claims.clone(),
+                        pass_credentials: false,
                     },
                 }))
             }
@@ -1480,6 +1481,27 @@ impl Spec {
                 model
                     .upstreams
                     .insert(crate::IDENTITY_SERVICE.into(), u.to_model(base_dir));
+            }
+        }
+        // The bus under the gateway (`[bus] gateway_path`): the admin API's `/v1/topics`,
+        // which checks the caller's credentials itself (so the route passes them on).
+        if !self.bus.gateway_path.is_empty() {
+            let text = format!(
+                "path_prefix = {:?}\nrewrite_prefix = \"/v1/topics\"\npublic = true\ntimeout_ms = 90000\n",
+                self.bus.gateway_path
+            );
+            if let Ok(r) = toml::from_str::<RouteSpec>(&text) {
+                let mut route = r.to_model(crate::BUS_SERVICE, 0);
+                route.id = "bus/0".into();
+                if let m::RouteAction::Forward(f) = &mut route.action {
+                    f.auth.pass_credentials = true;
+                }
+                model.routes.push(route);
+            }
+            if let Ok(u) = toml::from_str::<UpstreamSpec>("") {
+                model
+                    .upstreams
+                    .insert(crate::BUS_SERVICE.into(), u.to_model(base_dir));
             }
         }
         model

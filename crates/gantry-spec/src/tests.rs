@@ -499,3 +499,52 @@ fn bus_topics_and_subscriptions() {
     let e = errs(&format!("{OK}\n[bus.topics.orders]\nretention = 5\n"));
     assert!(e[0].message.contains("unknown field"), "{e:?}");
 }
+
+#[test]
+fn the_bus_gateway_path_is_checked_and_routed() {
+    for (path, ok) in [
+        ("/_gantry/topics", true),
+        ("/events/", true),
+        ("", true),
+        ("/", false),
+        ("topics", false),
+        ("/a/../b", false),
+        ("/a?b", false),
+    ] {
+        let text = format!("[bus]\ngateway_path = {path:?}\n[services.api]\ncommand = [\"x\"]\n");
+        let r = parse(&text, Path::new("g.toml"));
+        assert_eq!(r.is_ok(), ok, "{path:?}: {:?}", r.err());
+    }
+    // A service's route on it, or a service of Gantry's own name, is refused.
+    let text = r#"
+[services.gantry-bus]
+command = ["x"]
+[services.api]
+command = ["x"]
+[[services.api.routes]]
+path_prefix = "/_gantry/topics/"
+"#;
+    let fields: Vec<String> = errs(text).into_iter().map(|e| e.field).collect();
+    assert!(
+        fields.contains(&"services.gantry-bus".to_string()),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&"services.api.routes[0].path_prefix".to_string()),
+        "{fields:?}"
+    );
+
+    // The route: the admin API's /v1/topics, credentials passed on; none when turned off.
+    let spec: Spec = toml::from_str("").unwrap();
+    let model = spec.gateway_model(std::path::Path::new("."));
+    let bus = model.routes.iter().find(|r| r.id == "bus/0").unwrap();
+    assert_eq!(bus.service, BUS_SERVICE);
+    let gantry_model::RouteAction::Forward(f) = &bus.action else {
+        panic!("{bus:?}")
+    };
+    assert!(f.auth.pass_credentials && f.auth.public);
+    assert!(model.upstreams.contains_key(BUS_SERVICE));
+    let off: Spec = toml::from_str("[bus]\ngateway_path = \"\"\n").unwrap();
+    let model = off.gateway_model(std::path::Path::new("."));
+    assert!(model.routes.iter().all(|r| r.id != "bus/0"));
+}

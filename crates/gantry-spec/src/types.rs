@@ -35,13 +35,36 @@ pub struct Spec {
 }
 
 /// `[bus]`: the message bus.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BusSpec {
     /// Topics by name (`[bus.topics.orders]`); more can be made over the admin API.
     #[serde(default)]
     pub topics: BTreeMap<String, TopicSpec>,
+    /// Where services reach the bus on the gateway (`GANTRY_BUS_URL` in their environment):
+    /// `{gateway_path}/{topic}/messages` is the admin API's `/v1/topics/{topic}/messages` (and
+    /// the rest of `/v1/topics`), with the same credentials (a workload token). `""` turns it
+    /// off. Default `/_gantry/topics`.
+    #[serde(default = "default_bus_gateway_path")]
+    pub gateway_path: String,
 }
+
+impl Default for BusSpec {
+    fn default() -> Self {
+        BusSpec {
+            topics: BTreeMap::new(),
+            gateway_path: default_bus_gateway_path(),
+        }
+    }
+}
+
+fn default_bus_gateway_path() -> String {
+    "/_gantry/topics".into()
+}
+
+/// The built-in service the bus is routed as on the gateway (`[bus] gateway_path`): its one
+/// instance is the admin API.
+pub const BUS_SERVICE: &str = "gantry-bus";
 
 /// `[bus.topics.NAME]`: a topic's retention and limits.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

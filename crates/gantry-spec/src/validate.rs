@@ -444,6 +444,50 @@ fn valid_bus_name(n: &str) -> bool {
 }
 
 fn validate_bus(spec: &Spec, p: &mut Problems) {
+    let g = &spec.bus.gateway_path;
+    if !g.is_empty() {
+        if !g.starts_with('/') || g.len() < 2 || bad_prefix(g).is_some() {
+            p.push((
+                "bus.gateway_path".into(),
+                format!("{g:?}: expected a path prefix such as \"/_gantry/topics\" (not \"/\"), or \"\" for none"),
+            ));
+        }
+        let g = crate::normalize_prefix(g);
+        if spec
+            .identity
+            .gateway_path
+            .as_deref()
+            .map(crate::normalize_prefix)
+            .as_deref()
+            == Some(g.as_str())
+        {
+            p.push((
+                "bus.gateway_path".into(),
+                format!("{g:?} is identity.gateway_path too"),
+            ));
+        }
+        for (name, svc) in &spec.services {
+            for (i, r) in svc.routes.iter().enumerate() {
+                if r.path_prefix
+                    .as_deref()
+                    .map(crate::normalize_prefix)
+                    .as_deref()
+                    == Some(&g)
+                {
+                    p.push((
+                        format!("services.{name}.routes[{i}].path_prefix"),
+                        format!("{g:?} is bus.gateway_path (where services publish)"),
+                    ));
+                }
+            }
+        }
+    }
+    if spec.services.contains_key(crate::BUS_SERVICE) {
+        p.push((
+            format!("services.{}", crate::BUS_SERVICE),
+            "this name is Gantry's own (the message bus)".into(),
+        ));
+    }
     for (name, t) in &spec.bus.topics {
         let at = |f: &str| format!("bus.topics.{name}.{f}");
         if !valid_bus_name(name) {

@@ -729,6 +729,9 @@ fn build_env(
     if let Some(e) = &svc.deps.environment {
         env.insert("GANTRY_ENV".into(), e.clone());
     }
+    if let Some(u) = &svc.deps.bus_url {
+        env.insert("GANTRY_BUS_URL".into(), u.clone());
+    }
     let d = &svc.deps;
     for (k, v) in [
         ("PORT", port.to_string()),

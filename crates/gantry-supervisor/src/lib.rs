@@ -86,6 +86,8 @@ pub struct SupervisorDeps {
     /// Values of `GANTRY_GATEWAY_URL`, `GANTRY_ADMIN_URL`, `GANTRY_NODE`.
     pub gateway_url: String,
     pub admin_url: String,
+    /// `GANTRY_BUS_URL`: where instances publish (the bus under the gateway), if anywhere.
+    pub bus_url: Option<String>,
     pub node: String,
     pub echo: Option<Echo>,
     /// Each instance gets a fresh directory here (`<dir>/<instance id>`, mode 0700), named in its
@@ -148,6 +150,7 @@ pub(crate) struct Deps {
     board: Arc<StatusBoard>,
     gateway_url: String,
     admin_url: String,
+    bus_url: Option<String>,
     node: String,
     echo: Option<Echo>,
     instances_dir: PathBuf,
@@ -255,6 +258,7 @@ impl Supervisor {
             board: board.clone(),
             gateway_url: d.gateway_url,
             admin_url: d.admin_url,
+            bus_url: d.bus_url,
             node: d.node,
             echo: d.echo,
             instances_dir: d.instances_dir,

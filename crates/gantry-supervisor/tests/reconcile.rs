@@ -145,6 +145,7 @@ async fn supervisor(
         drain: Arc::new(NoDrain),
         gateway_url: "http://127.0.0.1:1".into(),
         admin_url: "http://127.0.0.1:1".into(),
+        bus_url: None,
         node: "test".into(),
         echo: None,
         instances_dir: dir.join("instances"),

@@ -479,6 +479,36 @@ impl DrainObserver for GatewayDrain {
     }
 }
 
+/// A built-in service the gateway routes to (the token service under `[identity]
+/// gateway_path`, the bus under `[bus] gateway_path`): its one instance is the component's
+/// own listener.
+pub(crate) fn register_builtin(
+    registry: &gantry_registry::Registry,
+    service: &str,
+    addr: std::net::SocketAddr,
+) {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    registry.register_static(gantry_model::Instance {
+        id: format!("{service}-1"),
+        service: service.into(),
+        version: semver::Version::new(0, 0, 0),
+        address: ip,
+        port: addr.port(),
+        metadata: Default::default(),
+        node: registry.node().to_string(),
+        zone: None,
+        health: gantry_model::Health::Passing,
+        source: gantry_model::InstanceSource::Static,
+        registered_at_ms: gantry_model::unix_ms(),
+        tags: Vec::new(),
+        checks: Vec::new(),
+    });
+}
+
 pub(crate) struct SupervisorInputs {
     pub registry: Arc<Registry>,
     pub config: Arc<ConfigStore>,
@@ -487,6 +517,7 @@ pub(crate) struct SupervisorInputs {
     pub gateway: Arc<Gateway>,
     pub gateway_url: String,
     pub admin_url: String,
+    pub bus_url: Option<String>,
     pub node: String,
     pub echo: Option<Echo>,
     pub identity: Arc<gantry_identity::Identity>,
@@ -511,6 +542,7 @@ impl SupervisorComponent {
             drain: Arc::new(GatewayDrain(i.gateway)),
             gateway_url: i.gateway_url,
             admin_url: i.admin_url,
+            bus_url: i.bus_url,
             node: i.node,
             echo: i.echo,
             instances_dir: data.dir.join("instances"),

@@ -202,6 +202,11 @@ impl RouteControl for Control {
         {
             needs_restart.push("[identity] settings other than service_policy changed".into());
         }
+        if old.spec.bus.gateway_path != new.spec.bus.gateway_path {
+            needs_restart.push(
+                "bus.gateway_path changed: the gateway's route follows now, running instances' GANTRY_BUS_URL at their next start".into(),
+            );
+        }
         st.spec = Arc::new(new);
         let after = self.apply(&st);
         tracing::info!(routes = after.routes.len(), "spec reloaded");

@@ -28,31 +28,6 @@ pub fn call_policy(spec: &Spec) -> gantry_authn::CallPolicy {
     }
 }
 
-/// With `[identity] gateway_path`, the token service is the one instance of the built-in
-/// service the gateway's route for that path sends to.
-pub(crate) fn register_behind_gateway(registry: &gantry_registry::Registry, addr: SocketAddr) {
-    let ip = if addr.ip().is_unspecified() {
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        addr.ip()
-    };
-    registry.register_static(gantry_model::Instance {
-        id: format!("{}-1", gantry_spec::IDENTITY_SERVICE),
-        service: gantry_spec::IDENTITY_SERVICE.into(),
-        version: semver::Version::new(0, 0, 0),
-        address: ip,
-        port: addr.port(),
-        metadata: Default::default(),
-        node: registry.node().to_string(),
-        zone: None,
-        health: gantry_model::Health::Passing,
-        source: gantry_model::InstanceSource::Static,
-        registered_at_ms: gantry_model::unix_ms(),
-        tags: Vec::new(),
-        checks: Vec::new(),
-    });
-}
-
 /// The services whose instances get certificates.
 pub fn mtls_services(spec: &Spec) -> std::collections::BTreeSet<String> {
     spec.services

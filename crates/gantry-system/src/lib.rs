@@ -176,7 +176,11 @@ impl System {
         .await?;
         // After the gateway follows the registry.
         if spec.spec.identity.gateway_path.is_some() {
-            identity::register_behind_gateway(&registry.registry, identity.addr);
+            components::register_builtin(
+                &registry.registry,
+                gantry_spec::IDENTITY_SERVICE,
+                identity.addr,
+            );
         }
         let bus = bus::BusComponent::new(
             gantry_bus::Bus::open(
@@ -190,6 +194,9 @@ impl System {
         );
         gateway.control.set_bus(bus.bus.clone());
         let admin_addr = components::AdminComponent::bind(&spec)?;
+        // Services publish on the gateway: the bus's route goes to the admin API.
+        components::register_builtin(&registry.registry, gantry_spec::BUS_SERVICE, admin_addr.1);
+        let bus_path = &spec.spec.bus.gateway_path;
         let supervisor = components::SupervisorComponent::build(
             &spec,
             &data,
@@ -201,6 +208,13 @@ impl System {
                 gateway: gateway.gateway.clone(),
                 gateway_url: local_url(gateway.addr),
                 admin_url: local_url(admin_addr.1),
+                bus_url: (!bus_path.is_empty()).then(|| {
+                    format!(
+                        "{}{}",
+                        local_url(gateway.addr),
+                        bus_path.trim_end_matches('/')
+                    )
+                }),
                 node,
                 echo: opts.echo,
                 identity: identity.identity.clone(),

@@ -432,3 +432,98 @@ fn a_killed_subscriber_gets_its_messages_again() {
     let new_pid = g.instances("sink")[0]["pid"].as_u64().unwrap() as u32;
     assert_ne!(new_pid, pid, "restarted");
 }
+
+#[test]
+fn services_publish_through_the_gateway_with_their_workload_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.jsonl");
+    let spec = sink_spec("", &record, "", "").replace(
+        r#"SLOW_MS = "0""#,
+        r#"SLOW_MS = "0", PUBLISH_TO = "orders""#,
+    );
+    let g = Gantry::start(&spec);
+    g.wait_healthy("sink", 1, Duration::from_secs(30));
+
+    // The service published its own message on the gateway (GANTRY_BUS_URL, its workload
+    // token) as a plain body with an id and an ordering key; the bus pushed it back.
+    let got = wait_for(
+        "its own message, pushed back",
+        Duration::from_secs(20),
+        || records(&record).into_iter().find(|v| v["id"] == "self-1"),
+    );
+    let r = records(&record);
+    let published = r.iter().find(|v| v.get("published").is_some()).unwrap();
+    assert_eq!(published["published"], 201, "{r:?}");
+    assert_eq!(
+        published["url"],
+        format!("http://{}/_gantry/topics/orders/messages", g.gateway)
+    );
+    assert_eq!(
+        (got["key"].clone(), got["data"].clone()),
+        ("k-self".into(), "self".into())
+    );
+    assert_eq!(got["source"], "/topics/orders");
+    let stored = || {
+        g.admin_get("/v1/topics/orders")["messages"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(stored(), 1);
+
+    // Without a credential, or with a forged one, nothing is stored.
+    for auth in [None, Some("Bearer not-a-token")] {
+        let mut h = vec![("content-type", "text/plain")];
+        if let Some(a) = auth {
+            h.push(("authorization", a));
+        }
+        let r = http(
+            g.gateway,
+            "POST",
+            "/_gantry/topics/orders/messages",
+            &h,
+            Some("x"),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(r.status, 401, "{auth:?}: {}", r.body);
+    }
+    assert_eq!(stored(), 1);
+
+    // The route reaches the topics and nothing else of the admin API.
+    let admin = format!("Bearer {}", g.token);
+    let r = http(
+        g.gateway,
+        "GET",
+        "/_gantry/topics",
+        &[("authorization", &admin)],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"orders\""), "{}", r.body);
+    for path in [
+        "/_gantry/topics/../identity/users",
+        "/_gantry/topics/%2e%2e/identity/users",
+        "/_gantry/topics/..%2fidentity%2fusers",
+        "/_gantry/topics/%2E%2E%2F..%2Fv1%2Fusers",
+        "/_gantry/topics/../../v1/identity/users",
+        "/_gantry/topicsx",
+    ] {
+        let r = http(
+            g.gateway,
+            "GET",
+            path,
+            &[("authorization", &admin)],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(
+            (400..500).contains(&r.status) && !r.body.contains("\"username\""),
+            "{path}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+}

@@ -69,6 +69,9 @@ query = [{ name = "beta", regex = "^(1|true)$" }]
     assert_eq!(inst(&plain), "a-1");
     let v = plain.json();
     assert_eq!(v["path"], "/internal/api/users");
+    // The bare prefix becomes the replacement itself, as Envoy's prefix_rewrite does.
+    assert_eq!(get_h("/api", &[]).json()["path"], "/internal/api");
+    assert_eq!(get_h("/api/", &[]).json()["path"], "/internal/api/");
     assert_eq!(v["headers"]["x-from"], "gantry");
     assert!(v["headers"].get("x-secret").is_none());
     assert_eq!(plain.header("x-served-by"), Some("gantry"));
@@ -516,7 +519,8 @@ strip_prefix = true
     for i in 0..100 {
         let spec = format!("{base}[[services.web.routes]]\npath_prefix = \"/extra{i}\"\nheaders = [{{ name = \"x-n\", value = \"{i}\" }}]\n");
         let report = g.rewrite_and_reload(&spec);
-        assert_eq!(report["routes"], 3);
+        // The spec's routes and the bus's (`/_gantry/topics`).
+        assert_eq!(report["routes"], 4);
         assert!(
             report["needs_restart"].as_array().unwrap().is_empty(),
             "{report}"
