@@ -18,12 +18,17 @@ pub async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-pub async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+/// The format follows `Accept`: OpenMetrics to scrapers that rank it first (Prometheus does),
+/// the 0.0.4 text format otherwise.
+pub async fn metrics(State(s): State<ApiState>, headers: http::HeaderMap) -> impl IntoResponse {
+    let format = gantry_telemetry::Format::negotiate(
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+    );
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.metrics.encode(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        s.metrics.encode_as(format),
     )
 }

@@ -119,7 +119,7 @@ fn histogram_buckets(counts: &[u64]) -> Vec<(f64, u64)> {
     BUCKETS_US
         .iter()
         .map(|b| *b as f64 / 1e6)
-        .chain([f64::MAX])
+        .chain([f64::INFINITY])
         .zip(counts.iter().copied())
         .collect()
 }

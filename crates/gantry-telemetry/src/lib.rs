@@ -7,6 +7,7 @@
 //! registry. Metric names follow `gantry_<component>_<thing>_<unit>`.
 #![forbid(unsafe_code)]
 
+pub mod exposition;
 mod logs;
 pub mod stats;
 
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::registry::Registry;
 
+pub use exposition::Format;
 pub use logs::{LogFilter, LogLine, LogStore, LogStream, MAX_LINE_BYTES};
 pub use prometheus_client;
 
@@ -42,7 +44,7 @@ impl Metrics {
         f(reg.sub_registry_with_prefix(component))
     }
 
-    /// The Prometheus text exposition of every registered metric.
+    /// Every registered metric in OpenMetrics text.
     pub fn encode(&self) -> String {
         let reg = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = String::with_capacity(16 * 1024);
@@ -50,6 +52,14 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Every registered metric in the format a scraper asked for.
+    pub fn encode_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Text => exposition::openmetrics_to_text(&self.encode()),
+        }
     }
 }
 

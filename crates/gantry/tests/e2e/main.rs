@@ -21,3 +21,4 @@ mod routing;
 mod shop;
 mod store;
 mod supervisor;
+mod telemetry;

@@ -1,0 +1,250 @@
+//! Telemetry checked by tools we did not write: `promtool check metrics` (Debian's
+//! `prometheus`) lints `/metrics`, and a real Prometheus scrapes Gantry and answers queries
+//! over what it scraped (up, a rate, a histogram quantile, the metadata of the families).
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// A process this test started, killed (by PID) when the test ends however it ends.
+struct Owned(Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn promtool_check(text: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn encode_query(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A PromQL instant query's result vector.
+fn query(prom: std::net::SocketAddr, q: &str) -> Vec<Value> {
+    let r = http(
+        prom,
+        "GET",
+        &format!("/api/v1/query?query={}", encode_query(q)),
+        &[],
+        None,
+        Duration::from_secs(5),
+    );
+    match r {
+        Ok(r) if r.status == 200 => r.json()["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn scalar(v: &[Value]) -> Option<f64> {
+    v.first()?["value"][1].as_str()?.parse().ok()
+}
+
+#[test]
+fn promtool_passes_the_metrics_and_a_real_prometheus_scrapes_them() {
+    let g = Gantry::start(
+        r#"
+[services.web]
+command = ["{TESTSVC}"]
+[[services.web.routes]]
+path_prefix = "/web"
+strip_prefix = true
+"#,
+    );
+    g.wait_healthy("web", 1, Duration::from_secs(20));
+    for i in 0..20 {
+        assert_eq!(g.get(&format!("/web/ok/{i}")).status, 200);
+    }
+
+    // Without an Accept header (as promtool's users fetch it): the 0.0.4 text, which promtool
+    // passes without a single complaint, help text on every family included.
+    let auth = format!("Bearer {}", g.token);
+    let r = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[("authorization", &auth)],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert!(r
+        .body
+        .contains("# TYPE gantry_gateway_requests_total counter"));
+    assert!(!r.body.contains("# EOF"));
+    // Every histogram ends with the +Inf bucket histogram_quantile needs.
+    assert!(
+        r.body
+            .contains("gantry_gateway_request_duration_seconds_bucket{le=\"+Inf\"")
+            && !r.body.contains("e308"),
+        "{}",
+        r.body
+    );
+    let (ok, said) = promtool_check(&r.body);
+    assert!(ok && said.trim().is_empty(), "promtool: {said}");
+    // OpenMetrics to a scraper that ranks it first.
+    let r = http(
+        g.admin,
+        "GET",
+        "/metrics",
+        &[
+            ("authorization", &auth),
+            (
+                "accept",
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            ),
+        ],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(r.body.contains("# TYPE gantry_gateway_requests counter"));
+    assert!(r.body.ends_with("# EOF\n"));
+
+    // A real Prometheus scrapes the admin API every second, with the admin token.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, &g.token).unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: gantry\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: ['{}']\n",
+            token.display(),
+            g.admin
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _prom = Owned(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (Debian's prometheus package; scripts/test installs it)"),
+    );
+    let prom_log =
+        || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+    let up = wait_for(
+        "Prometheus to scrape gantry",
+        Duration::from_secs(60),
+        || scalar(&query(prom_addr, "up{job=\"gantry\"}")).filter(|&v| v == 1.0),
+    );
+    assert_eq!(up, 1.0);
+
+    // Steady traffic while the rate and the quantile are asked for.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, gw) = (stop.clone(), g.gateway);
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && n < 5_000 {
+                let _ = http(gw, "GET", "/web/ok", &[], None, Duration::from_secs(2));
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let rate = wait_for("a request rate", Duration::from_secs(30), || {
+        scalar(&query(
+            prom_addr,
+            "sum(rate(gantry_gateway_requests_total[5s]))",
+        ))
+        .filter(|&v| v > 1.0)
+    });
+    let p99 = wait_for("a p99 from the histogram", Duration::from_secs(30), || {
+        scalar(&query(
+            prom_addr,
+            "histogram_quantile(0.99, sum by (le) (rate(gantry_gateway_request_duration_seconds_bucket[5s])))",
+        ))
+        .filter(|v| v.is_finite())
+    });
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    // At most one request per 10 ms goes out: the rate says so, the quantile is a duration.
+    assert!(rate < 150.0, "rate {rate}");
+    assert!(p99 > 0.0 && p99 < 2.0, "p99 {p99}s");
+
+    // The metadata API knows the families, with their types and help.
+    let meta = http(
+        prom_addr,
+        "GET",
+        "/api/v1/metadata",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .json();
+    let family = |names: &[&str]| -> Value {
+        names
+            .iter()
+            .find_map(|n| meta["data"][n][0].as_object().cloned())
+            .map(Value::Object)
+            .unwrap_or_else(|| panic!("{names:?} not in the metadata: {meta}\n{}", prom_log()))
+    };
+    let requests = family(&["gantry_gateway_requests", "gantry_gateway_requests_total"]);
+    assert_eq!(requests["type"], "counter");
+    assert!(!requests["help"].as_str().unwrap().is_empty());
+    let duration = family(&["gantry_gateway_request_duration_seconds"]);
+    assert_eq!(duration["type"], "histogram");
+    assert!(!duration["help"].as_str().unwrap().is_empty());
+}
