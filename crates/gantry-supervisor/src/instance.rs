@@ -80,6 +80,7 @@ pub(crate) fn start(svc: Arc<ServiceCtx>, id: Arc<str>) -> InstanceHandle {
         last_exit: None,
         reason: None,
         config_version: 0,
+        usage: None,
     });
     let task = tokio::spawn(run(svc, id.clone(), ctl_rx, state_tx));
     InstanceHandle {

@@ -26,6 +26,7 @@ mod instance;
 mod process;
 mod service;
 mod status;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -249,6 +250,13 @@ impl Supervisor {
     /// Build the supervisor (nothing runs until [`Supervisor::start`]).
     pub fn new(d: SupervisorDeps) -> Arc<Self> {
         let board = StatusBoard::new(&d.metrics);
+        let cgroups = process::Cgroups::detect(&d.system_id);
+        d.metrics.register("supervisor", |r| {
+            r.register_collector(Box::new(usage::UsageCollector {
+                board: board.clone(),
+                cgroups: cgroups.clone(),
+            }))
+        });
         let deps = Arc::new(Deps {
             registry: d.registry,
             config: d.config,
@@ -263,7 +271,7 @@ impl Supervisor {
             echo: d.echo,
             instances_dir: d.instances_dir,
             hooks: d.hooks,
-            cgroups: process::Cgroups::detect(&d.system_id),
+            cgroups,
             system_id: d.system_id,
             environment: d.environment,
         });
@@ -545,8 +553,13 @@ impl Supervisor {
         &self.board
     }
 
+    /// Every instance, with what it uses now.
     pub fn instances(&self) -> Vec<InstanceStatus> {
-        self.board.list()
+        let mut list = self.board.list();
+        for s in &mut list {
+            s.usage = usage::of(s, self.deps.cgroups.as_ref());
+        }
+        list
     }
 
     pub fn has_service(&self, name: &str) -> bool {

@@ -228,6 +228,7 @@ impl Controller {
                 last_exit: None,
                 reason: Some(format!("waiting for {}", self.svc.depends_on.join(", "))),
                 config_version: 0,
+                usage: None,
             });
             pending.push(id);
         }

@@ -89,6 +89,9 @@ pub struct InstanceStatus {
     pub reason: Option<String>,
     /// Config version the process was started with.
     pub config_version: u64,
+    /// What it uses now (CPU, memory, open files), when it runs; read when listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]

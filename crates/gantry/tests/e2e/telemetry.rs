@@ -125,6 +125,27 @@ strip_prefix = true
         "{}",
         r.body
     );
+    // Each running instance's CPU, memory, open files and restarts.
+    let web = g.instances("web")[0].clone();
+    let series = |family: &str| -> f64 {
+        let prefix = format!("{family}{{");
+        r.body
+            .lines()
+            .find(|l| l.starts_with(&prefix) && l.contains("instance=\"web-1\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {family} for web-1 in\n{}", r.body))
+    };
+    assert!(series("gantry_supervisor_instance_cpu_seconds_total") > 0.0);
+    assert!(series("gantry_supervisor_instance_memory_bytes") > 1e6);
+    assert!(series("gantry_supervisor_instance_open_fds") >= 3.0);
+    assert!(series("gantry_supervisor_instance_processes") >= 1.0);
+    assert_eq!(series("gantry_supervisor_instance_restarts_total"), 0.0);
+    // The same figures on the instance in the API.
+    let usage = &web["usage"];
+    assert!(
+        usage["memory_bytes"].as_u64() > Some(1_000_000) && usage["open_fds"].as_u64() >= Some(3),
+        "{web}"
+    );
     let (ok, said) = promtool_check(&r.body);
     assert!(ok && said.trim().is_empty(), "promtool: {said}");
     // OpenMetrics to a scraper that ranks it first.
