@@ -398,18 +398,34 @@ fn default_data_dir() -> PathBuf {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LogsSpec {
-    /// Bytes of instance output kept in memory, over all services; oldest lines go first.
-    /// Default 32 MiB.
+    /// Bytes of the newest instance output also kept in memory (for followers), over all
+    /// services; oldest lines go first. Default 32 MiB.
     #[serde(default = "default_log_bytes")]
     pub max_bytes: u64,
+    /// Bytes of output kept on disk (`.gantry/logs/`); the oldest lines go first. Default 1 GiB.
+    #[serde(default = "default_log_disk_bytes")]
+    pub max_disk_bytes: u64,
+    /// Lines older than this are deleted from disk, e.g. `"7d"`, `"12h"`. Default 7 days.
+    #[serde(default = "default_log_age")]
+    pub max_age: String,
 }
 
 impl Default for LogsSpec {
     fn default() -> Self {
         Self {
             max_bytes: default_log_bytes(),
+            max_disk_bytes: default_log_disk_bytes(),
+            max_age: default_log_age(),
         }
     }
+}
+
+fn default_log_disk_bytes() -> u64 {
+    1 << 30
+}
+
+fn default_log_age() -> String {
+    "7d".into()
 }
 
 fn default_log_bytes() -> u64 {

@@ -41,6 +41,20 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     if !(1..=65_536).contains(&spec.admin.max_connections) {
         p.push(("admin.max_connections".into(), "expected 1..=65536".into()));
     }
+    if spec.logs.max_disk_bytes < 1 << 20 {
+        p.push((
+            "logs.max_disk_bytes".into(),
+            "expected at least 1048576 (1 MiB)".into(),
+        ));
+    }
+    match humantime::parse_duration(&spec.logs.max_age) {
+        Ok(d) if d.as_secs() >= 60 => {}
+        Ok(_) => p.push(("logs.max_age".into(), "expected at least 1m".into())),
+        Err(e) => p.push((
+            "logs.max_age".into(),
+            format!("{:?}: {e} (e.g. \"7d\", \"12h\")", spec.logs.max_age),
+        )),
+    }
     if spec.logs.max_bytes < 4096 {
         p.push(("logs.max_bytes".into(), "expected at least 4096".into()));
     }

@@ -241,6 +241,30 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// Where instance output is kept on disk (whatever the store backend, and across `--fresh`:
+/// a node's journal of what ran).
+pub const LOGS_DIR: &str = "logs";
+
+/// The log store: the newest lines in memory, every line in `logs/` with the spec's retention.
+pub(crate) async fn open_logs(
+    spec: &gantry_spec::LogsSpec,
+    data_dir: &Path,
+    metrics: &gantry_telemetry::Metrics,
+) -> anyhow::Result<gantry_telemetry::LogStore> {
+    let dir = data_dir.join(LOGS_DIR);
+    let log = gantry_store::SegmentLog::open(&dir)
+        .map_err(|e| anyhow!("the log store in {}: {e}", dir.display()))?;
+    let retention = gantry_store::StreamOptions {
+        max_bytes: Some(spec.max_disk_bytes),
+        max_age: humantime::parse_duration(&spec.max_age).ok(),
+        max_record_bytes: 64 * 1024,
+        ..Default::default()
+    };
+    gantry_telemetry::LogStore::open(spec.max_bytes, metrics, Arc::new(log), retention)
+        .await
+        .map_err(|e| anyhow!("the log store in {}: {e}", dir.display()))
+}
+
 /// Where the embedded bus log lives in the data directory.
 pub const BUS_DIR: &str = "bus";
 

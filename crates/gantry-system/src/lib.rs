@@ -149,7 +149,7 @@ impl System {
                 gantry_api::audit::bucket_options(),
             )
             .await?;
-        let logs = LogStore::new(spec.spec.logs.max_bytes, &metrics);
+        let logs = datadir::open_logs(&spec.spec.logs, &data.dir, &metrics).await?;
         let node = components::node_name();
         let registry = components::RegistryComponent::build(&data, node.clone(), &metrics).await?;
         let config = ConfigStore::open(
@@ -450,6 +450,10 @@ impl System {
             tx.send_replace(true);
             c.stopped().await;
             tracing::debug!(component = c.name(), "stopped");
+        }
+        // The instances' last lines, on disk before the process ends.
+        if !self.logs.flush(std::time::Duration::from_secs(2)).await {
+            tracing::warn!("logs: not every line reached the disk before the stop");
         }
     }
 }

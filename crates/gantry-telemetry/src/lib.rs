@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use prometheus_client::registry::Registry;
 
 pub use exposition::Format;
-pub use logs::{LogFilter, LogLine, LogStore, LogStream, MAX_LINE_BYTES};
+pub use logs::{
+    level_of, Level, LogFilter, LogLine, LogStore, LogStream, LOG_STREAM, MAX_LINE_BYTES,
+};
 pub use prometheus_client;
 
 /// The process-wide metrics registry.

@@ -89,9 +89,46 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
             follow,
             instance,
             since,
+            until,
+            grep,
+            level,
+            fields,
+            request_id,
+            trace_id,
             tail,
+            limit,
             json,
-        } => logs(c, service, follow, instance, since, tail, json).await,
+        } => {
+            let mut q: Vec<(&str, String)> = Vec::new();
+            for (k, v) in [
+                ("service", service),
+                ("instance", instance),
+                ("since", since),
+                ("until", until),
+                ("grep", grep),
+                ("level", level),
+                ("request_id", request_id),
+                ("trace_id", trace_id),
+                ("tail", tail.map(|t| t.to_string())),
+                ("limit", limit.map(|t| t.to_string())),
+            ] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            for f in fields {
+                if !f.contains('=') {
+                    return Err(CliError::usage(format!(
+                        "--field {f:?}: expected KEY=VALUE"
+                    )));
+                }
+                q.push(("field", f));
+            }
+            if follow {
+                q.push(("follow", "true".into()));
+            }
+            logs(c, &q, json).await
+        }
         Cmd::Scale { service, replicas } => {
             let body = ScaleBody {
                 replicas,
@@ -286,34 +323,11 @@ async fn services(c: &Client, out: Output) -> Result<(), CliError> {
     .await
 }
 
-async fn logs(
-    c: &Client,
-    service: Option<String>,
-    follow: bool,
-    instance: Option<String>,
-    since: Option<String>,
-    tail: Option<usize>,
-    json: bool,
-) -> Result<(), CliError> {
-    let mut q = Vec::new();
-    if let Some(s) = &service {
-        q.push(format!("service={}", enc(s)));
-    }
-    if let Some(i) = &instance {
-        q.push(format!("instance={}", enc(i)));
-    }
-    if let Some(s) = &since {
-        q.push(format!("since={}", enc(s)));
-    }
-    if let Some(t) = tail {
-        q.push(format!("tail={t}"));
-    }
-    if follow {
-        q.push("follow=true".into());
-    }
+async fn logs(c: &Client, q: &[(&str, String)], json: bool) -> Result<(), CliError> {
     let path = if q.is_empty() {
         "/v1/logs".to_string()
     } else {
+        let q: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect();
         format!("/v1/logs?{}", q.join("&"))
     };
     let mut body = c.stream(&path).await?;
@@ -332,6 +346,14 @@ async fn logs(
                 let _ = out.write_all(&line);
             } else if let Ok(l) = serde_json::from_slice::<LogLine>(&line) {
                 let _ = writeln!(out, "{} {} | {}", table::clock(l.ts_ms), l.instance, l.line);
+            } else if serde_json::from_slice::<Value>(&line)
+                .ok()
+                .is_some_and(|v| v.get("truncated").is_some())
+            {
+                let _ = writeln!(
+                    out,
+                    "... more lines matched: narrow the query or raise --limit"
+                );
             } else if let Some(n) = serde_json::from_slice::<Value>(&line)
                 .ok()
                 .and_then(|v| v.get("lagged").cloned())

@@ -84,9 +84,30 @@ enum Cmd {
         /// Lines since: RFC 3339 time, unix ms, or a duration such as 10m.
         #[arg(long)]
         since: Option<String>,
+        /// Only lines before: the same forms as --since.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only lines this regular expression matches.
+        #[arg(long)]
+        grep: Option<String>,
+        /// Only lines at this level or above: trace, debug, info, warn, error, fatal.
+        #[arg(long)]
+        level: Option<String>,
+        /// Only JSON lines with this top-level field value, KEY=VALUE (repeatable).
+        #[arg(long = "field", value_name = "KEY=VALUE")]
+        fields: Vec<String>,
+        /// Only lines of this request: its request id (the access log's and services').
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Only lines of this trace.
+        #[arg(long)]
+        trace_id: Option<String>,
         /// Only the last N lines.
         #[arg(long, short = 'n')]
         tail: Option<usize>,
+        /// At most N lines (default 10000).
+        #[arg(long)]
+        limit: Option<usize>,
         /// Print one JSON object per line.
         #[arg(long)]
         json: bool,
