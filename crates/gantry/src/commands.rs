@@ -84,6 +84,18 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         Cmd::Up(_) | Cmd::Validate => Ok(()),
         Cmd::Ps { service, out } => ps(c, service, out).await,
         Cmd::Services { out } => services(c, out).await,
+        Cmd::Top {
+            interval,
+            once,
+            json,
+        } => {
+            if !(interval.is_finite() && (0.2..=3600.0).contains(&interval)) {
+                return Err(CliError::usage(format!(
+                    "--interval {interval}: expected 0.2 to 3600 seconds"
+                )));
+            }
+            crate::top::top(c, std::time::Duration::from_secs_f64(interval), once, json).await
+        }
         Cmd::Logs {
             service,
             follow,

@@ -9,6 +9,7 @@ mod client;
 mod commands;
 mod identity_cmd;
 mod table;
+mod top;
 mod up;
 
 use std::path::PathBuf;
@@ -65,6 +66,18 @@ enum Cmd {
         service: Option<String>,
         #[command(flatten)]
         out: Output,
+    },
+    /// Live figures per service (requests, errors, latency, CPU, memory) and per instance.
+    Top {
+        /// Refresh every this many seconds.
+        #[arg(long, short = 'i', default_value_t = 2.0)]
+        interval: f64,
+        /// One frame (CPU measured over one interval), then exit.
+        #[arg(long)]
+        once: bool,
+        /// One JSON object per frame.
+        #[arg(long)]
+        json: bool,
     },
     /// Services with desired and healthy instance counts.
     Services {

@@ -113,8 +113,8 @@ failure_statuses = [500]
         failures, 3,
         "exactly consecutive_failures requests reach the bad instance before ejection"
     );
-    let routes = g.admin_get("/v1/routes");
-    let ep = routes[0]["endpoints"]
+    let route = g.first_route();
+    let ep = route["endpoints"]
         .as_array()
         .unwrap()
         .iter()
@@ -187,7 +187,7 @@ failure_statuses = [500]
     let r = g.get("/x");
     assert_eq!(r.json()["error"], "circuit_open");
     assert!(r.header("retry-after").is_some());
-    assert_eq!(g.admin_get("/v1/upstreams")[0]["circuit"], "open");
+    assert_eq!(g.first_upstream()["circuit"], "open");
     // Recover: after open_ms a probe goes through and closes the circuit.
     for i in &list {
         let a = g.instance_addr("web", i["id"].as_str().unwrap());
@@ -203,8 +203,7 @@ failure_statuses = [500]
     }
     std::thread::sleep(Duration::from_millis(1100));
     wait_for("circuit closed", Duration::from_secs(5), || {
-        (g.get("/x").status == 200 && g.admin_get("/v1/upstreams")[0]["circuit"] == "closed")
-            .then_some(())
+        (g.get("/x").status == 200 && g.first_upstream()["circuit"] == "closed").then_some(())
     });
 }
 
@@ -376,8 +375,8 @@ path_prefix = "/"
     )
     .unwrap();
     wait_for("b out of rotation", Duration::from_secs(5), || {
-        let routes = g.admin_get("/v1/routes");
-        routes[0]["endpoints"]
+        let route = g.first_route();
+        route["endpoints"]
             .as_array()
             .unwrap()
             .iter()
@@ -582,7 +581,7 @@ retries = { attempts = 0 }
         let r = g.get(&format!("/good/{i}"));
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let up = &g.admin_get("/v1/upstreams")[0];
+    let up = &g.first_upstream();
     assert_eq!(up["circuit"], "open", "{up}");
     let states: Vec<(String, String)> = up["circuits"]
         .as_array()
@@ -677,12 +676,11 @@ timeout_ms = 1500
         let r = g.get(&format!("/up/after/{i}"));
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let routes = g.admin_get("/v1/routes");
-    for e in routes[0]["endpoints"].as_array().unwrap() {
+    for e in g.first_route()["endpoints"].as_array().unwrap() {
         assert_eq!(e["ejected"], false, "{e}");
         assert_eq!(e["suspect"], false, "{e}");
     }
-    assert_eq!(g.admin_get("/v1/upstreams")[0]["circuit"], "closed");
+    assert_eq!(g.first_upstream()["circuit"], "closed");
     let m = g.metrics();
     let upstream_errors = m
         .lines()

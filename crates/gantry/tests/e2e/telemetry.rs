@@ -244,6 +244,39 @@ strip_prefix = true
     assert!(rate < 150.0, "rate {rate}");
     assert!(p99 > 0.0 && p99 < 2.0, "p99 {p99}s");
 
+    // `gantry top`: the same live figures per service and instance.
+    let out = g.cli(&["top", "--once", "--json", "--interval", "0.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let web_traffic = top["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "web")
+        .unwrap_or_else(|| panic!("{top}"));
+    assert!(
+        web_traffic["requests_per_second"].as_f64() > Some(0.0),
+        "{top}"
+    );
+    let web1 = &top["instances"][0];
+    assert_eq!(web1["instance"], "web-1");
+    assert!(
+        web1["cpu_percent"].as_f64().is_some_and(|c| c >= 0.0),
+        "{top}"
+    );
+    assert!(web1["memory_bytes"].as_u64() > Some(1_000_000), "{top}");
+    let out = g.cli(&["top", "--once", "--interval", "0.3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("REQ/S") && text.contains("web-1") && text.contains("MEMORY"),
+        "{text}"
+    );
+    assert!(!g.cli(&["top", "--interval", "0"]).status.success());
+
     // The metadata API knows the families, with their types and help.
     let meta = http(
         prom_addr,

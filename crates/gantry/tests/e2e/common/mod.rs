@@ -345,6 +345,28 @@ impl Gantry {
         .body
     }
 
+    /// The first route of the spec's services (not Gantry's own, such as the bus's).
+    pub fn first_route(&self) -> Value {
+        self.admin_get("/v1/routes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| !r["service"].as_str().unwrap_or("").starts_with("gantry-"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// The first upstream of the spec's services (not Gantry's own).
+    pub fn first_upstream(&self) -> Value {
+        self.admin_get("/v1/upstreams")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| !r["service"].as_str().unwrap_or("").starts_with("gantry-"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
     pub fn instances(&self, service: &str) -> Vec<Value> {
         self.admin_get(&format!("/v1/instances?service={service}"))
             .as_array()
