@@ -139,7 +139,10 @@ pub fn permission_for(method: &Method, path: &str) -> Option<Permission> {
     let read = method == Method::GET || method == Method::HEAD;
     Some(match (read, path) {
         (true, "/v1/health" | "/v1/openapi.json") => HealthRead,
-        (true, "/metrics") => MetricsRead,
+        (
+            true,
+            "/metrics" | "/v1/metrics/query" | "/v1/metrics/query_range" | "/v1/metrics/names",
+        ) => MetricsRead,
         (true, "/v1/services" | "/v1/instances" | "/v1/upstreams") => ServicesRead,
         (false, "/v1/services/{name}/scale" | "/v1/services/{name}/restart") => ServicesWrite,
         (true, "/v1/deployments" | "/v1/deployments/{service}") => DeploymentsRead,

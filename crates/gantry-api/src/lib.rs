@@ -15,6 +15,7 @@ pub mod bus;
 pub mod config;
 mod deployments;
 mod error;
+mod history;
 pub mod identity;
 mod observe;
 pub mod openapi;
@@ -65,6 +66,8 @@ pub struct ApiState {
     pub config_env: Option<String>,
     /// The message bus.
     pub bus: Arc<gantry_bus::Bus>,
+    /// The metrics history.
+    pub tsdb: Arc<gantry_tsdb::Tsdb>,
 }
 
 /// Why a route change was refused.
@@ -124,6 +127,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(registry::routes())
         .merge(config::routes())
         .merge(observe::routes())
+        .merge(history::routes())
         .merge(identity::routes())
         .merge(bus::routes())
         .route("/v1/audit", get(audit::list))

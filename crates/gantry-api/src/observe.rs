@@ -175,13 +175,18 @@ fn filter_of(q: &LogsQuery) -> ApiResult<LogFilter> {
     })
 }
 
-/// Newline-delimited JSON, one object per line (oldest first; the last object says
-/// `{"truncated": true}` when more lines matched than `limit`); with `follow=true` the
-/// response stays open and new lines are sent as they are captured.
+/// Newline-delimited JSON, one object per line, oldest first: from `since` on, else the newest
+/// (`tail`, else up to `limit`). When more lines matched than `limit` (without an explicit
+/// `tail`), the first object is `{"truncated": true}`. With `follow=true` the response stays
+/// open and new lines are sent as they are captured.
 pub async fn logs(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResult<Response> {
     let q = LogsQuery::parse(raw.as_deref())?;
-    let filter = filter_of(&q)?;
+    let mut filter = filter_of(&q)?;
     let limit = q.limit.unwrap_or(10_000);
+    // Without a start or a tail: the newest lines (up to `limit`), as a terminal shows them.
+    if filter.tail.is_none() && filter.since_ms.is_none() {
+        filter.tail = Some(limit);
+    }
     // Subscribe before reading what is kept, then skip what was already sent.
     let rx = q.follow.then(|| s.logs.subscribe());
     let (lines, truncated) = s
@@ -193,6 +198,18 @@ pub async fn logs(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResu
     // is gone still has its lines; a name that never had any is not found.
     if let Some(svc) = &q.service {
         if lines.is_empty() && svc != "gateway" && !s.supervisor.has_service(svc) {
+            // The search was for the service alone: nothing found means it never had a line.
+            let only_service = q.instance.is_none()
+                && q.since.is_none()
+                && q.until.is_none()
+                && q.grep.is_none()
+                && q.level.is_none()
+                && q.fields.is_empty()
+                && q.request_id.is_none()
+                && q.trace_id.is_none();
+            if only_service {
+                return Err(ApiError::not_found(format!("unknown service {svc:?}")));
+            }
             let any = LogFilter {
                 service: Some(svc.clone()),
                 tail: Some(1),
@@ -208,13 +225,15 @@ pub async fn logs(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> ApiResu
             }
         }
     }
-    let mut items: Vec<Item> = lines.iter().map(|l| line_item(l)).collect();
-    if truncated && !q.follow {
+    // Lines left out that the caller did not ask to leave out (an explicit tail asks to).
+    let mut items: Vec<Item> = Vec::new();
+    if truncated && q.tail.is_none() {
         items.push(Item::new(
             "truncated",
             serde_json::json!({ "truncated": true }),
         ));
     }
+    items.extend(lines.iter().map(|l| line_item(l)));
     let Some(rx) = rx else {
         return Ok(stream::once(Format::Ndjson, items));
     };

@@ -108,7 +108,10 @@ const NONE: &[(&str, &str)] = &[];
 fn endpoints() -> Vec<Endpoint> {
     vec![
         ep!("GET" "/v1/health", "Liveness of the admin API", query NONE, body None, Json(200, AnyObject)),
-        ep!("GET" "/metrics", "Prometheus metrics (text format)", query NONE, body None, Text),
+        ep!("GET" "/metrics", "Prometheus metrics (OpenMetrics when asked for first, else the 0.0.4 text format)", query NONE, body None, Text),
+        ep!("GET" "/v1/metrics/query", "The metrics history at one time (a PromQL subset; Prometheus's answer shape)", query &[("query", "the PromQL expression"), ("time", "unix seconds, unix ms, RFC 3339 or a duration ago (default now)")], body None, Json(200, AnyObject)),
+        ep!("GET" "/v1/metrics/query_range", "The metrics history over a range (a PromQL subset; Prometheus's answer shape)", query &[("query", "the PromQL expression"), ("start", "unix seconds, unix ms, RFC 3339 or a duration ago"), ("end", "the same forms (default now)"), ("step", "seconds or a duration such as 30s (default the sampling step)")], body None, Json(200, AnyObject)),
+        ep!("GET" "/v1/metrics/names", "Metric names the history has", query NONE, body None, Json(200, AnyObject)),
         ep!("GET" "/v1/openapi.json", "This document", query NONE, body None, Json(200, AnyObject)),
         ep!("GET" "/v1/services", "Services with desired and healthy counts", query NONE, body None, Json(200, ListOf(of::<ServiceStatus>))),
         ep!("GET" "/v1/instances", "Instances and their state", query &[("service", "only this service")], body None, Json(200, ListOf(of::<InstanceStatus>))),

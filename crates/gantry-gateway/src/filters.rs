@@ -385,7 +385,7 @@ pub(crate) fn rewrite_path(
             // The bare prefix becomes the replacement itself (`/api` → `/internal/api`, as
             // Envoy's `prefix_rewrite` does); a replacement of "/" keeps its slash.
             let mut s = p.trim_end_matches('/').to_string();
-            if s.is_empty() || (!rest.is_empty() && !rest.starts_with('/')) {
+            if (rest.is_empty() && s.is_empty()) || (!rest.is_empty() && !rest.starts_with('/')) {
                 s.push('/');
             }
             s.push_str(rest);

@@ -46,6 +46,14 @@ pub fn is_valid_env_name(key: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Gantry's own services on the gateway (the token service, the bus): only Gantry registers
+/// their instances.
+pub const BUILTIN_SERVICES: [&str; 2] = ["gantry-identity", "gantry-bus"];
+
+pub fn is_builtin_service(name: &str) -> bool {
+    BUILTIN_SERVICES.contains(&name)
+}
+
 /// Is `name` a valid service name: 1..=63 characters of `[a-z0-9-]`, starting with a letter and
 /// not ending with `-` (a DNS label, so it can later be served over DNS and used in hostnames).
 pub fn is_valid_service_name(name: &str) -> bool {

@@ -423,6 +423,12 @@ impl Registry {
                 reg.service
             )));
         }
+        if gantry_model::is_builtin_service(&reg.service) {
+            return Err(RegistryError::Invalid(format!(
+                "service: {:?} is Gantry's own; only Gantry registers its instances",
+                reg.service
+            )));
+        }
         if reg.version.as_ref().is_some_and(|v| v.len() > 128) {
             return Err(RegistryError::Invalid(
                 "version: at most 128 characters".into(),

@@ -848,6 +848,43 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
     }
 }
 
+/// Whether a route could match a request meant for the bus under the gateway before the bus's
+/// own route does (a longer or exact path under it, a regex matching it, or any path over it on
+/// a route with hosts, which precede every route without): the field and the bus's path.
+fn outranks_the_bus(spec: &Spec, r: &RouteSpec) -> Option<(&'static str, String)> {
+    if spec.bus.gateway_path.is_empty() {
+        return None;
+    }
+    let bus = crate::normalize_prefix(&spec.bus.gateway_path);
+    let under = |p: &str, prefix: &str| {
+        prefix == "/" || p == prefix || p.starts_with(&format!("{prefix}/"))
+    };
+    let hosts = r.host.is_some() || !r.hosts.is_empty();
+    let hit = if let Some(pp) = &r.path_prefix {
+        let pp = crate::normalize_prefix(pp);
+        (under(&pp, &bus) || (hosts && under(&bus, &pp))).then_some("path_prefix")
+    } else if let Some(path) = &r.path {
+        under(path, &bus).then_some("path")
+    } else if let Some(re) = &r.path_regex {
+        regex::RegexBuilder::new(re)
+            .size_limit(1 << 20)
+            .build()
+            .is_ok_and(|re| {
+                [
+                    bus.clone(),
+                    format!("{bus}/"),
+                    format!("{bus}/orders/messages"),
+                ]
+                .iter()
+                .any(|s| re.is_match(s))
+            })
+            .then_some("path_regex")
+    } else {
+        hosts.then_some("hosts")
+    };
+    hit.map(|f| (f, bus))
+}
+
 /// Check a route that arrives at runtime (admin API) against a loaded spec; problems are
 /// `field: message` lines, fields relative to the route.
 pub fn check_route(spec: &Spec, service: &str, r: &RouteSpec) -> Vec<String> {
@@ -892,6 +929,12 @@ pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize
     }
     if let Some(re) = &r.path_regex {
         check_regex(p, rf("path_regex"), re);
+    }
+    if let Some((field, bus)) = outranks_the_bus(spec, r) {
+        p.push((
+            rf(field),
+            format!("this route could take requests for {bus:?} (bus.gateway_path: where services publish, with their credentials); give it another path"),
+        ));
     }
     if r.host.is_some() && !r.hosts.is_empty() {
         p.push((rf("hosts"), "give host or hosts, not both".into()));

@@ -515,7 +515,8 @@ fn the_bus_gateway_path_is_checked_and_routed() {
         let r = parse(&text, Path::new("g.toml"));
         assert_eq!(r.is_ok(), ok, "{path:?}: {:?}", r.err());
     }
-    // A service's route on it, or a service of Gantry's own name, is refused.
+    // A service's route that could take the bus's requests, or a service of Gantry's own
+    // name, is refused.
     let text = r#"
 [services.gantry-bus]
 command = ["x"]
@@ -523,14 +524,40 @@ command = ["x"]
 command = ["x"]
 [[services.api.routes]]
 path_prefix = "/_gantry/topics/"
+[[services.api.routes]]
+path_prefix = "/_gantry/topics/orders"
+[[services.api.routes]]
+path = "/_gantry/topics/orders/messages"
+[[services.api.routes]]
+path_regex = "^/_gantry/.*"
+[[services.api.routes]]
+hosts = ["127.0.0.1"]
+path_prefix = "/"
+[[services.api.routes]]
+path_prefix = "/_gantry"
+[[services.api.routes]]
+path_prefix = "/_gantry/topicsx"
 "#;
     let fields: Vec<String> = errs(text).into_iter().map(|e| e.field).collect();
     assert!(
         fields.contains(&"services.gantry-bus".to_string()),
         "{fields:?}"
     );
+    for f in [
+        "services.api.routes[0].path_prefix",
+        "services.api.routes[1].path_prefix",
+        "services.api.routes[2].path",
+        "services.api.routes[3].path_regex",
+        "services.api.routes[4].path_prefix",
+    ] {
+        assert!(fields.contains(&f.to_string()), "{f}: {fields:?}");
+    }
+    // A shorter prefix without hosts, or a sibling path, ranks after the bus's route.
     assert!(
-        fields.contains(&"services.api.routes[0].path_prefix".to_string()),
+        !fields
+            .iter()
+            .any(|f| f.starts_with("services.api.routes[5]")
+                || f.starts_with("services.api.routes[6]")),
         "{fields:?}"
     );
 

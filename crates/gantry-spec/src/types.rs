@@ -23,6 +23,8 @@ pub struct Spec {
     #[serde(default)]
     pub logs: LogsSpec,
     #[serde(default)]
+    pub metrics: MetricsSpec,
+    #[serde(default)]
     pub identity: IdentitySpec,
     #[serde(default)]
     pub config: ConfigSpec,
@@ -418,6 +420,40 @@ impl Default for LogsSpec {
             max_age: default_log_age(),
         }
     }
+}
+
+/// `[metrics]`: the history of Gantry's metrics (queried with PromQL over the admin API).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// How often every series is sampled into the history, e.g. `"30s"`. Default 30 s.
+    #[serde(default = "default_metrics_step")]
+    pub step: String,
+    /// How long samples are kept, e.g. `"7d"`. Default 7 days.
+    #[serde(default = "default_log_age")]
+    pub retention: String,
+    /// Bytes of history kept on disk (`.gantry/tsdb/`); the oldest samples go first. Default
+    /// 512 MiB.
+    #[serde(default = "default_metrics_bytes")]
+    pub max_disk_bytes: u64,
+}
+
+impl Default for MetricsSpec {
+    fn default() -> Self {
+        Self {
+            step: default_metrics_step(),
+            retention: default_log_age(),
+            max_disk_bytes: default_metrics_bytes(),
+        }
+    }
+}
+
+fn default_metrics_step() -> String {
+    "30s".into()
+}
+
+fn default_metrics_bytes() -> u64 {
+    512 << 20
 }
 
 fn default_log_disk_bytes() -> u64 {

@@ -41,6 +41,28 @@ pub(crate) fn validate(spec: &Spec) -> Problems {
     if !(1..=65_536).contains(&spec.admin.max_connections) {
         p.push(("admin.max_connections".into(), "expected 1..=65536".into()));
     }
+    match humantime::parse_duration(&spec.metrics.step) {
+        Ok(d) if d.as_millis() >= 500 && d.as_secs() <= 3600 => {}
+        Ok(_) => p.push(("metrics.step".into(), "expected 500ms..=1h".into())),
+        Err(e) => p.push((
+            "metrics.step".into(),
+            format!("{:?}: {e} (e.g. \"30s\")", spec.metrics.step),
+        )),
+    }
+    match humantime::parse_duration(&spec.metrics.retention) {
+        Ok(d) if d.as_secs() >= 60 => {}
+        Ok(_) => p.push(("metrics.retention".into(), "expected at least 1m".into())),
+        Err(e) => p.push((
+            "metrics.retention".into(),
+            format!("{:?}: {e} (e.g. \"7d\")", spec.metrics.retention),
+        )),
+    }
+    if spec.metrics.max_disk_bytes < 1 << 20 {
+        p.push((
+            "metrics.max_disk_bytes".into(),
+            "expected at least 1048576 (1 MiB)".into(),
+        ));
+    }
     if spec.logs.max_disk_bytes < 1 << 20 {
         p.push((
             "logs.max_disk_bytes".into(),
@@ -479,21 +501,6 @@ fn validate_bus(spec: &Spec, p: &mut Problems) {
                 "bus.gateway_path".into(),
                 format!("{g:?} is identity.gateway_path too"),
             ));
-        }
-        for (name, svc) in &spec.services {
-            for (i, r) in svc.routes.iter().enumerate() {
-                if r.path_prefix
-                    .as_deref()
-                    .map(crate::normalize_prefix)
-                    .as_deref()
-                    == Some(&g)
-                {
-                    p.push((
-                        format!("services.{name}.routes[{i}].path_prefix"),
-                        format!("{g:?} is bus.gateway_path (where services publish)"),
-                    ));
-                }
-            }
         }
     }
     if spec.services.contains_key(crate::BUS_SERVICE) {

@@ -204,7 +204,7 @@ impl RouteControl for Control {
         }
         if old.spec.bus.gateway_path != new.spec.bus.gateway_path {
             needs_restart.push(
-                "bus.gateway_path changed: the gateway's route follows now, running instances' GANTRY_BUS_URL at their next start".into(),
+                "bus.gateway_path changed: the gateway's route follows now; instances get the new GANTRY_BUS_URL after a restart of gantry".into(),
             );
         }
         st.spec = Arc::new(new);

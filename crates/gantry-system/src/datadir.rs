@@ -257,7 +257,7 @@ pub(crate) async fn open_logs(
     let retention = gantry_store::StreamOptions {
         max_bytes: Some(spec.max_disk_bytes),
         max_age: humantime::parse_duration(&spec.max_age).ok(),
-        max_record_bytes: 64 * 1024,
+        max_record_bytes: gantry_telemetry::logs::MAX_RECORD_BYTES,
         ..Default::default()
     };
     gantry_telemetry::LogStore::open(spec.max_bytes, metrics, Arc::new(log), retention)

@@ -21,6 +21,7 @@ mod components;
 pub mod control;
 mod datadir;
 pub mod identity;
+mod tsdb;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -150,6 +151,7 @@ impl System {
             )
             .await?;
         let logs = datadir::open_logs(&spec.spec.logs, &data.dir, &metrics).await?;
+        let tsdb = tsdb::TsdbComponent::build(&spec.spec.metrics, &data.dir, &metrics).await?;
         let node = components::node_name();
         let registry = components::RegistryComponent::build(&data, node.clone(), &metrics).await?;
         let config = ConfigStore::open(
@@ -236,6 +238,7 @@ impl System {
                 identity: identity.identity.clone(),
                 config_env: spec.spec.config.env.clone(),
                 bus: bus.bus.clone(),
+                tsdb: tsdb.tsdb.clone(),
                 public: Arc::new(
                     spec.spec
                         .admin
@@ -278,7 +281,7 @@ impl System {
                 .iter()
                 .filter(|(_, s)| !s.external)
                 .map(|(n, _)| n.clone())
-                .chain(std::iter::once(gantry_spec::IDENTITY_SERVICE.to_string()))
+                .chain(gantry_model::BUILTIN_SERVICES.iter().map(|s| s.to_string()))
                 .collect(),
         );
         let compat_state = |anonymous| gantry_compat::CompatState {
@@ -346,6 +349,9 @@ impl System {
                 let passive =
                     compat::PassiveHealth::new(registry.registry.clone(), gateway.gateway.clone());
                 let mut c: Vec<Arc<dyn Component>> = vec![
+                    // First: its sampling covers every other component's life, and its last
+                    // sample is taken after they stopped.
+                    Arc::new(tsdb),
                     Arc::new(registry),
                     Arc::new(identity),
                     Arc::new(gateway),

@@ -93,8 +93,9 @@ pub fn openmetrics_to_text(om: &str) -> String {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (family, help) = rest.split_once(' ').unwrap_or((rest, ""));
             let name = renamed(family).unwrap_or_else(|| family.to_string());
-            // 0.0.4 escapes only `\` and newlines in help text.
-            out.push_str(&format!("# HELP {name} {}\n", help.replace("\\\"", "\"")));
+            // prometheus_client writes help text as given; 0.0.4 escapes `\` and newlines.
+            let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+            out.push_str(&format!("# HELP {name} {help}\n"));
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (family, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
             counter_created = (kind == "counter").then(|| format!("{family}_created"));
@@ -189,7 +190,7 @@ mod tests {
 
     #[test]
     fn openmetrics_becomes_valid_text() {
-        let om = "# HELP gantry_requests Requests \\\"served\\\".\n\
+        let om = "# HELP gantry_requests Requests \\ served.\n\
                   # TYPE gantry_requests counter\n\
                   gantry_requests_total{route=\"a # b\"} 3 # {trace_id=\"x\"} 1.0\n\
                   gantry_requests_created{route=\"a # b\"} 1.7e9\n\
@@ -208,7 +209,7 @@ mod tests {
                   # EOF\n";
         assert_eq!(
             openmetrics_to_text(om),
-            "# HELP gantry_requests_total Requests \"served\".\n\
+            "# HELP gantry_requests_total Requests \\\\ served.\n\
              # TYPE gantry_requests_total counter\n\
              gantry_requests_total{route=\"a # b\"} 3\n\
              # HELP gantry_up Whether up.\n\

@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod exposition;
-mod logs;
+pub mod logs;
 pub mod stats;
 
 use std::sync::{Arc, Mutex, PoisonError};

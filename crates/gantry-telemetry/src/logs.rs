@@ -211,16 +211,23 @@ struct Inner {
 struct Archive {
     log: Arc<dyn Log>,
     queue: tokio::sync::mpsc::Sender<Arc<LogLine>>,
-    /// The highest seq written (or given up on), for `flush`.
+    /// The highest seq written, for `flush`.
     written: Arc<AtomicU64>,
+    /// Bytes of lines waiting for the writer.
+    queued: Arc<AtomicU64>,
     wrote: Arc<tokio::sync::Notify>,
 }
 
 /// The stream every line goes to.
 pub const LOG_STREAM: &str = "lines";
 
-/// Lines waiting for the writer; beyond this a line is kept in memory only (and counted).
+/// Lines waiting for the writer; beyond this (or `QUEUE_BYTES`) a line is kept in memory only
+/// (and counted).
 const QUEUE: usize = 65_536;
+const QUEUE_BYTES: u64 = 64 << 20;
+/// The largest record a line becomes: a line of `MAX_LINE_BYTES` of control characters is six
+/// times longer as JSON (`\u0000`), plus the record's other fields.
+pub const MAX_RECORD_BYTES: u32 = 6 * MAX_LINE_BYTES as u32 + 4096;
 /// Lines per append (one group commit).
 const BATCH: usize = 4096;
 /// A search reads at most this many records from disk.
@@ -278,6 +285,7 @@ impl LogStore {
             log,
             queue,
             written: Arc::new(AtomicU64::new(last)),
+            queued: Arc::new(AtomicU64::new(0)),
             wrote: Arc::new(tokio::sync::Notify::new()),
         });
         let store = Self::build(max_bytes, metrics, Some(archive.clone()), last + 1);
@@ -285,6 +293,7 @@ impl LogStore {
         tokio::spawn(write_lines(
             archive.log.clone(),
             archive.written.clone(),
+            archive.queued.clone(),
             archive.wrote.clone(),
             rx,
             store.m.clone(),
@@ -342,7 +351,20 @@ impl LogStore {
     }
 
     /// Record one line (without its line terminator).
-    pub fn push(&self, service: &Arc<str>, instance: &Arc<str>, stream: LogStream, line: String) {
+    pub fn push(
+        &self,
+        service: &Arc<str>,
+        instance: &Arc<str>,
+        stream: LogStream,
+        mut line: String,
+    ) {
+        if line.len() > MAX_LINE_BYTES {
+            let mut end = MAX_LINE_BYTES;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
         let line = {
             let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             let l = Arc::new(LogLine {
@@ -368,8 +390,12 @@ impl LogStore {
             self.m.kept_bytes.set(g.bytes as i64);
             // Queued under the lock: the writer gets lines in seq order.
             if let Some(a) = &self.archive {
-                if a.queue.try_send(l.clone()).is_err() {
+                let cost = l.cost();
+                let full = a.queued.load(Ordering::Relaxed) + cost > QUEUE_BYTES;
+                if full || a.queue.try_send(l.clone()).is_err() {
                     self.m.unstored_total.inc();
+                } else {
+                    a.queued.fetch_add(cost, Ordering::Relaxed);
                 }
             }
             l
@@ -477,6 +503,7 @@ impl LogStore {
 async fn write_lines(
     log: Arc<dyn Log>,
     written: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     wrote: Arc<tokio::sync::Notify>,
     mut rx: tokio::sync::mpsc::Receiver<Arc<LogLine>>,
     m: Arc<LogMetrics>,
@@ -484,27 +511,54 @@ async fn write_lines(
     let mut batch: Vec<Arc<LogLine>> = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let last = batch.last().map_or(0, |l| l.seq);
-        let appends: Vec<Append> = batch
-            .iter()
-            .map(|l| Append {
-                id: None,
-                data: serde_json::to_vec(&**l).unwrap_or_default(),
-            })
-            .collect();
+        let bytes: u64 = batch.iter().map(|l| l.cost()).sum();
+        let appends: Vec<Append> = batch.iter().map(|l| record_of(l)).collect();
         let n = appends.len() as u64;
-        match log.append(LOG_STREAM, appends).await {
+        let ok = match log.append(LOG_STREAM, appends).await {
             Ok(_) => {
                 m.stored_total.inc_by(n);
+                true
             }
             Err(e) => {
-                m.unstored_total.inc_by(n);
-                tracing::warn!(error = %e, lines = n, "logs: writing to disk failed");
+                // One bad record refuses the batch: the others go one by one.
+                tracing::warn!(error = %e, lines = n, "logs: writing a batch to disk failed");
+                let mut all = true;
+                for l in &batch {
+                    match log.append(LOG_STREAM, vec![record_of(l)]).await {
+                        Ok(_) => {
+                            m.stored_total.inc();
+                        }
+                        Err(_) => {
+                            m.unstored_total.inc();
+                            all = false;
+                        }
+                    }
+                }
+                all
             }
-        }
+        };
         batch.clear();
-        written.fetch_max(last, Ordering::Release);
+        queued.fetch_sub(bytes.min(queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if ok {
+            written.fetch_max(last, Ordering::Release);
+        }
         wrote.notify_waiters();
     }
+}
+
+/// A line as it is stored (its text cut, should its JSON still be too large).
+fn record_of(l: &LogLine) -> Append {
+    let mut data = serde_json::to_vec(l).unwrap_or_default();
+    if data.len() > MAX_RECORD_BYTES as usize {
+        let mut cut = l.clone();
+        let mut end = cut.line.len() / 2;
+        while !cut.line.is_char_boundary(end) {
+            end -= 1;
+        }
+        cut.line.truncate(end);
+        data = serde_json::to_vec(&cut).unwrap_or_default();
+    }
+    Append { id: None, data }
 }
 
 /// Decoded lines of one read.
@@ -537,7 +591,7 @@ async fn search_forward(
     loop {
         let recs = read_lines(a, from, 2048).await?;
         let Some(&(end, _)) = recs.last() else {
-            return Ok((out, last_read.max(last), false));
+            return Ok((out, last_read, false));
         };
         for (_, l) in recs {
             let Some(l) = l else { continue };
@@ -554,7 +608,7 @@ async fn search_forward(
         }
         scanned += 2048;
         if end >= last {
-            return Ok((out, last_read.max(last), false));
+            return Ok((out, last_read, false));
         }
         if scanned >= MAX_SCAN {
             return Ok((out, u64::MAX, true));
@@ -573,6 +627,9 @@ async fn search_back(
     last: u64,
 ) -> Result<(Vec<Arc<LogLine>>, u64, bool), gantry_store::StoreError> {
     let mut found: Vec<Arc<LogLine>> = Vec::new();
+    // The newest line's own seq (lines' seqs and the log's can differ: a line that never
+    // reached the disk still took its seq).
+    let mut newest = 0u64;
     let mut hi = last; // the window is (lo, hi]
     let mut window = (want as u64 * 4).max(4096);
     let mut scanned = 0u64;
@@ -589,6 +646,7 @@ async fn search_back(
                     break;
                 }
                 let Some(l) = l else { continue };
+                newest = newest.max(l.seq);
                 if f.since_ms.is_some_and(|t| l.ts_ms < t) {
                     reached_since = true;
                     continue;
@@ -606,13 +664,13 @@ async fn search_back(
             break;
         }
         if scanned >= MAX_SCAN {
-            return Ok((found, last, true));
+            return Ok((found, newest, true));
         }
         hi = lo;
         window = window.saturating_mul(4);
     }
     let more = found.len() > want;
-    Ok((found, last, more))
+    Ok((found, newest, more))
 }
 
 #[cfg(test)]

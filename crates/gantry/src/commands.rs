@@ -84,6 +84,12 @@ async fn dispatch(cmd: Cmd, c: &Client) -> Result<(), CliError> {
         Cmd::Up(_) | Cmd::Validate => Ok(()),
         Cmd::Ps { service, out } => ps(c, service, out).await,
         Cmd::Services { out } => services(c, out).await,
+        Cmd::Query {
+            expr,
+            range,
+            step,
+            json,
+        } => query_history(c, &expr, range, step, json).await,
         Cmd::Top {
             interval,
             once,
@@ -364,7 +370,7 @@ async fn logs(c: &Client, q: &[(&str, String)], json: bool) -> Result<(), CliErr
             {
                 let _ = writeln!(
                     out,
-                    "... more lines matched: narrow the query or raise --limit"
+                    "... older matching lines not shown: narrow the query or raise --limit"
                 );
             } else if let Some(n) = serde_json::from_slice::<Value>(&line)
                 .ok()
@@ -1098,4 +1104,90 @@ async fn wait_rollout(c: &Client, service: &str, version: u64) -> Result<(), Cli
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// `gantry query`: the metrics history, now or over a range.
+async fn query_history(
+    c: &Client,
+    expr: &str,
+    range: Option<String>,
+    step: Option<String>,
+    json: bool,
+) -> Result<(), CliError> {
+    let path = match &range {
+        None => format!("/v1/metrics/query?query={}", enc(expr)),
+        Some(r) => {
+            let d = humantime::parse_duration(r)
+                .map_err(|e| CliError::usage(format!("--range {r:?}: {e} (e.g. 1h, 30m)")))?;
+            let mut p = format!(
+                "/v1/metrics/query_range?query={}&start={}",
+                enc(expr),
+                gantry_model::unix_ms().saturating_sub(d.as_millis() as u64)
+            );
+            if let Some(s) = &step {
+                p.push_str(&format!("&step={}", enc(s)));
+            }
+            p
+        }
+    };
+    let v = c.get(&path).await?;
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let data = &v["data"];
+    let labels = |m: &Value| -> String {
+        let Some(o) = m.as_object() else {
+            return String::new();
+        };
+        let name = o.get("__name__").and_then(Value::as_str).unwrap_or("");
+        let rest: Vec<String> = o
+            .iter()
+            .filter(|(k, _)| *k != "__name__")
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        if rest.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}{{{}}}", rest.join(","))
+        }
+    };
+    let num = |x: &Value| x.as_str().and_then(|s| s.parse::<f64>().ok());
+    let fmt = |x: Option<f64>| x.map_or_else(|| "-".into(), |x| format!("{x:.4}"));
+    match data["resultType"].as_str() {
+        Some("scalar") => println!("{}", fmt(num(&data["result"][1]))),
+        Some("vector") => {
+            let rows: Vec<Vec<String>> = data["result"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| vec![labels(&r["metric"]), fmt(num(&r["value"][1]))])
+                .collect();
+            table::print(&["SERIES", "VALUE"], &rows);
+        }
+        _ => {
+            let rows: Vec<Vec<String>> = data["result"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    let xs: Vec<f64> = r["values"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| num(&p[1]))
+                        .collect();
+                    vec![
+                        labels(&r["metric"]),
+                        fmt(xs.last().copied()),
+                        fmt(xs.iter().copied().reduce(f64::min)),
+                        fmt(xs.iter().copied().reduce(f64::max)),
+                        xs.len().to_string(),
+                    ]
+                })
+                .collect();
+            table::print(&["SERIES", "LAST", "MIN", "MAX", "POINTS"], &rows);
+        }
+    }
+    Ok(())
 }

@@ -79,6 +79,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Query the metrics history (a PromQL subset), e.g.
+    /// `gantry query 'sum by (service) (rate(gantry_gateway_requests_total[1m]))' --range 1h`.
+    Query {
+        expr: String,
+        /// Over this long back from now (a table of the series' last, min and max values);
+        /// without it, the value now.
+        #[arg(long)]
+        range: Option<String>,
+        /// The range's step, e.g. 30s (default: the history's sampling step).
+        #[arg(long)]
+        step: Option<String>,
+        /// Prometheus's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Services with desired and healthy instance counts.
     Services {
         #[command(flatten)]
