@@ -850,7 +850,8 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
 
 /// Whether a route could match a request meant for the bus under the gateway before the bus's
 /// own route does (a longer or exact path under it, a regex matching it, or any path over it on
-/// a route with hosts, which precede every route without): the field and the bus's path.
+/// a route for the local host services publish to — routes with hosts precede every route
+/// without): the field and the bus's path.
 fn outranks_the_bus(spec: &Spec, r: &RouteSpec) -> Option<(&'static str, String)> {
     if spec.bus.gateway_path.is_empty() {
         return None;
@@ -859,7 +860,25 @@ fn outranks_the_bus(spec: &Spec, r: &RouteSpec) -> Option<(&'static str, String)
     let under = |p: &str, prefix: &str| {
         prefix == "/" || p == prefix || p.starts_with(&format!("{prefix}/"))
     };
-    let hosts = r.host.is_some() || !r.hosts.is_empty();
+    // Only a host services use to reach the bus (GANTRY_BUS_URL names the gateway's loopback
+    // or listen address) lets a host route come first for them.
+    let local = [
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        spec.gateway.listen.ip().to_string(),
+    ];
+    let matches_local = |pattern: &str| {
+        let pattern = pattern.to_ascii_lowercase();
+        local.iter().any(|h| match pattern.strip_prefix('*') {
+            Some(suffix) => h.len() > suffix.len() && h.ends_with(suffix),
+            None => *h == pattern,
+        })
+    };
+    let hosts = r
+        .host
+        .iter()
+        .chain(r.hosts.iter())
+        .any(|h| matches_local(h));
     let hit = if let Some(pp) = &r.path_prefix {
         let pp = crate::normalize_prefix(pp);
         (under(&pp, &bus) || (hosts && under(&bus, &pp))).then_some("path_prefix")
