@@ -92,7 +92,7 @@ pub struct RangeQuery {
     start: String,
     /// Default: now.
     end: Option<String>,
-    /// Default: the history's sampling step.
+    /// Default: the history's sampling step (coarser for long ranges).
     step: Option<String>,
 }
 
@@ -106,9 +106,11 @@ pub async fn range(
         Some(t) => time_of("end", t)?,
         None => gantry_model::unix_ms() as i64,
     };
+    // By default the sampling step, or coarser when the range would need too many steps.
     let step = match &q.step {
         Some(st) => step_of(st)?,
-        None => s.tsdb.options.step.as_millis() as i64,
+        None => (s.tsdb.options.step.as_millis() as i64)
+            .max(end.saturating_sub(start) / gantry_tsdb::MAX_STEPS + 1),
     };
     answer(s.tsdb.query_range(&q.query, start, end, step).await)
 }

@@ -223,7 +223,17 @@ impl Registry {
         });
         let now = unix_ms();
         let persisted: Vec<(String, Instance, u64)> = reg.store.list_json(BUCKET, ">").await?;
+        // An external instance of one of Gantry's own services (registered before they were
+        // refused) is not taken back: it leaves the store.
+        for (key, inst, _) in &persisted {
+            if gantry_model::is_builtin_service(&inst.service) {
+                let _ = reg.store.delete(BUCKET, key).await;
+            }
+        }
         reg.load(persisted.into_iter().filter_map(|(_, mut inst, _)| {
+            if gantry_model::is_builtin_service(&inst.service) {
+                return None;
+            }
             let InstanceSource::External { ttl_ms, .. } = inst.source else {
                 return None;
             };

@@ -885,23 +885,47 @@ fn outranks_the_bus(spec: &Spec, r: &RouteSpec) -> Option<(&'static str, String)
     } else if let Some(path) = &r.path {
         under(path, &bus).then_some("path")
     } else if let Some(re) = &r.path_regex {
-        regex::RegexBuilder::new(re)
-            .size_limit(1 << 20)
-            .build()
-            .is_ok_and(|re| {
-                [
-                    bus.clone(),
-                    format!("{bus}/"),
-                    format!("{bus}/orders/messages"),
-                ]
-                .iter()
-                .any(|s| re.is_match(s))
-            })
-            .then_some("path_regex")
+        // The literal an anchored regex starts with: under the bus's path, the route takes
+        // some of its requests (regex routes outrank prefixes); otherwise try a few.
+        let under_bus =
+            literal_prefix(re).is_some_and(|l| l.starts_with(&format!("{bus}/")) || l == bus);
+        (under_bus
+            || regex::RegexBuilder::new(re)
+                .size_limit(1 << 20)
+                .build()
+                .is_ok_and(|re| {
+                    [
+                        bus.clone(),
+                        format!("{bus}/"),
+                        format!("{bus}/orders/messages"),
+                        format!("{bus}/orders/subscriptions/orders/fetch"),
+                    ]
+                    .iter()
+                    .any(|s| re.is_match(s))
+                }))
+        .then_some("path_regex")
     } else {
         hosts.then_some("hosts")
     };
     hit.map(|f| (f, bus))
+}
+
+/// The literal text every match of an anchored (`^...`) regex starts with.
+fn literal_prefix(re: &str) -> Option<String> {
+    let rest = re.strip_prefix('^')?;
+    let mut out = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        if ".[]()*+?{}|\\$^".contains(c) {
+            break;
+        }
+        // A quantified character is not certain.
+        if chars.peek().is_some_and(|n| "*?{".contains(*n)) {
+            break;
+        }
+        out.push(c);
+    }
+    Some(out)
 }
 
 /// Check a route that arrives at runtime (admin API) against a loaded spec; problems are

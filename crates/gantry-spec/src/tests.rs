@@ -537,6 +537,8 @@ path_prefix = "/"
 path_prefix = "/_gantry"
 [[services.api.routes]]
 path_prefix = "/_gantry/topicsx"
+[[services.api.routes]]
+path_regex = "^/_gantry/topics/payments/.*"
 "#;
     let fields: Vec<String> = errs(text).into_iter().map(|e| e.field).collect();
     assert!(
@@ -549,6 +551,7 @@ path_prefix = "/_gantry/topicsx"
         "services.api.routes[2].path",
         "services.api.routes[3].path_regex",
         "services.api.routes[4].path_prefix",
+        "services.api.routes[7].path_regex",
     ] {
         assert!(fields.contains(&f.to_string()), "{f}: {fields:?}");
     }

@@ -390,12 +390,13 @@ impl LogStore {
             self.m.kept_bytes.set(g.bytes as i64);
             // Queued under the lock: the writer gets lines in seq order.
             if let Some(a) = &self.archive {
+                // Counted before the send, so that the writer never subtracts what was not
+                // added yet.
                 let cost = l.cost();
-                let full = a.queued.load(Ordering::Relaxed) + cost > QUEUE_BYTES;
-                if full || a.queue.try_send(l.clone()).is_err() {
+                let before = a.queued.fetch_add(cost, Ordering::Relaxed);
+                if before + cost > QUEUE_BYTES || a.queue.try_send(l.clone()).is_err() {
+                    a.queued.fetch_sub(cost, Ordering::Relaxed);
                     self.m.unstored_total.inc();
-                } else {
-                    a.queued.fetch_add(cost, Ordering::Relaxed);
                 }
             }
             l
@@ -519,9 +520,9 @@ async fn write_lines(
                 m.stored_total.inc_by(n);
                 true
             }
-            Err(e) => {
-                // One bad record refuses the batch: the others go one by one.
-                tracing::warn!(error = %e, lines = n, "logs: writing a batch to disk failed");
+            Err(e @ gantry_store::StoreError::TooLarge(_)) => {
+                // One record too large refuses the batch: the others go one by one.
+                tracing::warn!(error = %e, lines = n, "logs: a line too large for the disk");
                 let mut all = true;
                 for l in &batch {
                     match log.append(LOG_STREAM, vec![record_of(l)]).await {
@@ -536,9 +537,14 @@ async fn write_lines(
                 }
                 all
             }
+            Err(e) => {
+                m.unstored_total.inc_by(n);
+                tracing::warn!(error = %e, lines = n, "logs: writing to disk failed");
+                false
+            }
         };
         batch.clear();
-        queued.fetch_sub(bytes.min(queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+        queued.fetch_sub(bytes, Ordering::Relaxed);
         if ok {
             written.fetch_max(last, Ordering::Release);
         }

@@ -17,6 +17,9 @@ use crate::sample::SeriesKey;
 /// How far back an instant selector looks for a series' latest sample (Prometheus's default).
 pub const LOOKBACK_MS: i64 = 5 * 60 * 1000;
 
+/// The longest range selector (`x[366d]`).
+pub const MAX_RANGE: Duration = Duration::from_secs(366 * 86_400);
+
 /// A result's labels: the series' labels and `__name__` (kept sorted, `__name__` first).
 pub type Labels = Vec<(String, String)>;
 
@@ -94,11 +97,17 @@ pub fn check(e: &Expr) -> Result<(), Error> {
     match e {
         Expr::NumberLiteral(_) => Ok(()),
         Expr::StringLiteral(_) => Err("string literals are not supported here".into()),
-        Expr::VectorSelector(vs) | Expr::MatrixSelector(parser::MatrixSelector { vs, .. }) => {
+        Expr::VectorSelector(vs) => {
             if vs.offset.is_some() || vs.at.is_some() {
                 return Err("offset and @ modifiers are not supported".into());
             }
             Ok(())
+        }
+        Expr::MatrixSelector(ms) => {
+            if ms.range > MAX_RANGE {
+                return Err("a range selector covers at most 366d".into());
+            }
+            check(&Expr::VectorSelector(ms.vs.clone()))
         }
         Expr::Subquery(_) => Err("subqueries are not supported".into()),
         Expr::Extension(_) => Err("extensions are not supported".into()),
@@ -159,9 +168,12 @@ pub fn check(e: &Expr) -> Result<(), Error> {
 
 /// The points of `points` in `(from, to]`.
 fn window(points: &[(i64, f64)], from: i64, to: i64) -> &[(i64, f64)] {
+    if from >= to {
+        return &[];
+    }
     let a = points.partition_point(|p| p.0 <= from);
     let b = points.partition_point(|p| p.0 <= to);
-    &points[a..b]
+    &points[a..b.max(a)]
 }
 
 fn drop_name(mut l: Labels) -> Labels {
@@ -236,36 +248,69 @@ pub fn eval(e: &Expr, data: &Data, t: i64) -> Result<Value, Error> {
     }
 }
 
-fn range_fn(name: &str, w: &[(i64, f64)], range_ms: i64) -> Option<f64> {
-    let first = w.first()?;
-    let last = w.last()?;
-    // Counter resets: a drop starts the counter again from zero.
-    let increase = || {
-        let mut inc = 0.0;
+/// Prometheus's `extrapolatedRate`: the change over the window's samples (counter resets
+/// added back for counters), extrapolated towards the window's edges — all the way when the
+/// first or last sample is within 1.1 average intervals of the edge, half an interval
+/// otherwise, and for counters never below zero.
+fn extrapolated(w: &[(i64, f64)], t: i64, range_ms: i64, counter: bool, rate: bool) -> Option<f64> {
+    if w.len() < 2 {
+        return None;
+    }
+    let (first, last) = (w[0], w[w.len() - 1]);
+    let mut result = last.1 - first.1;
+    if counter {
         for p in w.windows(2) {
-            inc += if p[1].1 >= p[0].1 {
-                p[1].1 - p[0].1
-            } else {
-                p[1].1
-            };
+            if p[1].1 < p[0].1 {
+                result += p[0].1;
+            }
         }
-        inc
+    }
+    let range_start = t - range_ms;
+    let mut to_start = (first.0 - range_start) as f64 / 1000.0;
+    let to_end = (t - last.0) as f64 / 1000.0;
+    let sampled = (last.0 - first.0) as f64 / 1000.0;
+    if sampled <= 0.0 {
+        return None;
+    }
+    let average = sampled / (w.len() - 1) as f64;
+    if counter && result > 0.0 && first.1 >= 0.0 {
+        // A counter is not extrapolated below zero.
+        to_start = to_start.min(sampled * (first.1 / result));
+    }
+    let threshold = average * 1.1;
+    let mut interval = sampled;
+    interval += if to_start < threshold {
+        to_start
+    } else {
+        average / 2.0
+    };
+    interval += if to_end < threshold {
+        to_end
+    } else {
+        average / 2.0
+    };
+    let mut v = result * (interval / sampled);
+    if rate {
+        v /= range_ms as f64 / 1000.0;
+    }
+    Some(v)
+}
+
+fn range_fn(name: &str, w: &[(i64, f64)], t: i64, range_ms: i64) -> Option<f64> {
+    let last = w.last()?;
+    let nan_fold = |init: f64, f: fn(f64, f64) -> f64| {
+        // NaN only when every value is NaN (as Prometheus's min/max).
+        let v = w.iter().map(|p| p.1).filter(|v| !v.is_nan()).fold(init, f);
+        if w.iter().all(|p| p.1.is_nan()) {
+            f64::NAN
+        } else {
+            v
+        }
     };
     Some(match name {
-        "rate" | "increase" => {
-            // The counter's increase between the window's first and last samples, per second
-            // of that span; `increase` spreads it over the whole range.
-            let span = (last.0 - first.0) as f64 / 1000.0;
-            if w.len() < 2 || span <= 0.0 {
-                return None;
-            }
-            let per_second = increase() / span;
-            if name == "rate" {
-                per_second
-            } else {
-                per_second * range_ms as f64 / 1000.0
-            }
-        }
+        "rate" => extrapolated(w, t, range_ms, true, true)?,
+        "increase" => extrapolated(w, t, range_ms, true, false)?,
+        "delta" => extrapolated(w, t, range_ms, false, false)?,
         "irate" => {
             if w.len() < 2 {
                 return None;
@@ -274,15 +319,9 @@ fn range_fn(name: &str, w: &[(i64, f64)], range_ms: i64) -> Option<f64> {
             let d = if b.1 >= a.1 { b.1 - a.1 } else { b.1 };
             d / ((b.0 - a.0) as f64 / 1000.0)
         }
-        "delta" => {
-            if w.len() < 2 {
-                return None;
-            }
-            last.1 - first.1
-        }
         "avg_over_time" => w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
-        "min_over_time" => w.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
-        "max_over_time" => w.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
+        "min_over_time" => nan_fold(f64::INFINITY, f64::min),
+        "max_over_time" => nan_fold(f64::NEG_INFINITY, f64::max),
         "sum_over_time" => w.iter().map(|p| p.1).sum(),
         "count_over_time" => w.len() as f64,
         _ => last.1,
@@ -310,21 +349,25 @@ fn call(c: &parser::Call, data: &Data, t: i64) -> Result<Value, Error> {
         }
     };
     let map = |v: Vec<(Labels, f64)>, f: &dyn Fn(f64) -> f64| {
-        Value::Vector(v.into_iter().map(|(l, x)| (drop_name(l), f(x))).collect())
+        unique(v.into_iter().map(|(l, x)| (drop_name(l), f(x))).collect())
     };
     match name {
         "time" => Ok(Value::Scalar(t as f64 / 1000.0)),
-        "abs" => Ok(map(vector(0)?, &f64::abs)),
-        "ceil" => Ok(map(vector(0)?, &f64::ceil)),
-        "floor" => Ok(map(vector(0)?, &f64::floor)),
-        "round" => Ok(map(vector(0)?, &f64::round)),
+        "abs" => map(vector(0)?, &f64::abs),
+        "ceil" => map(vector(0)?, &f64::ceil),
+        "floor" => map(vector(0)?, &f64::floor),
+        "round" => {
+            // Prometheus: floor(v / to_nearest + 0.5) * to_nearest (halves round up).
+            let n = if args.len() > 1 { scalar(1)? } else { 1.0 };
+            map(vector(0)?, &|x| (x / n + 0.5).floor() * n)
+        }
         "clamp_min" => {
             let m = scalar(1)?;
-            Ok(map(vector(0)?, &|x| x.max(m)))
+            map(vector(0)?, &|x| x.max(m))
         }
         "clamp_max" => {
             let m = scalar(1)?;
-            Ok(map(vector(0)?, &|x| x.min(m)))
+            map(vector(0)?, &|x| x.min(m))
         }
         "histogram_quantile" => {
             let q = scalar(0)?;
@@ -357,14 +400,14 @@ fn call(c: &parser::Call, data: &Data, t: i64) -> Result<Value, Error> {
             let Expr::MatrixSelector(ms) = arg(0)? else {
                 return Err(format!("{name} needs a range selector, such as x[5m]"));
             };
-            let range_ms = ms.range.as_millis() as i64;
-            Ok(Value::Vector(
+            let range_ms = i64::try_from(ms.range.as_millis()).unwrap_or(i64::MAX);
+            unique(
                 data.series
                     .iter()
                     .filter(|(k, _)| selects(&ms.vs, k))
                     .filter_map(|(k, pts)| {
                         let w = window(pts, t - range_ms, t);
-                        let v = range_fn(name, w, range_ms)?;
+                        let v = range_fn(name, w, t, range_ms)?;
                         let l = labels_of(k);
                         Some((
                             if name == "last_over_time" {
@@ -376,7 +419,7 @@ fn call(c: &parser::Call, data: &Data, t: i64) -> Result<Value, Error> {
                         ))
                     })
                     .collect(),
-            ))
+            )
         }
     }
 }
@@ -416,6 +459,20 @@ fn quantile(q: f64, mut buckets: Vec<(f64, f64)>) -> Option<f64> {
         return Some(hi);
     }
     Some(lo + (hi - lo) * ((rank - below) / (count - below)))
+}
+
+/// A vector whose label sets repeat (functions and arithmetic drop `__name__`: `rate` over two
+/// metrics of the same labels) is refused, as Prometheus refuses it.
+fn unique(v: Vec<(Labels, f64)>) -> Result<Value, Error> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (l, _) in &v {
+        if !seen.insert(l) {
+            return Err(format!(
+                "the result has several series with the labels {l:?} (the metric name was dropped): aggregate or select one metric"
+            ));
+        }
+    }
+    Ok(Value::Vector(v))
 }
 
 fn compare(op: &str, a: f64, b: f64) -> Option<bool> {
@@ -479,7 +536,7 @@ fn binary(b: &parser::BinaryExpr, data: &Data, t: i64) -> Result<Value, Error> {
                     ));
                 }
             }
-            Ok(Value::Vector(out))
+            unique(out)
         }
         (Value::Scalar(x), Value::Vector(v)) => {
             let mut out = Vec::new();
@@ -495,7 +552,7 @@ fn binary(b: &parser::BinaryExpr, data: &Data, t: i64) -> Result<Value, Error> {
                     ));
                 }
             }
-            Ok(Value::Vector(out))
+            unique(out)
         }
         (Value::Vector(lv), Value::Vector(rv)) => {
             let key = |l: &Labels| -> Labels {
@@ -520,12 +577,28 @@ fn binary(b: &parser::BinaryExpr, data: &Data, t: i64) -> Result<Value, Error> {
                     );
                 }
             }
+            let matching = b.modifier.as_ref().is_some_and(|m| m.matching.is_some());
             let mut out = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
             for (l, x) in lv {
                 let k = key(&l);
+                if !seen.insert(k.clone()) {
+                    return Err(
+                        "many-to-one matching: several series on the left share labels (use on/ignoring, or aggregate first)".into(),
+                    );
+                }
                 if let Some(&y) = right.get(&k) {
                     if let Some(res) = apply(x, y, x)? {
-                        out.push((if is_cmp && !keep_bool { l } else { k }, res));
+                        // A filtering comparison keeps the left series as it is, unless
+                        // on/ignoring says which labels the result has.
+                        out.push((
+                            if is_cmp && !keep_bool && !matching {
+                                l
+                            } else {
+                                k
+                            },
+                            res,
+                        ));
                     }
                 }
             }

@@ -27,8 +27,15 @@ const SERIES: &str = "series";
 const SAMPLES: &str = "samples";
 /// A query reads at most this many sample records.
 const MAX_RECORDS: usize = 200_000;
-/// A range query evaluates at most this many steps.
-const MAX_STEPS: i64 = 11_000;
+/// A query loads at most this many points (as Prometheus's `query.max-samples`).
+const MAX_POINTS: usize = 5_000_000;
+/// A range query evaluates at most this many steps, and answers at most this many values.
+pub const MAX_STEPS: i64 = 11_000;
+const MAX_VALUES: usize = 2_000_000;
+/// A query's evaluation stops after this long.
+const MAX_EVAL: Duration = Duration::from_secs(30);
+/// The latest time a query may name: the year 9999.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_000;
 
 /// Retention and resolution.
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +61,8 @@ pub struct Tsdb {
     pub options: TsdbOptions,
     samples_total: Counter,
     series_gauge: Gauge,
+    /// The last sampling's time: a wall clock stepped back does not put samples out of order.
+    last_t: std::sync::atomic::AtomicI64,
 }
 
 /// A query's answer, as Prometheus's API gives it (`data` of `/api/v1/query`).
@@ -189,7 +198,18 @@ impl Tsdb {
             );
             r.register("series", "Series the history knows", series_gauge.clone());
         });
+        let info = log.info(SAMPLES).await?.unwrap_or_default();
+        let last_t = if info.last_seq >= info.first_seq && info.last_seq > 0 {
+            log.read(SAMPLES, ReadFrom::Seq(info.last_seq), 1, Duration::ZERO)
+                .await?
+                .first()
+                .and_then(|r| decode_samples(&r.data))
+                .map_or(0, |(t, _)| t)
+        } else {
+            0
+        };
         Ok(Arc::new(Self {
+            last_t: std::sync::atomic::AtomicI64::new(last_t),
             log,
             index: Mutex::new(index),
             write: tokio::sync::Mutex::new(()),
@@ -210,6 +230,7 @@ impl Tsdb {
         samples: Vec<(SeriesKey, f64)>,
     ) -> Result<(), StoreError> {
         let _w = self.write.lock().await;
+        let t_ms = t_ms.max(self.last_t.load(std::sync::atomic::Ordering::Relaxed) + 1);
         let (new, values) = {
             let mut ix = self.index();
             let mut new = Vec::new();
@@ -260,6 +281,8 @@ impl Tsdb {
             )
             .await?;
         self.samples_total.inc_by(n);
+        self.last_t
+            .store(t_ms, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -272,17 +295,18 @@ impl Tsdb {
         let mut tick = tokio::time::interval(self.options.step);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            if *stop.borrow() {
-                return;
-            }
+            let last = tokio::select! {
+                _ = tick.tick() => *stop.borrow(),
+                _ = stop.changed() => true,
+            };
+            // At the stop, one last sample: the figures every other component left.
             let samples = sample::parse(&metrics.encode());
             let t = now_ms();
             if let Err(e) = self.record(t, samples).await {
                 tracing::warn!(error = %e, "tsdb: recording a sample failed");
+            }
+            if last {
+                return;
             }
         }
     }
@@ -306,7 +330,9 @@ impl Tsdb {
                 .map(|(i, k)| (i as u32, k.clone()))
                 .collect()
         };
-        let start = from - eval::LOOKBACK_MS.max(range.as_millis() as i64);
+        let back = i64::try_from(range.as_millis()).unwrap_or(i64::MAX);
+        let start = from.saturating_sub(eval::LOOKBACK_MS.max(back));
+        let mut loaded = 0usize;
         let mut points: HashMap<u32, Vec<(i64, f64)>> = HashMap::new();
         if !wanted.is_empty() {
             let mut next = ReadFrom::Time(start.max(0) as u64);
@@ -329,7 +355,13 @@ impl Tsdb {
                     for (id, v) in values {
                         if wanted.contains_key(&id) {
                             points.entry(id).or_default().push((t, v));
+                            loaded += 1;
                         }
+                    }
+                    if loaded > MAX_POINTS {
+                        return Err(QueryError::Bad(format!(
+                            "the query selects more than {MAX_POINTS} samples: narrow its selectors or its range"
+                        )));
                     }
                 }
                 read += recs.len();
@@ -349,36 +381,42 @@ impl Tsdb {
         })
     }
 
-    fn parse(query: &str) -> Result<promql_parser::parser::Expr, QueryError> {
+    /// Parse and check on a thread of its own: a deep expression needs a deep stack, and the
+    /// parser panics on some inputs (a range of `[1e30]`), which becomes a refusal here.
+    async fn parse(query: &str) -> Result<promql_parser::parser::Expr, QueryError> {
         if query.len() > 4096 {
             return Err(QueryError::Bad(
                 "the query is longer than 4096 bytes".into(),
             ));
         }
-        let e = promql_parser::parser::parse(query)
-            .map_err(|e| QueryError::Bad(format!("not a PromQL expression: {e}")))?;
-        eval::check(&e).map_err(QueryError::Bad)?;
-        Ok(e)
+        let q = query.to_string();
+        on_big_stack(move || {
+            let e = promql_parser::parser::parse(&q)
+                .map_err(|e| QueryError::Bad(format!("not a PromQL expression: {e}")))?;
+            eval::check(&e).map_err(QueryError::Bad)?;
+            Ok(e)
+        })
+        .await
     }
 
     /// The query's value at `t_ms`.
     pub async fn query(&self, query: &str, t_ms: i64) -> Result<QueryResult, QueryError> {
-        let e = Self::parse(query)?;
-        let data = self.load(&e, t_ms, t_ms).await?;
+        check_time(t_ms)?;
+        let e = Arc::new(Self::parse(query).await?);
+        let data = Arc::new(self.load(&e, t_ms, t_ms).await?);
         let t = t_ms as f64 / 1000.0;
-        Ok(
-            match eval::eval(&e, &data, t_ms).map_err(QueryError::Bad)? {
-                eval::Value::Scalar(s) => QueryResult::Scalar((t, format_value(s))),
-                eval::Value::Vector(v) => QueryResult::Vector(
-                    v.into_iter()
-                        .map(|(l, x)| InstantSeries {
-                            metric: l.into_iter().collect(),
-                            value: (t, format_value(x)),
-                        })
-                        .collect(),
-                ),
-            },
-        )
+        let v = on_big_stack(move || eval::eval(&e, &data, t_ms).map_err(QueryError::Bad)).await?;
+        Ok(match v {
+            eval::Value::Scalar(s) => QueryResult::Scalar((t, format_value(s))),
+            eval::Value::Vector(v) => QueryResult::Vector(
+                v.into_iter()
+                    .map(|(l, x)| InstantSeries {
+                        metric: l.into_iter().collect(),
+                        value: (t, format_value(x)),
+                    })
+                    .collect(),
+            ),
+        })
     }
 
     /// The query's value at every `step` from `start_ms` to `end_ms`.
@@ -389,44 +427,65 @@ impl Tsdb {
         end_ms: i64,
         step_ms: i64,
     ) -> Result<QueryResult, QueryError> {
+        check_time(start_ms)?;
+        check_time(end_ms)?;
         if step_ms <= 0 || end_ms < start_ms {
             return Err(QueryError::Bad(
                 "expected start <= end and a positive step".into(),
             ));
         }
-        if (end_ms - start_ms) / step_ms > MAX_STEPS {
+        let steps = (end_ms - start_ms) / step_ms;
+        if steps > MAX_STEPS {
             return Err(QueryError::Bad(format!(
                 "more than {MAX_STEPS} steps: use a larger step or a shorter range"
             )));
         }
-        let e = Self::parse(query)?;
-        let data = self.load(&e, start_ms, end_ms).await?;
-        let mut out: std::collections::BTreeMap<eval::Labels, Vec<(f64, String)>> =
-            std::collections::BTreeMap::new();
-        let mut t = start_ms;
-        while t <= end_ms {
-            let ts = t as f64 / 1000.0;
-            match eval::eval(&e, &data, t).map_err(QueryError::Bad)? {
-                eval::Value::Scalar(s) => out
-                    .entry(Vec::new())
-                    .or_default()
-                    .push((ts, format_value(s))),
-                eval::Value::Vector(v) => {
-                    for (l, x) in v {
-                        out.entry(l).or_default().push((ts, format_value(x)));
+        let e = Arc::new(Self::parse(query).await?);
+        let data = Arc::new(self.load(&e, start_ms, end_ms).await?);
+        on_big_stack(move || {
+            let deadline = std::time::Instant::now() + MAX_EVAL;
+            let mut out: std::collections::BTreeMap<eval::Labels, Vec<(f64, String)>> =
+                std::collections::BTreeMap::new();
+            let mut values = 0usize;
+            for i in 0..=steps {
+                let t = start_ms + i * step_ms;
+                let ts = t as f64 / 1000.0;
+                match eval::eval(&e, &data, t).map_err(QueryError::Bad)? {
+                    eval::Value::Scalar(s) => {
+                        values += 1;
+                        out.entry(Vec::new())
+                            .or_default()
+                            .push((ts, format_value(s)));
+                    }
+                    eval::Value::Vector(v) => {
+                        values += v.len();
+                        for (l, x) in v {
+                            out.entry(l).or_default().push((ts, format_value(x)));
+                        }
                     }
                 }
+                if values > MAX_VALUES {
+                    return Err(QueryError::Bad(format!(
+                        "the answer would hold more than {MAX_VALUES} values: narrow the query, or use a larger step"
+                    )));
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(QueryError::Bad(format!(
+                        "the query took longer than {}s: narrow it, or use a larger step",
+                        MAX_EVAL.as_secs()
+                    )));
+                }
             }
-            t += step_ms;
-        }
-        Ok(QueryResult::Matrix(
-            out.into_iter()
-                .map(|(l, values)| RangeSeries {
-                    metric: l.into_iter().collect(),
-                    values,
-                })
-                .collect(),
-        ))
+            Ok(QueryResult::Matrix(
+                out.into_iter()
+                    .map(|(l, values)| RangeSeries {
+                        metric: l.into_iter().collect(),
+                        values,
+                    })
+                    .collect(),
+            ))
+        })
+        .await
     }
 
     /// Metric names the history knows.
@@ -436,6 +495,41 @@ impl Tsdb {
         v.dedup();
         v
     }
+}
+
+fn check_time(t: i64) -> Result<(), QueryError> {
+    if (0..=MAX_TIME_MS).contains(&t) {
+        Ok(())
+    } else {
+        Err(QueryError::Bad(
+            "times must lie between 1970 and the year 9999".into(),
+        ))
+    }
+}
+
+/// Run `f` on a thread with a large stack (deep expressions recurse), catching a panic (the
+/// parser's, on hostile input) as a refusal; the caller's task waits without blocking.
+async fn on_big_stack<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueryError> + Send + 'static,
+) -> Result<T, QueryError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("tsdb-query".into())
+        .stack_size(256 << 20)
+        .spawn(move || {
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+                    Err(QueryError::Bad(
+                        "the query could not be read (too deep, or a number out of range)".into(),
+                    ))
+                });
+            let _ = tx.send(r);
+        });
+    if spawned.is_err() {
+        return Err(QueryError::Bad("no thread for the query: try again".into()));
+    }
+    rx.await
+        .unwrap_or_else(|_| Err(QueryError::Bad("the query was lost".into())))
 }
 
 fn now_ms() -> i64 {
@@ -529,5 +623,75 @@ mod tests {
             panic!("{r:?}")
         };
         assert_eq!(v.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn hostile_queries_are_refused_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn Log> = Arc::new(gantry_store::SegmentLog::open(dir.path()).unwrap());
+        let options = TsdbOptions {
+            step: Duration::from_secs(10),
+            max_age: Duration::from_secs(86_400),
+            max_bytes: 1 << 30,
+        };
+        let db = Tsdb::open(log, options, &Metrics::new()).await.unwrap();
+        let t0 = 1_700_000_000_000i64;
+        for i in 0..5i64 {
+            db.record(
+                t0 + i * 10_000,
+                vec![
+                    (key("a_total", "x"), i as f64),
+                    (key("b_total", "x"), i as f64),
+                ],
+            )
+            .await
+            .unwrap();
+        }
+        let end = t0 + 40_000;
+        for q in [
+            "up[1e30]",
+            "rate(up[99999999999999999999])",
+            "rate(a_total[18446744073709548])",
+            &"(".repeat(3000),
+        ] {
+            let r = db.query(q, end).await;
+            assert!(matches!(r, Err(QueryError::Bad(_))), "{q}: {r:?}");
+        }
+        // Deep but valid: answered (the query's thread has the stack for it).
+        let deep = format!("{}1", "-".repeat(2000));
+        assert!(db.query(&deep, end).await.is_ok());
+        // A step that would overflow, times out of range.
+        assert!(db.query_range("a_total", 0, end, i64::MAX).await.is_ok());
+        assert!(matches!(
+            db.query_range("a_total", -5, end, 1000).await,
+            Err(QueryError::Bad(_))
+        ));
+        assert!(matches!(
+            db.query("a_total", i64::MAX).await,
+            Err(QueryError::Bad(_))
+        ));
+        // Dropping the name makes two series one: refused, as Prometheus does.
+        let r = db
+            .query("rate({__name__=~\"a_total|b_total\"}[1m])", end)
+            .await;
+        assert!(
+            matches!(r, Err(QueryError::Bad(ref m)) if m.contains("several series")),
+            "{r:?}"
+        );
+        // Prometheus's rounding: halves up, to a given multiple.
+        let r = db.query("round(a_total * 1.25, 0.5)", end).await.unwrap();
+        let QueryResult::Vector(v) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(v[0].value.1, "5");
+        // A clock stepped back does not put samples out of order.
+        db.record(t0, vec![(key("a_total", "x"), 9.0)])
+            .await
+            .unwrap();
+        let r = db.query("a_total", end + 1).await.unwrap();
+        let QueryResult::Vector(v) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(v[0].value.1, "9");
     }
 }

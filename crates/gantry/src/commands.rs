@@ -370,7 +370,7 @@ async fn logs(c: &Client, q: &[(&str, String)], json: bool) -> Result<(), CliErr
             {
                 let _ = writeln!(
                     out,
-                    "... older matching lines not shown: narrow the query or raise --limit"
+                    "... more lines matched than --limit shows: narrow the query or raise --limit"
                 );
             } else if let Some(n) = serde_json::from_slice::<Value>(&line)
                 .ok()
