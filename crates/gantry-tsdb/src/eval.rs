@@ -515,6 +515,25 @@ fn binary(b: &parser::BinaryExpr, data: &Data, t: i64) -> Result<Value, Error> {
         }
     };
     let is_cmp = compare(op, 0.0, 0.0).is_some();
+    // A vector and a number, either way round: each sample against the number; a filtering
+    // comparison keeps the series as it is.
+    let with_scalar = |v: Vec<(Labels, f64)>, n: f64, vector_left: bool| {
+        let mut out = Vec::new();
+        for (l, x) in v {
+            let (lhs, rhs) = if vector_left { (x, n) } else { (n, x) };
+            if let Some(res) = apply(lhs, rhs, x)? {
+                out.push((
+                    if is_cmp && !keep_bool {
+                        l
+                    } else {
+                        drop_name(l)
+                    },
+                    res,
+                ));
+            }
+        }
+        unique(out)
+    };
     match (l, r) {
         (Value::Scalar(x), Value::Scalar(y)) => {
             if is_cmp && !keep_bool {
@@ -522,38 +541,8 @@ fn binary(b: &parser::BinaryExpr, data: &Data, t: i64) -> Result<Value, Error> {
             }
             Ok(Value::Scalar(apply(x, y, x)?.unwrap_or(0.0)))
         }
-        (Value::Vector(v), Value::Scalar(y)) => {
-            let mut out = Vec::new();
-            for (l, x) in v {
-                if let Some(res) = apply(x, y, x)? {
-                    out.push((
-                        if is_cmp && !keep_bool {
-                            l
-                        } else {
-                            drop_name(l)
-                        },
-                        res,
-                    ));
-                }
-            }
-            unique(out)
-        }
-        (Value::Scalar(x), Value::Vector(v)) => {
-            let mut out = Vec::new();
-            for (l, y) in v {
-                if let Some(res) = apply(x, y, y)? {
-                    out.push((
-                        if is_cmp && !keep_bool {
-                            l
-                        } else {
-                            drop_name(l)
-                        },
-                        res,
-                    ));
-                }
-            }
-            unique(out)
-        }
+        (Value::Vector(v), Value::Scalar(n)) => with_scalar(v, n, true),
+        (Value::Scalar(n), Value::Vector(v)) => with_scalar(v, n, false),
         (Value::Vector(lv), Value::Vector(rv)) => {
             let key = |l: &Labels| -> Labels {
                 let l = drop_name(l.clone());
@@ -704,6 +693,9 @@ mod tests {
             20.0
         );
         assert_eq!(one(at("2 * 3 + 1", t)), 7.0);
+        // A number on the left: the order of the operands holds; a filter keeps the sample.
+        assert_eq!(one(at("100 - req_total{route=\"a\"}", t)), -1100.0);
+        assert_eq!(one(at("1000 < req_total", t)), 1200.0);
         // Nothing within the lookback: no sample.
         assert_eq!(at("up", 120_000 + LOOKBACK_MS + 1), Value::Vector(vec![]));
     }
