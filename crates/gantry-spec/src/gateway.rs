@@ -852,7 +852,15 @@ pub(crate) fn validate_upstream(p: &mut Problems, name: &str, u: &UpstreamSpec) 
 /// own route does (a longer or exact path under it, a regex matching it, or any path over it on
 /// a route for the local host services publish to — routes with hosts precede every route
 /// without): the field and the bus's path.
-fn outranks_the_bus(spec: &Spec, r: &RouteSpec) -> Option<(&'static str, String)> {
+///
+/// Host routes are checked only for routes that arrive over the API (`local_hosts`): a spec may
+/// well give its local host a catch-all route, and its author decides what its services get;
+/// a principal allowed to add routes must not be able to take other services' credentials.
+fn outranks_the_bus(
+    spec: &Spec,
+    r: &RouteSpec,
+    local_hosts: bool,
+) -> Option<(&'static str, String)> {
     if spec.bus.gateway_path.is_empty() {
         return None;
     }
@@ -874,11 +882,11 @@ fn outranks_the_bus(spec: &Spec, r: &RouteSpec) -> Option<(&'static str, String)
             None => *h == pattern,
         })
     };
-    let hosts = r
-        .host
-        .iter()
-        .chain(r.hosts.iter())
-        .any(|h| matches_local(h));
+    let hosts = local_hosts
+        && r.host
+            .iter()
+            .chain(r.hosts.iter())
+            .any(|h| matches_local(h));
     let hit = if let Some(pp) = &r.path_prefix {
         let pp = crate::normalize_prefix(pp);
         (under(&pp, &bus) || (hosts && under(&bus, &pp))).then_some("path_prefix")
@@ -938,6 +946,15 @@ pub fn check_route(spec: &Spec, service: &str, r: &RouteSpec) -> Vec<String> {
     }
     let mut p = Problems::new();
     validate_route(&mut p, spec, service, 0, r);
+    if let Some((field, bus)) = outranks_the_bus(spec, r, true) {
+        let f = format!("services.{service}.routes[0].{field}");
+        if !p.iter().any(|(x, _)| *x == f) {
+            p.push((
+                f,
+                format!("this route could take requests for {bus:?} on the local host services publish to (bus.gateway_path); give it another path or host"),
+            ));
+        }
+    }
     let prefix = format!("services.{service}.routes[0].");
     p.into_iter()
         .map(|(f, m)| format!("{}: {m}", f.strip_prefix(&prefix).unwrap_or(&f)))
@@ -973,7 +990,7 @@ pub(crate) fn validate_route(p: &mut Problems, spec: &Spec, name: &str, i: usize
     if let Some(re) = &r.path_regex {
         check_regex(p, rf("path_regex"), re);
     }
-    if let Some((field, bus)) = outranks_the_bus(spec, r) {
+    if let Some((field, bus)) = outranks_the_bus(spec, r, false) {
         p.push((
             rf(field),
             format!("this route could take requests for {bus:?} (bus.gateway_path: where services publish, with their credentials); give it another path"),

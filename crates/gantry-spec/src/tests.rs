@@ -550,19 +550,31 @@ path_regex = "^/_gantry/topics/payments/.*"
         "services.api.routes[1].path_prefix",
         "services.api.routes[2].path",
         "services.api.routes[3].path_regex",
-        "services.api.routes[4].path_prefix",
         "services.api.routes[7].path_regex",
     ] {
         assert!(fields.contains(&f.to_string()), "{f}: {fields:?}");
     }
-    // A shorter prefix without hosts, or a sibling path, ranks after the bus's route.
+    // A shorter prefix, a sibling path, or (in the spec) a catch-all for the local host.
     assert!(
         !fields
             .iter()
-            .any(|f| f.starts_with("services.api.routes[5]")
+            .any(|f| f.starts_with("services.api.routes[4]")
+                || f.starts_with("services.api.routes[5]")
                 || f.starts_with("services.api.routes[6]")),
         "{fields:?}"
     );
+    // Over the API, the local host's catch-all is refused: its author is not the spec's.
+    let ok = parse("[services.api]\ncommand = [\"x\"]\n", Path::new("g.toml")).unwrap();
+    let local: RouteSpec =
+        toml::from_str("hosts = [\"127.0.0.1\"]\npath_prefix = \"/\"\n").unwrap();
+    let problems = check_route(&ok, "api", &local);
+    assert!(
+        problems.iter().any(|p| p.starts_with("path_prefix:")),
+        "{problems:?}"
+    );
+    let elsewhere: RouteSpec =
+        toml::from_str("hosts = [\"api.example.com\"]\npath_prefix = \"/\"\n").unwrap();
+    assert!(check_route(&ok, "api", &elsewhere).is_empty());
 
     // The route: the admin API's /v1/topics, credentials passed on; none when turned off.
     let spec: Spec = toml::from_str("").unwrap();
