@@ -1575,16 +1575,14 @@ impl Spec {
         // the built-in service whose one instance is the identity listener.
         if let Some(p) = &self.identity.gateway_path {
             let text = format!("path_prefix = {p:?}\nstrip_prefix = true\npublic = true\n");
-            if let Ok(r) = toml::from_str::<RouteSpec>(&text) {
-                let mut route = r.to_model(crate::IDENTITY_SERVICE, 0);
-                route.id = "identity/0".into();
-                model.routes.push(route);
-            }
-            if let Ok(u) = toml::from_str::<UpstreamSpec>("") {
-                model
-                    .upstreams
-                    .insert(crate::IDENTITY_SERVICE.into(), u.to_model(base_dir));
-            }
+            builtin_route(
+                &mut model,
+                crate::IDENTITY_SERVICE,
+                "identity/0",
+                &text,
+                false,
+                base_dir,
+            );
         }
         // The bus under the gateway (`[bus] gateway_path`): the admin API's `/v1/topics`,
         // which checks the caller's credentials itself (so the route passes them on).
@@ -1593,20 +1591,38 @@ impl Spec {
                 "path_prefix = {:?}\nrewrite_prefix = \"/v1/topics\"\npublic = true\ntimeout_ms = 90000\n",
                 self.bus.gateway_path
             );
-            if let Ok(r) = toml::from_str::<RouteSpec>(&text) {
-                let mut route = r.to_model(crate::BUS_SERVICE, 0);
-                route.id = "bus/0".into();
-                if let m::RouteAction::Forward(f) = &mut route.action {
-                    f.auth.pass_credentials = true;
-                }
-                model.routes.push(route);
-            }
-            if let Ok(u) = toml::from_str::<UpstreamSpec>("") {
-                model
-                    .upstreams
-                    .insert(crate::BUS_SERVICE.into(), u.to_model(base_dir));
-            }
+            builtin_route(
+                &mut model,
+                crate::BUS_SERVICE,
+                "bus/0",
+                &text,
+                true,
+                base_dir,
+            );
         }
         model
+    }
+}
+
+/// A route to one of Gantry's own services (`route` in the spec's route syntax) and that
+/// service's upstream with every default.
+fn builtin_route(
+    model: &mut m::GatewayModel,
+    service: &str,
+    id: &str,
+    route: &str,
+    pass_credentials: bool,
+    base_dir: &std::path::Path,
+) {
+    if let Ok(r) = toml::from_str::<RouteSpec>(route) {
+        let mut route = r.to_model(service, 0);
+        route.id = id.into();
+        if let m::RouteAction::Forward(f) = &mut route.action {
+            f.auth.pass_credentials = pass_credentials;
+        }
+        model.routes.push(route);
+    }
+    if let Ok(u) = toml::from_str::<UpstreamSpec>("") {
+        model.upstreams.insert(service.into(), u.to_model(base_dir));
     }
 }

@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context as _};
 use gantry_spec::LoadedSpec;
 use tokio::sync::watch;
 
+use crate::components::TaskSlot;
 use crate::components::{local_url, AdminLimits};
 use crate::Component;
 
@@ -20,7 +21,7 @@ pub(crate) struct CompatListener {
     pub addr: SocketAddr,
     limits: AdminLimits,
     pending: Mutex<Option<(StdListener, axum::Router)>>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: TaskSlot,
     running: Arc<AtomicBool>,
 }
 
@@ -50,7 +51,7 @@ impl CompatListener {
             addr,
             limits,
             pending: Mutex::new(Some((l, router(state)))),
-            task: Mutex::new(None),
+            task: TaskSlot::default(),
             running: Arc::new(AtomicBool::new(false)),
         }))
     }
@@ -77,7 +78,7 @@ impl Component for CompatListener {
             gantry_api::serve::serve(listener, router, limits, shutdown).await;
             running.store(false, Ordering::Relaxed);
         });
-        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        self.task.set(task);
         tracing::info!(addr = %self.addr, api = self.name, "compatible API listening");
         Ok(())
     }
@@ -87,14 +88,7 @@ impl Component for CompatListener {
     }
 
     async fn stopped(&self) {
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
+        self.task.join(Duration::from_secs(10)).await;
     }
 }
 
@@ -102,7 +96,7 @@ impl Component for CompatListener {
 pub(crate) struct DnsComponent {
     pub addr: SocketAddr,
     pending: Mutex<Option<(std::net::UdpSocket, StdListener, gantry_dns::DnsHandler)>>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: TaskSlot,
     running: Arc<AtomicBool>,
 }
 
@@ -126,7 +120,7 @@ impl DnsComponent {
         Ok(Some(Self {
             addr,
             pending: Mutex::new(Some((udp, tcp, handler))),
-            task: Mutex::new(None),
+            task: TaskSlot::default(),
             running: Arc::new(AtomicBool::new(false)),
         }))
     }
@@ -153,7 +147,7 @@ impl Component for DnsComponent {
             }
             running.store(false, Ordering::Relaxed);
         });
-        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        self.task.set(task);
         tracing::info!(addr = %self.addr, "DNS listening (UDP and TCP)");
         Ok(())
     }
@@ -163,14 +157,7 @@ impl Component for DnsComponent {
     }
 
     async fn stopped(&self) {
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
+        self.task.join(Duration::from_secs(10)).await;
     }
 }
 

@@ -23,6 +23,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A component's background task: set when it starts, awaited (within `limit`) when it stops.
+#[derive(Default)]
+pub(crate) struct TaskSlot(Mutex<Option<tokio::task::JoinHandle<()>>>);
+
+impl TaskSlot {
+    pub fn set(&self, task: tokio::task::JoinHandle<()>) {
+        *lock(&self.0) = Some(task);
+    }
+
+    pub async fn join(&self, limit: Duration) {
+        let task = lock(&self.0).take();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(limit, t).await;
+        }
+    }
+}
+
 pub(crate) fn node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -408,7 +425,7 @@ pub(crate) struct AdminComponent {
     pub addr: SocketAddr,
     limits: AdminLimits,
     pending: Mutex<Option<(StdListener, axum::Router)>>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: TaskSlot,
     running: Arc<AtomicBool>,
 }
 
@@ -429,7 +446,7 @@ impl AdminComponent {
             addr: bound.1,
             limits,
             pending: Mutex::new(Some((bound.0, gantry_api::router(state)))),
-            task: Mutex::new(None),
+            task: TaskSlot::default(),
             running: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -453,7 +470,7 @@ impl Component for AdminComponent {
             gantry_api::serve::serve(listener, router, limits, shutdown).await;
             running.store(false, Ordering::Relaxed);
         });
-        *lock(&self.task) = Some(task);
+        self.task.set(task);
         Ok(())
     }
 
@@ -462,10 +479,7 @@ impl Component for AdminComponent {
     }
 
     async fn stopped(&self) {
-        let task = lock(&self.task).take();
-        if let Some(t) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
+        self.task.join(Duration::from_secs(10)).await;
     }
 }
 

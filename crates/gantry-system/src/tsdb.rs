@@ -2,13 +2,15 @@
 //! (whatever the store backend: a node's own history), queried over the admin API.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::anyhow;
 use gantry_telemetry::Metrics;
 use gantry_tsdb::{Tsdb, TsdbOptions};
 use tokio::sync::watch;
 
+use crate::components::TaskSlot;
 use crate::Component;
 
 pub const TSDB_DIR: &str = "tsdb";
@@ -16,7 +18,7 @@ pub const TSDB_DIR: &str = "tsdb";
 pub(crate) struct TsdbComponent {
     pub tsdb: Arc<Tsdb>,
     metrics: Metrics,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: TaskSlot,
     ready: AtomicBool,
 }
 
@@ -43,7 +45,7 @@ impl TsdbComponent {
         Ok(Self {
             tsdb,
             metrics: metrics.clone(),
-            task: Mutex::new(None),
+            task: TaskSlot::default(),
             ready: AtomicBool::new(false),
         })
     }
@@ -57,7 +59,7 @@ impl Component for TsdbComponent {
 
     async fn start(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let task = tokio::spawn(self.tsdb.clone().run(self.metrics.clone(), shutdown));
-        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        self.task.set(task);
         self.ready.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -67,14 +69,7 @@ impl Component for TsdbComponent {
     }
 
     async fn stopped(&self) {
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = task {
-            let _ = t.await;
-        }
+        self.task.join(Duration::from_secs(10)).await;
         self.ready.store(false, Ordering::Relaxed);
     }
 }
